@@ -1,0 +1,104 @@
+"""CLIP text encoder weights: transformers folders and reference AdvUnlearn checkpoints, both ways.
+
+Key layouts met in the wild:
+  * `text_model.encoder.layers.0...`: Stable Diffusion's `text_encoder/`, the released AdvUnlearn encoders,
+    transformers 4.x. We export this one, because transformers 4.x and 5.x both read it.
+  * `encoder.layers.0...`: what transformers 5.x saves.
+  * reference AdvUnlearn `.pt` (spec section 5): every tensor twice, as `text_encoder.text_model.*` and as the
+    aliases `embedding.*`, `encoder.*`, `final_layer_norm.*` of its `CustomTextEncoder` wrapper.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from advunlearn_jax.convert import torch_layout, weights_io
+from advunlearn_jax.errors import WeightsError
+from advunlearn_jax.models.clip_text import CLIPTextConfig, abstract_params
+
+LIST_NAMES = ("layers",)
+TEXT_MODEL_PREFIX = "text_model."
+REFERENCE_PREFIX = "text_encoder.text_model."
+# Aliases registered by the reference's CustomTextEncoder, mapped to the `text_model.` names they share.
+_REFERENCE_ALIASES = {
+  "embedding.": "embeddings.",
+  "encoder.": "encoder.",
+  "final_layer_norm.": "final_layer_norm.",
+}
+_WEIGHT_STEMS = ("model", "pytorch_model")
+
+
+def _is_buffer(key: str) -> bool:
+  return key.endswith("position_ids")  # a non-persistent buffer that older transformers saved
+
+
+def params_from_state_dict(
+  state: dict[str, np.ndarray], config: CLIPTextConfig, source: str, display_prefix: str = ""
+) -> dict[str, Any]:
+  """Flax params from a flat CLIPTextModel state dict with or without the `text_model.` prefix."""
+  if any(k.startswith(TEXT_MODEL_PREFIX) for k in state):
+    state = {k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in state.items()}
+  return torch_layout.torch_to_flax(
+    state,
+    abstract_params(config),
+    list_names=LIST_NAMES,
+    source=source,
+    ignore=_is_buffer,
+    display_prefix=display_prefix,
+  )
+
+
+def load_clip_text(folder: str) -> tuple[CLIPTextConfig, dict[str, Any]]:
+  """A transformers `CLIPTextModel` folder (config.json + model.safetensors, or pytorch_model.bin)."""
+  if not os.path.isdir(folder):
+    raise WeightsError(f"{folder}: not a folder; expected a transformers CLIPTextModel folder")
+  config = CLIPTextConfig.from_json_file(folder)
+  state, path = weights_io.read_weights_folder(folder, _WEIGHT_STEMS)
+  return config, params_from_state_dict(state, config, source=path)
+
+
+def state_dict(params: Any, prefix: str = TEXT_MODEL_PREFIX) -> dict[str, np.ndarray]:
+  return torch_layout.flax_to_torch(params, list_names=LIST_NAMES, prefix=prefix)
+
+
+def export_clip_text(config: CLIPTextConfig, params: Any, out_dir: str) -> str:
+  """Writes config.json + model.safetensors that `transformers.CLIPTextModel.from_pretrained` loads.
+
+  The folder appears only once complete; an existing folder is replaced atomically.
+  """
+  table = torch_layout.key_table(abstract_params(config), LIST_NAMES)
+  state = state_dict(params, prefix="")
+  for key, (_, shape) in table.items():
+    if key not in state or state[key].shape != shape:
+      got = state[key].shape if key in state else "nothing"
+      raise WeightsError(f"export to {out_dir}: param {key!r} is {got}, the config expects {shape}")
+  if extra := sorted(set(state) - set(table)):
+    raise WeightsError(f"export to {out_dir}: params hold keys the config does not: {extra[:8]}")
+  with weights_io.atomic_folder(out_dir) as staging:
+    weights_io.write_json(os.path.join(staging, "config.json"), config.to_transformers_dict())
+    weights_io.write_safetensors(
+      os.path.join(staging, "model.safetensors"), {TEXT_MODEL_PREFIX + k: v for k, v in state.items()}
+    )
+  return out_dir
+
+
+def load_reference_checkpoint(path: str, config: CLIPTextConfig) -> dict[str, Any]:
+  """Reads a reference AdvUnlearn `TextEncoder-*.pt` strictly: any missing key is an error naming it."""
+  state = weights_io.read_torch_pickle(path)
+  primary = {k.removeprefix(REFERENCE_PREFIX): v for k, v in state.items() if k.startswith(REFERENCE_PREFIX)}
+  if not primary:
+    raise WeightsError(
+      f"{path}: no '{REFERENCE_PREFIX}*' keys; this is not a reference AdvUnlearn text-encoder checkpoint"
+    )
+  for key, value in state.items():
+    if key.startswith(REFERENCE_PREFIX):
+      continue
+    alias_of = next((new + key[len(old) :] for old, new in _REFERENCE_ALIASES.items() if key.startswith(old)), None)
+    if alias_of is None:
+      raise WeightsError(f"{path}: unexpected key {key!r}")
+    if alias_of in primary and not np.array_equal(primary[alias_of], value):
+      raise WeightsError(f"{path}: alias {key!r} differs from {REFERENCE_PREFIX + alias_of!r}; file is corrupt")
+  return params_from_state_dict(primary, config, source=path, display_prefix=REFERENCE_PREFIX)

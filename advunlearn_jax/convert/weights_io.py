@@ -1,0 +1,103 @@
+"""Reading PyTorch-format weight files into numpy and writing model folders atomically.
+
+safetensors are read with `safetensors.numpy` (no torch at run time). Pickled `.bin`/`.pt` files need torch
+and are only ever opened with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from advunlearn_jax.errors import WeightsError
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  try:
+    return load_file(path)
+  except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+    raise WeightsError(f"{path}: cannot read as safetensors ({e})") from e
+
+
+def read_torch_pickle(path: str) -> dict[str, np.ndarray]:
+  """A `torch.save`d state dict, loaded with `weights_only=True` (never arbitrary pickles)."""
+  try:
+    import torch
+  except ImportError as e:
+    raise WeightsError(
+      f"{path}: reading PyTorch pickles needs torch (pip install torch), or convert it to safetensors"
+    ) from e
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:
+    raise WeightsError(f"{path}: cannot load with torch.load(weights_only=True) ({e})") from e
+  if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+    state = state["state_dict"]
+  if not isinstance(state, dict):
+    raise WeightsError(f"{path}: expected a state dict, found {type(state).__name__}")
+  return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+
+
+def read_weights_folder(folder: str, stems: Sequence[str]) -> tuple[dict[str, np.ndarray], str]:
+  """Reads `<stem>.safetensors` (or its sharded index), else `<stem>.bin`, for the first stem present.
+
+  Returns the flat state dict and the path it came from (for error messages).
+  """
+  for stem in stems:
+    single = os.path.join(folder, f"{stem}.safetensors")
+    if os.path.isfile(single):
+      return read_safetensors(single), single
+    index = single + ".index.json"
+    if os.path.isfile(index):
+      with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      state = {}
+      for shard in shards:
+        state.update(read_safetensors(os.path.join(folder, shard)))
+      return state, index
+  for stem in stems:
+    pickle = os.path.join(folder, f"{stem}.bin")
+    if os.path.isfile(pickle):
+      return read_torch_pickle(pickle), pickle
+  wanted = ", ".join(f"{s}.safetensors" for s in stems)
+  raise WeightsError(f"{folder}: no weights found (looked for {wanted} or .bin)")
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str, overwrite: bool = True) -> Iterator[str]:
+  """Yields a staging folder that replaces `out_dir` only if the block finishes without error."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    yield staging
+    if os.path.exists(out_dir):
+      backup = staging + ".old"
+      os.rename(out_dir, backup)
+      os.rename(staging, out_dir)
+      shutil.rmtree(backup)
+    else:
+      os.rename(staging, out_dir)
+  finally:
+    if os.path.exists(staging):
+      shutil.rmtree(staging)
+
+
+def write_safetensors(path: str, state: dict[str, np.ndarray]) -> None:
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata={"format": "pt"})
+
+
+def write_json(path: str, obj: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")

@@ -1,0 +1,63 @@
+"""Small random PyTorch reference models (transformers/diffusers) and helpers to compare against them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from advunlearn_jax.models.clip_text import CLIPTextConfig  # noqa: E402
+
+# Small configs in the shape of the two towers Stable Diffusion uses. eos_token_id 2 is what SD's own
+# text_encoder/config.json files hold (legacy pooling by argmax); the SD 1.x variant uses the modern value
+# so that both pooling rules are exercised.
+SD1_TINY = CLIPTextConfig(
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  hidden_act="quick_gelu",
+  projection_dim=32,
+  eos_token_id=49407,
+)
+SD2_TINY = CLIPTextConfig(
+  hidden_size=48,
+  intermediate_size=96,
+  num_hidden_layers=3,
+  num_attention_heads=3,
+  hidden_act="gelu",
+  projection_dim=32,
+  eos_token_id=2,
+  pad_token_id=1,
+)
+# Full-size towers (shapes only).
+SD1_CLIP_L = CLIPTextConfig()
+SD2_OPENCLIP_H = CLIPTextConfig(
+  hidden_size=1024,
+  intermediate_size=4096,
+  num_hidden_layers=23,
+  num_attention_heads=16,
+  hidden_act="gelu",
+  projection_dim=512,
+  eos_token_id=2,
+)
+
+
+def torch_clip(config: CLIPTextConfig, seed: int = 0, device: str | None = None):
+  torch.manual_seed(seed)
+  hf_config = transformers.CLIPTextConfig(**config.to_transformers_dict())
+  if device == "meta":
+    with torch.device("meta"):
+      return transformers.CLIPTextModel(hf_config).eval()
+  model = transformers.CLIPTextModel(hf_config).eval()
+  with torch.no_grad():  # random LayerNorm affine params, so a transposed scale/bias would show
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def state_numpy(module) -> dict[str, np.ndarray]:
+  return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
