@@ -61,3 +61,56 @@ def torch_clip(config: CLIPTextConfig, seed: int = 0, device: str | None = None)
 
 def state_numpy(module) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def torch_unet(sd2: bool = False, seed: int = 0, cross_attention_dim: int = 32, device: str | None = None, **overrides):
+  """A small random diffusers UNet in SD 1.x shape (conv projections, one head count) or SD 2.x shape
+  (linear projections, per-block head counts)."""
+  diffusers = pytest.importorskip("diffusers")
+  torch.manual_seed(seed)
+  kwargs = dict(
+    sample_size=16,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=cross_attention_dim,
+    attention_head_dim=(2, 4, 4) if sd2 else 4,
+    use_linear_projection=sd2,
+    norm_num_groups=8,
+  )
+  kwargs.update(overrides)
+  if device == "meta":
+    with torch.device("meta"):
+      return diffusers.UNet2DConditionModel(**kwargs).eval()
+  model = diffusers.UNet2DConditionModel(**kwargs).eval()
+  _perturb(model)
+  return model
+
+
+def torch_vae(seed: int = 0, device: str | None = None, **overrides):
+  diffusers = pytest.importorskip("diffusers")
+  torch.manual_seed(seed)
+  kwargs = dict(
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=32,
+  )
+  kwargs.update(overrides)
+  if device == "meta":
+    with torch.device("meta"):
+      return diffusers.AutoencoderKL(**kwargs).eval()
+  model = diffusers.AutoencoderKL(**kwargs).eval()
+  _perturb(model)
+  return model
+
+
+def _perturb(model):
+  """diffusers zero-initialises some output layers; random values everywhere make transposition bugs show."""
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))

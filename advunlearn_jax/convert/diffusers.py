@@ -1,0 +1,191 @@
+"""Stable Diffusion pipelines in diffusers' folder layout: load into Flax params, and write back.
+
+`load_pipeline` takes a local folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+or a hub id, fetched with `huggingface_hub.snapshot_download` (which honours HF_HUB_OFFLINE and the local
+cache). Components we do not use (safety_checker, feature_extractor, ...) are ignored whether present or
+null. Weights are read with `safetensors.numpy`; no torch at run time.
+
+A single-file CompVis checkpoint such as `sd-v1-4-full-ema.ckpt` (what the reference trains from) becomes
+such a folder with diffusers' own converter, once (needs torch + diffusers, i.e. requirements-test.txt):
+
+  python -c "from diffusers import StableDiffusionPipeline as P; \
+P.from_single_file('sd-v1-4-full-ema.ckpt').save_pretrained('sd-v1-4-diffusers')"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, NamedTuple
+
+from advunlearn_jax.convert import clip_text, torch_layout, weights_io
+from advunlearn_jax.diffusion.schedule import ScheduleConfig
+from advunlearn_jax.errors import ConfigError, WeightsError
+from advunlearn_jax.models import unet as unet_lib
+from advunlearn_jax.models import vae as vae_lib
+from advunlearn_jax.models.clip_text import CLIPTextConfig
+
+_DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
+_HUB_PATTERNS = [
+  "model_index.json",
+  "unet/config.json",
+  "unet/diffusion_pytorch_model.safetensors",
+  "unet/diffusion_pytorch_model*.safetensors.index.json",
+  "vae/config.json",
+  "vae/diffusion_pytorch_model.safetensors",
+  "text_encoder/config.json",
+  "text_encoder/model.safetensors",
+  "tokenizer/*",
+  "scheduler/*",
+]
+
+
+class Pipeline(NamedTuple):
+  root: str
+  unet_config: unet_lib.UNetConfig
+  unet_params: Any
+  vae_config: vae_lib.VAEConfig | None
+  vae_params: Any
+  text_config: CLIPTextConfig
+  text_params: Any
+  tokenizer_dir: str
+  schedule: ScheduleConfig
+
+
+def resolve_pretrained(path_or_id: str) -> str:
+  """A local diffusers folder, or the snapshot folder of a hub id."""
+  if os.path.isdir(path_or_id):
+    return path_or_id
+  if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+    raise ConfigError(f"{path_or_id}: no such folder, and not a hub id of the form 'owner/name'")
+  from huggingface_hub import snapshot_download
+
+  try:
+    return snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS)
+  except Exception as e:  # offline without a cached copy, unknown repo, no network
+    raise ConfigError(
+      f"{path_or_id}: could not fetch from the hub or the local cache ({type(e).__name__}: {e}). "
+      "Pass a local diffusers folder, or run once online (HF_HUB_OFFLINE=1 uses the cache only)."
+    ) from e
+
+
+def _component(root: str, name: str) -> str:
+  folder = os.path.join(root, name)
+  if not os.path.isdir(folder):
+    raise ConfigError(f"{root}: no {name}/ folder; a Stable Diffusion pipeline folder needs {name}/")
+  return folder
+
+
+def load_unet(folder: str) -> tuple[unet_lib.UNetConfig, Any]:
+  config = unet_lib.UNetConfig.from_json_file(folder)
+  state, path = weights_io.read_weights_folder(folder, _DIFFUSERS_STEMS)
+  params = torch_layout.torch_to_flax(
+    state, unet_lib.abstract_params(config), list_names=unet_lib.LIST_NAMES, source=path
+  )
+  return config, params
+
+
+def _modernise_vae_keys(state: dict[str, Any]) -> dict[str, Any]:
+  out = {}
+  for key, value in state.items():
+    parts = key.split(".")
+    if "attentions" in parts and parts[-2] in vae_lib.LEGACY_ATTENTION_NAMES:
+      parts[-2] = vae_lib.LEGACY_ATTENTION_NAMES[parts[-2]]
+      if value.ndim == 4:  # very old checkpoints stored these linears as 1x1 convs
+        value = value[:, :, 0, 0]
+    out[".".join(parts)] = value
+  return out
+
+
+def load_vae(folder: str) -> tuple[vae_lib.VAEConfig, Any]:
+  config = vae_lib.VAEConfig.from_json_file(folder)
+  state, path = weights_io.read_weights_folder(folder, _DIFFUSERS_STEMS)
+  params = torch_layout.torch_to_flax(
+    _modernise_vae_keys(state), vae_lib.abstract_params(config), list_names=vae_lib.LIST_NAMES, source=path
+  )
+  return config, params
+
+
+def load_pipeline(path_or_id: str, text_encoder: str | None = None, with_vae: bool = True) -> Pipeline:
+  """Configs and params of every component we use. `text_encoder` swaps in another encoder folder."""
+  root = resolve_pretrained(path_or_id)
+  if not os.path.isfile(os.path.join(root, "model_index.json")):
+    raise ConfigError(f"{root}: no model_index.json; expected a diffusers Stable Diffusion pipeline folder")
+  unet_config, unet_params = load_unet(_component(root, "unet"))
+  vae_config, vae_params = load_vae(_component(root, "vae")) if with_vae else (None, None)
+  text_config, text_params = clip_text.load_clip_text(text_encoder or _component(root, "text_encoder"))
+  if text_config.hidden_size != unet_config.cross_attention_dim:
+    raise ConfigError(
+      f"{text_encoder or root}: text encoder width {text_config.hidden_size} does not match the UNet's "
+      f"cross_attention_dim {unet_config.cross_attention_dim}"
+    )
+  schedule = ScheduleConfig.from_json_file(_component(root, "scheduler"))
+  return Pipeline(
+    root,
+    unet_config,
+    unet_params,
+    vae_config,
+    vae_params,
+    text_config,
+    text_params,
+    _component(root, "tokenizer"),
+    schedule,
+  )
+
+
+def _export(out_dir: str, config: dict, state: dict, abstract: Any, list_names: tuple[str, ...]) -> None:
+  table = torch_layout.key_table(abstract, list_names)
+  if set(table) != set(state) or any(state[k].shape != s for k, (_, s) in table.items()):
+    bad = sorted(k for k in set(table) ^ set(state)) or [k for k, (_, s) in table.items() if state[k].shape != s]
+    raise WeightsError(f"export to {out_dir}: params do not match the config at {bad[:8]}")
+  with weights_io.atomic_folder(out_dir) as staging:
+    weights_io.write_json(os.path.join(staging, "config.json"), config)
+    weights_io.write_safetensors(os.path.join(staging, "diffusion_pytorch_model.safetensors"), state)
+
+
+def export_unet(config: unet_lib.UNetConfig, params: Any, out_dir: str) -> None:
+  state = torch_layout.flax_to_torch(params, list_names=unet_lib.LIST_NAMES)
+  _export(out_dir, config.to_diffusers_dict(), state, unet_lib.abstract_params(config), unet_lib.LIST_NAMES)
+
+
+def export_vae(config: vae_lib.VAEConfig, params: Any, out_dir: str) -> None:
+  state = torch_layout.flax_to_torch(params, list_names=vae_lib.LIST_NAMES)
+  _export(out_dir, config.to_diffusers_dict(), state, vae_lib.abstract_params(config), vae_lib.LIST_NAMES)
+
+
+MODEL_INDEX = {
+  "_class_name": "StableDiffusionPipeline",
+  "feature_extractor": [None, None],
+  "image_encoder": [None, None],
+  "requires_safety_checker": False,
+  "safety_checker": [None, None],
+  "scheduler": ["diffusers", "PNDMScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"],
+  "tokenizer": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def write_pipeline(
+  out_dir: str,
+  *,
+  unet: tuple[unet_lib.UNetConfig, Any],
+  vae: tuple[vae_lib.VAEConfig, Any],
+  text_encoder: tuple[CLIPTextConfig, Any],
+  tokenizer_dir: str,
+  schedule: ScheduleConfig,
+) -> str:
+  """A complete diffusers folder that `StableDiffusionPipeline.from_pretrained` loads."""
+  with weights_io.atomic_folder(out_dir) as staging:
+    export_unet(*unet, os.path.join(staging, "unet"))
+    export_vae(*vae, os.path.join(staging, "vae"))
+    clip_text.export_clip_text(*text_encoder, os.path.join(staging, "text_encoder"))
+    shutil.copytree(tokenizer_dir, os.path.join(staging, "tokenizer"))
+    scheduler = {"_class_name": "PNDMScheduler", "skip_prk_steps": True, **schedule.__dict__}
+    os.makedirs(os.path.join(staging, "scheduler"))
+    weights_io.write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler)
+    with open(os.path.join(staging, "model_index.json"), "w") as f:
+      json.dump(MODEL_INDEX, f, indent=2)
+  return out_dir

@@ -1,0 +1,113 @@
+"""Text-to-image generation with our Flax pipeline: encode prompts, denoise with CFG, decode, save PNGs."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.convert.diffusers import Pipeline
+from advunlearn_jax.diffusion import sampling
+from advunlearn_jax.models.clip_text import CLIPTextModel
+from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.models.vae import AutoencoderKL
+
+
+def encode_prompts(pipe: Pipeline, prompts: Sequence[str], text_params: Any = None) -> jax.Array:
+  """Last hidden states [B, 77, D] of `prompts` under the pipeline's (or the given) text encoder."""
+  ids = tok_lib.tokenize(tok_lib.load_tokenizer(pipe.tokenizer_dir), prompts)
+  params = pipe.text_params if text_params is None else text_params
+  return _encode(pipe.text_config, params, jnp.asarray(ids))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(config, params, ids):
+  return CLIPTextModel(config).apply({"params": params}, ids).last_hidden_state
+
+
+def initial_latents(pipe: Pipeline, n: int, seed: int) -> jax.Array:
+  hw = pipe.unet_config.sample_size
+  return jax.random.normal(jax.random.key(seed), (n, hw, hw, pipe.unet_config.in_channels), jnp.float32)
+
+
+def denoise_latents(
+  pipe: Pipeline,
+  cond: jax.Array,
+  uncond: jax.Array,
+  latents: jax.Array,
+  *,
+  scheduler: str = "lms",
+  steps: int = 50,
+  guidance: float = 7.5,
+  progress: bool = False,
+) -> jax.Array:
+  unet = UNet2DConditionModel(pipe.unet_config)
+
+  def denoise(args, x, t):
+    unet_fn = lambda xx, tt, cc: unet.apply({"params": args["unet"]}, xx, tt, cc)
+    if guidance <= 1.0:  # diffusers skips the unconditional branch then
+      return unet_fn(x, jnp.broadcast_to(t, (x.shape[0],)), args["cond"])
+    return sampling.cfg_eps(unet_fn, x, t, args["cond"], args["uncond"], guidance)
+
+  tables = sampling.make_tables(scheduler, pipe.schedule, steps)
+  args = {"unet": pipe.unet_params, "cond": cond, "uncond": uncond}
+  return sampling.sample(tables, latents, denoise, args, progress=progress)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(config, params, latents):
+  vae = AutoencoderKL(config)
+  return vae.apply({"params": params}, latents / config.scaling_factor, method=vae.decode)
+
+
+def decode_images(pipe: Pipeline, latents: jax.Array) -> np.ndarray:
+  """uint8 [B, H, W, 3], post-processed exactly as diffusers' pipelines do."""
+  images = _decode(pipe.vae_config, pipe.vae_params, latents)
+  images = np.asarray(jnp.clip(images / 2 + 0.5, 0.0, 1.0))
+  return (images * 255).round().astype(np.uint8)
+
+
+def generate(
+  pipe: Pipeline,
+  prompts: Sequence[str],
+  latents: jax.Array,
+  *,
+  text_params: Any = None,
+  scheduler: str = "lms",
+  steps: int = 50,
+  guidance: float = 7.5,
+  progress: bool = False,
+) -> np.ndarray:
+  """Images for `prompts` from NHWC `latents`. The unconditional "" branch uses the same encoder as the
+  prompts (the reference's evaluation does this with the unlearned encoder)."""
+  cond = encode_prompts(pipe, prompts, text_params)
+  uncond = encode_prompts(pipe, [""] * len(prompts), text_params)
+  out = denoise_latents(
+    pipe, cond, uncond, latents, scheduler=scheduler, steps=steps, guidance=guidance, progress=progress
+  )
+  return decode_images(pipe, out)
+
+
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+  n, h, w, c = images.shape
+  cols = cols or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.full((rows * h, cols * w, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, cols)
+    grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
+  return grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  from PIL import Image
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(image).save(path)
