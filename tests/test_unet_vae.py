@@ -7,14 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.torch_oracles import state_numpy, torch, torch_unet, torch_vae
-
 from advunlearn_jax.convert import torch_layout
 from advunlearn_jax.convert.diffusers import _modernise_vae_keys
 from advunlearn_jax.errors import ConfigError, WeightsError
 from advunlearn_jax.models import presets
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
+from tests.torch_oracles import state_numpy, torch, torch_unet, torch_vae
 
 pytestmark = pytest.mark.torch
 TOL = 1e-4  # fp32, matmul precision "highest"
@@ -68,8 +67,8 @@ def test_unet_remat_and_bf16():
 
   (ref_loss, ref_out), ref_grad = loss_and_grad(ctx, "none", jnp.float32)
   for policy in ("full", "dots"):
-    (l, _), g = loss_and_grad(ctx, policy, jnp.float32)
-    np.testing.assert_allclose(l, ref_loss, rtol=1e-5)
+    (value, _), g = loss_and_grad(ctx, policy, jnp.float32)
+    np.testing.assert_allclose(value, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(g, ref_grad, atol=1e-6)
   (_, low), _ = loss_and_grad(ctx, "none", jnp.bfloat16)
   assert low.dtype == jnp.float32  # outputs are returned in fp32 for the losses
