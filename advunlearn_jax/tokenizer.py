@@ -106,8 +106,9 @@ def load_tokenizer(folder: str | None = None):
   from transformers import CLIPTokenizer
 
   folder = folder or offline_tokenizer_folder()
-  if not os.path.isfile(os.path.join(folder, "vocab.json")):
-    raise FileNotFoundError(f"{folder}: no vocab.json; expected a CLIP tokenizer folder")
+  # transformers 4 writes vocab.json + merges.txt; transformers 5 writes only tokenizer.json.
+  if not any(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "tokenizer.json")):
+    raise FileNotFoundError(f"{folder}: no vocab.json or tokenizer.json; expected a CLIP tokenizer folder")
   return CLIPTokenizer.from_pretrained(folder)
 
 

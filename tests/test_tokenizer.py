@@ -56,5 +56,5 @@ def test_long_prompt_is_truncated_with_warning(tokenizer):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no vocab.json"):
+  with pytest.raises(FileNotFoundError, match="no vocab.json or tokenizer.json"):
     tok_lib.load_tokenizer(str(tmp_path))

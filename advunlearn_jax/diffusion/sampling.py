@@ -37,6 +37,7 @@ class SamplerTables(NamedTuple):
   kind: str
   timesteps: np.ndarray  # [N] the timestep handed to the UNet at each step (float for LMS)
   consts: np.ndarray  # DDIM: [N, 2] (a_t, a_prev); LMS: [N + 1] sigmas
+  clip_x0: float | None  # DDIM: clamp x0_hat to [-c, c] (diffusers' clip_sample)
   lms_coeffs: np.ndarray  # LMS: [N, 4] linear multistep coefficients (zeros beyond the current order)
   init_noise_sigma: float
 
@@ -49,9 +50,9 @@ def ddim_tables(schedule: ScheduleConfig, steps: int) -> SamplerTables:
   final = 1.0 if schedule.set_alpha_to_one else ac[0]
   prev = timesteps - ratio
   a_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final)
-  return SamplerTables(
-    "ddim", timesteps, np.stack([ac[timesteps], a_prev], 1).astype(np.float32), np.zeros((steps, 4)), 1.0
-  )
+  consts = np.stack([ac[timesteps], a_prev], 1).astype(np.float32)
+  clip = schedule.clip_sample_range if schedule.clip_sample else None
+  return SamplerTables("ddim", timesteps, consts, clip, np.zeros((steps, 4)), 1.0)
 
 
 def _lms_coefficient(sigmas: np.ndarray, order: int, t: int, current: int) -> float:
@@ -76,7 +77,7 @@ def lms_tables(schedule: ScheduleConfig, steps: int, max_order: int = 4) -> Samp
   for i in range(steps):
     order = min(i + 1, max_order)
     coeffs[i, :order] = [_lms_coefficient(s64, order, i, c) for c in range(order)]
-  return SamplerTables("lms", timesteps, sigmas, coeffs.astype(np.float32), float(sigmas.max()))
+  return SamplerTables("lms", timesteps, sigmas, None, coeffs.astype(np.float32), float(sigmas.max()))
 
 
 def make_tables(kind: str, schedule: ScheduleConfig, steps: int) -> SamplerTables:
@@ -105,6 +106,8 @@ def step(
     a_t, a_prev = jnp.asarray(tables.consts)[i]
     eps = eps_fn(state.x, t)
     x0 = (state.x - jnp.sqrt(1 - a_t) * eps) / jnp.sqrt(a_t)
+    if tables.clip_x0 is not None:
+      x0 = jnp.clip(x0, -tables.clip_x0, tables.clip_x0)
     return SamplerState(jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps, state.derivatives)
   sigma = jnp.asarray(tables.consts)[i]
   eps = eps_fn(state.x / jnp.sqrt(sigma**2 + 1), t)

@@ -23,6 +23,10 @@ class ScheduleConfig:
   steps_offset: int = 1
   set_alpha_to_one: bool = False
   prediction_type: str = "epsilon"
+  # DDIM only. diffusers' DDIMScheduler defaults to clipping x0_hat when a config (such as a PNDM one) is
+  # silent; SD v1.x scheduler configs say false.
+  clip_sample: bool = True
+  clip_sample_range: float = 1.0
 
   @classmethod
   def from_dict(cls, raw: dict[str, Any], source: str = "scheduler config") -> ScheduleConfig:
@@ -50,14 +54,27 @@ class ScheduleConfig:
 
   def betas(self, dtype: Any) -> np.ndarray:
     n = self.num_train_timesteps
+    if dtype == np.float32:
+      linspace = _torch_linspace_float32
+    else:
+      linspace = lambda a, b, n: np.linspace(a, b, n, dtype=np.float64)
     if self.beta_schedule == "linear":
-      return np.linspace(self.beta_start, self.beta_end, n, dtype=dtype)
-    return np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=dtype) ** 2
+      return linspace(self.beta_start, self.beta_end, n)
+    return linspace(self.beta_start**0.5, self.beta_end**0.5, n) ** 2
 
   def alphas_cumprod_diffusers(self) -> np.ndarray:
-    """float32 throughout, as diffusers' schedulers compute it."""
-    return np.cumprod(1.0 - self.betas(np.float32), dtype=np.float32)
+    """Bit-identical to diffusers' schedulers on CPU: float32 betas, cumprod accumulated in float64."""
+    return np.cumprod((1.0 - self.betas(np.float32)).astype(np.float64)).astype(np.float32)
 
   def alphas_cumprod_ldm(self) -> np.ndarray:
     """float64, then stored as float32: ldm's `register_schedule`, which the reference's sampler reads."""
     return np.cumprod(1.0 - self.betas(np.float64)).astype(np.float32)
+
+
+def _torch_linspace_float32(start: float, end: float, n: int) -> np.ndarray:
+  """`torch.linspace(..., dtype=float32)` exactly: float32 endpoints and step, each half filled from its end."""
+  s, e = np.float32(start), np.float32(end)
+  step = np.float64((e - s) / np.float32(n - 1))
+  i = np.arange(n, dtype=np.float64)
+  values = np.where(i < n // 2, np.float64(s) + step * i, np.float64(e) - step * (n - 1 - i))
+  return values.astype(np.float32)
