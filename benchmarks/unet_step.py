@@ -104,9 +104,7 @@ def main():
   n_params = sum(p.size for p in jax.tree.leaves(params))
   print(f"SD v1.4 UNet: {n_params:,} parameters, latents {args.latent}x{args.latent}", flush=True)
   results = []
-  grid = itertools.product(
-    [int(b) for b in args.batch.split(",")], args.dtype.split(","), args.remat.split(",")
-  )
+  grid = itertools.product([int(b) for b in args.batch.split(",")], args.dtype.split(","), args.remat.split(","))
   header = f"{'batch':>5} {'dtype':>8} {'remat':>5} {'compile s':>9} {'step s':>8} {'ratio':>6} {'TFLOP/s':>8} "
   header += f"{'MFU':>6} {'compiled GiB':>12} {'peak GiB':>8}"
   print(header, flush=True)
@@ -121,8 +119,11 @@ def main():
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
     cg = f"{r['compiled_gib']:.2f}" if r["compiled_gib"] else "-"
     pg = f"{r['peak_gib']:.2f}" if r["peak_gib"] else "-"
-    print(f"{batch:>5} {dtype:>8} {remat:>5} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['ratio_vs_first']:>6.2f} "
-          f"{r['tflops']:>8.2f} {mfu:>6} {cg:>12} {pg:>8}", flush=True)
+    print(
+      f"{batch:>5} {dtype:>8} {remat:>5} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['ratio_vs_first']:>6.2f} "
+      f"{r['tflops']:>8.2f} {mfu:>6} {cg:>12} {pg:>8}",
+      flush=True,
+    )
     if args.json_out:  # after every row, so a run cut short keeps what it measured
       with open(args.json_out, "w") as f:
         json.dump({"device": device.device_kind, "backend": jax.default_backend(), "results": results}, f, indent=2)

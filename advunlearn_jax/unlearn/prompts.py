@@ -1,0 +1,128 @@
+"""The 77-position word-embedding sequences the attacker optimises and the defender trains on (spec 3.3-3.4).
+
+The reference splits the tokenized concept into [SOT (1) | mid (L) | replace (k) | eot (76 - L - k)], drops
+the "replace" slice and inserts the k adversarial rows (delta) according to the attack type, so the sequence
+stays 77 long. We compile each layout once, on the host, into two index maps
+
+    word_index[p]  = which row of the clean word embeddings position p copies (-1: none),
+    delta_index[p] = which adversarial row position p adds (-1: none),
+
+so that building a sequence is one gather, jittable, and the same code serves every concept of a run (their
+maps are stacked and chosen by a traced concept index).
+
+L is the number of BPE tokens of the concept by default. `faithful_word_split=True` reproduces the reference's
+`len(concept.split())`, which for 'nudity' (nu + dity) and 'tench' (ten + ch) is 1, so the last sub-token
+falls into the dropped slot and the adversarial prompt loses it (spec 8.6).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from advunlearn_jax.errors import ConfigError
+
+ATTACK_TYPES = ("prefix_k", "suffix_k", "replace_k", "add", "mid_k", "insert_k", "per_k_words")
+SEQ_LEN = 77
+
+
+class Layout(NamedTuple):
+  word_index: np.ndarray  # [77] int32
+  delta_index: np.ndarray  # [77] int32
+  num_tokens: int  # k (L for `add`)
+  concept_len: int  # L
+
+
+def concept_length(ids: np.ndarray, concept: str, eot_id: int, faithful_word_split: bool) -> int:
+  """L: whitespace words (reference quirk: spec 3.3) or BPE tokens between SOT and the first EOT."""
+  if faithful_word_split:  # reference quirk: spec 3.3, section 8.6
+    return len(concept.split())
+  return int(np.argmax(np.asarray(ids)[1:] == eot_id))
+
+
+def layout(attack_type: str, concept_len: int, k: int) -> Layout:
+  """Index maps for one attack type, concept length L and k adversarial tokens."""
+  if attack_type not in ATTACK_TYPES:
+    raise ConfigError(f"config.attack.type is {attack_type!r}; valid: {list(ATTACK_TYPES)}")
+  big_l = concept_len
+  if attack_type == "add":
+    k = big_l  # additive: one delta per concept token
+  if big_l < 1:
+    raise ConfigError("the concept tokenizes to nothing; give a non-empty concept")
+  if 1 + big_l + k > SEQ_LEN:
+    raise ConfigError(
+      f"concept of {big_l} tokens plus {k} adversarial tokens does not fit in {SEQ_LEN} positions; "
+      f"use a concept of at most {SEQ_LEN - 1 - k} tokens"
+    )
+  mid = list(range(1, 1 + big_l))
+  eot = list(range(1 + big_l + k, SEQ_LEN))
+  delta = [("d", j) for j in range(k)]
+  w = lambda rows: [("w", r) for r in rows]
+  if attack_type == "prefix_k":
+    body = delta + w(mid)
+  elif attack_type == "suffix_k":
+    body = w(mid) + delta
+  elif attack_type == "replace_k":
+    body = delta + w([eot[0]] * big_l)  # the concept words become copies of the first EOT row
+  elif attack_type == "add":
+    body = [("wd", (r, j)) for j, r in enumerate(mid)] + w([eot[0]] * big_l)
+  elif attack_type == "mid_k":
+    half = big_l // 2
+    body = w(mid[:half]) + delta + w(mid[half:])
+  elif attack_type == "insert_k":
+    step = big_l // (k + 1)
+    body = []
+    for j in range(k):
+      body += w(mid[step * j : step * (j + 1)]) + [("d", j)]
+    body += w(mid[step * k :])
+  else:  # per_k_words; the reference crashes for k = 1, where this reduces to a prefix
+    body = []
+    for j in range(k - 1):
+      body += [("d", j)] + w(mid[3 * j : 3 * j + 3])
+    body += [("d", k - 1)] + w(mid[3 * (k - 1) :])
+  entries = [("w", 0)] + body + w(eot)
+  assert len(entries) == SEQ_LEN, (attack_type, len(entries))
+  word_index = np.full(SEQ_LEN, -1, np.int32)
+  delta_index = np.full(SEQ_LEN, -1, np.int32)
+  for p, (kind, value) in enumerate(entries):
+    if kind == "w":
+      word_index[p] = value
+    elif kind == "d":
+      delta_index[p] = value
+    else:
+      word_index[p], delta_index[p] = value
+  return Layout(word_index, delta_index, k, big_l)
+
+
+def build_sequence(word_embeds: jax.Array, delta: jax.Array, word_index: jax.Array, delta_index: jax.Array):
+  """[77, D] word embeddings with the adversarial rows placed by the layout (traceable)."""
+  words = jnp.where((word_index >= 0)[:, None], word_embeds[jnp.maximum(word_index, 0)], 0.0)
+  adv = jnp.where((delta_index >= 0)[:, None], delta[jnp.maximum(delta_index, 0)], 0.0)
+  return words + adv
+
+
+def build_ids(ids: jax.Array, word_index: jax.Array, delta_index: jax.Array, concept_len: jax.Array) -> jax.Array:
+  """The matching ids: the dropped "replace" ids stand in for delta (they only pick the pooled position)."""
+  replace_ids = ids[jnp.clip(1 + concept_len + jnp.maximum(delta_index, 0), 0, SEQ_LEN - 1)]
+  return jnp.where(word_index >= 0, ids[jnp.maximum(word_index, 0)], replace_ids)
+
+
+def initial_rows_from_sequence(sequence: jax.Array, num_tokens: int) -> jax.Array:
+  """`latest` init as the reference does it: positions 1..k of the previous adversarial sequence.
+
+  reference quirk: spec 3.1 - only right for prefix_k and replace_k; see `delta_from_sequence` for the fix.
+  """
+  return sequence[1 : 1 + num_tokens]
+
+
+def delta_from_sequence(
+  sequence: jax.Array, word_embeds: jax.Array, word_index: jax.Array, delta_index: jax.Array, num_tokens: int
+) -> jax.Array:
+  """Recovers delta from a built sequence for every layout (`add` subtracts the word rows)."""
+  words = jnp.where((word_index >= 0)[:, None], word_embeds[jnp.maximum(word_index, 0)], 0.0)
+  residual = sequence - words
+  onehot = (delta_index[:, None] == jnp.arange(num_tokens)[None, :]).astype(sequence.dtype)  # [77, k]
+  return onehot.T @ residual

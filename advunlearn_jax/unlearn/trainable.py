@@ -1,0 +1,133 @@
+"""Which parameters a `train_method` trains (spec section 2.5), as masks over Flax parameter trees.
+
+Text-encoder methods select CLIP leaves (embeddings never); UNet methods (the ESD baselines) select UNet
+leaves by the reference's CompVis name rules, translated to diffusers names:
+  CompVis `out.` -> `conv_norm_out` / `conv_out`; `time_embed` -> `time_embedding`;
+  `input_blocks.4.` / `.7.` -> `down_blocks.1.attentions.0` / `down_blocks.2.attentions.0`;
+  `output_blocks.6.` / `.8.` -> `up_blocks.2.attentions.0` / `up_blocks.2.attentions.2`.
+
+Gradients are taken with respect to the selected leaves only (`split` / `merge`), and Adam state exists only
+for them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flax import traverse_util
+
+from advunlearn_jax.convert import clip_text as clip_convert
+from advunlearn_jax.convert import torch_layout
+from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models import unet as unet_lib
+
+# The reference's layer-wise options and the layers each one means.
+TEXT_LAYER_METHODS = {
+  **{f"text_encoder_layer{''.join(str(i) for i in range(n))}": list(range(n)) for n in range(1, 11)},
+  "text_encoder_layer01234567891011": list(range(12)),
+  "text_encoder_layer0_11": [0, 11],
+  "text_encoder_layer01_1011": [0, 1, 10, 11],
+  "text_encoder_layer012_91011": [0, 1, 2, 9, 10, 11],
+}
+TEXT_METHODS = ("text_encoder_full", *TEXT_LAYER_METHODS)
+UNET_METHODS = ("noxattn", "selfattn", "xattn", "full", "notime", "xlayer", "selflayer")
+COMPONENTS = ("all", "ffn", "attn")
+
+_CLIP_LISTS = clip_convert.LIST_NAMES
+_UNET_LISTS = unet_lib.LIST_NAMES
+
+
+def is_text_method(method: str) -> bool:
+  return method in TEXT_METHODS
+
+
+def validate_method(method: str, component: str) -> None:
+  if method not in TEXT_METHODS and method not in UNET_METHODS:
+    raise ConfigError(
+      f"config.train.method is {method!r}; valid: {['text_encoder_full', 'text_encoder_layer<...>', *UNET_METHODS]}"
+      f" (layer options: {sorted(TEXT_LAYER_METHODS)})"
+    )
+  if component not in COMPONENTS:
+    raise ConfigError(f"config.train.component is {component!r}; valid: {list(COMPONENTS)}")
+
+
+def _component_ok(name: str, component: str) -> bool:
+  if component == "ffn":
+    return "mlp" in name
+  if component == "attn":
+    return "self_attn" in name
+  return True
+
+
+def text_encoder_selects(name: str, method: str, component: str, norm_layer: bool, prefix_bug: bool) -> bool:
+  """`name` is the transformers key without the `text_model.` prefix, e.g. 'encoder.layers.3.mlp.fc1.weight'."""
+  if name.startswith("final_layer_norm."):
+    return norm_layer or (method == "text_encoder_full" and component == "all")
+  if not name.startswith("encoder.layers."):
+    return False  # token and position embeddings are never trained
+  if not _component_ok(name, component):
+    return False
+  if method == "text_encoder_full":
+    return True
+  layers = TEXT_LAYER_METHODS[method]
+  if prefix_bug:  # reference quirk: spec 2.5 - 'encoder.layers.1' also matches layers 10 and 11
+    return any(name.startswith(f"encoder.layers.{k}") for k in layers)
+  return int(name.split(".")[2]) in layers
+
+
+def unet_selects(name: str, method: str) -> bool:
+  """`name` is the diffusers key, e.g. 'down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight'."""
+  is_out = name.startswith(("conv_norm_out.", "conv_out."))
+  is_time = name.startswith("time_embedding.")
+  if method == "full":
+    return True
+  if method == "noxattn":
+    return not (is_out or "attn2" in name or is_time)
+  if method == "notime":
+    return not (is_out or is_time)
+  if method == "selfattn":
+    return "attn1" in name
+  if method == "xattn":
+    return "attn2" in name
+  if method == "xlayer":
+    return "attn2" in name and name.startswith(("up_blocks.2.attentions.0.", "up_blocks.2.attentions.2."))
+  if method == "selflayer":
+    return "attn1" in name and name.startswith(("down_blocks.1.attentions.0.", "down_blocks.2.attentions.0."))
+  raise ConfigError(f"unknown UNet train method {method!r}; valid: {list(UNET_METHODS)}")
+
+
+def mask(params: Any, select, list_names) -> dict[tuple[str, ...], bool]:
+  """Flat {path: selected} over a parameter tree (concrete or abstract)."""
+  flat = traverse_util.flatten_dict(params)
+  return {path: bool(select(torch_layout.torch_key(path, list_names))) for path in flat}
+
+
+def text_encoder_mask(params, method, component="all", norm_layer=False, prefix_bug=False):
+  validate_method(method, component)
+  if not is_text_method(method):
+    return mask(params, lambda name: False, _CLIP_LISTS)
+  return mask(params, lambda n: text_encoder_selects(n, method, component, norm_layer, prefix_bug), _CLIP_LISTS)
+
+
+def unet_mask(params, method):
+  if is_text_method(method):
+    return mask(params, lambda name: False, _UNET_LISTS)
+  return mask(params, lambda n: unet_selects(n, method), _UNET_LISTS)
+
+
+def split(params: Any, selected: dict[tuple[str, ...], bool]) -> tuple[dict, dict]:
+  """(trainable, frozen), each a flat {path: leaf} dict."""
+  flat = traverse_util.flatten_dict(params)
+  trainable = {p: v for p, v in flat.items() if selected[p]}
+  frozen = {p: v for p, v in flat.items() if not selected[p]}
+  return trainable, frozen
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+  return traverse_util.unflatten_dict({**frozen, **trainable})
+
+
+def count(params: Any, selected: dict[tuple[str, ...], bool]) -> int:
+  flat = traverse_util.flatten_dict(params)
+  return sum(math.prod(v.shape) for p, v in flat.items() if selected[p])
