@@ -116,16 +116,22 @@ def unet_mask(params, method):
   return mask(params, lambda n: unet_selects(n, method), _UNET_LISTS)
 
 
-def split(params: Any, selected: dict[tuple[str, ...], bool]) -> tuple[dict, dict]:
-  """(trainable, frozen), each a flat {path: leaf} dict."""
+def selected_paths(selected: dict[tuple[str, ...], bool]) -> frozenset[tuple[str, ...]]:
+  """A hashable form of a mask (jit static arguments must hash)."""
+  return frozenset(p for p, on in selected.items() if on)
+
+
+def split(params: Any, selected: dict[tuple[str, ...], bool] | frozenset) -> tuple[dict, dict]:
+  """(trainable, frozen), each a flat {'a/b/kernel': leaf} dict (string keys, so Orbax can save them)."""
+  chosen = selected_paths(selected) if isinstance(selected, dict) else selected
   flat = traverse_util.flatten_dict(params)
-  trainable = {p: v for p, v in flat.items() if selected[p]}
-  frozen = {p: v for p, v in flat.items() if not selected[p]}
+  trainable = {"/".join(p): v for p, v in flat.items() if p in chosen}
+  frozen = {"/".join(p): v for p, v in flat.items() if p not in chosen}
   return trainable, frozen
 
 
 def merge(trainable: dict, frozen: dict) -> dict:
-  return traverse_util.unflatten_dict({**frozen, **trainable})
+  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in {**frozen, **trainable}.items()})
 
 
 def count(params: Any, selected: dict[tuple[str, ...], bool]) -> int:

@@ -1,0 +1,109 @@
+"""The inner attack: soft prompt tokens that make the unlearned model predict the original model's concept
+noise (spec section 3). One `lax.fori_loop` over attack steps, carrying delta, the optimiser state, the
+accumulated gradient and the sequence built at the start of the step.
+
+Faithful defaults (each a flag):
+  * `accumulate_grad`: the reference never calls zero_grad, so step i uses G_i = sum_{j<=i} grad_j
+    (reference quirk: spec 3.1);
+  * `return_pre_final`: it returns the sequence built at the start of the last step, throwing the final
+    update away (reference quirk: spec 3.2);
+  * `pgd` is plain Adam without projection, as in the reference; `eps > 0` adds the L2 or Linf ball around
+    the initial delta that the name promises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.unlearn import prompts
+
+METHODS = ("pgd", "fast_at")
+INITS = ("random", "latest")
+EMBEDDINGS = ("word_embd",)  # condition_embd: next increment of the trainer issue
+
+
+class AttackConfig(NamedTuple):
+  method: str = "pgd"
+  steps: int = 30
+  lr: float = 1e-3
+  embedding: str = "word_embd"
+  accumulate_grad: bool = True
+  return_pre_final: bool = True
+  eps: float = 0.0  # 0: no projection (the reference)
+  norm: str = "l2"  # l2 | linf
+
+
+class AttackResult(NamedTuple):
+  sequence: jax.Array  # [77, D] word-embedding sequence for the defender
+  delta: jax.Array  # [k, D] the final adversarial rows
+  first_loss: jax.Array
+  last_loss: jax.Array
+
+
+def validate(cfg: AttackConfig) -> None:
+  if cfg.method not in METHODS:
+    raise ConfigError(f"config.attack.method is {cfg.method!r}; valid: {list(METHODS)}")
+  if cfg.embedding not in EMBEDDINGS:
+    raise ConfigError(f"config.attack.embedding is {cfg.embedding!r}; valid: {list(EMBEDDINGS)}")
+  if cfg.norm not in ("l2", "linf"):
+    raise ConfigError(f"config.attack.norm is {cfg.norm!r}; valid: ['l2', 'linf']")
+  if cfg.steps < 1:
+    raise ConfigError(f"config.attack.steps must be >= 1, got {cfg.steps}")
+
+
+def random_rows(key: jax.Array, token_embedding: jax.Array, k: int) -> jax.Array:
+  """k rows of the token table, ids uniform over the whole vocabulary (SOT/EOT included, as the reference)."""
+  ids = jax.random.randint(key, (k,), 0, token_embedding.shape[0])
+  return token_embedding[ids]
+
+
+def project(delta: jax.Array, center: jax.Array, eps: float, norm: str) -> jax.Array:
+  diff = delta - center
+  if norm == "linf":
+    return center + jnp.clip(diff, -eps, eps)
+  n = jnp.linalg.norm(diff, axis=-1, keepdims=True)
+  return center + diff * jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12))
+
+
+def run(
+  cfg: AttackConfig,
+  key: jax.Array,
+  delta0: jax.Array,
+  word_embeds: jax.Array,
+  word_index: jax.Array,
+  delta_index: jax.Array,
+  attack_loss: Callable[[jax.Array, jax.Array], jax.Array],
+) -> AttackResult:
+  """Minimises `attack_loss(sequence, key)` over delta, the sequence being the [77, D] word embeddings with
+  delta placed by the layout. `attack_loss` draws its own training point from `key` (fresh t and noise per
+  step, spec 3.2)."""
+  opt = optax.adam(cfg.lr)
+
+  def build(delta):
+    return prompts.build_sequence(word_embeds, delta, word_index, delta_index)
+
+  def body(i, carry):
+    delta, opt_state, acc, _, first, _ = carry
+    seq = build(delta)
+    loss, grad = jax.value_and_grad(lambda d: attack_loss(build(d), jax.random.fold_in(key, i)))(delta)
+    acc = acc + grad if cfg.accumulate_grad else grad
+    if cfg.method == "fast_at":
+      acc = jnp.sign(acc)  # the reference overwrites .grad with its sign, so the sign is what accumulates
+    updates, opt_state = opt.update(acc, opt_state, delta)
+    new_delta = optax.apply_updates(delta, updates)
+    if cfg.eps > 0:
+      new_delta = project(new_delta, delta0, cfg.eps, cfg.norm)
+    first = jnp.where(i == 0, loss, first)
+    return new_delta, opt_state, acc, seq, first, loss
+
+  zeros = jnp.zeros_like(delta0)
+  init = (delta0, opt.init(delta0), zeros, build(delta0), jnp.zeros(()), jnp.zeros(()))
+  delta, _, _, seq_at_last_step, first, last = jax.lax.fori_loop(0, cfg.steps, body, init)
+  sequence = seq_at_last_step if cfg.return_pre_final else build(delta)
+  return AttackResult(jax.lax.stop_gradient(sequence), jax.lax.stop_gradient(delta), first, last)

@@ -1,0 +1,72 @@
+"""Everything a step reads but never changes: original weights, the prompts' frozen encodings and layouts."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.diffusion import ddim
+from advunlearn_jax.diffusion.schedule import ScheduleConfig
+from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from advunlearn_jax.unlearn import prompts
+from advunlearn_jax.unlearn.step import Frozen
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(config: CLIPTextConfig, params: Any, ids: jax.Array) -> jax.Array:
+  return CLIPTextModel(config).apply({"params": params}, ids).last_hidden_state
+
+
+def encode_in_chunks(config, params, ids: np.ndarray, chunk: int = 32) -> jax.Array:
+  return jnp.concatenate([_encode(config, params, jnp.asarray(ids[i : i + chunk])) for i in range(0, len(ids), chunk)])
+
+
+def build(
+  *,
+  clip_config: CLIPTextConfig,
+  clip_params: Any,
+  unet_params: Any,
+  tokenizer,
+  concepts: Sequence[str],
+  retain_prompts: Sequence[str],
+  attack_type: str,
+  num_tokens: int,
+  faithful_word_split: bool,
+  schedule: ScheduleConfig,
+  ddim_steps: int = 50,
+) -> tuple[Frozen, int]:
+  """The Frozen pytree and k (for `add`, the longest concept's length, so one delta shape serves all)."""
+  concepts = [str(c).strip() for c in concepts]
+  if not concepts or any(not c for c in concepts):
+    raise ConfigError("config.concept.prompts: needs at least one non-empty concept")
+  concept_ids = tok_lib.tokenize(tokenizer, concepts)
+  retain_ids = tok_lib.tokenize(tokenizer, list(retain_prompts))
+  lengths = []
+  for concept, ids in zip(concepts, concept_ids):
+    full = len(tokenizer(concept)["input_ids"]) - 2
+    if full > 75:
+      raise ConfigError(f"config.concept.prompts: {concept[:40]!r}... has {full} tokens; at most 75 fit in CLIP's 77")
+    lengths.append(prompts.concept_length(ids, concept, tok_lib.EOT_ID, faithful_word_split))
+  k = max(lengths) if attack_type == "add" else num_tokens
+  layouts = [prompts.layout(attack_type, n, k) for n in lengths]
+  uncond_ids = tok_lib.tokenize(tokenizer, [""])
+  frozen = Frozen(
+    unet=unet_params,
+    clip=clip_params,
+    emb_uncond=encode_in_chunks(clip_config, clip_params, uncond_ids)[0],
+    concept_ids=jnp.asarray(concept_ids),
+    concept_emb=encode_in_chunks(clip_config, clip_params, concept_ids),
+    word_index=jnp.asarray(np.stack([lay.word_index for lay in layouts])),
+    delta_index=jnp.asarray(np.stack([lay.delta_index for lay in layouts])),
+    retain_ids=jnp.asarray(retain_ids),
+    retain_emb=encode_in_chunks(clip_config, clip_params, retain_ids),
+    tables=ddim.ldm_tables(schedule.alphas_cumprod_ldm(), ddim_steps),
+  )
+  return frozen, k
