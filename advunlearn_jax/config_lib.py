@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.pretrained = SD_V1_4  # diffusers folder or hub id
   c.model.dtype = "float32"  # compute dtype; the reference is fp32 throughout
+  c.model.remat = "none"  # UNet rematerialisation per block: none | full | dots
 
   c.concept = ml_collections.ConfigDict()
   c.concept.prompts = ["nudity"]  # one drawn uniformly per update (the reference's --seperator)
@@ -34,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr = 1e-5  # Adam, betas (0.9, 0.999), eps 1e-8, no decay, no schedule
   c.train.concept_batch = 1
   c.train.save_every = 200
+  c.train.keep = 3  # checkpoints kept (the latest K)
+  c.train.log_every = 10
+  c.train.prefix_bug = False  # reference quirk: spec 2.5 - layer '1' also selects layers 10 and 11
 
   c.retain = ml_collections.ConfigDict()
   c.retain.mode = "reg"  # reg: L_u + w * L_r (paper, README); iter: extra Adam steps on L_r
@@ -50,7 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.lr = 1e-3
   c.attack.init = "random"  # the README runs use random; the reference CLI default is latest
   c.attack.embedding = "word_embd"  # word_embd | condition_embd
-  c.attack.update_every = 1
+  c.attack.faithful_word_split = False  # reference quirk: spec 3.3 - split by words, dropping sub-tokens
+  c.attack.accumulate_grad = True  # reference quirk: spec 3.1 - gradients never zeroed
+  c.attack.return_pre_final = True  # reference quirk: spec 3.2 - final update thrown away
+  c.attack.latest_init_quirk = True  # reference quirk: spec 3.1 - `latest` slices positions 1..k
+  c.attack.eps = 0.0  # > 0: project delta onto an eps-ball around its init (true PGD)
+  c.attack.norm = "l2"  # l2 | linf, for eps > 0
   return c
 
 
@@ -60,5 +69,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.concept.prompts: needs at least one non-empty concept, e.g. ['nudity']")
   if config.retain.mode not in ("reg", "iter"):
     raise ConfigError(f"config.retain.mode is {config.retain.mode!r}; expected 'reg' or 'iter'")
+  if config.train.warmup_iters < 0 or config.train.iterations < 1:
+    raise ConfigError("config.train.iterations must be >= 1 and config.train.warmup_iters >= 0")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype is {config.model.dtype!r}; expected 'float32' or 'bfloat16'")

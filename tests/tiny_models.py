@@ -36,3 +36,27 @@ def params(seed: int = 0):
     k2, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, 32))
   )["params"]
   return clip, unet
+
+
+VAE = None
+
+
+def write_pipeline(out_dir: str, seed: int = 0) -> str:
+  """A complete tiny diffusers folder (random weights) written with our own exporters."""
+  import jax.numpy as jnp
+
+  from advunlearn_jax import tokenizer as tok_lib
+  from advunlearn_jax.convert import diffusers as sd_convert
+  from advunlearn_jax.models import vae as vae_lib
+
+  vae_config = vae_lib.VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=16)
+  vae_params = jax.jit(vae_lib.AutoencoderKL(vae_config).init)(jax.random.key(seed + 1), jnp.zeros((1, 16, 16, 3)))
+  clip, unet = params(seed)
+  return sd_convert.write_pipeline(
+    out_dir,
+    unet=(UNET, unet),
+    vae=(vae_config, vae_params["params"]),
+    text_encoder=(CLIP, clip),
+    tokenizer_dir=tok_lib.offline_tokenizer_folder(),
+    schedule=SCHEDULE,
+  )

@@ -1,0 +1,241 @@
+"""AdvUnlearn training, top to bottom: config -> weights -> frozen setup -> state/restore -> loop -> export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from advunlearn_jax import checkpoint, config_lib
+from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.convert import clip_text as clip_convert
+from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.convert import weights_io
+from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models.clip_text import CLIPTextModel
+from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.unlearn import attack as attack_lib
+from advunlearn_jax.unlearn import frozen as frozen_lib
+from advunlearn_jax.unlearn import prompts, retain, trainable
+from advunlearn_jax.unlearn import step as step_lib
+
+# Module level, so every run in a process (tests, population runs) shares one compilation per variant.
+_TRAIN_STEP = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5), donate_argnums=(2,))
+
+
+def step_config(config: ml_collections.ConfigDict, num_tokens: int, latent_hw: int) -> step_lib.StepConfig:
+  a = config.attack
+  attack_cfg = attack_lib.AttackConfig(
+    method=a.method,
+    steps=a.steps,
+    lr=a.lr,
+    embedding=a.embedding,
+    accumulate_grad=a.accumulate_grad,
+    return_pre_final=a.return_pre_final,
+    eps=a.eps,
+    norm=a.norm,
+  )
+  attack_lib.validate(attack_cfg)
+  if a.init not in attack_lib.INITS:
+    raise ConfigError(f"config.attack.init is {a.init!r}; valid: {list(attack_lib.INITS)}")
+  return step_lib.StepConfig(
+    method=config.train.method,
+    lr=config.train.lr,
+    negative_guidance=config.diffusion.negative_guidance,
+    start_guidance=config.diffusion.start_guidance,
+    concept_batch=config.train.concept_batch,
+    retain_batch=config.retain.batch,
+    retain_mode=config.retain.mode,
+    retain_weight=config.retain.weight,
+    retain_steps=config.retain.steps,
+    attack=attack_cfg,
+    attack_init=a.init,
+    latest_init_quirk=a.latest_init_quirk,
+    num_tokens=num_tokens,
+    latent_hw=latent_hw,
+  )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  config_lib.validate(config)
+  trainable.validate_method(config.train.method, config.train.component)
+  if config.attack.type not in prompts.ATTACK_TYPES:
+    raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
+
+
+class _Preemption:
+  """SIGTERM (a preempted VM, a cluster scheduler) asks the loop to save and stop at the next iteration."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains, checkpoints, resumes, and exports `workdir/text_encoder` and `workdir/pipeline`."""
+  # ---------------------------------------------------------------- config and weights
+  validate(config)
+  pipe = sd_convert.load_pipeline(config.model.pretrained, with_vae=False)
+  tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
+  retain_prompts = retain.load_prompts(config.retain.csv)
+  dtype = jnp.dtype(config.model.dtype)
+
+  # ---------------------------------------------------------------- frozen setup
+  frozen, num_tokens = frozen_lib.build(
+    clip_config=pipe.text_config,
+    clip_params=pipe.text_params,
+    unet_params=pipe.unet_params,
+    tokenizer=tokenizer,
+    concepts=list(config.concept.prompts),
+    retain_prompts=retain_prompts,
+    attack_type=config.attack.type,
+    num_tokens=config.attack.num_tokens,
+    faithful_word_split=config.attack.faithful_word_split,
+    schedule=pipe.schedule,
+    ddim_steps=config.diffusion.ddim_steps,
+  )
+  if config.retain.batch > len(retain_prompts):
+    raise ConfigError(f"config.retain.batch ({config.retain.batch}) exceeds the {len(retain_prompts)} retain prompts")
+  text_mask = trainable.text_encoder_mask(
+    pipe.text_params, config.train.method, config.train.component, config.train.norm_layer, config.train.prefix_bug
+  )
+  unet_mask = trainable.unet_mask(pipe.unet_params, config.train.method)
+  models = step_lib.Models(
+    CLIPTextModel(pipe.text_config, dtype=dtype),
+    UNet2DConditionModel(pipe.unet_config, dtype=dtype, remat_policy=config.model.remat),
+    trainable.selected_paths(text_mask),
+    trainable.selected_paths(unet_mask),
+  )
+  cfg = step_config(config, num_tokens, pipe.unet_config.sample_size)
+  n_trained = trainable.count(pipe.text_params, text_mask) + trainable.count(pipe.unet_params, unet_mask)
+  logging.info("training %s: %s parameters", config.train.method, f"{n_trained:,}")
+
+  # ---------------------------------------------------------------- state or restore
+  os.makedirs(workdir, exist_ok=True)
+  config_json = checkpoint.config_dict(config)
+  mngr = checkpoint.manager(workdir, config.train.keep)
+  state = step_lib.init_state(cfg, models, frozen)
+  sampler = retain.SamplerState(0, 0)
+  restored = checkpoint.restore_latest(mngr, state, config_json, workdir)
+  if restored is not None:
+    state, meta = restored
+    sampler = retain.SamplerState(*meta["retain_sampler"])
+    logging.info("resumed from step %d", int(state.step))
+  start = int(state.step)
+
+  # ---------------------------------------------------------------- loop
+  root_key = jax.random.key(config.seed)
+  preemption = _Preemption()
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+  def save(step_count):
+    meta = {
+      "config": config_json,
+      "retain_sampler": list(sampler),
+      "step": step_count,
+      "versions": {"jax": jax.__version__},
+    }
+    checkpoint.save(mngr, step_count, state, meta)
+
+  iterations = config.train.iterations
+  progress = _progress(start, iterations)
+  last_time, last_step = time.perf_counter(), start
+  try:
+    for i in range(start, iterations):
+      idx, sampler = retain.sample(sampler, len(retain_prompts), cfg.retain_batch, config.seed)
+      batch = step_lib.Batch(jnp.asarray(idx), jax.random.fold_in(root_key, i))
+      state, metrics = _TRAIN_STEP(cfg, models, state, frozen, batch, i >= config.train.warmup_iters)
+      done = i + 1
+      if done % config.train.log_every == 0 or done == iterations:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(values["loss"]):
+          save(done)
+          raise FloatingPointError(f"loss is {values['loss']} at step {done}; state saved for inspection")
+        now = time.perf_counter()
+        values.update(step=done, it_per_s=(done - last_step) / max(now - last_time, 1e-9))
+        last_time, last_step = now, done
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(values) + "\n")
+        progress.update(done, values)
+      if done % config.train.save_every == 0 or done == iterations or preemption.requested:
+        save(done)
+      if preemption.requested:
+        mngr.wait_until_finished()
+        logging.warning("SIGTERM: saved step %d, stopping; rerun the same command to resume", done)
+        return {"stopped_at": done, "workdir": workdir}
+  finally:
+    preemption.restore()
+    progress.close()
+    mngr.wait_until_finished()
+
+  # ---------------------------------------------------------------- export
+  text_params, _ = step_lib.student_params(cfg, models, frozen, jax.device_get(state.params))
+  outputs = export(workdir, pipe, text_params)
+  summary = {"workdir": workdir, **outputs, "iterations": iterations, "trained_parameters": n_trained}
+  print(f"done: text encoder in {outputs['text_encoder']}, pipeline in {outputs['pipeline']}")
+  return summary
+
+
+def export(workdir: str, pipe: sd_convert.Pipeline, text_params: Any) -> dict[str, str]:
+  """`workdir/text_encoder` (CLIPTextModel.from_pretrained) and `workdir/pipeline` (the source pipeline with
+  this encoder, for StableDiffusionPipeline.from_pretrained; other components hard-linked where possible)."""
+  text_dir = os.path.join(workdir, "text_encoder")
+  clip_convert.export_clip_text(pipe.text_config, text_params, text_dir)
+  pipeline_dir = os.path.join(workdir, "pipeline")
+  with weights_io.atomic_folder(pipeline_dir) as staging:
+    os.rmdir(staging)
+    shutil.copytree(
+      pipe.root, staging, ignore=shutil.ignore_patterns("text_encoder", ".cache"), copy_function=_link_or_copy
+    )
+    shutil.copytree(text_dir, os.path.join(staging, "text_encoder"))
+  return {"text_encoder": text_dir, "pipeline": pipeline_dir}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  src = os.path.realpath(src)  # hub snapshots hold symlinks into the blob store
+  try:
+    os.link(src, dst)
+  except OSError:
+    shutil.copy2(src, dst)
+
+
+class _progress:
+  """A tqdm bar over iterations showing loss, attack loss and it/s (plain log lines when tqdm is absent)."""
+
+  def __init__(self, start: int, total: int):
+    try:
+      from tqdm.auto import tqdm
+
+      self.bar = tqdm(total=total, initial=start, desc="AdvUnlearn", unit="it")
+    except ImportError:
+      self.bar = None
+    self.position = start
+
+  def update(self, step: int, values: dict) -> None:
+    shown = {k: f"{values[k]:.4g}" for k in ("loss", "attack_loss_last", "it_per_s") if k in values}
+    if self.bar is not None:
+      self.bar.update(step - self.position)
+      self.bar.set_postfix(shown)
+    else:
+      logging.info("step %d %s", step, shown)
+    self.position = step
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()

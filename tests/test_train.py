@@ -1,0 +1,94 @@
+"""End-to-end training on a tiny random pipeline: outputs, metrics, checkpoints, resume, config guards."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from advunlearn_jax import config_lib, train
+from advunlearn_jax.convert import clip_text as clip_convert
+from advunlearn_jax.errors import ConfigError
+from tests import tiny_models
+
+
+def tiny_config(pipeline_dir, **overrides):
+  c = config_lib.base_config()
+  c.model.pretrained = pipeline_dir
+  c.concept.prompts = ["nudity", "church"]
+  c.train.iterations = 4
+  c.train.warmup_iters = 2
+  c.train.save_every = 2
+  c.train.log_every = 1
+  c.train.lr = 1e-3
+  c.retain.batch = 2
+  c.retain.weight = 0.5
+  c.attack.steps = 2
+  c.attack.lr = 1e-2
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  return tiny_models.write_pipeline(str(tmp_path_factory.mktemp("tiny") / "pipe"))
+
+
+def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  summary = train.run(tiny_config(pipeline_dir), workdir)
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [m["step"] for m in lines] == [1, 2, 3, 4]
+  assert "attack_loss_last" not in lines[1] and "attack_loss_last" in lines[2]  # warm-up: no attack
+  assert all(np.isfinite(m["loss"]) for m in lines)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+  config, trained = clip_convert.load_clip_text(summary["text_encoder"])
+  _, original = clip_convert.load_clip_text(os.path.join(pipeline_dir, "text_encoder"))
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), trained, original)
+  assert changed["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"] and changed["final_layer_norm"]["scale"]
+  assert not changed["embeddings"]["token_embedding"]["embedding"]  # embeddings are never trained
+  assert os.path.isfile(os.path.join(summary["pipeline"], "unet", "diffusion_pytorch_model.safetensors"))
+
+  # Resuming with more iterations continues from step 4, and equals an uninterrupted 6-step run.
+  train.run(tiny_config(pipeline_dir, **{"train.iterations": 6}), workdir)
+  straight = str(tmp_path / "straight")
+  train.run(tiny_config(pipeline_dir, **{"train.iterations": 6}), straight)
+  _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
+  _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
+  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+
+
+def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.run(tiny_config(pipeline_dir, **{"train.iterations": 2, "train.warmup_iters": 2}), workdir)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(ConfigError, match=r"different config \(retain.weight: 0.5 -> 0.3\)"):
+    train.run(tiny_config(pipeline_dir, **{"retain.weight": 0.3, "train.warmup_iters": 2}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    ({"train.method": "text_encoder_half"}, "config.train.method is 'text_encoder_half'; valid"),
+    ({"attack.type": "prepend"}, r"config.attack.type is 'prepend'; valid: \['prefix_k'"),
+    ({"attack.method": "free_at"}, "config.attack.method is 'free_at'"),
+  ],
+)
+def test_bad_config_values(pipeline_dir, tmp_path, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    train.run(tiny_config(pipeline_dir, **overrides), str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_bad_retain_csv_and_concepts(pipeline_dir, tmp_path):
+  csv = tmp_path / "retain.csv"
+  csv.write_text("case_num,source,text\n0,coco,a photo of a dog\n")
+  with pytest.raises(ConfigError, match=r"retain.csv: no 'prompt' column"):
+    train.run(tiny_config(pipeline_dir, **{"retain.csv": str(csv)}), str(tmp_path / "w"))
+  with pytest.raises(ConfigError, match="at most 75 fit"):
+    train.run(tiny_config(pipeline_dir, **{"concept.prompts": ["word " * 80]}), str(tmp_path / "w"))
