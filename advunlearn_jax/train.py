@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from advunlearn_jax import checkpoint, config_lib
+from advunlearn_jax import checkpoint, config_lib, sharding
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
@@ -116,12 +116,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     pipe.text_params, config.train.method, config.train.component, config.train.norm_layer, config.train.prefix_bug
   )
   unet_mask = trainable.unet_mask(pipe.unet_params, config.train.method)
+  mesh = sharding.data_mesh()
   models = step_lib.Models(
     CLIPTextModel(pipe.text_config, dtype=dtype),
     UNet2DConditionModel(pipe.unet_config, dtype=dtype, remat_policy=config.model.remat),
     trainable.selected_paths(text_mask),
     trainable.selected_paths(unet_mask),
+    mesh,
   )
+  frozen = sharding.replicate(frozen, mesh)
   cfg = step_config(config, num_tokens, pipe.unet_config.sample_size)
   n_trained = trainable.count(pipe.text_params, text_mask) + trainable.count(pipe.unet_params, unet_mask)
   logging.info("training %s: %s parameters", config.train.method, f"{n_trained:,}")
@@ -130,11 +133,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   config_json = checkpoint.config_dict(config)
   mngr = checkpoint.manager(workdir, config.train.keep)
-  state = step_lib.init_state(cfg, models, frozen)
+  state = sharding.replicate(step_lib.init_state(cfg, models, frozen), mesh)
   sampler = retain.SamplerState(0, 0)
   restored = checkpoint.restore_latest(mngr, state, config_json, workdir)
   if restored is not None:
     state, meta = restored
+    state = sharding.replicate(state, mesh)
     sampler = retain.SamplerState(*meta["retain_sampler"])
     logging.info("resumed from step %d", int(state.step))
   start = int(state.step)

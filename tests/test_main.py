@@ -34,3 +34,19 @@ def test_validate_messages():
   config.retain.mode = "sometimes"
   with pytest.raises(ConfigError, match="config.retain.mode"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+  "name,concept,weight", [("nudity", "nudity", 0.3), ("style", "Van Gogh", 0.5), ("object", "church", 0.5)]
+)
+def test_reference_configs(name, concept, weight):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert list(config.concept.prompts) == [concept] and config.retain.weight == weight
+  assert config.model.pretrained == config_lib.SD_V1_4 and config.retain.mode == "reg"
+  assert config.train.iterations == 1000 and config.train.warmup_iters == 200 and config.attack.steps == 30
+  config_lib.validate(config)

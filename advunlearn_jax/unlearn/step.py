@@ -13,10 +13,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.sharding import constrain_batch
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import draws, prompts, trainable
 
@@ -73,6 +75,7 @@ class Models(NamedTuple):
   unet: UNet2DConditionModel
   text_mask: frozenset  # trainable.selected_paths(...)
   unet_mask: frozenset
+  mesh: Mesh | None = None  # batches split over its `data` axis
 
 
 def optimizer(cfg: StepConfig) -> optax.GradientTransformation:
@@ -126,7 +129,7 @@ def train_step(
   def concept_point(key, n, unet_params):
     k_t, k_noise = jax.random.split(key)
     ts = draws.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
-    noise = jax.random.normal(k_noise, (n, *shape))
+    noise = constrain_batch(jax.random.normal(k_noise, (n, *shape)), models.mesh)
     x_t = draws.rollout(
       unet_apply,
       unet_params,
@@ -180,7 +183,7 @@ def train_step(
 
   def retain_point(key, t_enc, t_ddpm, unet_params):
     cond = frozen.retain_emb[batch.retain_idx]
-    noise = jax.random.normal(key, (cfg.retain_batch, *shape))
+    noise = constrain_batch(jax.random.normal(key, (cfg.retain_batch, *shape)), models.mesh)
     uncond = draws.broadcast_batch(frozen.emb_uncond, cfg.retain_batch)
     x_r = draws.rollout(unet_apply, unet_params, noise, cond, uncond, t_enc, frozen.tables, cfg.start_guidance)
     return x_r, draws.predict(unet_apply, frozen.unet, x_r, t_ddpm, cond)

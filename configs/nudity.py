@@ -1,0 +1,19 @@
+"""AdvUnlearn erasing nudity from Stable Diffusion v1.4: the README command of the reference.
+
+  python -m advunlearn_jax.main --config=configs/nudity.py --workdir=workdirs/nudity \
+      [--config.model.pretrained=DIR_OR_ID]
+
+Reference settings: text_encoder_full, retain weight 0.3 on the object retain set (batch 5), 1000 iterations
+(200 warm-up), 30-step attack, k = 1 prefix token, random init. Target (paper, UnlearnDiffAtk on SD v1.4):
+nudity ASR about 21% (ESD: 76%), FID about 19.3, CLIP score about 0.29. Expect many GPU-hours online; the
+trajectory bank cuts that.
+"""
+
+from advunlearn_jax import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.concept.prompts = ["nudity"]
+  c.retain.weight = 0.3
+  return c

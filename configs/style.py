@@ -1,0 +1,17 @@
+"""AdvUnlearn erasing Van Gogh's style from Stable Diffusion v1.4.
+
+  python -m advunlearn_jax.main --config=configs/style.py --workdir=workdirs/vangogh \
+      [--config.concept.prompts="('Claude Monet',)"] [--config.model.pretrained=DIR_OR_ID]
+
+Reference settings (issue #7 of the reference): retain weight 0.5 on the object retain set, batch 5;
+otherwise as configs/nudity.py. Expected: Van Gogh ASR of a few percent with FID/CLIP near SD v1.4.
+"""
+
+from advunlearn_jax import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.concept.prompts = ["Van Gogh"]
+  c.retain.weight = 0.5
+  return c

@@ -1,0 +1,147 @@
+"""The jitted outer iteration on tiny random models: loss signs, the attack, one defender step, the mesh."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advunlearn_jax import sharding
+from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.models.clip_text import CLIPTextModel
+from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.unlearn import attack, prompts, retain, trainable
+from advunlearn_jax.unlearn import frozen as frozen_lib
+from advunlearn_jax.unlearn import step as step_lib
+from tests import tiny_models
+
+STEP = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5))
+
+
+@functools.cache
+def setup(mesh=None):
+  clip, unet = tiny_models.params()
+  frozen, k = frozen_lib.build(
+    clip_config=tiny_models.CLIP,
+    clip_params=clip,
+    unet_params=unet,
+    tokenizer=tok_lib.load_tokenizer(),
+    concepts=["nudity"],
+    retain_prompts=retain.DEFAULT_PROMPTS[:16],
+    attack_type="prefix_k",
+    num_tokens=1,
+    faithful_word_split=False,
+    schedule=tiny_models.SCHEDULE,
+  )
+  models = step_lib.Models(
+    CLIPTextModel(tiny_models.CLIP),
+    UNet2DConditionModel(tiny_models.UNET),
+    trainable.selected_paths(trainable.text_encoder_mask(clip, "text_encoder_full")),
+    trainable.selected_paths(trainable.unet_mask(unet, "text_encoder_full")),
+    mesh,
+  )
+  cfg = step_lib.StepConfig(
+    latent_hw=8, num_tokens=k, retain_batch=8, lr=1e-3, retain_weight=0.0, attack=attack.AttackConfig(steps=2)
+  )
+  return cfg, models, frozen
+
+
+def _batch(seed=0):
+  return step_lib.Batch(jnp.arange(8, dtype=jnp.int32), jax.random.key(seed))
+
+
+def test_esd_target_sign():
+  e_0, e_p = jnp.array([1.0, 2.0]), jnp.array([3.0, -1.0])
+  np.testing.assert_allclose(step_lib.esd_target(e_0, e_p, 1.0), 2 * e_0 - e_p)
+  np.testing.assert_allclose(step_lib.esd_target(e_0, e_p, 0.0), e_0)
+
+
+def test_retain_term_is_zero_at_the_original_and_a_step_lowers_the_esd_loss():
+  cfg, models, frozen = setup()
+  cfg = cfg.__class__(**{**cfg.__dict__, "retain_weight": 0.5})
+  state = step_lib.init_state(cfg, models, frozen)
+  batch = _batch(3)
+  state1, m1 = STEP(cfg, models, state, frozen, batch, False)
+  assert float(m1["loss_retain"]) < 1e-10  # theta == original: student and teacher agree
+  # The same draw again (same key): its loss is now measured at the updated parameters.
+  _, m2 = STEP(cfg, models, state1, frozen, batch, False)
+  assert float(m2["loss_unlearn"]) < float(m1["loss_unlearn"])
+  assert float(m2["loss_retain"]) > 0  # and the update moved the retain predictions
+
+
+def test_attack_lowers_its_loss_on_a_fixed_draw():
+  words = jnp.asarray(np.random.default_rng(0).normal(size=(77, 8)), jnp.float32)
+  target = jnp.asarray(np.random.default_rng(1).normal(size=(77, 8)), jnp.float32)
+  lay = prompts.layout("prefix_k", 2, 2)
+  loss = lambda seq, key: jnp.mean((jnp.tanh(seq) - target) ** 2)
+  delta0 = words[:2]
+  for method in ("pgd", "fast_at"):
+    cfg = attack.AttackConfig(method=method, steps=20, lr=0.05)
+    res = attack.run(
+      cfg, jax.random.key(0), delta0, words, jnp.asarray(lay.word_index), jnp.asarray(lay.delta_index), loss
+    )
+    assert float(res.last_loss) < float(res.first_loss)
+  # Faithful: the returned sequence is the one built before the final update; clean: after it.
+  faithful = attack.run(
+    attack.AttackConfig(steps=3, lr=0.05),
+    jax.random.key(0),
+    delta0,
+    words,
+    jnp.asarray(lay.word_index),
+    jnp.asarray(lay.delta_index),
+    loss,
+  )
+  clean = attack.run(
+    attack.AttackConfig(steps=3, lr=0.05, return_pre_final=False),
+    jax.random.key(0),
+    delta0,
+    words,
+    jnp.asarray(lay.word_index),
+    jnp.asarray(lay.delta_index),
+    loss,
+  )
+  np.testing.assert_allclose(clean.sequence[1:3], clean.delta)
+  assert not np.allclose(faithful.sequence[1:3], faithful.delta)
+  # An eps-ball projection keeps delta within eps of its init.
+  ball = attack.run(
+    attack.AttackConfig(steps=20, lr=0.5, eps=0.1, norm="linf"),
+    jax.random.key(0),
+    delta0,
+    words,
+    jnp.asarray(lay.word_index),
+    jnp.asarray(lay.delta_index),
+    loss,
+  )
+  assert float(jnp.abs(ball.delta - delta0).max()) <= 0.1 + 1e-6
+
+
+def test_step_with_attack_runs_and_records_the_sequence():
+  cfg, models, frozen = setup()
+  state = step_lib.init_state(cfg, models, frozen)
+  state, metrics = STEP(cfg, models, state, frozen, _batch(1), True)
+  assert bool(state.has_last) and np.isfinite(float(metrics["attack_loss_last"]))
+  # prefix_k, k = 1: the clean 'nudity' rows sit after the adversarial row.
+  table = frozen.clip["embeddings"]["token_embedding"]["embedding"]
+  np.testing.assert_allclose(state.last_sequence[2], table[frozen.concept_ids[0, 1]], atol=1e-6)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_eight_device_mesh_matches_one_device():
+  cfg, models, frozen = setup()
+  state = step_lib.init_state(cfg, models, frozen)
+  single_state, single = STEP(cfg, models, state, frozen, _batch(2), True)
+
+  mesh = sharding.data_mesh(jax.devices()[:8])
+  cfg8, models8, _ = setup(mesh)
+  frozen8 = sharding.replicate(frozen, mesh)
+  state8 = sharding.replicate(step_lib.init_state(cfg8, models8, frozen8), mesh)
+  multi_state, multi = STEP(cfg8, models8, state8, frozen8, _batch(2), True)
+  for key in single:
+    np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, atol=1e-6)
+  # Parameters: within 2% of one Adam step. Adam normalises each gradient, so for leaves whose gradient is
+  # near its eps (1e-8) the all-reduce's different summation order is visible at that scale.
+  tol = 0.02 * cfg.lr
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=tol, rtol=0), multi_state.params, single_state.params)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), single_state.params, state.params)
+  assert max(jax.tree.leaves(moved)) > 0.5 * cfg.lr  # the step did move the parameters
