@@ -37,7 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.save_every = 200
   c.train.keep = 3  # checkpoints kept (the latest K)
   c.train.log_every = 10
+  c.train.xt_source = "online"  # online: the reference's rollout per loss; bank: precomputed trajectories
   c.train.prefix_bug = False  # reference quirk: spec 2.5 - layer '1' also selects layers 10 and 11
+
+  c.bank = ml_collections.ConfigDict()
+  c.bank.concept_trajectories = 16  # rollouts kept per concept (each serves all 50 t_enc)
+  c.bank.retain_trajectories = 1  # rollouts kept per retain prompt
 
   c.retain = ml_collections.ConfigDict()
   c.retain.mode = "reg"  # reg: L_u + w * L_r (paper, README); iter: extra Adam steps on L_r

@@ -24,6 +24,7 @@ from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.unlearn import attack as attack_lib
+from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import frozen as frozen_lib
 from advunlearn_jax.unlearn import prompts, retain, trainable
 from advunlearn_jax.unlearn import step as step_lib
@@ -68,6 +69,7 @@ def step_config(config: ml_collections.ConfigDict, num_tokens: int, latent_hw: i
 def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.validate(config)
   trainable.validate_method(config.train.method, config.train.component)
+  bank_lib.check_method(config.train.method, config.train.xt_source)
   if config.attack.type not in prompts.ATTACK_TYPES:
     raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
 
@@ -129,6 +131,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   n_trained = trainable.count(pipe.text_params, text_mask) + trainable.count(pipe.unet_params, unet_mask)
   logging.info("training %s: %s parameters", config.train.method, f"{n_trained:,}")
 
+  bank = None
+  if config.train.xt_source == "bank":
+    t0 = time.perf_counter()
+    unet_apply = lambda p, x, t, ctx: models.unet.apply({"params": p}, x, t, ctx)
+    bank = bank_lib.build(
+      unet_apply,
+      frozen.unet,
+      frozen,
+      jax.random.fold_in(jax.random.key(config.seed), -1),
+      concept_trajectories=config.bank.concept_trajectories,
+      retain_trajectories=config.bank.retain_trajectories,
+      latent_shape=(cfg.latent_hw, cfg.latent_hw, cfg.latent_channels),
+      guidance=cfg.start_guidance,
+    )
+    bank = sharding.replicate(bank, mesh)
+    logging.info("trajectory bank built in %.1fs: %s", time.perf_counter() - t0, jax.tree.map(jnp.shape, bank))
+
   # ---------------------------------------------------------------- state or restore
   os.makedirs(workdir, exist_ok=True)
   config_json = checkpoint.config_dict(config)
@@ -164,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for i in range(start, iterations):
       idx, sampler = retain.sample(sampler, len(retain_prompts), cfg.retain_batch, config.seed)
       batch = step_lib.Batch(jnp.asarray(idx), jax.random.fold_in(root_key, i))
-      state, metrics = _TRAIN_STEP(cfg, models, state, frozen, batch, i >= config.train.warmup_iters)
+      state, metrics = _TRAIN_STEP(cfg, models, state, frozen, batch, i >= config.train.warmup_iters, bank)
       done = i + 1
       if done % config.train.log_every == 0 or done == iterations:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -12,6 +12,7 @@ from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.unlearn import attack, prompts, retain, trainable
+from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import frozen as frozen_lib
 from advunlearn_jax.unlearn import step as step_lib
 from tests import tiny_models
@@ -116,10 +117,21 @@ def test_attack_lowers_its_loss_on_a_fixed_draw():
   assert float(jnp.abs(ball.delta - delta0).max()) <= 0.1 + 1e-6
 
 
-def test_step_with_attack_runs_and_records_the_sequence():
+def test_step_with_attack_from_the_bank_records_the_sequence():
   cfg, models, frozen = setup()
+  unet_apply = lambda p, x, t, ctx: models.unet.apply({"params": p}, x, t, ctx)
+  bank = bank_lib.build(
+    unet_apply,
+    frozen.unet,
+    frozen,
+    jax.random.key(1),
+    concept_trajectories=2,
+    retain_trajectories=1,
+    latent_shape=(8, 8, 4),
+    guidance=3.0,
+  )
   state = step_lib.init_state(cfg, models, frozen)
-  state, metrics = STEP(cfg, models, state, frozen, _batch(1), True)
+  state, metrics = STEP(cfg, models, state, frozen, _batch(1), True, bank)
   assert bool(state.has_last) and np.isfinite(float(metrics["attack_loss_last"]))
   # prefix_k, k = 1: the clean 'nudity' rows sit after the adversarial row.
   table = frozen.clip["embeddings"]["token_embedding"]["embedding"]

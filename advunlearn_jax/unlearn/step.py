@@ -20,6 +20,7 @@ from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.sharding import constrain_batch
 from advunlearn_jax.unlearn import attack as attack_lib
+from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import draws, prompts, trainable
 
 
@@ -113,8 +114,15 @@ def esd_target(e_0: jax.Array, e_p: jax.Array, eta: float) -> jax.Array:
 
 
 def train_step(
-  cfg: StepConfig, models: Models, state: TrainState, frozen: Frozen, batch: Batch, with_attack: bool
+  cfg: StepConfig,
+  models: Models,
+  state: TrainState,
+  frozen: Frozen,
+  batch: Batch,
+  with_attack: bool,
+  bank: bank_lib.Bank | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`bank` given: x_t comes from precomputed trajectories instead of a partial-DDIM rollout per loss."""
   keys = dict(zip(("concept", "attack", "init", "t", "noise_c", "noise_r", "iter"), jax.random.split(batch.key, 7)))
   unet_apply = lambda p, x, t, ctx: models.unet.apply({"params": p}, x, t, ctx)
   encode = lambda p, embeds: models.clip.apply({"params": p}, inputs_embeds=embeds).last_hidden_state
@@ -183,9 +191,12 @@ def train_step(
 
   def retain_point(key, t_enc, t_ddpm, unet_params):
     cond = frozen.retain_emb[batch.retain_idx]
-    noise = constrain_batch(jax.random.normal(key, (cfg.retain_batch, *shape)), models.mesh)
-    uncond = draws.broadcast_batch(frozen.emb_uncond, cfg.retain_batch)
-    x_r = draws.rollout(unet_apply, unet_params, noise, cond, uncond, t_enc, frozen.tables, cfg.start_guidance)
+    if bank is not None:
+      x_r = constrain_batch(bank_lib.retain_latents(bank, key, batch.retain_idx, t_enc), models.mesh)
+    else:
+      noise = constrain_batch(jax.random.normal(key, (cfg.retain_batch, *shape)), models.mesh)
+      uncond = draws.broadcast_batch(frozen.emb_uncond, cfg.retain_batch)
+      x_r = draws.rollout(unet_apply, unet_params, noise, cond, uncond, t_enc, frozen.tables, cfg.start_guidance)
     return x_r, draws.predict(unet_apply, frozen.unet, x_r, t_ddpm, cond)
 
   retain_words = token_table[frozen.retain_ids[batch.retain_idx]]

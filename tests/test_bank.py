@@ -1,0 +1,56 @@
+"""The trajectory bank: entries equal online rollouts from the same noise; UNet methods refuse it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advunlearn_jax.diffusion import ddim
+from advunlearn_jax.diffusion.sampling import cfg_eps
+from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.unlearn import bank as bank_lib
+from tests.test_step import setup
+
+
+def test_bank_entries_equal_online_rollouts():
+  cfg, models, frozen = setup()
+  unet_apply = lambda p, x, t, ctx: models.unet.apply({"params": p}, x, t, ctx)
+  key = jax.random.key(5)
+  bank = bank_lib.build(
+    unet_apply,
+    frozen.unet,
+    frozen,
+    key,
+    concept_trajectories=2,
+    retain_trajectories=1,
+    latent_shape=(8, 8, 4),
+    guidance=3.0,
+  )
+  assert bank.concept.shape == (1, 2, 49, 8, 8, 4) and bank.retain.shape == (16, 1, 49, 8, 8, 4)
+  k_c, _ = jax.random.split(key)
+  noise = jax.random.normal(jax.random.fold_in(k_c, 0), (2, 8, 8, 4))  # the bank's first chunk
+
+  @jax.jit
+  def online(x, t_enc):
+    cond = jnp.broadcast_to(frozen.concept_emb[0], (2, 77, 32))
+    uncond = jnp.broadcast_to(frozen.emb_uncond, (2, 77, 32))
+    eps = lambda x, t: cfg_eps(lambda a, b, c: unet_apply(frozen.unet, a, b, c), x, t, cond, uncond, 3.0)
+    return ddim.partial_ddim(eps, x, t_enc, frozen.tables)
+
+  for t_enc in (0, 1, 2, 25, 49):
+    ref = online(noise, t_enc)
+    got = bank.concept[0, :, ddim.trajectory_index(t_enc)]
+    # The random tiny UNet drives latents to |x| ~ 30 over 49 steps; the scan and while_loop programs round
+    # differently, so the tolerance is 1e-5 plus 2e-6 of the latents scale (a dozen float32 ulps at 30).
+    tol = 1e-5 + 2e-6 * float(jnp.abs(ref).max())
+    np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
+    sampled = bank_lib.concept_latents(bank, jax.random.key(0), 0, jnp.int32(t_enc), 3)
+    assert any(np.allclose(sampled[0], ref[j], atol=tol, rtol=0) for j in range(2))
+
+
+def test_unet_methods_refuse_the_bank():
+  with pytest.raises(ConfigError, match="cannot be precomputed"):
+    bank_lib.check_method("xattn", "bank")
+  with pytest.raises(ConfigError, match="xt_source is 'cached'"):
+    bank_lib.check_method("text_encoder_full", "cached")
+  bank_lib.check_method("xattn", "online")
