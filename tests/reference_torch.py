@@ -18,15 +18,15 @@ def partial_ddim(model, x_T, cond, uncond, t_enc, scale):
   betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
   alphas_cumprod = torch.cumprod(1 - betas, 0).float()
   ddim_timesteps = np.arange(0, 1000, 20) + 1
-  alphas = alphas_cumprod[ddim_timesteps]
-  alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[ddim_timesteps[:-1]]])
+  alphas = alphas_cumprod[ddim_timesteps].to(x_T.device)
+  alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[ddim_timesteps[:-1]]]).to(x_T.device)
   timesteps = ddim_timesteps[:-1]  # t_start = -1
   total_steps = len(timesteps)
   img = x_T
   with torch.no_grad():
     for i, step in enumerate(np.flip(timesteps)):
       index = total_steps - i - 1
-      ts = torch.full((img.shape[0] * 2,), int(step), dtype=torch.long)
+      ts = torch.full((img.shape[0] * 2,), int(step), dtype=torch.long, device=img.device)
       e_u, e_c = model(torch.cat([img, img]), ts, torch.cat([uncond, cond])).sample.chunk(2)
       e_t = e_u + scale * (e_c - e_u)
       a_t, a_prev = alphas[index], alphas_prev[index]
@@ -94,14 +94,14 @@ def iteration(
   # ---- attack: Adam on delta, gradients accumulated (no zero_grad), return the pre-final-step sequence
   for p in clip.parameters():
     p.requires_grad_(False)
-  delta = table[torch.tensor(draws.init_ids)].clone().requires_grad_(True)
+  delta = table[torch.tensor(draws.init_ids, device=table.device)].clone().requires_grad_(True)
   opt = torch.optim.Adam([delta], lr=attack_lr)
   returned = None
   for d in draws.attack:
     seq = prefix_sequence(words, delta, concept_len)
     returned = seq.detach().clone()
     x_t = partial_ddim(unet, d.noise, emb_p, emb_0, d.t_enc, start_guidance)
-    t = torch.tensor([d.t_ddpm])
+    t = torch.tensor([d.t_ddpm], device=d.noise.device)
     with torch.no_grad():
       e_p = unet(x_t, t, emb_p).sample
     e_adv = unet(x_t, t, encode_embeds(clip, ids_c, seq[None])).sample
@@ -114,7 +114,7 @@ def iteration(
     p.requires_grad_(True)
   opt = torch.optim.Adam(trained, lr=lr)
   d = draws.defender
-  t = torch.tensor([d.t_ddpm])
+  t = torch.tensor([d.t_ddpm], device=d.noise.device)
   x_t = partial_ddim(unet, d.noise, emb_p, emb_0, d.t_enc, start_guidance)
   n_r = retain_ids.shape[0]
   x_r = partial_ddim(unet, draws.retain_noise, retain_emb, emb_0.expand(n_r, -1, -1), d.t_enc, start_guidance)

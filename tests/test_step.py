@@ -131,6 +131,12 @@ def test_step_with_attack_from_the_bank_records_the_sequence():
     guidance=3.0,
   )
   state = step_lib.init_state(cfg, models, frozen)
+  # With the bank the step runs no partial-DDIM rollout (the only while_loops; the attack loop is a scan).
+  for source, loops in ((bank, 0), (None, 2)):  # online: the attack and defender concept rollouts
+    jaxpr = jax.make_jaxpr(lambda s, b, bk: step_lib.train_step(cfg, models, s, frozen, b, True, bk))(
+      state, _batch(1), source
+    )
+    assert str(jaxpr).count("while[") == loops
   state, metrics = STEP(cfg, models, state, frozen, _batch(1), True, bank)
   assert bool(state.has_last) and np.isfinite(float(metrics["attack_loss_last"]))
   # prefix_k, k = 1: the clean 'nudity' rows sit after the adversarial row.

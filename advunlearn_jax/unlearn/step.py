@@ -84,7 +84,8 @@ def optimizer(cfg: StepConfig) -> optax.GradientTransformation:
 
 
 def init_state(cfg: StepConfig, models: Models, frozen: Frozen) -> TrainState:
-  params = _trained_leaves(cfg, models, frozen)
+  # Copies: the state is donated to every step, and must never alias the frozen originals.
+  params = jax.tree.map(jnp.copy, _trained_leaves(cfg, models, frozen))
   d = frozen.concept_emb.shape[-1]
   return TrainState(
     jnp.zeros((), jnp.int32), params, optimizer(cfg).init(params), jnp.zeros((77, d)), jnp.zeros((), bool)
@@ -137,6 +138,8 @@ def train_step(
   def concept_point(key, n, unet_params):
     k_t, k_noise = jax.random.split(key)
     ts = draws.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
+    if bank is not None:
+      return ts, constrain_batch(bank_lib.concept_latents(bank, k_noise, c, ts.t_enc, n), models.mesh)
     noise = constrain_batch(jax.random.normal(k_noise, (n, *shape)), models.mesh)
     x_t = draws.rollout(
       unet_apply,
