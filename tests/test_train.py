@@ -53,6 +53,13 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   assert not changed["embeddings"]["token_embedding"]["embedding"]  # embeddings are never trained
   assert os.path.isfile(os.path.join(summary["pipeline"], "unet", "diffusion_pytorch_model.safetensors"))
 
+  # On-demand export from the latest checkpoint gives the same encoder.
+  from advunlearn_jax import export as export_cmd
+
+  exported = export_cmd.export_latest(workdir, str(tmp_path / "exported"))
+  _, again = clip_convert.load_clip_text(exported["text_encoder"])
+  jax.tree.map(np.testing.assert_array_equal, again, trained)
+
   # Resuming with more iterations continues from step 4, and equals an uninterrupted 6-step run.
   train.run(tiny_config(pipeline_dir, **{"train.iterations": 6}), workdir)
   straight = str(tmp_path / "straight")
