@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # UNet rematerialisation per block: none | full | dots
 
   c.concept = ml_collections.ConfigDict()
-  c.concept.prompts = ["nudity"]  # one drawn uniformly per update (the reference's --seperator)
+  c.concept.prompts = ("nudity",)  # one drawn uniformly per update (the reference's --seperator)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.ddim_steps = 50  # the ldm grid [1, 21, ..., 981]

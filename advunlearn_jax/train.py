@@ -208,26 +208,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mngr.wait_until_finished()
 
   # ---------------------------------------------------------------- export
-  text_params, _ = step_lib.student_params(cfg, models, frozen, jax.device_get(state.params))
-  outputs = export(workdir, pipe, text_params)
+  text_params, unet_params = step_lib.student_params(cfg, models, frozen, jax.device_get(state.params))
+  if trainable.is_text_method(config.train.method):
+    outputs = export(workdir, pipe, text_params)
+  else:
+    outputs = export(workdir, pipe, unet_params=unet_params)
   summary = {"workdir": workdir, **outputs, "iterations": iterations, "trained_parameters": n_trained}
-  print(f"done: text encoder in {outputs['text_encoder']}, pipeline in {outputs['pipeline']}")
+  print("done: " + ", ".join(f"{k} in {v}" for k, v in outputs.items()))
   return summary
 
 
-def export(workdir: str, pipe: sd_convert.Pipeline, text_params: Any) -> dict[str, str]:
-  """`workdir/text_encoder` (CLIPTextModel.from_pretrained) and `workdir/pipeline` (the source pipeline with
-  this encoder, for StableDiffusionPipeline.from_pretrained; other components hard-linked where possible)."""
-  text_dir = os.path.join(workdir, "text_encoder")
-  clip_convert.export_clip_text(pipe.text_config, text_params, text_dir)
+def export(workdir: str, pipe: sd_convert.Pipeline, text_params: Any = None, unet_params: Any = None) -> dict[str, str]:
+  """The trained component (`workdir/text_encoder` for CLIPTextModel.from_pretrained, or `workdir/unet` for the
+  ESD-style UNet methods) and `workdir/pipeline`, the source pipeline with it, for
+  StableDiffusionPipeline.from_pretrained (other components hard-linked where possible)."""
+  if text_params is not None:
+    name, component_dir = "text_encoder", os.path.join(workdir, "text_encoder")
+    clip_convert.export_clip_text(pipe.text_config, text_params, component_dir)
+  else:
+    name, component_dir = "unet", os.path.join(workdir, "unet")
+    sd_convert.export_unet(pipe.unet_config, unet_params, component_dir)
   pipeline_dir = os.path.join(workdir, "pipeline")
   with weights_io.atomic_folder(pipeline_dir) as staging:
     os.rmdir(staging)
-    shutil.copytree(
-      pipe.root, staging, ignore=shutil.ignore_patterns("text_encoder", ".cache"), copy_function=_link_or_copy
-    )
-    shutil.copytree(text_dir, os.path.join(staging, "text_encoder"))
-  return {"text_encoder": text_dir, "pipeline": pipeline_dir}
+    shutil.copytree(pipe.root, staging, ignore=shutil.ignore_patterns(name, ".cache"), copy_function=_link_or_copy)
+    shutil.copytree(component_dir, os.path.join(staging, name))
+  return {name: component_dir, "pipeline": pipeline_dir}
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -14,6 +14,6 @@ from advunlearn_jax import config_lib
 
 def get_config():
   c = config_lib.base_config()
-  c.concept.prompts = ["nudity"]
+  c.concept.prompts = ("nudity",)
   c.retain.weight = 0.3
   return c

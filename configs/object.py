@@ -12,6 +12,6 @@ from advunlearn_jax import config_lib
 
 def get_config():
   c = config_lib.base_config()
-  c.concept.prompts = ["church"]
+  c.concept.prompts = ("church",)
   c.retain.weight = 0.5
   return c

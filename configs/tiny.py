@@ -11,7 +11,7 @@ from advunlearn_jax import config_lib
 def get_config():
   c = config_lib.base_config()
   c.model.pretrained = "tiny"  # the bundled tiny Stable Diffusion (no downloads)
-  c.concept.prompts = ["triangle"]
+  c.concept.prompts = ("triangle",)
   c.retain.weight = 0.5
   c.train.iterations = 40
   c.train.warmup_iters = 10

@@ -26,7 +26,7 @@ def test_tiny_config_resolves_with_overrides(tmp_path):
 def test_empty_concept_is_rejected(tmp_path):
   proc = _main("--config=configs/tiny.py", "--config.concept.prompts=('',)", tmp_path=tmp_path)
   assert proc.returncode != 0
-  assert "config.concept.prompts" in proc.stderr
+  assert "ConfigError: config.concept.prompts: needs at least one non-empty concept" in proc.stderr
 
 
 def test_validate_messages():

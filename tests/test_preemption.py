@@ -11,9 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests import tiny_models
-
 from advunlearn_jax.convert import clip_text as clip_convert
+from tests import tiny_models
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,12 +25,24 @@ def pipeline_dir(tmp_path_factory):
 
 def _cmd(pipeline_dir, workdir, iterations=8):
   flags = {
-    "model.pretrained": pipeline_dir, "concept.prompts": "('nudity',)", "train.iterations": iterations,
-    "train.warmup_iters": 2, "train.save_every": 2, "train.log_every": 1, "retain.batch": 2, "attack.steps": 2,
+    "model.pretrained": pipeline_dir,
+    "concept.prompts": "('nudity',)",
+    "train.iterations": iterations,
+    "train.warmup_iters": 2,
+    "train.save_every": 2,
+    "train.log_every": 1,
+    "retain.batch": 2,
+    "attack.steps": 2,
     "train.lr": 1e-3,
   }
-  return [sys.executable, "-m", "advunlearn_jax.main", "--config=configs/base.py", f"--workdir={workdir}",
-          *[f"--config.{k}={v}" for k, v in flags.items()]]
+  return [
+    sys.executable,
+    "-m",
+    "advunlearn_jax.main",
+    "--config=configs/base.py",
+    f"--workdir={workdir}",
+    *[f"--config.{k}={v}" for k, v in flags.items()],
+  ]
 
 
 def _env():
@@ -66,8 +77,9 @@ def test_sigkill_then_resume_is_bit_identical(pipeline_dir, tmp_path):
 
 def test_sigterm_saves_before_exit(pipeline_dir, tmp_path):
   workdir = str(tmp_path / "term")
-  proc = subprocess.Popen(_cmd(pipeline_dir, workdir, iterations=400), cwd=ROOT, env=_env(), stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    _cmd(pipeline_dir, workdir, iterations=400), cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True
+  )
   _wait_for_checkpoint(proc, workdir, 2)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=600)

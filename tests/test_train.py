@@ -16,7 +16,7 @@ from tests import tiny_models
 def tiny_config(pipeline_dir, **overrides):
   c = config_lib.base_config()
   c.model.pretrained = pipeline_dir
-  c.concept.prompts = ["nudity", "church"]
+  c.concept.prompts = ("nudity", "church")
   c.train.iterations = 4
   c.train.warmup_iters = 2
   c.train.save_every = 2
@@ -98,4 +98,19 @@ def test_bad_retain_csv_and_concepts(pipeline_dir, tmp_path):
   with pytest.raises(ConfigError, match=r"retain.csv: no 'prompt' column"):
     train.run(tiny_config(pipeline_dir, **{"retain.csv": str(csv)}), str(tmp_path / "w"))
   with pytest.raises(ConfigError, match="at most 75 fit"):
-    train.run(tiny_config(pipeline_dir, **{"concept.prompts": ["word " * 80]}), str(tmp_path / "w"))
+    train.run(tiny_config(pipeline_dir, **{"concept.prompts": ("word " * 80,)}), str(tmp_path / "w"))
+
+
+@pytest.mark.slow
+def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
+  """ESD-x style baseline: cross-attention of the UNet trained online, the text encoder untouched."""
+  from advunlearn_jax.convert import diffusers as sd_convert
+
+  summary = train.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.iterations": 3}), str(tmp_path))
+  _, trained = sd_convert.load_unet(summary["unet"])
+  _, original = sd_convert.load_unet(os.path.join(pipeline_dir, "unet"))
+  flat_t, flat_o = (dict(jax.tree_util.tree_leaves_with_path(p)) for p in (trained, original))
+  changed = {jax.tree_util.keystr(k) for k in flat_t if np.any(flat_t[k] != flat_o[k])}
+  assert changed and all("attn2" in name for name in changed)
+  with pytest.raises(ConfigError, match="cannot be precomputed"):
+    train.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.xt_source": "bank"}), str(tmp_path / "b"))
