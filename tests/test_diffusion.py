@@ -9,6 +9,7 @@ from advunlearn_jax.convert import torch_layout
 from advunlearn_jax.diffusion import ddim, sampling
 from advunlearn_jax.diffusion.schedule import ScheduleConfig
 from advunlearn_jax.models import unet as unet_lib
+from tests import reference_torch
 from tests.torch_oracles import state_numpy, torch, torch_unet
 
 SCHEDULE = ScheduleConfig()
@@ -45,30 +46,6 @@ def test_partial_ddim_step_counts():
     assert len(calls) == n, t_enc
     assert calls[0] == 961  # the dropped last grid point: sampling starts at t = 961
   assert calls == [961]
-
-
-def _reference_partial_ddim(model, x_T, cond, uncond, t_enc, scale):
-  """A plain PyTorch transcription of the reference's ldm sampler (spec section 2.2)."""
-  betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-  alphas_cumprod = torch.cumprod(1 - betas, 0).float()
-  ddim_timesteps = np.arange(0, 1000, 20) + 1
-  alphas = alphas_cumprod[ddim_timesteps]
-  alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[ddim_timesteps[:-1]]])
-  timesteps = ddim_timesteps[:-1]  # t_start = -1
-  total_steps = len(timesteps)
-  img = x_T
-  with torch.no_grad():
-    for i, step in enumerate(np.flip(timesteps)):
-      index = total_steps - i - 1
-      ts = torch.full((img.shape[0] * 2,), int(step), dtype=torch.long)
-      e_u, e_c = model(torch.cat([img, img]), ts, torch.cat([uncond, cond])).sample.chunk(2)
-      e_t = e_u + scale * (e_c - e_u)
-      a_t, a_prev = alphas[index], alphas_prev[index]
-      pred_x0 = (img - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
-      img = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * e_t
-      if index + 1 == t_enc:
-        break
-  return img.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +86,7 @@ def test_partial_ddim_matches_reference_transcription(tiny_unet):
 
   traj = trajectory(_nhwc(x_T))
   for t_enc in (0, 2, 25, 49):
-    ref = _reference_partial_ddim(
+    ref = reference_torch.partial_ddim(
       model, torch.from_numpy(x_T), torch.from_numpy(cond), torch.from_numpy(uncond), t_enc, 3.0
     )
     out = rollout(_nhwc(x_T), t_enc)  # one compilation serves every t_enc

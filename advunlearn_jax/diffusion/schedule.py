@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import numpy as np
 
+from advunlearn_jax import json_config
 from advunlearn_jax.errors import ConfigError
 
 
@@ -45,12 +44,8 @@ class ScheduleConfig:
 
   @classmethod
   def from_json_file(cls, path: str) -> ScheduleConfig:
-    if os.path.isdir(path):
-      path = os.path.join(path, "scheduler_config.json")
-    if not os.path.isfile(path):
-      raise ConfigError(f"{path}: not found; a diffusers scheduler/ folder holds a scheduler_config.json")
-    with open(path) as f:
-      return cls.from_dict(json.load(f), source=path)
+    raw, path = json_config.read(path, "scheduler_config.json", "a diffusers scheduler/ folder")
+    return cls.from_dict(raw, source=path)
 
   def betas(self, dtype: Any) -> np.ndarray:
     n = self.num_train_timesteps

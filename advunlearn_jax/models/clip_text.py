@@ -14,14 +14,13 @@ Two entry points, because the attacker and the defender both feed word embedding
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from advunlearn_jax import json_config
 from advunlearn_jax.errors import ConfigError
 
 # transformers' ACT2FN names -> JAX functions. `gelu` is the exact (erf) GELU, as in PyTorch.
@@ -99,15 +98,7 @@ class CLIPTextConfig:
 
   @classmethod
   def from_json_file(cls, path: str) -> CLIPTextConfig:
-    if os.path.isdir(path):
-      path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-      raise ConfigError(f"{path}: not found; a transformers CLIPTextModel folder holds a config.json")
-    try:
-      with open(path) as f:
-        raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    raw, path = json_config.read(path, "config.json", "a transformers CLIPTextModel folder")
     return cls.from_dict(raw, source=path)
 
   def to_transformers_dict(self) -> dict[str, Any]:

@@ -13,15 +13,14 @@ without batch dims).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from advunlearn_jax import json_config
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.attention import Attention
 from advunlearn_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
@@ -146,12 +145,8 @@ class UNetConfig:
 
   @classmethod
   def from_json_file(cls, path: str) -> UNetConfig:
-    if os.path.isdir(path):
-      path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-      raise ConfigError(f"{path}: not found; a diffusers unet/ folder holds a config.json")
-    with open(path) as f:
-      return cls.from_dict(json.load(f), source=path)
+    raw, path = json_config.read(path, "config.json", "a diffusers unet/ folder")
+    return cls.from_dict(raw, source=path)
 
   def to_diffusers_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)

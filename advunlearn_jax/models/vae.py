@@ -8,14 +8,13 @@ between the VAE and diffusion spaces (`latents = mean * scaling_factor`).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from advunlearn_jax import json_config
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.attention import dot_product_attention
 from advunlearn_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
@@ -55,12 +54,8 @@ class VAEConfig:
 
   @classmethod
   def from_json_file(cls, path: str) -> VAEConfig:
-    if os.path.isdir(path):
-      path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-      raise ConfigError(f"{path}: not found; a diffusers vae/ folder holds a config.json")
-    with open(path) as f:
-      return cls.from_dict(json.load(f), source=path)
+    raw, path = json_config.read(path, "config.json", "a diffusers vae/ folder")
+    return cls.from_dict(raw, source=path)
 
   def to_diffusers_dict(self) -> dict[str, Any]:
     n = len(self.block_out_channels)
