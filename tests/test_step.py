@@ -163,3 +163,25 @@ def test_eight_device_mesh_matches_one_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=tol, rtol=0), multi_state.params, single_state.params)
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), single_state.params, state.params)
   assert max(jax.tree.leaves(moved)) > 0.5 * cfg.lr  # the step did move the parameters
+
+
+def test_condition_embd_attack_and_retain_iter_mode():
+  """condition_embd places delta into the encoder output; the defender still trains through its clean rows.
+  retain.mode='iter' runs extra Adam steps on the retain loss after the main update."""
+  base_cfg, models, frozen = setup()
+  cfg = base_cfg.__class__(
+    **{
+      **base_cfg.__dict__,
+      "attack": attack.AttackConfig(steps=2, embedding="condition_embd"),
+      "retain_mode": "iter",
+      "retain_steps": 2,
+    }
+  )
+  state = step_lib.init_state(cfg, models, frozen)
+  new_state, metrics = STEP(cfg, models, state, frozen, _batch(4), True)
+  assert np.isfinite(float(metrics["attack_loss_last"])) and float(metrics["loss_retain"]) > 0
+  # The recorded sequence is conditioning: its clean rows are the frozen encoder's output for 'nudity'.
+  clean = frozen_lib.encode_in_chunks(tiny_models.CLIP, frozen.clip, np.asarray(frozen.concept_ids))[0]
+  np.testing.assert_allclose(new_state.last_sequence[2], clean[1], atol=1e-5)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new_state.params, state.params)
+  assert max(jax.tree.leaves(moved)) > 0

@@ -25,7 +25,7 @@ from advunlearn_jax.unlearn import prompts
 
 METHODS = ("pgd", "fast_at")
 INITS = ("random", "latest")
-EMBEDDINGS = ("word_embd",)  # condition_embd: next increment of the trainer issue
+EMBEDDINGS = ("word_embd", "condition_embd")
 
 
 class AttackConfig(NamedTuple):
@@ -40,7 +40,7 @@ class AttackConfig(NamedTuple):
 
 
 class AttackResult(NamedTuple):
-  sequence: jax.Array  # [77, D] word-embedding sequence for the defender
+  sequence: jax.Array  # [77, D] the adversarial sequence (word embeddings, or conditioning for condition_embd)
   delta: jax.Array  # [k, D] the final adversarial rows
   first_loss: jax.Array
   last_loss: jax.Array
@@ -80,9 +80,9 @@ def run(
   delta_index: jax.Array,
   attack_loss: Callable[[jax.Array, jax.Array], jax.Array],
 ) -> AttackResult:
-  """Minimises `attack_loss(sequence, key)` over delta, the sequence being the [77, D] word embeddings with
-  delta placed by the layout. `attack_loss` draws its own training point from `key` (fresh t and noise per
-  step, spec 3.2)."""
+  """Minimises `attack_loss(sequence, key)` over delta, the sequence being `word_embeds` (word embeddings, or
+  the clean prompt's conditioning for condition_embd) with delta placed by the layout. `attack_loss` draws
+  its own training point from `key` (fresh t and noise per step, spec 3.2)."""
   opt = optax.adam(cfg.lr)
 
   def build(delta):

@@ -154,35 +154,52 @@ def train_step(
     return ts, x_t
 
   metrics = {}
+  # word_embd: delta lives among the word embeddings, before CLIP. condition_embd: delta rows are placed into the
+  # encoder's output (the UNet conditioning) of the clean prompt; the reference builds that tensor once and never
+  # rebuilds it (spec 3.3), here it follows the current encoder, so the defender still trains through the clean rows.
+  in_condition = cfg.attack.embedding == "condition_embd"
+  frozen_text, frozen_unet = jax.lax.stop_gradient((text_theta, unet_theta))
+  layout = (frozen.word_index[c], frozen.delta_index[c])
+  adv_delta = None
   if with_attack:
     k = cfg.num_tokens
-    random_init = attack_lib.random_rows(keys["init"], token_table, k)
+    base = encode(frozen_text, words_c[None])[0] if in_condition else words_c
+    if in_condition:  # random init: the conditioning rows of k random tokens after SOT
+      ids = jax.random.randint(keys["init"], (k,), 0, token_table.shape[0])
+      rand_ids = jnp.concatenate([frozen.concept_ids[c][:1], ids, jnp.full((77 - 1 - k,), frozen.concept_ids[c][-1])])
+      random_init = encode(frozen_text, token_table[rand_ids][None])[0, 1 : 1 + k]
+    else:
+      random_init = attack_lib.random_rows(keys["init"], token_table, k)
     if cfg.attack_init == "latest":
       if cfg.latest_init_quirk:
         latest = prompts.initial_rows_from_sequence(state.last_sequence, k)
       else:
-        latest = prompts.delta_from_sequence(
-          state.last_sequence, words_c, frozen.word_index[c], frozen.delta_index[c], k
-        )
+        latest = prompts.delta_from_sequence(state.last_sequence, base, *layout, k)
       delta0 = jnp.where(state.has_last, latest, random_init)
     else:
       delta0 = random_init
-    frozen_text, frozen_unet = jax.lax.stop_gradient((text_theta, unet_theta))
 
     def attack_loss(seq, key):
       ts, x_t = concept_point(key, 1, frozen_unet)
       e_p = draws.predict(unet_apply, frozen.unet, x_t, ts.t_ddpm, emb_p[None])
-      e_adv = unet_apply(frozen_unet, x_t, jnp.broadcast_to(ts.t_ddpm, (1,)), encode(frozen_text, seq[None]))
+      cond = seq[None] if in_condition else encode(frozen_text, seq[None])
+      e_adv = unet_apply(frozen_unet, x_t, jnp.broadcast_to(ts.t_ddpm, (1,)), cond)
       return mse(e_adv, e_p)
 
-    result = attack_lib.run(
-      cfg.attack, keys["attack"], delta0, words_c, frozen.word_index[c], frozen.delta_index[c], attack_loss
-    )
+    result = attack_lib.run(cfg.attack, keys["attack"], delta0, base, *layout, attack_loss)
     prompt_seq = result.sequence
+    if in_condition:  # the rows the defender will see, re-placed onto the encoder output it trains
+      adv_delta = prompts.delta_from_sequence(result.sequence, base, *layout, k)
     metrics.update(attack_loss_first=result.first_loss, attack_loss_last=result.last_loss)
     state = state._replace(last_sequence=prompt_seq, has_last=jnp.ones((), bool))
   else:
     prompt_seq = words_c  # warm-up: the clean concept, all 77 original ids
+
+  def concept_condition(text_p):
+    if adv_delta is not None:
+      clean = encode(text_p, words_c[None])[0]
+      return draws.broadcast_batch(prompts.build_sequence(clean, adv_delta, *layout), cfg.concept_batch)
+    return encode(text_p, draws.broadcast_batch(prompt_seq, cfg.concept_batch))
 
   # One shared (t_enc, t_ddpm) for the unlearning and retain terms (spec 8.11).
   ts, x_t = concept_point(keys["t"], cfg.concept_batch, unet_theta)
@@ -213,7 +230,7 @@ def train_step(
 
   def loss_fn(params):
     text_p, unet_p = student_params(cfg, models, frozen, params)
-    cond = encode(text_p, draws.broadcast_batch(prompt_seq, cfg.concept_batch))
+    cond = concept_condition(text_p)
     e_n = unet_apply(unet_p, x_t, jnp.broadcast_to(ts.t_ddpm, (cfg.concept_batch,)), cond)
     loss_u = mse(e_n, target)
     loss_r = retain_loss(text_p, unet_p, x_r, r_p, ts.t_ddpm) if use_reg else jnp.zeros(())
