@@ -131,15 +131,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   n_trained = trainable.count(pipe.text_params, text_mask) + trainable.count(pipe.unet_params, unet_mask)
   logging.info("training %s: %s parameters", config.train.method, f"{n_trained:,}")
 
-  bank = None
+  bank = None  # its key, fold_in(root, 2**32 - 1), is one no iteration uses
   if config.train.xt_source == "bank":
     t0 = time.perf_counter()
-    unet_apply = lambda p, x, t, ctx: models.unet.apply({"params": p}, x, t, ctx)
     bank = bank_lib.build(
-      unet_apply,
+      models.unet,
       frozen.unet,
       frozen,
-      jax.random.fold_in(jax.random.key(config.seed), -1),
+      jax.random.fold_in(jax.random.key(config.seed), 2**32 - 1),
       concept_trajectories=config.bank.concept_trajectories,
       retain_trajectories=config.bank.retain_trajectories,
       latent_shape=(cfg.latent_hw, cfg.latent_hw, cfg.latent_channels),

@@ -127,9 +127,8 @@ def main():
   results["jax online"] = per_it
   print(f"jax online : {per_it:8.3f} s/it (first call incl. compile {first:.1f} s)", flush=True)
   t0 = time.perf_counter()
-  unet_apply = lambda p, x, t, ctx: models.unet.apply({"params": p}, x, t, ctx)
   bank = bank_lib.build(
-    unet_apply,
+    models.unet,
     frozen.unet,
     frozen,
     jax.random.key(1),

@@ -17,7 +17,7 @@ def test_bank_entries_equal_online_rollouts():
   unet_apply = lambda p, x, t, ctx: models.unet.apply({"params": p}, x, t, ctx)
   key = jax.random.key(5)
   bank = bank_lib.build(
-    unet_apply,
+    models.unet,
     frozen.unet,
     frozen,
     key,

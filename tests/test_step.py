@@ -119,9 +119,8 @@ def test_attack_lowers_its_loss_on_a_fixed_draw():
 
 def test_step_with_attack_from_the_bank_records_the_sequence():
   cfg, models, frozen = setup()
-  unet_apply = lambda p, x, t, ctx: models.unet.apply({"params": p}, x, t, ctx)
   bank = bank_lib.build(
-    unet_apply,
+    models.unet,
     frozen.unet,
     frozen,
     jax.random.key(1),

@@ -114,3 +114,13 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
   assert changed and all("attn2" in name for name in changed)
   with pytest.raises(ConfigError, match="cannot be precomputed"):
     train.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.xt_source": "bank"}), str(tmp_path / "b"))
+
+
+@pytest.mark.slow
+def test_bank_mode_run(pipeline_dir, tmp_path):
+  summary = train.run(
+    tiny_config(pipeline_dir, **{"train.xt_source": "bank", "train.iterations": 3, "retain.csv": ""}), str(tmp_path)
+  )
+  lines = [json.loads(line) for line in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+  assert len(lines) == 3 and all(np.isfinite(m["loss"]) for m in lines)
+  assert os.path.isdir(summary["text_encoder"])

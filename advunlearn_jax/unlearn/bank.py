@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.diffusion.sampling import cfg_eps
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.unlearn import trainable
 
 SOURCES = ("online", "bank")
@@ -42,13 +43,14 @@ def check_method(method: str, source: str) -> None:
     )
 
 
-def _trajectories(unet_apply, unet_params, noise, cond, uncond, tables, guidance):
-  eps_fn = lambda x, t: cfg_eps(lambda xx, tt, cc: unet_apply(unet_params, xx, tt, cc), x, t, cond, uncond, guidance)
+def _trajectories(unet, unet_params, noise, cond, uncond, tables, guidance):
+  unet_fn = lambda x, t, ctx: unet.apply({"params": unet_params}, x, t, ctx)
+  eps_fn = lambda x, t: cfg_eps(unet_fn, x, t, cond, uncond, guidance)
   return jnp.moveaxis(ddim.ddim_trajectory(eps_fn, noise, tables), 0, 1)  # [B, S - 1, ...]
 
 
 def build(
-  unet_apply,
+  unet: UNet2DConditionModel,
   unet_params: Any,
   frozen,
   key: jax.Array,
@@ -68,7 +70,7 @@ def build(
       c = conds[start : start + chunk]
       noise = jax.random.normal(jax.random.fold_in(key, start), (c.shape[0], *latent_shape))
       uncond = jnp.broadcast_to(frozen.emb_uncond, c.shape)
-      outs.append(run(unet_apply, unet_params, noise, c, uncond, frozen.tables, guidance))
+      outs.append(run(unet, unet_params, noise, c, uncond, frozen.tables, guidance))
     return jnp.concatenate(outs)
 
   k_c, k_r = jax.random.split(key)
