@@ -33,7 +33,7 @@ from advunlearn_jax.unlearn import step as step_lib
 _TRAIN_STEP = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5), donate_argnums=(2,))
 
 
-def step_config(config: ml_collections.ConfigDict, num_tokens: int, latent_hw: int) -> step_lib.StepConfig:
+def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config) -> step_lib.StepConfig:
   a = config.attack
   attack_cfg = attack_lib.AttackConfig(
     method=a.method,
@@ -62,7 +62,8 @@ def step_config(config: ml_collections.ConfigDict, num_tokens: int, latent_hw: i
     attack_init=a.init,
     latest_init_quirk=a.latest_init_quirk,
     num_tokens=num_tokens,
-    latent_hw=latent_hw,
+    latent_hw=unet_config.sample_size,
+    latent_channels=unet_config.in_channels,
   )
 
 
@@ -127,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh,
   )
   frozen = sharding.replicate(frozen, mesh)
-  cfg = step_config(config, num_tokens, pipe.unet_config.sample_size)
+  cfg = step_config(config, num_tokens, pipe.unet_config)
   n_trained = trainable.count(pipe.text_params, text_mask) + trainable.count(pipe.unet_params, unet_mask)
   logging.info("training %s: %s parameters", config.train.method, f"{n_trained:,}")
 

@@ -38,9 +38,6 @@ def params(seed: int = 0):
   return clip, unet
 
 
-VAE = None
-
-
 def write_pipeline(out_dir: str, seed: int = 0) -> str:
   """A complete tiny diffusers folder (random weights) written with our own exporters."""
   import jax.numpy as jnp

@@ -15,7 +15,7 @@ import numpy as np
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert.diffusers import Pipeline
 from advunlearn_jax.diffusion import sampling
-from advunlearn_jax.models.clip_text import CLIPTextModel
+from advunlearn_jax.models.clip_text import encode_ids
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.models.vae import AutoencoderKL
 
@@ -24,12 +24,7 @@ def encode_prompts(pipe: Pipeline, prompts: Sequence[str], text_params: Any = No
   """Last hidden states [B, 77, D] of `prompts` under the pipeline's (or the given) text encoder."""
   ids = tok_lib.tokenize(tok_lib.load_tokenizer(pipe.tokenizer_dir), prompts)
   params = pipe.text_params if text_params is None else text_params
-  return _encode(pipe.text_config, params, jnp.asarray(ids))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(config, params, ids):
-  return CLIPTextModel(config).apply({"params": params}, ids).last_hidden_state
+  return encode_ids(pipe.text_config, params, jnp.asarray(ids))
 
 
 def initial_latents(pipe: Pipeline, n: int, seed: int) -> jax.Array:

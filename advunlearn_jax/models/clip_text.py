@@ -14,6 +14,7 @@ Two entry points, because the attacker and the defender both feed word embedding
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -228,6 +229,12 @@ class CLIPTextModel(nn.Module):
     if self.config.eos_token_id == _LEGACY_EOS_TOKEN_ID:
       return jnp.argmax(input_ids, axis=-1)
     return jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def encode_ids(config: CLIPTextConfig, params: Any, ids: jax.Array) -> jax.Array:
+  """Last hidden states [B, T, D] of token ids: the UNet conditioning of whole prompts."""
+  return CLIPTextModel(config).apply({"params": params}, ids).last_hidden_state
 
 
 def abstract_params(config: CLIPTextConfig, seq_len: int | None = None) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,18 +13,16 @@ from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.diffusion.schedule import ScheduleConfig
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from advunlearn_jax.models.clip_text import CLIPTextConfig, encode_ids
 from advunlearn_jax.unlearn import prompts
 from advunlearn_jax.unlearn.step import Frozen
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(config: CLIPTextConfig, params: Any, ids: jax.Array) -> jax.Array:
-  return CLIPTextModel(config).apply({"params": params}, ids).last_hidden_state
-
-
 def encode_in_chunks(config, params, ids: np.ndarray, chunk: int = 32) -> jax.Array:
-  return jnp.concatenate([_encode(config, params, jnp.asarray(ids[i : i + chunk])) for i in range(0, len(ids), chunk)])
+  """E_o of many prompts, `chunk` at a time (bounded memory at CLIP-L size)."""
+  return jnp.concatenate(
+    [encode_ids(config, params, jnp.asarray(ids[i : i + chunk])) for i in range(0, len(ids), chunk)]
+  )
 
 
 def build(
@@ -46,13 +43,14 @@ def build(
   concepts = [str(c).strip() for c in concepts]
   if not concepts or any(not c for c in concepts):
     raise ConfigError("config.concept.prompts: needs at least one non-empty concept")
+  for concept in concepts:
+    full = len(tokenizer(concept)["input_ids"]) - 2
+    if full > 75:
+      raise ConfigError(f"config.concept.prompts: {concept[:40]!r}... has {full} tokens; at most 75 fit in CLIP's 77")
   concept_ids = tok_lib.tokenize(tokenizer, concepts)
   retain_ids = tok_lib.tokenize(tokenizer, list(retain_prompts))
   lengths = []
   for concept, ids in zip(concepts, concept_ids):
-    full = len(tokenizer(concept)["input_ids"]) - 2
-    if full > 75:
-      raise ConfigError(f"config.concept.prompts: {concept[:40]!r}... has {full} tokens; at most 75 fit in CLIP's 77")
     lengths.append(prompts.concept_length(ids, concept, tok_lib.EOT_ID, faithful_word_split))
   k = max(lengths) if attack_type == "add" else num_tokens
   layouts = [prompts.layout(attack_type, n, k) for n in lengths]
