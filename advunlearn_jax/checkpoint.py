@@ -17,7 +17,16 @@ import orbax.checkpoint as ocp
 from advunlearn_jax.errors import ConfigError
 
 # Fields that may change between a run and its resumption without changing what is being trained.
-RESUMABLE_FIELDS = ("train.iterations", "train.save_every", "train.keep", "train.log_every")
+# Fields that do not change what is trained: a run may resume under new values of these.
+RESUMABLE_FIELDS = (
+  "train.iterations",
+  "train.save_every",
+  "train.keep",
+  "train.log_every",
+  "report.kind",
+  "report.images_per_value",
+  *(f"samples.{k}" for k in ("every", "prompts", "retain_prompts", "steps", "guidance", "seed")),
+)
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:

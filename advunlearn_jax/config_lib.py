@@ -7,6 +7,7 @@ import ml_collections
 from advunlearn_jax.errors import ConfigError
 
 SD_V1_4 = "CompVis/stable-diffusion-v1-4"
+REPORTS = ("", "tiny_world")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,6 +41,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.xt_source = "online"  # online: the reference's rollout per loss; bank: precomputed trajectories
   c.train.prefix_bug = False  # reference quirk: spec 2.5 - layer '1' also selects layers 10 and 11
 
+  c.report = ml_collections.ConfigDict()
+  c.report.kind = ""  # "tiny_world": after training, judge erasure on the tiny model into workdir/report
+  c.report.images_per_value = 24
+
+  c.samples = ml_collections.ConfigDict()
+  c.samples.every = 200  # preview grid (original vs current) every N iterations and at the end; 0: never
+  c.samples.prompts = ()  # empty: the concepts and the first `retain_prompts` retain prompts
+  c.samples.retain_prompts = 3
+  c.samples.steps = 25  # DDIM steps per preview image
+  c.samples.guidance = 7.5
+  c.samples.seed = 0
+
   c.bank = ml_collections.ConfigDict()
   c.bank.concept_trajectories = 16  # rollouts kept per concept (each serves all 50 t_enc)
   c.bank.retain_trajectories = 1  # rollouts kept per retain prompt
@@ -50,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.retain.batch = 5
   c.retain.steps = 1  # iter mode only
   c.retain.csv = ""  # empty: our own object list; else a CSV with a `prompt` column
+  c.retain.prompts = ()  # non-empty: exactly these retain prompts (csv must then be empty)
 
   c.attack = ml_collections.ConfigDict()
   c.attack.method = "pgd"  # pgd (Adam on the embedding, as the reference) | fast_at (sign)
@@ -76,5 +90,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.retain.mode is {config.retain.mode!r}; expected 'reg' or 'iter'")
   if config.train.warmup_iters < 0 or config.train.iterations < 1:
     raise ConfigError("config.train.iterations must be >= 1 and config.train.warmup_iters >= 0")
+  if config.retain.prompts and config.retain.csv:
+    raise ConfigError("config.retain.prompts and config.retain.csv are both set; keep one")
+  if config.report.kind not in REPORTS:
+    raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(REPORTS)}")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype is {config.model.dtype!r}; expected 'float32' or 'bfloat16'")

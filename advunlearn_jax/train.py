@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from advunlearn_jax import checkpoint, config_lib, sharding
+from advunlearn_jax import checkpoint, config_lib, metrics_writer, preview, sharding
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
@@ -94,9 +93,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, checkpoints, resumes, and exports `workdir/text_encoder` and `workdir/pipeline`."""
   # ---------------------------------------------------------------- config and weights
   validate(config)
-  pipe = sd_convert.load_pipeline(config.model.pretrained, with_vae=False)
+  root = sd_convert.resolve_pretrained(config.model.pretrained)
+  with_previews = config.samples.every > 0 and os.path.isdir(os.path.join(root, "vae"))
+  pipe = sd_convert.load_pipeline(root, with_vae=with_previews)
   tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
-  retain_prompts = retain.load_prompts(config.retain.csv)
+  retain_prompts = list(config.retain.prompts) or retain.load_prompts(config.retain.csv)
   dtype = jnp.dtype(config.model.dtype)
 
   # ---------------------------------------------------------------- frozen setup
@@ -165,7 +166,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- loop
   root_key = jax.random.key(config.seed)
   preemption = _Preemption()
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  writer = metrics_writer.MetricsWriter(workdir)
+  previews = None
+  if with_previews:
+    sample_prompts = list(config.samples.prompts) or [
+      *config.concept.prompts,
+      *retain_prompts[: config.samples.retain_prompts],
+    ]
+    previews = preview.Preview(
+      pipe, sample_prompts, seed=config.samples.seed, steps=config.samples.steps, guidance=config.samples.guidance
+    )
+
+  def write_preview(step_count):
+    text_params, unet_params = step_lib.student_params(cfg, models, frozen, jax.device_get(state.params))
+    if trainable.is_text_method(config.train.method):
+      grid = previews.grid(text_params=text_params)
+    else:
+      grid = previews.grid(unet_params=unet_params)
+    from advunlearn_jax.evals.generation import save_png
+
+    save_png(os.path.join(workdir, "samples", f"step_{step_count:06d}.png"), grid)
+    writer.image(step_count, "samples/original_vs_current", grid)
 
   def save(step_count):
     meta = {
@@ -191,11 +212,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           save(done)
           raise FloatingPointError(f"loss is {values['loss']} at step {done}; state saved for inspection")
         now = time.perf_counter()
-        values.update(step=done, it_per_s=(done - last_step) / max(now - last_time, 1e-9))
+        values["it_per_s"] = (done - last_step) / max(now - last_time, 1e-9)
         last_time, last_step = now, done
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(values) + "\n")
+        writer.scalars(done, values)
         progress.update(done, values)
+      if previews is not None and (done % config.samples.every == 0 or done == iterations):
+        write_preview(done)
       if done % config.train.save_every == 0 or done == iterations or preemption.requested:
         save(done)
       if preemption.requested:
@@ -205,6 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   finally:
     preemption.restore()
     progress.close()
+    writer.close()
     mngr.wait_until_finished()
 
   # ---------------------------------------------------------------- export

@@ -26,6 +26,7 @@ def tiny_config(pipeline_dir, **overrides):
   c.retain.weight = 0.5
   c.attack.steps = 2
   c.attack.lr = 1e-2
+  c.samples.every = 0
   for key, value in overrides.items():
     section, name = key.split(".")
     c[section][name] = value
@@ -39,9 +40,29 @@ def pipeline_dir(tmp_path_factory):
 
 def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  summary = train.run(tiny_config(pipeline_dir), workdir)
+  summary = train.run(tiny_config(pipeline_dir, **{"samples.every": 2, "samples.steps": 3}), workdir)
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [m["step"] for m in lines] == [1, 2, 3, 4]
+  # Previews: original (top row) vs current (bottom row) for the 2 concepts and 3 retain prompts.
+  from PIL import Image
+
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_000002.png", "step_000004.png"]
+  grid = np.asarray(Image.open(os.path.join(workdir, "samples", "step_000004.png")))
+  assert grid.shape == (2 * 16, 5 * 16, 3)
+  assert np.any(grid[:16] != grid[16:])  # the encoder moved
+  (events,) = os.listdir(os.path.join(workdir, "tensorboard"))
+  from tensorboardX.proto import event_pb2
+
+  tags = set()
+  with open(os.path.join(workdir, "tensorboard", events), "rb") as f:
+    data = f.read()
+  offset = 0
+  while offset < len(data):  # TFRecord framing: length, crc, payload, crc
+    n = int.from_bytes(data[offset : offset + 8], "little")
+    event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + n])
+    tags.update(v.tag for v in event.summary.value)
+    offset += 12 + n + 4
+  assert {"loss", "attack_loss_last", "samples/original_vs_current"} <= tags
   assert "attack_loss_last" not in lines[1] and "attack_loss_last" in lines[2]  # warm-up: no attack
   assert all(np.isfinite(m["loss"]) for m in lines)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]

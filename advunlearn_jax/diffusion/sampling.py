@@ -131,7 +131,7 @@ def sample(
   `denoise_args` (UNet params, conditioning) travel as arguments of the per-step jit, never as constants.
   """
   state = init_state(tables, latents)
-  step_fn = jax.jit(lambda args, st, i: step(tables, st, lambda x, t: denoise(args, x, t), i))
+  step_fn = _jitted_step(tables, denoise)
   steps = range(len(tables.timesteps))
   if progress:
     from tqdm.auto import tqdm
@@ -140,3 +140,21 @@ def sample(
   for i in steps:
     state = step_fn(denoise_args, state, i)
   return state.x
+
+
+_STEP_CACHE: dict[Any, Callable] = {}
+
+
+def _jitted_step(tables: SamplerTables, denoise: Callable) -> Callable:
+  """One compiled step per (sampler tables, denoise function), so repeated generation (previews during
+  training, evaluation loops) does not recompile the UNet. `denoise` is keyed by identity."""
+  key = (
+    denoise,
+    tables.kind,
+    tables.clip_x0,
+    tables.init_noise_sigma,
+    *(np.asarray(a).tobytes() for a in (tables.timesteps, tables.consts, tables.lms_coeffs)),
+  )
+  if key not in _STEP_CACHE:
+    _STEP_CACHE[key] = jax.jit(lambda args, st, i: step(tables, st, lambda x, t: denoise(args, x, t), i))
+  return _STEP_CACHE[key]

@@ -43,7 +43,15 @@ def denoise_latents(
   guidance: float = 7.5,
   progress: bool = False,
 ) -> jax.Array:
-  unet = UNet2DConditionModel(pipe.unet_config)
+  tables = sampling.make_tables(scheduler, pipe.schedule, steps)
+  args = {"unet": pipe.unet_params, "cond": cond, "uncond": uncond}
+  return sampling.sample(tables, latents, _denoiser(pipe.unet_config, float(guidance)), args, progress=progress)
+
+
+@functools.cache
+def _denoiser(unet_config, guidance: float):
+  """The same function object per (UNet config, guidance), so the sampler's compiled step is reused."""
+  unet = UNet2DConditionModel(unet_config)
 
   def denoise(args, x, t):
     unet_fn = lambda xx, tt, cc: unet.apply({"params": args["unet"]}, xx, tt, cc)
@@ -51,9 +59,7 @@ def denoise_latents(
       return unet_fn(x, jnp.broadcast_to(t, (x.shape[0],)), args["cond"])
     return sampling.cfg_eps(unet_fn, x, t, args["cond"], args["uncond"], guidance)
 
-  tables = sampling.make_tables(scheduler, pipe.schedule, steps)
-  args = {"unet": pipe.unet_params, "cond": cond, "uncond": uncond}
-  return sampling.sample(tables, latents, denoise, args, progress=progress)
+  return denoise
 
 
 @functools.partial(jax.jit, static_argnums=0)
