@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from advunlearn_jax import config_lib
@@ -15,7 +15,7 @@ from advunlearn_jax import config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where checkpoints, metrics and exports go.")
 
-# The repo's own tiny text-to-image model (the tiny-world issue); `--config.model.pretrained=tiny` points here.
+# The repo's own tiny text-to-image model (advunlearn_jax/tiny); `--config.model.pretrained=tiny` points here.
 TINY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_sd")
 
 
@@ -28,14 +28,33 @@ def main(argv: list[str]) -> None:
   print(config)
   if config.model.pretrained == "tiny":
     if not os.path.isdir(TINY_MODEL_DIR):
-      logging.warning("The bundled tiny model is not built yet (tiny-world issue); stopping after the config.")
-      return
+      raise app.UsageError(
+        f"{TINY_MODEL_DIR} is missing (a partial checkout?); rebuild it with "
+        "`python -m advunlearn_jax.tiny.build --out=advunlearn_jax/assets`"
+      )
     with config.unlocked():
       config.model.pretrained = TINY_MODEL_DIR
 
   from advunlearn_jax import train  # imports JAX; kept out of the config-only path
 
-  train.run(config, _WORKDIR.value)
+  summary = train.run(config, _WORKDIR.value)
+  if config.report.kind == "tiny_world" and "pipeline" in summary:
+    from advunlearn_jax.tiny import report
+
+    report_dir = os.path.join(_WORKDIR.value, "report")
+    results = report.write(
+      report_dir,
+      config.model.pretrained,
+      summary["pipeline"],
+      config.concept.prompts,
+      per_value=config.report.images_per_value,
+      seed=config.seed + 1,
+    )
+    s = results["summary"]
+    print(
+      f"erased concept recognised {s['erased_before']:.0%} -> {s['erased_after']:.0%}; "
+      f"retained {s['retained_before']:.0%} -> {s['retained_after']:.0%}; report in {report_dir}/report.md"
+    )
 
 
 if __name__ == "__main__":

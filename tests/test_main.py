@@ -1,5 +1,6 @@
-"""The README's main command resolves the tiny config; bad configs fail with a message naming the key."""
+"""The README's main command on the tiny config; bad configs fail with a message naming the key."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,15 +13,40 @@ from advunlearn_jax.errors import ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(*args, tmp_path):
+def _main(*args, tmp_path, timeout=120):
   cmd = [sys.executable, "-m", "advunlearn_jax.main", f"--workdir={tmp_path}", *args]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as on a user's laptop
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_tiny_config_resolves_with_overrides(tmp_path):
-  proc = _main("--config=configs/tiny.py", "--config.attack.steps=3", tmp_path=tmp_path)
-  assert proc.returncode == 0, proc.stderr
-  assert "steps: 3" in proc.stdout and "triangle" in proc.stdout
+def test_tiny_default_run_end_to_end(tmp_path):
+  """The README's command 1, shortened: trains, previews, exports and writes the report."""
+  proc = _main(
+    "--config=configs/tiny.py",
+    "--config.train.iterations=4",
+    "--config.train.warmup_iters=2",
+    "--config.train.save_every=2",
+    "--config.train.log_every=1",
+    "--config.attack.steps=2",
+    "--config.bank.concept_trajectories=2",
+    "--config.samples.every=2",
+    "--config.samples.steps=3",
+    "--config.report.images_per_value=2",
+    tmp_path=tmp_path,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "erased concept recognised" in proc.stdout
+  metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+  report = json.loads((tmp_path / "report" / "report.json").read_text())
+  assert [r["value"] for r in report["shape"] if r["erased"]] == ["triangle"]
+  assert set(report["summary"]) == {"erased_before", "erased_after", "retained_before", "retained_after"}
+  for name in ("report.md", "erased_before_after.png", "retained_before_after.png"):
+    assert (tmp_path / "report" / name).is_file()
+  assert sorted(os.listdir(tmp_path / "samples")) == ["step_000002.png", "step_000004.png"]
+  assert (tmp_path / "text_encoder" / "model.safetensors").is_file()
+  assert (tmp_path / "pipeline" / "model_index.json").is_file()
 
 
 def test_empty_concept_is_rejected(tmp_path):

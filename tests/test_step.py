@@ -144,6 +144,7 @@ def test_step_with_attack_from_the_bank_records_the_sequence():
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+@pytest.mark.slow  # ~60-75 s of compilation on 2 cores; run with -m slow
 def test_eight_device_mesh_matches_one_device():
   cfg, models, frozen = setup()
   state = step_lib.init_state(cfg, models, frozen)
@@ -164,6 +165,7 @@ def test_eight_device_mesh_matches_one_device():
   assert max(jax.tree.leaves(moved)) > 0.5 * cfg.lr  # the step did move the parameters
 
 
+@pytest.mark.slow  # ~60-75 s of compilation on 2 cores; run with -m slow
 def test_condition_embd_attack_and_retain_iter_mode():
   """condition_embd places delta into the encoder output; the defender still trains through its clean rows.
   retain.mode='iter' runs extra Adam steps on the retain loss after the main update."""

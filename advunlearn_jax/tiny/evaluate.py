@@ -1,0 +1,94 @@
+"""Measuring the tiny model with the judge: how often generated images show what their prompt names.
+
+  python -m advunlearn_jax.tiny.evaluate [--pipeline=DIR] [--out=DIR]
+
+prints the base model's recognition rate per attribute type (prompts naming a shape, a colour and a style)
+and writes a sample grid. `recognition_rates` is what the erasure report (tiny/report.py) builds on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.evals import generation
+from advunlearn_jax.tiny import judge as judge_lib
+from advunlearn_jax.tiny import world
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+TINY_SD_DIR = os.path.join(ASSETS, "tiny_sd")
+JUDGE_DIR = os.path.join(ASSETS, "judge")
+ATTRIBUTE_TYPES = {"shape": world.SHAPES, "color": world.COLORS, "style": world.STYLES}
+# Sampling settings for every tiny-world measurement (what the shipped model was checked with).
+SAMPLING = {"scheduler": "ddim", "steps": 25, "guidance": 5.0}
+
+
+def generate(pipe: sd_convert.Pipeline, prompts: Sequence[str], seed: int, text_params: Any = None, chunk: int = 96):
+  latents = generation.initial_latents(pipe, len(prompts), seed)
+  out = [
+    generation.generate(pipe, prompts[i : i + chunk], latents[i : i + chunk], text_params=text_params, **SAMPLING)
+    for i in range(0, len(prompts), chunk)
+  ]
+  return np.concatenate(out)
+
+
+def full_prompts(n_per_combo: int = 1) -> tuple[list[str], np.ndarray]:
+  """Every (shape, colour, style) once per repeat, phrased canonically; returns prompts and [N, 3] labels."""
+  combos = list(itertools.product(*(range(len(v)) for v in ATTRIBUTE_TYPES.values()))) * n_per_combo
+  prompts = [world.canonical_prompt(shape=s, color=c, style=t) for s, c, t in combos]
+  return prompts, np.array(combos)
+
+
+def attribute_prompts(kind: str, value: int, n: int) -> list[str]:
+  """n prompts naming attribute `kind` = value, the other attributes cycling through their values."""
+  out = []
+  for i in range(n):
+    attrs = {"shape": i % len(world.SHAPES), "color": (i // 2) % len(world.COLORS), "style": (i // 3) % 4}
+    attrs[kind] = value
+    out.append(world.canonical_prompt(**attrs))
+  return out
+
+
+def recognition_rates(judge, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """Per attribute type: the fraction of images whose judged value equals the prompt's."""
+  pred = judge_lib.predict(*judge, images)
+  return {k: float(np.mean(pred[k] == labels[:, i])) for i, k in enumerate(ATTRIBUTE_TYPES)}
+
+
+def base_quality(pipe, judge, seed: int = 0, repeats: int = 2) -> tuple[dict[str, float], np.ndarray]:
+  prompts, labels = full_prompts(repeats)
+  images = generate(pipe, prompts, seed)
+  return recognition_rates(judge, images, labels), images
+
+
+def _define_flags():
+  """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
+  global _PIPELINE, _OUT, _REPEATS
+  _PIPELINE = flags.DEFINE_string("pipeline", TINY_SD_DIR, "Tiny-world diffusers folder.")
+  _OUT = flags.DEFINE_string("out", "", "If set: write quality.json and samples.png here.")
+  _REPEATS = flags.DEFINE_integer("repeats", 2, "Images per (shape, colour, style) combination.")
+
+
+def main(argv):
+  del argv
+  pipe = sd_convert.load_pipeline(_PIPELINE.value)
+  judge = judge_lib.load(JUDGE_DIR)
+  rates, images = base_quality(pipe, judge, repeats=_REPEATS.value)
+  print(json.dumps({"recognition_rate": rates, "images": len(images), "sampling": SAMPLING}, indent=2))
+  if _OUT.value:
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "quality.json"), "w") as f:
+      json.dump({"recognition_rate": rates, "images": len(images), "sampling": SAMPLING}, f, indent=2)
+    generation.save_png(os.path.join(_OUT.value, "samples.png"), generation.image_grid(images[:144], cols=24))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

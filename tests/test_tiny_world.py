@@ -1,0 +1,117 @@
+"""The tiny world: the renderer and captions, the shipped judge and model, and the diffusers round trip."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.evals import generation
+from advunlearn_jax.tiny import evaluate, report, world
+from advunlearn_jax.tiny import judge as judge_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config_module():
+  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_batches_are_seeded_and_cover_the_world():
+  images, attrs, captions = world.batch(seed=3, index=7, n=256)
+  again, _, captions_again = world.batch(seed=3, index=7, n=256)
+  np.testing.assert_array_equal(images, again)
+  assert captions == captions_again
+  assert images.shape == (256, 32, 32, 3) and images.dtype == np.float32
+  assert -1.0 <= images.min() and images.max() <= 1.0
+  for values, column in zip((world.SHAPES, world.COLORS, world.STYLES), attrs):
+    assert set(column) == set(range(len(values)))
+  assert len(world.SHAPES) >= 6 and len(world.COLORS) >= 6 and len(world.STYLES) >= 4
+  for i, text in enumerate(captions):
+    assert any(w in text for w in world.SHAPE_WORDS[world.SHAPES[attrs.shape[i]]]), text
+    assert "  " not in text and not text.endswith(" in")
+    named_colors = [c for c in world.COLORS if c in text.split()]
+    assert named_colors in ([], [world.COLORS[attrs.color[i]]]), text
+
+
+def test_shapes_differ_and_textures_show():
+  rng = np.random.default_rng(0)
+  n = len(world.SHAPES)
+  plain_red = world.Attributes(np.arange(n), np.zeros(n, int), np.zeros(n, int))
+  images = world.render(plain_red, rng)
+  # Shapes: different areas of the foreground colour.
+  red = (images[..., 0] > 0.6) & (images[..., 1] < 0.35)
+  assert len({int(a) // 20 for a in red.sum((1, 2))}) >= 4
+  # Styles: plain shapes are flat; the others mix the colour with its dark shade.
+  styled = world.render(world.Attributes(np.zeros(4, int), np.zeros(4, int), np.arange(4)), rng)
+  dark = ((styled[..., 0] < 0.45) & (styled[..., 1] < 0.2)).sum((1, 2))
+  assert dark[0] == 0 and (dark[1:] > 20).all()
+
+
+def test_canonical_prompts():
+  assert world.canonical_prompt(shape=2) == "a photo of a triangle"
+  assert world.canonical_prompt(shape=0, color=1, style=2) == "a photo of a dotted green circle"
+  assert world.canonical_prompt(style=1) == "a photo of a striped shape"
+
+
+def test_shipped_judge_reads_fresh_renders():
+  """Held-out images from a seed the judge never saw: >= 98% on every head."""
+  images, attrs, _ = world.batch(seed=12345, index=0, n=600)
+  acc = judge_lib.accuracy(*judge_lib.load(evaluate.JUDGE_DIR), images, attrs)
+  assert min(acc.values()) >= 0.98, acc
+
+
+def test_shipped_model_follows_prompts():
+  """Every (shape, colour, style) once, judged. A regression floor under the shipped model's measured rates
+  (shape 0.85, colour 0.85, style 0.46 at this seed); the target, >= 0.9 on each, needs a longer build."""
+  pipe = sd_convert.load_pipeline(evaluate.TINY_SD_DIR)
+  rates, _ = evaluate.base_quality(pipe, judge_lib.load(evaluate.JUDGE_DIR), seed=7, repeats=1)
+  assert rates["shape"] >= 0.75 and rates["color"] >= 0.75 and rates["style"] >= 0.35, rates
+
+
+def test_tiny_config_and_report_vocabulary():
+  tiny = _tiny_config_module()
+  config = tiny.get_config()
+  assert config.concept.prompts == ("a photo of a triangle",)
+  assert config.retain.prompts and not any("triangle" in p for p in config.retain.prompts)
+  striped = tiny.get_config("striped")
+  assert striped.concept.prompts == ("a photo of a striped shape",)
+  assert not any("striped" in p for p in striped.retain.prompts)
+  assert report.erased_attributes(["a photo of a triangle"]) == [("shape", 2)]
+  assert report.erased_attributes(["a photo of a striped shape"]) == [("style", 1)]
+  with pytest.raises(Exception, match="names no tiny-world attribute"):
+    report.erased_attributes(["Van Gogh"])
+  with pytest.raises(ValueError, match="not a tiny-world"):
+    tiny.get_config("Van Gogh")
+
+
+@pytest.mark.torch
+def test_shipped_pipeline_matches_diffusers():
+  """diffusers' StableDiffusionPipeline on the shipped folder vs our sampler, same latents: <= 2/255."""
+  diffusers = pytest.importorskip("diffusers")
+  import torch
+
+  pipe = sd_convert.load_pipeline(evaluate.TINY_SD_DIR)
+  prompts = ["a photo of a striped red triangle", "a photo of a dotted blue heart", "a photo of a green cross"]
+  latents = generation.initial_latents(pipe, len(prompts), seed=0)
+  ours = generation.generate(pipe, prompts, latents, scheduler="ddim", steps=20, guidance=5.0)
+  ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(evaluate.TINY_SD_DIR, safety_checker=None)
+  ref_pipe.scheduler = diffusers.DDIMScheduler.from_config(ref_pipe.scheduler.config)
+  ref_pipe.set_progress_bar_config(disable=True)
+  with torch.no_grad():
+    ref = ref_pipe(
+      prompts,
+      latents=torch.from_numpy(np.asarray(latents).transpose(0, 3, 1, 2).copy()),
+      num_inference_steps=20,
+      guidance_scale=5.0,
+      output_type="np",
+      height=32,
+      width=32,
+    ).images
+  ref = (ref * 255).round().astype(np.uint8)
+  assert ours.shape == ref.shape == (3, 32, 32, 3)
+  assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
