@@ -20,6 +20,7 @@ from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals import generation
 from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.unlearn import attack as attack_lib
@@ -183,9 +184,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       grid = previews.grid(text_params=text_params)
     else:
       grid = previews.grid(unet_params=unet_params)
-    from advunlearn_jax.evals.generation import save_png
-
-    save_png(os.path.join(workdir, "samples", f"step_{step_count:06d}.png"), grid)
+    generation.save_png(os.path.join(workdir, "samples", f"step_{step_count:06d}.png"), grid)
     writer.image(step_count, "samples/original_vs_current", grid)
 
   def save(step_count):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import WeightsError
@@ -100,7 +101,7 @@ def accuracy(config: JudgeConfig, params: Any, images: np.ndarray, attrs: world.
 
 
 def save(out_dir: str, config: JudgeConfig, params: Any, metrics: dict[str, Any]) -> None:
-  flat = {"/".join(k): np.asarray(v) for k, v in _flatten(params).items()}
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
   with weights_io.atomic_folder(out_dir) as staging:
     weights_io.write_json(os.path.join(staging, "config.json"), {**dataclasses.asdict(config), "metrics": metrics})
     weights_io.write_safetensors(os.path.join(staging, "model.safetensors"), flat)
@@ -117,23 +118,7 @@ def load(folder: str) -> tuple[JudgeConfig, Any]:
 
   flat = load_file(os.path.join(folder, "model.safetensors"))
   abstract = jax.eval_shape(Judge(config).init, jax.random.key(0), jnp.zeros((1, world.SIZE, world.SIZE, 3)))["params"]
-  expected = {"/".join(k): v.shape for k, v in _flatten(abstract).items()}
+  expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
   if expected.keys() != flat.keys() or any(flat[k].shape != s for k, s in expected.items()):
     raise WeightsError(f"{folder}/model.safetensors does not match the judge config in {path}")
-  params: dict = {}
-  for key, value in flat.items():
-    node = params
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = jnp.asarray(value)
-  return config, params
-
-
-def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, (*prefix, k)))
-    return out
-  return {prefix: tree}
+  return config, traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
