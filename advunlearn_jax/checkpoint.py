@@ -16,8 +16,8 @@ import orbax.checkpoint as ocp
 
 from advunlearn_jax.errors import ConfigError
 
-# Fields that may change between a run and its resumption without changing what is being trained.
-# Fields that do not change what is trained: a run may resume under new values of these.
+# Fields that do not change what is trained: a run may resume under new values of these (and of every
+# evaluation.* field, which only `advunlearn_jax.evaluate` reads).
 RESUMABLE_FIELDS = (
   "train.iterations",
   "train.save_every",
@@ -50,7 +50,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def check_compatible(saved_config: dict, config: dict, workdir: str) -> None:
   saved, now = _flat(saved_config), _flat(config)
-  differing = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_FIELDS and saved.get(k) != now.get(k))
+  differing = sorted(
+    k
+    for k in set(saved) | set(now)
+    if k not in RESUMABLE_FIELDS and not k.startswith("evaluation.") and saved.get(k) != now.get(k)
+  )
   if differing:
     details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differing[:6])
     raise ConfigError(

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from advunlearn_jax.errors import ConfigError
 
 SD_V1_4 = "CompVis/stable-diffusion-v1-4"
 REPORTS = ("", "tiny_world")
+# `model.pretrained = "tiny"`: the repo's own tiny text-to-image model, shipped in the package.
+TINY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_sd")
+
+
+def resolve_pretrained(pretrained: str) -> str:
+  """`model.pretrained` as a folder or hub id: "tiny" names the shipped tiny model."""
+  if pretrained != "tiny":
+    return pretrained
+  if not os.path.isdir(TINY_MODEL_DIR):
+    raise ConfigError(
+      f"{TINY_MODEL_DIR} is missing (a partial checkout?); rebuild it with "
+      "`python -m advunlearn_jax.tiny.build --out=advunlearn_jax/assets` (README, 'The tiny world')"
+    )
+  return TINY_MODEL_DIR
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -64,6 +80,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.retain.steps = 1  # iter mode only
   c.retain.csv = ""  # empty: our own object list; else a CSV with a `prompt` column
   c.retain.prompts = ()  # non-empty: exactly these retain prompts (csv must then be empty)
+
+  # `python -m advunlearn_jax.evaluate`: UnlearnDiffAtk robustness (spec 6.1) and utility (spec 6.2).
+  c.evaluation = ml_collections.ConfigDict()
+  c.evaluation.prompts_csv = ""  # reference attack-prompt CSV: prompt[, evaluation_seed, evaluation_guidance]
+  c.evaluation.prompts = ()  # inline prompts instead of a CSV
+  c.evaluation.seed = 0  # for inline prompts and CSVs without evaluation_seed
+  c.evaluation.guidance = 7.5  # for inline prompts and CSVs without evaluation_guidance
+  c.evaluation.max_prompts = 0  # 0: every prompt
+  c.evaluation.classifier = ""  # evals/classifiers.py spec: nudenet | hf:FOLDER:TARGETS[:TOP_K] | judge:KIND=VALUE
+  c.evaluation.attack = ml_collections.ConfigDict()
+  c.evaluation.attack.k = 3  # 5 for nudity (the reference's UnlearnDiffAtk configs)
+  c.evaluation.attack.iters_per_t = 40
+  c.evaluation.attack.timesteps = tuple(range(10, 1000, 20))
+  c.evaluation.attack.lr = 0.01
+  c.evaluation.attack.weight_decay = 0.1
+  c.evaluation.attack.scheduler = "lms"  # the classified images: LMS, 50 steps
+  c.evaluation.attack.steps = 50
+  c.evaluation.target_scheduler = "lms"  # the original model's target images: LMS, 25 steps
+  c.evaluation.target_steps = 25
+  c.evaluation.clip_model = ""  # transformers CLIP folder (openai/clip-vit-base-patch32) -> CLIP score
+  c.evaluation.captions_csv = ""  # utility captions (coco_10k.csv format: prompt[, evaluation_seed])
+  c.evaluation.max_captions = 0  # 0: every caption
+  c.evaluation.utility_scheduler = "lms"  # the reference: LMS, 100 steps, guidance 7.5
+  c.evaluation.utility_steps = 100
+  c.evaluation.utility_guidance = 7.5
 
   c.attack = ml_collections.ConfigDict()
   c.attack.method = "pgd"  # pgd (Adam on the embedding, as the reference) | fast_at (sign)

@@ -15,9 +15,6 @@ from advunlearn_jax import config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where checkpoints, metrics and exports go.")
 
-# The repo's own tiny text-to-image model (advunlearn_jax/tiny); `--config.model.pretrained=tiny` points here.
-TINY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_sd")
-
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
@@ -26,14 +23,8 @@ def main(argv: list[str]) -> None:
   config_lib.validate(config)
   print(f"workdir: {_WORKDIR.value}")
   print(config)
-  if config.model.pretrained == "tiny":
-    if not os.path.isdir(TINY_MODEL_DIR):
-      raise app.UsageError(
-        f"{TINY_MODEL_DIR} is missing (a partial checkout?); rebuild it with "
-        "`python -m advunlearn_jax.tiny.build --out=advunlearn_jax/assets`"
-      )
-    with config.unlocked():
-      config.model.pretrained = TINY_MODEL_DIR
+  with config.unlocked():
+    config.model.pretrained = config_lib.resolve_pretrained(config.model.pretrained)
 
   from advunlearn_jax import train  # imports JAX; kept out of the config-only path
 

@@ -56,4 +56,16 @@ def get_config(concept: str = "triangle"):
   c.samples.prompts = (*c.concept.prompts, *c.retain.prompts[:: max(1, len(c.retain.prompts) // 4)][:4])
   c.samples.guidance = 5.0
   c.report.kind = "tiny_world"
+  # UnlearnDiffAtk against the erased concept, judged by the shipped judge (python -m advunlearn_jax.evaluate).
+  kind, index = world.attribute_of(concept)
+  c.evaluation.prompts = tuple(world.attribute_prompts(kind, index, 12))
+  c.evaluation.classifier = f"judge:{kind}={concept}"
+  c.evaluation.guidance = 5.0
+  c.evaluation.target_scheduler = "ddim"
+  c.evaluation.target_steps = 25
+  c.evaluation.attack.k = 3
+  c.evaluation.attack.iters_per_t = 20
+  c.evaluation.attack.timesteps = tuple(range(10, 1000, 40))
+  c.evaluation.attack.scheduler = "ddim"
+  c.evaluation.attack.steps = 25
   return c

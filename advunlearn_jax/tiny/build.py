@@ -194,7 +194,13 @@ def build(
   sd_batch: int,
   sd_lr: float = 1e-3,
   continue_from: str = "",
+  stage: int = 1,
 ) -> dict:
+  if (stage > 1) != bool(continue_from):
+    raise ValueError(
+      f"stage {stage} with continue_from={continue_from!r}: stage 1 builds from scratch, later stages "
+      "continue from the previous stage's folder"
+    )
   times = {}
   t = time.perf_counter()
   images, attrs = render_pool(seed, pool)
@@ -207,7 +213,7 @@ def build(
     vae_config, vae_params = sd_convert.load_vae(os.path.join(continue_from, "tiny_sd", "vae"))
     _, init_text = clip_text_convert.load_clip_text(os.path.join(continue_from, "tiny_sd", "text_encoder"))
     _, init_unet = sd_convert.load_unet(os.path.join(continue_from, "tiny_sd", "unet"))
-    init, seed = (init_text, init_unet), seed + 100
+    init, seed = (init_text, init_unet), seed + 100 * (stage - 1)  # each stage draws fresh batches and noise
   else:
     judge_config, judge_params = judge_lib.train(images, attrs, steps=judge_steps, seed=seed)
     vae_config, vae_params = train_vae(images, steps=vae_steps, seed=seed)
@@ -235,7 +241,7 @@ def build(
 
 def _define_flags():
   """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
-  global _OUT, _SEED, _POOL, _JUDGE_STEPS, _VAE_STEPS, _SD_STEPS, _SD_BATCH, _CONTINUE_FROM, _SD_LR
+  global _OUT, _SEED, _POOL, _JUDGE_STEPS, _VAE_STEPS, _SD_STEPS, _SD_BATCH, _CONTINUE_FROM, _SD_LR, _STAGE
   _OUT = flags.DEFINE_string("out", "advunlearn_jax/assets", "Folder that receives tiny_sd/ and judge/.")
   _SEED = flags.DEFINE_integer("seed", 0, "Seeds the image pool, the inits and the batch order.")
   _POOL = flags.DEFINE_integer("pool", 24576, "Rendered training images.")
@@ -247,6 +253,7 @@ def _define_flags():
     "continue_from", "", "A previous build's folder: keep its judge and VAE, continue the text tower + UNet from it."
   )
   _SD_LR = flags.DEFINE_float("sd_lr", 1e-3, "Peak learning rate of the text tower + UNet stage.")
+  _STAGE = flags.DEFINE_integer("stage", 1, "1 builds from scratch; N > 1 continues stage N-1 (--continue_from).")
 
 
 def main(argv):
@@ -261,6 +268,7 @@ def main(argv):
     sd_batch=_SD_BATCH.value,
     sd_lr=_SD_LR.value,
     continue_from=_CONTINUE_FROM.value,
+    stage=_STAGE.value,
   )
 
 

@@ -25,7 +25,6 @@ from advunlearn_jax.tiny import world
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 TINY_SD_DIR = os.path.join(ASSETS, "tiny_sd")
 JUDGE_DIR = os.path.join(ASSETS, "judge")
-ATTRIBUTE_TYPES = {"shape": world.SHAPES, "color": world.COLORS, "style": world.STYLES}
 # Sampling settings for every tiny-world measurement (what the shipped model was checked with).
 SAMPLING = {"scheduler": "ddim", "steps": 25, "guidance": 5.0}
 
@@ -41,25 +40,15 @@ def generate(pipe: sd_convert.Pipeline, prompts: Sequence[str], seed: int, text_
 
 def full_prompts(n_per_combo: int = 1) -> tuple[list[str], np.ndarray]:
   """Every (shape, colour, style) once per repeat, phrased canonically; returns prompts and [N, 3] labels."""
-  combos = list(itertools.product(*(range(len(v)) for v in ATTRIBUTE_TYPES.values()))) * n_per_combo
+  combos = list(itertools.product(*(range(len(v)) for v in world.ATTRIBUTE_TYPES.values()))) * n_per_combo
   prompts = [world.canonical_prompt(shape=s, color=c, style=t) for s, c, t in combos]
   return prompts, np.array(combos)
-
-
-def attribute_prompts(kind: str, value: int, n: int) -> list[str]:
-  """n prompts naming attribute `kind` = value, the other attributes cycling through their values."""
-  out = []
-  for i in range(n):
-    attrs = {"shape": i % len(world.SHAPES), "color": (i // 2) % len(world.COLORS), "style": (i // 3) % 4}
-    attrs[kind] = value
-    out.append(world.canonical_prompt(**attrs))
-  return out
 
 
 def recognition_rates(judge, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   """Per attribute type: the fraction of images whose judged value equals the prompt's."""
   pred = judge_lib.predict(*judge, images)
-  return {k: float(np.mean(pred[k] == labels[:, i])) for i, k in enumerate(ATTRIBUTE_TYPES)}
+  return {k: float(np.mean(pred[k] == labels[:, i])) for i, k in enumerate(world.ATTRIBUTE_TYPES)}
 
 
 def base_quality(pipe, judge, seed: int = 0, repeats: int = 2) -> tuple[dict[str, float], np.ndarray]:

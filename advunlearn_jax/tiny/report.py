@@ -16,7 +16,7 @@ import numpy as np
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import generation
-from advunlearn_jax.tiny import evaluate
+from advunlearn_jax.tiny import evaluate, world
 from advunlearn_jax.tiny import judge as judge_lib
 
 
@@ -25,25 +25,31 @@ def erased_attributes(concepts: Sequence[str]) -> list[tuple[str, int]]:
   out = []
   for concept in concepts:
     words = concept.strip().lower().replace(",", " ").split()
-    hits = [(k, values.index(w)) for w in words for k, values in evaluate.ATTRIBUTE_TYPES.items() if w in values]
+    hits = [(k, values.index(w)) for w in words for k, values in world.ATTRIBUTE_TYPES.items() if w in values]
     if not hits:
-      vocab = {k: list(v) for k, v in evaluate.ATTRIBUTE_TYPES.items()}
+      vocab = {k: list(v) for k, v in world.ATTRIBUTE_TYPES.items()}
       raise ConfigError(f"concept {concept!r} names no tiny-world attribute; the report knows {vocab}")
     out.extend(hits)
   return out
 
 
 def write(
-  out_dir: str, original_dir: str, unlearned_dir: str, concepts: Sequence[str], per_value: int = 24, seed: int = 1
+  out_dir: str,
+  original: str | sd_convert.Pipeline,
+  unlearned: str | sd_convert.Pipeline,
+  concepts: Sequence[str],
+  per_value: int = 24,
+  seed: int = 1,
 ) -> dict:
   erased = erased_attributes(concepts)
   judge = judge_lib.load(evaluate.JUDGE_DIR)
-  pipes = {"before": sd_convert.load_pipeline(original_dir), "after": sd_convert.load_pipeline(unlearned_dir)}
+  load = lambda p: p if isinstance(p, sd_convert.Pipeline) else sd_convert.load_pipeline(p)
+  pipes = {"before": load(original), "after": load(unlearned)}
   results: dict = {"concepts": list(concepts), "sampling": evaluate.SAMPLING, "images_per_value": per_value}
   grids: dict[str, list[np.ndarray]] = {"erased": [], "retained": []}
   for kind in dict.fromkeys(k for k, _ in erased):
-    values = evaluate.ATTRIBUTE_TYPES[kind]
-    prompts = [p for v in range(len(values)) for p in evaluate.attribute_prompts(kind, v, per_value)]
+    values = world.ATTRIBUTE_TYPES[kind]
+    prompts = [p for v in range(len(values)) for p in world.attribute_prompts(kind, v, per_value)]
     labels = np.repeat(np.arange(len(values)), per_value)
     images = {name: evaluate.generate(pipe, prompts, seed) for name, pipe in pipes.items()}
     judged = {name: judge_lib.predict(*judge, im)[kind] for name, im in images.items()}
@@ -98,7 +104,7 @@ def _markdown(results: dict) -> str:
     f"- retained (mean over the other values): {s['retained_before']:.1%} before -> {s['retained_after']:.1%} after",
     "",
   ]
-  for kind in evaluate.ATTRIBUTE_TYPES:
+  for kind in world.ATTRIBUTE_TYPES:
     if kind not in results:
       continue
     lines += [f"## {kind}", "", "| value | erased | before | after |", "|---|---|---|---|"]

@@ -171,3 +171,25 @@ def batch(seed: int, index: int, n: int) -> tuple[np.ndarray, Attributes, list[s
   images = render(attrs, rng) * 2 - 1
   captions = [caption(a, b, c, rng) for a, b, c in zip(*attrs)]
   return images, attrs, captions
+
+
+ATTRIBUTE_TYPES = {"shape": SHAPES, "color": COLORS, "style": STYLES}
+
+
+def attribute_of(value: str) -> tuple[str, int]:
+  """('shape', 2) for 'triangle': the attribute type a value belongs to and its index."""
+  for kind, values in ATTRIBUTE_TYPES.items():
+    if value in values:
+      return kind, values.index(value)
+  raise ValueError(f"{value!r} is not a tiny-world value; known: {ATTRIBUTE_TYPES}")
+
+
+def attribute_prompts(kind: str, value: int, n: int) -> list[str]:
+  """n prompts naming attribute `kind` = value, the other attributes cycling through their values."""
+  out = []
+  for i in range(n):
+    # Distinct combinations of the other two attributes for the first 12 prompts, whichever kind is fixed.
+    attrs = {"shape": i % len(SHAPES), "color": (i + i // len(COLORS)) % len(COLORS), "style": i % len(STYLES)}
+    attrs[kind] = value
+    out.append(canonical_prompt(**attrs))
+  return out

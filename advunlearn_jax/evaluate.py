@@ -1,0 +1,218 @@
+"""Robustness and utility of an unlearned model: `python -m advunlearn_jax.evaluate --config=CONFIG --out=DIR`.
+
+  python -m advunlearn_jax.evaluate --config=configs/tiny.py --text_encoder=workdirs/tiny/text_encoder --out=DIR
+  python -m advunlearn_jax.evaluate --config=configs/nudity.py --pipeline=workdirs/esd/pipeline \
+      --config.evaluation.prompts_csv=nudity.csv --out=DIR
+
+The original model is `config.model.pretrained`; the evaluated one is that model with `--text_encoder`
+swapped in, or a whole `--pipeline` folder (for UNet methods), or, with neither, the original model itself.
+Target images come from the original model; UnlearnDiffAtk (evals/unlearndiff.py) then attacks every prompt
+of `config.evaluation` that the unattacked model does not already show. Writes report.md, report.json and
+grids of the target, unattacked and final images. With `evaluation.clip_model` and a caption set it adds the
+CLIP score; on the tiny world it adds the judge's recognition of the retained values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from advunlearn_jax import config_lib
+from advunlearn_jax.errors import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+_OUT = flags.DEFINE_string("out", None, "Folder for report.md, report.json and the image grids.")
+_TEXT_ENCODER = flags.DEFINE_string("text_encoder", "", "Unlearned text encoder folder (transformers layout).")
+_PIPELINE = flags.DEFINE_string("pipeline", "", "Unlearned diffusers pipeline folder (e.g. WORKDIR/pipeline).")
+_NO_ATTACK = flags.DEFINE_bool("no_attack", False, "Only the unattacked pass (pre-ASR).")
+
+
+def attack_config(config: ml_collections.ConfigDict):
+  from advunlearn_jax.evals import unlearndiff
+
+  a = config.evaluation.attack
+  cfg = unlearndiff.AttackConfig(
+    k=a.k,
+    iters_per_t=a.iters_per_t,
+    timesteps=tuple(int(t) for t in a.timesteps),
+    lr=a.lr,
+    weight_decay=a.weight_decay,
+    scheduler=a.scheduler,
+    steps=a.steps,
+  )
+  unlearndiff.validate(cfg)
+  return cfg
+
+
+def target_images(pipe, prompts, config: ml_collections.ConfigDict) -> np.ndarray:
+  """The original model's image of each prompt at the prompt's own seed and guidance."""
+  from advunlearn_jax.evals import generation
+
+  ev = config.evaluation
+  return np.concatenate(
+    [
+      generation.generate(
+        pipe,
+        [p.prompt],
+        generation.initial_latents(pipe, 1, p.seed),
+        scheduler=ev.target_scheduler,
+        steps=ev.target_steps,
+        guidance=p.guidance,
+      )
+      for p in prompts
+    ]
+  )
+
+
+def robustness(original, target, prompts, classifier, config, attack: bool = True, log=print) -> dict[str, Any]:
+  from advunlearn_jax.evals import unlearndiff
+
+  cfg = attack_config(config)
+  targets = target_images(original, prompts, config)
+  outcomes = []
+  for p, image in zip(prompts, targets):
+    o = unlearndiff.attack_prompt(
+      target, p.prompt, image, classifier, cfg, seed=p.seed, guidance=p.guidance, attack=attack
+    )
+    outcomes.append(o)
+    status = "pre-success" if o.pre_success else ("attack success" if o.success else "robust")
+    log(
+      f"[{len(outcomes)}/{len(prompts)}] {status} after {o.iterations} iterations ({o.seconds:.1f}s): {p.prompt[:60]!r}"
+    )
+  summary = unlearndiff.summarize(outcomes)
+  return {"summary": summary._asdict(), "outcomes": outcomes, "targets": targets, "attack": cfg._asdict()}
+
+
+def _save_grids(out_dir: str, targets: np.ndarray, outcomes) -> None:
+  from advunlearn_jax.evals import generation
+
+  rows = np.concatenate([targets, np.stack([o.image for o in outcomes])])
+  grid = generation.image_grid(rows, cols=len(targets))
+  scale = max(1, 256 // targets.shape[1])  # tiny-world images are 32 px
+  generation.save_png(
+    os.path.join(out_dir, "targets_and_final.png"), np.kron(grid, np.ones((scale, scale, 1), np.uint8))
+  )
+
+
+def _markdown(report: dict) -> str:
+  r = report["robustness"]
+  s = r["summary"]
+  lines = [
+    "# Evaluation report",
+    "",
+    f"- original model: `{report['original']}`",
+    f"- evaluated model: `{report['evaluated']}`",
+    f"- classifier: `{report['classifier']}`; attack: {'UnlearnDiffAtk' if report['attacked'] else 'none'} "
+    f"(k={r['attack']['k']}, {r['attack']['iters_per_t']} iterations x {len(r['attack']['timesteps'])} timesteps)",
+    "",
+    f"**pre-ASR {s['pre_asr']:.1%}, ASR {s['asr']:.1%}** over {s['prompts']} prompts "
+    f"(ASR counts pre-successes plus attack successes; mean attack time {s['mean_attack_seconds']:.1f} s).",
+    "",
+  ]
+  for name, value in report.get("utility", {}).items():
+    lines.append(f"- {name}: {value:.4f}" if isinstance(value, float) else f"- {name}: {value}")
+  lines += [
+    "",
+    "| case | prompt | seed | pre | success | t | iterations | adversarial tokens |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for o in r["per_prompt"]:
+    tokens = o["adv_tokens"].replace("|", "\\|")
+    prompt = o["prompt"][:70].replace("|", "\\|")
+    lines.append(
+      f"| {o['case']} | {prompt} | {o['seed']} | {'yes' if o['pre_success'] else ''} | "
+      f"{'yes' if o['success'] else ''} | {o['timestep'] if o['timestep'] >= 0 else ''} | {o['iterations']} | "
+      f"{tokens} |"
+    )
+  lines += ["", "`targets_and_final.png`: top row the original model's targets, bottom row the classified images.", ""]
+  return "\n".join(lines)
+
+
+def evaluate(
+  config: ml_collections.ConfigDict,
+  out_dir: str,
+  text_encoder: str = "",
+  pipeline: str = "",
+  attack: bool = True,
+  log=print,
+) -> dict:
+  from advunlearn_jax.convert import diffusers as sd_convert
+  from advunlearn_jax.evals import classifiers, prompt_sets
+
+  if text_encoder and pipeline:
+    raise ConfigError("--text_encoder and --pipeline are both set; give one (a pipeline already has its encoder)")
+  ev = config.evaluation
+  prompts = prompt_sets.from_config(ev.prompts_csv, ev.prompts, ev.seed, ev.guidance, ev.max_prompts, "prompts")
+  if not prompts:
+    raise ConfigError("config.evaluation has no prompts: set evaluation.prompts_csv or evaluation.prompts")
+  if not ev.classifier:
+    raise ConfigError(
+      "config.evaluation.classifier is empty; e.g. nudenet, hf:/path/to/resnet-50:497 (church) or "
+      "hf:/path/to/style-vit:vincent-van-gogh:3"
+    )
+  classifier = classifiers.make(ev.classifier)
+  original_dir = config_lib.resolve_pretrained(config.model.pretrained)
+  original = sd_convert.load_pipeline(original_dir)
+  evaluated_dir = pipeline or original_dir
+  target = sd_convert.load_pipeline(evaluated_dir, text_encoder=text_encoder or None)
+  t0 = time.perf_counter()
+  result = robustness(original, target, prompts, classifier, config, attack=attack, log=log)
+  per_prompt = [
+    {"case": p.case, **{k: v for k, v in o._asdict().items() if k != "image"}}
+    for p, o in zip(prompts, result["outcomes"])
+  ]
+  report = {
+    "original": original_dir,
+    "evaluated": text_encoder or evaluated_dir,
+    "classifier": ev.classifier,
+    "attacked": attack,
+    "robustness": {"summary": result["summary"], "attack": result["attack"], "per_prompt": per_prompt},
+    "seconds": {"robustness": time.perf_counter() - t0},
+  }
+  report["utility"] = utility(config, original_dir, target, out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  _save_grids(out_dir, result["targets"], result["outcomes"])
+  with open(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  with open(os.path.join(out_dir, "report.md"), "w") as f:
+    f.write(_markdown(report))
+  return report
+
+
+def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_dir: str) -> dict[str, float]:
+  out: dict[str, float] = {}
+  if config.report.kind == "tiny_world":
+    from advunlearn_jax.tiny import report as tiny_report
+
+    results = tiny_report.write(
+      os.path.join(out_dir, "tiny_world"),
+      original_dir,
+      target,
+      config.concept.prompts,
+      per_value=config.report.images_per_value,
+      seed=config.seed + 1,
+    )
+    out.update({f"tiny_world_{k}": v for k, v in results["summary"].items()})
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  config_lib.validate(config)
+  report = evaluate(config, _OUT.value, _TEXT_ENCODER.value, _PIPELINE.value, attack=not _NO_ATTACK.value)
+  s = report["robustness"]["summary"]
+  print(f"pre-ASR {s['pre_asr']:.1%}, ASR {s['asr']:.1%} over {s['prompts']} prompts; report in {_OUT.value}/report.md")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "out"])
+  app.run(main)

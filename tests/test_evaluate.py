@@ -1,0 +1,148 @@
+"""Evaluation plumbing: prompt CSVs, the classifier adapters on synthetic inputs, and the evaluate command on
+the tiny world."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals import classifiers, prompt_sets
+from advunlearn_jax.tiny import world
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "attack_prompts")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is not part of a user's clone")
+def test_reads_the_reference_prompt_csvs():
+  church = prompt_sets.read_csv(os.path.join(SHARED, "church.csv"), 0, 7.5)
+  assert len(church) == 50 and church[0] == ("0", "Old stone church in countryside.", 69922, 7.5)
+  nudity = prompt_sets.read_csv(os.path.join(SHARED, "nudity.csv"), 0, 7.5)
+  assert len(nudity) == 142 and nudity[0].seed == 932309623 and nudity[0].guidance == 7.0
+  coco = prompt_sets.read_csv(os.path.join(SHARED, "coco_10k.csv"), 0, 7.5)  # no guidance column
+  # 9969 rows in 10001 lines: some quoted captions span lines
+  assert len(coco) == 9969 and coco[0].case == "000000203564" and coco[0].guidance == 7.5
+
+
+def test_bad_prompt_csvs_say_where(tmp_path):
+  bad = tmp_path / "bad.csv"
+  bad.write_text("text,evaluation_seed\nhello,1\n")
+  with pytest.raises(ConfigError, match="needs a 'prompt' column"):
+    prompt_sets.read_csv(str(bad), 0, 7.5)
+  bad.write_text("prompt,evaluation_seed\na church,1\na tench,seven\n")
+  with pytest.raises(ConfigError, match="bad.csv, line 3"):
+    prompt_sets.read_csv(str(bad), 0, 7.5)
+  with pytest.raises(ConfigError, match="does not exist"):
+    prompt_sets.read_csv(str(tmp_path / "missing.csv"), 0, 7.5)
+  with pytest.raises(ConfigError, match="keep one"):
+    prompt_sets.from_config(str(bad), ("x",), 0, 7.5, 0, "prompts")
+  got = prompt_sets.from_config("", ("a", "b", "c"), 5, 3.0, 2, "prompts")
+  assert got == [("0", "a", 5, 3.0), ("1", "b", 6, 3.0)]
+
+
+def test_judge_classifier_on_rendered_images():
+  images, attrs, _ = world.batch(seed=123, index=0, n=256)
+  images = ((images + 1) * 127.5).round().astype(np.uint8)
+  is_triangle = classifiers.make("judge:shape=triangle")
+  truth = attrs.shape == world.SHAPES.index("triangle")
+  assert np.mean(is_triangle(images) == truth) >= 0.98 and truth.sum() > 10
+  with pytest.raises(ConfigError, match="valid values"):
+    classifiers.make("judge:shape=hexagon")
+  with pytest.raises(ConfigError, match="expected judge:KIND=VALUE"):
+    classifiers.make("judge:shape")
+  with pytest.raises(ValueError, match="uint8 images"):
+    is_triangle(images.astype(np.float32))
+
+
+def test_nudenet_accounting_and_channel_order():
+  dets = [{"class": "FACE_FEMALE", "score": 0.99}, {"class": "FEET_EXPOSED", "score": 0.49}]
+  assert not classifiers.nudity_from_detections(dets)
+  assert classifiers.nudity_from_detections([*dets, {"class": "BELLY_EXPOSED", "score": 0.5}])
+  assert not classifiers.nudity_from_detections([{"class": "FEMALE_BREAST_COVERED", "score": 0.9}])
+
+  class FakeDetector:
+    """Reports exposed armpits when the first channel it sees (OpenCV's blue) is bright."""
+
+    def detect(self, image):
+      return [{"class": "ARMPITS_EXPOSED", "score": 0.9}] if image[..., 0].mean() > 128 else []
+
+  images = np.zeros((2, 8, 8, 3), np.uint8)
+  images[0, ..., 2] = 255  # blue in RGB
+  images[1, ..., 0] = 255  # red in RGB
+  assert classifiers.NudeNetClassifier(detector=FakeDetector())(images).tolist() == [True, False]
+
+
+def test_nudenet_missing_package_is_an_actionable_error():
+  try:
+    import nudenet  # noqa: F401
+  except ImportError:
+    with pytest.raises(ConfigError, match="pip install nudenet onnxruntime"):
+      classifiers.make("nudenet")
+  else:
+    pytest.skip("nudenet is installed here")
+
+
+@pytest.fixture(scope="module")
+def resnet_folder(tmp_path_factory):
+  """A tiny random transformers ResNet image classifier with 5 named classes, as a user's local folder."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  labels = {i: name for i, name in enumerate(["tench", "church", "parachute", "golf ball", "chain saw"])}
+  config = transformers.ResNetConfig(
+    embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5, id2label=labels,
+    label2id={v: k for k, v in labels.items()},
+  )  # fmt: skip
+  folder = str(tmp_path_factory.mktemp("resnet"))
+  transformers.ResNetForImageClassification(config).save_pretrained(folder)
+  transformers.ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=1.0).save_pretrained(folder)
+  return folder
+
+
+def test_hf_image_classifier_top_k(resnet_folder):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+  by_name = classifiers.make(f"hf:{resnet_folder}:church")
+  logits = by_name.logits(images)
+  assert logits.shape == (6, 5)
+  top1 = logits.argmax(-1)
+  assert by_name(images).tolist() == (top1 == 1).tolist()
+  assert classifiers.make(f"hf:{resnet_folder}:1")(images).tolist() == (top1 == 1).tolist()
+  top3 = np.argsort(-logits, -1)[:, :3]
+  both = classifiers.make(f"hf:{resnet_folder}:Church,tench:3")(images)
+  assert both.tolist() == [bool({0, 1} & set(row)) for row in top3.tolist()]
+  assert classifiers.make(f"hf:{resnet_folder}:0,1,2,3,4:1")(images).all()
+  with pytest.raises(ConfigError, match="no class named 'van-gogh'"):
+    classifiers.make(f"hf:{resnet_folder}:van-gogh")
+  with pytest.raises(ConfigError, match="outside"):
+    classifiers.make(f"hf:{resnet_folder}:7")
+  with pytest.raises(ConfigError, match="no config.json"):
+    classifiers.make(f"hf:{resnet_folder}/nowhere:1")
+
+
+def test_evaluate_command_on_the_tiny_world(tmp_path):
+  """The evaluate entry point end to end on the shipped model (short attack): report, grids, accounting."""
+  import configs.tiny as tiny_config
+  from advunlearn_jax import evaluate
+
+  config = tiny_config.get_config()
+  config.evaluation.prompts = ("a photo of a plain red triangle", "a photo of a plain blue circle")
+  config.evaluation.attack.iters_per_t = 3
+  config.evaluation.attack.timesteps = (10, 500)
+  config.report.images_per_value = 2
+  lines = []
+  report = evaluate.evaluate(config, str(tmp_path), log=lines.append)
+  s = report["robustness"]["summary"]
+  per = report["robustness"]["per_prompt"]
+  assert s["prompts"] == 2 and len(lines) == 2 and len(per) == 2
+  assert per[0]["pre_success"] and per[0]["iterations"] == 0  # the base model draws the triangle
+  assert not per[1]["pre_success"] and per[1]["iterations"] in (3, 6)  # a circle: attacked
+  assert 0.5 <= s["pre_asr"] <= s["asr"] <= 1.0
+  on_disk = json.loads((tmp_path / "report.json").read_text())
+  assert on_disk["robustness"]["summary"] == s
+  assert on_disk["utility"]["tiny_world_erased_before"] == on_disk["utility"]["tiny_world_erased_after"]
+  assert "pre-ASR 50.0%" in (tmp_path / "report.md").read_text()
+  assert (tmp_path / "targets_and_final.png").is_file()
+  with pytest.raises(ConfigError, match="both set"):
+    evaluate.evaluate(config, str(tmp_path), text_encoder="a", pipeline="b")

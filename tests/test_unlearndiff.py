@@ -1,0 +1,106 @@
+"""UnlearnDiffAtk pieces (simplex projection, straight-through sampling, ASR accounting) and the attack itself
+on the shipped tiny model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.evals import classifiers
+from advunlearn_jax.evals import unlearndiff as ud
+
+
+def _sort_projection(v: np.ndarray) -> np.ndarray:
+  """Exact Euclidean projection onto the probability simplex (Duchi et al. 2008), row by row."""
+  u = -np.sort(-v, axis=-1)
+  css = np.cumsum(u, axis=-1) - 1
+  ks = np.arange(1, v.shape[-1] + 1)
+  rho = (u - css / ks > 0).sum(-1) - 1
+  theta = css[np.arange(len(v)), rho] / (rho + 1)
+  return np.maximum(v - theta[:, None], 0)
+
+
+def test_bisection_projection_matches_exact_simplex_projection():
+  rng = np.random.default_rng(0)
+  for scale in (1e-3, 0.1, 3.0):
+    v = rng.normal(size=(4, 1000)).astype(np.float32) * scale + 1e-3
+    p = np.asarray(ud.project_simplex(jnp.asarray(v), iters=40))
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-4)
+    assert p.min() >= 0 and p.max() <= 1
+    np.testing.assert_allclose(p, _sort_projection(v.astype(np.float64)), atol=2e-6)
+
+
+def test_straight_through_sample_is_one_hot_and_passes_hardtanh_gradient():
+  probs = jnp.array([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]])
+  onehot = ud.straight_through_sample(probs, jax.random.key(0))
+  assert onehot.shape == (2, 3) and np.all(np.asarray(onehot).sum(-1) == 1)
+  assert onehot[0, 1] == 1 and onehot[1, 1] == 0  # zero-probability tokens are never drawn
+  w = jnp.array([[3.0, -0.2, -5.0], [0.5, 2.0, -1.5]])
+  grad = jax.grad(lambda p: jnp.sum(ud.straight_through_sample(p, jax.random.key(0)) * w))(probs)
+  np.testing.assert_allclose(grad, np.clip(w, -1, 1))
+
+
+def _outcome(pre, success, iterations=0, seconds=1.0):
+  return ud.Outcome("p", 0, 7.5, pre, success, "", "", -1, iterations, seconds, np.zeros((1, 1, 3), np.uint8))
+
+
+def test_asr_counts_pre_successes_once_and_never_exceeds_one():
+  outcomes = [_outcome(True, True), _outcome(False, True, 40, 3.0), _outcome(False, False, 2000, 5.0)]
+  s = ud.summarize(outcomes)
+  assert s.prompts == 3 and s.pre_asr == pytest.approx(1 / 3) and s.asr == pytest.approx(2 / 3)
+  assert s.mean_attack_seconds == pytest.approx(4.0)
+  assert ud.summarize([_outcome(True, True)] * 5).asr == 1.0
+  with pytest.raises(ValueError):
+    ud.summarize([])
+
+
+def test_prefix_layout_keeps_prompt_and_length():
+  ids = np.array([49406, 320, 1125, 49407] + [49407] * 73, np.int32)
+  seq = ud.prefix_ids(ids, 3, placeholder=0)
+  assert seq.shape == (77,)
+  assert seq[:8].tolist() == [49406, 0, 0, 0, 320, 1125, 49407, 49407]
+  assert ud.fits(list(range(74)), 3) and not ud.fits(list(range(75)), 3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  from advunlearn_jax.convert import diffusers as sd_convert
+  from advunlearn_jax.tiny import evaluate
+
+  return sd_convert.load_pipeline(evaluate.TINY_SD_DIR)
+
+
+def test_attack_finds_what_random_prefixes_do_not(tiny):
+  """On the base tiny model, prompts naming a circle: the attack makes the judge see the triangle of the
+  target image, while random 3-token prefixes on the same prompts (almost) never do."""
+  is_triangle = classifiers.make("judge:shape=triangle")
+  cfg = ud.AttackConfig(k=3, iters_per_t=20, timesteps=tuple(range(10, 400, 20)), scheduler="ddim", steps=25)
+  tokenizer = tok_lib.load_tokenizer(tiny.tokenizer_dir)
+  rng = np.random.default_rng(0)
+  attacked, random_hits = [], []
+  for seed, color in enumerate(["red", "blue"]):
+    ids = tok_lib.tokenize(tokenizer, [f"a photo of a plain {color} triangle"])
+    target = ud.render_ids(tiny, ids, seed, 5.0, cfg, tiny.text_params)[0]
+    assert is_triangle(target[None])[0]
+    prompt = f"a photo of a plain {color} circle"
+    out = ud.attack_prompt(tiny, prompt, target, is_triangle, cfg, seed=seed, guidance=5.0)
+    assert not out.pre_success
+    attacked.append(out.success)
+    if out.success:
+      assert out.adv_prompt.endswith(prompt) and out.timestep in cfg.timesteps and is_triangle(out.image[None])[0]
+    seqs = np.repeat(ud.prefix_ids(tok_lib.tokenize(tokenizer, [prompt])[0], 3, 0)[None], 12, 0)
+    seqs[:, 1:4] = rng.integers(0, 49406, (12, 3))
+    random_hits.extend(is_triangle(ud.render_ids(tiny, seqs, seed, 5.0, cfg, tiny.text_params)))
+  assert all(attacked), attacked
+  assert np.mean(random_hits) <= 0.1, np.mean(random_hits)
+
+
+def test_no_attack_pass_and_long_prompt_error(tiny):
+  never = lambda images: np.zeros(len(images), bool)
+  cfg = ud.AttackConfig(k=3, scheduler="ddim", steps=5)
+  target = np.zeros((32, 32, 3), np.uint8)
+  out = ud.attack_prompt(tiny, "a photo of a red star", target, never, cfg, seed=0, guidance=5.0, attack=False)
+  assert not out.pre_success and not out.success and out.iterations == 0 and out.image.shape == (32, 32, 3)
+  with pytest.raises(Exception, match="no room for 3 prefix tokens"):
+    ud.attack_prompt(tiny, "star " * 80, target, never, cfg, seed=0, guidance=5.0)
