@@ -186,8 +186,51 @@ def evaluate(
   return report
 
 
+def caption_images(pipe, captions, config: ml_collections.ConfigDict, chunk: int = 16) -> np.ndarray:
+  """One image per caption at its own seed, in chunks of consecutive captions that share a guidance scale."""
+  import jax.numpy as jnp
+
+  from advunlearn_jax.evals import generation
+
+  ev = config.evaluation
+  out, i = [], 0
+  while i < len(captions):
+    group = [captions[i]]
+    while (
+      len(group) < chunk and i + len(group) < len(captions) and captions[i + len(group)].guidance == group[0].guidance
+    ):
+      group.append(captions[i + len(group)])
+    latents = jnp.concatenate([generation.initial_latents(pipe, 1, c.seed) for c in group])
+    out.append(
+      generation.generate(
+        pipe,
+        [c.prompt for c in group],
+        latents,
+        scheduler=ev.utility_scheduler,
+        steps=ev.utility_steps,
+        guidance=group[0].guidance,
+      )
+    )
+    i += len(group)
+  return np.concatenate(out)
+
+
 def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_dir: str) -> dict[str, float]:
+  from advunlearn_jax.evals import prompt_sets
+
   out: dict[str, float] = {}
+  ev = config.evaluation
+  if ev.clip_model:
+    from advunlearn_jax.evals import clip_score, generation
+
+    captions = prompt_sets.from_config(ev.captions_csv, (), ev.seed, ev.utility_guidance, ev.max_captions, "captions")
+    if not captions:
+      raise ConfigError("config.evaluation.clip_model is set but captions_csv is empty (e.g. coco_10k.csv)")
+    images = caption_images(target, captions, config)
+    out["clip_score"] = clip_score.CLIPScorer(ev.clip_model).score(images, [c.prompt for c in captions])
+    out["clip_score_captions"] = len(captions)
+    grid = generation.image_grid(images[:32], cols=8)
+    generation.save_png(os.path.join(out_dir, "utility_samples.png"), grid)
   if config.report.kind == "tiny_world":
     from advunlearn_jax.tiny import report as tiny_report
 

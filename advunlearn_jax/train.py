@@ -94,7 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, checkpoints, resumes, and exports `workdir/text_encoder` and `workdir/pipeline`."""
   # ---------------------------------------------------------------- config and weights
   validate(config)
-  root = sd_convert.resolve_pretrained(config.model.pretrained)
+  root = sd_convert.resolve_pretrained(config_lib.resolve_pretrained(config.model.pretrained))
   with_previews = config.samples.every > 0 and os.path.isdir(os.path.join(root, "vae"))
   pipe = sd_convert.load_pipeline(root, with_vae=with_previews)
   tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)

@@ -125,12 +125,19 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   """The evaluate entry point end to end on the shipped model (short attack): report, grids, accounting."""
   import configs.tiny as tiny_config
   from advunlearn_jax import evaluate
+  from tests import torch_oracles
 
   config = tiny_config.get_config()
   config.evaluation.prompts = ("a photo of a plain red triangle", "a photo of a plain blue circle")
   config.evaluation.attack.iters_per_t = 3
   config.evaluation.attack.timesteps = (10, 500)
   config.report.images_per_value = 2
+  config.evaluation.clip_model = str(tmp_path / "clip")
+  torch_oracles.write_clip_model(config.evaluation.clip_model)
+  (tmp_path / "captions.csv").write_text("case_number,prompt,evaluation_seed\n7,a red star,3\n8,a blue heart,4\n")
+  config.evaluation.captions_csv = str(tmp_path / "captions.csv")
+  config.evaluation.utility_scheduler = "ddim"
+  config.evaluation.utility_steps = 5
   lines = []
   report = evaluate.evaluate(config, str(tmp_path), log=lines.append)
   s = report["robustness"]["summary"]
@@ -141,7 +148,10 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   assert 0.5 <= s["pre_asr"] <= s["asr"] <= 1.0
   on_disk = json.loads((tmp_path / "report.json").read_text())
   assert on_disk["robustness"]["summary"] == s
-  assert on_disk["utility"]["tiny_world_erased_before"] == on_disk["utility"]["tiny_world_erased_after"]
+  utility = on_disk["utility"]
+  assert utility["tiny_world_erased_before"] == utility["tiny_world_erased_after"]  # the base model itself
+  assert -1 <= utility["clip_score"] <= 1 and utility["clip_score_captions"] == 2
+  assert (tmp_path / "utility_samples.png").is_file()
   assert "pre-ASR 50.0%" in (tmp_path / "report.md").read_text()
   assert (tmp_path / "targets_and_final.png").is_file()
   with pytest.raises(ConfigError, match="both set"):

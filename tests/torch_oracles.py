@@ -114,3 +114,24 @@ def _perturb(model):
   with torch.no_grad():
     for p in model.parameters():
       p.add_(0.02 * torch.randn_like(p))
+
+
+def write_clip_model(folder: str, seed: int = 0):
+  """A small random transformers CLIPModel (ViT layout, real vocabulary) with its image processor config, saved
+  as a user's local folder; returns the PyTorch model. Short side 40 then a 32 crop: resize and crop both act."""
+  torch.manual_seed(seed)
+  config = transformers.CLIPConfig(
+    text_config=dict(
+      vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=77, eos_token_id=2,  # openai/clip-vit-base-patch32 still carries the legacy id
+    ),
+    vision_config=dict(
+      hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    ),
+    projection_dim=16,
+  )  # fmt: skip
+  model = transformers.CLIPModel(config).eval()
+  model.save_pretrained(folder)
+  processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
+  processor.save_pretrained(folder)
+  return model

@@ -122,8 +122,9 @@ class CLIPTextOutput(NamedTuple):
 
 
 class CLIPAttention(nn.Module):
-  config: CLIPTextConfig
+  config: CLIPTextConfig  # or a CLIPVisionConfig: the encoder blocks only read the shared fields
   dtype: Any = jnp.float32
+  causal: bool = True  # the text tower; the vision tower attends both ways
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -131,7 +132,7 @@ class CLIPAttention(nn.Module):
     dense = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype, name=name)
     split = lambda t: t.reshape(*t.shape[:-1], cfg.num_attention_heads, cfg.head_dim)
     q, k, v = (split(dense(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=cfg.head_dim**-0.5)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, scale=cfg.head_dim**-0.5)
     return dense("out_proj")(out.reshape(*x.shape[:-1], cfg.hidden_size))
 
 
@@ -150,12 +151,13 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
   config: CLIPTextConfig
   dtype: Any = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     eps = self.config.layer_norm_eps
     h = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="layer_norm1")(x)
-    x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(h)
+    x = x + CLIPAttention(self.config, self.dtype, self.causal, name="self_attn")(h)
     h = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="layer_norm2")(x)
     return x + CLIPMLP(self.config, self.dtype, name="mlp")(h)
 
@@ -163,9 +165,11 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
   config: CLIPTextConfig
   dtype: Any = jnp.float32
+  causal: bool = True
 
   def setup(self):
-    self.layers = [CLIPEncoderLayer(self.config, self.dtype) for _ in range(self.config.num_hidden_layers)]
+    n = self.config.num_hidden_layers
+    self.layers = [CLIPEncoderLayer(self.config, self.dtype, self.causal) for _ in range(n)]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for layer in self.layers:

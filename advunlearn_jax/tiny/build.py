@@ -135,9 +135,11 @@ def train_sd(
   batch: int,
   lr: float = 1e-3,
   init: tuple[Any, Any] | None = None,
+  train_text: bool = True,
 ) -> tuple[Any, Any]:
   """CLIP text tower and UNet with the epsilon objective, from scratch or from `init` = (text, unet) params;
-  returns EMA params (text, unet)."""
+  returns EMA params (text, unet). `train_text=False` fine-tunes the UNet under a frozen text tower (the
+  tiny world's stand-in for SD v1.5: a UNet that a text encoder trained on the base model plugs into)."""
   unet = unet_lib.UNet2DConditionModel(UNET)
   text = clip_text.CLIPTextModel(CLIP)
   k_text, k_unet = jax.random.split(jax.random.key(seed + 2))
@@ -159,7 +161,8 @@ def train_sd(
     xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
 
     def loss_fn(p):
-      ctx = text.apply({"params": p["text"]}, ids).last_hidden_state
+      text_params = p["text"] if train_text else jax.lax.stop_gradient(p["text"])  # zero grads: Adam leaves it
+      ctx = text.apply({"params": text_params}, ids).last_hidden_state
       return jnp.mean((unet.apply({"params": p["unet"]}, xt, t, ctx) - noise) ** 2)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
