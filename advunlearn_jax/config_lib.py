@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluation.clip_model = ""  # transformers CLIP folder (openai/clip-vit-base-patch32) -> CLIP score
   c.evaluation.captions_csv = ""  # utility captions (coco_10k.csv format: prompt[, evaluation_seed])
   c.evaluation.max_captions = 0  # 0: every caption
+  c.evaluation.real_images = ""  # folder of real images (COCO) -> FID-CLIP against the caption images
   c.evaluation.utility_scheduler = "lms"  # the reference: LMS, 100 steps, guidance 7.5
   c.evaluation.utility_steps = 100
   c.evaluation.utility_guidance = 7.5

@@ -9,7 +9,8 @@ swapped in, or a whole `--pipeline` folder (for UNet methods), or, with neither,
 Target images come from the original model; UnlearnDiffAtk (evals/unlearndiff.py) then attacks every prompt
 of `config.evaluation` that the unattacked model does not already show. Writes report.md, report.json and
 grids of the target, unattacked and final images. With `evaluation.clip_model` and a caption set it adds the
-CLIP score; on the tiny world it adds the judge's recognition of the retained values.
+CLIP score, plus FID-CLIP against `evaluation.real_images` (evals/fid.py says why not Inception FID); on the
+tiny world it adds the judge's recognition of the retained values.
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_di
 
   out: dict[str, float] = {}
   ev = config.evaluation
+  if ev.real_images and not ev.clip_model:
+    raise ConfigError("config.evaluation.real_images needs evaluation.clip_model: FID-CLIP uses its image features")
   if ev.clip_model:
     from advunlearn_jax.evals import clip_score, generation
 
@@ -227,8 +230,14 @@ def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_di
     if not captions:
       raise ConfigError("config.evaluation.clip_model is set but captions_csv is empty (e.g. coco_10k.csv)")
     images = caption_images(target, captions, config)
-    out["clip_score"] = clip_score.CLIPScorer(ev.clip_model).score(images, [c.prompt for c in captions])
+    scorer = clip_score.CLIPScorer(ev.clip_model)
+    out["clip_score"] = scorer.score(images, [c.prompt for c in captions])
     out["clip_score_captions"] = len(captions)
+    if ev.real_images:
+      from advunlearn_jax.evals import fid
+
+      real = fid.statistics(scorer.image_features(fid.load_images(ev.real_images)))
+      out["fid_clip"] = fid.frechet_distance(*fid.statistics(scorer.image_features(images)), *real)
     grid = generation.image_grid(images[:32], cols=8)
     generation.save_png(os.path.join(out_dir, "utility_samples.png"), grid)
   if config.report.kind == "tiny_world":

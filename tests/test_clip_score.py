@@ -59,3 +59,29 @@ def test_bad_clip_folders_say_what_is_wrong(tmp_path, clip_folder):
   (tmp_path / "config.json").write_text('{"hidden_size": 32}')
   with pytest.raises(ConfigError, match="needs 'text_config' and 'vision_config'"):
     clip_score.CLIPScorer(str(tmp_path))
+
+
+def test_frechet_distance_closed_form_and_identity():
+  from advunlearn_jax.evals import fid
+
+  rng = np.random.default_rng(0)
+  mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+  d1, d2 = rng.uniform(0.5, 2, 4), rng.uniform(0.5, 2, 4)
+  expected = np.sum((mu1 - mu2) ** 2) + np.sum(d1 + d2 - 2 * np.sqrt(d1 * d2))  # diagonal Gaussians
+  assert fid.frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) == pytest.approx(expected, rel=1e-9)
+  feats = rng.normal(size=(200, 8))
+  assert abs(fid.frechet_distance(*fid.statistics(feats), *fid.statistics(feats))) < 1e-6
+  shifted = fid.frechet_distance(*fid.statistics(feats), *fid.statistics(feats + 1.0))
+  assert shifted == pytest.approx(8.0, rel=1e-6)  # a mean shift of 1 in each of 8 dimensions
+  with pytest.raises(ValueError, match="at least 2 feature vectors"):
+    fid.statistics(feats[:1])
+
+
+def test_real_image_folder_errors(tmp_path):
+  from advunlearn_jax.evals import fid
+
+  with pytest.raises(ConfigError, match="does not exist"):
+    fid.load_images(str(tmp_path / "nope"))
+  (tmp_path / "notes.txt").write_text("x")
+  with pytest.raises(ConfigError, match="needs at least 2 images"):
+    fid.load_images(str(tmp_path))

@@ -125,6 +125,7 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   """The evaluate entry point end to end on the shipped model (short attack): report, grids, accounting."""
   import configs.tiny as tiny_config
   from advunlearn_jax import evaluate
+  from advunlearn_jax.evals import generation
   from tests import torch_oracles
 
   config = tiny_config.get_config()
@@ -138,6 +139,9 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   config.evaluation.captions_csv = str(tmp_path / "captions.csv")
   config.evaluation.utility_scheduler = "ddim"
   config.evaluation.utility_steps = 5
+  config.evaluation.real_images = str(tmp_path / "real")
+  for i, (w, h) in enumerate([(40, 32), (32, 48), (64, 64)]):  # mixed sizes, as COCO's are
+    generation.save_png(str(tmp_path / "real" / f"{i}.png"), np.full((h, w, 3), 60 * i, np.uint8))
   lines = []
   report = evaluate.evaluate(config, str(tmp_path), log=lines.append)
   s = report["robustness"]["summary"]
@@ -151,6 +155,7 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   utility = on_disk["utility"]
   assert utility["tiny_world_erased_before"] == utility["tiny_world_erased_after"]  # the base model itself
   assert -1 <= utility["clip_score"] <= 1 and utility["clip_score_captions"] == 2
+  assert utility["fid_clip"] > 0
   assert (tmp_path / "utility_samples.png").is_file()
   assert "pre-ASR 50.0%" in (tmp_path / "report.md").read_text()
   assert (tmp_path / "targets_and_final.png").is_file()

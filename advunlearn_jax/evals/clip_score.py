@@ -41,11 +41,13 @@ class Preprocess:
     self.mean = np.array(raw.get("image_mean", OPENAI_MEAN), np.float32)
     self.std = np.array(raw.get("image_std", OPENAI_STD), np.float32)
 
-  def __call__(self, images: np.ndarray) -> np.ndarray:
+  def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 RGB images (an array, or a list of differently sized ones) -> normalised NHWC float32."""
     from PIL import Image
 
     out = []
-    for image in np.asarray(images, np.uint8):
+    for image in images:
+      image = np.asarray(image, np.uint8)
       h, w = image.shape[:2]
       s = self.shortest  # the short side becomes s exactly, the long side is truncated (as transformers)
       size = (int(s * w / h), s) if h <= w else (s, int(s * h / w))
@@ -55,6 +57,11 @@ class Preprocess:
       x = x[top : top + ch, left : left + cw].astype(np.float32) / 255.0
       out.append((x - self.mean) / self.std)
     return np.stack(out)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _image_features(config, params, pixels):
+  return CLIPModel(config).apply({"params": params}, pixels, method=CLIPModel.image_features)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -82,6 +89,14 @@ class CLIPScorer:
       ids = tok_lib.tokenize(self.tokenizer, list(captions[i : i + chunk]), self.config.text.max_position_embeddings)
       pixels = self.preprocess(images[i : i + chunk])
       out.append(np.asarray(_cosines(self.config, self.params, jnp.asarray(ids), jnp.asarray(pixels))))
+    return np.concatenate(out)
+
+  def image_features(self, images: np.ndarray | Sequence[np.ndarray], chunk: int = 64) -> np.ndarray:
+    """Projected image embeddings [N, projection_dim] (unnormalised): the features of FID-CLIP."""
+    out = [
+      np.asarray(_image_features(self.config, self.params, jnp.asarray(self.preprocess(images[i : i + chunk]))))
+      for i in range(0, len(images), chunk)
+    ]
     return np.concatenate(out)
 
   def score(self, images: np.ndarray, captions: Sequence[str]) -> float:
