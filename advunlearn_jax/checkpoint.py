@@ -25,6 +25,7 @@ RESUMABLE_FIELDS = (
   "train.log_every",
   "report.kind",
   "report.images_per_value",
+  "report.erased",
   *(f"samples.{k}" for k in ("every", "prompts", "retain_prompts", "steps", "guidance", "seed")),
 )
 

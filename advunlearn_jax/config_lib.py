@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.report = ml_collections.ConfigDict()
   c.report.kind = ""  # "tiny_world": after training, judge erasure on the tiny model into workdir/report
   c.report.images_per_value = 24
+  c.report.erased = ()  # tiny-world values the run erases; empty: the values its concept prompts name
 
   c.samples = ml_collections.ConfigDict()
   c.samples.every = 200  # preview grid (original vs current) every N iterations and at the end; 0: never

@@ -250,6 +250,7 @@ def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_di
       config.concept.prompts,
       per_value=config.report.images_per_value,
       seed=config.seed + 1,
+      erased_values=config.report.erased,
     )
     out.update({f"tiny_world_{k}": v for k, v in results["summary"].items()})
   return out

@@ -40,6 +40,7 @@ def main(argv: list[str]) -> None:
       config.concept.prompts,
       per_value=config.report.images_per_value,
       seed=config.seed + 1,
+      erased_values=config.report.erased,
     )
     s = results["summary"]
     print(

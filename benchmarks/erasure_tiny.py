@@ -63,6 +63,7 @@ def retain_accuracy(pipe, concept: str, per_value: int, seed: int) -> float:
 
 def measure(original, target, concept: str, args, log) -> dict:
   config = tiny_config.get_config(concept)
+  config.evaluation.prompts = config.evaluation.prompts[: args.prompts]
   if args.quick:
     config.evaluation.attack.iters_per_t = 5
     config.evaluation.attack.timesteps = (10, 490)
@@ -130,7 +131,9 @@ def main():
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--iterations", type=int, default=0, help="0: configs/tiny.py's")
   parser.add_argument("--per_value", type=int, default=12, help="retain-accuracy images per retained value")
-  parser.add_argument("--finetune_steps", type=int, default=400, help="0 skips the plug-and-play check")
+  parser.add_argument("--prompts", type=int, default=8, help="attack prompts per concept (of configs/tiny.py's 12)")
+  parser.add_argument("--plug_and_play", default="triangle", help="concepts whose encoders are plugged in; '' skips")
+  parser.add_argument("--finetune_steps", type=int, default=300, help="extra UNet steps under the frozen text tower")
   parser.add_argument("--quick", action="store_true", help="a 3-prompt, 10-iteration attack (smoke test)")
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -138,7 +141,8 @@ def main():
   log = lambda msg: print(msg, flush=True)
   base = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR)
   finetuned = None
-  if args.finetune_steps:
+  plug = set(filter(None, args.plug_and_play.split(",")))
+  if plug:
     finetuned = sd_convert.load_pipeline(finetuned_unet(args.out, args.finetune_steps, seed=0))
 
   rows: dict[tuple[str, str], list[dict]] = {}
@@ -147,7 +151,7 @@ def main():
       cached_measure(name, original, target, c, args, log)
     )
     add("base", os.path.join(args.out, concept, "base.json"), base, base)
-    if finetuned is not None:
+    if concept in plug:
       add("base, fine-tuned UNet", os.path.join(args.out, concept, "finetuned_base.json"), finetuned, finetuned)
     for method in METHODS:
       for seed in seeds:
@@ -158,7 +162,7 @@ def main():
         encoder = os.path.join(workdir, "text_encoder")
         target = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR, text_encoder=encoder)
         add(method, os.path.join(workdir, "measure.json"), base, target)
-        if finetuned is not None:
+        if concept in plug:
           plugged = sd_convert.load_pipeline(finetuned.root, text_encoder=encoder)
           add(
             f"{method}, plugged into fine-tuned UNet", os.path.join(workdir, "measure_plugged.json"), finetuned, plugged

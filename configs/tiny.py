@@ -8,64 +8,74 @@ world. The retain set is the world's prompts that do not name it; after training
 judge's recognition rates before/after and the image grids.
 """
 
+import itertools
+
 from advunlearn_jax import config_lib
 from advunlearn_jax.tiny import world
 
 
 def retain_prompts(concept: str) -> tuple[str, ...]:
-  """Prompts naming a value of the concept's attribute type other than the concept, with varied others."""
-  if concept in world.SHAPES:
-    keep = [s for s in range(len(world.SHAPES)) if world.SHAPES[s] != concept]
-    return tuple(world.canonical_prompt(shape=s, color=c) for s in keep for c in range(len(world.COLORS)))
-  if concept in world.STYLES:
-    keep = [t for t in range(len(world.STYLES)) if world.STYLES[t] != concept]
-    return tuple(world.canonical_prompt(shape=s, style=t) for t in keep for s in range(len(world.SHAPES)))
-  if concept in world.COLORS:
-    keep = [c for c in range(len(world.COLORS)) if world.COLORS[c] != concept]
-    return tuple(world.canonical_prompt(shape=s, color=c) for c in keep for s in range(len(world.SHAPES)))
-  raise ValueError(f"configs/tiny.py: {concept!r} is not a tiny-world shape, style or colour")
+  """Every full prompt (shape, colour, style) that does not name the concept: the retain set sees the same
+  phrasing as the prompts the report and the attack use."""
+  kind, index = world.attribute_of(concept)
+  combos = itertools.product(*(range(len(v)) for v in world.ATTRIBUTE_TYPES.values()))
+  kinds = list(world.ATTRIBUTE_TYPES)
+  return tuple(
+    world.canonical_prompt(**dict(zip(kinds, combo))) for combo in combos if combo[kinds.index(kind)] != index
+  )
 
 
-def concept_prompt(concept: str) -> str:
-  """The erased prompt in the world's phrasing: 'a photo of a triangle', 'a photo of a striped shape'."""
-  for kind, values in (("shape", world.SHAPES), ("style", world.STYLES), ("color", world.COLORS)):
-    if concept in values:
-      return world.canonical_prompt(**{kind: values.index(concept)})
-  raise ValueError(f"configs/tiny.py: {concept!r} is not a tiny-world shape, style or colour")
+EVAL_PROMPTS = 12  # UnlearnDiffAtk prompts: world.attribute_prompts(kind, value, 12)
+
+
+def concept_prompts(concept: str, variants: int = 6) -> tuple[str, ...]:
+  """The erased concept in the world's phrasing, alone and in `variants` full prompts (a 32-wide, 3-layer text
+  tower does not carry the erasure of 'a photo of a triangle' over to 'a photo of a striped red triangle' by
+  itself; the reference also splits a concept into several prompts, its --seperator). The variants avoid the
+  evaluation prompts, so the attack is measured on phrasings the run never trained on."""
+  kind, index = world.attribute_of(concept)
+  held_out = set(world.attribute_prompts(kind, index, EVAL_PROMPTS))
+  others = [k for k in world.ATTRIBUTE_TYPES if k != kind]
+  ranges = [range(len(world.ATTRIBUTE_TYPES[k])) for k in others]
+  full = [world.canonical_prompt(**{kind: index, others[0]: a, others[1]: b}) for a, b in itertools.product(*ranges)]
+  free = [p for p in full if p not in held_out]
+  picked = [free[(i * len(free)) // variants + i % 2] for i in range(variants)]
+  return (world.canonical_prompt(**{kind: index}), *picked)
 
 
 def get_config(concept: str = "triangle"):
   c = config_lib.base_config()
   c.model.pretrained = "tiny"  # the bundled tiny Stable Diffusion (no downloads)
-  c.concept.prompts = (concept_prompt(concept),)
+  c.concept.prompts = concept_prompts(concept)
   c.retain.prompts = retain_prompts(concept)
-  c.retain.weight = 1.0
+  c.retain.weight = 4.0  # measured: 1.0 kept 58-72% of the other shapes' recognition, 4.0 all of it
   c.retain.batch = 5
   c.diffusion.ddim_steps = 50
   c.diffusion.start_guidance = 3.0
   c.train.xt_source = "bank"  # the frozen rollouts once, then seconds per iteration
-  c.bank.concept_trajectories = 16
+  c.bank.concept_trajectories = 8  # per concept prompt
   c.train.iterations = 200
   c.train.warmup_iters = 40
-  c.train.lr = 3e-4
+  c.train.lr = 1e-3
   c.train.save_every = 100
   c.train.log_every = 10
   c.attack.steps = 10
   c.attack.lr = 1e-2
   c.samples.every = 100
-  c.samples.prompts = (*c.concept.prompts, *c.retain.prompts[:: max(1, len(c.retain.prompts) // 4)][:4])
+  c.samples.prompts = (c.concept.prompts[0], *c.retain.prompts[:: max(1, len(c.retain.prompts) // 4)][:4])
   c.samples.guidance = 5.0
   c.report.kind = "tiny_world"
+  c.report.erased = (concept,)
   # UnlearnDiffAtk against the erased concept, judged by the shipped judge (python -m advunlearn_jax.evaluate).
   kind, index = world.attribute_of(concept)
-  c.evaluation.prompts = tuple(world.attribute_prompts(kind, index, 12))
+  c.evaluation.prompts = tuple(world.attribute_prompts(kind, index, EVAL_PROMPTS))
   c.evaluation.classifier = f"judge:{kind}={concept}"
   c.evaluation.guidance = 5.0
   c.evaluation.target_scheduler = "ddim"
   c.evaluation.target_steps = 25
   c.evaluation.attack.k = 3
   c.evaluation.attack.iters_per_t = 20
-  c.evaluation.attack.timesteps = tuple(range(10, 1000, 40))
+  c.evaluation.attack.timesteps = tuple(range(10, 1000, 100))  # 10 blocks: 200 iterations at most
   c.evaluation.attack.scheduler = "ddim"
   c.evaluation.attack.steps = 25
   return c

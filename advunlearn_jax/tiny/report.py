@@ -40,8 +40,10 @@ def write(
   concepts: Sequence[str],
   per_value: int = 24,
   seed: int = 1,
+  erased_values: Sequence[str] = (),
 ) -> dict:
-  erased = erased_attributes(concepts)
+  """`erased_values` names the erased tiny-world values; empty: every value a concept prompt names."""
+  erased = [world.attribute_of(v) for v in erased_values] if erased_values else erased_attributes(concepts)
   judge = judge_lib.load(evaluate.JUDGE_DIR)
   load = lambda p: p if isinstance(p, sd_convert.Pipeline) else sd_convert.load_pipeline(p)
   pipes = {"before": load(original), "after": load(unlearned)}
