@@ -28,11 +28,15 @@ from ml_collections import config_flags
 from advunlearn_jax import config_lib
 from advunlearn_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "Folder for report.md, report.json and the image grids.")
-_TEXT_ENCODER = flags.DEFINE_string("text_encoder", "", "Unlearned text encoder folder (transformers layout).")
-_PIPELINE = flags.DEFINE_string("pipeline", "", "Unlearned diffusers pipeline folder (e.g. WORKDIR/pipeline).")
-_NO_ATTACK = flags.DEFINE_bool("no_attack", False, "Only the unattacked pass (pre-ASR).")
+
+def _define_flags():
+  """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
+  global _CONFIG, _OUT, _TEXT_ENCODER, _PIPELINE, _NO_ATTACK
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+  _OUT = flags.DEFINE_string("out", None, "Folder for report.md, report.json and the image grids.")
+  _TEXT_ENCODER = flags.DEFINE_string("text_encoder", "", "Unlearned text encoder folder (transformers layout).")
+  _PIPELINE = flags.DEFINE_string("pipeline", "", "Unlearned diffusers pipeline folder (e.g. WORKDIR/pipeline).")
+  _NO_ATTACK = flags.DEFINE_bool("no_attack", False, "Only the unattacked pass (pre-ASR).")
 
 
 def attack_config(config: ml_collections.ConfigDict):
@@ -267,5 +271,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "out"])
   app.run(main)

@@ -15,6 +15,7 @@ Finished pieces are kept in --out, so an interrupted run continues where it stop
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -37,9 +38,13 @@ from advunlearn_jax.tiny import judge as judge_lib  # noqa: E402
 METHODS = ("esd", "advunlearn")
 
 
-def run_config(concept: str, method: str, seed: int, iterations: int):
+def run_config(concept: str, method: str, seed: int, iterations: int, overrides: list[str]):
   config = tiny_config.get_config(concept)
   config.seed = seed
+  for item in overrides:  # section.field=python-literal, e.g. attack.steps=30
+    key, _, value = item.partition("=")
+    section, field = key.split(".")
+    config[section][field] = ast.literal_eval(value)
   config.samples.every = 0
   config.report.kind = ""
   if iterations:
@@ -134,6 +139,10 @@ def main():
   parser.add_argument("--prompts", type=int, default=8, help="attack prompts per concept (of configs/tiny.py's 12)")
   parser.add_argument("--plug_and_play", default="triangle", help="concepts whose encoders are plugged in; '' skips")
   parser.add_argument("--finetune_steps", type=int, default=300, help="extra UNet steps under the frozen text tower")
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument(
+    "--set", action="append", default=[], help="config override for both methods, e.g. attack.steps=30"
+  )
   parser.add_argument("--quick", action="store_true", help="a 3-prompt, 10-iteration attack (smoke test)")
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -153,12 +162,12 @@ def main():
     add("base", os.path.join(args.out, concept, "base.json"), base, base)
     if concept in plug:
       add("base, fine-tuned UNet", os.path.join(args.out, concept, "finetuned_base.json"), finetuned, finetuned)
-    for method in METHODS:
+    for method in args.methods.split(","):
       for seed in seeds:
         workdir = os.path.join(args.out, concept, f"{method}_seed{seed}")
         log(f"== {concept} {method} seed {seed}")
         if not os.path.isfile(os.path.join(workdir, "text_encoder", "config.json")):
-          train.run(run_config(concept, method, seed, args.iterations), workdir)
+          train.run(run_config(concept, method, seed, args.iterations, args.set), workdir)
         encoder = os.path.join(workdir, "text_encoder")
         target = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR, text_encoder=encoder)
         add(method, os.path.join(workdir, "measure.json"), base, target)

@@ -16,4 +16,8 @@ def get_config():
   c = config_lib.base_config()
   c.concept.prompts = ("nudity",)
   c.retain.weight = 0.3
+  # python -m advunlearn_jax.evaluate --config=configs/nudity.py --text_encoder=DIR --out=DIR
+  #   --config.evaluation.prompts_csv=nudity.csv  (UnlearnDiffAtk's 142 prompts; pip install -e .[nudity])
+  c.evaluation.classifier = "nudenet"
+  c.evaluation.attack.k = 5
   return c

@@ -14,4 +14,8 @@ def get_config():
   c = config_lib.base_config()
   c.concept.prompts = ("church",)
   c.retain.weight = 0.5
+  # python -m advunlearn_jax.evaluate --config=configs/object.py --text_encoder=DIR --out=DIR
+  #   --config.evaluation.prompts_csv=church.csv --config.evaluation.classifier=hf:RESNET50_DIR:497
+  # (ImageNet ids: church 497, garbage truck 569, parachute 701, tench 0)
+  c.evaluation.attack.k = 3
   return c

@@ -14,4 +14,7 @@ def get_config():
   c = config_lib.base_config()
   c.concept.prompts = ("Van Gogh",)
   c.retain.weight = 0.5
+  # python -m advunlearn_jax.evaluate --config=configs/style.py --text_encoder=DIR --out=DIR
+  #   --config.evaluation.prompts_csv=vangogh.csv --config.evaluation.classifier=hf:STYLE_VIT_DIR:vincent-van-gogh:1
+  c.evaluation.attack.k = 3
   return c

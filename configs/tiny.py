@@ -59,7 +59,10 @@ def get_config(concept: str = "triangle"):
   c.train.lr = 1e-3
   c.train.save_every = 100
   c.train.log_every = 10
-  c.attack.steps = 10
+  # Measured (benchmarks/erasure_tiny.py): 10 steps on 1 token left UnlearnDiffAtk at 75% ASR (ESD: 83%);
+  # 30 steps on 3 tokens, as many as the evaluation attack uses, took it to 29% = pre-ASR.
+  c.attack.steps = 30
+  c.attack.num_tokens = 3
   c.attack.lr = 1e-2
   c.samples.every = 100
   c.samples.prompts = (c.concept.prompts[0], *c.retain.prompts[:: max(1, len(c.retain.prompts) // 4)][:4])

@@ -161,3 +161,18 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   assert (tmp_path / "targets_and_final.png").is_file()
   with pytest.raises(ConfigError, match="both set"):
     evaluate.evaluate(config, str(tmp_path), text_encoder="a", pipeline="b")
+
+
+def test_evaluate_cli_flags():
+  """The script's flags exist only under __main__ (so importing it next to export/main does not clash)."""
+  import subprocess
+  import sys
+
+  from advunlearn_jax import evaluate, export  # noqa: F401  both CLIs define --out
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+    [sys.executable, "-m", "advunlearn_jax.evaluate", "--config=configs/tiny.py"],
+    cwd=root, capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  assert proc.returncode != 0 and "--out" in proc.stderr

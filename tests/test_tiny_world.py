@@ -76,11 +76,17 @@ def test_shipped_model_follows_prompts():
 def test_tiny_config_and_report_vocabulary():
   tiny = _tiny_config_module()
   config = tiny.get_config()
-  assert config.concept.prompts == ("a photo of a triangle",)
-  assert config.retain.prompts and not any("triangle" in p for p in config.retain.prompts)
+  assert config.concept.prompts[0] == "a photo of a triangle" and len(config.concept.prompts) == 7
+  assert all("triangle" in p for p in config.concept.prompts) and config.report.erased == ("triangle",)
+  assert len(config.retain.prompts) == 5 * 6 * 4 and not any("triangle" in p for p in config.retain.prompts)
+  # The attack's prompts are held out from the concept variants the run trains on.
+  assert not set(config.evaluation.prompts) & set(config.concept.prompts)
+  assert len(set(config.evaluation.prompts)) == 12 and config.evaluation.classifier == "judge:shape=triangle"
   striped = tiny.get_config("striped")
-  assert striped.concept.prompts == ("a photo of a striped shape",)
+  assert striped.concept.prompts[0] == "a photo of a striped shape"
+  assert all("striped" in p for p in striped.concept.prompts)
   assert not any("striped" in p for p in striped.retain.prompts)
+  assert not set(striped.evaluation.prompts) & set(striped.concept.prompts)
   assert report.erased_attributes(["a photo of a triangle"]) == [("shape", 2)]
   assert report.erased_attributes(["a photo of a striped shape"]) == [("style", 1)]
   with pytest.raises(Exception, match="names no tiny-world attribute"):
@@ -115,3 +121,14 @@ def test_shipped_pipeline_matches_diffusers():
   ref = (ref * 255).round().astype(np.uint8)
   assert ours.shape == ref.shape == (3, 32, 32, 3)
   assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
+
+
+def test_build_stages_must_chain():
+  """Stage N > 1 continues a previous build (and draws fresh batches); stage 1 starts from scratch."""
+  from advunlearn_jax.tiny import build
+
+  common = dict(seed=0, pool=8, judge_steps=1, vae_steps=1, sd_steps=1, sd_batch=2)
+  with pytest.raises(ValueError, match="continue from the previous stage"):
+    build.build("/nonexistent", stage=2, **common)
+  with pytest.raises(ValueError, match="stage 1 builds from scratch"):
+    build.build("/nonexistent", stage=1, continue_from="advunlearn_jax/assets", **common)

@@ -40,7 +40,10 @@ def pipeline_dir(tmp_path_factory):
 
 def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   workdir = str(tmp_path / "run")
+  compiled_before = train._TRAIN_STEP._cache_size()
   summary = train.run(tiny_config(pipeline_dir, **{"samples.every": 2, "samples.steps": 3}), workdir)
+  compiled = train._TRAIN_STEP._cache_size()
+  assert compiled - compiled_before <= 2  # one warm-up step and one attacking step, never one per iteration
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [m["step"] for m in lines] == [1, 2, 3, 4]
   # Previews: original (top row) vs current (bottom row) for the 2 concepts and 3 retain prompts.
@@ -85,6 +88,7 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   train.run(tiny_config(pipeline_dir, **{"train.iterations": 6}), workdir)
   straight = str(tmp_path / "straight")
   train.run(tiny_config(pipeline_dir, **{"train.iterations": 6}), straight)
+  assert train._TRAIN_STEP._cache_size() == compiled  # two more runs, more iterations: nothing recompiled
   _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
   _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
