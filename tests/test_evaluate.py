@@ -121,6 +121,7 @@ def test_hf_image_classifier_top_k(resnet_folder):
     classifiers.make(f"hf:{resnet_folder}/nowhere:1")
 
 
+@pytest.mark.slow  # ~100 s on 2 cores; keeps the default suite inside CI's 15 minutes
 def test_evaluate_command_on_the_tiny_world(tmp_path):
   """The evaluate entry point end to end on the shipped model (short attack): report, grids, accounting."""
   import configs.tiny as tiny_config
