@@ -149,3 +149,16 @@ def test_bank_mode_run(pipeline_dir, tmp_path):
   lines = [json.loads(line) for line in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
   assert len(lines) == 3 and all(np.isfinite(m["loss"]) for m in lines)
   assert os.path.isdir(summary["text_encoder"])
+
+
+def test_resume_guard_allows_evaluation_and_report_changes_only():
+  from advunlearn_jax import checkpoint
+  from advunlearn_jax.errors import ConfigError
+
+  saved = tiny_config("/pipe").to_dict()
+  now = tiny_config("/pipe", **{"report.erased": ("triangle",)}).to_dict()
+  now["evaluation"]["classifier"] = "judge:shape=star"
+  now["evaluation"]["attack"]["k"] = 5
+  checkpoint.check_compatible(saved, now, "/w")  # evaluation.* and report.* do not change what is trained
+  with pytest.raises(ConfigError, match="attack.num_tokens"):
+    checkpoint.check_compatible(saved, tiny_config("/pipe", **{"attack.num_tokens": 3}).to_dict(), "/w")

@@ -68,6 +68,19 @@ def _decode(config, params, latents):
   return vae.apply({"params": params}, latents / config.scaling_factor, method=vae.decode)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def encode_means(config, params, images: jax.Array) -> jax.Array:
+  """VAE posterior means (unscaled) of images in [-1, 1]; compiled once per VAE config and batch shape."""
+  vae = AutoencoderKL(config)
+  return vae.apply({"params": params}, images, method=vae.encode)[0]
+
+
+def encode_images(pipe: Pipeline, images: np.ndarray) -> jax.Array:
+  """uint8 images [B, H, W, 3] -> latents scaled as the UNet sees them (the inverse of `decode_images`)."""
+  x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+  return encode_means(pipe.vae_config, pipe.vae_params, x) * pipe.vae_config.scaling_factor
+
+
 def decode_images(pipe: Pipeline, latents: jax.Array) -> np.ndarray:
   """uint8 [B, H, W, 3], post-processed exactly as diffusers' pipelines do."""
   images = _decode(pipe.vae_config, pipe.vae_params, latents)

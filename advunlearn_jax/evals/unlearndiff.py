@@ -29,7 +29,6 @@ from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import generation
 from advunlearn_jax.models.clip_text import CLIPTextModel, encode_ids
 from advunlearn_jax.models.unet import UNet2DConditionModel
-from advunlearn_jax.models.vae import AutoencoderKL
 
 Classifier = Callable[[np.ndarray], np.ndarray]  # uint8 images [B, H, W, 3] -> bool [B]: concept present
 
@@ -144,29 +143,24 @@ def _block_fn(unet_config, text_config, cfg: AttackConfig):
   return block, tx
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_latent_mean(config, params, images):
-  vae = AutoencoderKL(config)
-  mean, _ = vae.apply({"params": params}, images, method=vae.encode)
-  return mean * config.scaling_factor
-
-
-def target_latents(pipe: Pipeline, image: np.ndarray) -> jax.Array:
-  """x0 for the attack loss: the VAE posterior mean of a uint8 target image, scaled as the UNet expects."""
-  x = jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0
-  return _encode_latent_mean(pipe.vae_config, pipe.vae_params, x)
-
-
-def render_ids(pipe: Pipeline, ids: np.ndarray, seed: int, guidance: float, cfg: AttackConfig, text_params: Any):
-  """The classified image for token ids [B, 77], uncond "" from the same (target) encoder."""
-  tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
+def render_ids(
+  pipe: Pipeline, ids: np.ndarray, seed: int, guidance: float, cfg: AttackConfig, text_params: Any, uncond=None
+):
+  """The classified image for token ids [B, 77], uncond "" from the same (target) encoder (pass `uncond` to
+  reuse it: it does not depend on the attacked tokens)."""
   cond = encode_ids(pipe.text_config, text_params, jnp.asarray(ids))
-  uncond = encode_ids(pipe.text_config, text_params, jnp.asarray(tok_lib.tokenize(tokenizer, [""] * len(ids))))
+  if uncond is None:
+    uncond = empty_prompt(pipe, text_params, len(ids))
   latents = generation.initial_latents(pipe, len(ids), seed)
   out = generation.denoise_latents(
     pipe, cond, uncond, latents, scheduler=cfg.scheduler, steps=cfg.steps, guidance=guidance
   )
   return generation.decode_images(pipe, out)
+
+
+def empty_prompt(pipe: Pipeline, text_params: Any, n: int) -> jax.Array:
+  tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
+  return encode_ids(pipe.text_config, text_params, jnp.asarray(tok_lib.tokenize(tokenizer, [""] * n)))
 
 
 def attack_prompt(
@@ -190,7 +184,8 @@ def attack_prompt(
   if not fits(raw, cfg.k):
     raise ConfigError(f"prompt of {len(raw)} tokens leaves no room for {cfg.k} prefix tokens: {prompt[:80]!r}")
   ids = tok_lib.tokenize(tokenizer, [prompt])[0]
-  image = render_ids(pipe, ids[None], seed, guidance, cfg, pipe.text_params)[0]
+  uncond = empty_prompt(pipe, pipe.text_params, 1)
+  image = render_ids(pipe, ids[None], seed, guidance, cfg, pipe.text_params, uncond)[0]
   pre_success = bool(classifier(image[None])[0])
   if pre_success or not attack:
     return Outcome(prompt, seed, guidance, pre_success, pre_success, "", "", -1, 0, time.perf_counter() - start, image)
@@ -202,7 +197,7 @@ def attack_prompt(
   words = CLIPTextModel(pipe.text_config).apply(
     {"params": pipe.text_params}, jnp.asarray(seq_ids), method="word_embeddings"
   )
-  x0 = target_latents(pipe, target_image)
+  x0 = generation.encode_images(pipe, target_image[None])
   alphas = jnp.asarray(pipe.schedule.alphas_cumprod_diffusers(), jnp.float32)
   probs = jnp.full((cfg.k, vocab), 1.0 / vocab, jnp.float32)
   opt_state = tx.init(probs)
@@ -213,7 +208,7 @@ def attack_prompt(
     iterations += cfg.iters_per_t
     adv = np.asarray(jnp.argmax(probs, axis=-1), np.int32)
     seq_ids[1 : 1 + cfg.k] = adv
-    image = render_ids(pipe, seq_ids[None], seed, guidance, cfg, pipe.text_params)[0]
+    image = render_ids(pipe, seq_ids[None], seed, guidance, cfg, pipe.text_params, uncond)[0]
     if bool(classifier(image[None])[0]):
       return _attacked(prompt, seed, guidance, True, tokenizer, adv, seq_ids, t, iterations, start, image)
   return _attacked(prompt, seed, guidance, False, tokenizer, adv, seq_ids, -1, iterations, start, image)

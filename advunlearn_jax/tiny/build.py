@@ -25,6 +25,7 @@ from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_text_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion.schedule import ScheduleConfig
+from advunlearn_jax.evals import generation
 from advunlearn_jax.models import clip_text
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
@@ -103,9 +104,8 @@ def train_vae(images: np.ndarray, *, steps: int, seed: int, batch: int = 32) -> 
 
 
 def encode_means(config: vae_lib.VAEConfig, params: Any, images: np.ndarray, chunk: int = 512) -> np.ndarray:
-  model = vae_lib.AutoencoderKL(config)
-  enc = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode)[0])
-  return np.concatenate([np.asarray(enc(params, images[i : i + chunk])) for i in range(0, len(images), chunk)])
+  chunks = range(0, len(images), chunk)
+  return np.concatenate([np.asarray(generation.encode_means(config, params, images[i : i + chunk])) for i in chunks])
 
 
 class CaptionIds:
