@@ -26,6 +26,7 @@ RESUMABLE_FIELDS = (
   "report.kind",
   "report.images_per_value",
   "report.erased",
+  "mesh.fsdp",  # the layout, not the math: a run may resume on another slice
   *(f"samples.{k}" for k in ("every", "prompts", "retain_prompts", "steps", "guidance", "seed")),
 )
 

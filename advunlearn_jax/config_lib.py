@@ -35,6 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype; the reference is fp32 throughout
   c.model.remat = "none"  # UNet rematerialisation per block: none | full | dots
 
+  c.mesh = ml_collections.ConfigDict()
+  # Devices that share (shard) parameters and Adam state; the rest of the mesh is data parallel. 0: 1 for
+  # text-encoder methods, a host's devices for UNet methods (sharding.py).
+  c.mesh.fsdp = 0
+
   c.concept = ml_collections.ConfigDict()
   c.concept.prompts = ("nudity",)  # one drawn uniformly per update (the reference's --seperator)
 

@@ -1,11 +1,13 @@
 """Entry point: `python -m advunlearn_jax.main --config=configs/style.py --workdir=DIR`.
 
 Every config field can be overridden on the command line, e.g. `--config.model.pretrained=DIR_OR_ID`.
+
+Multi-host: run the same command on every host. TPU pod slices and SLURM jobs are detected; elsewhere (GPU
+clusters, the loopback test) add `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (or set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). `launch/` holds scripts that do this.
 """
 
 from __future__ import annotations
-
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -14,6 +16,9 @@ from advunlearn_jax import config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where checkpoints, metrics and exports go.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: how many processes (0: detect or 1).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index (-1: detect).")
 
 
 def main(argv: list[str]) -> None:
@@ -21,32 +26,23 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   config_lib.validate(config)
-  print(f"workdir: {_WORKDIR.value}")
-  print(config)
   with config.unlocked():
     config.model.pretrained = config_lib.resolve_pretrained(config.model.pretrained)
 
-  from advunlearn_jax import train  # imports JAX; kept out of the config-only path
+  from advunlearn_jax import distributed  # imports JAX; kept out of the config-only path
+
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  primary = distributed.is_primary()  # only process 0 prints, reports and exports
+  if primary:
+    print(f"workdir: {_WORKDIR.value}")
+    print(config)
+  from advunlearn_jax import train
 
   summary = train.run(config, _WORKDIR.value)
-  if config.report.kind == "tiny_world" and "pipeline" in summary:
+  if primary and "pipeline" in summary:
     from advunlearn_jax.tiny import report
 
-    report_dir = os.path.join(_WORKDIR.value, "report")
-    results = report.write(
-      report_dir,
-      config.model.pretrained,
-      summary["pipeline"],
-      config.concept.prompts,
-      per_value=config.report.images_per_value,
-      seed=config.seed + 1,
-      erased_values=config.report.erased,
-    )
-    s = results["summary"]
-    print(
-      f"erased concept recognised {s['erased_before']:.0%} -> {s['erased_after']:.0%}; "
-      f"retained {s['retained_before']:.0%} -> {s['retained_after']:.0%}; report in {report_dir}/report.md"
-    )
+    report.after_run(config, _WORKDIR.value, summary["pipeline"])
 
 
 if __name__ == "__main__":

@@ -13,13 +13,20 @@ import numpy as np
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str):
+  """`enabled=False` (every process but the primary of a multi-host run) writes nothing."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     from tensorboardX import SummaryWriter
 
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
     with open(self.jsonl_path, "a") as f:
       f.write(json.dumps({**values, "step": step}) + "\n")
     for name, value in values.items():
@@ -27,7 +34,9 @@ class MetricsWriter:
 
   def image(self, step: int, tag: str, image: np.ndarray) -> None:
     """uint8 [H, W, 3]."""
-    self._tb.add_image(tag, image, step, dataformats="HWC")
+    if self.enabled:
+      self._tb.add_image(tag, image, step, dataformats="HWC")
 
   def close(self) -> None:
-    self._tb.close()
+    if self.enabled:
+      self._tb.close()

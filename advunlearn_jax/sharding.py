@@ -1,27 +1,100 @@
-"""Device mesh and batch sharding. Parameters are replicated; batches are split over the `data` axis."""
+"""Device mesh and shardings: batches split over every mesh axis, parameters sharded over `fsdp` (or replicated).
+
+The mesh has two axes: `data` and `fsdp`. Batches are split over both (each device gets its own rows).
+Parameters and their Adam state follow one rule (`param_spec`): a tensor of at least `min_size` elements is split
+along its largest dimension that `fsdp` divides, everything else is replicated; XLA all-gathers a layer's
+weights where it runs and reduce-scatters its gradients. With fsdp = 1 (the default for text-encoder methods,
+whose trained tower is small) this is plain data parallelism.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA = "data"
+DATA, FSDP = "data", "fsdp"
+# Below this many elements a tensor stays replicated: biases and norms cost more in collectives than in memory.
+MIN_SHARDED_SIZE = 2**14
+
+
+def make_mesh(devices: list | None = None, fsdp: int = 1) -> Mesh:
+  devices = list(devices or jax.devices())
+  if fsdp < 1 or len(devices) % fsdp:
+    raise ValueError(f"fsdp={fsdp} must divide the {len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), (DATA, FSDP))
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
-  return Mesh(np.asarray(devices or jax.devices()), (DATA,))
+  return make_mesh(devices, fsdp=1)
+
+
+def _fsdp_size(mesh: Mesh | None) -> int:
+  return mesh.shape.get(FSDP, 1) if mesh is not None else 1
+
+
+def param_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+  n = _fsdp_size(mesh)
+  if n == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
+    return PartitionSpec()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):  # the largest dimension that divides
+    if shape[axis] % n == 0:
+      # No trailing Nones: jit reports output shardings that way, and an input spec spelled differently would
+      # miss the dispatch cache on the next step.
+      return PartitionSpec(*(FSDP if a == axis else None for a in range(axis + 1)))
+  return PartitionSpec()
+
+
+def _put(x, sharding):
+  """device_put that also places typed PRNG keys (as their key data) on other processes' devices."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+  return jax.device_put(x, sharding)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  """Every leaf on every device of `mesh`. Host values must be equal on all processes (they are: seeded)."""
+  sharding = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
+def shard_params(tree: Any, mesh: Mesh) -> Any:
+  """Parameters (or optimiser state shaped like them) placed by `param_spec`."""
+  return jax.tree.map(lambda x: _put(x, NamedSharding(mesh, param_spec(np.shape(x), mesh))), tree)
+
+
+def constrain_params(tree: Any, mesh: Mesh | None) -> Any:
+  """Inside jit: keeps updated parameters on `param_spec`'s layout, so each step's outputs have the same
+  shardings as its inputs (otherwise the next step would compile again for the compiler's choice)."""
+  if _fsdp_size(mesh) == 1:
+    return tree
+  return jax.tree.map(
+    lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, param_spec(x.shape, mesh))), tree
+  )
 
 
 def constrain_batch(x: jax.Array, mesh: Mesh | None) -> jax.Array:
-  """Splits the leading (batch) axis over `data` when it divides evenly; otherwise leaves it replicated
-  (the reference's concept batch of 1 cannot be split)."""
-  if mesh is None or mesh.shape[DATA] == 1 or x.shape[0] % mesh.shape[DATA]:
+  """Splits the leading (batch) axis over every mesh axis when it divides evenly, else over `data` alone, else
+  leaves it replicated (the reference's concept batch of 1 cannot be split)."""
+  if mesh is None or mesh.size == 1:
     return x
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(DATA)))
+  for axes in ((DATA, FSDP), (DATA,)):
+    size = math.prod(mesh.shape[a] for a in axes)
+    if size > 1 and x.shape[0] % size == 0:
+      return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes)))
+  return x
+
+
+def sharded_fraction(tree: Any) -> float:
+  """The fraction of the tree's elements that live split over `fsdp` (0.0 when everything is replicated)."""
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and x.size]
+  total = sum(x.size for x in leaves)
+  split = sum(x.size for x in leaves if isinstance(x.sharding, NamedSharding) and _uses_fsdp(x.sharding.spec))
+  return split / max(total, 1)
+
+
+def _uses_fsdp(spec: PartitionSpec) -> bool:
+  return any(entry == FSDP or (isinstance(entry, tuple) and FSDP in entry) for entry in spec)

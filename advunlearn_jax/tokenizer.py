@@ -16,6 +16,7 @@ import gzip
 import importlib.util
 import json
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -100,16 +101,22 @@ def offline_tokenizer_folder(cache_dir: str | None = None) -> str:
   return folder
 
 
+# transformers resolves `from transformers import X` lazily, and that first resolution is not thread-safe: the
+# runs of a population (one thread per device group) load their tokenizers at the same time.
+_LOAD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(folder: str | None = None):
   """`transformers.CLIPTokenizer` from a `tokenizer/` folder; None -> the offline CLIP tokenizer."""
-  from transformers import CLIPTokenizer
+  with _LOAD_LOCK:
+    from transformers import CLIPTokenizer
 
-  folder = folder or offline_tokenizer_folder()
-  # transformers 4 writes vocab.json + merges.txt; transformers 5 writes only tokenizer.json.
-  if not any(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "tokenizer.json")):
-    raise FileNotFoundError(f"{folder}: no vocab.json or tokenizer.json; expected a CLIP tokenizer folder")
-  return CLIPTokenizer.from_pretrained(folder)
+    folder = folder or offline_tokenizer_folder()
+    # transformers 4 writes vocab.json + merges.txt; transformers 5 writes only tokenizer.json.
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "tokenizer.json")):
+      raise FileNotFoundError(f"{folder}: no vocab.json or tokenizer.json; expected a CLIP tokenizer folder")
+    return CLIPTokenizer.from_pretrained(folder)
 
 
 def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = MAX_LENGTH) -> np.ndarray:

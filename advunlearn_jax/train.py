@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -13,8 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from advunlearn_jax import checkpoint, config_lib, metrics_writer, preview, sharding
+from advunlearn_jax import checkpoint, config_lib, distributed, metrics_writer, preview, sharding
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
@@ -75,7 +77,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
 
 
-class _Preemption:
+def fsdp_size(config: ml_collections.ConfigDict, devices: list | None = None) -> int:
+  """config.mesh.fsdp, or by default: 1 (data parallel) for text-encoder methods, whose trained tower is small;
+  for UNet methods every device of a host shares the UNet's parameters and Adam state (the fast links)."""
+  n = len(devices or jax.devices())
+  if config.mesh.fsdp:
+    if n % config.mesh.fsdp:
+      raise ConfigError(f"config.mesh.fsdp={config.mesh.fsdp} does not divide the {n} devices")
+    return config.mesh.fsdp
+  if trainable.is_text_method(config.train.method):
+    return 1
+  return math.gcd(n, jax.local_device_count())
+
+
+def _to_host(tree: Any) -> Any:
+  """Global arrays as numpy on every process; across processes this is a collective, so all must call it."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+class PreemptionWatcher:
   """SIGTERM (a preempted VM, a cluster scheduler) asks the loop to save and stop at the next iteration."""
 
   def __init__(self):
@@ -90,11 +112,23 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains, checkpoints, resumes, and exports `workdir/text_encoder` and `workdir/pipeline`."""
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  devices: list | None = None,
+  preemption: PreemptionWatcher | None = None,
+  show_progress: bool = True,
+) -> dict[str, Any]:
+  """Trains, checkpoints, resumes, and exports `workdir/text_encoder` and `workdir/pipeline`.
+
+  `devices` (default: all) form the run's data mesh; a population gives each member its own group.
+  `preemption`: a SIGTERM watcher shared by several runs in one process (signal handlers live in the main
+  thread); by default a single-process run installs its own."""
   # ---------------------------------------------------------------- config and weights
   validate(config)
   root = sd_convert.resolve_pretrained(config_lib.resolve_pretrained(config.model.pretrained))
+  primary = distributed.is_primary()  # the one process that writes metrics, grids and exports
   with_previews = config.samples.every > 0 and os.path.isdir(os.path.join(root, "vae"))
   pipe = sd_convert.load_pipeline(root, with_vae=with_previews)
   tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
@@ -121,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     pipe.text_params, config.train.method, config.train.component, config.train.norm_layer, config.train.prefix_bug
   )
   unet_mask = trainable.unet_mask(pipe.unet_params, config.train.method)
-  mesh = sharding.data_mesh()
+  mesh = sharding.make_mesh(devices, fsdp_size(config, devices))
   models = step_lib.Models(
     CLIPTextModel(pipe.text_config, dtype=dtype),
     UNet2DConditionModel(pipe.unet_config, dtype=dtype, remat_policy=config.model.remat),
@@ -129,10 +163,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     trainable.selected_paths(unet_mask),
     mesh,
   )
-  frozen = sharding.replicate(frozen, mesh)
+  weights = {"unet": sharding.shard_params(frozen.unet, mesh), "clip": sharding.shard_params(frozen.clip, mesh)}
+  frozen = sharding.replicate(frozen._replace(unet=None, clip=None), mesh)._replace(**weights)
   cfg = step_config(config, num_tokens, pipe.unet_config)
   n_trained = trainable.count(pipe.text_params, text_mask) + trainable.count(pipe.unet_params, unet_mask)
-  logging.info("training %s: %s parameters", config.train.method, f"{n_trained:,}")
+  logging.info("training %s: %s parameters on mesh %s", config.train.method, f"{n_trained:,}", dict(mesh.shape))
 
   bank = None  # its key, fold_in(root, 2**32 - 1), is one no iteration uses
   if config.train.xt_source == "bank":
@@ -141,7 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       models.unet,
       frozen.unet,
       frozen,
-      jax.random.fold_in(jax.random.key(config.seed), 2**32 - 1),
+      sharding.replicate(jax.random.fold_in(jax.random.key(config.seed), 2**32 - 1), mesh),
       concept_trajectories=config.bank.concept_trajectories,
       retain_trajectories=config.bank.retain_trajectories,
       latent_shape=(cfg.latent_hw, cfg.latent_hw, cfg.latent_channels),
@@ -154,22 +189,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   config_json = checkpoint.config_dict(config)
   mngr = checkpoint.manager(workdir, config.train.keep)
-  state = sharding.replicate(step_lib.init_state(cfg, models, frozen), mesh)
+  state = sharding.shard_params(step_lib.init_state(cfg, models, frozen), mesh)
   sampler = retain.SamplerState(0, 0)
   restored = checkpoint.restore_latest(mngr, state, config_json, workdir)
   if restored is not None:
     state, meta = restored
-    state = sharding.replicate(state, mesh)
+    state = sharding.shard_params(state, mesh)
     sampler = retain.SamplerState(*meta["retain_sampler"])
     logging.info("resumed from step %d", int(state.step))
   start = int(state.step)
 
   # ---------------------------------------------------------------- loop
-  root_key = jax.random.key(config.seed)
-  preemption = _Preemption()
-  writer = metrics_writer.MetricsWriter(workdir)
+  root_key = sharding.replicate(jax.random.key(config.seed), mesh)
+  own_watcher = preemption is None and jax.process_count() == 1  # several processes: JAX's own service
+  if own_watcher:
+    preemption = PreemptionWatcher()
+  writer = metrics_writer.MetricsWriter(workdir, enabled=primary)
   previews = None
-  if with_previews:
+  if with_previews and primary:
     sample_prompts = list(config.samples.prompts) or [
       *config.concept.prompts,
       *retain_prompts[: config.samples.retain_prompts],
@@ -179,7 +216,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
 
   def write_preview(step_count):
-    text_params, unet_params = step_lib.student_params(cfg, models, frozen, jax.device_get(state.params))
+    text_params, unet_params = _to_host(step_lib.student_params(cfg, models, frozen, state.params))
+    if not primary:
+      return
     if trainable.is_text_method(config.train.method):
       grid = previews.grid(text_params=text_params)
     else:
@@ -197,12 +236,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     checkpoint.save(mngr, step_count, state, meta)
 
   iterations = config.train.iterations
-  progress = _progress(start, iterations)
+  progress = _progress(start, iterations, enabled=primary and show_progress)
   last_time, last_step = time.perf_counter(), start
   try:
     for i in range(start, iterations):
       idx, sampler = retain.sample(sampler, len(retain_prompts), cfg.retain_batch, config.seed)
-      batch = step_lib.Batch(jnp.asarray(idx), jax.random.fold_in(root_key, i))
+      batch = sharding.replicate(step_lib.Batch(np.asarray(idx, np.int32), jax.random.fold_in(root_key, i)), mesh)
       state, metrics = _TRAIN_STEP(cfg, models, state, frozen, batch, i >= config.train.warmup_iters, bank)
       done = i + 1
       if done % config.train.log_every == 0 or done == iterations:
@@ -215,42 +254,57 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         last_time, last_step = now, done
         writer.scalars(done, values)
         progress.update(done, values)
-      if previews is not None and (done % config.samples.every == 0 or done == iterations):
+      if with_previews and (done % config.samples.every == 0 or done == iterations):
         write_preview(done)
-      if done % config.train.save_every == 0 or done == iterations or preemption.requested:
+      stop = distributed.preemption_agreed(done, preemption is not None and preemption.requested)
+      if done % config.train.save_every == 0 or done == iterations or stop:
         save(done)
-      if preemption.requested:
+      if stop:
         mngr.wait_until_finished()
         logging.warning("SIGTERM: saved step %d, stopping; rerun the same command to resume", done)
         return {"stopped_at": done, "workdir": workdir}
   finally:
-    preemption.restore()
+    if own_watcher:
+      preemption.restore()
     progress.close()
     writer.close()
     mngr.wait_until_finished()
 
   # ---------------------------------------------------------------- export
-  text_params, unet_params = step_lib.student_params(cfg, models, frozen, jax.device_get(state.params))
-  if trainable.is_text_method(config.train.method):
-    outputs = export(workdir, pipe, text_params)
-  else:
-    outputs = export(workdir, pipe, unet_params=unet_params)
-  summary = {"workdir": workdir, **outputs, "iterations": iterations, "trained_parameters": n_trained}
-  print("done: " + ", ".join(f"{k} in {v}" for k, v in outputs.items()))
+  text_params, unet_params = _to_host(step_lib.student_params(cfg, models, frozen, state.params))
+  if not trainable.is_text_method(config.train.method):
+    text_params = None
+  outputs = export(workdir, pipe, text_params, unet_params, write=primary)
+  distributed.sync("advunlearn export")  # no process leaves before the exports exist
+  summary = {
+    "workdir": workdir,
+    **outputs,
+    "iterations": iterations,
+    "resumed_from": start,
+    "trained_parameters": n_trained,
+    "mesh": dict(mesh.shape),
+    "state_fsdp_fraction": sharding.sharded_fraction(state),
+  }
+  if primary:
+    print("done: " + ", ".join(f"{k} in {v}" for k, v in outputs.items()))
   return summary
 
 
-def export(workdir: str, pipe: sd_convert.Pipeline, text_params: Any = None, unet_params: Any = None) -> dict[str, str]:
+def export(
+  workdir: str, pipe: sd_convert.Pipeline, text_params: Any = None, unet_params: Any = None, write: bool = True
+) -> dict[str, str]:
   """The trained component (`workdir/text_encoder` for CLIPTextModel.from_pretrained, or `workdir/unet` for the
   ESD-style UNet methods) and `workdir/pipeline`, the source pipeline with it, for
-  StableDiffusionPipeline.from_pretrained (other components hard-linked where possible)."""
+  StableDiffusionPipeline.from_pretrained (other components hard-linked where possible). `write=False` (the
+  non-primary processes of a multi-host run) only returns the paths."""
+  name = "text_encoder" if text_params is not None else "unet"
+  component_dir, pipeline_dir = os.path.join(workdir, name), os.path.join(workdir, "pipeline")
+  if not write:
+    return {name: component_dir, "pipeline": pipeline_dir}
   if text_params is not None:
-    name, component_dir = "text_encoder", os.path.join(workdir, "text_encoder")
     clip_convert.export_clip_text(pipe.text_config, text_params, component_dir)
   else:
-    name, component_dir = "unet", os.path.join(workdir, "unet")
     sd_convert.export_unet(pipe.unet_config, unet_params, component_dir)
-  pipeline_dir = os.path.join(workdir, "pipeline")
   with weights_io.atomic_folder(pipeline_dir) as staging:
     os.rmdir(staging)
     shutil.copytree(pipe.root, staging, ignore=shutil.ignore_patterns(name, ".cache"), copy_function=_link_or_copy)
@@ -269,16 +323,20 @@ def _link_or_copy(src: str, dst: str) -> None:
 class _progress:
   """A tqdm bar over iterations showing loss, attack loss and it/s (plain log lines when tqdm is absent)."""
 
-  def __init__(self, start: int, total: int):
+  def __init__(self, start: int, total: int, enabled: bool = True):
+    self.bar, self.enabled, self.position = None, enabled, start
+    if not enabled:  # a non-primary process of a multi-host run
+      return
     try:
       from tqdm.auto import tqdm
 
       self.bar = tqdm(total=total, initial=start, desc="AdvUnlearn", unit="it")
     except ImportError:
       self.bar = None
-    self.position = start
 
   def update(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
     shown = {k: f"{values[k]:.4g}" for k in ("loss", "attack_loss_last", "it_per_s") if k in values}
     if self.bar is not None:
       self.bar.update(step - self.position)

@@ -6,6 +6,14 @@ plain PyTorch transcription of the reference, in one run on the same weights; pr
 
 `--no_torch` skips the PyTorch baseline (it needs torch + diffusers + transformers). Bank build time is
 reported separately: it is paid once per run, not per iteration.
+
+Also per JAX mode: compile time; memory, as XLA's compiled memory analysis (arguments + outputs + temporaries,
+every backend) and the device's peak bytes in use (GPU/TPU); and MFU. XLA's cost analysis counts a loop body
+once, and an iteration is mostly loops (attack steps, DDIM rollouts), so the FLOPs are counted as UNet
+forward-equivalents of the algorithm (`unet_forwards`: a backward pass is 2 forwards; rollouts run a CFG pair
+per DDIM step, t_enc uniform over 0..49) times one UNet forward's FLOPs from cost analysis; the text encoder is
+left out (under 3% of the UNet at SD size). Peak: `--peak_tflops`, default the H200's dense 989 (bf16) and 494
+(fp32 as TF32) on GPUs.
 """
 
 from __future__ import annotations
@@ -51,6 +59,28 @@ def configs(size):
   return clip, unet
 
 
+H200_PEAK_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}
+MEAN_ROLLOUT_STEPS = 24.5  # t_enc ~ U{0..49}: DDIM steps of a partial rollout, on average
+
+
+def unet_forwards(bank: bool, attack_steps: int, retain_batch: int, concept_batch: int = 1) -> float:
+  """Batch-1 UNet forward-equivalents of one attacking iteration (spec 2.3-2.4)."""
+  rollout = 0.0 if bank else 2 * MEAN_ROLLOUT_STEPS  # CFG: a conditional and an unconditional pass per step
+  attack = attack_steps * (rollout + 1 + 3)  # x_t, e_p, then e_adv forward + backward to the prompt
+  concept = concept_batch * (rollout + 2 + 3)  # x_t, e_0 and e_p, then e_n forward + backward
+  retain = retain_batch * (rollout + 1 + 3)  # x_r, r_p, then r_n forward + backward
+  return attack + concept + retain
+
+
+def unet_forward_flops(unet_cfg, unet_params, hw) -> float:
+  unet = unet_lib.UNet2DConditionModel(unet_cfg)
+  args = (jnp.zeros((1, hw, hw, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, unet_cfg.cross_attention_dim)))
+  compiled = jax.jit(lambda p, *a: unet.apply({"params": p}, *a)).lower(unet_params, *args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--size", default="tiny", choices=["tiny", "sd14"])
@@ -60,6 +90,7 @@ def parse_args():
   p.add_argument("--dtype", default="float32")
   p.add_argument("--remat", default="none")
   p.add_argument("--no_torch", action="store_true")
+  p.add_argument("--peak_tflops", type=float, default=None, help="dense peak for MFU (default: H200 on GPUs)")
   return p.parse_args()
 
 
@@ -106,26 +137,41 @@ def main():
     attack=attack.AttackConfig(steps=args.attack_steps),
   )
   step = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5), donate_argnums=(2,))
+  fwd_flops = unet_forward_flops(unet_cfg, unet_params, hw)
+  peak = args.peak_tflops or (H200_PEAK_TFLOPS[args.dtype] if jax.default_backend() == "gpu" else None)
 
   def time_jax(bank):
     state = step_lib.init_state(cfg, models, frozen)
     idx = jnp.arange(args.retain_batch, dtype=jnp.int32)
     t0 = time.perf_counter()
-    state, m = step(cfg, models, state, frozen, step_lib.Batch(idx, jax.random.key(0)), True, bank)
+    compiled = step.lower(cfg, models, state, frozen, step_lib.Batch(idx, jax.random.key(0)), True, bank).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    compiled_gib = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**30
+    state, m = compiled(state, frozen, step_lib.Batch(idx, jax.random.key(0)), bank)  # warm-up
     jax.block_until_ready(m)
-    first = time.perf_counter() - t0
     times = []
     for i in range(args.iters):
       t0 = time.perf_counter()
-      state, m = step(cfg, models, state, frozen, step_lib.Batch(idx, jax.random.key(i + 1)), True, bank)
+      state, m = compiled(state, frozen, step_lib.Batch(idx, jax.random.key(i + 1)), bank)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
-    return first, float(np.mean(times))
+    per_it = float(np.mean(times))
+    tflops = unet_forwards(bank is not None, args.attack_steps, args.retain_batch) * fwd_flops / per_it / 1e12
+    stats = jax.devices()[0].memory_stats() or {}
+    peak_gib = stats.get("peak_bytes_in_use", 0) / 2**30
+    mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a (no peak for this backend)"
+    detail = (
+      f"compile {compile_s:.1f} s, compiled memory {compiled_gib:.2f} GiB"
+      + (f", device peak {peak_gib:.2f} GiB" if peak_gib else "")
+      + f", {tflops:.2f} TFLOP/s, {mfu}"
+    )
+    return per_it, detail
 
   results = {}
-  first, per_it = time_jax(None)
+  per_it, detail = time_jax(None)
   results["jax online"] = per_it
-  print(f"jax online : {per_it:8.3f} s/it (first call incl. compile {first:.1f} s)", flush=True)
+  print(f"jax online : {per_it:8.3f} s/it ({detail})", flush=True)
   t0 = time.perf_counter()
   bank = bank_lib.build(
     models.unet,
@@ -142,9 +188,9 @@ def main():
     f"bank build : {time.perf_counter() - t0:8.3f} s (once per run: 8 concept + {len(retain_prompts)} retain rollouts)",
     flush=True,
   )
-  first, per_it = time_jax(bank)
+  per_it, detail = time_jax(bank)
   results["jax bank"] = per_it
-  print(f"jax bank   : {per_it:8.3f} s/it (first call incl. compile {first:.1f} s)", flush=True)
+  print(f"jax bank   : {per_it:8.3f} s/it ({detail})", flush=True)
 
   if not args.no_torch:
     results["pytorch"] = time_torch(args, clip_cfg, unet_cfg, clip_params, unet_params, frozen, k)
@@ -213,6 +259,8 @@ def time_torch(args, clip_cfg, unet_cfg, clip_params, unet_params, frozen, k):
     if device == "cuda":
       torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
+  if device == "cuda":
+    print(f"pytorch peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
   return float(np.mean(times[1:]))
 
 

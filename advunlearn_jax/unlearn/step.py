@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from advunlearn_jax import sharding
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
@@ -258,4 +259,5 @@ def train_step(
     params, opt_state, loss_r = jax.lax.fori_loop(0, cfg.retain_steps, iter_body, (params, opt_state, jnp.zeros(())))
 
   metrics.update(loss=loss, loss_unlearn=loss_u, loss_retain=loss_r, t_enc=ts.t_enc, concept=c)
-  return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return sharding.constrain_params(state, models.mesh), metrics

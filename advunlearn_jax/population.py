@@ -1,0 +1,205 @@
+"""Population runs: many independent AdvUnlearn runs (concepts x seeds x hyperparameters) in one job.
+
+  python -m advunlearn_jax.population --config=configs/tiny.py --workdir=workdirs/grid \
+      --sweep=config_arg=triangle,striped --sweep=seed=0,1 [--devices_per_member=2]
+
+Members are the cartesian product of the sweeps, `KEY=V1,V2,...`, where KEY is a config field (values parsed as
+that field's type; a tuple field such as concept.prompts takes one element per member) or `config_arg`, the
+argument after ':' of the config file (configs/tiny.py:striped picks the erased concept). A single-valued sweep
+is an override shared by all members; members are named by what varies. The devices are split into equal
+groups, one member training on each group at a time (a thread per group keeps every group busy; JAX releases
+the GIL while a step runs), and the members queue for the groups. Each member is an ordinary run in
+`workdir/NAME`: its own checkpoints, metrics, exports and report, and it resumes when the same command is
+rerun. This is how one fills a pod slice's devices with the paper's grid of experiments.
+
+A member's result equals the same config run alone (tests/test_population.py), as each member's randomness
+comes from its own seed and its devices are its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import queue
+import threading
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+
+from advunlearn_jax import config_lib
+from advunlearn_jax.errors import ConfigError
+
+CONFIG_ARG = "config_arg"
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  name: str  # also the member's workdir under the population's
+  config: ml_collections.ConfigDict
+
+
+def load_config(spec: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]` -> get_config([arg]) (ml_collections' config_flags convention)."""
+  path, _, spec_arg = spec.partition(":")
+  arg = arg if arg is not None else spec_arg
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_population_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+  key, sep, values = text.partition("=")
+  options = [v.strip() for v in values.split(",")]
+  if not sep or not key or (len(options) > 1 and not all(options)):  # one empty value: set the field to ""
+    raise ConfigError(f"--sweep={text!r}: expected KEY=V1,V2,... (e.g. seed=0,1,2 or train.lr=1e-5,3e-5)")
+  return key.strip(), options
+
+
+def _typed(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
+  node = config
+  *sections, name = key.split(".")
+  for section in sections:
+    if section not in node or not isinstance(node[section], ml_collections.ConfigDict):
+      raise ConfigError(f"--sweep: config has no section {section!r} (key {key!r})")
+    node = node[section]
+  if name not in node or isinstance(node[name], ml_collections.ConfigDict):
+    raise ConfigError(f"--sweep: config has no field {key!r}")
+  current = node[name]
+  try:
+    if isinstance(current, bool):
+      if text.lower() not in ("true", "false"):
+        raise ValueError(text)
+      return text.lower() == "true"
+    if isinstance(current, (tuple, list)):
+      return (text,)
+    return type(current)(text)
+  except ValueError:
+    raise ConfigError(f"--sweep: {key}={text!r} is not a {type(current).__name__}") from None
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  *sections, name = key.split(".")
+  node = config
+  for section in sections:
+    node = node[section]
+  node[name] = value
+
+
+def members(config_spec: str, sweeps: Sequence[str]) -> list[Member]:
+  parsed = [parse_sweep(s) for s in sweeps]
+  keys = [k for k, _ in parsed]
+  if len(set(keys)) != len(keys):
+    raise ConfigError(f"--sweep: a key appears twice in {keys}")
+  out = []
+  for combo in itertools.product(*(values for _, values in parsed)):
+    chosen = dict(zip(keys, combo))
+    config = load_config(config_spec, chosen.pop(CONFIG_ARG, None))
+    for key, text in chosen.items():
+      _set(config, key, _typed(config, key, text))
+    config_lib.validate(config)
+    # Named by what varies; single-valued sweeps are plain overrides shared by every member.
+    varying = [(k, v) for (k, values), v in zip(parsed, combo) if len(values) > 1]
+    name = ",".join(f"{k}={v}" for k, v in varying).replace("/", "_").replace(" ", "_") or "run"
+    out.append(Member(name, config))
+  return out
+
+
+def device_groups(n_members: int, devices_per_member: int = 0, devices: list | None = None) -> list[list]:
+  """Equal, disjoint groups of devices; by default as many groups as members (or devices, if fewer)."""
+  devices = list(devices or jax.devices())
+  per = devices_per_member or max(1, len(devices) // max(1, n_members))
+  if per > len(devices) or len(devices) % per:
+    raise ConfigError(f"--devices_per_member={per} does not divide the {len(devices)} devices into equal groups")
+  return [devices[i : i + per] for i in range(0, len(devices), per)]
+
+
+def run(
+  population: Sequence[Member], workdir: str, devices_per_member: int = 0, devices: list | None = None
+) -> dict[str, dict]:
+  """Trains every member; returns {name: summary} or {name: {"error": ...}}; a failed member stops no other."""
+  from advunlearn_jax import train  # imports JAX's backends; kept off the config-parsing path
+  from advunlearn_jax.tiny import report
+
+  if jax.process_count() > 1:
+    raise ConfigError(
+      "population runs are single-process: start one population per host (each over its own local devices) "
+      "instead of one multi-host run"
+    )
+  names = [m.name for m in population]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"population members need distinct names, got {names}")
+  groups = device_groups(len(population), devices_per_member, devices)
+  pending: queue.Queue[Member] = queue.Queue()
+  for member in population:
+    pending.put(member)
+  results: dict[str, dict] = {}
+  watcher = train.PreemptionWatcher()  # one SIGTERM handler (main thread) for every member
+
+  def worker(group):
+    while True:
+      try:
+        member = pending.get_nowait()
+      except queue.Empty:
+        return
+      member_dir = os.path.join(workdir, member.name)
+      logging.info("member %s on devices %s", member.name, [d.id for d in group])
+      try:
+        summary = train.run(member.config, member_dir, devices=group, preemption=watcher, show_progress=False)
+        if "pipeline" in summary:
+          report.after_run(member.config, member_dir, summary["pipeline"])
+        results[member.name] = summary
+      except Exception as e:  # one diverging or misconfigured member must not take the grid down
+        logging.error("member %s failed:\n%s", member.name, traceback.format_exc())
+        results[member.name] = {"error": f"{type(e).__name__}: {e}"}
+
+  threads = [threading.Thread(target=worker, args=(g,), name=f"devices-{g[0].id}") for g in groups]
+  try:
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    watcher.restore()
+  ordered = {name: results[name] for name in names}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "population.json"), "w") as f:
+    json.dump({"members": ordered, "devices_per_member": len(groups[0])}, f, indent=2, default=str)
+  return ordered
+
+
+def _define_flags():
+  """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
+  global _CONFIG, _WORKDIR, _SWEEP, _DEVICES_PER_MEMBER
+  _CONFIG = flags.DEFINE_string("config", None, "Config file, optionally with its argument: configs/tiny.py:striped.")
+  _WORKDIR = flags.DEFINE_string("workdir", "workdirs/population", "Members' workdirs go under it.")
+  _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,... (repeat for a grid); KEY may be config_arg.")
+  _DEVICES_PER_MEMBER = flags.DEFINE_integer("devices_per_member", 0, "0: the devices split evenly over members.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  population = members(_CONFIG.value, _SWEEP.value)
+  print(f"{len(population)} members: {', '.join(m.name for m in population)}")
+  results = run(population, _WORKDIR.value, _DEVICES_PER_MEMBER.value)
+  failed = [name for name, r in results.items() if "error" in r]
+  for name, r in results.items():
+    print(f"{name}: {r.get('error') or r.get('text_encoder') or r.get('unet') or r.get('stopped_at')}")
+  if failed:
+    raise SystemExit(f"{len(failed)} of {len(results)} members failed: {failed}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# AdvUnlearn on a Cloud TPU VM slice (single- or multi-host): create the slice, install the repo on every worker,
+# run the same command on all workers (JAX's multi-controller runtime connects them), copy the results back,
+# delete the slice.
+#
+#   launch/tpu_vm.sh --name=advunlearn-style --zone=us-central2-b --accelerator=v4-16 --bucket=my-bucket \
+#     --config=configs/style.py --workdir=style_vangogh [--spot] [--keep] [--dry-run] [-- --config.train.lr=1e-5]
+#
+# The workdir lives in the GCS bucket, mounted with gcsfuse at the same path on every worker: all hosts see one
+# Orbax checkpoint directory, and it outlives the slice. With --spot a preempted slice is deleted, recreated and
+# the same command run again, which resumes from the workdir's latest checkpoint (up to --max-restarts times).
+# --dry-run prints every command instead of running it.
+set -euo pipefail
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
+
+name="" zone="" accelerator="" bucket="" config="" workdir="" version="tpu-ubuntu2204-base"
+repo="https://github.com/advunlearn/advunlearn-jax.git" ref="main" project=""
+spot=0 keep=0 dry_run=0 max_restarts=5 local_out="workdirs" passthrough=0
+extra=()  # after "--": flags for advunlearn_jax.main
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+for arg in "$@"; do
+  if ((passthrough)); then
+    extra+=("$arg")
+    continue
+  fi
+  case "$arg" in
+    --) passthrough=1 ;;
+    --name=*) name="${arg#*=}" ;;
+    --zone=*) zone="${arg#*=}" ;;
+    --project=*) project="${arg#*=}" ;;
+    --accelerator=*) accelerator="${arg#*=}" ;;
+    --version=*) version="${arg#*=}" ;;
+    --bucket=*) bucket="${arg#*=}" ;;
+    --config=*) config="${arg#*=}" ;;
+    --workdir=*) workdir="${arg#*=}" ;;
+    --repo=*) repo="${arg#*=}" ;;
+    --ref=*) ref="${arg#*=}" ;;
+    --local-out=*) local_out="${arg#*=}" ;;
+    --max-restarts=*) max_restarts="${arg#*=}" ;;
+    --spot) spot=1 ;;
+    --keep) keep=1 ;;
+    --dry-run) dry_run=1 ;;
+    -h|--help) usage 0 ;;
+    *) die "unknown argument '$arg' (see --help)" ;;
+  esac
+done
+
+for required in name zone accelerator bucket config workdir; do
+  [[ -n "${!required}" ]] || die "--$required is required (see --help)"
+done
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts must be a non-negative integer, got '$max_restarts'"
+
+mount="/mnt/$bucket"
+remote_workdir="$mount/$workdir"
+gcloud_tpu=(gcloud compute tpus tpu-vm)
+where=(--zone="$zone")
+[[ -n "$project" ]] && where+=(--project="$project")
+
+on_all_workers() { run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$1"; }
+
+create() {
+  local flags=(--accelerator-type="$accelerator" --version="$version")
+  ((spot)) && flags+=(--spot)
+  run "${gcloud_tpu[@]}" create "$name" "${where[@]}" "${flags[@]}"
+}
+
+install() {
+  on_all_workers "set -e; sudo mkdir -p $mount && sudo chown \$USER $mount \
+&& (mountpoint -q $mount || gcsfuse --implicit-dirs $bucket $mount); \
+[ -d advunlearn-jax ] || git clone $repo advunlearn-jax; cd advunlearn-jax && git fetch -q && git checkout -q $ref \
+&& python3 -m venv .venv && . .venv/bin/activate && pip install -q -r requirements.txt 'jax[tpu]==$(jax_version)'"
+}
+
+train() {
+  # Every worker runs the same command; jax.distributed.initialize finds the slice's other workers itself.
+  on_all_workers "cd advunlearn-jax && . .venv/bin/activate && $(quote python -m advunlearn_jax.main \
+    "--config=$config" "--workdir=$remote_workdir" "${extra[@]}")"
+}
+
+preempted() {
+  ((dry_run)) && return 1
+  local state
+  state=$("${gcloud_tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' || echo GONE)
+  [[ "$state" == PREEMPTED || "$state" == GONE || "$state" == TERMINATED ]]
+}
+
+delete() { run "${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet; }
+
+# From the bucket, not a worker: it works after a preemption too.
+copy_back() {
+  run mkdir -p "$local_out"
+  run gcloud storage cp --recursive "gs://$bucket/$workdir" "$local_out/"
+}
+
+attempt=0
+create
+install
+until train; do
+  if ((spot)) && preempted && ((attempt < max_restarts)); then
+    attempt=$((attempt + 1))
+    echo "slice $name was preempted; recreating it (restart $attempt of $max_restarts), the run resumes" >&2
+    delete
+    create
+    install
+  else
+    echo "the run failed and the slice was not preempted; it is kept for inspection: $name" >&2
+    exit 1
+  fi
+done
+copy_back
+((keep)) || delete
