@@ -97,6 +97,13 @@ def _to_host(tree: Any) -> Any:
   return jax.device_get(tree)
 
 
+def _current_params(cfg, models, frozen, pipe: sd_convert.Pipeline, state) -> tuple[Any, Any]:
+  """(text, UNet) params now: only the trained leaves come off the mesh; the untrained ones are the pipeline's
+  own local copies (frozen.clip/unet on the mesh hold the same values, possibly sharded across hosts)."""
+  local = frozen._replace(unet=pipe.unet_params, clip=pipe.text_params)
+  return step_lib.student_params(cfg, models, local, _to_host(state.params))
+
+
 class PreemptionWatcher:
   """SIGTERM (a preempted VM, a cluster scheduler) asks the loop to save and stop at the next iteration."""
 
@@ -216,7 +223,7 @@ def run(
     )
 
   def write_preview(step_count):
-    text_params, unet_params = _to_host(step_lib.student_params(cfg, models, frozen, state.params))
+    text_params, unet_params = _current_params(cfg, models, frozen, pipe, state)
     if not primary:
       return
     if trainable.is_text_method(config.train.method):
@@ -271,7 +278,7 @@ def run(
     mngr.wait_until_finished()
 
   # ---------------------------------------------------------------- export
-  text_params, unet_params = _to_host(step_lib.student_params(cfg, models, frozen, state.params))
+  text_params, unet_params = _current_params(cfg, models, frozen, pipe, state)
   if not trainable.is_text_method(config.train.method):
     text_params = None
   outputs = export(workdir, pipe, text_params, unet_params, write=primary)
