@@ -29,8 +29,8 @@ EVAL_PROMPTS = 12  # UnlearnDiffAtk prompts: world.attribute_prompts(kind, value
 
 
 def concept_prompts(concept: str, variants: int = 6) -> tuple[str, ...]:
-  """The erased concept in the world's phrasing, alone and in `variants` full prompts (a 32-wide, 3-layer text
-  tower does not carry the erasure of 'a photo of a triangle' over to 'a photo of a striped red triangle' by
+  """The erased concept in the world's phrasing, alone and in `variants` full prompts (the tiny text tower does
+  not carry the erasure of 'a photo of a triangle' over to 'a photo of a striped red triangle' by
   itself; the reference also splits a concept into several prompts, its --seperator). The variants avoid the
   evaluation prompts, so the attack is measured on phrasings the run never trained on."""
   kind, index = world.attribute_of(concept)

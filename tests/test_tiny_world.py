@@ -67,10 +67,10 @@ def test_shipped_judge_reads_fresh_renders():
 
 def test_shipped_model_follows_prompts():
   """Every (shape, colour, style) once, judged. A regression floor under the shipped model's measured rates
-  (shape 0.85, colour 0.85, style 0.46 at this seed); the target, >= 0.9 on each, needs a longer build."""
+  (README: shape 1.0, colour 0.96, style 0.74 at seed 0); style, striped vs checkered, is short of 0.9."""
   pipe = sd_convert.load_pipeline(evaluate.TINY_SD_DIR)
-  rates, _ = evaluate.base_quality(pipe, judge_lib.load(evaluate.JUDGE_DIR), seed=7, repeats=1)
-  assert rates["shape"] >= 0.75 and rates["color"] >= 0.75 and rates["style"] >= 0.35, rates
+  rates, _, _ = evaluate.base_quality(pipe, judge_lib.load(evaluate.JUDGE_DIR), seed=7, repeats=1)
+  assert rates["shape"] >= 0.95 and rates["color"] >= 0.9 and rates["style"] >= 0.6, rates
 
 
 def test_tiny_config_and_report_vocabulary():

@@ -72,8 +72,9 @@ def tiny():
 
 
 def test_attack_finds_what_random_prefixes_do_not(tiny):
-  """On the base tiny model, prompts naming a circle: the attack makes the judge see the triangle of the
-  target image, while random 3-token prefixes on the same prompts (almost) never do."""
+  """On the base tiny model, prompts naming a square: the attack makes the judge see the triangle of the
+  target image, while random 3-token prefixes on the same prompts (almost) never do. (Square, not circle: the
+  shipped model holds a circle against this budget, 400 attack iterations on both seeds.)"""
   is_triangle = classifiers.make("judge:shape=triangle")
   cfg = ud.AttackConfig(k=3, iters_per_t=20, timesteps=tuple(range(10, 400, 20)), scheduler="ddim", steps=25)
   tokenizer = tok_lib.load_tokenizer(tiny.tokenizer_dir)
@@ -83,7 +84,7 @@ def test_attack_finds_what_random_prefixes_do_not(tiny):
     ids = tok_lib.tokenize(tokenizer, [f"a photo of a plain {color} triangle"])
     target = ud.render_ids(tiny, ids, seed, 5.0, cfg, tiny.text_params)[0]
     assert is_triangle(target[None])[0]
-    prompt = f"a photo of a plain {color} circle"
+    prompt = f"a photo of a plain {color} square"
     out = ud.attack_prompt(tiny, prompt, target, is_triangle, cfg, seed=seed, guidance=5.0)
     assert not out.pre_success
     attacked.append(out.success)

@@ -36,9 +36,10 @@ from advunlearn_jax.tiny import world
 VAE = vae_lib.VAEConfig(
   block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32
 )
-# The real CLIP vocabulary and tokenizer; width and depth cut to what three-attribute captions need.
+# The real CLIP vocabulary and tokenizer; width and depth cut to what three-attribute captions need. At width 32
+# the tower lost the shape when a style word came first ("a striped red square" drew circles).
 CLIP = clip_text.CLIPTextConfig(
-  hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, projection_dim=32
+  hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, projection_dim=64
 )
 UNET = unet_lib.UNetConfig(
   block_out_channels=(32, 64),
@@ -46,7 +47,7 @@ UNET = unet_lib.UNetConfig(
   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
   layers_per_block=1,
   num_attention_heads=(4, 4),
-  cross_attention_dim=32,
+  cross_attention_dim=64,
   norm_num_groups=16,
   sample_size=8,
 )
@@ -250,7 +251,7 @@ def _define_flags():
   _POOL = flags.DEFINE_integer("pool", 24576, "Rendered training images.")
   _JUDGE_STEPS = flags.DEFINE_integer("judge_steps", 600, "")
   _VAE_STEPS = flags.DEFINE_integer("vae_steps", 1200, "")
-  _SD_STEPS = flags.DEFINE_integer("sd_steps", 2500, "")
+  _SD_STEPS = flags.DEFINE_integer("sd_steps", 5000, "")
   _SD_BATCH = flags.DEFINE_integer("sd_batch", 64, "")
   _CONTINUE_FROM = flags.DEFINE_string(
     "continue_from", "", "A previous build's folder: keep its judge and VAE, continue the text tower + UNet from it."

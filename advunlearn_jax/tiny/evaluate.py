@@ -51,10 +51,21 @@ def recognition_rates(judge, images: np.ndarray, labels: np.ndarray) -> dict[str
   return {k: float(np.mean(pred[k] == labels[:, i])) for i, k in enumerate(world.ATTRIBUTE_TYPES)}
 
 
-def base_quality(pipe, judge, seed: int = 0, repeats: int = 2) -> tuple[dict[str, float], np.ndarray]:
+def rates_by_value(judge, images: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float]]:
+  """Per attribute type and value: the fraction of images prompted with that value that the judge reads as it;
+  this is where a model that fails one attribute type fails (e.g. checkered drawn as striped)."""
+  pred = judge_lib.predict(*judge, images)
+  return {
+    kind: {name: float(np.mean(pred[kind][labels[:, i] == v] == v)) for v, name in enumerate(values)}
+    for i, (kind, values) in enumerate(world.ATTRIBUTE_TYPES.items())
+  }
+
+
+def base_quality(pipe, judge, seed: int = 0, repeats: int = 2) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+  """Recognition rates on every (shape, colour, style) prompt `repeats` times; also the images and labels."""
   prompts, labels = full_prompts(repeats)
   images = generate(pipe, prompts, seed)
-  return recognition_rates(judge, images, labels), images
+  return recognition_rates(judge, images, labels), images, labels
 
 
 def _define_flags():
@@ -69,12 +80,18 @@ def main(argv):
   del argv
   pipe = sd_convert.load_pipeline(_PIPELINE.value)
   judge = judge_lib.load(JUDGE_DIR)
-  rates, images = base_quality(pipe, judge, repeats=_REPEATS.value)
-  print(json.dumps({"recognition_rate": rates, "images": len(images), "sampling": SAMPLING}, indent=2))
+  rates, images, labels = base_quality(pipe, judge, repeats=_REPEATS.value)
+  result = {
+    "recognition_rate": rates,
+    "by_value": rates_by_value(judge, images, labels),
+    "images": len(images),
+    "sampling": SAMPLING,
+  }
+  print(json.dumps(result, indent=2))
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "quality.json"), "w") as f:
-      json.dump({"recognition_rate": rates, "images": len(images), "sampling": SAMPLING}, f, indent=2)
+      json.dump(result, f, indent=2)
     generation.save_png(os.path.join(_OUT.value, "samples.png"), generation.image_grid(images[:144], cols=24))
 
 

@@ -27,7 +27,7 @@ _RGB = {
 }
 # Words a caption may use for each value; the first is the canonical one that evaluation prompts use.
 SHAPE_WORDS = {
-  "circle": ("circle", "disc", "round dot"),
+  "circle": ("circle", "disc"),  # not "dot": the dotted style's "polka-dot" would name a shape too
   "square": ("square", "box"),
   "triangle": ("triangle",),
   "star": ("star",),
@@ -41,7 +41,9 @@ STYLE_WORDS = {
   "checkered": ("checkered", "checkerboard"),
 }
 _SUPERSAMPLE = 4  # anti-aliasing: masks are evaluated on a 4x finer grid and averaged
-_PERIOD = 8.0  # texture period in pixels; shorter ones do not survive the VAE's factor-4 latents
+# Texture period in pixels: 3 latent pixels under the VAE's factor 4. At 8 (2 latent pixels, the latent grid's
+# Nyquist limit) diagonal stripes and checks both became a latent checkerboard and the UNet confused them.
+_PERIOD = 12.0
 
 
 class Attributes(NamedTuple):
