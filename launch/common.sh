@@ -17,6 +17,23 @@ quote() {
   printf '%s' "${words[*]}"
 }
 
+# Splits the script's arguments at the first "--": its own flags into `args`, the rest (flags for
+# advunlearn_jax.main, passed through untouched) into `extra`.
+split_at_passthrough() {
+  # shellcheck disable=SC2034  # both arrays are read by the sourcing script
+  args=() extra=()
+  local arg seen=0
+  for arg in "$@"; do
+    if ((seen)); then
+      extra+=("$arg")
+    elif [[ "$arg" == -- ]]; then
+      seen=1
+    else
+      args+=("$arg")
+    fi
+  done
+}
+
 # Prints the command, then runs it unless --dry-run.
 run() {
   printf '+ %s\n' "$(quote "$@")"

@@ -13,18 +13,13 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 
-config="" workdir="" gpus="" setup=0 num_nodes=1 node_rank=0 coordinator="" passthrough=0
-extra=()  # after "--": flags for advunlearn_jax.main
+config="" workdir="" gpus="" setup=0 num_nodes=1 node_rank=0 coordinator=""
 
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
-for arg in "$@"; do
-  if ((passthrough)); then
-    extra+=("$arg")
-    continue
-  fi
+split_at_passthrough "$@"
+for arg in "${args[@]}"; do
   case "$arg" in
-    --) passthrough=1 ;;
     --config=*) config="${arg#*=}" ;;
     --workdir=*) workdir="${arg#*=}" ;;
     --gpus=*) gpus="${arg#*=}" ;;

@@ -16,18 +16,13 @@ source "$(dirname "$0")/common.sh"
 
 name="" zone="" accelerator="" bucket="" config="" workdir="" version="tpu-ubuntu2204-base"
 repo="https://github.com/advunlearn/advunlearn-jax.git" ref="main" project=""
-spot=0 keep=0 dry_run=0 max_restarts=5 local_out="workdirs" passthrough=0
-extra=()  # after "--": flags for advunlearn_jax.main
+spot=0 keep=0 dry_run=0 max_restarts=5 local_out="workdirs"
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
-for arg in "$@"; do
-  if ((passthrough)); then
-    extra+=("$arg")
-    continue
-  fi
+split_at_passthrough "$@"
+for arg in "${args[@]}"; do
   case "$arg" in
-    --) passthrough=1 ;;
     --name=*) name="${arg#*=}" ;;
     --zone=*) zone="${arg#*=}" ;;
     --project=*) project="${arg#*=}" ;;

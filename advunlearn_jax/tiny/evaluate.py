@@ -3,7 +3,7 @@
   python -m advunlearn_jax.tiny.evaluate [--pipeline=DIR] [--out=DIR]
 
 prints the base model's recognition rate per attribute type (prompts naming a shape, a colour and a style)
-and writes a sample grid. `recognition_rates` is what the erasure report (tiny/report.py) builds on.
+and per value (`by_value`: which value a model fails), and writes a sample grid.
 """
 
 from __future__ import annotations
@@ -45,27 +45,32 @@ def full_prompts(n_per_combo: int = 1) -> tuple[list[str], np.ndarray]:
   return prompts, np.array(combos)
 
 
-def recognition_rates(judge, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  """Per attribute type: the fraction of images whose judged value equals the prompt's."""
-  pred = judge_lib.predict(*judge, images)
+def recognition_rates(pred: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
+  """Per attribute type: the fraction of images whose judged value (`pred`, judge_lib.predict) is the prompt's."""
   return {k: float(np.mean(pred[k] == labels[:, i])) for i, k in enumerate(world.ATTRIBUTE_TYPES)}
 
 
-def rates_by_value(judge, images: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float]]:
+def rates_by_value(pred: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, dict[str, float]]:
   """Per attribute type and value: the fraction of images prompted with that value that the judge reads as it;
-  this is where a model that fails one attribute type fails (e.g. checkered drawn as striped)."""
-  pred = judge_lib.predict(*judge, images)
+  this is where a model that fails one attribute type fails (e.g. checkered drawn as striped). Values no image
+  was prompted with are left out."""
   return {
-    kind: {name: float(np.mean(pred[kind][labels[:, i] == v] == v)) for v, name in enumerate(values)}
+    kind: {
+      name: float(np.mean(pred[kind][labels[:, i] == v] == v)) for v, name in enumerate(values) if v in labels[:, i]
+    }
     for i, (kind, values) in enumerate(world.ATTRIBUTE_TYPES.items())
   }
 
 
-def base_quality(pipe, judge, seed: int = 0, repeats: int = 2) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-  """Recognition rates on every (shape, colour, style) prompt `repeats` times; also the images and labels."""
+def base_quality(
+  pipe, judge, seed: int = 0, repeats: int = 2
+) -> tuple[dict[str, float], dict[str, dict[str, float]], np.ndarray]:
+  """Every (shape, colour, style) prompt `repeats` times, judged: rates per attribute type, per value, and the
+  images."""
   prompts, labels = full_prompts(repeats)
   images = generate(pipe, prompts, seed)
-  return recognition_rates(judge, images, labels), images, labels
+  pred = judge_lib.predict(*judge, images)
+  return recognition_rates(pred, labels), rates_by_value(pred, labels), images
 
 
 def _define_flags():
@@ -80,10 +85,10 @@ def main(argv):
   del argv
   pipe = sd_convert.load_pipeline(_PIPELINE.value)
   judge = judge_lib.load(JUDGE_DIR)
-  rates, images, labels = base_quality(pipe, judge, repeats=_REPEATS.value)
+  rates, by_value, images = base_quality(pipe, judge, repeats=_REPEATS.value)
   result = {
     "recognition_rate": rates,
-    "by_value": rates_by_value(judge, images, labels),
+    "by_value": by_value,
     "images": len(images),
     "sampling": SAMPLING,
   }
