@@ -12,6 +12,10 @@ the GIL while a step runs), and the members queue for the groups. Each member is
 `workdir/NAME`: its own checkpoints, metrics, exports and report, and it resumes when the same command is
 rerun. This is how one fills a pod slice's devices with the paper's grid of experiments.
 
+On several hosts (a TPU pod slice) each host runs its own population over its local devices: `--parts=N
+--part=I` keeps every N-th member starting at the I-th, so N hosts started with the same sweeps and I = 0..N-1
+train each member exactly once (launch/tpu_vm.sh --sweep=... does this on every worker of a slice).
+
 A member's result equals the same config run alone (tests/test_population.py), as each member's randomness
 comes from its own seed and its devices are its own.
 """
@@ -114,6 +118,14 @@ def members(config_spec: str, sweeps: Sequence[str]) -> list[Member]:
   return out
 
 
+def select_part(population: Sequence[Member], part: int, parts: int) -> list[Member]:
+  """The members host `part` of `parts` trains: every parts-th, from the part-th (a split stable across restarts,
+  so a resumed host finds its own members' checkpoints)."""
+  if parts < 1 or not 0 <= part < parts:
+    raise ConfigError(f"--part={part} --parts={parts}: need parts >= 1 and 0 <= part < parts")
+  return list(population[part::parts])
+
+
 def device_groups(n_members: int, devices_per_member: int = 0, devices: list | None = None) -> list[list]:
   """Equal, disjoint groups of devices; by default as many groups as members (or devices, if fewer)."""
   devices = list(devices or jax.devices())
@@ -124,9 +136,14 @@ def device_groups(n_members: int, devices_per_member: int = 0, devices: list | N
 
 
 def run(
-  population: Sequence[Member], workdir: str, devices_per_member: int = 0, devices: list | None = None
+  population: Sequence[Member],
+  workdir: str,
+  devices_per_member: int = 0,
+  devices: list | None = None,
+  summary_name: str = "population.json",
 ) -> dict[str, dict]:
-  """Trains every member; returns {name: summary} or {name: {"error": ...}}; a failed member stops no other."""
+  """Trains every member; returns {name: summary} or {name: {"error": ...}}; a failed member stops no other.
+  The summaries also go to workdir/summary_name (one file per host when hosts share the workdir)."""
   from advunlearn_jax import train  # imports JAX's backends; kept off the config-parsing path
   from advunlearn_jax.tiny import report
 
@@ -172,26 +189,31 @@ def run(
     watcher.restore()
   ordered = {name: results[name] for name in names}
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "population.json"), "w") as f:
+  with open(os.path.join(workdir, summary_name), "w") as f:
     json.dump({"members": ordered, "devices_per_member": len(groups[0])}, f, indent=2, default=str)
   return ordered
 
 
 def _define_flags():
   """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
-  global _CONFIG, _WORKDIR, _SWEEP, _DEVICES_PER_MEMBER
+  global _CONFIG, _WORKDIR, _SWEEP, _DEVICES_PER_MEMBER, _PART, _PARTS
   _CONFIG = flags.DEFINE_string("config", None, "Config file, optionally with its argument: configs/tiny.py:striped.")
   _WORKDIR = flags.DEFINE_string("workdir", "workdirs/population", "Members' workdirs go under it.")
   _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,... (repeat for a grid); KEY may be config_arg.")
   _DEVICES_PER_MEMBER = flags.DEFINE_integer("devices_per_member", 0, "0: the devices split evenly over members.")
+  _PART = flags.DEFINE_integer("part", 0, "This host's share of the members: every --parts-th, from this one.")
+  _PARTS = flags.DEFINE_integer("parts", 1, "How many hosts share the members (one population per host).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  population = members(_CONFIG.value, _SWEEP.value)
-  print(f"{len(population)} members: {', '.join(m.name for m in population)}")
-  results = run(population, _WORKDIR.value, _DEVICES_PER_MEMBER.value)
+  grid = members(_CONFIG.value, _SWEEP.value)
+  population = select_part(grid, _PART.value, _PARTS.value)
+  share = f" (part {_PART.value} of {_PARTS.value}: {len(population)} of {len(grid)})" if _PARTS.value > 1 else ""
+  print(f"{len(population)} members{share}: {', '.join(m.name for m in population)}")
+  summary = f"population.part{_PART.value}of{_PARTS.value}.json" if _PARTS.value > 1 else "population.json"
+  results = run(population, _WORKDIR.value, _DEVICES_PER_MEMBER.value, summary_name=summary)
   failed = [name for name, r in results.items() if "error" in r]
   for name, r in results.items():
     print(f"{name}: {r.get('error') or r.get('text_encoder') or r.get('unet') or r.get('stopped_at')}")

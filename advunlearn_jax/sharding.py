@@ -48,6 +48,17 @@ def param_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
   return PartitionSpec()
 
 
+def bytes_per_device(tree: Any, mesh: Mesh) -> int:
+  """What `shard_params` would place on each device, in bytes; leaves may be abstract (jax.ShapeDtypeStruct),
+  so a layout can be sized for weights that do not fit here."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    spec = param_spec(tuple(x.shape), mesh)
+    split = math.prod(mesh.shape[entry] for entry in spec if entry is not None)
+    total += math.prod(x.shape) * np.dtype(x.dtype).itemsize // split
+  return total
+
+
 def _put(x, sharding):
   """device_put that also places typed PRNG keys (as their key data) on other processes' devices."""
   if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):

@@ -197,6 +197,10 @@ def run(
   config_json = checkpoint.config_dict(config)
   mngr = checkpoint.manager(workdir, config.train.keep)
   state = sharding.shard_params(step_lib.init_state(cfg, models, frozen), mesh)
+  logging.info(
+    "frozen weights + training state: %.2f GB per device",
+    sharding.bytes_per_device((weights, state), mesh) / 1e9,
+  )
   sampler = retain.SamplerState(0, 0)
   restored = checkpoint.restore_latest(mngr, state, config_json, workdir)
   if restored is not None:

@@ -15,7 +15,7 @@ source "$(dirname "$0")/common.sh"
 
 config="" workdir="" gpus="" setup=0 num_nodes=1 node_rank=0 coordinator=""
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 
 split_at_passthrough "$@"
 for arg in "${args[@]}"; do

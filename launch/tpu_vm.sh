@@ -6,6 +6,9 @@
 #   launch/tpu_vm.sh --name=advunlearn-style --zone=us-central2-b --accelerator=v4-16 --bucket=my-bucket \
 #     --config=configs/style.py --workdir=style_vangogh [--spot] [--keep] [--dry-run] [-- --config.train.lr=1e-5]
 #
+# With --sweep=KEY=V1,V2,... (repeatable) the slice runs a population instead (advunlearn_jax.population): each
+# worker is its own single-host slice, trains every N-th member of the grid (N workers) over its own chips, and
+# writes them to the shared workdir; flags after "--" then go to advunlearn_jax.population.
 # The workdir lives in the GCS bucket, mounted with gcsfuse at the same path on every worker: all hosts see one
 # Orbax checkpoint directory, and it outlives the slice. With --spot a preempted slice is deleted, recreated and
 # the same command run again, which resumes from the workdir's latest checkpoint (up to --max-restarts times).
@@ -16,9 +19,9 @@ source "$(dirname "$0")/common.sh"
 
 name="" zone="" accelerator="" bucket="" config="" workdir="" version="tpu-ubuntu2204-base"
 repo="https://github.com/advunlearn/advunlearn-jax.git" ref="main" project=""
-spot=0 keep=0 dry_run=0 max_restarts=5 local_out="workdirs"
+spot=0 keep=0 dry_run=0 max_restarts=5 local_out="workdirs" sweeps=()
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 
 split_at_passthrough "$@"
 for arg in "${args[@]}"; do
@@ -35,6 +38,7 @@ for arg in "${args[@]}"; do
     --ref=*) ref="${arg#*=}" ;;
     --local-out=*) local_out="${arg#*=}" ;;
     --max-restarts=*) max_restarts="${arg#*=}" ;;
+    --sweep=*) sweeps+=("$arg") ;;
     --spot) spot=1 ;;
     --keep) keep=1 ;;
     --dry-run) dry_run=1 ;;
@@ -70,9 +74,26 @@ install() {
 }
 
 train() {
+  if ((${#sweeps[@]})); then
+    population
+    return
+  fi
   # Every worker runs the same command; jax.distributed.initialize finds the slice's other workers itself.
   on_all_workers "cd advunlearn-jax && . .venv/bin/activate && $(quote python -m advunlearn_jax.main \
     "--config=$config" "--workdir=$remote_workdir" "${extra[@]}")"
+}
+
+# Independent runs need no collectives between workers, so each worker runs alone: the TPU_* variables make it a
+# single-host slice, and the worker's number and the worker count (instance metadata) pick its members. The split
+# is the same on a recreated slice, so after a preemption each worker resumes its own members.
+population() {
+  local metadata="http://metadata.google.internal/computeMetadata/v1/instance/attributes"
+  on_all_workers "cd advunlearn-jax && . .venv/bin/activate \
+&& part=\$(curl -sf -H Metadata-Flavor:Google $metadata/agent-worker-number) \
+&& parts=\$(curl -sf -H Metadata-Flavor:Google $metadata/worker-network-endpoints | tr , '\\n' | grep -c .) \
+&& export TPU_HOST_BOUNDS=1,1,1 TPU_WORKER_ID=0 TPU_WORKER_HOSTNAMES=localhost \
+&& $(quote python -m advunlearn_jax.population "--config=$config" "--workdir=$remote_workdir" "${sweeps[@]}" \
+    "${extra[@]}") --part=\"\$part\" --parts=\"\$parts\""
 }
 
 preempted() {

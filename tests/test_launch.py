@@ -75,6 +75,32 @@ def test_tpu_vm_dry_run(tmp_path):
   assert "--spot" not in kept[0] and kept[-1][:2] == ["gcloud", "storage"]  # no delete
 
 
+def test_tpu_vm_population_dry_run(tmp_path):
+  """--sweep runs a population on every worker, each worker its own single-host slice with its share of the
+  members (its number and the worker count from the instance metadata)."""
+  args = ["--name=au", "--zone=z", "--accelerator=v4-16", "--bucket=bk", "--config=configs/style.py", "--workdir=g"]
+  sweeps = ["--sweep=concept.prompts=Van Gogh,Claude Monet", "--sweep=seed=0,1"]
+  out, commands = _dry_run("tpu_vm.sh", *args, *sweeps, "--", "--devices_per_member=2", tmp_path=tmp_path)
+  assert out.returncode == 0, out.stderr
+  remote = _option(commands[2], "command")
+  assert "attributes/agent-worker-number)" in remote and "attributes/worker-network-endpoints |" in remote
+  assert "export TPU_HOST_BOUNDS=1,1,1 TPU_WORKER_ID=0 TPU_WORKER_HOSTNAMES=localhost" in remote
+  population = shlex.split(remote.split(" && ")[-1])
+  assert population == [
+    "python",
+    "-m",
+    "advunlearn_jax.population",
+    "--config=configs/style.py",
+    "--workdir=/mnt/bk/g",
+    *sweeps,
+    "--devices_per_member=2",
+    "--part=$part",
+    "--parts=$parts",
+  ]
+  help_text = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_vm.sh"), "--help"], capture_output=True, text=True)
+  assert "--sweep=KEY=V1,V2" in help_text.stdout and "set -euo" not in help_text.stdout
+
+
 @pytest.mark.parametrize(
   "args, message",
   [

@@ -61,6 +61,17 @@ def test_device_groups():
     population.members("configs/nope.py", [])
 
 
+def test_hosts_split_the_members():
+  grid = population.members(TINY, ["config_arg=triangle,striped", "seed=0,1,2"])
+  parts = [population.select_part(grid, i, 4) for i in range(4)]
+  assert [len(p) for p in parts] == [2, 2, 1, 1]
+  assert sorted(m.name for p in parts for m in p) == sorted(m.name for m in grid)  # each member exactly once
+  assert population.select_part(grid, 0, 1) == grid
+  for part, parts in ((4, 4), (-1, 2), (0, 0)):
+    with pytest.raises(ConfigError, match="0 <= part < parts"):
+      population.select_part(grid, part, parts)
+
+
 def _encoder(workdir):
   return weights_io.read_safetensors(os.path.join(workdir, "text_encoder", "model.safetensors"))
 

@@ -12,6 +12,10 @@ from jax.sharding import PartitionSpec as P
 from advunlearn_jax import sharding, train
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models import clip_text, presets
+from advunlearn_jax.models import unet as unet_lib
+from advunlearn_jax.unlearn import step as step_lib
+from advunlearn_jax.unlearn import trainable
 from tests import tiny_models
 from tests.test_train import tiny_config
 
@@ -37,6 +41,24 @@ def test_param_spec_rule():
   assert placed["big"].sharding.spec == P("fsdp") and placed["big"].addressable_shards[0].data.shape == (128, 64)
   assert sharding.sharded_fraction(placed) == 512 * 64 / (512 * 64 + 64)
   assert sharding.sharded_fraction(sharding.replicate(placed, mesh)) == 0.0
+
+
+def test_fsdp_layout_at_sd2_size():
+  """Sized from shapes alone (nothing allocated): full UNet fine-tuning at SD 2.x size, the frozen UNet and
+  OpenCLIP-H text tower plus the trained copy and its Adam state, is 15.2 GB on every device data-parallel and
+  about an eighth of it at fsdp = 8, because every large tensor of these layouts has a dimension 8 divides."""
+  unet = unet_lib.abstract_params(unet_lib.UNetConfig.from_dict(presets.SD21_UNET))
+  text = clip_text.abstract_params(clip_text.CLIPTextConfig(**presets.SD2_TEXT))
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  assert 865e6 < count(unet) < 866e6 and 340e6 < count(text) < 341e6  # the published 865.9M and 340.4M
+  trained, _ = trainable.split(unet, trainable.unet_mask(unet, "full"))
+  adam = jax.eval_shape(step_lib.optimizer(step_lib.StepConfig(method="full")).init, trained)
+  state = {"frozen": (unet, text), "trained": trained, "adam": adam}
+  data = sharding.bytes_per_device(state, sharding.make_mesh(jax.devices()))
+  fsdp = sharding.bytes_per_device(state, sharding.make_mesh(jax.devices(), fsdp=8))
+  assert data == 4 * (4 * count(unet) + count(text)) + 4  # fp32 weights, Adam's two moments and its step count
+  # Only tensors under 16k elements stay replicated (0.1% of the weights), so each device holds 1.9 GB.
+  assert data / 8 <= fsdp < 1.005 * data / 8, (data, fsdp)
 
 
 def test_fsdp_size_defaults():

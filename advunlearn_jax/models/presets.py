@@ -30,6 +30,16 @@ SD21_UNET = {
   "sample_size": 96,
 }
 
+# SD 2.x's text tower: OpenCLIP ViT-H/14's, as stabilityai/stable-diffusion-2-1-base ships it (transformers layout).
+SD2_TEXT = {
+  "hidden_act": "gelu",
+  "hidden_size": 1024,
+  "intermediate_size": 4096,
+  "num_attention_heads": 16,
+  "num_hidden_layers": 23,
+  "projection_dim": 512,
+}
+
 SD14_VAE = {
   "_class_name": "AutoencoderKL",
   "act_fn": "silu",

@@ -75,8 +75,9 @@ def base_quality(
 
 def _define_flags():
   """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
-  global _PIPELINE, _OUT, _REPEATS
+  global _PIPELINE, _JUDGE, _OUT, _REPEATS
   _PIPELINE = flags.DEFINE_string("pipeline", TINY_SD_DIR, "Tiny-world diffusers folder.")
+  _JUDGE = flags.DEFINE_string("judge", JUDGE_DIR, "Judge folder; a rebuild's own judge sees its own world.")
   _OUT = flags.DEFINE_string("out", "", "If set: write quality.json and samples.png here.")
   _REPEATS = flags.DEFINE_integer("repeats", 2, "Images per (shape, colour, style) combination.")
 
@@ -84,7 +85,7 @@ def _define_flags():
 def main(argv):
   del argv
   pipe = sd_convert.load_pipeline(_PIPELINE.value)
-  judge = judge_lib.load(JUDGE_DIR)
+  judge = judge_lib.load(_JUDGE.value)
   rates, by_value, images = base_quality(pipe, judge, repeats=_REPEATS.value)
   result = {
     "recognition_rate": rates,
