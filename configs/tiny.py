@@ -69,6 +69,7 @@ def get_config(concept: str = "triangle"):
   c.samples.guidance = 5.0
   c.report.kind = "tiny_world"
   c.report.erased = (concept,)
+  c.report.images_per_value = 16  # 24 took the run to 5:00-5:35 on 2 cores; 16 keeps it inside 5 minutes
   # UnlearnDiffAtk against the erased concept, judged by the shipped judge (python -m advunlearn_jax.evaluate).
   kind, index = world.attribute_of(concept)
   c.evaluation.prompts = tuple(world.attribute_prompts(kind, index, EVAL_PROMPTS))

@@ -67,10 +67,10 @@ def test_shipped_judge_reads_fresh_renders():
 
 def test_shipped_model_follows_prompts():
   """Every (shape, colour, style) once, judged. A regression floor under the shipped model's measured rates
-  (README: shape 1.0, colour 0.96, style 0.74 at seed 0); style, striped vs checkered, is short of 0.9."""
+  (README: shape 1.0, colour 0.99, style 0.92 at seed 0, two images each)."""
   pipe = sd_convert.load_pipeline(evaluate.TINY_SD_DIR)
   rates, by_value, _ = evaluate.base_quality(pipe, judge_lib.load(evaluate.JUDGE_DIR), seed=7, repeats=1)
-  assert rates["shape"] >= 0.95 and rates["color"] >= 0.9 and rates["style"] >= 0.6, rates
+  assert rates["shape"] >= 0.95 and rates["color"] >= 0.95 and rates["style"] >= 0.85, rates
   for kind, rate in rates.items():  # every value is prompted equally often, so the rates average out
     assert np.mean(list(by_value[kind].values())) == pytest.approx(rate), (kind, by_value)
 

@@ -41,9 +41,11 @@ STYLE_WORDS = {
   "checkered": ("checkered", "checkerboard"),
 }
 _SUPERSAMPLE = 4  # anti-aliasing: masks are evaluated on a 4x finer grid and averaged
-# Texture period in pixels: 3 latent pixels under the VAE's factor 4. At 8 (2 latent pixels, the latent grid's
-# Nyquist limit) diagonal stripes and checks both became a latent checkerboard and the UNet confused them.
-_PERIOD = 12.0
+# Texture periods in pixels (the VAE's factor 4 makes 12 px three latent pixels). Stripes run horizontally and
+# checks are 8 px squares so the two textures share no frequency component: with diagonal stripes, a checkerboard
+# was the stripes plus their mirror image, both near the latent grid's Nyquist limit, and the UNet drew one for
+# the other about half the time.
+_PERIODS = {"striped": 12.0, "dotted": 12.0, "checkered": 16.0}
 
 
 class Attributes(NamedTuple):
@@ -97,12 +99,12 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _texture(style: str, x: np.ndarray, y: np.ndarray, phase: np.ndarray) -> np.ndarray:
-  """1 where the pattern shows the shape's dark shade, 0 where it shows its colour."""
-  px, py = (x + phase[0]) / _PERIOD, (y + phase[1]) / _PERIOD
+  """1 where the pattern shows the shape's dark shade, 0 where it shows its colour; phase in periods."""
   if style == "plain":
     return np.zeros_like(x)
+  px, py = x / _PERIODS[style] + phase[0], y / _PERIODS[style] + phase[1]
   if style == "striped":
-    return (np.mod(px + py, 1.0) < 0.5).astype(np.float32)
+    return (np.mod(py, 1.0) < 0.5).astype(np.float32)
   if style == "dotted":
     dx, dy = np.mod(px, 1.0) - 0.5, np.mod(py, 1.0) - 0.5
     return (dx * dx + dy * dy < 0.22**2 * 1.6).astype(np.float32)
@@ -124,7 +126,7 @@ def render(attrs: Attributes, rng: np.random.Generator) -> np.ndarray:
     du, dv = (xs - cx) / radius, (ys - cy) / radius
     u, v = c * du + sn * dv, -sn * du + c * dv
     mask = _shape_mask(SHAPES[attrs.shape[i]], u, v).astype(np.float32)
-    pattern = _texture(STYLES[attrs.style[i]], xs - cx, ys - cy, rng.uniform(0, _PERIOD, size=2))
+    pattern = _texture(STYLES[attrs.style[i]], xs - cx, ys - cy, rng.uniform(size=2))
     color = np.clip(np.array(_RGB[COLORS[attrs.color[i]]]) + rng.uniform(-0.05, 0.05, 3), 0, 1)
     dark = color * rng.uniform(0.25, 0.4)
     shade = color + pattern[..., None] * (dark - color)
