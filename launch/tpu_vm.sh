@@ -59,6 +59,7 @@ where=(--zone="$zone")
 [[ -n "$project" ]] && where+=(--project="$project")
 
 on_all_workers() { run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$1"; }
+in_repo="cd advunlearn-jax && . .venv/bin/activate"  # where install() left the checkout and its venv
 
 create() {
   local flags=(--accelerator-type="$accelerator" --version="$version")
@@ -79,7 +80,7 @@ train() {
     return
   fi
   # Every worker runs the same command; jax.distributed.initialize finds the slice's other workers itself.
-  on_all_workers "cd advunlearn-jax && . .venv/bin/activate && $(quote python -m advunlearn_jax.main \
+  on_all_workers "$in_repo && $(quote python -m advunlearn_jax.main \
     "--config=$config" "--workdir=$remote_workdir" "${extra[@]}")"
 }
 
@@ -88,7 +89,7 @@ train() {
 # is the same on a recreated slice, so after a preemption each worker resumes its own members.
 population() {
   local metadata="http://metadata.google.internal/computeMetadata/v1/instance/attributes"
-  on_all_workers "cd advunlearn-jax && . .venv/bin/activate \
+  on_all_workers "$in_repo \
 && part=\$(curl -sf -H Metadata-Flavor:Google $metadata/agent-worker-number) \
 && parts=\$(curl -sf -H Metadata-Flavor:Google $metadata/worker-network-endpoints | tr , '\\n' | grep -c .) \
 && export TPU_HOST_BOUNDS=1,1,1 TPU_WORKER_ID=0 TPU_WORKER_HOSTNAMES=localhost \
