@@ -25,18 +25,19 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from advunlearn_jax import config_lib
+from advunlearn_jax import compile_cache, config_lib
 from advunlearn_jax.errors import ConfigError
 
 
 def _define_flags():
   """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
-  global _CONFIG, _OUT, _TEXT_ENCODER, _PIPELINE, _NO_ATTACK
+  global _CONFIG, _OUT, _TEXT_ENCODER, _PIPELINE, _NO_ATTACK, _COMPILATION_CACHE
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
   _OUT = flags.DEFINE_string("out", None, "Folder for report.md, report.json and the image grids.")
   _TEXT_ENCODER = flags.DEFINE_string("text_encoder", "", "Unlearned text encoder folder (transformers layout).")
   _PIPELINE = flags.DEFINE_string("pipeline", "", "Unlearned diffusers pipeline folder (e.g. WORKDIR/pipeline).")
   _NO_ATTACK = flags.DEFINE_bool("no_attack", False, "Only the unattacked pass (pre-ASR).")
+  _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", "{out}/xla_cache", compile_cache.FLAG_HELP)
 
 
 def attack_config(config: ml_collections.ConfigDict):
@@ -265,6 +266,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   config_lib.validate(config)
+  compile_cache.enable(_COMPILATION_CACHE.value, out=_OUT.value)
   report = evaluate(config, _OUT.value, _TEXT_ENCODER.value, _PIPELINE.value, attack=not _NO_ATTACK.value)
   s = report["robustness"]["summary"]
   print(f"pre-ASR {s['pre_asr']:.1%}, ASR {s['asr']:.1%} over {s['prompts']} prompts; report in {_OUT.value}/report.md")

@@ -12,13 +12,14 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from advunlearn_jax import config_lib
+from advunlearn_jax import compile_cache, config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where checkpoints, metrics and exports go.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: how many processes (0: detect or 1).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index (-1: detect).")
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", "{workdir}/xla_cache", compile_cache.FLAG_HELP)
 
 
 def main(argv: list[str]) -> None:
@@ -28,6 +29,7 @@ def main(argv: list[str]) -> None:
   config_lib.validate(config)
   with config.unlocked():
     config.model.pretrained = config_lib.resolve_pretrained(config.model.pretrained)
+  compile_cache.enable(_COMPILATION_CACHE.value, workdir=_WORKDIR.value)
 
   from advunlearn_jax import distributed  # imports JAX; kept out of the config-only path
 

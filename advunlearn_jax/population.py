@@ -37,7 +37,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from advunlearn_jax import config_lib
+from advunlearn_jax import compile_cache, config_lib
 from advunlearn_jax.errors import ConfigError
 
 CONFIG_ARG = "config_arg"
@@ -196,13 +196,14 @@ def run(
 
 def _define_flags():
   """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
-  global _CONFIG, _WORKDIR, _SWEEP, _DEVICES_PER_MEMBER, _PART, _PARTS
+  global _CONFIG, _WORKDIR, _SWEEP, _DEVICES_PER_MEMBER, _PART, _PARTS, _COMPILATION_CACHE
   _CONFIG = flags.DEFINE_string("config", None, "Config file, optionally with its argument: configs/tiny.py:striped.")
   _WORKDIR = flags.DEFINE_string("workdir", "workdirs/population", "Members' workdirs go under it.")
   _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,... (repeat for a grid); KEY may be config_arg.")
   _DEVICES_PER_MEMBER = flags.DEFINE_integer("devices_per_member", 0, "0: the devices split evenly over members.")
   _PART = flags.DEFINE_integer("part", 0, "This host's share of the members: every --parts-th, from this one.")
   _PARTS = flags.DEFINE_integer("parts", 1, "How many hosts share the members (one population per host).")
+  _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", "{workdir}/xla_cache", compile_cache.FLAG_HELP)
 
 
 def main(argv):
@@ -212,6 +213,7 @@ def main(argv):
   population = select_part(grid, _PART.value, _PARTS.value)
   share = f" (part {_PART.value} of {_PARTS.value}: {len(population)} of {len(grid)})" if _PARTS.value > 1 else ""
   print(f"{len(population)} members{share}: {', '.join(m.name for m in population)}")
+  compile_cache.enable(_COMPILATION_CACHE.value, workdir=_WORKDIR.value)  # reruns load, not compile
   summary = f"population.part{_PART.value}of{_PARTS.value}.json" if _PARTS.value > 1 else "population.json"
   results = run(population, _WORKDIR.value, _DEVICES_PER_MEMBER.value, summary_name=summary)
   failed = [name for name, r in results.items() if "error" in r]

@@ -47,6 +47,8 @@ def test_tiny_default_run_end_to_end(tmp_path):
   assert sorted(os.listdir(tmp_path / "samples")) == ["step_000002.png", "step_000004.png"]
   assert (tmp_path / "text_encoder" / "model.safetensors").is_file()
   assert (tmp_path / "pipeline" / "model_index.json").is_file()
+  # The compiled steps went to the persistent cache, so a resume or rerun loads rather than compiles them.
+  assert any(name.startswith("jit_train_step-") for name in os.listdir(tmp_path / "xla_cache"))
 
 
 def test_empty_concept_is_rejected(tmp_path):
