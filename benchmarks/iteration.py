@@ -3,6 +3,7 @@ plain PyTorch transcription of the reference, in one run on the same weights; pr
 
   python benchmarks/iteration.py --size=tiny            # CPU-sized tiny random models (the default)
   python benchmarks/iteration.py --size=sd14 --iters=3  # SD v1.4 UNet + CLIP-L with random weights (GPU)
+  python benchmarks/iteration.py --size=sd14 --memory_only --remat=full   # compile only: memory on any machine
 
 `--no_torch` skips the PyTorch baseline (it needs torch + diffusers + transformers). Bank build time is
 reported separately: it is paid once per run, not per iteration.
@@ -90,6 +91,12 @@ def parse_args():
   p.add_argument("--dtype", default="float32")
   p.add_argument("--remat", default="none")
   p.add_argument("--no_torch", action="store_true")
+  p.add_argument(
+    "--memory_only",
+    action="store_true",
+    help="compile both modes and print their memory; run nothing (UNet weights stay abstract)",
+  )
+  p.add_argument("--modes", default="online,bank", help="with --memory_only: which modes to compile")
   p.add_argument("--peak_tflops", type=float, default=None, help="dense peak for MFU (default: H200 on GPUs)")
   return p.parse_args()
 
@@ -105,8 +112,13 @@ def main():
   )
   k1, k2 = jax.random.split(jax.random.key(0))
   clip_params = clip_text.init_params(clip_cfg, k1)
-  unet_params = jax.jit(unet_lib.UNet2DConditionModel(unet_cfg).init)(
-    k2, jnp.zeros((1, hw, hw, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, unet_cfg.cross_attention_dim))
+  init = jax.eval_shape if args.memory_only else lambda f, *a: jax.jit(f)(*a)  # eval_shape: no 3.4 GB on the host
+  unet_params = init(
+    unet_lib.UNet2DConditionModel(unet_cfg).init,
+    k2,
+    jnp.zeros((1, hw, hw, 4)),
+    jnp.zeros((1,), jnp.int32),
+    jnp.zeros((1, 77, unet_cfg.cross_attention_dim)),
   )["params"]
   tokenizer = tok_lib.load_tokenizer()
   retain_prompts = list(retain.DEFAULT_PROMPTS[:16])
@@ -137,6 +149,8 @@ def main():
     attack=attack.AttackConfig(steps=args.attack_steps),
   )
   step = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5), donate_argnums=(2,))
+  if args.memory_only:
+    return print_memory(step, cfg, models, frozen, args, hw)
   fwd_flops = unet_forward_flops(unet_cfg, unet_params, hw)
   peak = args.peak_tflops or (H200_PEAK_TFLOPS[args.dtype] if jax.default_backend() == "gpu" else None)
 
@@ -147,7 +161,7 @@ def main():
     compiled = step.lower(cfg, models, state, frozen, step_lib.Batch(idx, jax.random.key(0)), True, bank).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    compiled_gib = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**30
+    compiled_gib = compiled_peak_gib(mem)
     state, m = compiled(state, frozen, step_lib.Batch(idx, jax.random.key(0)), bank)  # warm-up
     jax.block_until_ready(m)
     times = []
@@ -173,16 +187,7 @@ def main():
   results["jax online"] = per_it
   print(f"jax online : {per_it:8.3f} s/it ({detail})", flush=True)
   t0 = time.perf_counter()
-  bank = bank_lib.build(
-    models.unet,
-    frozen.unet,
-    frozen,
-    jax.random.key(1),
-    concept_trajectories=8,
-    retain_trajectories=1,
-    latent_shape=(hw, hw, 4),
-    guidance=3.0,
-  )
+  bank = build_bank(models, frozen, hw)
   jax.block_until_ready(bank)
   print(
     f"bank build : {time.perf_counter() - t0:8.3f} s (once per run: 8 concept + {len(retain_prompts)} retain rollouts)",
@@ -198,6 +203,42 @@ def main():
     for name in ("jax online", "jax bank"):
       print(f"speed-up {name} vs pytorch: {results['pytorch'] / results[name]:.2f}x")
   print(f"speed-up jax bank vs jax online: {results['jax online'] / results['jax bank']:.2f}x")
+
+
+def build_bank(models, frozen, hw):
+  return bank_lib.build(
+    models.unet,
+    frozen.unet,
+    frozen,
+    jax.random.key(1),
+    concept_trajectories=8,
+    retain_trajectories=1,
+    latent_shape=(hw, hw, 4),
+    guidance=3.0,
+  )
+
+
+def print_memory(step, cfg, models, frozen, args, hw):
+  """Compiles the online and bank steps on abstract inputs and prints XLA's memory analysis of each."""
+  state = jax.eval_shape(lambda f: step_lib.init_state(cfg, models, f), frozen)
+  batch = step_lib.Batch(jnp.arange(args.retain_batch, dtype=jnp.int32), jax.random.key(0))
+  bank = jax.eval_shape(lambda: build_bank(models, frozen, hw))
+  for name, b in (("online", None), ("bank", bank)):
+    if name not in args.modes.split(","):
+      continue
+    t0 = time.perf_counter()
+    mem = step.lower(cfg, models, state, frozen, batch, True, b).compile().memory_analysis()
+    print(
+      f"jax {name:<6}: compile {time.perf_counter() - t0:.1f} s; arguments {mem.argument_size_in_bytes / 2**30:.2f} "
+      f"GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f}; peak {compiled_peak_gib(mem):.2f} GiB",
+      flush=True,
+    )
+
+
+def compiled_peak_gib(mem) -> float:
+  """Arguments + outputs + temporaries, counting once the outputs that reuse donated argument buffers."""
+  total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+  return total / 2**30
 
 
 def time_torch(args, clip_cfg, unet_cfg, clip_params, unet_params, frozen, k):

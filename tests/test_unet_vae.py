@@ -10,7 +10,7 @@ import pytest
 from advunlearn_jax.convert import torch_layout
 from advunlearn_jax.convert.diffusers import _modernise_vae_keys
 from advunlearn_jax.errors import ConfigError, WeightsError
-from advunlearn_jax.models import presets
+from advunlearn_jax.models import attention, presets
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
 from tests.torch_oracles import state_numpy, torch, torch_unet, torch_vae
@@ -27,8 +27,11 @@ def _flax_unet(model):
   return config, params
 
 
-@pytest.mark.parametrize("sd2", [False, True], ids=["sd1-shape", "sd2-shape"])
-def test_unet_matches_diffusers(sd2):
+@pytest.mark.parametrize("sd2, chunked", [(False, False), (True, False), (False, True)], ids=["sd1", "sd2", "chunked"])
+def test_unet_matches_diffusers(sd2, chunked, monkeypatch):
+  """`chunked`: the 16x16 latents' 256 queries in chunks of 128, the path SD's 4096-token attention takes on XLA."""
+  if chunked:
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 1)  # every attention at MIN_CHUNK query rows
   model = torch_unet(sd2=sd2)
   config, params = _flax_unet(model)
   assert config.use_linear_projection == sd2

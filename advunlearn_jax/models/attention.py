@@ -2,6 +2,14 @@
 
 `jax.nn.dot_product_attention` dispatches to cuDNN's fused kernel on GPUs (half precision only) and to
 XLA elsewhere; `implementation=None` lets JAX pick, which is what we want on every backend.
+
+XLA's attention materialises the [B, heads, Tq, Tk] probabilities, in fp32 even under bf16 compute, and
+keeps them for the backward pass. At SD's 64x64 latents (4096 tokens) that is 512 MiB per image: XLA's memory
+analysis of one SD v1.4 iteration (bf16, CPU buffer assignment) put it at 62.9 GiB, with or without per-block
+remat. So on the XLA path long queries go in chunks, each rematerialised in the backward pass: the same
+per-row softmax, with at most CHUNK_ELEMENTS probabilities per chunk (21.2 GiB for that iteration; see the
+README). The tiny world's 64 tokens stay one plain product, and cuDNN's fused kernel (bf16 on GPUs) never
+stores the probabilities.
 """
 
 from __future__ import annotations
@@ -12,12 +20,34 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+CHUNK_ELEMENTS = 2**26  # B x heads x query rows x Tk probabilities per chunk: 256 MiB in fp32
+MIN_CHUNK = 128  # fewer query rows per chunk would starve the matmul units
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
-  """q [B, Tq, N, H], k/v [B, Tk, N, H] -> [B, Tq, N, H]; softmax scale H**-0.5."""
+
+def dot_product_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None, query_chunk: int | None = None
+) -> jax.Array:
+  """q [B, Tq, N, H], k/v [B, Tk, N, H] -> [B, Tq, N, H]; softmax scale H**-0.5. `query_chunk`: query rows
+  per rematerialised chunk on the XLA path; None sizes it from CHUNK_ELEMENTS, 0 never chunks."""
   if implementation is None and q.dtype == jnp.float32:
     implementation = "xla"  # cuDNN's fused kernel takes fp16/bf16 only
+  on_xla = implementation == "xla" or (implementation is None and jax.default_backend() != "gpu")
+  if query_chunk is None:
+    b, _, n, _ = q.shape
+    rows = max(MIN_CHUNK, CHUNK_ELEMENTS // (b * n * k.shape[1]))
+    query_chunk = 1 << (rows.bit_length() - 1)  # a power of two: SD's 2^k-token sequences split evenly
+  if on_xla and query_chunk and q.shape[1] > query_chunk:
+    return _query_chunked(q, k, v, query_chunk)
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def _query_chunked(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
+  b, t, n, h = q.shape
+  pad = -t % chunk  # padded query rows attend like any other and are cut off; rows never interact
+  chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, (t + pad) // chunk, chunk, n, h)
+  attend = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"))
+  out = jax.lax.map(attend, chunks.swapaxes(0, 1)).swapaxes(0, 1)
+  return out.reshape(b, t + pad, n, h)[:, :t]
 
 
 class Attention(nn.Module):
