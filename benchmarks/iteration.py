@@ -135,6 +135,9 @@ def main():
     schedule=ScheduleConfig(),
   )
   dtype = jnp.dtype(args.dtype)
+  if dtype != jnp.float32:  # as train.run does for text-encoder methods: the read-only UNet's kernels in bf16
+    cast = lambda u: frozen_lib.cast_matrices(u, dtype)
+    frozen = frozen._replace(unet=jax.eval_shape(cast, frozen.unet) if args.memory_only else cast(frozen.unet))
   models = step_lib.Models(
     clip_text.CLIPTextModel(clip_cfg, dtype=dtype),
     unet_lib.UNet2DConditionModel(unet_cfg, dtype, args.remat),

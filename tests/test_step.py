@@ -186,3 +186,25 @@ def test_condition_embd_attack_and_retain_iter_mode():
   np.testing.assert_allclose(new_state.last_sequence[2], clean[1], atol=1e-5)
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new_state.params, state.params)
   assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_frozen_unet_stored_in_bf16_changes_nothing():
+  """What train.run does for text-encoder methods in bf16: the read-only UNet's kernels stored in bf16. The step
+  reads that UNet forward and back-propagates through it to the conditioning, so that is what must not move."""
+  _, unet = tiny_models.params()
+  cast = frozen_lib.cast_matrices(unet, jnp.bfloat16)
+  size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  assert size(cast) < 0.52 * size(unet)
+  model = UNet2DConditionModel(tiny_models.UNET, jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+  ctx = jnp.asarray(rng.normal(size=(2, 77, tiny_models.CLIP.hidden_size)), jnp.float32)
+  t = jnp.array([10, 700])
+
+  @jax.jit
+  def loss_and_grad(params, ctx):
+    return jax.value_and_grad(lambda c: jnp.mean(model.apply({"params": params}, x, t, c) ** 2))(ctx)
+
+  (value, grad), (value_cast, grad_cast) = loss_and_grad(unet, ctx), loss_and_grad(cast, ctx)
+  assert float(value) == float(value_cast)
+  np.testing.assert_array_equal(grad, grad_cast)

@@ -68,3 +68,10 @@ def build(
     tables=ddim.ldm_tables(schedule.alphas_cumprod_ldm(), ddim_steps),
   )
   return frozen, k
+
+
+def cast_matrices(params: Any, dtype: Any) -> Any:
+  """Every kernel (ndim >= 2) in `dtype`, vectors untouched. For weights that are only read by modules computing
+  in `dtype`: Dense and Conv cast their kernels to it anyway, so storing them cast changes no value and halves
+  their memory in bf16; norm scales and biases, which some modules read in fp32, keep their precision."""
+  return jax.tree.map(lambda p: p.astype(dtype) if p.ndim >= 2 else p, params)
