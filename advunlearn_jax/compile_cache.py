@@ -13,22 +13,30 @@ from __future__ import annotations
 
 import os
 
+from advunlearn_jax.errors import ConfigError
+
 FLAG_HELP = (
   "Persistent XLA compilation cache folder ({workdir} or {out} stands for that flag's folder); share one "
   "across runs with a fixed path, or pass an empty value to compile from scratch every time."
 )
 
 
-def enable(path: str, **folders: str) -> str:
-  """Points JAX's persistent compilation cache at `path` (placeholders such as {workdir} filled from
-  `folders`); '' leaves the cache off. Returns the folder used. Call it before the first compilation: JAX
-  decides once per process whether the cache is in use."""
+def resolve(path: str, **folders: str) -> str:
+  """`path` with its placeholders ({workdir}, {out}) filled from `folders`, absolute; '' stays '' (off)."""
   for name, folder in folders.items():
     path = path.replace("{" + name + "}", folder)
-  if not path:
-    return ""
-  import jax  # kept off the config-parsing path of the entry points
+  if "{" in path or "}" in path:
+    known = sorted("{" + name + "}" for name in folders)
+    raise ConfigError(f"--compilation_cache={path!r}: unknown placeholder; this command knows {known}")
+  return os.path.abspath(os.path.expanduser(path)) if path else ""
 
-  path = os.path.abspath(os.path.expanduser(path))
-  jax.config.update("jax_compilation_cache_dir", path)
+
+def enable(path: str, **folders: str) -> str:
+  """Points JAX's persistent compilation cache at resolve(path, **folders); '' leaves the cache off. Returns the
+  folder used. Call it before the first compilation: JAX decides once per process whether the cache is in use."""
+  path = resolve(path, **folders)
+  if path:
+    import jax  # kept off the config-parsing path of the entry points
+
+    jax.config.update("jax_compilation_cache_dir", path)
   return path

@@ -171,9 +171,7 @@ def run(
     trainable.selected_paths(unet_mask),
     mesh,
   )
-  if dtype != jnp.float32 and trainable.count(pipe.unet_params, unet_mask) == 0:
-    # The UNet is only read, in `dtype`: SD v1.4's weights go from 3.4 to 1.7 GB on every device, no value changes.
-    frozen = frozen._replace(unet=frozen_lib.cast_matrices(frozen.unet, dtype))
+  frozen = frozen_lib.store_for_compute(frozen, models)
   weights = {"unet": sharding.shard_params(frozen.unet, mesh), "clip": sharding.shard_params(frozen.clip, mesh)}
   frozen = sharding.replicate(frozen._replace(unet=None, clip=None), mesh)._replace(**weights)
   cfg = step_config(config, num_tokens, pipe.unet_config)

@@ -135,9 +135,6 @@ def main():
     schedule=ScheduleConfig(),
   )
   dtype = jnp.dtype(args.dtype)
-  if dtype != jnp.float32:  # as train.run does for text-encoder methods: the read-only UNet's kernels in bf16
-    cast = lambda u: frozen_lib.cast_matrices(u, dtype)
-    frozen = frozen._replace(unet=jax.eval_shape(cast, frozen.unet) if args.memory_only else cast(frozen.unet))
   models = step_lib.Models(
     clip_text.CLIPTextModel(clip_cfg, dtype=dtype),
     unet_lib.UNet2DConditionModel(unet_cfg, dtype, args.remat),
@@ -151,6 +148,8 @@ def main():
     retain_weight=0.3,
     attack=attack.AttackConfig(steps=args.attack_steps),
   )
+  store = lambda f: frozen_lib.store_for_compute(f, models)  # as train.run stores it
+  frozen = jax.eval_shape(store, frozen) if args.memory_only else store(frozen)
   step = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5), donate_argnums=(2,))
   if args.memory_only:
     return print_memory(step, cfg, models, frozen, args, hw)
@@ -225,7 +224,7 @@ def print_memory(step, cfg, models, frozen, args, hw):
   """Compiles the online and bank steps on abstract inputs and prints XLA's memory analysis of each."""
   state = jax.eval_shape(lambda f: step_lib.init_state(cfg, models, f), frozen)
   batch = step_lib.Batch(jnp.arange(args.retain_batch, dtype=jnp.int32), jax.random.key(0))
-  bank = jax.eval_shape(lambda: build_bank(models, frozen, hw))
+  bank = jax.eval_shape(lambda f: build_bank(models, f, hw), frozen)
   for name, b in (("online", None), ("bank", bank)):
     if name not in args.modes.split(","):
       continue

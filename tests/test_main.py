@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from advunlearn_jax import config_lib
+from advunlearn_jax import compile_cache, config_lib
 from advunlearn_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +49,13 @@ def test_tiny_default_run_end_to_end(tmp_path):
   assert (tmp_path / "pipeline" / "model_index.json").is_file()
   # The compiled steps went to the persistent cache, so a resume or rerun loads rather than compiles them.
   assert any(name.startswith("jit_train_step-") for name in os.listdir(tmp_path / "xla_cache"))
+
+
+def test_compilation_cache_folder():
+  assert compile_cache.resolve("{workdir}/xla_cache", workdir="runs/a") == os.path.abspath("runs/a/xla_cache")
+  assert compile_cache.resolve("", workdir="runs/a") == ""  # off
+  with pytest.raises(ConfigError, match=r"unknown placeholder; this command knows \['\{out\}'\]"):
+    compile_cache.resolve("{workdir}/xla_cache", out="report")  # evaluate has --out, not --workdir
 
 
 def test_empty_concept_is_rejected(tmp_path):

@@ -191,11 +191,15 @@ def test_condition_embd_attack_and_retain_iter_mode():
 def test_frozen_unet_stored_in_bf16_changes_nothing():
   """What train.run does for text-encoder methods in bf16: the read-only UNet's kernels stored in bf16. The step
   reads that UNet forward and back-propagates through it to the conditioning, so that is what must not move."""
-  _, unet = tiny_models.params()
-  cast = frozen_lib.cast_matrices(unet, jnp.bfloat16)
+  _, models, frozen = setup()
+  half = models._replace(unet=UNet2DConditionModel(tiny_models.UNET, jnp.bfloat16))
+  unet, cast = frozen.unet, frozen_lib.store_for_compute(frozen, half).unet
   size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   assert size(cast) < 0.52 * size(unet)
-  model = UNet2DConditionModel(tiny_models.UNET, jnp.bfloat16)
+  assert frozen_lib.store_for_compute(frozen, models) is frozen  # fp32 compute: nothing to gain
+  trains_unet = half._replace(unet_mask=frozenset({("conv_in", "kernel")}))
+  assert frozen_lib.store_for_compute(frozen, trains_unet) is frozen  # master weights start from these leaves
+  model = half.unet
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
   ctx = jnp.asarray(rng.normal(size=(2, 77, tiny_models.CLIP.hidden_size)), jnp.float32)

@@ -32,12 +32,13 @@ def dot_product_attention(
   if implementation is None and q.dtype == jnp.float32:
     implementation = "xla"  # cuDNN's fused kernel takes fp16/bf16 only
   on_xla = implementation == "xla" or (implementation is None and jax.default_backend() != "gpu")
-  if query_chunk is None:
-    b, _, n, _ = q.shape
-    rows = max(MIN_CHUNK, CHUNK_ELEMENTS // (b * n * k.shape[1]))
-    query_chunk = 1 << (rows.bit_length() - 1)  # a power of two: SD's 2^k-token sequences split evenly
-  if on_xla and query_chunk and q.shape[1] > query_chunk:
-    return _query_chunked(q, k, v, query_chunk)
+  if on_xla and query_chunk != 0:
+    if query_chunk is None:
+      b, _, n, _ = q.shape
+      rows = max(MIN_CHUNK, CHUNK_ELEMENTS // (b * n * k.shape[1]))
+      query_chunk = 1 << (rows.bit_length() - 1)  # a power of two: SD's 2^k-token sequences split evenly
+    if q.shape[1] > query_chunk:
+      return _query_chunked(q, k, v, query_chunk)
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
