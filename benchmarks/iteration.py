@@ -244,20 +244,15 @@ def compiled_peak_gib(mem) -> float:
 
 
 def time_torch(args, clip_cfg, unet_cfg, clip_params, unet_params, frozen, k):
-  import diffusers
   import torch
   import transformers
 
   from advunlearn_jax.convert import clip_text as clip_convert
-  from advunlearn_jax.convert import torch_layout
+  from benchmarks import torch_unet
   from tests import reference_torch
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  unet = diffusers.UNet2DConditionModel(
-    **{k: v for k, v in unet_cfg.to_diffusers_dict().items() if not k.startswith("_")}
-  ).eval()
-  state = torch_layout.flax_to_torch(unet_params, list_names=unet_lib.LIST_NAMES)
-  unet.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+  unet = torch_unet.diffusers_unet(unet_cfg, unet_params, device)
   hf = transformers.CLIPTextConfig(**clip_cfg.to_transformers_dict())
   clips = []
   for _ in range(2):
@@ -266,7 +261,6 @@ def time_torch(args, clip_cfg, unet_cfg, clip_params, unet_params, frozen, k):
       {k: torch.from_numpy(v) for k, v in clip_convert.state_dict(clip_params, "").items()}, strict=False
     )
     clips.append(model.to(device))
-  unet = unet.to(device)
   hw = unet_cfg.sample_size
   rng = np.random.default_rng(0)
 

@@ -8,6 +8,11 @@ same run.
 
   python benchmarks/unet_step.py                                   # the full grid (GPU)
   python benchmarks/unet_step.py --batch=1 --dtype=float32 --remat=none,full --iters=2   # a CPU-sized subset
+  python benchmarks/unet_step.py --batch=1 --dtype=float32 --remat=none --iters=2 --torch  # vs diffusers
+
+`--torch` adds diffusers' UNet with the same weights as the baseline for each batch and dtype (float32 as
+PyTorch runs it by default; bfloat16 under autocast, i.e. fp32 weights and bf16 compute, as the JAX side) and
+prints the JAX/diffusers speed-up of every JAX row.
 
 Peak memory: XLA's compiled memory analysis (arguments + outputs + temporaries) on every backend, and the
 allocator's peak on GPUs. MFU: XLA's FLOP count over time, against the chip's dense peak for the dtype
@@ -45,6 +50,7 @@ def parse_args():
   p.add_argument("--latent", type=int, default=64)
   p.add_argument("--peak_tflops", type=float, default=None, help="override the dense peak used for MFU")
   p.add_argument("--json_out", default=None)
+  p.add_argument("--torch", action="store_true", help="add the diffusers baseline (needs torch + diffusers)")
   return p.parse_args()
 
 
@@ -70,7 +76,7 @@ def measure(config, params, batch, dtype, remat, wrt, iters, latent):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  jax.block_until_ready(compiled(params, ctx))  # warm-up
+  loss = float(jax.block_until_ready(compiled(params, ctx))[0])  # warm-up
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
@@ -87,7 +93,43 @@ def measure(config, params, batch, dtype, remat, wrt, iters, latent):
     "flops": flops,
     "compiled_gib": compiled_bytes / 2**30 if compiled_bytes else None,
     "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+    "loss": loss,
   }
+
+
+def measure_torch(config, params, batch, dtype, wrt, iters, latent):
+  """diffusers' UNet, same weights and inputs, same loss and gradient; the median of `iters` after a warm-up."""
+  import torch
+
+  from benchmarks import torch_unet
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  unet = torch_unet.diffusers_unet(config, params, device)
+  unet.requires_grad_(wrt == "params")
+  rng = np.random.default_rng(0)
+  x = torch.from_numpy(rng.normal(size=(batch, latent, latent, 4)).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+  ctx = torch.from_numpy(rng.normal(size=(batch, 77, config.cross_attention_dim)).astype(np.float32))
+  t = torch.from_numpy(rng.integers(0, 1000, batch))
+  x, ctx, t = x.to(device), ctx.to(device).requires_grad_(wrt == "context"), t.to(device)
+
+  def step():
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      loss = unet(x, t, ctx).sample.float().pow(2).mean()
+    loss.backward()
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return float(loss.detach())
+
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  loss = step()  # warm-up
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+  return {"batch": batch, "dtype": dtype, "step_s": float(np.median(times)), "peak_gib": peak, "loss": loss}
 
 
 def main():
@@ -108,8 +150,17 @@ def main():
   header = f"{'batch':>5} {'dtype':>8} {'remat':>5} {'compile s':>9} {'step s':>8} {'ratio':>6} {'TFLOP/s':>8} "
   header += f"{'MFU':>6} {'compiled GiB':>12} {'peak GiB':>8}"
   print(header, flush=True)
+  baselines = {}
   for batch, dtype, remat in grid:
     r = measure(config, params, batch, dtype, remat, args.wrt, args.iters, args.latent)
+    if args.torch and (batch, dtype) not in baselines:
+      baselines[batch, dtype] = measure_torch(config, params, batch, dtype, args.wrt, args.iters, args.latent)
+      b = baselines[batch, dtype]
+      pg = f", peak {b['peak_gib']:.2f} GiB" if b["peak_gib"] else ""
+      # Same weights and inputs: the losses agree (to bf16 rounding in bf16), or the baseline is not a baseline.
+      print(f"  diffusers batch {batch} {dtype}: {b['step_s']:.3f} s{pg}, loss {b['loss']:.6f} (JAX {r['loss']:.6f})")
+    if args.torch:
+      r["speedup_vs_diffusers"] = baselines[batch, dtype]["step_s"] / r["step_s"]
     base = results[0] if results else r
     r["ratio_vs_first"] = base["step_s"] / r["step_s"] * (r["batch"] / base["batch"])  # throughput ratio
     r["tflops"] = r["flops"] / r["step_s"] / 1e12
@@ -121,12 +172,22 @@ def main():
     pg = f"{r['peak_gib']:.2f}" if r["peak_gib"] else "-"
     print(
       f"{batch:>5} {dtype:>8} {remat:>5} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['ratio_vs_first']:>6.2f} "
-      f"{r['tflops']:>8.2f} {mfu:>6} {cg:>12} {pg:>8}",
+      f"{r['tflops']:>8.2f} {mfu:>6} {cg:>12} {pg:>8}"
+      + (f" {r['speedup_vs_diffusers']:>6.2f}x vs diffusers" if args.torch else ""),
       flush=True,
     )
     if args.json_out:  # after every row, so a run cut short keeps what it measured
       with open(args.json_out, "w") as f:
-        json.dump({"device": device.device_kind, "backend": jax.default_backend(), "results": results}, f, indent=2)
+        json.dump(
+          {
+            "device": device.device_kind,
+            "backend": jax.default_backend(),
+            "results": results,
+            "diffusers": list(baselines.values()),
+          },
+          f,
+          indent=2,
+        )
   print("ratio = samples/s relative to the first row (higher is faster)")
 
 

