@@ -5,8 +5,10 @@ plain PyTorch transcription of the reference, in one run on the same weights; pr
   python benchmarks/iteration.py --size=sd14 --iters=3  # SD v1.4 UNet + CLIP-L with random weights (GPU)
   python benchmarks/iteration.py --size=sd14 --memory_only --remat=full   # compile only: memory on any machine
 
-`--no_torch` skips the PyTorch baseline (it needs torch + diffusers + transformers). Bank build time is
-reported separately: it is paid once per run, not per iteration.
+`--no_torch` skips the PyTorch baseline (it needs torch + diffusers + transformers). On GPUs its fp32 matmuls
+run in TF32, the arithmetic of JAX's default precision there, so the ratio compares like with like
+(`--torch_matmul_precision=highest`: PyTorch's own default, as the reference runs). Bank build time is reported
+separately: it is paid once per run, not per iteration.
 
 Also per JAX mode: compile time; memory, as XLA's compiled memory analysis (arguments + outputs + temporaries,
 every backend) and the device's peak bytes in use (GPU/TPU); and MFU. XLA's cost analysis counts a loop body
@@ -39,6 +41,7 @@ from advunlearn_jax.unlearn import attack, retain, trainable  # noqa: E402
 from advunlearn_jax.unlearn import bank as bank_lib  # noqa: E402
 from advunlearn_jax.unlearn import frozen as frozen_lib  # noqa: E402
 from advunlearn_jax.unlearn import step as step_lib  # noqa: E402
+from benchmarks import torch_unet  # noqa: E402
 
 
 def configs(size):
@@ -98,6 +101,7 @@ def parse_args():
   )
   p.add_argument("--modes", default="online,bank", help="with --memory_only: which modes to compile")
   p.add_argument("--peak_tflops", type=float, default=None, help="dense peak for MFU (default: H200 on GPUs)")
+  torch_unet.add_matmul_precision_flag(p)
   return p.parse_args()
 
 
@@ -248,10 +252,11 @@ def time_torch(args, clip_cfg, unet_cfg, clip_params, unet_params, frozen, k):
   import transformers
 
   from advunlearn_jax.convert import clip_text as clip_convert
-  from benchmarks import torch_unet
   from tests import reference_torch
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cuda":
+    torch.set_float32_matmul_precision(args.torch_matmul_precision)
   unet = torch_unet.diffusers_unet(unet_cfg, unet_params, device)
   hf = transformers.CLIPTextConfig(**clip_cfg.to_transformers_dict())
   clips = []
@@ -297,7 +302,11 @@ def time_torch(args, clip_cfg, unet_cfg, clip_params, unet_params, frozen, k):
       torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
   if device == "cuda":
-    print(f"pytorch peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+    print(
+      f"pytorch peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, fp32 matmul precision "
+      f"{args.torch_matmul_precision}",
+      flush=True,
+    )
   return float(np.mean(times[1:]))
 
 

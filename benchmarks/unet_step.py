@@ -10,9 +10,10 @@ same run.
   python benchmarks/unet_step.py --batch=1 --dtype=float32 --remat=none,full --iters=2   # a CPU-sized subset
   python benchmarks/unet_step.py --batch=1 --dtype=float32 --remat=none --iters=2 --torch  # vs diffusers
 
-`--torch` adds diffusers' UNet with the same weights as the baseline for each batch and dtype (float32 as
-PyTorch runs it by default; bfloat16 under autocast, i.e. fp32 weights and bf16 compute, as the JAX side) and
-prints the JAX/diffusers speed-up of every JAX row.
+`--torch` adds diffusers' UNet with the same weights as the baseline for each batch and dtype (bfloat16 under
+autocast, i.e. fp32 weights and bf16 compute, as the JAX side; float32 with TF32 matmuls on GPUs, as JAX's
+default precision does, unless `--torch_matmul_precision=highest`) and prints the JAX/diffusers speed-up of
+every JAX row.
 
 Peak memory: XLA's compiled memory analysis (arguments + outputs + temporaries) on every backend, and the
 allocator's peak on GPUs. MFU: XLA's FLOP count over time, against the chip's dense peak for the dtype
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from advunlearn_jax.models import presets  # noqa: E402
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
+from benchmarks import torch_unet  # noqa: E402
 
 H200_PEAK_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}
 
@@ -51,6 +53,7 @@ def parse_args():
   p.add_argument("--peak_tflops", type=float, default=None, help="override the dense peak used for MFU")
   p.add_argument("--json_out", default=None)
   p.add_argument("--torch", action="store_true", help="add the diffusers baseline (needs torch + diffusers)")
+  torch_unet.add_matmul_precision_flag(p)
   return p.parse_args()
 
 
@@ -97,13 +100,13 @@ def measure(config, params, batch, dtype, remat, wrt, iters, latent):
   }
 
 
-def measure_torch(config, params, batch, dtype, wrt, iters, latent):
+def measure_torch(config, params, batch, dtype, wrt, iters, latent, matmul_precision):
   """diffusers' UNet, same weights and inputs, same loss and gradient; the median of `iters` after a warm-up."""
   import torch
 
-  from benchmarks import torch_unet
-
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cuda":
+    torch.set_float32_matmul_precision(matmul_precision)
   unet = torch_unet.diffusers_unet(config, params, device)
   unet.requires_grad_(wrt == "params")
   rng = np.random.default_rng(0)
@@ -154,7 +157,9 @@ def main():
   for batch, dtype, remat in grid:
     r = measure(config, params, batch, dtype, remat, args.wrt, args.iters, args.latent)
     if args.torch and (batch, dtype) not in baselines:
-      baselines[batch, dtype] = measure_torch(config, params, batch, dtype, args.wrt, args.iters, args.latent)
+      baselines[batch, dtype] = measure_torch(
+        config, params, batch, dtype, args.wrt, args.iters, args.latent, args.torch_matmul_precision
+      )
       b = baselines[batch, dtype]
       pg = f", peak {b['peak_gib']:.2f} GiB" if b["peak_gib"] else ""
       # Same weights and inputs: the losses agree (to bf16 rounding in bf16), or the baseline is not a baseline.
