@@ -35,35 +35,14 @@ sys.path.insert(0, ROOT)
 
 from advunlearn_jax import tokenizer as tok_lib  # noqa: E402
 from advunlearn_jax.diffusion.schedule import ScheduleConfig  # noqa: E402
-from advunlearn_jax.models import clip_text, presets  # noqa: E402
+from advunlearn_jax.models import clip_text  # noqa: E402
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
 from advunlearn_jax.unlearn import attack, retain, trainable  # noqa: E402
 from advunlearn_jax.unlearn import bank as bank_lib  # noqa: E402
 from advunlearn_jax.unlearn import frozen as frozen_lib  # noqa: E402
 from advunlearn_jax.unlearn import step as step_lib  # noqa: E402
-from benchmarks import torch_unet  # noqa: E402
+from benchmarks import setups, torch_unet  # noqa: E402
 
-
-def configs(size):
-  if size == "sd14":
-    return clip_text.CLIPTextConfig(), unet_lib.UNetConfig.from_dict(presets.SD14_UNET)
-  clip = clip_text.CLIPTextConfig(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
-  )
-  unet = unet_lib.UNetConfig(
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1,
-    num_attention_heads=(4, 4),
-    cross_attention_dim=32,
-    norm_num_groups=8,
-    sample_size=16,
-  )
-  return clip, unet
-
-
-H200_PEAK_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}
 MEAN_ROLLOUT_STEPS = 24.5  # t_enc ~ U{0..49}: DDIM steps of a partial rollout, on average
 
 
@@ -87,7 +66,7 @@ def unet_forward_flops(unet_cfg, unet_params, hw) -> float:
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--size", default="tiny", choices=["tiny", "sd14"])
+  p.add_argument("--size", default="tiny", choices=setups.SIZES)
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--attack_steps", type=int, default=30)
   p.add_argument("--retain_batch", type=int, default=5)
@@ -107,7 +86,7 @@ def parse_args():
 
 def main():
   args = parse_args()
-  clip_cfg, unet_cfg = configs(args.size)
+  clip_cfg, unet_cfg = setups.configs(args.size)
   hw = unet_cfg.sample_size
   print(
     f"backend={jax.default_backend()} size={args.size} latents {hw}x{hw} attack_steps={args.attack_steps} "
@@ -158,7 +137,7 @@ def main():
   if args.memory_only:
     return print_memory(step, cfg, models, frozen, args, hw)
   fwd_flops = unet_forward_flops(unet_cfg, unet_params, hw)
-  peak = args.peak_tflops or (H200_PEAK_TFLOPS[args.dtype] if jax.default_backend() == "gpu" else None)
+  peak = args.peak_tflops or (setups.H200_PEAK_TFLOPS[args.dtype] if jax.default_backend() == "gpu" else None)
 
   def time_jax(bank):
     state = step_lib.init_state(cfg, models, frozen)

@@ -13,9 +13,7 @@ def diffusers_unet(unet_cfg: unet_lib.UNetConfig, unet_params: Any, device: str)
   import diffusers
   import torch
 
-  unet = diffusers.UNet2DConditionModel(
-    **{k: v for k, v in unet_cfg.to_diffusers_dict().items() if not k.startswith("_")}
-  ).eval()
+  unet = diffusers.UNet2DConditionModel.from_config(unet_cfg.to_diffusers_dict()).eval()
   state = torch_layout.flax_to_torch(unet_params, list_names=unet_lib.LIST_NAMES)
   unet.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
   return unet.to(device)

@@ -9,6 +9,7 @@ same run.
   python benchmarks/unet_step.py                                   # the full grid (GPU)
   python benchmarks/unet_step.py --batch=1 --dtype=float32 --remat=none,full --iters=2   # a CPU-sized subset
   python benchmarks/unet_step.py --batch=1 --dtype=float32 --remat=none --iters=2 --torch  # vs diffusers
+  python benchmarks/unet_step.py --size=tiny --batch=1 --dtype=float32 --remat=none --torch  # the script, in seconds
 
 `--torch` adds diffusers' UNet with the same weights as the baseline for each batch and dtype (bfloat16 under
 autocast, i.e. fp32 weights and bf16 compute, as the JAX side; float32 with TF32 matmuls on GPUs, as JAX's
@@ -35,11 +36,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from advunlearn_jax.models import presets  # noqa: E402
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
-from benchmarks import torch_unet  # noqa: E402
-
-H200_PEAK_TFLOPS = {"bfloat16": 989.0, "float32": 494.0}
+from benchmarks import setups, torch_unet  # noqa: E402
 
 
 def parse_args():
@@ -49,7 +47,8 @@ def parse_args():
   p.add_argument("--remat", default="none,full,dots")
   p.add_argument("--wrt", default="context", choices=["context", "params"])
   p.add_argument("--iters", type=int, default=10)
-  p.add_argument("--latent", type=int, default=64)
+  p.add_argument("--size", default="sd14", choices=setups.SIZES, help="tiny: a CPU-sized check of the script")
+  p.add_argument("--latent", type=int, default=0, help="latent height and width (default: the UNet's sample size)")
   p.add_argument("--peak_tflops", type=float, default=None, help="override the dense peak used for MFU")
   p.add_argument("--json_out", default=None)
   p.add_argument("--torch", action="store_true", help="add the diffusers baseline (needs torch + diffusers)")
@@ -137,17 +136,18 @@ def measure_torch(config, params, batch, dtype, wrt, iters, latent, matmul_preci
 
 def main():
   args = parse_args()
-  config = unet_lib.UNetConfig.from_dict(presets.SD14_UNET)
+  _, config = setups.configs(args.size)
+  latent = args.latent or config.sample_size
   device = jax.devices()[0]
   print(f"backend={jax.default_backend()} device={device.device_kind} jax={jax.__version__}", flush=True)
   params = jax.jit(unet_lib.UNet2DConditionModel(config).init)(
     jax.random.key(0),
-    jnp.zeros((1, args.latent, args.latent, 4)),
+    jnp.zeros((1, latent, latent, 4)),
     jnp.zeros((1,), jnp.int32),
     jnp.zeros((1, 77, config.cross_attention_dim)),
   )["params"]
   n_params = sum(p.size for p in jax.tree.leaves(params))
-  print(f"SD v1.4 UNet: {n_params:,} parameters, latents {args.latent}x{args.latent}", flush=True)
+  print(f"{args.size} UNet: {n_params:,} parameters, latents {latent}x{latent}", flush=True)
   results = []
   grid = itertools.product([int(b) for b in args.batch.split(",")], args.dtype.split(","), args.remat.split(","))
   header = f"{'batch':>5} {'dtype':>8} {'remat':>5} {'compile s':>9} {'step s':>8} {'ratio':>6} {'TFLOP/s':>8} "
@@ -155,10 +155,10 @@ def main():
   print(header, flush=True)
   baselines = {}
   for batch, dtype, remat in grid:
-    r = measure(config, params, batch, dtype, remat, args.wrt, args.iters, args.latent)
+    r = measure(config, params, batch, dtype, remat, args.wrt, args.iters, latent)
     if args.torch and (batch, dtype) not in baselines:
       baselines[batch, dtype] = measure_torch(
-        config, params, batch, dtype, args.wrt, args.iters, args.latent, args.torch_matmul_precision
+        config, params, batch, dtype, args.wrt, args.iters, latent, args.torch_matmul_precision
       )
       b = baselines[batch, dtype]
       pg = f", peak {b['peak_gib']:.2f} GiB" if b["peak_gib"] else ""
@@ -169,7 +169,7 @@ def main():
     base = results[0] if results else r
     r["ratio_vs_first"] = base["step_s"] / r["step_s"] * (r["batch"] / base["batch"])  # throughput ratio
     r["tflops"] = r["flops"] / r["step_s"] / 1e12
-    peak = args.peak_tflops or (H200_PEAK_TFLOPS[dtype] if jax.default_backend() == "gpu" else None)
+    peak = args.peak_tflops or (setups.H200_PEAK_TFLOPS[dtype] if jax.default_backend() == "gpu" else None)
     r["mfu"] = r["tflops"] / peak if peak else None
     results.append(r)
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"

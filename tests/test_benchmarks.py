@@ -1,21 +1,22 @@
-"""The iteration benchmark runs end to end on the tiny models and prints its three rates and their ratios (slow:
-it compiles both JAX modes and runs the PyTorch transcription). Only that it runs and reports; never its speed."""
+"""The benchmarks run end to end on the tiny models and report what they promise (slow: they compile and run the
+PyTorch baselines). What they report is checked, never their speed."""
 
+import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_iteration_benchmark_reports_every_mode():
-  args = ["--size=tiny", "--iters=1", "--attack_steps=2", "--retain_batch=2"]
+def _benchmark(script, *args):
   out = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "benchmarks", "iteration.py"), *args],
+    [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
     capture_output=True,
     text=True,
     cwd=ROOT,
@@ -23,8 +24,28 @@ def test_iteration_benchmark_reports_every_mode():
     timeout=900,
   )
   assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def test_iteration_benchmark_reports_every_mode():
+  out = _benchmark("iteration.py", "--size=tiny", "--iters=1", "--attack_steps=2", "--retain_batch=2")
   rates = dict(re.findall(r"^(jax online|jax bank|pytorch)\s*:\s*([0-9.]+) s/it", out.stdout, re.M))
   assert set(rates) == {"jax online", "jax bank", "pytorch"}, out.stdout
   assert all(float(r) > 0 for r in rates.values())
   for name in ("jax online vs pytorch", "jax bank vs pytorch", "jax bank vs jax online"):
     assert re.search(rf"^speed-up {name}: [0-9.]+x$", out.stdout, re.M), out.stdout
+
+
+def test_unet_benchmark_baseline_computes_the_same_loss(tmp_path):
+  """The diffusers baseline holds the same weights and sees the same inputs: in fp32 the two losses agree, so its
+  speed-up compares like with like (in bf16 both round, differently)."""
+  args = ["--size=tiny", "--batch=1", "--dtype=float32,bfloat16", "--remat=none", "--iters=1", "--torch"]
+  _benchmark("unet_step.py", *args, f"--json_out={tmp_path / 'unet.json'}")
+  report = json.loads((tmp_path / "unet.json").read_text())
+  jax_rows = {r["dtype"]: r for r in report["results"]}
+  torch_rows = {r["dtype"]: r for r in report["diffusers"]}
+  assert set(jax_rows) == set(torch_rows) == {"float32", "bfloat16"}
+  np.testing.assert_allclose(torch_rows["float32"]["loss"], jax_rows["float32"]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(torch_rows["bfloat16"]["loss"], jax_rows["bfloat16"]["loss"], rtol=2e-2)
+  for row in jax_rows.values():
+    assert row["speedup_vs_diffusers"] == torch_rows[row["dtype"]]["step_s"] / row["step_s"]
