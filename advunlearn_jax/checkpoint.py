@@ -27,6 +27,8 @@ RESUMABLE_FIELDS = (
   "report.images_per_value",
   "report.erased",
   "mesh.fsdp",  # the layout, not the math: a run may resume on another slice
+  "train.rollout_buckets",  # how the same points are batched, not which points
+  "train.rollout_rows_per_call",
   *(f"samples.{k}" for k in ("every", "prompts", "retain_prompts", "steps", "guidance", "seed")),
 )
 

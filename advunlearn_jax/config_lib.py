@@ -59,7 +59,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.save_every = 200
   c.train.keep = 3  # checkpoints kept (the latest K)
   c.train.log_every = 10
-  c.train.xt_source = "online"  # online: the reference's rollout per loss; bank: precomputed trajectories
+  # Where x_t comes from. online: the reference's partial-DDIM rollout per loss, every point of an iteration rolled
+  # out in one batched pass; online_sequential: the same points one rollout after another, as the reference runs
+  # them; bank: trajectories rolled out once and reused (renewed with bank.refresh_*), text-encoder methods only.
+  c.train.xt_source = "online"
+  c.train.rollout_buckets = 0  # online: batch widths of the batched rollout; 0: the backend's measured default
+  c.train.rollout_rows_per_call = -1  # online: > 0 points per UNet call instead of buckets; -1: measured default
   c.train.prefix_bug = False  # reference quirk: spec 2.5 - layer '1' also selects layers 10 and 11
 
   c.report = ml_collections.ConfigDict()
@@ -78,6 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.bank = ml_collections.ConfigDict()
   c.bank.concept_trajectories = 16  # rollouts kept per concept (each serves all 50 t_enc)
   c.bank.retain_trajectories = 1  # rollouts kept per retain prompt
+  # Renewal: every `refresh_every` iterations, `refresh_trajectories` fresh rollouts per concept and one for each of
+  # `refresh_retain` retain prompts (round robin) replace the oldest. 0 and 0: a fixed bank.
+  c.bank.refresh_trajectories = 1
+  c.bank.refresh_retain = 1
+  c.bank.refresh_every = 2
 
   c.retain = ml_collections.ConfigDict()
   c.retain.mode = "reg"  # reg: L_u + w * L_r (paper, README); iter: extra Adam steps on L_r

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from advunlearn_jax import checkpoint, config_lib, distributed, metrics_writer, preview, sharding
 from advunlearn_jax import tokenizer as tok_lib
@@ -33,6 +34,30 @@ from advunlearn_jax.unlearn import step as step_lib
 
 # Module level, so every run in a process (tests, population runs) shares one compilation per variant.
 _TRAIN_STEP = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5), donate_argnums=(2,))
+# train.rollout_buckets = 0: batch widths of the batched online rollout by backend (README, "Speed").
+ROLLOUT_BUCKETS = {"cpu": 8, "gpu": 8, "tpu": 8}
+
+
+def rollout_rows_per_call(latent_hw: int, backend: str | None = None) -> int:
+  """train.rollout_rows_per_call = -1: whole buckets per UNet call (0), except on CPUs at 16x16 latents and up,
+  where a UNet call costs the same per row at any batch and least at a few rows (2 cores, 16x16: 3.2 ms a row at 8
+  rows, 4.2 at 2, 4.7 at 72), so the walking points go 4 (8 CFG rows) per call. Measured in
+  benchmarks/iteration.py: --size=tiny 1.04x online_sequential with 4 per call, 0.91x with 8 buckets;
+  --size=small (8x8, where bigger batches are cheaper per row) 1.28x with buckets, 1.19x with 6 per call."""
+  if (backend or jax.default_backend()) == "cpu" and latent_hw >= 16:
+    return 4
+  return 0
+
+
+def bank_config(config: ml_collections.ConfigDict) -> bank_lib.BankConfig:
+  b = config.bank
+  return bank_lib.BankConfig(
+    concept_trajectories=b.concept_trajectories,
+    retain_trajectories=b.retain_trajectories,
+    refresh_trajectories=b.refresh_trajectories,
+    refresh_retain=b.refresh_retain,
+    refresh_every=b.refresh_every,
+  )
 
 
 def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config) -> step_lib.StepConfig:
@@ -66,6 +91,14 @@ def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config)
     num_tokens=num_tokens,
     latent_hw=unet_config.sample_size,
     latent_channels=unet_config.in_channels,
+    xt_source=config.train.xt_source,
+    rollout_buckets=config.train.rollout_buckets or ROLLOUT_BUCKETS.get(jax.default_backend(), 8),
+    rollout_rows_per_call=(
+      config.train.rollout_rows_per_call
+      if config.train.rollout_rows_per_call >= 0
+      else rollout_rows_per_call(unet_config.sample_size)
+    ),
+    bank=bank_config(config),
   )
 
 
@@ -73,8 +106,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.validate(config)
   trainable.validate_method(config.train.method, config.train.component)
   bank_lib.check_method(config.train.method, config.train.xt_source)
+  bank_lib.validate(bank_config(config))
+  if config.train.rollout_buckets < 0 or config.train.rollout_rows_per_call < -1:
+    raise ConfigError(
+      "config.train.rollout_buckets must be >= 0 and config.train.rollout_rows_per_call >= -1 (0 and -1: the "
+      f"measured defaults), got {config.train.rollout_buckets} and {config.train.rollout_rows_per_call}"
+    )
   if config.attack.type not in prompts.ATTACK_TYPES:
     raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
+
+
+def _trajectory_bank(config, cfg, models, frozen, mesh, abstract: bool) -> bank_lib.Bank:
+  """The bank, replicated on the mesh; `abstract`: only its shapes and placement (the template a checkpoint's
+  bank is restored into). Its key, fold_in(root, 2**32 - 1), is one no iteration uses."""
+  build = lambda key: bank_lib.build(
+    models.unet,
+    frozen.unet,
+    frozen,
+    key,
+    concept_trajectories=config.bank.concept_trajectories,
+    retain_trajectories=config.bank.retain_trajectories,
+    latent_shape=(cfg.latent_hw, cfg.latent_hw, cfg.latent_channels),
+    guidance=cfg.start_guidance,
+  )
+  key = jax.random.fold_in(jax.random.key(config.seed), 2**32 - 1)
+  if abstract:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shapes = jax.eval_shape(build, key)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
+  t0 = time.perf_counter()
+  bank = sharding.replicate(build(sharding.replicate(key, mesh)), mesh)
+  logging.info("trajectory bank built in %.1fs: %s", time.perf_counter() - t0, jax.tree.map(jnp.shape, bank))
+  return bank
 
 
 def fsdp_size(config: ml_collections.ConfigDict, devices: list | None = None) -> int:
@@ -159,6 +222,10 @@ def run(
   )
   if config.retain.batch > len(retain_prompts):
     raise ConfigError(f"config.retain.batch ({config.retain.batch}) exceeds the {len(retain_prompts)} retain prompts")
+  if config.bank.refresh_retain > len(retain_prompts):
+    raise ConfigError(
+      f"config.bank.refresh_retain ({config.bank.refresh_retain}) exceeds the {len(retain_prompts)} retain prompts"
+    )
   text_mask = trainable.text_encoder_mask(
     pipe.text_params, config.train.method, config.train.component, config.train.norm_layer, config.train.prefix_bug
   )
@@ -178,27 +245,15 @@ def run(
   n_trained = trainable.count(pipe.text_params, text_mask) + trainable.count(pipe.unet_params, unet_mask)
   logging.info("training %s: %s parameters on mesh %s", config.train.method, f"{n_trained:,}", dict(mesh.shape))
 
-  bank = None  # its key, fold_in(root, 2**32 - 1), is one no iteration uses
-  if config.train.xt_source == "bank":
-    t0 = time.perf_counter()
-    bank = bank_lib.build(
-      models.unet,
-      frozen.unet,
-      frozen,
-      sharding.replicate(jax.random.fold_in(jax.random.key(config.seed), 2**32 - 1), mesh),
-      concept_trajectories=config.bank.concept_trajectories,
-      retain_trajectories=config.bank.retain_trajectories,
-      latent_shape=(cfg.latent_hw, cfg.latent_hw, cfg.latent_channels),
-      guidance=cfg.start_guidance,
-    )
-    bank = sharding.replicate(bank, mesh)
-    logging.info("trajectory bank built in %.1fs: %s", time.perf_counter() - t0, jax.tree.map(jnp.shape, bank))
-
   # ---------------------------------------------------------------- state or restore
   os.makedirs(workdir, exist_ok=True)
   config_json = checkpoint.config_dict(config)
   mngr = checkpoint.manager(workdir, config.train.keep)
-  state = sharding.shard_params(step_lib.init_state(cfg, models, frozen), mesh)
+  resuming = mngr.latest_step() is not None
+  bank = None
+  if config.train.xt_source == "bank":  # a checkpoint holds the bank: restore it rather than roll it out again
+    bank = _trajectory_bank(config, cfg, models, frozen, mesh, abstract=resuming)
+  state = sharding.shard_params(step_lib.init_state(cfg, models, frozen), mesh)._replace(bank=bank)
   logging.info(
     "frozen weights + training state: %.2f GB per device",
     sharding.bytes_per_device((weights, state), mesh) / 1e9,
@@ -207,7 +262,7 @@ def run(
   restored = checkpoint.restore_latest(mngr, state, config_json, workdir)
   if restored is not None:
     state, meta = restored
-    state = sharding.shard_params(state, mesh)
+    state = sharding.shard_params(state._replace(bank=None), mesh)._replace(bank=state.bank)  # the bank: replicated
     sampler = retain.SamplerState(*meta["retain_sampler"])
     logging.info("resumed from step %d", int(state.step))
   start = int(state.step)
@@ -255,7 +310,7 @@ def run(
     for i in range(start, iterations):
       idx, sampler = retain.sample(sampler, len(retain_prompts), cfg.retain_batch, config.seed)
       batch = sharding.replicate(step_lib.Batch(np.asarray(idx, np.int32), jax.random.fold_in(root_key, i)), mesh)
-      state, metrics = _TRAIN_STEP(cfg, models, state, frozen, batch, i >= config.train.warmup_iters, bank)
+      state, metrics = _TRAIN_STEP(cfg, models, state, frozen, batch, i >= config.train.warmup_iters)
       done = i + 1
       if done % config.train.log_every == 0 or done == iterations:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}

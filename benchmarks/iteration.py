@@ -1,27 +1,33 @@
-"""Seconds per AdvUnlearn outer iteration (after warm-up: attack + defender step): JAX online, JAX bank, and the
-plain PyTorch transcription of the reference, in one run on the same weights; prints ratios.
+"""Seconds per AdvUnlearn outer iteration (after warm-up: attack + defender step), in one run on the same weights:
+the plain PyTorch transcription of the reference, and JAX with x_t rolled out one partial DDIM after another
+(online_sequential), all in one batched pass (online), from a fixed trajectory bank (bank) and from a renewing
+one (bank_renewing). Prints ratios against the transcription and against online_sequential.
 
-  python benchmarks/iteration.py --size=tiny            # CPU-sized tiny random models (the default)
+  python benchmarks/iteration.py --size=tiny            # CPU-sized random models, 16x16 latents (the default)
+  python benchmarks/iteration.py --size=small           # 8x8 latents, 32 channels
   python benchmarks/iteration.py --size=sd14 --iters=3  # SD v1.4 UNet + CLIP-L with random weights (GPU)
-  python benchmarks/iteration.py --size=sd14 --memory_only --remat=full   # compile only: memory on any machine
+  python benchmarks/iteration.py --size=sd14 --memory_only --dtype=bfloat16   # compile only: memory, any machine
+
+Per mode: seconds per iteration (median), sequential UNet calls per iteration (one CFG DDIM step, one frozen
+forward, one forward or backward pass of a loss: each a UNet call that waits for the one before), FLOP
+efficiency (the UNet rows a per-point rollout needs over the rows computed: the batched rollout's buckets step
+rows that are done, masked), and XLA's compiled memory (arguments + outputs + temporaries). The rollouts' counts
+are measured in the step (its `rollout_*` metrics); the rest follow from the iteration's shape (spec 2.3-2.4).
+`--json=FILE` writes {mode: {"s_per_iter", "sequential_unet_calls", "flop_efficiency"}}.
 
 `--no_torch` skips the PyTorch baseline (it needs torch + diffusers + transformers). On GPUs its fp32 matmuls
 run in TF32, the arithmetic of JAX's default precision there, so the ratio compares like with like
 (`--torch_matmul_precision=highest`: PyTorch's own default, as the reference runs). Bank build time is reported
-separately: it is paid once per run, not per iteration.
-
-Also per JAX mode: compile time; memory, as XLA's compiled memory analysis (arguments + outputs + temporaries,
-every backend) and the device's peak bytes in use (GPU/TPU); and MFU. XLA's cost analysis counts a loop body
-once, and an iteration is mostly loops (attack steps, DDIM rollouts), so the FLOPs are counted as UNet
-forward-equivalents of the algorithm (`unet_forwards`: a backward pass is 2 forwards; rollouts run a CFG pair
-per DDIM step, t_enc uniform over 0..49) times one UNet forward's FLOPs from cost analysis; the text encoder is
-left out (under 3% of the UNet at SD size). Peak: `--peak_tflops`, default the H200's dense 989 (bf16) and 494
-(fp32 as TF32) on GPUs.
+separately: it is paid once per run, not per iteration. MFU counts the UNet rows computed times one UNet
+forward's FLOPs from XLA's cost analysis (a backward pass as two forwards; the text encoder, under 3% of the UNet
+at SD size, left out); peak: `--peak_tflops`, default the H200's dense 989 (bf16) and 494 (fp32 as TF32) on GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -34,6 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from advunlearn_jax import tokenizer as tok_lib  # noqa: E402
+from advunlearn_jax import train  # noqa: E402
+from advunlearn_jax.diffusion import ddim  # noqa: E402
 from advunlearn_jax.diffusion.schedule import ScheduleConfig  # noqa: E402
 from advunlearn_jax.models import clip_text  # noqa: E402
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
@@ -43,225 +51,307 @@ from advunlearn_jax.unlearn import frozen as frozen_lib  # noqa: E402
 from advunlearn_jax.unlearn import step as step_lib  # noqa: E402
 from benchmarks import setups, torch_unet  # noqa: E402
 
-MEAN_ROLLOUT_STEPS = 24.5  # t_enc ~ U{0..49}: DDIM steps of a partial rollout, on average
+JAX_MODES = ("online_sequential", "online", "bank", "bank_renewing")
+MODES = ("pytorch", *JAX_MODES)
+DDIM_STEPS = 50
+BANK_TRAJECTORIES = 8
 
 
-def unet_forwards(bank: bool, attack_steps: int, retain_batch: int, concept_batch: int = 1) -> float:
-  """Batch-1 UNet forward-equivalents of one attacking iteration (spec 2.3-2.4)."""
-  rollout = 0.0 if bank else 2 * MEAN_ROLLOUT_STEPS  # CFG: a conditional and an unconditional pass per step
-  attack = attack_steps * (rollout + 1 + 3)  # x_t, e_p, then e_adv forward + backward to the prompt
-  concept = concept_batch * (rollout + 2 + 3)  # x_t, e_0 and e_p, then e_n forward + backward
-  retain = retain_batch * (rollout + 1 + 3)  # x_r, r_p, then r_n forward + backward
-  return attack + concept + retain
+@dataclasses.dataclass
+class Cost:
+  """One iteration's UNet work: calls in sequence, rows computed and rows needed (batch-1 forward = 1 row; CFG
+  steps count both halves; a backward pass counts as two forwards)."""
+
+  calls: float
+  computed: float
+  useful: float
 
 
-def unet_forward_flops(unet_cfg, unet_params, hw) -> float:
-  unet = unet_lib.UNet2DConditionModel(unet_cfg)
-  args = (jnp.zeros((1, hw, hw, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, unet_cfg.cross_attention_dim)))
-  compiled = jax.jit(lambda p, *a: unet.apply({"params": p}, *a)).lower(unet_params, *args).compile()
+def loss_cost(attack_steps: int, concept_batch: int, retain_batch: int, renewals: float = 0, renewed: int = 0) -> Cost:
+  """Everything but the partial-DDIM rollouts, as the JAX step runs it: one frozen call for every target (the
+  attack's e_p, e_0 and e_p, the retain targets); per attack step a forward and a backward at batch 1; the
+  defender's concept and retain forwards and their backwards; `renewals` per iteration of the bank, each
+  `renewed` full 49-step CFG rollouts at once."""
+  targets = attack_steps + 2 * concept_batch + retain_batch
+  rows = targets + 3 * attack_steps + 3 * (concept_batch + retain_batch) + renewals * 2 * (DDIM_STEPS - 1) * renewed
+  calls = 1 + 2 * attack_steps + 4 + renewals * (DDIM_STEPS - 1)
+  return Cost(calls, rows, rows)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--size", default="tiny", choices=setups.SIZES)
+  p.add_argument("--iters", type=int, default=3, help="timed iterations per mode (after one warm-up)")
+  p.add_argument("--attack_steps", type=int, default=30)
+  p.add_argument("--retain_batch", type=int, default=5)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--remat", default="none")
+  p.add_argument("--rollout_buckets", type=int, default=0, help="0: train.ROLLOUT_BUCKETS for this backend")
+  p.add_argument("--rows_per_call", type=int, default=-1, help="-1: train.rollout_rows_per_call's default")
+  p.add_argument("--refresh_every", type=int, default=None, help="bank_renewing; default: the config's")
+  p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+  p.add_argument("--no_torch", action="store_true", help="leave out the pytorch mode")
+  p.add_argument("--json", default="", help="write {mode: {s_per_iter, sequential_unet_calls, flop_efficiency}}")
+  p.add_argument(
+    "--memory_only",
+    action="store_true",
+    help="compile the JAX modes and print their memory; run nothing (UNet weights stay abstract)",
+  )
+  p.add_argument("--peak_tflops", type=float, default=None, help="dense peak for MFU (default: H200 on GPUs)")
+  torch_unet.add_matmul_precision_flag(p)
+  args = p.parse_args(argv)
+  args.modes = [m for m in args.modes.split(",") if m and not (m == "pytorch" and args.no_torch)]
+  unknown = set(args.modes) - set(MODES)
+  if unknown:
+    p.error(f"unknown modes {sorted(unknown)}; valid: {list(MODES)}")
+  return args
+
+
+class Setup:
+  """The models, frozen inputs and a StepConfig per mode, as train.run builds them."""
+
+  def __init__(self, args):
+    from advunlearn_jax import config_lib
+
+    self.args = args
+    self.clip_cfg, self.unet_cfg = setups.configs(args.size)
+    self.hw = self.unet_cfg.sample_size
+    k1, k2 = jax.random.split(jax.random.key(0))
+    self.clip_params = clip_text.init_params(self.clip_cfg, k1)
+    init = jax.eval_shape if args.memory_only else lambda f, *a: jax.jit(f)(*a)  # no 3.4 GB on the host
+    self.unet_params = init(
+      unet_lib.UNet2DConditionModel(self.unet_cfg).init,
+      k2,
+      jnp.zeros((1, self.hw, self.hw, 4)),
+      jnp.zeros((1,), jnp.int32),
+      jnp.zeros((1, 77, self.unet_cfg.cross_attention_dim)),
+    )["params"]
+    self.retain_prompts = list(retain.DEFAULT_PROMPTS[:16])
+    frozen, self.k = frozen_lib.build(
+      clip_config=self.clip_cfg,
+      clip_params=self.clip_params,
+      unet_params=self.unet_params,
+      tokenizer=tok_lib.load_tokenizer(),
+      concepts=["nudity"],
+      retain_prompts=self.retain_prompts,
+      attack_type="prefix_k",
+      num_tokens=1,
+      faithful_word_split=False,
+      schedule=ScheduleConfig(),
+    )
+    dtype = jnp.dtype(args.dtype)
+    self.models = step_lib.Models(
+      clip_text.CLIPTextModel(self.clip_cfg, dtype=dtype),
+      unet_lib.UNet2DConditionModel(self.unet_cfg, dtype, args.remat),
+      trainable.selected_paths(trainable.text_encoder_mask(self.clip_params, "text_encoder_full")),
+      trainable.selected_paths(trainable.unet_mask(self.unet_params, "text_encoder_full")),
+    )
+    store = lambda f: frozen_lib.store_for_compute(f, self.models)  # as train.run stores it
+    self.frozen = jax.eval_shape(store, frozen) if args.memory_only else store(frozen)
+    defaults = config_lib.base_config().bank
+    self.renewal = bank_lib.BankConfig(
+      concept_trajectories=BANK_TRAJECTORIES,
+      refresh_trajectories=defaults.refresh_trajectories,
+      refresh_retain=defaults.refresh_retain,
+      refresh_every=args.refresh_every or defaults.refresh_every,
+    )
+    self.base = step_lib.StepConfig(
+      latent_hw=self.hw,
+      num_tokens=self.k,
+      retain_batch=args.retain_batch,
+      retain_weight=0.3,
+      attack=attack.AttackConfig(steps=args.attack_steps),
+      rollout_buckets=args.rollout_buckets or train.ROLLOUT_BUCKETS.get(jax.default_backend(), 8),
+      rollout_rows_per_call=(args.rows_per_call if args.rows_per_call >= 0 else train.rollout_rows_per_call(self.hw)),
+    )
+
+  def step_config(self, mode: str) -> step_lib.StepConfig:
+    if mode.startswith("bank"):
+      bank = self.renewal if mode == "bank_renewing" else bank_lib.BankConfig(concept_trajectories=BANK_TRAJECTORIES)
+      return dataclasses.replace(self.base, xt_source="bank", bank=bank)
+    return dataclasses.replace(self.base, xt_source=mode)
+
+  def bank(self, cfg: step_lib.StepConfig, frozen=None):
+    return bank_lib.build(
+      self.models.unet,
+      (frozen or self.frozen).unet,
+      frozen or self.frozen,
+      jax.random.key(1),
+      concept_trajectories=cfg.bank.concept_trajectories,
+      retain_trajectories=cfg.bank.retain_trajectories,
+      latent_shape=(self.hw, self.hw, 4),
+      guidance=cfg.start_guidance,
+    )
+
+  def renewal(self, cfg: step_lib.StepConfig) -> tuple[float, int]:
+    """(renewals per iteration, trajectories per renewal)."""
+    b = cfg.bank
+    if cfg.xt_source != "bank" or not (b.refresh_trajectories or b.refresh_retain):
+      return 0.0, 0
+    return 1 / b.refresh_every, b.refresh_trajectories * self.frozen.concept_emb.shape[0] + b.refresh_retain
+
+
+STEP = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5), donate_argnums=(2,))
+
+
+def time_jax(s: Setup, mode: str, fwd_flops: float, peak: float | None) -> dict:
+  args, cfg = s.args, s.step_config(mode)
+  bank = None
+  if cfg.xt_source == "bank":
+    t0 = time.perf_counter()
+    bank = jax.block_until_ready(s.bank(cfg))
+    print(f"{'bank build':<18}: {time.perf_counter() - t0:8.3f} s (once per run)", flush=True)
+  state = step_lib.init_state(cfg, s.models, s.frozen, bank)
+  batch = lambda i: step_lib.Batch(jnp.arange(args.retain_batch, dtype=jnp.int32), jax.random.key(i))
+  t0 = time.perf_counter()
+  compiled = STEP.lower(cfg, s.models, state, s.frozen, batch(0), True).compile()
+  compile_s = time.perf_counter() - t0
+  memory = compiled_gib(compiled.memory_analysis())
+  state, m = compiled(state, s.frozen, batch(0))  # warm-up
+  jax.block_until_ready(m)
+  # A renewing bank's cost arrives every refresh_every iterations: time whole periods.
+  every = cfg.bank.refresh_every if mode == "bank_renewing" else 1
+  n = -(-args.iters // every) * every
+  times, rollouts = [], []
+  for i in range(n):
+    t0 = time.perf_counter()
+    state, m = compiled(state, s.frozen, batch(i + 1))
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+    rollouts.append([float(m[k]) for k in ("rollout_calls", "rollout_computed_rows", "rollout_useful_rows")])
+  per_it = float(np.median(times)) if every == 1 else float(np.mean(times))
+  calls, computed, useful = np.mean(rollouts, axis=0)
+  rest = loss_cost(args.attack_steps, cfg.concept_batch, args.retain_batch, *s.renewal(cfg))
+  cost = Cost(calls + rest.calls, 2 * computed + rest.computed, 2 * useful + rest.useful)  # CFG: two rows a step
+  tflops = cost.computed * fwd_flops / per_it / 1e12
+  stats = jax.devices()[0].memory_stats() or {}
+  peak_gib = stats.get("peak_bytes_in_use", 0) / 2**30
+  mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a (no peak for this backend)"
+  print(
+    f"{mode:<18}: {per_it:8.3f} s/it, {cost.calls:6.1f} sequential UNet calls, FLOP efficiency "
+    f"{cost.useful / cost.computed:.1%} (compile {compile_s:.1f} s, compiled memory {memory:.2f} GiB"
+    + (f", device peak {peak_gib:.2f} GiB" if peak_gib else "")
+    + f", {tflops:.2f} TFLOP/s, {mfu})",
+    flush=True,
+  )
+  return {"s_per_iter": per_it, "sequential_unet_calls": cost.calls, "flop_efficiency": cost.useful / cost.computed}
+
+
+def unet_forward_flops(s: Setup) -> float:
+  unet = unet_lib.UNet2DConditionModel(s.unet_cfg)
+  args = (
+    jnp.zeros((1, s.hw, s.hw, 4)),
+    jnp.zeros((1,), jnp.int32),
+    jnp.zeros((1, 77, s.unet_cfg.cross_attention_dim)),
+  )
+  compiled = jax.jit(lambda p, *a: unet.apply({"params": p}, *a)).lower(s.unet_params, *args).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def parse_args():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--size", default="tiny", choices=setups.SIZES)
-  p.add_argument("--iters", type=int, default=3)
-  p.add_argument("--attack_steps", type=int, default=30)
-  p.add_argument("--retain_batch", type=int, default=5)
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--remat", default="none")
-  p.add_argument("--no_torch", action="store_true")
-  p.add_argument(
-    "--memory_only",
-    action="store_true",
-    help="compile both modes and print their memory; run nothing (UNet weights stay abstract)",
-  )
-  p.add_argument("--modes", default="online,bank", help="with --memory_only: which modes to compile")
-  p.add_argument("--peak_tflops", type=float, default=None, help="dense peak for MFU (default: H200 on GPUs)")
-  torch_unet.add_matmul_precision_flag(p)
-  return p.parse_args()
-
-
-def main():
-  args = parse_args()
-  clip_cfg, unet_cfg = setups.configs(args.size)
-  hw = unet_cfg.sample_size
+def main(argv=None):
+  args = parse_args(argv)
+  s = Setup(args)
   print(
-    f"backend={jax.default_backend()} size={args.size} latents {hw}x{hw} attack_steps={args.attack_steps} "
+    f"backend={jax.default_backend()} size={args.size} latents {s.hw}x{s.hw} attack_steps={args.attack_steps} "
     f"retain_batch={args.retain_batch} dtype={args.dtype} remat={args.remat}",
     flush=True,
   )
-  k1, k2 = jax.random.split(jax.random.key(0))
-  clip_params = clip_text.init_params(clip_cfg, k1)
-  init = jax.eval_shape if args.memory_only else lambda f, *a: jax.jit(f)(*a)  # eval_shape: no 3.4 GB on the host
-  unet_params = init(
-    unet_lib.UNet2DConditionModel(unet_cfg).init,
-    k2,
-    jnp.zeros((1, hw, hw, 4)),
-    jnp.zeros((1,), jnp.int32),
-    jnp.zeros((1, 77, unet_cfg.cross_attention_dim)),
-  )["params"]
-  tokenizer = tok_lib.load_tokenizer()
-  retain_prompts = list(retain.DEFAULT_PROMPTS[:16])
-  frozen, k = frozen_lib.build(
-    clip_config=clip_cfg,
-    clip_params=clip_params,
-    unet_params=unet_params,
-    tokenizer=tokenizer,
-    concepts=["nudity"],
-    retain_prompts=retain_prompts,
-    attack_type="prefix_k",
-    num_tokens=1,
-    faithful_word_split=False,
-    schedule=ScheduleConfig(),
+  rows = args.attack_steps + 1 + args.retain_batch
+  batching = (
+    f"{s.base.rollout_rows_per_call} points per UNet call"
+    if s.base.rollout_rows_per_call
+    else f"bucket widths {ddim.bucket_widths(rows, s.base.rollout_buckets)}"
   )
-  dtype = jnp.dtype(args.dtype)
-  models = step_lib.Models(
-    clip_text.CLIPTextModel(clip_cfg, dtype=dtype),
-    unet_lib.UNet2DConditionModel(unet_cfg, dtype, args.remat),
-    trainable.selected_paths(trainable.text_encoder_mask(clip_params, "text_encoder_full")),
-    trainable.selected_paths(trainable.unet_mask(unet_params, "text_encoder_full")),
-  )
-  cfg = step_lib.StepConfig(
-    latent_hw=hw,
-    num_tokens=k,
-    retain_batch=args.retain_batch,
-    retain_weight=0.3,
-    attack=attack.AttackConfig(steps=args.attack_steps),
-  )
-  store = lambda f: frozen_lib.store_for_compute(f, models)  # as train.run stores it
-  frozen = jax.eval_shape(store, frozen) if args.memory_only else store(frozen)
-  step = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5), donate_argnums=(2,))
-  if args.memory_only:
-    return print_memory(step, cfg, models, frozen, args, hw)
-  fwd_flops = unet_forward_flops(unet_cfg, unet_params, hw)
-  peak = args.peak_tflops or (setups.H200_PEAK_TFLOPS[args.dtype] if jax.default_backend() == "gpu" else None)
-
-  def time_jax(bank):
-    state = step_lib.init_state(cfg, models, frozen)
-    idx = jnp.arange(args.retain_batch, dtype=jnp.int32)
-    t0 = time.perf_counter()
-    compiled = step.lower(cfg, models, state, frozen, step_lib.Batch(idx, jax.random.key(0)), True, bank).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    compiled_gib = compiled_peak_gib(mem)
-    state, m = compiled(state, frozen, step_lib.Batch(idx, jax.random.key(0)), bank)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for i in range(args.iters):
-      t0 = time.perf_counter()
-      state, m = compiled(state, frozen, step_lib.Batch(idx, jax.random.key(i + 1)), bank)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-    per_it = float(np.mean(times))
-    tflops = unet_forwards(bank is not None, args.attack_steps, args.retain_batch) * fwd_flops / per_it / 1e12
-    stats = jax.devices()[0].memory_stats() or {}
-    peak_gib = stats.get("peak_bytes_in_use", 0) / 2**30
-    mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a (no peak for this backend)"
-    detail = (
-      f"compile {compile_s:.1f} s, compiled memory {compiled_gib:.2f} GiB"
-      + (f", device peak {peak_gib:.2f} GiB" if peak_gib else "")
-      + f", {tflops:.2f} TFLOP/s, {mfu}"
-    )
-    return per_it, detail
-
-  results = {}
-  per_it, detail = time_jax(None)
-  results["jax online"] = per_it
-  print(f"jax online : {per_it:8.3f} s/it ({detail})", flush=True)
-  t0 = time.perf_counter()
-  bank = build_bank(models, frozen, hw)
-  jax.block_until_ready(bank)
   print(
-    f"bank build : {time.perf_counter() - t0:8.3f} s (once per run: 8 concept + {len(retain_prompts)} retain rollouts)",
+    f"online: {rows} points, {batching}; bank: {BANK_TRAJECTORIES} trajectories per concept; bank_renewing: "
+    f"{s.renewal.refresh_trajectories} per concept and {s.renewal.refresh_retain} retain prompt every "
+    f"{s.renewal.refresh_every} iterations",
     flush=True,
   )
-  per_it, detail = time_jax(bank)
-  results["jax bank"] = per_it
-  print(f"jax bank   : {per_it:8.3f} s/it ({detail})", flush=True)
-
-  if not args.no_torch:
-    results["pytorch"] = time_torch(args, clip_cfg, unet_cfg, clip_params, unet_params, frozen, k)
-    print(f"pytorch    : {results['pytorch']:8.3f} s/it (reference transcription)", flush=True)
-    for name in ("jax online", "jax bank"):
-      print(f"speed-up {name} vs pytorch: {results['pytorch'] / results[name]:.2f}x")
-  print(f"speed-up jax bank vs jax online: {results['jax online'] / results['jax bank']:.2f}x")
-
-
-def build_bank(models, frozen, hw):
-  return bank_lib.build(
-    models.unet,
-    frozen.unet,
-    frozen,
-    jax.random.key(1),
-    concept_trajectories=8,
-    retain_trajectories=1,
-    latent_shape=(hw, hw, 4),
-    guidance=3.0,
-  )
+  if args.memory_only:
+    return print_memory(s)
+  fwd_flops = unet_forward_flops(s)
+  peak = args.peak_tflops or (setups.H200_PEAK_TFLOPS[args.dtype] if jax.default_backend() == "gpu" else None)
+  results = {}
+  for mode in args.modes:
+    if mode == "pytorch":
+      results[mode] = time_torch(s)
+    else:
+      results[mode] = time_jax(s, mode, fwd_flops, peak)
+  for base in ("pytorch", "online_sequential"):
+    for mode in results:
+      if base in results and mode != base and mode != "pytorch":
+        print(f"speed-up {mode} vs {base}: {results[base]['s_per_iter'] / results[mode]['s_per_iter']:.2f}x")
+  if "bank" in results and "bank_renewing" in results:
+    print(f"bank_renewing / bank time: {results['bank_renewing']['s_per_iter'] / results['bank']['s_per_iter']:.2f}x")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+  return results
 
 
-def print_memory(step, cfg, models, frozen, args, hw):
-  """Compiles the online and bank steps on abstract inputs and prints XLA's memory analysis of each."""
-  state = jax.eval_shape(lambda f: step_lib.init_state(cfg, models, f), frozen)
-  batch = step_lib.Batch(jnp.arange(args.retain_batch, dtype=jnp.int32), jax.random.key(0))
-  bank = jax.eval_shape(lambda f: build_bank(models, f, hw), frozen)
-  for name, b in (("online", None), ("bank", bank)):
-    if name not in args.modes.split(","):
+def print_memory(s: Setup):
+  """Compiles each JAX mode's step on abstract inputs and prints XLA's memory analysis of it."""
+  batch = step_lib.Batch(jnp.arange(s.args.retain_batch, dtype=jnp.int32), jax.random.key(0))
+  for mode in s.args.modes:
+    if mode == "pytorch":
       continue
+    cfg = s.step_config(mode)
+    bank = jax.eval_shape(lambda f, cfg=cfg: s.bank(cfg, f), s.frozen) if cfg.xt_source == "bank" else None
+    state = jax.eval_shape(lambda f, b, cfg=cfg: step_lib.init_state(cfg, s.models, f, b), s.frozen, bank)
     t0 = time.perf_counter()
-    mem = step.lower(cfg, models, state, frozen, batch, True, b).compile().memory_analysis()
+    mem = STEP.lower(cfg, s.models, state, s.frozen, batch, True).compile().memory_analysis()
     print(
-      f"jax {name:<6}: compile {time.perf_counter() - t0:.1f} s; arguments {mem.argument_size_in_bytes / 2**30:.2f} "
-      f"GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f}; peak {compiled_peak_gib(mem):.2f} GiB",
+      f"{mode:<18}: compile {time.perf_counter() - t0:.1f} s; arguments {mem.argument_size_in_bytes / 2**30:.2f} "
+      f"GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f}; peak {compiled_gib(mem):.2f} GiB",
       flush=True,
     )
 
 
-def compiled_peak_gib(mem) -> float:
+def compiled_gib(mem) -> float:
   """Arguments + outputs + temporaries, counting once the outputs that reuse donated argument buffers."""
   total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
   return total / 2**30
 
 
-def time_torch(args, clip_cfg, unet_cfg, clip_params, unet_params, frozen, k):
+def time_torch(s: Setup) -> dict:
   import torch
   import transformers
 
   from advunlearn_jax.convert import clip_text as clip_convert
   from tests import reference_torch
 
+  args = s.args
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if device == "cuda":
     torch.set_float32_matmul_precision(args.torch_matmul_precision)
-  unet = torch_unet.diffusers_unet(unet_cfg, unet_params, device)
-  hf = transformers.CLIPTextConfig(**clip_cfg.to_transformers_dict())
+  unet = torch_unet.diffusers_unet(s.unet_cfg, s.unet_params, device)
+  hf = transformers.CLIPTextConfig(**s.clip_cfg.to_transformers_dict())
   clips = []
   for _ in range(2):
     model = transformers.CLIPTextModel(hf).eval()
     model.load_state_dict(
-      {k: torch.from_numpy(v) for k, v in clip_convert.state_dict(clip_params, "").items()}, strict=False
+      {k: torch.from_numpy(v) for k, v in clip_convert.state_dict(s.clip_params, "").items()}, strict=False
     )
     clips.append(model.to(device))
-  hw = unet_cfg.sample_size
   rng = np.random.default_rng(0)
 
   def draw(n):
-    t_enc = int(rng.integers(0, 50))
+    t_enc = int(rng.integers(0, DDIM_STEPS))
     t_ddpm = int(rng.integers(20 * t_enc, 20 * t_enc + 20))
-    return reference_torch.Draw(t_enc, t_ddpm, torch.randn(n, 4, hw, hw, device=device))
+    return reference_torch.Draw(t_enc, t_ddpm, torch.randn(n, 4, s.hw, s.hw, device=device))
 
-  ids_c = torch.from_numpy(np.asarray(frozen.concept_ids)).long().to(device)
-  retain_ids = torch.from_numpy(np.asarray(frozen.retain_ids[: args.retain_batch])).long().to(device)
-  times = []
+  ids_c = torch.from_numpy(np.asarray(s.frozen.concept_ids)).long().to(device)
+  retain_ids = torch.from_numpy(np.asarray(s.frozen.retain_ids[: args.retain_batch])).long().to(device)
+  times, rollout_steps = [], []
   for _ in range(args.iters + 1):
     draws = reference_torch.Draws(
       [int(rng.integers(0, 49408))],
       [draw(1) for _ in range(args.attack_steps)],
       draw(1),
-      torch.randn(args.retain_batch, 4, hw, hw, device=device),
+      torch.randn(args.retain_batch, 4, s.hw, s.hw, device=device),
     )
     t0 = time.perf_counter()
     reference_torch.iteration(
@@ -280,13 +370,27 @@ def time_torch(args, clip_cfg, unet_cfg, clip_params, unet_params, frozen, k):
     if device == "cuda":
       torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
+    steps = [int(ddim.num_unet_steps(d.t_enc)) for d in draws.attack]
+    d_steps = int(ddim.num_unet_steps(draws.defender.t_enc))
+    rollout_steps.append(sum(steps) + 2 * d_steps)  # the attack's, then the concept's and the retain batch's
   if device == "cuda":
     print(
       f"pytorch peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, fp32 matmul precision "
       f"{args.torch_matmul_precision}",
       flush=True,
     )
-  return float(np.mean(times[1:]))
+  per_it = float(np.median(times[1:]))
+  calls = float(np.mean(rollout_steps[1:]))
+  # The transcription runs every frozen prediction on its own (e_p per attack step; e_0, e_p, r_p) where the
+  # JAX step batches them into one call: 1 + A + 3 calls instead of 1.
+  rest = loss_cost(args.attack_steps, 1, args.retain_batch)
+  total_calls = calls + rest.calls - 1 + args.attack_steps + 3
+  print(
+    f"{'pytorch':<18}: {per_it:8.3f} s/it, {total_calls:6.1f} sequential UNet calls, FLOP efficiency 100.0% "
+    "(reference transcription)",
+    flush=True,
+  )
+  return {"s_per_iter": per_it, "sequential_unet_calls": float(total_calls), "flop_efficiency": 1.0}
 
 
 if __name__ == "__main__":

@@ -47,8 +47,11 @@ def _scan_lengths(q, k, v, **kw):
 def test_chunk_size_follows_the_memory_budget():
   assert _scan_lengths(*_qkv(1, 64, 64)) == []  # the tiny world's 8x8 latents: one dense product
   assert _scan_lengths(*_qkv(1, 64, 64), query_chunk=16) == [4]
-  assert _scan_lengths(*_qkv(5, 1024, 1024, n=8, h=1)) == []  # SD's 32x32 level: 1024 rows fit the budget
-  # SD's 64x64 latents with 8 heads: 2048-row chunks for one image, 128 for a CFG batch of 10 (256 MiB each).
-  assert _scan_lengths(*_qkv(1, 4096, 4096, n=8, h=1)) == [2]
-  assert _scan_lengths(*_qkv(10, 4096, 4096, n=8, h=1)) == [32]
-  assert _scan_lengths(*_qkv(10, 4096, 77, n=8, h=1)) == []  # cross-attention: Tk = 77 fits in one chunk
+  assert _scan_lengths(*_qkv(1, 1024, 1024, n=8, h=1)) == []  # SD's 32x32 level, one image: fits the budget
+  assert _scan_lengths(*_qkv(5, 1024, 1024, n=8, h=1)) == [4]  # the retain batch: 256-row chunks (40 MiB)
+  # SD's 64x64 latents with 8 heads: 512-row chunks for one image (64 MiB), 64 for a CFG batch of 10 (80 MiB: the
+  # least rows over batch and heads), 8 for the batched rollout's 72 images.
+  assert _scan_lengths(*_qkv(1, 4096, 4096, n=8, h=1)) == [8]
+  assert _scan_lengths(*_qkv(10, 4096, 4096, n=8, h=1)) == [64]
+  assert _scan_lengths(*_qkv(72, 4096, 4096, n=8, h=1)) == [512]
+  assert _scan_lengths(*_qkv(10, 4096, 77, n=8, h=1)) == [2]  # cross-attention (Tk = 77): 2048-row chunks

@@ -27,13 +27,21 @@ def _benchmark(script, *args):
   return out
 
 
-def test_iteration_benchmark_reports_every_mode():
-  out = _benchmark("iteration.py", "--size=tiny", "--iters=1", "--attack_steps=2", "--retain_batch=2")
-  rates = dict(re.findall(r"^(jax online|jax bank|pytorch)\s*:\s*([0-9.]+) s/it", out.stdout, re.M))
-  assert set(rates) == {"jax online", "jax bank", "pytorch"}, out.stdout
-  assert all(float(r) > 0 for r in rates.values())
-  for name in ("jax online vs pytorch", "jax bank vs pytorch", "jax bank vs jax online"):
-    assert re.search(rf"^speed-up {name}: [0-9.]+x$", out.stdout, re.M), out.stdout
+def test_iteration_benchmark_reports_every_mode(tmp_path):
+  args = ["--size=small", "--iters=2", "--attack_steps=3", "--retain_batch=2", f"--json={tmp_path / 'it.json'}"]
+  out = _benchmark("iteration.py", *args)
+  report = json.loads((tmp_path / "it.json").read_text())
+  assert set(report) == {"pytorch", "online_sequential", "online", "bank", "bank_renewing"}, out.stdout
+  for mode, row in report.items():
+    assert set(row) == {"s_per_iter", "sequential_unet_calls", "flop_efficiency"}
+    assert row["s_per_iter"] > 0 and 0 < row["flop_efficiency"] <= 1, mode
+  calls = {mode: row["sequential_unet_calls"] for mode, row in report.items()}
+  # 3 attack steps + the defender's rollouts, one after another vs all at once (at most 49 steps).
+  assert calls["online"] <= 49 + 1 + 2 * 3 + 4 < calls["online_sequential"]
+  assert calls["bank"] == 1 + 2 * 3 + 4
+  for mode in ("online", "bank", "bank_renewing"):
+    assert re.search(rf"^speed-up {mode} vs pytorch: [0-9.]+x$", out.stdout, re.M), out.stdout
+    assert re.search(rf"^speed-up {mode} vs online_sequential: [0-9.]+x$", out.stdout, re.M), out.stdout
 
 
 def test_unet_benchmark_baseline_computes_the_same_loss(tmp_path):

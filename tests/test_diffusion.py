@@ -48,6 +48,63 @@ def test_partial_ddim_step_counts():
   assert calls == [961]
 
 
+def _row_dependent_eps(x, t, context):
+  """A cheap nonlinear denoiser that reads its rows' context, so a row given another row's context (or step)
+  would show."""
+  scale = context.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.tanh(x * scale + t / 1000.0)
+
+
+@pytest.mark.parametrize(
+  "t_enc,buckets",
+  [
+    ((0, 1, 49, 2, 25, 48, 0, 13), 3),  # the edges: 49 steps for t_enc 0 and 1, one step for 49
+    ((7, 7, 7, 7, 7), 4),  # every row in one bucket's walk
+    ((49,), 8),  # a single row, more buckets than rows
+    ((30, 3, 3, 44, 12, 0, 21), 1),  # one bucket: everything padded to the longest walk
+    ((5, 40, 22, 9, 31, 17), 8),  # a width per row
+  ],
+)
+@pytest.mark.parametrize("rows_per_call", [0, 3])
+def test_batched_rollout_equals_per_row_rollouts(t_enc, buckets, rows_per_call):
+  tables = ddim.ldm_tables(SCHEDULE.alphas_cumprod_ldm())
+  rows = len(t_enc)
+  rng = np.random.default_rng(rows)
+  x_T = jnp.asarray(rng.normal(size=(rows, 2, 2, 4)), jnp.float32)
+  context = jnp.asarray(rng.uniform(0.5, 1.5, size=(rows,)), jnp.float32)
+  t_enc = jnp.asarray(t_enc, jnp.int32)
+  widths = ddim.bucket_widths(rows, buckets)
+  rollout = lambda x, t, c: ddim.partial_ddim_batched(_row_dependent_eps, x, t, c, tables, widths, rows_per_call)
+  got, stats = jax.jit(rollout)(x_T, t_enc, context)
+  for j in range(rows):
+    eps = lambda x, t, j=j: _row_dependent_eps(x, t, context[j : j + 1])
+    ref = ddim.partial_ddim(eps, x_T[j : j + 1], t_enc[j], tables)
+    np.testing.assert_allclose(got[j : j + 1], ref, rtol=1e-6, atol=1e-6)
+  steps = np.asarray(ddim.num_unet_steps(t_enc))
+  assert int(stats.useful_rows) == steps.sum()
+  if rows_per_call:  # as many calls as chunks of walking rows: at most rows_per_call - 1 idle rows per step
+    walking = [(steps > i).sum() for i in range(steps.max())]
+    assert int(stats.calls) == sum(-(-w // rows_per_call) for w in walking)
+    assert int(stats.computed_rows) - steps.sum() <= (rows_per_call - 1) * steps.max()
+  else:
+    assert int(stats.calls) == steps.max()  # the longest walk, once
+    assert steps.sum() <= int(stats.computed_rows) <= steps.max() * widths[0]
+
+
+def test_batched_rollout_with_no_rows_and_bucket_widths():
+  tables = ddim.ldm_tables(SCHEDULE.alphas_cumprod_ldm())
+  empty = jnp.zeros((0, 2, 2, 4))
+  x, stats = ddim.partial_ddim_batched(
+    _row_dependent_eps, empty, jnp.zeros((0,), jnp.int32), jnp.zeros((0,)), tables, (0,)
+  )
+  assert x.shape == (0, 2, 2, 4) and int(stats.calls) == 0
+  assert ddim.bucket_widths(36, 4) == (36, 27, 18, 9)
+  assert ddim.bucket_widths(36, 4, multiple=8) == (40, 32, 24, 16)  # each splits over 8 devices
+  assert ddim.bucket_widths(3, 8) == (3, 2, 1)
+  with pytest.raises(ValueError, match="descending"):
+    ddim.partial_ddim_batched(_row_dependent_eps, x, jnp.zeros((0,), jnp.int32), jnp.zeros((0,)), tables, (1, 2))
+
+
 @pytest.fixture(scope="module")
 def tiny_unet():
   model = torch_unet(

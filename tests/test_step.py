@@ -1,5 +1,6 @@
 """The jitted outer iteration on tiny random models: loss signs, the attack, one defender step, the mesh."""
 
+import dataclasses
 import functools
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from advunlearn_jax import sharding
 from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.unlearn import attack, prompts, retain, trainable
@@ -60,7 +62,7 @@ def test_esd_target_sign():
 
 def test_retain_term_is_zero_at_the_original_and_a_step_lowers_the_esd_loss():
   cfg, models, frozen = setup()
-  cfg = cfg.__class__(**{**cfg.__dict__, "retain_weight": 0.5})
+  cfg = _replace(cfg, retain_weight=0.5)
   state = step_lib.init_state(cfg, models, frozen)
   batch = _batch(3)
   state1, m1 = STEP(cfg, models, state, frozen, batch, False)
@@ -75,72 +77,150 @@ def test_attack_lowers_its_loss_on_a_fixed_draw():
   words = jnp.asarray(np.random.default_rng(0).normal(size=(77, 8)), jnp.float32)
   target = jnp.asarray(np.random.default_rng(1).normal(size=(77, 8)), jnp.float32)
   lay = prompts.layout("prefix_k", 2, 2)
-  loss = lambda seq, key: jnp.mean((jnp.tanh(seq) - target) ** 2)
+  loss = lambda seq, point: jnp.mean((jnp.tanh(seq) - target) ** 2)
+  run = lambda cfg, delta0: attack.run(
+    cfg, delta0, words, jnp.asarray(lay.word_index), jnp.asarray(lay.delta_index), loss, jnp.zeros(cfg.steps)
+  )
   delta0 = words[:2]
   for method in ("pgd", "fast_at"):
     cfg = attack.AttackConfig(method=method, steps=20, lr=0.05)
-    res = attack.run(
-      cfg, jax.random.key(0), delta0, words, jnp.asarray(lay.word_index), jnp.asarray(lay.delta_index), loss
-    )
+    res = run(cfg, delta0)
     assert float(res.last_loss) < float(res.first_loss)
   # Faithful: the returned sequence is the one built before the final update; clean: after it.
-  faithful = attack.run(
-    attack.AttackConfig(steps=3, lr=0.05),
-    jax.random.key(0),
-    delta0,
-    words,
-    jnp.asarray(lay.word_index),
-    jnp.asarray(lay.delta_index),
-    loss,
-  )
-  clean = attack.run(
-    attack.AttackConfig(steps=3, lr=0.05, return_pre_final=False),
-    jax.random.key(0),
-    delta0,
-    words,
-    jnp.asarray(lay.word_index),
-    jnp.asarray(lay.delta_index),
-    loss,
-  )
+  faithful = run(attack.AttackConfig(steps=3, lr=0.05), delta0)
+  clean = run(attack.AttackConfig(steps=3, lr=0.05, return_pre_final=False), delta0)
   np.testing.assert_allclose(clean.sequence[1:3], clean.delta)
   assert not np.allclose(faithful.sequence[1:3], faithful.delta)
   # An eps-ball projection keeps delta within eps of its init.
-  ball = attack.run(
-    attack.AttackConfig(steps=20, lr=0.5, eps=0.1, norm="linf"),
-    jax.random.key(0),
-    delta0,
-    words,
-    jnp.asarray(lay.word_index),
-    jnp.asarray(lay.delta_index),
-    loss,
-  )
+  ball = run(attack.AttackConfig(steps=20, lr=0.5, eps=0.1, norm="linf"), delta0)
   assert float(jnp.abs(ball.delta - delta0).max()) <= 0.1 + 1e-6
 
 
-def test_step_with_attack_from_the_bank_records_the_sequence():
-  cfg, models, frozen = setup()
-  bank = bank_lib.build(
+def _bank(models, frozen, trajectories=2):
+  return bank_lib.build(
     models.unet,
     frozen.unet,
     frozen,
     jax.random.key(1),
-    concept_trajectories=2,
+    concept_trajectories=trajectories,
     retain_trajectories=1,
     latent_shape=(8, 8, 4),
     guidance=3.0,
   )
-  state = step_lib.init_state(cfg, models, frozen)
-  # With the bank the step runs no partial-DDIM rollout (the only while_loops; the attack loop is a scan).
-  for source, loops in ((bank, 0), (None, 2)):  # online: the attack and defender concept rollouts
-    jaxpr = jax.make_jaxpr(lambda s, b, bk: step_lib.train_step(cfg, models, s, frozen, b, True, bk))(
-      state, _batch(1), source
-    )
-    assert str(jaxpr).count("while[") == loops
-  state, metrics = STEP(cfg, models, state, frozen, _batch(1), True, bank)
+
+
+def test_step_with_attack_from_the_bank_records_the_sequence():
+  cfg, models, frozen = setup()
+  bank_cfg = _replace(cfg, xt_source="bank", bank=bank_lib.BankConfig(concept_trajectories=2))
+  # The rollouts are the step's only while_loops (the attack's loop is a scan): none from the bank, one per
+  # point group in the reference's order, one per bucket width batched.
+  bank_state = step_lib.init_state(bank_cfg, models, frozen, _bank(models, frozen))
+  for c, loops in ((bank_cfg, 0), (_replace(cfg, xt_source="online_sequential"), 3), (cfg, 8)):
+    state = bank_state if c is bank_cfg else step_lib.init_state(c, models, frozen)
+    jaxpr = jax.make_jaxpr(lambda s, b, c=c: step_lib.train_step(c, models, s, frozen, b, True))(state, _batch(1))
+    assert str(jaxpr).count("while[") == loops, c.xt_source
+  state, metrics = STEP(bank_cfg, models, bank_state, frozen, _batch(1), True)
   assert bool(state.has_last) and np.isfinite(float(metrics["attack_loss_last"]))
   # prefix_k, k = 1: the clean 'nudity' rows sit after the adversarial row.
   table = frozen.clip["embeddings"]["token_embedding"]["embedding"]
   np.testing.assert_allclose(state.last_sequence[2], table[frozen.concept_ids[0, 1]], atol=1e-6)
+
+
+def _replace(cfg, **changes):
+  return dataclasses.replace(cfg, **changes)
+
+
+def _points(cfg, frozen, attack_t, defender_t, retain_batch, seed=0):
+  """Points with chosen t_enc (t_ddpm in their bins), random start codes."""
+  rng = np.random.default_rng(seed)
+
+  def group(t_enc, prompts):
+    n = len(prompts)
+    t_enc = jnp.asarray(t_enc, jnp.int32).reshape(n)
+    noise = jnp.asarray(rng.normal(size=(n, cfg.latent_hw, cfg.latent_hw, 4)), jnp.float32)
+    return step_lib.Points(t_enc, 20 * t_enc + 7, noise, jnp.zeros(n, jnp.int32), jnp.asarray(prompts, jnp.int32))
+
+  return step_lib.IterationPoints(
+    group(attack_t, [0] * len(attack_t)),
+    group([defender_t] * cfg.concept_batch, [0] * cfg.concept_batch),
+    group([defender_t] * retain_batch, list(range(retain_batch))),
+  )
+
+
+ROLL_OUT = jax.jit(step_lib.roll_out, static_argnums=(0, 1))
+
+
+@pytest.mark.parametrize(
+  "attack_t,defender_t,retain_batch,rows_per_call",
+  [
+    ((0, 1, 49, 25), 2, 3, 0),  # the edges: 49 steps for t_enc 0 and 1, one for 49
+    ((7, 7, 7, 7), 7, 3, 0),  # every point walks as far: all in one bucket
+    ((49, 0, 30), 0, 0, 0),  # retain batch 0
+    ((0, 1, 49, 25), 2, 3, 3),  # CPUs: a few walking points per UNet call
+  ],
+)
+def test_batched_points_equal_sequential_points(attack_t, defender_t, retain_batch, rows_per_call):
+  cfg, models, frozen = setup()
+  cfg = _replace(cfg, rollout_buckets=3, rollout_rows_per_call=rows_per_call)
+  points = _points(cfg, frozen, attack_t, defender_t, retain_batch)
+  batched, stats = ROLL_OUT(cfg, models, frozen, frozen.unet, None, points)
+  in_sequence = _replace(cfg, xt_source="online_sequential")
+  sequential, seq_stats = ROLL_OUT(in_sequence, models, frozen, frozen.unet, None, points)
+  # The tiny random UNet drives latents to |x| ~ 30 over 49 steps; batch composition changes XLA's rounding.
+  for got, ref in zip(batched, sequential):
+    np.testing.assert_allclose(got, ref, atol=1e-5 + 2e-6 * float(jnp.abs(ref).max(initial=0)), rtol=0)
+  steps = np.asarray(ddim.num_unet_steps(jnp.asarray([*attack_t, defender_t])))
+  if not rows_per_call:
+    assert int(stats.calls) == steps.max()  # the longest walk, once
+  assert int(stats.calls) < int(seq_stats.calls)
+  assert int(stats.useful_rows) == int(seq_stats.useful_rows) <= int(stats.computed_rows)
+
+
+def test_one_iteration_equals_the_sequential_modes():
+  cfg, models, frozen = setup()
+  cfg = _replace(cfg, retain_weight=0.5, attack=attack.AttackConfig(steps=3), rollout_buckets=3)
+  results = {}
+  for source in ("online", "online_sequential"):
+    c = _replace(cfg, xt_source=source)
+    results[source] = STEP(c, models, step_lib.init_state(c, models, frozen), frozen, _batch(5), True)
+  (batched, m_b), (sequential, m_s) = results["online"], results["online_sequential"]
+  for key in ("loss", "loss_unlearn", "attack_loss_first", "attack_loss_last", "rollout_useful_rows"):
+    np.testing.assert_allclose(m_b[key], m_s[key], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(batched.last_sequence, sequential.last_sequence, atol=1e-5, rtol=0)
+  # Adam's first step moves each element by lr g / (|g| + eps): by ~lr in the sign of its gradient, except where
+  # |g| is near eps (1e-8) and rounding noise is amplified. So the updates are compared as whole vectors (measured:
+  # cosine 0.999998, 99.8% of elements within 1% of lr).
+  flat = lambda params: np.concatenate([np.ravel(p) for p in jax.tree.leaves(params)])
+  initial = flat(step_lib.init_state(cfg, models, frozen).params)
+  u_b, u_s = flat(batched.params) - initial, flat(sequential.params) - initial
+  cosine = u_b @ u_s / (np.linalg.norm(u_b) * np.linalg.norm(u_s))
+  assert cosine > 0.999 and np.mean(np.abs(u_b - u_s) < 0.01 * cfg.lr) > 0.99
+  assert int(m_b["rollout_calls"]) < int(m_s["rollout_calls"])
+
+
+def test_renewing_bank_replaces_its_oldest_trajectories():
+  cfg, models, frozen = setup()
+  bank_cfg = bank_lib.BankConfig(concept_trajectories=3, refresh_trajectories=1, refresh_retain=2, refresh_every=2)
+  cfg = _replace(cfg, xt_source="bank", bank=bank_cfg, attack=attack.AttackConfig(steps=1))
+  bank = _bank(models, frozen, trajectories=3)
+  state = step_lib.init_state(cfg, models, frozen, bank)
+  fingerprint = lambda latents: {float(v) for v in np.asarray(latents[..., 0, 0, 0, 0]).ravel()}  # first step
+  seen_concept, seen_retain = fingerprint(bank.concept), fingerprint(bank.retain)
+  iterations = 6
+  for i in range(iterations):
+    before = state.bank
+    state, _ = STEP(cfg, models, state, frozen, _batch(10 + i), True)
+    changed = np.flatnonzero(np.any(np.asarray(state.bank.concept != before.concept), axis=(0, 2, 3, 4, 5)))
+    retain_changed = np.flatnonzero(np.any(np.asarray(state.bank.retain != before.retain), axis=(1, 2, 3, 4, 5)))
+    if i % 2:  # renews every 2 iterations
+      assert changed.size == 0 and retain_changed.size == 0
+    else:  # renewal r = i // 2 writes slot r mod 3 of the concept, retain prompts 2r, 2r + 1
+      assert changed.tolist() == [(i // 2) % 3] and retain_changed.tolist() == [i, i + 1]
+    seen_concept |= fingerprint(state.bank.concept)
+    seen_retain |= fingerprint(state.bank.retain)
+  renewals = iterations // 2
+  assert len(seen_concept) == 3 + renewals  # every renewal brought a start code never seen before
+  assert len(seen_retain) == 16 + 2 * renewals
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
@@ -155,6 +235,7 @@ def test_eight_device_mesh_matches_one_device():
   frozen8 = sharding.replicate(frozen, mesh)
   state8 = sharding.replicate(step_lib.init_state(cfg8, models8, frozen8), mesh)
   multi_state, multi = STEP(cfg8, models8, state8, frozen8, _batch(2), True)
+  del single["rollout_computed_rows"], multi["rollout_computed_rows"]  # 8 devices: bucket widths of 8k rows
   for key in single:
     np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, atol=1e-6)
   # Parameters: within 2% of one Adam step. Adam normalises each gradient, so for leaves whose gradient is
@@ -170,13 +251,8 @@ def test_condition_embd_attack_and_retain_iter_mode():
   """condition_embd places delta into the encoder output; the defender still trains through its clean rows.
   retain.mode='iter' runs extra Adam steps on the retain loss after the main update."""
   base_cfg, models, frozen = setup()
-  cfg = base_cfg.__class__(
-    **{
-      **base_cfg.__dict__,
-      "attack": attack.AttackConfig(steps=2, embedding="condition_embd"),
-      "retain_mode": "iter",
-      "retain_steps": 2,
-    }
+  cfg = _replace(
+    base_cfg, attack=attack.AttackConfig(steps=2, embedding="condition_embd"), retain_mode="iter", retain_steps=2
   )
   state = step_lib.init_state(cfg, models, frozen)
   new_state, metrics = STEP(cfg, models, state, frozen, _batch(4), True)

@@ -142,13 +142,29 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_bank_mode_run(pipeline_dir, tmp_path):
-  summary = train.run(
-    tiny_config(pipeline_dir, **{"train.xt_source": "bank", "train.iterations": 3, "retain.csv": ""}), str(tmp_path)
-  )
-  lines = [json.loads(line) for line in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
+  """The bank (renewed every iteration here) is part of the checkpoint: a resumed run goes on with the same
+  trajectories instead of building them again, and ends where an uninterrupted run ends."""
+  overrides = {"train.xt_source": "bank", "bank.refresh_every": 1, "bank.refresh_retain": 2, "train.iterations": 3}
+  workdir = str(tmp_path / "run")
+  summary = train.run(tiny_config(pipeline_dir, **overrides), workdir)
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert len(lines) == 3 and all(np.isfinite(m["loss"]) for m in lines)
   assert os.path.isdir(summary["text_encoder"])
+  import orbax.checkpoint as ocp
+
+  from advunlearn_jax import checkpoint
+  from advunlearn_jax.unlearn import retain
+
+  args = ocp.args.Composite(state=ocp.args.StandardRestore())
+  restored = checkpoint.manager(workdir, 3).restore(3, args=args)["state"]
+  assert restored["bank"]["retain"].shape[:3] == (len(retain.DEFAULT_PROMPTS), 1, 49)  # the checkpoint holds it
+  train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 5}), workdir)
+  straight = str(tmp_path / "straight")
+  train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 5}), straight)
+  _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
+  _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
+  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
 
 
 def test_resume_guard_allows_evaluation_and_report_changes_only():

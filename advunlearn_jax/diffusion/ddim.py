@@ -81,3 +81,92 @@ def ddim_trajectory(eps_fn: EpsFn, x_T: jax.Array, tables: DDIMTables) -> jax.Ar
 def trajectory_index(t_enc: jax.Array | int, ddim_steps: int = 50) -> jax.Array:
   """Row of `ddim_trajectory`'s output that equals `partial_ddim(..., t_enc)`."""
   return num_unet_steps(t_enc, ddim_steps) - 1
+
+
+class RolloutStats(NamedTuple):
+  """What a rollout cost, in DDIM steps: `calls` run one after another (each a CFG UNet call), `computed_rows`
+  the rows those calls processed, `useful_rows` the rows a per-element rollout would have processed."""
+
+  calls: jax.Array
+  computed_rows: jax.Array
+  useful_rows: jax.Array
+
+
+def bucket_widths(rows: int, buckets: int, multiple: int = 1) -> tuple[int, ...]:
+  """Batch widths of a batched rollout's buckets: `buckets` evenly spaced widths from `rows` down, each rounded up
+  to a multiple of `multiple` (the mesh's data size, so every bucket splits evenly) and deduplicated.
+
+  Active elements fall off linearly when t_enc is uniform, so with B evenly spaced widths a bucket runs on
+  average 1/(2B) of its rows idle: about B / (B + 1) of the computed rows are useful."""
+  widths = []
+  for b in range(buckets):
+    w = -(-rows * (buckets - b) // buckets)  # ceil
+    w = min(-(-w // multiple) * multiple, -(-rows // multiple) * multiple)
+    if not widths or w < widths[-1]:
+      widths.append(w)
+  return tuple(widths)
+
+
+def partial_ddim_batched(
+  eps_fn: Callable[[jax.Array, jax.Array, object], jax.Array],
+  x_T: jax.Array,
+  t_enc: jax.Array,
+  context: object,
+  tables: DDIMTables,
+  widths: tuple[int, ...],
+  rows_per_call: int = 0,
+) -> tuple[jax.Array, RolloutStats]:
+  """`partial_ddim` for every row at once, each with its own t_enc: [R, ...] -> [R, ...].
+
+  Every rollout starts at the same grid point and walks the same grid, so at DDIM step i all rows that are still
+  walking take the same step; row j stops after its own `num_unet_steps(t_enc[j])`. Rows are sorted longest walk
+  first, which makes the walking rows a prefix that only shrinks. The walk runs in buckets of static batch
+  widths (`widths`, descending, the first >= R): each bucket steps its prefix of the rows for as long as the
+  walking rows exceed the next bucket's width, rows that are done are held by a mask. So the sequential UNet
+  calls are those of the longest walk alone (at most S - 1), and the rows computed but not needed are at most
+  the gap between neighbouring widths. `eps_fn(x, t, context)` sees the rows' slice of `context` (a pytree of
+  [R, ...] arrays, e.g. the CFG conditioning), `t` is the grid's scalar timestep.
+
+  `rows_per_call` > 0 (CPUs, where a UNet call costs the same per row at any batch and least at a few rows): one
+  bucket of width R, stepped `rows_per_call` walking rows per call, as many calls as the walking rows need."""
+  rows = x_T.shape[0]
+  if rows_per_call:
+    widths = (-(-rows // rows_per_call) * rows_per_call,)
+  if not widths or widths[0] < rows or list(widths) != sorted(set(widths), reverse=True):
+    raise ValueError(f"bucket widths {widths} must be distinct, descending, the first >= {rows} rows")
+  n = num_unet_steps(t_enc, tables.timesteps.shape[0])
+  order = jnp.argsort(-n, stable=True)
+  pad = widths[0] - rows  # pad rows take no step (n = 0)
+  n_sorted = jnp.concatenate([n[order], jnp.zeros((pad,), n.dtype)])
+  take = lambda a: jnp.concatenate([a[order], jnp.zeros((pad, *a.shape[1:]), a.dtype)])
+  x = take(x_T)
+  context = jax.tree.map(take, context)
+  walking = lambda i: jnp.sum(n_sorted > i)
+
+  def advance(i, x, start, width):
+    """Rows [start, start + width) take step i; those already done keep their latents."""
+    rows_of = lambda a: jax.lax.dynamic_slice_in_dim(a, start, width)
+    xs = rows_of(x)
+    ctx = jax.tree.map(rows_of, context)
+    stepped = _step_at(i, xs, lambda xx, t: eps_fn(xx, t, ctx), tables)
+    keep = (i < rows_of(n_sorted)).reshape((width,) + (1,) * (x.ndim - 1))
+    return jax.lax.dynamic_update_slice_in_dim(x, jnp.where(keep, stepped, xs), start, 0)
+
+  def level(width: int, next_width: int, carry):
+    def body(carry):
+      i, x, calls, computed = carry
+      if not rows_per_call:
+        return i + 1, advance(i, x, 0, width), calls + 1, computed + width
+      chunks = -(-walking(i) // rows_per_call)
+      x = jax.lax.fori_loop(0, chunks, lambda j, x: advance(i, x, j * rows_per_call, rows_per_call), x)
+      return i + 1, x, calls + chunks, computed + chunks * rows_per_call
+
+    return jax.lax.while_loop(lambda c: walking(c[0]) > next_width, body, carry)
+
+  zero = jnp.zeros((), jnp.int32)
+  carry = (zero, x, zero, zero)
+  for width, next_width in zip(widths, (*widths[1:], 0)):
+    carry = level(width, next_width, carry)
+  _, x, calls, computed = carry
+  out = jnp.zeros_like(x_T).at[order].set(x[:rows])
+  return out, RolloutStats(calls, computed, jnp.sum(n))

@@ -14,7 +14,7 @@ Faithful defaults (each a flag):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,16 +73,16 @@ def project(delta: jax.Array, center: jax.Array, eps: float, norm: str) -> jax.A
 
 def run(
   cfg: AttackConfig,
-  key: jax.Array,
   delta0: jax.Array,
   word_embeds: jax.Array,
   word_index: jax.Array,
   delta_index: jax.Array,
-  attack_loss: Callable[[jax.Array, jax.Array], jax.Array],
+  attack_loss: Callable[[jax.Array, Any], jax.Array],
+  points: Any,
 ) -> AttackResult:
-  """Minimises `attack_loss(sequence, key)` over delta, the sequence being `word_embeds` (word embeddings, or
-  the clean prompt's conditioning for condition_embd) with delta placed by the layout. `attack_loss` draws
-  its own training point from `key` (fresh t and noise per step, spec 3.2)."""
+  """Minimises `attack_loss(sequence, point)` over delta, the sequence being `word_embeds` (word embeddings, or
+  the clean prompt's conditioning for condition_embd) with delta placed by the layout. Step i sees training
+  point i of `points` (a pytree with a leading axis of `cfg.steps`): fresh t and noise per step (spec 3.2)."""
   opt = optax.adam(cfg.lr)
 
   def build(delta):
@@ -91,7 +91,8 @@ def run(
   def body(i, carry):
     delta, opt_state, acc, _, first, _ = carry
     seq = build(delta)
-    loss, grad = jax.value_and_grad(lambda d: attack_loss(build(d), jax.random.fold_in(key, i)))(delta)
+    point = jax.tree.map(lambda a: a[i], points)
+    loss, grad = jax.value_and_grad(lambda d: attack_loss(build(d), point))(delta)
     acc = acc + grad if cfg.accumulate_grad else grad
     if cfg.method == "fast_at":
       acc = jnp.sign(acc)  # the reference overwrites .grad with its sign, so the sign is what accumulates

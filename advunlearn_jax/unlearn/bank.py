@@ -1,4 +1,4 @@
-"""The trajectory bank: partial-DDIM rollouts of the frozen model, computed once and reused.
+"""The trajectory bank: partial-DDIM rollouts of the frozen model, kept and reused, renewed as training goes.
 
 For text-encoder methods x_t depends only on the frozen UNet, the frozen encoder's prompt embedding and the
 start noise, never on theta or delta (spec 9). One full rollout of 49 DDIM steps passes through the x_t of
@@ -7,13 +7,21 @@ rollout; training then samples (trajectory, t_enc) instead of re-running up to 4
 
 What is stored: latents only, [C, T, 49, h, w, c] for the concepts and [N, T_r, 49, h, w, c] for the retain
 prompts. t_ddpm is still drawn fresh in its bin and the frozen predictions (e_0, e_p, the retain targets)
-are still computed at it, three frozen forwards per step: storing them would freeze t_ddpm per entry (or cost
-20x the memory for every value of the bin) and break the unlearn and retain terms' shared timestep. The
-distribution the losses see is the online one, with noise reused across the T trajectories.
+are still computed at it: storing them would freeze t_ddpm per entry (or cost 20x the memory for every value
+of the bin) and break the unlearn and retain terms' shared timestep.
+
+What the bank changes is the start codes. The reference draws a fresh one for every loss (about 25k concept and
+5k retain codes over a run); a fixed bank reuses T per concept and T_r per retain prompt for the whole run. A
+renewing bank (`refresh_trajectories` > 0) rolls out fresh full trajectories inside the training step and
+writes them over the oldest: every `refresh_every` iterations `refresh_trajectories` per concept and
+`refresh_retain` retain prompts' (round robin), so a run sees thousands of start codes instead of T. The bank
+lives in the train state and its checkpoints, so a resumed run continues with the same trajectories and does not
+build them again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -25,7 +33,16 @@ from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.unlearn import trainable
 
-SOURCES = ("online", "bank")
+SOURCES = ("online", "online_sequential", "bank")
+
+
+@dataclasses.dataclass(frozen=True)
+class BankConfig:
+  concept_trajectories: int = 16  # T: rollouts kept per concept (each serves all 50 t_enc)
+  retain_trajectories: int = 1  # T_r: rollouts kept per retain prompt
+  refresh_trajectories: int = 0  # fresh rollouts per concept written over the oldest per renewal; 0: fixed bank
+  refresh_retain: int = 0  # retain prompts (round robin) whose oldest rollout is replaced per renewal
+  refresh_every: int = 1  # iterations between renewals
 
 
 class Bank(NamedTuple):
@@ -83,12 +100,58 @@ def build(
   )
 
 
-def concept_latents(bank: Bank, key: jax.Array, c: jax.Array, t_enc: jax.Array, n: int) -> jax.Array:
-  """x_t for concept c at t_enc, from n trajectories drawn uniformly: [n, h, w, c]."""
-  traj = jax.random.randint(key, (n,), 0, bank.concept.shape[1])
-  return bank.concept[c, traj, ddim.trajectory_index(t_enc, bank.concept.shape[2] + 1)]
+def validate(cfg: BankConfig) -> None:
+  if cfg.concept_trajectories < 1 or cfg.retain_trajectories < 1:
+    raise ConfigError("config.bank.concept_trajectories and config.bank.retain_trajectories must be >= 1")
+  if not 0 <= cfg.refresh_trajectories <= cfg.concept_trajectories:
+    raise ConfigError(
+      f"config.bank.refresh_trajectories is {cfg.refresh_trajectories}; expected 0 (a fixed bank) up to "
+      f"bank.concept_trajectories ({cfg.concept_trajectories})"
+    )
+  if cfg.refresh_retain < 0:
+    raise ConfigError(f"config.bank.refresh_retain must be >= 0, got {cfg.refresh_retain}")
+  if cfg.refresh_every < 1:
+    raise ConfigError(f"config.bank.refresh_every must be >= 1, got {cfg.refresh_every}")
 
 
-def retain_latents(bank: Bank, key: jax.Array, idx: jax.Array, t_enc: jax.Array) -> jax.Array:
-  traj = jax.random.randint(key, idx.shape, 0, bank.retain.shape[1])
-  return bank.retain[idx, traj, ddim.trajectory_index(t_enc, bank.retain.shape[2] + 1)]
+def concept_latents(bank: Bank, concept: jax.Array, trajectory: jax.Array, t_enc: jax.Array) -> jax.Array:
+  """x_t of rows (concept index, trajectory, t_enc), each [n]: [n, h, w, c]."""
+  return bank.concept[concept, trajectory, ddim.trajectory_index(t_enc, bank.concept.shape[2] + 1)]
+
+
+def retain_latents(bank: Bank, prompt: jax.Array, trajectory: jax.Array, t_enc: jax.Array) -> jax.Array:
+  return bank.retain[prompt, trajectory, ddim.trajectory_index(t_enc, bank.retain.shape[2] + 1)]
+
+
+def renew(
+  cfg: BankConfig,
+  unet: UNet2DConditionModel,
+  frozen,
+  bank: Bank,
+  key: jax.Array,
+  step: jax.Array,
+  guidance: float,
+) -> Bank:
+  """`bank` with fresh trajectories over its oldest when `step` is a renewal step (inside the jitted step).
+
+  Renewal r (= step // refresh_every) rolls out `refresh_trajectories` new trajectories for every concept, into
+  slots r R .. r R + R - 1 (mod T), and one for each of the retain prompts r R_r .. r R_r + R_r - 1 (mod N),
+  into their slot (those indices // N) mod T_r: round robin, so the slot written is always the oldest."""
+  n_c, t_c = bank.concept.shape[:2]
+  n_r, t_r = bank.retain.shape[:2]
+  per_c, per_r = cfg.refresh_trajectories, cfg.refresh_retain
+
+  def write(bank):
+    r = step // cfg.refresh_every
+    retain_slot = r * per_r + jnp.arange(per_r)
+    prompts = retain_slot % n_r
+    conds = jnp.concatenate([jnp.repeat(frozen.concept_emb, per_c, axis=0), frozen.retain_emb[prompts]])
+    noise = jax.random.normal(key, (conds.shape[0], *bank.concept.shape[3:]), bank.concept.dtype)
+    uncond = jnp.broadcast_to(frozen.emb_uncond, conds.shape)
+    fresh = jax.lax.stop_gradient(_trajectories(unet, frozen.unet, noise, conds, uncond, frozen.tables, guidance))
+    concept_slots = (r * per_c + jnp.arange(per_c)) % t_c
+    concept = bank.concept.at[:, concept_slots].set(fresh[: n_c * per_c].reshape(n_c, per_c, *fresh.shape[1:]))
+    retain = bank.retain.at[prompts, (retain_slot // n_r) % t_r].set(fresh[n_c * per_c :])
+    return Bank(concept, retain)
+
+  return jax.lax.cond(step % cfg.refresh_every == 0, write, lambda b: b, bank)

@@ -1,8 +1,23 @@
-"""One AdvUnlearn outer iteration, jitted: attack (after warm-up), then one defender update (spec 2.3-2.4).
+"""One AdvUnlearn outer iteration, jitted (spec 2.3-2.4), in named stages a reader can follow top to bottom:
 
-`train_step(state, frozen, batch)` is pure. `state` (trainable leaves, Adam state, the latest adversarial
-sequence) is donated; `frozen` (the original UNet and CLIP, the prompts' frozen encodings and layouts) never
-is. Per-iteration randomness is `fold_in(root_key, step)`, so a resumed run repeats an uninterrupted one.
+  1. `draw_points`: the iteration's training points, (t_enc, t_ddpm, start noise) for every attack step, the
+     defender's concept batch and its retain batch, from the same keys whatever the x_t source;
+  2. `roll_out`: their x_t, all in one batched pass (`online`), one partial DDIM after another as the reference
+     runs them (`online_sequential`), or read from the trajectory bank (`bank`);
+  3. `frozen_predictions`: the original model's noise at every point (e_p for the attack, e_0 and e_p for the ESD
+     target, the retain targets), in one UNet call;
+  4. `attack` (after warm-up) on its points;
+  5. `defender_update`, then in retain mode `iter` the extra `retain_steps`; the bank, if it renews, last.
+
+No x_t depends on the adversarial prompt or on the parameters the iteration updates (the attack's and the
+defender's points come from the frozen UNet, or for UNet methods from the UNet as the iteration starts), which
+is what lets stage 2 roll every point out at once. The reference interleaves each attack step's rollout with
+its gradient step; drawing the points first gives the same points from the same keys.
+
+`train_step(cfg, models, state, frozen, batch, with_attack)` is pure. `state` (trainable leaves, Adam state, the
+latest adversarial sequence, the bank) is donated; `frozen` (the original UNet and CLIP, the prompts' frozen
+encodings and layouts) never is. Per-iteration randomness is `fold_in(root_key, step)`, so a resumed run
+repeats an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ from jax.sharding import Mesh
 
 from advunlearn_jax import sharding
 from advunlearn_jax.diffusion import ddim
+from advunlearn_jax.diffusion.sampling import cfg_eps
 from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.sharding import constrain_batch
@@ -44,6 +60,10 @@ class StepConfig:
   num_tokens: int = 1  # k; for `add`, the longest concept's token count
   latent_hw: int = 64
   latent_channels: int = 4
+  xt_source: str = "online"  # bank.SOURCES
+  rollout_buckets: int = 8  # online: batch widths of the batched rollout (ddim.bucket_widths)
+  rollout_rows_per_call: int = 0  # online: > 0 steps that many points per UNet call instead (CPUs)
+  bank: bank_lib.BankConfig = bank_lib.BankConfig()
 
 
 class Frozen(NamedTuple):
@@ -65,6 +85,7 @@ class TrainState(NamedTuple):
   opt_state: Any
   last_sequence: jax.Array  # [77, D] the latest adversarial sequence (for `latest` init)
   has_last: jax.Array  # bool
+  bank: bank_lib.Bank | None = None  # xt_source='bank': the trajectories (renewed in place when configured)
 
 
 class Batch(NamedTuple):
@@ -80,16 +101,36 @@ class Models(NamedTuple):
   mesh: Mesh | None = None  # batches split over its `data` axis
 
 
+class Points(NamedTuple):
+  """Training points, one row each. A group's rows either each have their own t (the attack's, one per step)
+  or share one (the defender's concept and retain rows, spec 8.11)."""
+
+  t_enc: jax.Array  # [n] int32
+  t_ddpm: jax.Array  # [n] int32
+  noise: jax.Array  # [n, h, w, c] start codes (online sources)
+  trajectory: jax.Array  # [n] int32 which bank trajectory (bank source)
+  prompt: jax.Array  # [n] int32 the concept index, or the retain prompt's index
+
+
+class IterationPoints(NamedTuple):
+  attack: Points  # [attack steps] rows; empty during warm-up
+  concept: Points  # [concept_batch]
+  retain: Points  # [retain_batch]
+
+
+KEY_NAMES = ("concept", "attack", "init", "t", "noise_c", "noise_r", "iter")
+
+
 def optimizer(cfg: StepConfig) -> optax.GradientTransformation:
   return optax.adam(cfg.lr, b1=0.9, b2=0.999, eps=1e-8)
 
 
-def init_state(cfg: StepConfig, models: Models, frozen: Frozen) -> TrainState:
+def init_state(cfg: StepConfig, models: Models, frozen: Frozen, bank: bank_lib.Bank | None = None) -> TrainState:
   # Copies: the state is donated to every step, and must never alias the frozen originals.
   params = jax.tree.map(jnp.copy, _trained_leaves(cfg, models, frozen))
   d = frozen.concept_emb.shape[-1]
   return TrainState(
-    jnp.zeros((), jnp.int32), params, optimizer(cfg).init(params), jnp.zeros((77, d)), jnp.zeros((), bool)
+    jnp.zeros((), jnp.int32), params, optimizer(cfg).init(params), jnp.zeros((77, d)), jnp.zeros((), bool), bank
   )
 
 
@@ -115,86 +156,219 @@ def esd_target(e_0: jax.Array, e_p: jax.Array, eta: float) -> jax.Array:
   return e_0 - eta * (e_p - e_0)
 
 
-def train_step(
-  cfg: StepConfig,
-  models: Models,
-  state: TrainState,
-  frozen: Frozen,
-  batch: Batch,
-  with_attack: bool,
-  bank: bank_lib.Bank | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """`bank` given: x_t comes from precomputed trajectories instead of a partial-DDIM rollout per loss."""
-  keys = dict(zip(("concept", "attack", "init", "t", "noise_c", "noise_r", "iter"), jax.random.split(batch.key, 7)))
-  unet_apply = lambda p, x, t, ctx: models.unet.apply({"params": p}, x, t, ctx)
-  encode = lambda p, embeds: models.clip.apply({"params": p}, inputs_embeds=embeds).last_hidden_state
-  token_table = frozen.clip["embeddings"]["token_embedding"]["embedding"]
-  text_theta, unet_theta = student_params(cfg, models, frozen, state.params)
-  shape = (cfg.latent_hw, cfg.latent_hw, cfg.latent_channels)
+def _unet(models: Models):
+  """U(params, x, t, context), its batch split over the mesh."""
+  return lambda p, x, t, ctx: models.unet.apply({"params": p}, constrain_batch(x, models.mesh), t, ctx)
 
-  c = jax.random.randint(keys["concept"], (), 0, frozen.concept_ids.shape[0])
-  words_c = token_table[frozen.concept_ids[c]]  # one_hot(ids) @ TokEmb
-  emb_p = frozen.concept_emb[c]
 
-  def concept_point(key, n, unet_params):
-    k_t, k_noise = jax.random.split(key)
-    ts = draws.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
-    if bank is not None:
-      return ts, constrain_batch(bank_lib.concept_latents(bank, k_noise, c, ts.t_enc, n), models.mesh)
-    noise = constrain_batch(jax.random.normal(k_noise, (n, *shape)), models.mesh)
-    x_t = draws.rollout(
-      unet_apply,
-      unet_params,
-      noise,
-      draws.broadcast_batch(emb_p, n),
-      draws.broadcast_batch(frozen.emb_uncond, n),
-      ts.t_enc,
-      frozen.tables,
-      cfg.start_guidance,
+def _encode(models: Models):
+  return lambda p, embeds: models.clip.apply({"params": p}, inputs_embeds=embeds).last_hidden_state
+
+
+def iteration_keys(key: jax.Array) -> dict[str, jax.Array]:
+  return dict(zip(KEY_NAMES, jax.random.split(key, len(KEY_NAMES))))
+
+
+# ---------------------------------------------------------------------------------------------- 1. draw points
+
+
+def _rows(cfg: StepConfig, key: jax.Array, t: draws.Timesteps, prompt: jax.Array, trajectories: int) -> Points:
+  """Points for `prompt`'s rows at one (t_enc, t_ddpm), their start codes and bank trajectories from `key`."""
+  n = prompt.shape[0]
+  return Points(
+    jnp.broadcast_to(t.t_enc, (n,)),
+    jnp.broadcast_to(t.t_ddpm, (n,)),
+    jax.random.normal(key, (n, cfg.latent_hw, cfg.latent_hw, cfg.latent_channels)),
+    jax.random.randint(key, (n,), 0, trajectories),
+    prompt.astype(jnp.int32),
+  )
+
+
+def _fresh_t_rows(cfg: StepConfig, frozen: Frozen, key: jax.Array, prompt: jax.Array) -> Points:
+  k_t, k_x = jax.random.split(key)
+  t = draws.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
+  return _rows(cfg, k_x, t, prompt, cfg.bank.concept_trajectories)
+
+
+def draw_points(
+  cfg: StepConfig, frozen: Frozen, keys: dict, c: jax.Array, retain_idx: jax.Array, with_attack: bool
+) -> IterationPoints:
+  """Attack step i draws from fold_in(keys['attack'], i), as its loss did when it rolled out inside the attack;
+  the defender's concept rows from keys['t'] and its retain rows, at the same t, from keys['noise_r']."""
+  steps = cfg.attack.steps if with_attack else 0
+  one = lambda i: _fresh_t_rows(cfg, frozen, jax.random.fold_in(keys["attack"], i), c[None])
+  attack = jax.tree.map(lambda a: a[:, 0], jax.vmap(one)(jnp.arange(steps)))
+  concept = _fresh_t_rows(cfg, frozen, keys["t"], jnp.broadcast_to(c, (cfg.concept_batch,)))
+  shared_t = draws.Timesteps(concept.t_enc[0], concept.t_ddpm[0])
+  retain = _rows(cfg, keys["noise_r"], shared_t, retain_idx, cfg.bank.retain_trajectories)
+  return IterationPoints(attack, concept, retain)
+
+
+def _concat(groups: list[Points]) -> Points:
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *groups)
+
+
+def _split(flat: jax.Array, groups: list[Points]) -> list[jax.Array]:
+  sizes = [g.t_enc.shape[0] for g in groups]
+  return [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+
+
+# ---------------------------------------------------------------------------------------------- 2. roll out
+
+
+def _conditions(frozen: Frozen, points: IterationPoints) -> list[jax.Array]:
+  """The frozen encoder's embedding each group's rollout (and its target) is conditioned on."""
+  return [
+    frozen.concept_emb[points.attack.prompt],
+    frozen.concept_emb[points.concept.prompt],
+    frozen.retain_emb[points.retain.prompt],
+  ]
+
+
+def roll_out(
+  cfg: StepConfig, models: Models, frozen: Frozen, unet_params: Any, bank: bank_lib.Bank | None, points
+) -> tuple[list[jax.Array], ddim.RolloutStats]:
+  """x_t of every group of `points` ([attack, concept, retain]), by the reference's partial DDIM with CFG from
+  the given UNet (or from the bank), and what the rollout cost."""
+  groups = list(points)
+  conds = _conditions(frozen, points)
+  zero = jnp.zeros((), jnp.int32)
+  if cfg.xt_source == "bank":
+    out = [
+      bank_lib.concept_latents(bank, points.attack.prompt, points.attack.trajectory, points.attack.t_enc),
+      bank_lib.concept_latents(bank, points.concept.prompt, points.concept.trajectory, points.concept.t_enc),
+      bank_lib.retain_latents(bank, points.retain.prompt, points.retain.trajectory, points.retain.t_enc),
+    ]
+    return [constrain_batch(x, models.mesh) for x in out], ddim.RolloutStats(zero, zero, zero)
+  unet = _unet(models)
+  uncond = frozen.emb_uncond
+
+  def eps_fn(x, t, cond):
+    u = jnp.broadcast_to(uncond, cond.shape)
+    return cfg_eps(lambda a, b, ctx: unet(unet_params, a, b, ctx), x, t, cond, u, cfg.start_guidance)
+
+  if cfg.xt_source == "online":
+    flat = _concat(groups)
+    rows = flat.t_enc.shape[0]
+    multiple = models.mesh.shape[sharding.DATA] if models.mesh is not None else 1
+    # Without attack rows every row walks to the defender's one t_enc: a single bucket wastes nothing.
+    buckets = cfg.rollout_buckets if points.attack.t_enc.shape[0] else 1
+    widths = ddim.bucket_widths(rows, buckets, multiple)
+    x, stats = ddim.partial_ddim_batched(
+      eps_fn, flat.noise, flat.t_enc, jnp.concatenate(conds), frozen.tables, widths, cfg.rollout_rows_per_call
     )
-    return ts, x_t
+    return _split(jax.lax.stop_gradient(x), groups), stats
+  # online_sequential: the reference's shape, one rollout per attack step, then the concept and retain batches.
+  out, stats = [], ddim.RolloutStats(zero, zero, zero)
+  for i, (group, cond) in enumerate(zip(groups, conds)):
+    x, s = _sequential(eps_fn, group, cond, frozen.tables, per_row=i == 0)
+    out.append(x)
+    stats = jax.tree.map(jnp.add, stats, s)
+  return out, stats
 
-  metrics = {}
+
+def _sequential(eps_fn, group: Points, cond, tables, per_row: bool):
+  n = group.t_enc.shape[0]
+  if n == 0:
+    zero = jnp.zeros((), jnp.int32)
+    return group.noise, ddim.RolloutStats(zero, zero, zero)
+  steps = ddim.num_unet_steps(group.t_enc, tables.timesteps.shape[0])
+  rollout = lambda x, t_enc, c: jax.lax.stop_gradient(ddim.partial_ddim(lambda a, t: eps_fn(a, t, c), x, t_enc, tables))
+  if not per_row:  # one batch at its shared t
+    return rollout(group.noise, group.t_enc[0], cond), ddim.RolloutStats(steps[0], steps[0] * n, jnp.sum(steps))
+  x = jax.lax.map(lambda a: rollout(a[0][None], a[1], a[2][None])[0], (group.noise, group.t_enc, cond))
+  return x, ddim.RolloutStats(jnp.sum(steps), jnp.sum(steps), jnp.sum(steps))
+
+
+# ---------------------------------------------------------------------------------------------- 3. frozen predictions
+
+
+class Targets(NamedTuple):
+  attack_e_p: jax.Array  # [A, h, w, c] E_o(c)'s noise at each attack point
+  esd: jax.Array  # [Bc, ...] e_0 - eta (e_p - e_0)
+  retain: jax.Array  # [Br, ...] r_p
+
+
+def frozen_predictions(cfg: StepConfig, models: Models, frozen: Frozen, points, xs) -> Targets:
+  """Every frozen prediction of the iteration in one UNet call: the attack's e_p, the defender's e_0 and e_p,
+  the retain targets. Always the original UNet U_o, never the one being trained (spec 2.3)."""
+  conds = _conditions(frozen, points)
+  x_c, n_c = xs[1], xs[1].shape[0]
+  uncond = jnp.broadcast_to(frozen.emb_uncond, (n_c, *frozen.emb_uncond.shape))
+  x = jnp.concatenate([*xs, x_c])
+  t = jnp.concatenate([points.attack.t_ddpm, points.concept.t_ddpm, points.retain.t_ddpm, points.concept.t_ddpm])
+  eps = jax.lax.stop_gradient(_unet(models)(frozen.unet, x, t, jnp.concatenate([*conds, uncond])))
+  e_attack, e_p, r_p, e_0 = _split(eps, [*points, points.concept])
+  return Targets(e_attack, esd_target(e_0, e_p, cfg.negative_guidance), r_p)
+
+
+# ---------------------------------------------------------------------------------------------- 4. attack
+
+
+def _initial_delta(cfg, models, state, frozen, keys, c, text_p, base, layout) -> jax.Array:
+  """delta's start: k random vocabulary rows (their conditioning rows for condition_embd), or with `latest` the
+  previous round's adversarial rows once there is one."""
+  encode = _encode(models)
+  token_table = frozen.clip["embeddings"]["token_embedding"]["embedding"]
+  k = cfg.num_tokens
+  if cfg.attack.embedding == "condition_embd":  # the conditioning rows of k random tokens after SOT
+    ids = jax.random.randint(keys["init"], (k,), 0, token_table.shape[0])
+    rand_ids = jnp.concatenate([frozen.concept_ids[c][:1], ids, jnp.full((77 - 1 - k,), frozen.concept_ids[c][-1])])
+    random_init = encode(text_p, token_table[rand_ids][None])[0, 1 : 1 + k]
+  else:
+    random_init = attack_lib.random_rows(keys["init"], token_table, k)
+  if cfg.attack_init != "latest":
+    return random_init
+  if cfg.latest_init_quirk:
+    latest = prompts.initial_rows_from_sequence(state.last_sequence, k)
+  else:
+    latest = prompts.delta_from_sequence(state.last_sequence, base, *layout, k)
+  return jnp.where(state.has_last, latest, random_init)
+
+
+def attack(
+  cfg: StepConfig, models: Models, state: TrainState, frozen: Frozen, keys: dict, c, text_theta, unet_theta, point
+) -> tuple[attack_lib.AttackResult, jax.Array | None]:
+  """The adversarial sequence against the current student (frozen during the attack), and for condition_embd
+  the adversarial rows the defender places onto its own encoding of the clean prompt. Step i sees `point`'s
+  i-th (x_t, t_ddpm, e_p)."""
+  encode, unet = _encode(models), _unet(models)
+  text_p, unet_p = jax.lax.stop_gradient((text_theta, unet_theta))
+  words_c = frozen.clip["embeddings"]["token_embedding"]["embedding"][frozen.concept_ids[c]]
+  layout = (frozen.word_index[c], frozen.delta_index[c])
   # word_embd: delta lives among the word embeddings, before CLIP. condition_embd: delta rows are placed into the
   # encoder's output (the UNet conditioning) of the clean prompt; the reference builds that tensor once and never
   # rebuilds it (spec 3.3), here it follows the current encoder, so the defender still trains through the clean rows.
   in_condition = cfg.attack.embedding == "condition_embd"
-  frozen_text, frozen_unet = jax.lax.stop_gradient((text_theta, unet_theta))
+  base = encode(text_p, words_c[None])[0] if in_condition else words_c
+  delta0 = _initial_delta(cfg, models, state, frozen, keys, c, text_p, base, layout)
+
+  def loss(seq, p):
+    x_t, t_ddpm, e_p = p
+    cond = seq[None] if in_condition else encode(text_p, seq[None])
+    return mse(unet(unet_p, x_t[None], t_ddpm[None], cond), e_p[None])
+
+  result = attack_lib.run(cfg.attack, delta0, base, *layout, loss, point)
+  adv_delta = prompts.delta_from_sequence(result.sequence, base, *layout, cfg.num_tokens) if in_condition else None
+  return result, adv_delta
+
+
+# ---------------------------------------------------------------------------------------------- 5. defender
+
+
+def _retain_loss(models, text_p, unet_p, words, x_r, r_p, t_ddpm):
+  return mse(_unet(models)(unet_p, x_r, t_ddpm, _encode(models)(text_p, words)), r_p)
+
+
+def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points, xs, targets):
+  """One Adam step on L_u + w L_r at the defender's shared (t_enc, t_ddpm) (spec 2.3)."""
+  encode, unet = _encode(models), _unet(models)
+  token_table = frozen.clip["embeddings"]["token_embedding"]["embedding"]
+  words_c = token_table[frozen.concept_ids[c]]
+  retain_words = token_table[frozen.retain_ids[points.retain.prompt]]
   layout = (frozen.word_index[c], frozen.delta_index[c])
-  adv_delta = None
-  if with_attack:
-    k = cfg.num_tokens
-    base = encode(frozen_text, words_c[None])[0] if in_condition else words_c
-    if in_condition:  # random init: the conditioning rows of k random tokens after SOT
-      ids = jax.random.randint(keys["init"], (k,), 0, token_table.shape[0])
-      rand_ids = jnp.concatenate([frozen.concept_ids[c][:1], ids, jnp.full((77 - 1 - k,), frozen.concept_ids[c][-1])])
-      random_init = encode(frozen_text, token_table[rand_ids][None])[0, 1 : 1 + k]
-    else:
-      random_init = attack_lib.random_rows(keys["init"], token_table, k)
-    if cfg.attack_init == "latest":
-      if cfg.latest_init_quirk:
-        latest = prompts.initial_rows_from_sequence(state.last_sequence, k)
-      else:
-        latest = prompts.delta_from_sequence(state.last_sequence, base, *layout, k)
-      delta0 = jnp.where(state.has_last, latest, random_init)
-    else:
-      delta0 = random_init
-
-    def attack_loss(seq, key):
-      ts, x_t = concept_point(key, 1, frozen_unet)
-      e_p = draws.predict(unet_apply, frozen.unet, x_t, ts.t_ddpm, emb_p[None])
-      cond = seq[None] if in_condition else encode(frozen_text, seq[None])
-      e_adv = unet_apply(frozen_unet, x_t, jnp.broadcast_to(ts.t_ddpm, (1,)), cond)
-      return mse(e_adv, e_p)
-
-    result = attack_lib.run(cfg.attack, keys["attack"], delta0, base, *layout, attack_loss)
-    prompt_seq = result.sequence
-    if in_condition:  # the rows the defender will see, re-placed onto the encoder output it trains
-      adv_delta = prompts.delta_from_sequence(result.sequence, base, *layout, k)
-    metrics.update(attack_loss_first=result.first_loss, attack_loss_last=result.last_loss)
-    state = state._replace(last_sequence=prompt_seq, has_last=jnp.ones((), bool))
-  else:
-    prompt_seq = words_c  # warm-up: the clean concept, all 77 original ids
+  use_reg = cfg.retain_mode == "reg" and cfg.retain_weight > 0 and cfg.retain_batch > 0
+  _, x_c, x_r = xs
 
   def concept_condition(text_p):
     if adv_delta is not None:
@@ -202,62 +376,94 @@ def train_step(
       return draws.broadcast_batch(prompts.build_sequence(clean, adv_delta, *layout), cfg.concept_batch)
     return encode(text_p, draws.broadcast_batch(prompt_seq, cfg.concept_batch))
 
-  # One shared (t_enc, t_ddpm) for the unlearning and retain terms (spec 8.11).
-  ts, x_t = concept_point(keys["t"], cfg.concept_batch, unet_theta)
-  e_0 = draws.predict(
-    unet_apply, frozen.unet, x_t, ts.t_ddpm, draws.broadcast_batch(frozen.emb_uncond, cfg.concept_batch)
-  )
-  e_p = draws.predict(unet_apply, frozen.unet, x_t, ts.t_ddpm, draws.broadcast_batch(emb_p, cfg.concept_batch))
-  target = esd_target(e_0, e_p, cfg.negative_guidance)
-
-  def retain_point(key, t_enc, t_ddpm, unet_params):
-    cond = frozen.retain_emb[batch.retain_idx]
-    if bank is not None:
-      x_r = constrain_batch(bank_lib.retain_latents(bank, key, batch.retain_idx, t_enc), models.mesh)
-    else:
-      noise = constrain_batch(jax.random.normal(key, (cfg.retain_batch, *shape)), models.mesh)
-      uncond = draws.broadcast_batch(frozen.emb_uncond, cfg.retain_batch)
-      x_r = draws.rollout(unet_apply, unet_params, noise, cond, uncond, t_enc, frozen.tables, cfg.start_guidance)
-    return x_r, draws.predict(unet_apply, frozen.unet, x_r, t_ddpm, cond)
-
-  retain_words = token_table[frozen.retain_ids[batch.retain_idx]]
-  use_reg = cfg.retain_mode == "reg" and cfg.retain_weight > 0
-  if use_reg:
-    x_r, r_p = retain_point(keys["noise_r"], ts.t_enc, ts.t_ddpm, unet_theta)
-
-  def retain_loss(text_p, unet_p, x_r, r_p, t_ddpm):
-    r_n = unet_apply(unet_p, x_r, jnp.broadcast_to(t_ddpm, (cfg.retain_batch,)), encode(text_p, retain_words))
-    return mse(r_n, r_p)
-
   def loss_fn(params):
     text_p, unet_p = student_params(cfg, models, frozen, params)
-    cond = concept_condition(text_p)
-    e_n = unet_apply(unet_p, x_t, jnp.broadcast_to(ts.t_ddpm, (cfg.concept_batch,)), cond)
-    loss_u = mse(e_n, target)
-    loss_r = retain_loss(text_p, unet_p, x_r, r_p, ts.t_ddpm) if use_reg else jnp.zeros(())
+    loss_u = mse(unet(unet_p, x_c, points.concept.t_ddpm, concept_condition(text_p)), targets.esd)
+    loss_r = jnp.zeros(())
+    if use_reg:
+      loss_r = _retain_loss(models, text_p, unet_p, retain_words, x_r, targets.retain, points.retain.t_ddpm)
     return loss_u + cfg.retain_weight * loss_r, (loss_u, loss_r)
 
-  opt = optimizer(cfg)
   (loss, (loss_u, loss_r)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = opt.update(grads, state.opt_state, state.params)
+  updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  return state._replace(params=params, opt_state=opt_state), dict(loss=loss, loss_unlearn=loss_u, loss_retain=loss_r)
 
-  if cfg.retain_mode == "iter":  # extra Adam steps on the unweighted retain loss, fresh t and noise
 
-    def iter_body(i, carry):
-      params, opt_state, _ = carry
-      k_t, k_n = jax.random.split(jax.random.fold_in(keys["iter"], i))
-      ts_i = draws.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
-      text_p, unet_p = student_params(cfg, models, frozen, params)
-      x_r, r_p = retain_point(k_n, ts_i.t_enc, ts_i.t_ddpm, unet_p)
-      value, g = jax.value_and_grad(
-        lambda p: retain_loss(*student_params(cfg, models, frozen, p), x_r, r_p, ts_i.t_ddpm)
-      )(params)
-      u, opt_state = opt.update(g, opt_state, params)
-      return optax.apply_updates(params, u), opt_state, value
+def retain_iter_steps(cfg, models, state, frozen, key, retain_idx):
+  """retain mode `iter`: `retain_steps` extra Adam steps on the unweighted retain loss, each at fresh points
+  rolled out by the UNet as it now stands (for UNet methods it just changed)."""
+  token_table = frozen.clip["embeddings"]["token_embedding"]["embedding"]
+  retain_words = token_table[frozen.retain_ids[retain_idx]]
+  opt = optimizer(cfg)
 
-    params, opt_state, loss_r = jax.lax.fori_loop(0, cfg.retain_steps, iter_body, (params, opt_state, jnp.zeros(())))
+  def body(i, carry):
+    params, opt_state, bank, _ = carry
+    k_t, k_n = jax.random.split(jax.random.fold_in(key, i))
+    t = draws.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
+    empty = _rows(cfg, k_t, t, jnp.zeros((0,), jnp.int32), 1)
+    points = IterationPoints(empty, empty, _rows(cfg, k_n, t, retain_idx, cfg.bank.retain_trajectories))
+    text_p, unet_p = student_params(cfg, models, frozen, params)
+    xs, _ = roll_out(cfg, models, frozen, jax.lax.stop_gradient(unet_p), bank, points)
+    r_p = frozen_predictions(cfg, models, frozen, points, xs).retain
+    loss = lambda p: _retain_loss(
+      models, *student_params(cfg, models, frozen, p), retain_words, xs[2], r_p, points.retain.t_ddpm
+    )
+    value, g = jax.value_and_grad(loss)(params)
+    u, opt_state = opt.update(g, opt_state, params)
+    return optax.apply_updates(params, u), opt_state, bank, value
 
-  metrics.update(loss=loss, loss_unlearn=loss_u, loss_retain=loss_r, t_enc=ts.t_enc, concept=c)
-  state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return sharding.constrain_params(state, models.mesh), metrics
+  init = (state.params, state.opt_state, state.bank, jnp.zeros(()))
+  params, opt_state, _, loss_r = jax.lax.fori_loop(0, cfg.retain_steps, body, init)
+  return state._replace(params=params, opt_state=opt_state), loss_r
+
+
+# ---------------------------------------------------------------------------------------------- the iteration
+
+
+def train_step(
+  cfg: StepConfig,
+  models: Models,
+  state: TrainState,
+  frozen: Frozen,
+  batch: Batch,
+  with_attack: bool,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  keys = iteration_keys(batch.key)
+  text_theta, unet_theta = student_params(cfg, models, frozen, state.params)
+  c = jax.random.randint(keys["concept"], (), 0, frozen.concept_ids.shape[0])
+
+  points = draw_points(cfg, frozen, keys, c, batch.retain_idx, with_attack)
+  xs, rollout = roll_out(cfg, models, frozen, jax.lax.stop_gradient(unet_theta), state.bank, points)
+  targets = frozen_predictions(cfg, models, frozen, points, xs)
+
+  metrics = {}
+  adv_delta = None
+  if with_attack:
+    point = (xs[0], points.attack.t_ddpm, targets.attack_e_p)
+    result, adv_delta = attack(cfg, models, state, frozen, keys, c, text_theta, unet_theta, point)
+    prompt_seq = result.sequence
+    metrics.update(attack_loss_first=result.first_loss, attack_loss_last=result.last_loss)
+    state = state._replace(last_sequence=result.sequence, has_last=jnp.ones((), bool))
+  else:  # warm-up: the clean concept, all 77 original ids
+    prompt_seq = frozen.clip["embeddings"]["token_embedding"]["embedding"][frozen.concept_ids[c]]
+
+  state, losses = defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points, xs, targets)
+  metrics.update(losses)
+  if cfg.retain_mode == "iter":
+    state, metrics["loss_retain"] = retain_iter_steps(cfg, models, state, frozen, keys["iter"], batch.retain_idx)
+  bank = state.bank
+  if bank is not None and (cfg.bank.refresh_trajectories or cfg.bank.refresh_retain):
+    key = jax.random.fold_in(batch.key, len(KEY_NAMES))
+    bank = bank_lib.renew(cfg.bank, models.unet, frozen, bank, key, state.step, cfg.start_guidance)
+
+  metrics.update(
+    t_enc=points.concept.t_enc[0],
+    concept=c,
+    rollout_calls=rollout.calls,
+    rollout_computed_rows=rollout.computed_rows,
+    rollout_useful_rows=rollout.useful_rows,
+  )
+  # Parameters and Adam state keep their (FSDP) layout; the bank stays replicated.
+  state = sharding.constrain_params(state._replace(step=state.step + 1, bank=None), models.mesh)
+  return state._replace(bank=bank), metrics
