@@ -183,7 +183,7 @@ class Setup:
       guidance=cfg.start_guidance,
     )
 
-  def renewal(self, cfg: step_lib.StepConfig) -> tuple[float, int]:
+  def renewal_cost(self, cfg: step_lib.StepConfig) -> tuple[float, int]:
     """(renewals per iteration, trajectories per renewal)."""
     b = cfg.bank
     if cfg.xt_source != "bank" or not (b.refresh_trajectories or b.refresh_retain):
@@ -221,7 +221,7 @@ def time_jax(s: Setup, mode: str, fwd_flops: float, peak: float | None) -> dict:
     rollouts.append([float(m[k]) for k in ("rollout_calls", "rollout_computed_rows", "rollout_useful_rows")])
   per_it = float(np.median(times)) if every == 1 else float(np.mean(times))
   calls, computed, useful = np.mean(rollouts, axis=0)
-  rest = loss_cost(args.attack_steps, cfg.concept_batch, args.retain_batch, *s.renewal(cfg))
+  rest = loss_cost(args.attack_steps, cfg.concept_batch, args.retain_batch, *s.renewal_cost(cfg))
   cost = Cost(calls + rest.calls, 2 * computed + rest.computed, 2 * useful + rest.useful)  # CFG: two rows a step
   tflops = cost.computed * fwd_flops / per_it / 1e12
   stats = jax.devices()[0].memory_stats() or {}
