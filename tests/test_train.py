@@ -109,6 +109,13 @@ def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
     ({"train.method": "text_encoder_half"}, "config.train.method is 'text_encoder_half'; valid"),
     ({"attack.type": "prepend"}, r"config.attack.type is 'prepend'; valid: \['prefix_k'"),
     ({"attack.method": "free_at"}, "config.attack.method is 'free_at'"),
+    ({"train.xt_source": "batched"}, r"config.train.xt_source is 'batched'; valid: \['online', 'online_sequential'"),
+    ({"train.rollout_buckets": -2}, "rollout_buckets must be >= 0 .* got -2"),
+    ({"bank.refresh_every": 0}, "config.bank.refresh_every must be >= 1"),
+    (
+      {"retain.prompts": ("a photo of a dog",), "retain.batch": 1, "bank.refresh_retain": 2},
+      "refresh_retain \\(2\\) exceeds",
+    ),
   ],
 )
 def test_bad_config_values(pipeline_dir, tmp_path, overrides, message):
