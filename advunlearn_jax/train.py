@@ -124,8 +124,7 @@ def _trajectory_bank(config, cfg, models, frozen, mesh, abstract: bool) -> bank_
     frozen.unet,
     frozen,
     key,
-    concept_trajectories=config.bank.concept_trajectories,
-    retain_trajectories=config.bank.retain_trajectories,
+    cfg.bank,
     latent_shape=(cfg.latent_hw, cfg.latent_hw, cfg.latent_channels),
     guidance=cfg.start_guidance,
   )

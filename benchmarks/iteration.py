@@ -39,8 +39,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from advunlearn_jax import config_lib, train  # noqa: E402
 from advunlearn_jax import tokenizer as tok_lib  # noqa: E402
-from advunlearn_jax import train  # noqa: E402
 from advunlearn_jax.diffusion import ddim  # noqa: E402
 from advunlearn_jax.diffusion.schedule import ScheduleConfig  # noqa: E402
 from advunlearn_jax.models import clip_text  # noqa: E402
@@ -111,8 +111,6 @@ class Setup:
   """The models, frozen inputs and a StepConfig per mode, as train.run builds them."""
 
   def __init__(self, args):
-    from advunlearn_jax import config_lib
-
     self.args = args
     self.clip_cfg, self.unet_cfg = setups.configs(args.size)
     self.hw = self.unet_cfg.sample_size
@@ -177,8 +175,7 @@ class Setup:
       (frozen or self.frozen).unet,
       frozen or self.frozen,
       jax.random.key(1),
-      concept_trajectories=cfg.bank.concept_trajectories,
-      retain_trajectories=cfg.bank.retain_trajectories,
+      cfg.bank,
       latent_shape=(self.hw, self.hw, 4),
       guidance=cfg.start_guidance,
     )

@@ -21,8 +21,7 @@ def test_bank_entries_equal_online_rollouts():
     frozen.unet,
     frozen,
     key,
-    concept_trajectories=2,
-    retain_trajectories=1,
+    bank_lib.BankConfig(concept_trajectories=2),
     latent_shape=(8, 8, 4),
     guidance=3.0,
   )

@@ -102,8 +102,7 @@ def _bank(models, frozen, trajectories=2):
     frozen.unet,
     frozen,
     jax.random.key(1),
-    concept_trajectories=trajectories,
-    retain_trajectories=1,
+    bank_lib.BankConfig(concept_trajectories=trajectories),
     latent_shape=(8, 8, 4),
     guidance=3.0,
   )

@@ -174,6 +174,19 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
 
 
+def test_rollout_batching_defaults_per_backend():
+  """Points per UNet call only where measured faster: CPUs at 16x16 latents and up; buckets elsewhere."""
+  assert train.rollout_rows_per_call(16, "cpu") == train.rollout_rows_per_call(64, "cpu") == 4
+  assert train.rollout_rows_per_call(8, "cpu") == 0  # the tiny world's 8x8: bigger batches are cheaper per row
+  assert train.rollout_rows_per_call(64, "gpu") == train.rollout_rows_per_call(64, "tpu") == 0
+  config = tiny_config("/pipe")
+  cfg = train.step_config(config, 1, tiny_models.UNET)  # 8x8 latents
+  assert (cfg.xt_source, cfg.rollout_buckets, cfg.rollout_rows_per_call) == ("online", 8, 0)
+  config.train.rollout_rows_per_call, config.train.rollout_buckets = 3, 5
+  cfg = train.step_config(config, 1, tiny_models.UNET)
+  assert (cfg.rollout_buckets, cfg.rollout_rows_per_call, cfg.bank) == (5, 3, train.bank_config(config))
+
+
 def test_resume_guard_allows_evaluation_and_report_changes_only():
   from advunlearn_jax import checkpoint
   from advunlearn_jax.errors import ConfigError

@@ -71,14 +71,14 @@ def build(
   unet_params: Any,
   frozen,
   key: jax.Array,
+  cfg: BankConfig,
   *,
-  concept_trajectories: int,
-  retain_trajectories: int,
   latent_shape: tuple[int, int, int],
   guidance: float,
   chunk: int = 8,
 ) -> Bank:
-  """Rolls out every concept `concept_trajectories` times and every retain prompt `retain_trajectories` times."""
+  """Rolls out every concept `cfg.concept_trajectories` times and every retain prompt `cfg.retain_trajectories`
+  times."""
   run = jax.jit(_trajectories, static_argnums=(0, 6))
 
   def rollouts(key, conds):  # conds [M, 77, D] -> [M, ...], in chunks of `chunk` rollouts
@@ -92,11 +92,11 @@ def build(
 
   k_c, k_r = jax.random.split(key)
   n_c, n_r = frozen.concept_emb.shape[0], frozen.retain_emb.shape[0]
-  concept = rollouts(k_c, jnp.repeat(frozen.concept_emb, concept_trajectories, axis=0))
-  retain = rollouts(k_r, jnp.repeat(frozen.retain_emb, retain_trajectories, axis=0))
+  concept = rollouts(k_c, jnp.repeat(frozen.concept_emb, cfg.concept_trajectories, axis=0))
+  retain = rollouts(k_r, jnp.repeat(frozen.retain_emb, cfg.retain_trajectories, axis=0))
   return Bank(
-    concept.reshape(n_c, concept_trajectories, *concept.shape[1:]),
-    retain.reshape(n_r, retain_trajectories, *retain.shape[1:]),
+    concept.reshape(n_c, cfg.concept_trajectories, *concept.shape[1:]),
+    retain.reshape(n_r, cfg.retain_trajectories, *retain.shape[1:]),
   )
 
 

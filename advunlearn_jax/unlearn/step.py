@@ -165,6 +165,11 @@ def _encode(models: Models):
   return lambda p, embeds: models.clip.apply({"params": p}, inputs_embeds=embeds).last_hidden_state
 
 
+def _token_table(frozen: Frozen) -> jax.Array:
+  """[V, D] CLIP's token embeddings: word embeddings are one_hot(ids) @ this table (never trained)."""
+  return frozen.clip["embeddings"]["token_embedding"]["embedding"]
+
+
 def iteration_keys(key: jax.Array) -> dict[str, jax.Array]:
   return dict(zip(KEY_NAMES, jax.random.split(key, len(KEY_NAMES))))
 
@@ -309,7 +314,7 @@ def _initial_delta(cfg, models, state, frozen, keys, c, text_p, base, layout) ->
   """delta's start: k random vocabulary rows (their conditioning rows for condition_embd), or with `latest` the
   previous round's adversarial rows once there is one."""
   encode = _encode(models)
-  token_table = frozen.clip["embeddings"]["token_embedding"]["embedding"]
+  token_table = _token_table(frozen)
   k = cfg.num_tokens
   if cfg.attack.embedding == "condition_embd":  # the conditioning rows of k random tokens after SOT
     ids = jax.random.randint(keys["init"], (k,), 0, token_table.shape[0])
@@ -334,7 +339,7 @@ def attack(
   i-th (x_t, t_ddpm, e_p)."""
   encode, unet = _encode(models), _unet(models)
   text_p, unet_p = jax.lax.stop_gradient((text_theta, unet_theta))
-  words_c = frozen.clip["embeddings"]["token_embedding"]["embedding"][frozen.concept_ids[c]]
+  words_c = _token_table(frozen)[frozen.concept_ids[c]]
   layout = (frozen.word_index[c], frozen.delta_index[c])
   # word_embd: delta lives among the word embeddings, before CLIP. condition_embd: delta rows are placed into the
   # encoder's output (the UNet conditioning) of the clean prompt; the reference builds that tensor once and never
@@ -363,7 +368,7 @@ def _retain_loss(models, text_p, unet_p, words, x_r, r_p, t_ddpm):
 def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points, xs, targets):
   """One Adam step on L_u + w L_r at the defender's shared (t_enc, t_ddpm) (spec 2.3)."""
   encode, unet = _encode(models), _unet(models)
-  token_table = frozen.clip["embeddings"]["token_embedding"]["embedding"]
+  token_table = _token_table(frozen)
   words_c = token_table[frozen.concept_ids[c]]
   retain_words = token_table[frozen.retain_ids[points.retain.prompt]]
   layout = (frozen.word_index[c], frozen.delta_index[c])
@@ -393,7 +398,7 @@ def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points
 def retain_iter_steps(cfg, models, state, frozen, key, retain_idx):
   """retain mode `iter`: `retain_steps` extra Adam steps on the unweighted retain loss, each at fresh points
   rolled out by the UNet as it now stands (for UNet methods it just changed)."""
-  token_table = frozen.clip["embeddings"]["token_embedding"]["embedding"]
+  token_table = _token_table(frozen)
   retain_words = token_table[frozen.retain_ids[retain_idx]]
   opt = optimizer(cfg)
 
@@ -446,7 +451,7 @@ def train_step(
     metrics.update(attack_loss_first=result.first_loss, attack_loss_last=result.last_loss)
     state = state._replace(last_sequence=result.sequence, has_last=jnp.ones((), bool))
   else:  # warm-up: the clean concept, all 77 original ids
-    prompt_seq = frozen.clip["embeddings"]["token_embedding"]["embedding"][frozen.concept_ids[c]]
+    prompt_seq = _token_table(frozen)[frozen.concept_ids[c]]
 
   state, losses = defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points, xs, targets)
   metrics.update(losses)
