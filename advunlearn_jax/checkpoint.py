@@ -1,8 +1,9 @@
 """Orbax checkpoints in `workdir/checkpoints`: the train state plus JSON metadata (config, sampler cursor).
 
-Only what training changes is saved (trained leaves, Adam state, step, the latest adversarial sequence);
-frozen weights are re-read from the pipeline. Resuming into a workdir written by a different configuration
-is refused before anything is overwritten.
+Only what training changes is saved (trained leaves, Adam state, step, the latest adversarial sequence, the
+trajectory bank); frozen weights are re-read from the pipeline. Resuming into a workdir written by a different
+configuration is refused before anything is overwritten; a damaged checkpoint is set aside and the previous one
+restored. `export` reads the trained leaves back through `restore_params` without building a train state.
 """
 
 from __future__ import annotations
@@ -14,23 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from advunlearn_jax.errors import ConfigError
-
-# Fields that do not change what is trained: a run may resume under new values of these (and of every
-# evaluation.* field, which only `advunlearn_jax.evaluate` reads).
-RESUMABLE_FIELDS = (
-  "train.iterations",
-  "train.save_every",
-  "train.keep",
-  "train.log_every",
-  "report.kind",
-  "report.images_per_value",
-  "report.erased",
-  "mesh.fsdp",  # the layout, not the math: a run may resume on another slice
-  "train.rollout_buckets",  # how the same points are batched, not which points
-  "train.rollout_rows_per_call",
-  *(f"samples.{k}" for k in ("every", "prompts", "retain_prompts", "steps", "guidance", "seed")),
-)
+from advunlearn_jax.config_lib import RESUMABLE_FIELDS
+from advunlearn_jax.errors import CheckpointError, ConfigError
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -68,17 +54,81 @@ def check_compatible(saved_config: dict, config: dict, workdir: str) -> None:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: dict, workdir: str):
-  """(state, meta) of the latest checkpoint, or None when the workdir has none."""
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  check_compatible(meta["config"], config, workdir)
+  """(state, meta) of the latest checkpoint that reads back whole, or None when the workdir has none.
+
+  A damaged checkpoint (a truncated or missing file: a disk filled up, a copy cut short) is reported, moved to
+  `workdir/damaged_checkpoints/STEP` so that the run's next save of that step cannot collide with it, and the
+  previous one is tried. When none reads back, nothing is moved and the run refuses to start."""
+  damaged: list[tuple[int, str]] = []
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  return restored["state"], meta
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # Orbax and TensorStore raise many kinds for unreadable files
+      damaged.append((step, _reason(e)))
+      continue
+    check_compatible(meta["config"], config, workdir)  # a different config is the user's to resolve, not damage
+    try:
+      state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:
+      damaged.append((step, _reason(e)))
+      continue
+    if damaged:
+      _set_aside(mngr, [s for s, _ in damaged], workdir)
+      for bad, why in damaged:
+        print(f"checkpoint step {bad} is damaged ({why}); moved to {workdir}/damaged_checkpoints/{bad}", flush=True)
+      print(f"resuming from step {step}, the latest checkpoint that reads back whole")
+    return state, meta
+  if damaged:
+    details = "; ".join(f"step {s}: {why}" for s, why in damaged)
+    raise CheckpointError(
+      f"{mngr.directory}: no checkpoint reads back whole ({details}). Move that folder away to start over, or "
+      "use another --workdir; nothing was changed."
+    )
+  return None
+
+
+def _reason(e: Exception) -> str:
+  first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: {first_line[:200]}"
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int], workdir: str) -> None:
+  aside = os.path.join(workdir, "damaged_checkpoints")
+  os.makedirs(aside, exist_ok=True)
+  for step in steps:
+    target = os.path.join(aside, str(step))
+    if os.path.exists(target):  # damaged at this step before: keep both
+      target = f"{target}.{len(os.listdir(aside))}"
+    os.rename(os.path.join(str(mngr.directory), str(step)), target)
+  mngr.reload()
 
 
 def config_dict(config) -> dict:
   """A JSON-able dict of an ml_collections config (tuples become lists, as they come back from JSON)."""
   return json.loads(config.to_json())
+
+
+def open_latest(workdir: str) -> tuple[ocp.CheckpointManager, int, dict]:
+  """(manager, step, meta) of a workdir's latest checkpoint, for readers that are not the run (export)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise ConfigError(f"{workdir}: no checkpoints/ folder; is this a training workdir?")
+  mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir))
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f"{ckpt_dir}: no checkpoint yet")
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:
+    raise CheckpointError(f"{ckpt_dir}/{step}: its metadata does not read back ({_reason(e)})") from e
+  return mngr, step, meta
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The trained leaves ({path: array}) of checkpoint `step`, on the host, whatever mesh wrote them."""
+  try:
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  except Exception as e:
+    raise CheckpointError(f"{mngr.directory}/{step}: the state does not read back ({_reason(e)})") from e
+  return jax.device_get(state["params"])

@@ -140,17 +140,73 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Fields that do not change what is trained: a run may resume under new values of these (and of every
+# evaluation.* field, which only `advunlearn_jax.evaluate` reads). checkpoint.check_compatible reads it.
+RESUMABLE_FIELDS = (
+  "train.iterations",
+  "train.save_every",
+  "train.keep",
+  "train.log_every",
+  "report.kind",
+  "report.images_per_value",
+  "report.erased",
+  "mesh.fsdp",  # the layout, not the math: a run may resume on another slice
+  "train.rollout_buckets",  # how the same points are batched, not which points
+  "train.rollout_rows_per_call",
+  *(f"samples.{k}" for k in ("every", "prompts", "retain_prompts", "steps", "guidance", "seed")),
+)
+
+
+def check_pretrained(pretrained: str) -> None:
+  """`model.pretrained` names something loadable: "tiny", a folder, or a hub id (fetched at use)."""
+  if pretrained == "tiny" or os.path.isdir(os.path.expanduser(pretrained)):
+    return
+  if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+    raise ConfigError(
+      f"config.model.pretrained: {pretrained} is no folder, and not a hub id of the form 'owner/name' "
+      "(or 'tiny', the shipped tiny model)"
+    )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Cheap checks that turn typos into messages instead of stack traces deep inside a jitted step."""
+  """Every check a config can fail without loading weights, so a typo is a message before any work starts
+  (main, population for every member before the first trains, evaluate, export). Each names the key."""
+  from advunlearn_jax.unlearn import attack, bank, prompts, retain, trainable, wiring
+
   if not config.concept.prompts or any(not str(p).strip() for p in config.concept.prompts):
     raise ConfigError("config.concept.prompts: needs at least one non-empty concept, e.g. ['nudity']")
-  if config.retain.mode not in ("reg", "iter"):
-    raise ConfigError(f"config.retain.mode is {config.retain.mode!r}; expected 'reg' or 'iter'")
-  if config.train.warmup_iters < 0 or config.train.iterations < 1:
-    raise ConfigError("config.train.iterations must be >= 1 and config.train.warmup_iters >= 0")
-  if config.retain.prompts and config.retain.csv:
-    raise ConfigError("config.retain.prompts and config.retain.csv are both set; keep one")
-  if config.report.kind not in REPORTS:
-    raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(REPORTS)}")
+  check_pretrained(config.model.pretrained)
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype is {config.model.dtype!r}; expected 'float32' or 'bfloat16'")
+  t = config.train
+  if t.warmup_iters < 0 or t.iterations < 1:
+    raise ConfigError("config.train.iterations must be >= 1 and config.train.warmup_iters >= 0")
+  trainable.validate_method(t.method, t.component)
+  bank.check_method(t.method, t.xt_source)
+  bank.validate(wiring.bank_config(config))
+  if t.rollout_buckets < 0 or t.rollout_rows_per_call < -1:
+    raise ConfigError(
+      "config.train.rollout_buckets must be >= 0 and config.train.rollout_rows_per_call >= -1 (0 and -1: the "
+      f"measured defaults), got {t.rollout_buckets} and {t.rollout_rows_per_call}"
+    )
+  if config.attack.type not in prompts.ATTACK_TYPES:
+    raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
+  attack.validate(wiring.attack_config(config))
+  if config.attack.init not in attack.INITS:
+    raise ConfigError(f"config.attack.init is {config.attack.init!r}; valid: {list(attack.INITS)}")
+  if config.retain.mode not in ("reg", "iter"):
+    raise ConfigError(f"config.retain.mode is {config.retain.mode!r}; expected 'reg' or 'iter'")
+  if config.retain.prompts and config.retain.csv:
+    raise ConfigError("config.retain.prompts and config.retain.csv are both set; keep one")
+  n_retain = len(retain.from_config(config))
+  if config.retain.batch > n_retain:
+    raise ConfigError(f"config.retain.batch ({config.retain.batch}) exceeds the {n_retain} retain prompts")
+  if config.bank.refresh_retain > n_retain:
+    raise ConfigError(
+      f"config.bank.refresh_retain ({config.bank.refresh_retain}) exceeds the {n_retain} retain prompts"
+    )
+  if config.report.kind not in REPORTS:
+    raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(REPORTS)}")
+  from advunlearn_jax.evals import unlearndiff
+
+  unlearndiff.config_from(config.evaluation.attack)

@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from advunlearn_jax import compile_cache, config_lib
+from advunlearn_jax import cli, compile_cache, config_lib
 from advunlearn_jax.errors import ConfigError
 
 
@@ -40,26 +40,9 @@ def _define_flags():
   _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", "{out}/xla_cache", compile_cache.FLAG_HELP)
 
 
-def attack_config(config: ml_collections.ConfigDict):
-  from advunlearn_jax.evals import unlearndiff
-
-  a = config.evaluation.attack
-  cfg = unlearndiff.AttackConfig(
-    k=a.k,
-    iters_per_t=a.iters_per_t,
-    timesteps=tuple(int(t) for t in a.timesteps),
-    lr=a.lr,
-    weight_decay=a.weight_decay,
-    scheduler=a.scheduler,
-    steps=a.steps,
-  )
-  unlearndiff.validate(cfg)
-  return cfg
-
-
 def target_images(pipe, prompts, config: ml_collections.ConfigDict) -> np.ndarray:
   """The original model's image of each prompt at the prompt's own seed and guidance."""
-  from advunlearn_jax.evals import generation
+  from advunlearn_jax.diffusion import generation
 
   ev = config.evaluation
   return np.concatenate(
@@ -80,7 +63,7 @@ def target_images(pipe, prompts, config: ml_collections.ConfigDict) -> np.ndarra
 def robustness(original, target, prompts, classifier, config, attack: bool = True, log=print) -> dict[str, Any]:
   from advunlearn_jax.evals import unlearndiff
 
-  cfg = attack_config(config)
+  cfg = unlearndiff.config_from(config.evaluation.attack)
   targets = target_images(original, prompts, config)
   outcomes = []
   for p, image in zip(prompts, targets):
@@ -97,7 +80,7 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
 
 
 def _save_grids(out_dir: str, targets: np.ndarray, outcomes) -> None:
-  from advunlearn_jax.evals import generation
+  from advunlearn_jax.diffusion import generation
 
   rows = np.concatenate([targets, np.stack([o.image for o in outcomes])])
   grid = generation.image_grid(rows, cols=len(targets))
@@ -196,7 +179,7 @@ def caption_images(pipe, captions, config: ml_collections.ConfigDict, chunk: int
   """One image per caption at its own seed, in chunks of consecutive captions that share a guidance scale."""
   import jax.numpy as jnp
 
-  from advunlearn_jax.evals import generation
+  from advunlearn_jax.diffusion import generation
 
   ev = config.evaluation
   out, i = [], 0
@@ -229,7 +212,8 @@ def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_di
   if ev.real_images and not ev.clip_model:
     raise ConfigError("config.evaluation.real_images needs evaluation.clip_model: FID-CLIP uses its image features")
   if ev.clip_model:
-    from advunlearn_jax.evals import clip_score, generation
+    from advunlearn_jax.diffusion import generation
+    from advunlearn_jax.evals import clip_score
 
     captions = prompt_sets.from_config(ev.captions_csv, (), ev.seed, ev.utility_guidance, ev.max_captions, "captions")
     if not captions:
@@ -275,4 +259,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config", "out"])
-  app.run(main)
+  cli.run(main)

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from advunlearn_jax import cli
 from advunlearn_jax.convert.diffusers import load_pipeline
+from advunlearn_jax.diffusion import generation
 from advunlearn_jax.diffusion.sampling import SCHEDULERS
-from advunlearn_jax.evals import generation
 
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "diffusers pipeline folder or hub id")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt; repeat the flag for several")
@@ -89,4 +90,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["pretrained", "out"])
-  app.run(main)
+  cli.run(main)

@@ -2,6 +2,9 @@
 
 Every config field can be overridden on the command line, e.g. `--config.model.pretrained=DIR_OR_ID`.
 
+Errors in the config or its files end with one `error: ...` line and exit status 2; libraries log warnings only
+unless --verbosity=0 (info) or 1 (debug) is given.
+
 Multi-host: run the same command on every host. TPU pod slices and SLURM jobs are detected; elsewhere (GPU
 clusters, the loopback test) add `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (or set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). `launch/` holds scripts that do this.
@@ -9,10 +12,10 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). `launch/` holds scr
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from advunlearn_jax import compile_cache, config_lib
+from advunlearn_jax import cli, compile_cache, config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where checkpoints, metrics and exports go.")
@@ -26,9 +29,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  config_lib.validate(config)
-  with config.unlocked():
-    config.model.pretrained = config_lib.resolve_pretrained(config.model.pretrained)
+  config_lib.validate(config)  # before any work; `model.pretrained` stays as written ("tiny" resolves at use)
   compile_cache.enable(_COMPILATION_CACHE.value, workdir=_WORKDIR.value)
 
   from advunlearn_jax import distributed  # imports JAX; kept out of the config-only path
@@ -36,17 +37,13 @@ def main(argv: list[str]) -> None:
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   primary = distributed.is_primary()  # only process 0 prints, reports and exports
   if primary:
-    print(f"workdir: {_WORKDIR.value}")
-    print(config)
+    print(f"workdir: {_WORKDIR.value}; the full config goes with every checkpoint (--verbosity=0 prints it)")
+    logging.info("config:\n%s", config)
   from advunlearn_jax import train
 
-  summary = train.run(config, _WORKDIR.value)
-  if primary and "pipeline" in summary:
-    from advunlearn_jax.tiny import report
-
-    report.after_run(config, _WORKDIR.value, summary["pipeline"])
+  train.run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

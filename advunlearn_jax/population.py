@@ -37,7 +37,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from advunlearn_jax import compile_cache, config_lib
+from advunlearn_jax import cli, compile_cache, config_lib
 from advunlearn_jax.errors import ConfigError
 
 CONFIG_ARG = "config_arg"
@@ -145,7 +145,6 @@ def run(
   """Trains every member; returns {name: summary} or {name: {"error": ...}}; a failed member stops no other.
   The summaries also go to workdir/summary_name (one file per host when hosts share the workdir)."""
   from advunlearn_jax import train  # imports JAX's backends; kept off the config-parsing path
-  from advunlearn_jax.tiny import report
 
   if jax.process_count() > 1:
     raise ConfigError(
@@ -171,10 +170,9 @@ def run(
       member_dir = os.path.join(workdir, member.name)
       logging.info("member %s on devices %s", member.name, [d.id for d in group])
       try:
-        summary = train.run(member.config, member_dir, devices=group, preemption=watcher, show_progress=False)
-        if "pipeline" in summary:
-          report.after_run(member.config, member_dir, summary["pipeline"])
-        results[member.name] = summary
+        results[member.name] = train.run(
+          member.config, member_dir, devices=group, preemption=watcher, show_progress=False
+        )
       except Exception as e:  # one diverging or misconfigured member must not take the grid down
         logging.error("member %s failed:\n%s", member.name, traceback.format_exc())
         results[member.name] = {"error": f"{type(e).__name__}: {e}"}
@@ -226,4 +224,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

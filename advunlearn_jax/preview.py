@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from advunlearn_jax.convert.diffusers import Pipeline
-from advunlearn_jax.evals import generation
+from advunlearn_jax.diffusion import generation
 
 
 class Preview:

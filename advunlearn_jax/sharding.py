@@ -28,10 +28,6 @@ def make_mesh(devices: list | None = None, fsdp: int = 1) -> Mesh:
   return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), (DATA, FSDP))
 
 
-def data_mesh(devices: list | None = None) -> Mesh:
-  return make_mesh(devices, fsdp=1)
-
-
 def _fsdp_size(mesh: Mesh | None) -> int:
   return mesh.shape.get(FSDP, 1) if mesh is not None else 1
 

@@ -25,7 +25,6 @@ import numpy as np
 from advunlearn_jax.convert.weights_io import atomic_folder
 
 MAX_LENGTH = 77
-SOT_ID = 49406
 EOT_ID = 49407
 _NUM_MERGES = 49152 - 256 - 2  # = 48894, as in openai/CLIP
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"

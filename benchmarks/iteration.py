@@ -39,15 +39,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from advunlearn_jax import config_lib, train  # noqa: E402
+from advunlearn_jax import config_lib  # noqa: E402
 from advunlearn_jax import tokenizer as tok_lib  # noqa: E402
 from advunlearn_jax.diffusion import ddim  # noqa: E402
 from advunlearn_jax.diffusion.schedule import ScheduleConfig  # noqa: E402
 from advunlearn_jax.models import clip_text  # noqa: E402
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
-from advunlearn_jax.unlearn import attack, retain, trainable  # noqa: E402
 from advunlearn_jax.unlearn import bank as bank_lib  # noqa: E402
-from advunlearn_jax.unlearn import frozen as frozen_lib  # noqa: E402
+from advunlearn_jax.unlearn import retain, wiring  # noqa: E402
 from advunlearn_jax.unlearn import step as step_lib  # noqa: E402
 from benchmarks import setups, torch_unet  # noqa: E402
 
@@ -86,8 +85,8 @@ def parse_args(argv=None):
   p.add_argument("--retain_batch", type=int, default=5)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--remat", default="none")
-  p.add_argument("--rollout_buckets", type=int, default=0, help="0: train.ROLLOUT_BUCKETS for this backend")
-  p.add_argument("--rows_per_call", type=int, default=-1, help="-1: train.rollout_rows_per_call's default")
+  p.add_argument("--rollout_buckets", type=int, default=0, help="0: wiring.ROLLOUT_BUCKETS for this backend")
+  p.add_argument("--rows_per_call", type=int, default=-1, help="-1: wiring.rollout_rows_per_call's default")
   p.add_argument("--refresh_every", type=int, default=None, help="bank_renewing; default: the config's")
   p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
   p.add_argument("--no_torch", action="store_true", help="leave out the pytorch mode")
@@ -125,47 +124,41 @@ class Setup:
       jnp.zeros((1, 77, self.unet_cfg.cross_attention_dim)),
     )["params"]
     self.retain_prompts = list(retain.DEFAULT_PROMPTS[:16])
-    frozen, self.k = frozen_lib.build(
+    config = config_lib.base_config()
+    config.concept.prompts = ("nudity",)
+    config.retain.prompts = tuple(self.retain_prompts)
+    config.retain.batch, config.retain.weight = args.retain_batch, 0.3
+    config.attack.steps = args.attack_steps
+    config.model.dtype, config.model.remat = args.dtype, args.remat
+    config.train.rollout_buckets, config.train.rollout_rows_per_call = args.rollout_buckets, args.rows_per_call
+    wire = lambda unet_params: wiring.wire(
+      config,
       clip_config=self.clip_cfg,
       clip_params=self.clip_params,
-      unet_params=self.unet_params,
-      tokenizer=tok_lib.load_tokenizer(),
-      concepts=["nudity"],
-      retain_prompts=self.retain_prompts,
-      attack_type="prefix_k",
-      num_tokens=1,
-      faithful_word_split=False,
+      unet_config=self.unet_cfg,
+      unet_params=unet_params,
       schedule=ScheduleConfig(),
+      tokenizer=tok_lib.load_tokenizer(),
+      retain_prompts=self.retain_prompts,
     )
-    dtype = jnp.dtype(args.dtype)
-    self.models = step_lib.Models(
-      clip_text.CLIPTextModel(self.clip_cfg, dtype=dtype),
-      unet_lib.UNet2DConditionModel(self.unet_cfg, dtype, args.remat),
-      trainable.selected_paths(trainable.text_encoder_mask(self.clip_params, "text_encoder_full")),
-      trainable.selected_paths(trainable.unet_mask(self.unet_params, "text_encoder_full")),
-    )
-    store = lambda f: frozen_lib.store_for_compute(f, self.models)  # as train.run stores it
-    self.frozen = jax.eval_shape(store, frozen) if args.memory_only else store(frozen)
-    defaults = config_lib.base_config().bank
-    self.renewal = bank_lib.BankConfig(
+    if args.memory_only:  # wired around abstract UNet weights: shapes only, no 3.4 GB on the host
+      wired = {}
+      self.frozen = jax.eval_shape(lambda u: wired.setdefault("w", wire(u)).frozen, self.unet_params)
+      base, self.models = wired["w"].cfg, wired["w"].models
+    else:
+      base, self.models, self.frozen, _ = wire(self.unet_params)
+    self.k = base.num_tokens
+    self.renewal = wiring.bank_config(config)  # the run defaults' renewal, over this benchmark's bank size
+    self.renewal = dataclasses.replace(
+      self.renewal,
       concept_trajectories=BANK_TRAJECTORIES,
-      refresh_trajectories=defaults.refresh_trajectories,
-      refresh_retain=defaults.refresh_retain,
-      refresh_every=args.refresh_every or defaults.refresh_every,
+      refresh_every=args.refresh_every or self.renewal.refresh_every,
     )
-    self.base = step_lib.StepConfig(
-      latent_hw=self.hw,
-      num_tokens=self.k,
-      retain_batch=args.retain_batch,
-      retain_weight=0.3,
-      attack=attack.AttackConfig(steps=args.attack_steps),
-      rollout_buckets=args.rollout_buckets or train.ROLLOUT_BUCKETS.get(jax.default_backend(), 8),
-      rollout_rows_per_call=(args.rows_per_call if args.rows_per_call >= 0 else train.rollout_rows_per_call(self.hw)),
-    )
+    self.base = dataclasses.replace(base, bank=bank_lib.BankConfig(concept_trajectories=BANK_TRAJECTORIES))
 
   def step_config(self, mode: str) -> step_lib.StepConfig:
     if mode.startswith("bank"):
-      bank = self.renewal if mode == "bank_renewing" else bank_lib.BankConfig(concept_trajectories=BANK_TRAJECTORIES)
+      bank = self.renewal if mode == "bank_renewing" else self.base.bank
       return dataclasses.replace(self.base, xt_source="bank", bank=bank)
     return dataclasses.replace(self.base, xt_source=mode)
 
@@ -188,7 +181,7 @@ class Setup:
     return 1 / b.refresh_every, b.refresh_trajectories * self.frozen.concept_emb.shape[0] + b.refresh_retain
 
 
-STEP = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5), donate_argnums=(2,))
+STEP = wiring.train_step
 
 
 def time_jax(s: Setup, mode: str, fwd_flops: float, peak: float | None) -> dict:

@@ -4,50 +4,20 @@
   python -m advunlearn_jax.main --config=configs/tiny.py:striped --workdir=workdirs/tiny_striped
 
 The argument after ':' is the concept to erase: a shape (default: triangle), a style or a colour of the tiny
-world. The retain set is the world's prompts that do not name it; after training, `workdir/report/` holds the
+world. The prompt sets come from advunlearn_jax/tiny/prompts.py: the retain set is the world's prompts
+that do not name it; after training, `workdir/report/` holds the
 judge's recognition rates before/after and the image grids.
 """
 
-import itertools
-
 from advunlearn_jax import config_lib
-from advunlearn_jax.tiny import world
-
-
-def retain_prompts(concept: str) -> tuple[str, ...]:
-  """Every full prompt (shape, colour, style) that does not name the concept: the retain set sees the same
-  phrasing as the prompts the report and the attack use."""
-  kind, index = world.attribute_of(concept)
-  combos = itertools.product(*(range(len(v)) for v in world.ATTRIBUTE_TYPES.values()))
-  kinds = list(world.ATTRIBUTE_TYPES)
-  return tuple(
-    world.canonical_prompt(**dict(zip(kinds, combo))) for combo in combos if combo[kinds.index(kind)] != index
-  )
-
-
-EVAL_PROMPTS = 12  # UnlearnDiffAtk prompts: world.attribute_prompts(kind, value, 12)
-
-
-def concept_prompts(concept: str, variants: int = 6) -> tuple[str, ...]:
-  """The erased concept in the world's phrasing, alone and in `variants` full prompts (the tiny text tower does
-  not carry the erasure of 'a photo of a triangle' over to 'a photo of a striped red triangle' by
-  itself; the reference also splits a concept into several prompts, its --seperator). The variants avoid the
-  evaluation prompts, so the attack is measured on phrasings the run never trained on."""
-  kind, index = world.attribute_of(concept)
-  held_out = set(world.attribute_prompts(kind, index, EVAL_PROMPTS))
-  others = [k for k in world.ATTRIBUTE_TYPES if k != kind]
-  ranges = [range(len(world.ATTRIBUTE_TYPES[k])) for k in others]
-  full = [world.canonical_prompt(**{kind: index, others[0]: a, others[1]: b}) for a, b in itertools.product(*ranges)]
-  free = [p for p in full if p not in held_out]
-  picked = [free[(i * len(free)) // variants + i % 2] for i in range(variants)]
-  return (world.canonical_prompt(**{kind: index}), *picked)
+from advunlearn_jax.tiny import prompts, world
 
 
 def get_config(concept: str = "triangle"):
   c = config_lib.base_config()
   c.model.pretrained = "tiny"  # the bundled tiny Stable Diffusion (no downloads)
-  c.concept.prompts = concept_prompts(concept)
-  c.retain.prompts = retain_prompts(concept)
+  c.concept.prompts = prompts.concept_prompts(concept)
+  c.retain.prompts = prompts.retain_prompts(concept)
   c.retain.weight = 4.0  # measured: 1.0 kept 58-72% of the other shapes' recognition, 4.0 all of it
   c.retain.batch = 5
   c.diffusion.ddim_steps = 50
@@ -73,9 +43,8 @@ def get_config(concept: str = "triangle"):
   c.report.erased = (concept,)
   c.report.images_per_value = 16  # 24 took the run to 5:00-5:35 on 2 cores; 16 keeps it inside 5 minutes
   # UnlearnDiffAtk against the erased concept, judged by the shipped judge (python -m advunlearn_jax.evaluate).
-  kind, index = world.attribute_of(concept)
-  c.evaluation.prompts = tuple(world.attribute_prompts(kind, index, EVAL_PROMPTS))
-  c.evaluation.classifier = f"judge:{kind}={concept}"
+  c.evaluation.prompts = prompts.evaluation_prompts(concept)
+  c.evaluation.classifier = f"judge:{world.attribute_of(concept)[0]}={concept}"
   c.evaluation.guidance = 5.0
   c.evaluation.target_scheduler = "ddim"
   c.evaluation.target_steps = 25

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# AdvUnlearn on a Cloud TPU VM slice (single- or multi-host): create the slice, install the repo on every worker,
-# run the same command on all workers (JAX's multi-controller runtime connects them), copy the results back,
-# delete the slice.
+# AdvUnlearn on a Cloud TPU VM slice (single- or multi-host): create the slice, install this checkout on every
+# worker, run the same command on all workers (JAX's multi-controller runtime connects them), copy the results
+# back, delete the slice.
 #
 #   launch/tpu_vm.sh --name=advunlearn-style --zone=us-central2-b --accelerator=v4-16 --bucket=my-bucket \
 #     --config=configs/style.py --workdir=style_vangogh [--spot] [--keep] [--dry-run] [-- --config.train.lr=1e-5]
+#
+# What the workers run is the committed tree of this checkout (`git archive`, --ref=HEAD by default), copied to
+# every worker with `gcloud compute tpus tpu-vm scp`; uncommitted changes are not sent (the script says so). With
+# --repo=URL [--ref=BRANCH] the workers clone that repository instead.
 #
 # With --sweep=KEY=V1,V2,... (repeatable) the slice runs a population instead (advunlearn_jax.population): each
 # worker is its own single-host slice, trains every N-th member of the grid (N workers) over its own chips, and
@@ -18,7 +22,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 name="" zone="" accelerator="" bucket="" config="" workdir="" version="tpu-ubuntu2204-base"
-repo="https://github.com/advunlearn/advunlearn-jax.git" ref="main" project=""
+repo="" ref="" project=""
 spot=0 keep=0 dry_run=0 max_restarts=5 local_out="workdirs" sweeps=()
 
 usage() { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -58,6 +62,8 @@ gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=(--zone="$zone")
 [[ -n "$project" ]] && where+=(--project="$project")
 
+archive="${TMPDIR:-/tmp}/advunlearn-jax-$name.tar.gz"  # the checkout's committed tree, sent to every worker
+
 on_all_workers() { run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$1"; }
 in_repo="cd advunlearn-jax && . .venv/bin/activate"  # where install() left the checkout and its venv
 
@@ -67,10 +73,24 @@ create() {
   run "${gcloud_tpu[@]}" create "$name" "${where[@]}" "${flags[@]}"
 }
 
+# The code the workers run: this checkout's committed tree (default) or a clone of --repo. Replacing the tree
+# keeps the worker's .venv, so a reinstall after a preemption only updates what changed.
 install() {
+  local fetch
+  if [[ -n "$repo" ]]; then
+    fetch="([ -d advunlearn-jax/.git ] || git clone -q $(quote "$repo") advunlearn-jax) \
+&& git -C advunlearn-jax fetch -q && git -C advunlearn-jax checkout -q $(quote "${ref:-main}")"
+  else
+    if ! ((dry_run)) && [[ -n "$(git -C "$repo_root" status --porcelain --untracked-files=no)" ]]; then
+      echo "note: uncommitted changes in $repo_root are not sent; the workers run ${ref:-HEAD}" >&2
+    fi
+    run git -C "$repo_root" archive --format=tar.gz --output="$archive" "${ref:-HEAD}"
+    run "${gcloud_tpu[@]}" scp "$archive" "$name:advunlearn-jax.tar.gz" "${where[@]}" --worker=all
+    fetch="mkdir -p advunlearn-jax && find advunlearn-jax -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} + \
+&& tar -xzf advunlearn-jax.tar.gz -C advunlearn-jax"
+  fi
   on_all_workers "set -e; sudo mkdir -p $mount && sudo chown \$USER $mount \
-&& (mountpoint -q $mount || gcsfuse --implicit-dirs $bucket $mount); \
-[ -d advunlearn-jax ] || git clone $repo advunlearn-jax; cd advunlearn-jax && git fetch -q && git checkout -q $ref \
+&& (mountpoint -q $mount || gcsfuse --implicit-dirs $bucket $mount); $fetch; cd advunlearn-jax \
 && python3 -m venv .venv && . .venv/bin/activate && pip install -q -r requirements.txt 'jax[tpu]==$(jax_version)'"
 }
 

@@ -126,7 +126,7 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   """The evaluate entry point end to end on the shipped model (short attack): report, grids, accounting."""
   import configs.tiny as tiny_config
   from advunlearn_jax import evaluate
-  from advunlearn_jax.evals import generation
+  from advunlearn_jax.diffusion import generation
   from tests import torch_oracles
 
   config = tiny_config.get_config()

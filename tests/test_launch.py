@@ -57,13 +57,18 @@ def test_tpu_vm_dry_run(tmp_path):
   out, commands = _dry_run("tpu_vm.sh", *args, "--workdir=style", "--spot", "--", *tail, tmp_path=tmp_path)
   assert out.returncode == 0, out.stderr
   tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
-  create, install, train, mkdir, copy, delete = commands
+  create, archive, scp, install, train, mkdir, copy, delete = commands
   assert create[:8] == [*tpu, "create", "au", "--zone=us-central2-b", "--accelerator-type=v4-16"]
   assert create[-1] == "--spot"
+  # This checkout's committed tree goes to every worker, by the same gcloud tooling, and is unpacked there.
+  tarball = _option(archive, "output")
+  assert archive == ["git", "-C", ROOT, "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"]
+  assert scp == [*tpu, "scp", tarball, "au:advunlearn-jax.tar.gz", "--zone=us-central2-b", "--worker=all"]
   for ssh in (install, train):
     assert ssh[:8] == [*tpu, "ssh", "au", "--zone=us-central2-b", "--worker=all"]
   setup = _option(install, "command")
   assert "gcsfuse --implicit-dirs bk /mnt/bk" in setup and f"'jax[tpu]=={_jax_pin()}'" in setup
+  assert "tar -xzf advunlearn-jax.tar.gz -C advunlearn-jax" in setup and "git clone" not in setup
   # The remote command, parsed as the worker's shell will: every worker runs main with the same flags.
   remote = shlex.split(_option(train, "command"))
   assert remote[remote.index("python") :] == [
@@ -81,6 +86,13 @@ def test_tpu_vm_dry_run(tmp_path):
   _, kept = _dry_run("tpu_vm.sh", *args, "--workdir=style", "--keep", tmp_path=tmp_path)
   assert "--spot" not in kept[0] and kept[-1][:2] == ["gcloud", "storage"]  # no delete
 
+  # --repo=URL: the workers clone it at --ref (default main) instead; nothing is archived or copied.
+  repo = "https://example.org/me/advunlearn-jax.git"
+  _, cloned = _dry_run("tpu_vm.sh", *args, "--workdir=style", f"--repo={repo}", "--ref=v2", tmp_path=tmp_path)
+  assert [c[:5] for c in cloned[:2]] == [[*tpu, "create"], [*tpu, "ssh"]]
+  setup = _option(cloned[1], "command")
+  assert f"git clone -q {repo} advunlearn-jax" in setup and "checkout -q v2" in setup and "tar -x" not in setup
+
 
 def test_tpu_vm_population_dry_run(tmp_path):
   """--sweep runs a population on every worker, each worker its own single-host slice with its share of the
@@ -89,7 +101,7 @@ def test_tpu_vm_population_dry_run(tmp_path):
   sweeps = ["--sweep=concept.prompts=Van Gogh,Claude Monet", "--sweep=seed=0,1"]
   out, commands = _dry_run("tpu_vm.sh", *args, *sweeps, "--", "--devices_per_member=2", tmp_path=tmp_path)
   assert out.returncode == 0, out.stderr
-  remote = _option(commands[2], "command")
+  remote = _option(commands[4], "command")
   assert "attributes/agent-worker-number)" in remote and "attributes/worker-network-endpoints |" in remote
   assert "export TPU_HOST_BOUNDS=1,1,1 TPU_WORKER_ID=0 TPU_WORKER_HOSTNAMES=localhost" in remote
   population = shlex.split(remote.split(" && ")[-1])

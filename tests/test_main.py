@@ -37,6 +37,13 @@ def test_tiny_default_run_end_to_end(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "erased concept recognised" in proc.stdout
+  # Quiet: our own one line per event, the libraries' warnings only; tqdm redraws its bar with carriage returns.
+  lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip() and "AdvUnlearn:" not in line]
+  assert len(lines) < 40, "\n".join(lines)
+  # The checkpoint keeps the config as the user wrote it: "tiny" resolves at use, so a moved checkout resumes.
+  from advunlearn_jax import checkpoint
+
+  assert checkpoint.open_latest(str(tmp_path))[2]["config"]["model"]["pretrained"] == "tiny"
   metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [m["step"] for m in metrics] == [1, 2, 3, 4]
   report = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -58,10 +65,32 @@ def test_compilation_cache_folder():
     compile_cache.resolve("{workdir}/xla_cache", out="report")  # evaluate has --out, not --workdir
 
 
-def test_empty_concept_is_rejected(tmp_path):
-  proc = _main("--config=configs/tiny.py", "--config.concept.prompts=('',)", tmp_path=tmp_path)
-  assert proc.returncode != 0
-  assert "ConfigError: config.concept.prompts: needs at least one non-empty concept" in proc.stderr
+def _cli(module, *args, timeout=120):
+  env = {**os.environ, "XLA_FLAGS": ""}
+  cmd = [sys.executable, "-m", f"advunlearn_jax.{module}", *args]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize(
+  "module, args, message",
+  [
+    ("main", ["--config=configs/tiny.py", "--config.concept.prompts=('',)"], "config.concept.prompts: needs at least"),
+    ("main", ["--config=configs/style.py", "--config.model.pretrained=/nonexistent/dir"], "/nonexistent/dir is no"),
+    ("evaluate", ["--config=configs/tiny.py", "--out={tmp}", "--config.attack.type=prepend"], "attack.type"),
+    ("export", ["--workdir={tmp}/nothing", "--out={tmp}/out"], "{tmp}/nothing: no checkpoints/ folder"),
+    ("generate", ["--pretrained=/nonexistent/dir", "--prompt=a", "--out={tmp}"], "/nonexistent/dir: no such"),
+    ("population", ["--config=configs/tiny.py", "--sweep=seed=zero"], "--sweep: seed='zero' is not a int"),
+    ("tiny.build", ["--out={tmp}", "--stage=2"], "--stage=2 with --continue_from=''"),
+    ("tiny.evaluate", ["--pipeline=/nonexistent/dir"], "/nonexistent/dir: no such folder"),
+  ],
+)
+def test_user_errors_end_with_one_line_and_status_2(module, args, message, tmp_path):
+  """Every CLI: a user's mistake is `error: <message>` on stderr, exit status 2, no traceback, no output."""
+  proc = _cli(module, *(a.format(tmp=tmp_path) for a in args))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_validate_messages():

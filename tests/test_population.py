@@ -42,6 +42,10 @@ def test_members_are_the_grid_of_sweeps():
     (["seed=zero"], "'zero' is not a int"),
     (["train.prefix_bug=maybe"], "is not a bool"),
     (["retain.mode=sometimes"], "config.retain.mode"),
+    # The whole validation runs for every member before any trains: a bad value in the second member stops the
+    # population at once, not after the first member has trained.
+    (["train.xt_source=bank,batched"], "config.train.xt_source is 'batched'"),
+    (["bank.refresh_every=1,0"], "config.bank.refresh_every must be >= 1"),
   ],
 )
 def test_bad_sweeps(sweeps, message):

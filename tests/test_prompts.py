@@ -25,12 +25,11 @@ def _layout_rows(tokenizer, concept, attack_type, k, faithful):
   words = jnp.stack([jnp.arange(77.0), jnp.zeros(77)], 1)
   delta = jnp.stack([jnp.zeros(lay.num_tokens), 1000.0 + jnp.arange(lay.num_tokens)], 1)
   seq = prompts.build_sequence(words, delta, jnp.asarray(lay.word_index), jnp.asarray(lay.delta_index))
-  seq_ids = prompts.build_ids(jnp.asarray(ids), jnp.asarray(lay.word_index), jnp.asarray(lay.delta_index), length)
   rows = []
   for w, d in np.asarray(seq):
     tokens = [ids[int(w)]] if w > 0 or not d else []
     rows.append(tuple(tokens) + ((f"d{int(d) - 999}",) if d else ()))
-  return ids, rows, np.asarray(seq_ids), lay
+  return ids, rows, lay
 
 
 def _names(tokenizer, ids_or_rows):
@@ -44,23 +43,23 @@ def _names(tokenizer, ids_or_rows):
 
 def test_spec_worked_table(tokenizer):
   # 'nudity', prefix_k, k=1, faithful: [SOT, d1, nu, P, P, ...]: 'dity' sits in the dropped replace slot.
-  ids, rows, _, lay = _layout_rows(tokenizer, "nudity", "prefix_k", 1, faithful=True)
+  ids, rows, lay = _layout_rows(tokenizer, "nudity", "prefix_k", 1, faithful=True)
   assert lay.concept_len == 1
   assert _names(tokenizer, rows[:5]) == ["<|startoftext|>", "d1", "nu", "<|endoftext|>", "<|endoftext|>"]
   assert all(tokenizer.convert_ids_to_tokens([int(r[0])])[0] != "dity</w>" for r in rows if r and r[0] != "d1")
   # Fixed (BPE count): [SOT, d1, nu, dity, P, ...].
-  _, rows, _, lay = _layout_rows(tokenizer, "nudity", "prefix_k", 1, faithful=False)
+  _, rows, lay = _layout_rows(tokenizer, "nudity", "prefix_k", 1, faithful=False)
   assert lay.concept_len == 2
   assert _names(tokenizer, rows[:5]) == ["<|startoftext|>", "d1", "nu", "dity</w>", "<|endoftext|>"]
   # 'Van Gogh', prefix_k, k=1: both split modes agree.
   for faithful in (True, False):
-    _, rows, _, _ = _layout_rows(tokenizer, "Van Gogh", "prefix_k", 1, faithful)
+    _, rows, _ = _layout_rows(tokenizer, "Van Gogh", "prefix_k", 1, faithful)
     assert _names(tokenizer, rows[:5]) == ["<|startoftext|>", "d1", "van</w>", "gogh</w>", "<|endoftext|>"]
   # 'church', replace_k, k=1: the concept word is removed (replaced by the first EOT row).
-  _, rows, _, _ = _layout_rows(tokenizer, "church", "replace_k", 1, faithful=True)
+  _, rows, _ = _layout_rows(tokenizer, "church", "replace_k", 1, faithful=True)
   assert _names(tokenizer, rows[:4]) == ["<|startoftext|>", "d1", "<|endoftext|>", "<|endoftext|>"]
   # 'garbage truck', add (k := 2): [SOT, garbage+d1, truck+d2, P, P, P, ...].
-  _, rows, _, lay = _layout_rows(tokenizer, "garbage truck", "add", 1, faithful=True)
+  _, rows, lay = _layout_rows(tokenizer, "garbage truck", "add", 1, faithful=True)
   assert lay.num_tokens == 2
   assert _names(tokenizer, rows[:5]) == [
     "<|startoftext|>",
@@ -70,7 +69,7 @@ def test_spec_worked_table(tokenizer):
     "<|endoftext|>",
   ]
   # 'garbage truck', suffix_k, k=1.
-  _, rows, _, _ = _layout_rows(tokenizer, "garbage truck", "suffix_k", 1, faithful=True)
+  _, rows, _ = _layout_rows(tokenizer, "garbage truck", "suffix_k", 1, faithful=True)
   assert _names(tokenizer, rows[:5]) == ["<|startoftext|>", "garbage</w>", "truck</w>", "d1", "<|endoftext|>"]
 
 
@@ -78,11 +77,11 @@ def test_spec_worked_table(tokenizer):
 @pytest.mark.parametrize("attack_type", prompts.ATTACK_TYPES)
 def test_every_layout_keeps_77_rows_and_all_deltas(tokenizer, attack_type, faithful):
   concept = "a painting of a starry night by Vincent van Gogh"
-  ids, rows, seq_ids, lay = _layout_rows(tokenizer, concept, attack_type, 3, faithful)
-  assert len(rows) == 77 and seq_ids.shape == (77,)
+  ids, rows, lay = _layout_rows(tokenizer, concept, attack_type, 3, faithful)
+  assert len(rows) == 77
   used = sorted((r[-1] for r in rows if r and isinstance(r[-1], str)), key=lambda s: int(s[1:]))
   assert used == [f"d{j + 1}" for j in range(lay.num_tokens)]
-  assert rows[0] == (SOT,) and seq_ids[0] == SOT and seq_ids[-1] == EOT
+  assert rows[0] == (SOT,)
   # The concept's own tokens, in order, minus any dropped into the replace slot.
   words = [r[0] for r in rows[1:] if r and not isinstance(r[0], str) and r[0] != EOT]
   if attack_type != "replace_k":
@@ -91,7 +90,7 @@ def test_every_layout_keeps_77_rows_and_all_deltas(tokenizer, attack_type, faith
 
 def test_mid_insert_and_per_k_words_positions(tokenizer):
   concept = "one two three four five six"  # six single-token words
-  _, rows, _, _ = _layout_rows(tokenizer, concept, "mid_k", 1, True)
+  _, rows, _ = _layout_rows(tokenizer, concept, "mid_k", 1, True)
   assert _names(tokenizer, rows[1:9])[:8] == [
     "one</w>",
     "two</w>",
@@ -102,7 +101,7 @@ def test_mid_insert_and_per_k_words_positions(tokenizer):
     "six</w>",
     "<|endoftext|>",
   ]
-  _, rows, _, _ = _layout_rows(tokenizer, concept, "insert_k", 2, True)  # step = 6 // 3 = 2
+  _, rows, _ = _layout_rows(tokenizer, concept, "insert_k", 2, True)  # step = 6 // 3 = 2
   assert _names(tokenizer, rows[1:10]) == [
     "one</w>",
     "two</w>",
@@ -114,7 +113,7 @@ def test_mid_insert_and_per_k_words_positions(tokenizer):
     "six</w>",
     "<|endoftext|>",
   ]
-  _, rows, _, _ = _layout_rows(tokenizer, concept, "per_k_words", 2, True)
+  _, rows, _ = _layout_rows(tokenizer, concept, "per_k_words", 2, True)
   assert _names(tokenizer, rows[1:10]) == [
     "d1",
     "one</w>",
@@ -127,7 +126,7 @@ def test_mid_insert_and_per_k_words_positions(tokenizer):
     "<|endoftext|>",
   ]
   # per_k_words with k = 1 (a crash in the reference) is a prefix.
-  _, rows, _, _ = _layout_rows(tokenizer, concept, "per_k_words", 1, True)
+  _, rows, _ = _layout_rows(tokenizer, concept, "per_k_words", 1, True)
   assert _names(tokenizer, rows[1:3]) == ["d1", "one</w>"]
 
 

@@ -5,14 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from advunlearn_jax import config_lib
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import torch_layout
 from advunlearn_jax.diffusion.schedule import ScheduleConfig
 from advunlearn_jax.models import unet as unet_lib
-from advunlearn_jax.models.clip_text import CLIPTextModel
-from advunlearn_jax.unlearn import attack, draws, retain, trainable
-from advunlearn_jax.unlearn import frozen as frozen_lib
+from advunlearn_jax.unlearn import draws, retain, trainable, wiring
 from advunlearn_jax.unlearn import step as step_lib
 from tests import reference_torch
 from tests.torch_oracles import SD1_TINY, state_numpy, torch, torch_clip, torch_unet
@@ -38,31 +37,26 @@ def test_one_iteration_matches_reference_transcription():
     state_numpy(t_unet), unet_lib.abstract_params(unet_config), list_names=unet_lib.LIST_NAMES, source="t"
   )
   clip_params = clip_convert.params_from_state_dict(state_numpy(t_clip), SD1_TINY, source="t")
-  tokenizer = tok_lib.load_tokenizer()
-  frozen, k = frozen_lib.build(
+  config = config_lib.base_config()
+  config.concept.prompts = ("nudity",)
+  config.retain.prompts = tuple(RETAIN)
+  config.retain.batch, config.retain.weight = 2, 0.5
+  config.train.lr = 1e-3
+  config.attack.steps, config.attack.lr = 2, 1e-2
+  cfg, models, frozen, _ = wiring.wire(
+    config,
     clip_config=SD1_TINY,
     clip_params=clip_params,
+    unet_config=unet_config,
     unet_params=unet_params,
-    tokenizer=tokenizer,
-    concepts=["nudity"],
-    retain_prompts=RETAIN,
-    attack_type="prefix_k",
-    num_tokens=1,
-    faithful_word_split=False,
     schedule=ScheduleConfig(),
+    tokenizer=tok_lib.load_tokenizer(),
+    retain_prompts=RETAIN,
   )
-  models = step_lib.Models(
-    CLIPTextModel(SD1_TINY),
-    unet_lib.UNet2DConditionModel(unet_config),
-    trainable.selected_paths(trainable.text_encoder_mask(clip_params, "text_encoder_full")),
-    trainable.selected_paths(trainable.unet_mask(unet_params, "text_encoder_full")),
-  )
-  cfg = step_lib.StepConfig(
-    latent_hw=8, num_tokens=k, retain_batch=2, lr=1e-3, retain_weight=0.5, attack=attack.AttackConfig(steps=2, lr=1e-2)
-  )
+  k = cfg.num_tokens
   batch = step_lib.Batch(jnp.arange(2, dtype=jnp.int32), jax.random.key(11))
   state = step_lib.init_state(cfg, models, frozen)
-  new_state, metrics = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5))(cfg, models, state, frozen, batch, True)
+  new_state, metrics = wiring.train_step(cfg, models, state, frozen, batch, True)
 
   # The draws our step made, recomputed from its key schedule and handed to the transcription.
   keys = dict(zip(("concept", "attack", "init", "t", "noise_c", "noise_r", "iter"), jax.random.split(batch.key, 7)))

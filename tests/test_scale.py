@@ -15,7 +15,7 @@ from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models import clip_text, presets
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.unlearn import step as step_lib
-from advunlearn_jax.unlearn import trainable
+from advunlearn_jax.unlearn import trainable, wiring
 from tests import tiny_models
 from tests.test_train import tiny_config
 
@@ -83,9 +83,9 @@ def test_fsdp_unet_method_equals_data_parallel(pipeline_dir, tmp_path, monkeypat
   # No retain term: at step 1 the student equals the original, so its exact gradient is zero and Adam would turn
   # either layout's rounding noise (retain loss 2e-14 vs 0.0, measured) into updates of up to lr everywhere.
   overrides = {"train.method": "full", "train.iterations": 3, "retain.weight": 0.0, "attack.steps": 2}
-  compiled = train._TRAIN_STEP._cache_size()
+  compiled = wiring.train_step._cache_size()
   fsdp = train.run(tiny_config(pipeline_dir, **overrides, **{"mesh.fsdp": 4}), str(tmp_path / "fsdp"))
-  assert train._TRAIN_STEP._cache_size() - compiled <= 2  # sharded state in = sharded state out: no recompiles
+  assert wiring.train_step._cache_size() - compiled <= 2  # sharded state in = sharded state out: no recompiles
   data = train.run(tiny_config(pipeline_dir, **overrides, **{"mesh.fsdp": 1}), str(tmp_path / "data"))
   assert fsdp["mesh"] == {"data": 2, "fsdp": 4} and data["mesh"] == {"data": 8, "fsdp": 1}
   assert fsdp["state_fsdp_fraction"] > 0.9 and data["state_fsdp_fraction"] == 0.0

@@ -8,46 +8,51 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advunlearn_jax import sharding
+from advunlearn_jax import config_lib, sharding
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.diffusion import ddim
-from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
-from advunlearn_jax.unlearn import attack, prompts, retain, trainable
+from advunlearn_jax.unlearn import attack, prompts, retain, wiring
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import frozen as frozen_lib
 from advunlearn_jax.unlearn import step as step_lib
 from tests import tiny_models
 
-STEP = jax.jit(step_lib.train_step, static_argnums=(0, 1, 5))
+STEP = wiring.train_step  # donates its state: a test that needs the input state afterwards passes a copy
+
+
+def step_run_config():
+  """The run config the step tests share: the tiny random models' sizes, Adam fast enough to see a step."""
+  c = config_lib.base_config()
+  c.concept.prompts = ("nudity",)
+  c.retain.prompts = retain.DEFAULT_PROMPTS[:16]
+  c.retain.batch = 8
+  c.retain.weight = 0.0
+  c.train.lr = 1e-3
+  c.attack.steps = 2
+  return c
 
 
 @functools.cache
 def setup(mesh=None):
   clip, unet = tiny_models.params()
-  frozen, k = frozen_lib.build(
+  config = step_run_config()
+  wired = wiring.wire(
+    config,
     clip_config=tiny_models.CLIP,
     clip_params=clip,
+    unet_config=tiny_models.UNET,
     unet_params=unet,
-    tokenizer=tok_lib.load_tokenizer(),
-    concepts=["nudity"],
-    retain_prompts=retain.DEFAULT_PROMPTS[:16],
-    attack_type="prefix_k",
-    num_tokens=1,
-    faithful_word_split=False,
     schedule=tiny_models.SCHEDULE,
+    tokenizer=tok_lib.load_tokenizer(),
+    retain_prompts=config.retain.prompts,
+    mesh=mesh,
   )
-  models = step_lib.Models(
-    CLIPTextModel(tiny_models.CLIP),
-    UNet2DConditionModel(tiny_models.UNET),
-    trainable.selected_paths(trainable.text_encoder_mask(clip, "text_encoder_full")),
-    trainable.selected_paths(trainable.unet_mask(unet, "text_encoder_full")),
-    mesh,
-  )
-  cfg = step_lib.StepConfig(
-    latent_hw=8, num_tokens=k, retain_batch=8, lr=1e-3, retain_weight=0.0, attack=attack.AttackConfig(steps=2)
-  )
-  return cfg, models, frozen
+  return wired.cfg, wired.models, wired.frozen
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
 
 
 def _batch(seed=0):
@@ -207,7 +212,7 @@ def test_renewing_bank_replaces_its_oldest_trajectories():
   seen_concept, seen_retain = fingerprint(bank.concept), fingerprint(bank.retain)
   iterations = 6
   for i in range(iterations):
-    before = state.bank
+    before = jax.device_get(state.bank)  # the step donates the state, bank included
     state, _ = STEP(cfg, models, state, frozen, _batch(10 + i), True)
     changed = np.flatnonzero(np.any(np.asarray(state.bank.concept != before.concept), axis=(0, 2, 3, 4, 5)))
     retain_changed = np.flatnonzero(np.any(np.asarray(state.bank.retain != before.retain), axis=(1, 2, 3, 4, 5)))
@@ -227,11 +232,10 @@ def test_renewing_bank_replaces_its_oldest_trajectories():
 def test_eight_device_mesh_matches_one_device():
   cfg, models, frozen = setup()
   state = step_lib.init_state(cfg, models, frozen)
-  single_state, single = STEP(cfg, models, state, frozen, _batch(2), True)
+  single_state, single = STEP(cfg, models, _copy(state), frozen, _batch(2), True)
 
-  mesh = sharding.data_mesh(jax.devices()[:8])
-  cfg8, models8, _ = setup(mesh)
-  frozen8 = sharding.replicate(frozen, mesh)
+  mesh = sharding.make_mesh(jax.devices()[:8], fsdp=1)
+  cfg8, models8, frozen8 = setup(mesh)
   state8 = sharding.replicate(step_lib.init_state(cfg8, models8, frozen8), mesh)
   multi_state, multi = STEP(cfg8, models8, state8, frozen8, _batch(2), True)
   del single["rollout_computed_rows"], multi["rollout_computed_rows"]  # 8 devices: bucket widths of 8k rows
@@ -254,7 +258,7 @@ def test_condition_embd_attack_and_retain_iter_mode():
     base_cfg, attack=attack.AttackConfig(steps=2, embedding="condition_embd"), retain_mode="iter", retain_steps=2
   )
   state = step_lib.init_state(cfg, models, frozen)
-  new_state, metrics = STEP(cfg, models, state, frozen, _batch(4), True)
+  new_state, metrics = STEP(cfg, models, _copy(state), frozen, _batch(4), True)
   assert np.isfinite(float(metrics["attack_loss_last"])) and float(metrics["loss_retain"]) > 0
   # The recorded sequence is conditioning: its clean rows are the frozen encoder's output for 'nudity'.
   clean = frozen_lib.encode_in_chunks(tiny_models.CLIP, frozen.clip, np.asarray(frozen.concept_ids))[0]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from advunlearn_jax.convert import diffusers as sd_convert
-from advunlearn_jax.evals import generation
+from advunlearn_jax.diffusion import generation
 from advunlearn_jax.tiny import evaluate, report, world
 from advunlearn_jax.tiny import judge as judge_lib
 

@@ -10,6 +10,7 @@ import pytest
 from advunlearn_jax import config_lib, train
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.unlearn import wiring
 from tests import tiny_models
 
 
@@ -40,9 +41,9 @@ def pipeline_dir(tmp_path_factory):
 
 def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  compiled_before = train._TRAIN_STEP._cache_size()
+  compiled_before = wiring.train_step._cache_size()
   summary = train.run(tiny_config(pipeline_dir, **{"samples.every": 2, "samples.steps": 3}), workdir)
-  compiled = train._TRAIN_STEP._cache_size()
+  compiled = wiring.train_step._cache_size()
   assert compiled - compiled_before <= 2  # one warm-up step and one attacking step, never one per iteration
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [m["step"] for m in lines] == [1, 2, 3, 4]
@@ -88,7 +89,7 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   train.run(tiny_config(pipeline_dir, **{"train.iterations": 6}), workdir)
   straight = str(tmp_path / "straight")
   train.run(tiny_config(pipeline_dir, **{"train.iterations": 6}), straight)
-  assert train._TRAIN_STEP._cache_size() == compiled  # two more runs, more iterations: nothing recompiled
+  assert wiring.train_step._cache_size() == compiled  # two more runs, more iterations: nothing recompiled
   _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
   _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
@@ -176,15 +177,15 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
 
 def test_rollout_batching_defaults_per_backend():
   """Points per UNet call only where measured faster: CPUs at 16x16 latents and up; buckets elsewhere."""
-  assert train.rollout_rows_per_call(16, "cpu") == train.rollout_rows_per_call(64, "cpu") == 4
-  assert train.rollout_rows_per_call(8, "cpu") == 0  # the tiny world's 8x8: bigger batches are cheaper per row
-  assert train.rollout_rows_per_call(64, "gpu") == train.rollout_rows_per_call(64, "tpu") == 0
+  assert wiring.rollout_rows_per_call(16, "cpu") == wiring.rollout_rows_per_call(64, "cpu") == 4
+  assert wiring.rollout_rows_per_call(8, "cpu") == 0  # the tiny world's 8x8: bigger batches are cheaper per row
+  assert wiring.rollout_rows_per_call(64, "gpu") == wiring.rollout_rows_per_call(64, "tpu") == 0
   config = tiny_config("/pipe")
-  cfg = train.step_config(config, 1, tiny_models.UNET)  # 8x8 latents
+  cfg = wiring.step_config(config, 1, tiny_models.UNET)  # 8x8 latents
   assert (cfg.xt_source, cfg.rollout_buckets, cfg.rollout_rows_per_call) == ("online", 8, 0)
   config.train.rollout_rows_per_call, config.train.rollout_buckets = 3, 5
-  cfg = train.step_config(config, 1, tiny_models.UNET)
-  assert (cfg.rollout_buckets, cfg.rollout_rows_per_call, cfg.bank) == (5, 3, train.bank_config(config))
+  cfg = wiring.step_config(config, 1, tiny_models.UNET)
+  assert (cfg.rollout_buckets, cfg.rollout_rows_per_call, cfg.bank) == (5, 3, wiring.bank_config(config))
 
 
 def test_resume_guard_allows_evaluation_and_report_changes_only():
@@ -198,3 +199,62 @@ def test_resume_guard_allows_evaluation_and_report_changes_only():
   checkpoint.check_compatible(saved, now, "/w")  # evaluation.* and report.* do not change what is trained
   with pytest.raises(ConfigError, match="attack.num_tokens"):
     checkpoint.check_compatible(saved, tiny_config("/pipe", **{"attack.num_tokens": 3}).to_dict(), "/w")
+
+
+def _state_files(checkpoint_dir):
+  """The files holding a checkpoint's arrays (OCDBT data files), not its small metadata."""
+  folder = os.path.join(checkpoint_dir, "state")
+  return [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if os.path.basename(d) == "d"]
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, tmp_path, capsys):
+  from advunlearn_jax.errors import CheckpointError
+
+  workdir = str(tmp_path / "run")
+  overrides = {"train.iterations": 2, "train.warmup_iters": 2, "train.save_every": 1}
+  train.run(tiny_config(pipeline_dir, **overrides), workdir)
+  ckpts = os.path.join(workdir, "checkpoints")
+  for path in _state_files(os.path.join(ckpts, "2")):  # a copy cut short
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  capsys.readouterr()
+  summary = train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 3}), workdir)
+  said = capsys.readouterr().out
+  assert "checkpoint step 2 is damaged" in said and "resuming from step 1" in said
+  assert summary["resumed_from"] == 1
+  assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]  # step 2 trained and saved again
+  assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["2"]  # the damaged one kept aside
+
+  # Nothing readable left: the run refuses, names the steps, and moves or writes nothing.
+  for step in ("1", "2", "3"):
+    for path in _state_files(os.path.join(ckpts, step)):
+      os.remove(path)
+  with pytest.raises(CheckpointError, match=r"no checkpoint reads back whole \(step 3: .*step 2: .*step 1: "):
+    train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 4}), workdir)
+  assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
+  assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["2"]
+
+
+def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout(pipeline_dir, tmp_path, monkeypatch):
+  """`model.pretrained="tiny"` is stored as written: a population member's checkpoint exports, and after the
+  checkout (and with it the shipped model) moved, the run resumes from it."""
+  import shutil
+
+  from advunlearn_jax import export, population
+
+  checkout_a, checkout_b = str(tmp_path / "a" / "tiny_sd"), str(tmp_path / "b" / "tiny_sd")
+  shutil.copytree(pipeline_dir, checkout_a)
+  monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_a)
+  config = tiny_config("tiny", **{"train.iterations": 2, "train.warmup_iters": 2})
+  results = population.run([population.Member("m", config)], str(tmp_path / "pop"), devices=jax.devices()[:1])
+  member = str(tmp_path / "pop" / "m")
+  assert "error" not in results["m"], results["m"]
+  exported = export.export_latest(member, str(tmp_path / "exported"))
+  _, ours = clip_convert.load_clip_text(exported["text_encoder"])
+  _, trained = clip_convert.load_clip_text(os.path.join(member, "text_encoder"))
+  jax.tree.map(np.testing.assert_array_equal, ours, trained)
+
+  shutil.move(os.path.dirname(checkout_a), os.path.dirname(checkout_b))
+  monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_b)
+  summary = train.run(tiny_config("tiny", **{"train.iterations": 3, "train.warmup_iters": 2}), member)
+  assert summary["resumed_from"] == 2

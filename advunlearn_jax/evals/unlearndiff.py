@@ -25,8 +25,8 @@ import optax
 
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert.diffusers import Pipeline
+from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import generation
 from advunlearn_jax.models.clip_text import CLIPTextModel, encode_ids
 from advunlearn_jax.models.unet import UNet2DConditionModel
 
@@ -59,6 +59,21 @@ class Outcome(NamedTuple):
   iterations: int  # attack iterations spent
   seconds: float
   image: np.ndarray  # the final classified image (unattacked for pre-successes)
+
+
+def config_from(section) -> AttackConfig:
+  """The attack a run config's `evaluation.attack` section describes, validated."""
+  cfg = AttackConfig(
+    k=section.k,
+    iters_per_t=section.iters_per_t,
+    timesteps=tuple(int(t) for t in section.timesteps),
+    lr=section.lr,
+    weight_decay=section.weight_decay,
+    scheduler=section.scheduler,
+    steps=section.steps,
+  )
+  validate(cfg)
+  return cfg
 
 
 def validate(cfg: AttackConfig) -> None:

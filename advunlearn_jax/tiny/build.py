@@ -19,13 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
+from advunlearn_jax import cli
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_text_convert
 from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.diffusion import generation
 from advunlearn_jax.diffusion.schedule import ScheduleConfig
-from advunlearn_jax.evals import generation
+from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models import clip_text
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
@@ -201,8 +203,8 @@ def build(
   stage: int = 1,
 ) -> dict:
   if (stage > 1) != bool(continue_from):
-    raise ValueError(
-      f"stage {stage} with continue_from={continue_from!r}: stage 1 builds from scratch, later stages "
+    raise ConfigError(
+      f"--stage={stage} with --continue_from={continue_from!r}: stage 1 builds from scratch, later stages "
       "continue from the previous stage's folder"
     )
   times = {}
@@ -278,4 +280,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

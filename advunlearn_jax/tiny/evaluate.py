@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from advunlearn_jax import cli
 from advunlearn_jax.convert import diffusers as sd_convert
-from advunlearn_jax.evals import generation
+from advunlearn_jax.diffusion import generation
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import world
 
@@ -103,4 +104,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

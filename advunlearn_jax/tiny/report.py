@@ -15,8 +15,8 @@ import numpy as np
 
 from advunlearn_jax import config_lib
 from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import generation
 from advunlearn_jax.tiny import evaluate, world
 from advunlearn_jax.tiny import judge as judge_lib
 

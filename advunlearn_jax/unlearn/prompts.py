@@ -104,12 +104,6 @@ def build_sequence(word_embeds: jax.Array, delta: jax.Array, word_index: jax.Arr
   return words + adv
 
 
-def build_ids(ids: jax.Array, word_index: jax.Array, delta_index: jax.Array, concept_len: jax.Array) -> jax.Array:
-  """The matching ids: the dropped "replace" ids stand in for delta (they only pick the pooled position)."""
-  replace_ids = ids[jnp.clip(1 + concept_len + jnp.maximum(delta_index, 0), 0, SEQ_LEN - 1)]
-  return jnp.where(word_index >= 0, ids[jnp.maximum(word_index, 0)], replace_ids)
-
-
 def initial_rows_from_sequence(sequence: jax.Array, num_tokens: int) -> jax.Array:
   """`latest` init as the reference does it: positions 1..k of the previous adversarial sequence.
 

@@ -60,6 +60,11 @@ def load_prompts(csv_path: str = "") -> list[str]:
   return prompts
 
 
+def from_config(config) -> list[str]:
+  """The run's retain prompts: `retain.prompts` when given, else `load_prompts(retain.csv)`."""
+  return list(config.retain.prompts) or load_prompts(config.retain.csv)
+
+
 class SamplerState(NamedTuple):
   epoch: int
   cursor: int

@@ -1,0 +1,149 @@
+"""The step wired from a run config, once, for every caller (train.run, benchmarks, tests): its StepConfig, its
+Models, its Frozen inputs, and the one jitted step.
+
+`wire` takes the weights as arrays, so a test's tiny random models and a downloaded SD pipeline go the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from advunlearn_jax import sharding
+from advunlearn_jax.diffusion.schedule import ScheduleConfig
+from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from advunlearn_jax.models.unet import UNet2DConditionModel, UNetConfig
+from advunlearn_jax.unlearn import attack as attack_lib
+from advunlearn_jax.unlearn import bank as bank_lib
+from advunlearn_jax.unlearn import frozen as frozen_lib
+from advunlearn_jax.unlearn import step as step_lib
+from advunlearn_jax.unlearn import trainable
+
+# The one jitted step. `state` is donated: a caller that needs its input state afterwards passes a copy.
+train_step = jax.jit(step_lib.train_step, static_argnames=("cfg", "models", "with_attack"), donate_argnames=("state",))
+
+# train.rollout_buckets = 0: batch widths of the batched online rollout by backend (README, "Speed").
+ROLLOUT_BUCKETS = {"cpu": 8, "gpu": 8, "tpu": 8}
+
+
+def rollout_rows_per_call(latent_hw: int, backend: str | None = None) -> int:
+  """train.rollout_rows_per_call = -1: whole buckets per UNet call (0), except on CPUs at 16x16 latents and up,
+  where a UNet call costs the same per row at any batch and least at a few rows (2 cores, 16x16: 3.2 ms a row at 8
+  rows, 4.2 at 2, 4.7 at 72), so the walking points go 4 (8 CFG rows) per call. Measured in
+  benchmarks/iteration.py: --size=tiny 1.04x online_sequential with 4 per call, 0.91x with 8 buckets;
+  --size=small (8x8, where bigger batches are cheaper per row) 1.28x with buckets, 1.19x with 6 per call."""
+  if (backend or jax.default_backend()) == "cpu" and latent_hw >= 16:
+    return 4
+  return 0
+
+
+def bank_config(config: ml_collections.ConfigDict) -> bank_lib.BankConfig:
+  b = config.bank
+  return bank_lib.BankConfig(
+    concept_trajectories=b.concept_trajectories,
+    retain_trajectories=b.retain_trajectories,
+    refresh_trajectories=b.refresh_trajectories,
+    refresh_retain=b.refresh_retain,
+    refresh_every=b.refresh_every,
+  )
+
+
+def attack_config(config: ml_collections.ConfigDict) -> attack_lib.AttackConfig:
+  a = config.attack
+  return attack_lib.AttackConfig(
+    method=a.method,
+    steps=a.steps,
+    lr=a.lr,
+    embedding=a.embedding,
+    accumulate_grad=a.accumulate_grad,
+    return_pre_final=a.return_pre_final,
+    eps=a.eps,
+    norm=a.norm,
+  )
+
+
+def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config: UNetConfig) -> step_lib.StepConfig:
+  t = config.train
+  return step_lib.StepConfig(
+    method=t.method,
+    lr=t.lr,
+    negative_guidance=config.diffusion.negative_guidance,
+    start_guidance=config.diffusion.start_guidance,
+    concept_batch=t.concept_batch,
+    retain_batch=config.retain.batch,
+    retain_mode=config.retain.mode,
+    retain_weight=config.retain.weight,
+    retain_steps=config.retain.steps,
+    attack=attack_config(config),
+    attack_init=config.attack.init,
+    latest_init_quirk=config.attack.latest_init_quirk,
+    num_tokens=num_tokens,
+    latent_hw=unet_config.sample_size,
+    latent_channels=unet_config.in_channels,
+    xt_source=t.xt_source,
+    rollout_buckets=t.rollout_buckets or ROLLOUT_BUCKETS.get(jax.default_backend(), 8),
+    rollout_rows_per_call=(
+      t.rollout_rows_per_call if t.rollout_rows_per_call >= 0 else rollout_rows_per_call(unet_config.sample_size)
+    ),
+    bank=bank_config(config),
+  )
+
+
+class Wiring(NamedTuple):
+  cfg: step_lib.StepConfig
+  models: step_lib.Models
+  frozen: step_lib.Frozen  # on the mesh when one was given
+  trained_parameters: int
+
+
+def wire(
+  config: ml_collections.ConfigDict,
+  *,
+  clip_config: CLIPTextConfig,
+  clip_params: Any,
+  unet_config: UNetConfig,
+  unet_params: Any,
+  schedule: ScheduleConfig,
+  tokenizer,
+  retain_prompts: Sequence[str],
+  mesh: Mesh | None = None,
+) -> Wiring:
+  """Everything the step reads, from a validated config (config_lib.validate) and the original weights.
+
+  With a `mesh`, the frozen weights are laid out on it (sharded as the mesh's fsdp axis says) and the rest of
+  Frozen replicated; without one they stay where they are (one device)."""
+  frozen, num_tokens = frozen_lib.build(
+    clip_config=clip_config,
+    clip_params=clip_params,
+    unet_params=unet_params,
+    tokenizer=tokenizer,
+    concepts=list(config.concept.prompts),
+    retain_prompts=retain_prompts,
+    attack_type=config.attack.type,
+    num_tokens=config.attack.num_tokens,
+    faithful_word_split=config.attack.faithful_word_split,
+    schedule=schedule,
+    ddim_steps=config.diffusion.ddim_steps,
+  )
+  t = config.train
+  text_mask = trainable.text_encoder_mask(clip_params, t.method, t.component, t.norm_layer, t.prefix_bug)
+  unet_mask = trainable.unet_mask(unet_params, t.method)
+  dtype = jnp.dtype(config.model.dtype)
+  models = step_lib.Models(
+    CLIPTextModel(clip_config, dtype=dtype),
+    UNet2DConditionModel(unet_config, dtype=dtype, remat_policy=config.model.remat),
+    trainable.selected_paths(text_mask),
+    trainable.selected_paths(unet_mask),
+    mesh,
+  )
+  frozen = frozen_lib.store_for_compute(frozen, models)
+  if mesh is not None:
+    weights = {"unet": sharding.shard_params(frozen.unet, mesh), "clip": sharding.shard_params(frozen.clip, mesh)}
+    frozen = sharding.replicate(frozen._replace(unet=None, clip=None), mesh)._replace(**weights)
+  trained = trainable.count(clip_params, text_mask) + trainable.count(unet_params, unet_mask)
+  return Wiring(step_config(config, num_tokens, unet_config), models, frozen, trained)
