@@ -125,11 +125,11 @@ def test_bf16_compute_fp32_master_weights(pipeline_dir, tmp_path):
   assert all(v.dtype == np.float32 for v in b.values())  # master weights and exports stay fp32
   original = weights_io.read_safetensors(os.path.join(pipeline_dir, "text_encoder", "model.safetensors"))
   trained = [k for k in a if np.any(a[k] != original[k])]
-  # Measured over 4 iterations: losses 0.0010/0.0257/0.0142/0.0014 (fp32) vs 0.0011/0.0255/0.0138/0.0014 (bf16),
-  # at most 1.5% of the largest loss apart (the first, a difference of two near-equal predictions, is 11% off
-  # relatively); the weight change keeps cosine 0.974 with fp32's and differs from it by 23% of its norm.
+  # Measured over 4 iterations (batched rollouts, bf16-stored frozen UNet): losses 0.00101/0.0257/0.0142/0.00144
+  # (fp32) vs 0.00107/0.0234/0.0151/0.00139 (bf16), at most 9% of the largest loss apart: x_t comes from up to 49
+  # DDIM steps, each rounded in bf16.
   losses = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
-  np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=0.05 * losses[0].max())
+  np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=0.15 * losses[0].max())
   delta_full = np.concatenate([(a[k] - original[k]).ravel() for k in trained])
   delta_half = np.concatenate([(b[k] - original[k]).ravel() for k in trained])
   cosine = delta_full @ delta_half / (np.linalg.norm(delta_full) * np.linalg.norm(delta_half))
