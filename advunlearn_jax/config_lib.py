@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import ml_collections
@@ -67,6 +68,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.rollout_rows_per_call = -1  # online: > 0 points per UNet call instead of buckets; -1: measured default
   c.train.prefix_bug = False  # reference quirk: spec 2.5 - layer '1' also selects layers 10 and 11
 
+  c.export = ml_collections.ConfigDict()
+  # Numbered exports workdir/exports/step_NNNNNN every N iterations, the last one included (the reference saves
+  # at 200, 400, ..., 1000); 0: only the run's final export.
+  c.export.every = 200
+  # Also the reference's TextEncoder-<method>-epoch_<i>.pt beside each export, which UnlearnDiffAtk and the
+  # reference's scripts load (text-encoder methods; writing it needs torch).
+  c.export.reference_checkpoint = False
+
   c.report = ml_collections.ConfigDict()
   c.report.kind = ""  # "tiny_world": after training, judge erasure on the tiny model into workdir/report
   c.report.images_per_value = 24
@@ -94,8 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.retain.weight = 1.0  # the reference CLI default; 0.3 nudity, 0.5 style/object (issue #7)
   c.retain.batch = 5
   c.retain.steps = 1  # iter mode only
-  c.retain.csv = ""  # empty: our own object list; else a CSV with a `prompt` column
-  c.retain.prompts = ()  # non-empty: exactly these retain prompts (csv must then be empty)
+  # iter mode: each extra step draws its own retain prompts, as the reference; False: all reuse the iteration's
+  c.retain.fresh_per_step = True
+  # The reference's set (its --dataset_retain, spec 4.3): coco_object | coco_object_no_filter | imagenet243 |
+  # imagenet243_no_filter (shipped, unlearn/retain.py), or a CSV with a `prompt` column; "" with retain.prompts.
+  c.retain.dataset = "coco_object"
+  c.retain.prompts = ()  # exactly these retain prompts (retain.dataset must then be "")
 
   # `python -m advunlearn_jax.evaluate`: UnlearnDiffAtk robustness (spec 6.1) and utility (spec 6.2).
   c.evaluation = ml_collections.ConfigDict()
@@ -113,8 +126,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluation.attack.weight_decay = 0.1
   c.evaluation.attack.scheduler = "lms"  # the classified images: LMS, 50 steps
   c.evaluation.attack.steps = 50
+  # The classified image of the attacked prompt: decoded to text and tokenised again, as the official code; False:
+  # from the attacked token ids themselves.
+  c.evaluation.attack.retokenize = True
   c.evaluation.target_scheduler = "lms"  # the original model's target images: LMS, 25 steps
   c.evaluation.target_steps = 25
+  c.evaluation.target_guidance = 7.5  # as the official generate_dataset.py; 0: each prompt's own (CSV) guidance
+  c.evaluation.max_prompt_tokens = 60  # longer prompts are skipped, as the official loader does; 0: no limit
+  # Start latents: jax (jax.random) | torch (torch.manual_seed(seed); torch.randn, as the official scripts; needs
+  # torch), which makes per-prompt outcomes comparable one to one with theirs.
+  c.evaluation.latents = "jax"
   c.evaluation.clip_model = ""  # transformers CLIP folder (openai/clip-vit-base-patch32) -> CLIP score
   c.evaluation.captions_csv = ""  # utility captions (coco_10k.csv format: prompt[, evaluation_seed])
   c.evaluation.max_captions = 0  # 0: every caption
@@ -129,6 +150,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.num_tokens = 1  # k
   c.attack.steps = 30
   c.attack.lr = 1e-3
+  # A new concept and adversarial prompt every N iterations, reused in between (--adv_prompt_update_step)
+  c.attack.update_every = 1
   c.attack.init = "random"  # the README runs use random; the reference CLI default is latest
   c.attack.embedding = "word_embd"  # word_embd | condition_embd
   c.attack.faithful_word_split = False  # reference quirk: spec 3.3 - split by words, dropping sub-tokens
@@ -153,6 +176,8 @@ RESUMABLE_FIELDS = (
   "mesh.fsdp",  # the layout, not the math: a run may resume on another slice
   "train.rollout_buckets",  # how the same points are batched, not which points
   "train.rollout_rows_per_call",
+  "export.every",
+  "export.reference_checkpoint",
   *(f"samples.{k}" for k in ("every", "prompts", "retain_prompts", "steps", "guidance", "seed")),
 )
 
@@ -196,8 +221,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.attack.init is {config.attack.init!r}; valid: {list(attack.INITS)}")
   if config.retain.mode not in ("reg", "iter"):
     raise ConfigError(f"config.retain.mode is {config.retain.mode!r}; expected 'reg' or 'iter'")
-  if config.retain.prompts and config.retain.csv:
-    raise ConfigError("config.retain.prompts and config.retain.csv are both set; keep one")
+  if config.attack.update_every < 1:
+    raise ConfigError(f"config.attack.update_every must be >= 1, got {config.attack.update_every}")
   n_retain = len(retain.from_config(config))
   if config.retain.batch > n_retain:
     raise ConfigError(f"config.retain.batch ({config.retain.batch}) exceeds the {n_retain} retain prompts")
@@ -205,8 +230,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"config.bank.refresh_retain ({config.bank.refresh_retain}) exceeds the {n_retain} retain prompts"
     )
+  if config.export.every < 0:
+    raise ConfigError(f"config.export.every must be >= 0 (0: only the final export), got {config.export.every}")
+  if config.export.reference_checkpoint:
+    if not trainable.is_text_method(t.method):
+      raise ConfigError(
+        f"config.export.reference_checkpoint: train.method={t.method!r} trains the UNet; the reference's "
+        "TextEncoder-*.pt layout holds a text encoder"
+      )
+    if importlib.util.find_spec("torch") is None:
+      raise ConfigError(
+        "config.export.reference_checkpoint: writing the reference's .pt needs torch (pip install torch==2.13.0)"
+      )
   if config.report.kind not in REPORTS:
     raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(REPORTS)}")
   from advunlearn_jax.evals import unlearndiff
 
-  unlearndiff.config_from(config.evaluation.attack)
+  unlearndiff.config_from(config.evaluation)

@@ -41,7 +41,8 @@ def _define_flags():
 
 
 def target_images(pipe, prompts, config: ml_collections.ConfigDict) -> np.ndarray:
-  """The original model's image of each prompt at the prompt's own seed and guidance."""
+  """The original model's image of each prompt at its own seed, at `evaluation.target_guidance` (7.5, as the
+  official generate_dataset.py) or with 0 at the prompt's own guidance."""
   from advunlearn_jax.diffusion import generation
 
   ev = config.evaluation
@@ -50,10 +51,10 @@ def target_images(pipe, prompts, config: ml_collections.ConfigDict) -> np.ndarra
       generation.generate(
         pipe,
         [p.prompt],
-        generation.initial_latents(pipe, 1, p.seed),
+        generation.initial_latents(pipe, 1, p.seed, ev.latents),
         scheduler=ev.target_scheduler,
         steps=ev.target_steps,
-        guidance=p.guidance,
+        guidance=ev.target_guidance or p.guidance,
       )
       for p in prompts
     ]
@@ -61,9 +62,17 @@ def target_images(pipe, prompts, config: ml_collections.ConfigDict) -> np.ndarra
 
 
 def robustness(original, target, prompts, classifier, config, attack: bool = True, log=print) -> dict[str, Any]:
+  """UnlearnDiffAtk on every prompt that passes `unlearndiff.screen` (checked before anything is generated)."""
+  from advunlearn_jax import tokenizer as tok_lib
   from advunlearn_jax.evals import unlearndiff
 
-  cfg = unlearndiff.config_from(config.evaluation.attack)
+  cfg = unlearndiff.config_from(config.evaluation)
+  tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
+  prompts, skipped = unlearndiff.screen(prompts, tokenizer, cfg.k, config.evaluation.max_prompt_tokens)
+  for s in skipped:
+    log(f"skipped case {s.case} ({s.reason}): {s.prompt[:60]!r}")
+  if not prompts:
+    raise ConfigError(f"every one of the {len(skipped)} evaluation prompts was skipped ({skipped[0].reason})")
   targets = target_images(original, prompts, config)
   outcomes = []
   for p, image in zip(prompts, targets):
@@ -76,7 +85,14 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
       f"[{len(outcomes)}/{len(prompts)}] {status} after {o.iterations} iterations ({o.seconds:.1f}s): {p.prompt[:60]!r}"
     )
   summary = unlearndiff.summarize(outcomes)
-  return {"summary": summary._asdict(), "outcomes": outcomes, "targets": targets, "attack": cfg._asdict()}
+  return {
+    "summary": summary._asdict(),
+    "outcomes": outcomes,
+    "prompts": prompts,
+    "skipped": [s._asdict() for s in skipped],
+    "targets": targets,
+    "attack": cfg._asdict(),
+  }
 
 
 def _save_grids(out_dir: str, targets: np.ndarray, outcomes) -> None:
@@ -105,6 +121,9 @@ def _markdown(report: dict) -> str:
     f"(ASR counts pre-successes plus attack successes; mean attack time {s['mean_attack_seconds']:.1f} s).",
     "",
   ]
+  if r["skipped"]:
+    lines += [f"Skipped {len(r['skipped'])} prompts, as the official loader does:", ""]
+    lines += [f"- case {k['case']}: {k['reason']}: {k['prompt'][:70]!r}" for k in r["skipped"]] + [""]
   for name, value in report.get("utility", {}).items():
     lines.append(f"- {name}: {value:.4f}" if isinstance(value, float) else f"- {name}: {value}")
   lines += [
@@ -155,14 +174,19 @@ def evaluate(
   result = robustness(original, target, prompts, classifier, config, attack=attack, log=log)
   per_prompt = [
     {"case": p.case, **{k: v for k, v in o._asdict().items() if k != "image"}}
-    for p, o in zip(prompts, result["outcomes"])
+    for p, o in zip(result["prompts"], result["outcomes"])
   ]
   report = {
     "original": original_dir,
     "evaluated": text_encoder or evaluated_dir,
     "classifier": ev.classifier,
     "attacked": attack,
-    "robustness": {"summary": result["summary"], "attack": result["attack"], "per_prompt": per_prompt},
+    "robustness": {
+      "summary": result["summary"],
+      "attack": result["attack"],
+      "per_prompt": per_prompt,
+      "skipped": result["skipped"],
+    },
     "seconds": {"robustness": time.perf_counter() - t0},
   }
   report["utility"] = utility(config, original_dir, target, out_dir)
@@ -189,7 +213,7 @@ def caption_images(pipe, captions, config: ml_collections.ConfigDict, chunk: int
       len(group) < chunk and i + len(group) < len(captions) and captions[i + len(group)].guidance == group[0].guidance
     ):
       group.append(captions[i + len(group)])
-    latents = jnp.concatenate([generation.initial_latents(pipe, 1, c.seed) for c in group])
+    latents = jnp.concatenate([generation.initial_latents(pipe, 1, c.seed, ev.latents) for c in group])
     out.append(
       generation.generate(
         pipe,

@@ -1,10 +1,16 @@
-"""Exports of a run's trained component: what the run writes when it ends, and the same on demand.
+"""Exports of a run's trained component: what the run writes when it ends, along the way, and on demand.
 
-  python -m advunlearn_jax.export --workdir=workdirs/church --out=exports/church
+  python -m advunlearn_jax.export --workdir=workdirs/church --out=exports/church [--format=reference]
 
 Writes OUT/text_encoder (CLIPTextModel.from_pretrained) and OUT/pipeline (StableDiffusionPipeline) from the
 workdir's latest checkpoint, using the config stored with it to find the base pipeline (override with
---pretrained).
+--pretrained). `--format=reference` writes OUT/TextEncoder-<method>-epoch_<i>.pt instead: the reference's own
+checkpoint layout (spec section 5), which UnlearnDiffAtk and AdvUnlearn's scripts load; they load with
+strict=False, so a transformers folder handed to them silently loads nothing.
+
+A run writes the same at its end (`export.reference_checkpoint` adds the .pt) and, every `export.every`
+iterations, a numbered export `workdir/exports/step_NNNNNN/` beside the rolling checkpoints, so the
+robustness/utility trade-off can be evaluated along the run (the reference saves at 200, 400, ...).
 """
 
 from __future__ import annotations
@@ -22,27 +28,46 @@ from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.unlearn import trainable
 
+FORMATS = ("diffusers", "reference")
+
+
+def write_component(
+  out: str, pipe: sd_convert.Pipeline, text_params: Any, unet_params: Any, reference_name: str = ""
+) -> dict[str, str]:
+  """The trained component: `out/text_encoder` for CLIPTextModel.from_pretrained, or `out/unet` for the
+  ESD-style UNet methods; with `reference_name` also `out/<reference_name>`, the reference's .pt."""
+  if text_params is None:
+    sd_convert.export_unet(pipe.unet_config, unet_params, os.path.join(out, "unet"))
+    return {"unet": os.path.join(out, "unet")}
+  text_dir = os.path.join(out, "text_encoder")
+  outputs = {"text_encoder": clip_convert.export_clip_text(pipe.text_config, text_params, text_dir)}
+  if reference_name:
+    path = os.path.join(out, reference_name)
+    outputs["reference_checkpoint"] = clip_convert.export_reference_checkpoint(pipe.text_config, text_params, path)
+  return outputs
+
 
 def write(
-  out: str, pipe: sd_convert.Pipeline, text_params: Any = None, unet_params: Any = None, enabled: bool = True
+  out: str,
+  pipe: sd_convert.Pipeline,
+  text_params: Any = None,
+  unet_params: Any = None,
+  enabled: bool = True,
+  reference_name: str = "",
 ) -> dict[str, str]:
-  """The trained component (`out/text_encoder` for CLIPTextModel.from_pretrained, or `out/unet` for the ESD-style
-  UNet methods) and `out/pipeline`, the source pipeline with it, for StableDiffusionPipeline.from_pretrained
-  (other components hard-linked where possible). `enabled=False` (the non-primary processes of a multi-host run)
-  only returns the paths."""
+  """`write_component`, and `out/pipeline`, the source pipeline with it, for
+  StableDiffusionPipeline.from_pretrained (other components hard-linked where possible). `enabled=False` (the
+  non-primary processes of a multi-host run) only returns the paths."""
   name = "text_encoder" if text_params is not None else "unet"
   component_dir, pipeline_dir = os.path.join(out, name), os.path.join(out, "pipeline")
   if not enabled:
     return {name: component_dir, "pipeline": pipeline_dir}
-  if text_params is not None:
-    clip_convert.export_clip_text(pipe.text_config, text_params, component_dir)
-  else:
-    sd_convert.export_unet(pipe.unet_config, unet_params, component_dir)
+  outputs = write_component(out, pipe, text_params, unet_params, reference_name)
   with weights_io.atomic_folder(pipeline_dir) as staging:
     os.rmdir(staging)
     shutil.copytree(pipe.root, staging, ignore=shutil.ignore_patterns(name, ".cache"), copy_function=_link_or_copy)
     shutil.copytree(component_dir, os.path.join(staging, name))
-  return {name: component_dir, "pipeline": pipeline_dir}
+  return {**outputs, name: component_dir, "pipeline": pipeline_dir}
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -53,7 +78,13 @@ def _link_or_copy(src: str, dst: str) -> None:
     shutil.copy2(src, dst)
 
 
-def export_latest(workdir: str, out: str, pretrained: str | None = None) -> dict[str, str]:
+def numbered_dir(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "exports", f"step_{step:06d}")
+
+
+def export_latest(workdir: str, out: str, pretrained: str | None = None, fmt: str = "diffusers") -> dict[str, str]:
+  if fmt not in FORMATS:
+    raise ConfigError(f"--format={fmt!r}: expected one of {list(FORMATS)}")
   mngr, step, meta = checkpoint.open_latest(workdir)
   config = ml_collections.ConfigDict(meta["config"])
   if not trainable.is_text_method(config.train.method):
@@ -64,6 +95,12 @@ def export_latest(workdir: str, out: str, pretrained: str | None = None) -> dict
   mask = trainable.text_encoder_mask(pipe.text_params, t.method, t.component, t.norm_layer, t.prefix_bug)
   frozen_leaves = trainable.split(pipe.text_params, mask)[1]
   text_params = trainable.merge(checkpoint.restore_params(mngr, step), frozen_leaves)
+  if fmt == "reference":
+    name = clip_convert.reference_checkpoint_name(t.method, step - 1)
+    path = clip_convert.export_reference_checkpoint(pipe.text_config, text_params, os.path.join(out, name))
+    outputs = {"reference_checkpoint": path}
+    print(f"step {step}: the reference's checkpoint in {outputs['reference_checkpoint']}")
+    return outputs
   outputs = write(out, pipe, text_params)
   print(f"step {step}: text encoder in {outputs['text_encoder']}, pipeline in {outputs['pipeline']}")
   return outputs
@@ -73,16 +110,19 @@ def _define_flags():
   """Flags exist only when run as a script: train.run imports this module next to main's flags."""
   from absl import flags
 
-  global _WORKDIR, _OUT, _PRETRAINED
+  global _WORKDIR, _OUT, _PRETRAINED, _FORMAT
   _WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir holding checkpoints/")
   _OUT = flags.DEFINE_string("out", None, "output folder")
   _PRETRAINED = flags.DEFINE_string("pretrained", None, "base pipeline, if not the one the run used")
+  _FORMAT = flags.DEFINE_enum(
+    "format", "diffusers", FORMATS, "diffusers: OUT/text_encoder + OUT/pipeline; reference: OUT/TextEncoder-*.pt"
+  )
   flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
   del argv
-  export_latest(_WORKDIR.value, _OUT.value, _PRETRAINED.value)
+  export_latest(_WORKDIR.value, _OUT.value, _PRETRAINED.value, _FORMAT.value)
 
 
 if __name__ == "__main__":

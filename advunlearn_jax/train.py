@@ -16,8 +16,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from advunlearn_jax import checkpoint, config_lib, distributed, export, metrics_writer, preview, sharding
+from advunlearn_jax import checkpoint, config_lib, distributed, export, loss_plot, metrics_writer, preview, sharding
 from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
@@ -209,16 +210,19 @@ def loop(
   if own_watcher:
     preemption = PreemptionWatcher()
   writer = metrics_writer.MetricsWriter(workdir, enabled=setup.primary)
+  plot = loss_plot.LossPlot(workdir, config.train.warmup_iters, enabled=setup.primary)
   previews = _previews(config, setup) if setup.with_previews else None
   bar = _progress(start, iterations, enabled=setup.primary and show_progress)
   last_time, last_step = time.perf_counter(), start
   state, sampler = progress
   try:
     for i in range(start, iterations):
-      idx, sampler = retain.sample(sampler, len(setup.retain_prompts), cfg.retain_batch, config.seed)
-      batch = step_lib.Batch(np.asarray(idx, np.int32), jax.random.fold_in(root_key, i))
+      batch, sampler = iteration_batch(config, cfg, i, root_key, sampler, len(setup.retain_prompts))
       batch = sharding.replicate(batch, setup.mesh)
-      state, metrics = wiring.train_step(cfg, models, state, frozen, batch, i >= config.train.warmup_iters)
+      with_attack = i >= config.train.warmup_iters
+      # Warm-up has no adversarial prompt to reuse: one compiled warm-up step whatever the period.
+      new_prompt = not with_attack or prompt_update(i, config.train.warmup_iters, config.attack.update_every) == i
+      state, metrics = wiring.train_step(cfg, models, state, frozen, batch, with_attack, new_prompt=new_prompt)
       done = i + 1
       if done % config.train.log_every == 0 or done == iterations:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -229,9 +233,12 @@ def loop(
         values["it_per_s"] = (done - last_step) / max(now - last_time, 1e-9)
         last_time, last_step = now, done
         writer.scalars(done, values)
+        plot.update()
         bar.update(done, values)
       if setup.with_previews and (done % config.samples.every == 0 or done == iterations):
         _write_preview(config, setup, previews, writer, workdir, done, state)
+      if config.export.every and done % config.export.every == 0:
+        _numbered_export(config, setup, workdir, done, state)
       stop = distributed.preemption_agreed(done, preemption is not None and preemption.requested)
       if done % config.train.save_every == 0 or done == iterations or stop:
         _save(config, mngr, done, Progress(state, sampler))
@@ -244,7 +251,33 @@ def loop(
       preemption.restore()
     bar.close()
     writer.close()
+    plot.update(force=True)
   return Progress(state, sampler), False
+
+
+def prompt_update(i: int, warmup_iters: int, update_every: int) -> int:
+  """The iteration whose concept and adversarial prompt iteration `i` uses: the latest multiple of
+  `attack.update_every` (the reference's --adv_prompt_update_step), or the first iteration after warm-up, which
+  must search one (the reference would fail there for lack of an adversarial prompt)."""
+  latest = i - i % update_every
+  return warmup_iters if latest < warmup_iters <= i else latest
+
+
+def iteration_batch(config, cfg, i: int, root_key, sampler: retain.SamplerState, n_prompts: int):
+  """Iteration i's keys and retain prompts, and the sampler after them. Retain mode iter draws a batch for each
+  extra step (retain.fresh_per_step, as the reference) or one batch for all of them."""
+  draw = lambda sampler: retain.sample(sampler, n_prompts, cfg.retain_batch, config.seed)
+  key = jax.random.fold_in(root_key, i)
+  prompt_key = jax.random.fold_in(root_key, prompt_update(i, config.train.warmup_iters, config.attack.update_every))
+  if cfg.retain_mode == "reg":
+    idx, sampler = draw(sampler)
+    return step_lib.Batch(np.asarray(idx, np.int32), key, prompt_key), sampler
+  draws = []
+  for _ in range(cfg.retain_steps if config.retain.fresh_per_step else 1):
+    idx, sampler = draw(sampler)
+    draws.append(idx)
+  iter_idx = np.stack(draws) if len(draws) == cfg.retain_steps else np.repeat(draws[0][None], cfg.retain_steps, 0)
+  return step_lib.Batch(np.zeros((0,), np.int32), key, prompt_key, iter_idx.astype(np.int32)), sampler
 
 
 def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state, start: int) -> dict[str, Any]:
@@ -252,7 +285,8 @@ def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state,
   text_params, unet_params = _current_params(setup, state)
   if not trainable.is_text_method(config.train.method):
     text_params = None
-  outputs = export.write(workdir, setup.pipe, text_params, unet_params, enabled=setup.primary)
+  name = _reference_name(config, config.train.iterations)
+  outputs = export.write(workdir, setup.pipe, text_params, unet_params, enabled=setup.primary, reference_name=name)
   distributed.sync("advunlearn export")  # no process leaves before the exports exist
   summary = {
     "workdir": workdir,
@@ -271,6 +305,23 @@ def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state,
     if results is not None:
       summary["report"] = results["summary"]
   return summary
+
+
+def _reference_name(config: ml_collections.ConfigDict, step_count: int) -> str:
+  """The reference's file name for the encoder after `step_count` iterations, when the config asks for it."""
+  if not config.export.reference_checkpoint:
+    return ""
+  return clip_convert.reference_checkpoint_name(config.train.method, step_count - 1)
+
+
+def _numbered_export(config: ml_collections.ConfigDict, setup: Setup, workdir: str, step_count: int, state) -> None:
+  text_params, unet_params = _current_params(setup, state)  # every process: a collective across hosts
+  if not setup.primary:
+    return
+  if not trainable.is_text_method(config.train.method):
+    text_params = None
+  out = export.numbered_dir(workdir, step_count)
+  export.write_component(out, setup.pipe, text_params, unet_params, _reference_name(config, step_count))
 
 
 def _save(config: ml_collections.ConfigDict, mngr, step_count: int, progress: Progress) -> None:

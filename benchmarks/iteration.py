@@ -123,10 +123,10 @@ class Setup:
       jnp.zeros((1,), jnp.int32),
       jnp.zeros((1, 77, self.unet_cfg.cross_attention_dim)),
     )["params"]
-    self.retain_prompts = list(retain.DEFAULT_PROMPTS[:16])
+    self.retain_prompts = retain.load_dataset("coco_object")[:16]
     config = config_lib.base_config()
     config.concept.prompts = ("nudity",)
-    config.retain.prompts = tuple(self.retain_prompts)
+    config.retain.dataset, config.retain.prompts = "", tuple(self.retain_prompts)
     config.retain.batch, config.retain.weight = args.retain_batch, 0.3
     config.attack.steps = args.attack_steps
     config.model.dtype, config.model.remat = args.dtype, args.remat

@@ -3,10 +3,15 @@
   python -m advunlearn_jax.main --config=configs/nudity.py --workdir=workdirs/nudity \
       [--config.model.pretrained=DIR_OR_ID]
 
-Reference settings: text_encoder_full, retain weight 0.3 on the object retain set (batch 5), 1000 iterations
-(200 warm-up), 30-step attack, k = 1 prefix token, random init. Target (paper, UnlearnDiffAtk on SD v1.4):
-nudity ASR about 21% (ESD: 76%), FID about 19.3, CLIP score about 0.29. Expect many GPU-hours online; the
-trajectory bank cuts that.
+Reference settings: text_encoder_full, retain weight 0.3 on the coco_object retain set (batch 5), 1000
+iterations (200 warm-up), 30-step attack, k = 1 prefix token, random init. Target (paper, UnlearnDiffAtk on
+SD v1.4): nudity ASR about 21% (ESD: 76%), FID about 19.3, CLIP score about 0.29. Expect many GPU-hours online;
+the trajectory bank cuts that.
+
+One deviation stays by default: the concept is split into positions by BPE tokens. 'nudity' is two tokens
+('nu', 'dity') but one word, and the reference's word count puts 'dity' where its adversarial token goes, so its
+adversarial prompt reads [SOT, delta, 'nu', EOT, ...]. --config.attack.faithful_word_split=True reproduces that;
+the README's "The paper's nudity run, flag for flag" gives the full command.
 """
 
 from advunlearn_jax import config_lib

@@ -130,3 +130,31 @@ def iteration(
   loss.backward()
   opt.step()
   return returned, float(loss)
+
+
+class LegacyCLIPTextModel(torch.nn.Module):
+  """transformers 4.25.1's CLIPTextModel layout (the reference's pin): the tower under `text_model`, with
+  `position_ids` a persistent buffer. transformers 5 keeps the tower's modules at the top and the buffer out of
+  the state dict."""
+
+  def __init__(self, tower):
+    super().__init__()
+    embeddings = tower.embeddings
+    embeddings.register_buffer("position_ids", embeddings.position_ids, persistent=True)
+    self.text_model = tower
+
+
+class CustomTextEncoder(torch.nn.Module):
+  """The module layout of the reference's `CustomTextEncoder` (UnlearnDiffAtk `src/tasks/utils/text_encoder.py`,
+  AdvUnlearn's train-scripts): the CLIPTextModel registered whole and again through three aliases, so its state
+  dict names every tensor twice."""
+
+  def __init__(self, tower):
+    super().__init__()
+    self.text_encoder = LegacyCLIPTextModel(tower)
+    self.embedding = tower.embeddings
+    self.encoder = tower.encoder
+    self.final_layer_norm = tower.final_layer_norm
+
+  def forward(self, input_ids, inputs_embeds):
+    return encode_embeds(self.text_encoder.text_model, input_ids, inputs_embeds)

@@ -164,6 +164,63 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
     evaluate.evaluate(config, str(tmp_path), text_encoder="a", pipeline="b")
 
 
+def _quick_tiny_config():
+  """The tiny model with the fewest sampling steps: what these tests check is the plumbing, not the images."""
+  import configs.tiny as tiny_config
+
+  config = tiny_config.get_config()
+  config.evaluation.prompts = ()
+  config.evaluation.target_steps = 2
+  config.evaluation.attack.steps = 2
+  config.report.kind = ""
+  return config
+
+
+def test_an_over_long_prompt_is_skipped_and_reported_the_rest_evaluated(tmp_path):
+  from advunlearn_jax import evaluate
+
+  config = _quick_tiny_config()
+  long = "a photo of " + "red " * 60
+  rows = [(0, "a photo of a plain red triangle"), (1, long), (2, "a photo of a plain blue circle")]
+  csv_path = tmp_path / "prompts.csv"
+  csv_path.write_text(
+    "case_number,prompt,evaluation_seed,evaluation_guidance\n" + "".join(f"{c},{p},{c},5.0\n" for c, p in rows)
+  )
+  config.evaluation.prompts_csv = str(csv_path)
+  lines = []
+  report = evaluate.evaluate(config, str(tmp_path / "out"), attack=False, log=lines.append)
+  r = report["robustness"]
+  assert [p["case"] for p in r["per_prompt"]] == ["0", "2"] and r["summary"]["prompts"] == 2
+  assert [k["case"] for k in r["skipped"]] == ["1"] and "65 tokens > 60" in r["skipped"][0]["reason"]
+  assert lines[0].startswith("skipped case 1 (65 tokens > 60") and len(lines) == 3
+  assert "Skipped 1 prompts, as the official loader does" in (tmp_path / "out" / "report.md").read_text()
+  # Every prompt is screened before anything is generated: nothing left is an error, and no output is written.
+  csv_path.write_text(f"prompt\n{long}\n")
+  with pytest.raises(ConfigError, match="every one of the 1 evaluation prompts was skipped"):
+    evaluate.evaluate(config, str(tmp_path / "none"), attack=False)
+  assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is not part of a user's clone")
+def test_evaluate_gets_through_the_reference_nudity_prompts(tmp_path):
+  """The 142 I2P prompts of UnlearnDiffAtk's nudity.csv, some longer than its loader takes, through the CLI on the
+  tiny model (its judge standing in for NudeNet) without the attack: every prompt is rendered or skipped."""
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  overrides = ["prompts=()", f"prompts_csv={os.path.join(SHARED, 'nudity.csv')}", "target_steps=2", "attack.steps=2"]
+  proc = subprocess.run(
+    [sys.executable, "-m", "advunlearn_jax.evaluate", "--config=configs/tiny.py", "--config.report.kind=",
+     *[f"--config.evaluation.{o}" for o in overrides], "--no_attack", f"--out={tmp_path}"],
+    cwd=root, capture_output=True, text=True, timeout=900,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads((tmp_path / "report.json").read_text())["robustness"]
+  assert r["summary"]["prompts"] + len(r["skipped"]) == 142 and r["skipped"]
+  assert all("> 60, the official loader's limit" in k["reason"] for k in r["skipped"])
+
+
 def test_evaluate_cli_flags():
   """The script's flags exist only under __main__ (so importing it next to export/main does not clash)."""
   import subprocess

@@ -17,7 +17,7 @@ from tests import reference_torch
 from tests.torch_oracles import SD1_TINY, state_numpy, torch, torch_clip, torch_unet
 
 pytestmark = pytest.mark.torch
-RETAIN = list(retain.DEFAULT_PROMPTS[:2])
+RETAIN = retain.load_dataset("coco_object")[:2]
 
 
 def _nchw(x):
@@ -39,7 +39,7 @@ def test_one_iteration_matches_reference_transcription():
   clip_params = clip_convert.params_from_state_dict(state_numpy(t_clip), SD1_TINY, source="t")
   config = config_lib.base_config()
   config.concept.prompts = ("nudity",)
-  config.retain.prompts = tuple(RETAIN)
+  config.retain.dataset, config.retain.prompts = "", tuple(RETAIN)
   config.retain.batch, config.retain.weight = 2, 0.5
   config.train.lr = 1e-3
   config.attack.steps, config.attack.lr = 2, 1e-2

@@ -25,7 +25,7 @@ def step_run_config():
   """The run config the step tests share: the tiny random models' sizes, Adam fast enough to see a step."""
   c = config_lib.base_config()
   c.concept.prompts = ("nudity",)
-  c.retain.prompts = retain.DEFAULT_PROMPTS[:16]
+  c.retain.dataset, c.retain.prompts = "", tuple(retain.load_dataset("coco_object")[:16])
   c.retain.batch = 8
   c.retain.weight = 0.0
   c.train.lr = 1e-3
@@ -115,11 +115,14 @@ def _bank(models, frozen, trajectories=2):
 
 def test_step_with_attack_from_the_bank_records_the_sequence():
   cfg, models, frozen = setup()
+  cfg = _replace(cfg, retain_weight=0.5)  # a retain term: the retain group is rolled out
   bank_cfg = _replace(cfg, xt_source="bank", bank=bank_lib.BankConfig(concept_trajectories=2))
   # The rollouts are the step's only while_loops (the attack's loop is a scan): none from the bank, one per
-  # point group in the reference's order, one per bucket width batched.
+  # point group in the reference's order (none for retain rows when the loss has no retain term), one per bucket
+  # width batched.
   bank_state = step_lib.init_state(bank_cfg, models, frozen, _bank(models, frozen))
-  for c, loops in ((bank_cfg, 0), (_replace(cfg, xt_source="online_sequential"), 3), (cfg, 8)):
+  sequential = _replace(cfg, xt_source="online_sequential")
+  for c, loops in ((bank_cfg, 0), (sequential, 3), (_replace(sequential, retain_weight=0.0), 2), (cfg, 8)):
     state = bank_state if c is bank_cfg else step_lib.init_state(c, models, frozen)
     jaxpr = jax.make_jaxpr(lambda s, b, c=c: step_lib.train_step(c, models, s, frozen, b, True))(state, _batch(1))
     assert str(jaxpr).count("while[") == loops, c.xt_source
@@ -128,6 +131,18 @@ def test_step_with_attack_from_the_bank_records_the_sequence():
   # prefix_k, k = 1: the clean 'nudity' rows sit after the adversarial row.
   table = frozen.clip["embeddings"]["token_embedding"]["embedding"]
   np.testing.assert_allclose(state.last_sequence[2], table[frozen.concept_ids[0, 1]], atol=1e-6)
+
+
+def test_between_prompt_updates_the_defender_reuses_the_latest_adversarial_prompt():
+  cfg, models, frozen = setup()
+  attacked, searched = STEP(cfg, models, step_lib.init_state(cfg, models, frozen), frozen, _batch(1), True)
+  reused, metrics = STEP(cfg, models, _copy(attacked), frozen, _batch(2), True, new_prompt=False)
+  assert "attack_loss_last" in searched and "attack_loss_last" not in metrics  # no attack between updates
+  np.testing.assert_array_equal(reused.last_sequence, attacked.last_sequence)
+  # The defender trained on the stored sequence: another one gives another loss at the same points.
+  other = attacked._replace(last_sequence=attacked.last_sequence.at[1].set(0.0))
+  _, moved = STEP(cfg, models, other, frozen, _batch(2), True, new_prompt=False)
+  assert float(moved["loss_unlearn"]) != float(metrics["loss_unlearn"])
 
 
 def _replace(cfg, **changes):

@@ -10,7 +10,8 @@ import pytest
 from advunlearn_jax import config_lib, train
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.unlearn import wiring
+from advunlearn_jax.unlearn import retain, wiring
+from advunlearn_jax.unlearn import step as step_lib
 from tests import tiny_models
 
 
@@ -40,13 +41,19 @@ def pipeline_dir(tmp_path_factory):
 
 
 def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
+  # A new concept and adversarial prompt every 2 iterations (the reference's --adv_prompt_update_step), and
+  # numbered exports every 2, with the reference's .pt beside each.
+  updates = {"attack.update_every": 2, "export.every": 2, "export.reference_checkpoint": True}
   workdir = str(tmp_path / "run")
   compiled_before = wiring.train_step._cache_size()
-  summary = train.run(tiny_config(pipeline_dir, **{"samples.every": 2, "samples.steps": 3}), workdir)
+  summary = train.run(tiny_config(pipeline_dir, **{"samples.every": 2, "samples.steps": 3, **updates}), workdir)
   compiled = wiring.train_step._cache_size()
-  assert compiled - compiled_before <= 2  # one warm-up step and one attacking step, never one per iteration
+  assert compiled - compiled_before <= 3  # warm-up, attacking, reusing steps: never one per iteration
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [m["step"] for m in lines] == [1, 2, 3, 4]
+  # Iteration 2 (the first after warm-up) searches a prompt, 3 reuses it, with its concept; 1 keeps 0's concept.
+  assert ["attack_loss_last" in m for m in lines] == [False, False, True, False]
+  assert lines[0]["concept"] == lines[1]["concept"] and lines[2]["concept"] == lines[3]["concept"]
   # Previews: original (top row) vs current (bottom row) for the 2 concepts and 3 retain prompts.
   from PIL import Image
 
@@ -77,6 +84,17 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   assert changed["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"] and changed["final_layer_norm"]["scale"]
   assert not changed["embeddings"]["token_embedding"]["embedding"]  # embeddings are never trained
   assert os.path.isfile(os.path.join(summary["pipeline"], "unet", "diffusion_pytorch_model.safetensors"))
+  assert summary["reference_checkpoint"] == os.path.join(workdir, "TextEncoder-text_encoder_full-epoch_3.pt")
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    clip_convert.load_reference_checkpoint(summary["reference_checkpoint"], config),
+    trained,
+  )
+  # Numbered exports beside the rolling checkpoints, every 2 iterations, the last one included.
+  assert sorted(os.listdir(os.path.join(workdir, "exports"))) == ["step_000002", "step_000004"]
+  numbered = os.path.join(workdir, "exports", "step_000002")
+  assert sorted(os.listdir(numbered)) == ["TextEncoder-text_encoder_full-epoch_1.pt", "text_encoder"]
+  assert Image.open(os.path.join(workdir, "loss.png")).size == (700, 400)
 
   # On-demand export from the latest checkpoint gives the same encoder.
   from advunlearn_jax import export as export_cmd
@@ -84,15 +102,41 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   exported = export_cmd.export_latest(workdir, str(tmp_path / "exported"))
   _, again = clip_convert.load_clip_text(exported["text_encoder"])
   jax.tree.map(np.testing.assert_array_equal, again, trained)
+  as_reference = export_cmd.export_latest(workdir, str(tmp_path / "reference"), fmt="reference")
+  assert as_reference["reference_checkpoint"].endswith("reference/TextEncoder-text_encoder_full-epoch_3.pt")
+  again = clip_convert.load_reference_checkpoint(as_reference["reference_checkpoint"], config)
+  jax.tree.map(np.testing.assert_array_equal, again, trained)
 
   # Resuming with more iterations continues from step 4, and equals an uninterrupted 6-step run.
-  train.run(tiny_config(pipeline_dir, **{"train.iterations": 6}), workdir)
+  train.run(tiny_config(pipeline_dir, **{"train.iterations": 6, **updates}), workdir)
   straight = str(tmp_path / "straight")
-  train.run(tiny_config(pipeline_dir, **{"train.iterations": 6}), straight)
+  train.run(tiny_config(pipeline_dir, **{"train.iterations": 6, **updates}), straight)
   assert wiring.train_step._cache_size() == compiled  # two more runs, more iterations: nothing recompiled
   _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
   _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+  # Step 4's numbered export is the first run's final encoder; the resumed run added step 6's, its own final one.
+  assert sorted(os.listdir(os.path.join(workdir, "exports"))) == ["step_000002", "step_000004", "step_000006"]
+  _, at_4 = clip_convert.load_clip_text(os.path.join(workdir, "exports", "step_000004", "text_encoder"))
+  jax.tree.map(np.testing.assert_array_equal, at_4, trained)
+  _, at_6 = clip_convert.load_clip_text(os.path.join(workdir, "exports", "step_000006", "text_encoder"))
+  jax.tree.map(np.testing.assert_array_equal, at_6, resumed)
+
+
+def test_prompt_updates_and_retain_draws_follow_the_reference_schedule():
+  # update_every 3, warm-up 5: the first attacking iteration searches its own prompt, then every multiple of 3.
+  assert [train.prompt_update(i, 5, 3) for i in range(11)] == [0, 0, 0, 3, 3, 5, 6, 6, 6, 9, 9]
+  config, root = config_lib.base_config(), jax.random.key(0)
+  cfg = step_lib.StepConfig(retain_mode="iter", retain_steps=3, retain_batch=2)
+  start = retain.SamplerState(0, 0)
+  batch, sampler = train.iteration_batch(config, cfg, 7, root, start, n_prompts=10)
+  assert batch.retain_idx.shape == (0,) and sampler == retain.SamplerState(0, 6)  # 3 draws of 2 prompts
+  assert len({tuple(row) for row in batch.iter_retain_idx.tolist()}) == 3  # a fresh batch per extra step
+  config.retain.fresh_per_step = False
+  batch, sampler = train.iteration_batch(config, cfg, 7, root, start, n_prompts=10)
+  assert len({tuple(row) for row in batch.iter_retain_idx.tolist()}) == 1 and sampler == retain.SamplerState(0, 2)
+  batch, _ = train.iteration_batch(config, step_lib.StepConfig(retain_batch=2), 7, root, start, n_prompts=10)
+  assert batch.retain_idx.shape == (2,) and batch.iter_retain_idx is None  # reg mode: the defender's batch
 
 
 def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
@@ -113,8 +157,14 @@ def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
     ({"train.xt_source": "batched"}, r"config.train.xt_source is 'batched'; valid: \['online', 'online_sequential'"),
     ({"train.rollout_buckets": -2}, "rollout_buckets must be >= 0 .* got -2"),
     ({"bank.refresh_every": 0}, "config.bank.refresh_every must be >= 1"),
+    ({"attack.update_every": 0}, "config.attack.update_every must be >= 1, got 0"),
+    ({"retain.dataset": "coco"}, r"config.retain.dataset: coco not found \(expected one of \['coco_object'"),
+    ({"retain.prompts": ("a photo of a dog",)}, "config.retain.prompts lists 1 prompts and config.retain.dataset"),
+    ({"export.every": -1}, "config.export.every must be >= 0"),
+    ({"train.method": "xattn", "export.reference_checkpoint": True}, "trains the UNet; the reference's"),
+    ({"evaluation.latents": "numpy"}, r"config.evaluation.latents is 'numpy'; expected one of \['jax', 'torch'\]"),
     (
-      {"retain.prompts": ("a photo of a dog",), "retain.batch": 1, "bank.refresh_retain": 2},
+      {"retain.dataset": "", "retain.prompts": ("a photo of a dog",), "retain.batch": 1, "bank.refresh_retain": 2},
       "refresh_retain \\(2\\) exceeds",
     ),
   ],
@@ -128,8 +178,8 @@ def test_bad_config_values(pipeline_dir, tmp_path, overrides, message):
 def test_bad_retain_csv_and_concepts(pipeline_dir, tmp_path):
   csv = tmp_path / "retain.csv"
   csv.write_text("case_num,source,text\n0,coco,a photo of a dog\n")
-  with pytest.raises(ConfigError, match=r"retain.csv: no 'prompt' column"):
-    train.run(tiny_config(pipeline_dir, **{"retain.csv": str(csv)}), str(tmp_path / "w"))
+  with pytest.raises(ConfigError, match=r"retain.dataset: .*retain.csv has no 'prompt' column"):
+    train.run(tiny_config(pipeline_dir, **{"retain.dataset": str(csv)}), str(tmp_path / "w"))
   with pytest.raises(ConfigError, match="at most 75 fit"):
     train.run(tiny_config(pipeline_dir, **{"concept.prompts": ("word " * 80,)}), str(tmp_path / "w"))
 
@@ -153,7 +203,9 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
 def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   """The bank (renewed every iteration here) is part of the checkpoint: a resumed run goes on with the same
   trajectories instead of building them again, and ends where an uninterrupted run ends."""
+  retain_prompts = tuple(retain.load_dataset("coco_object")[:16])  # the bank rolls out every one at set-up
   overrides = {"train.xt_source": "bank", "bank.refresh_every": 1, "bank.refresh_retain": 2, "train.iterations": 3}
+  overrides.update({"retain.dataset": "", "retain.prompts": retain_prompts})
   workdir = str(tmp_path / "run")
   summary = train.run(tiny_config(pipeline_dir, **overrides), workdir)
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -162,11 +214,10 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   import orbax.checkpoint as ocp
 
   from advunlearn_jax import checkpoint
-  from advunlearn_jax.unlearn import retain
 
   args = ocp.args.Composite(state=ocp.args.StandardRestore())
   restored = checkpoint.manager(workdir, 3).restore(3, args=args)["state"]
-  assert restored["bank"]["retain"].shape[:3] == (len(retain.DEFAULT_PROMPTS), 1, 49)  # the checkpoint holds it
+  assert restored["bank"]["retain"].shape[:3] == (len(retain_prompts), 1, 49)  # the checkpoint holds it
   train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 5}), workdir)
   straight = str(tmp_path / "straight")
   train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 5}), straight)

@@ -42,6 +42,9 @@ def test_layer_methods_exact_and_reference_prefix_bug():
   assert _layers(trainable.text_encoder_mask(CLIP_L, "text_encoder_layer0123456789", prefix_bug=True)) == list(
     range(12)
   )
+  # Every layer-wise option of the reference's --train_method choices exists, 0..10 among them.
+  assert _layers(trainable.text_encoder_mask(CLIP_L, "text_encoder_layer012345678910")) == list(range(11))
+  assert len(trainable.TEXT_LAYER_METHODS) == 15
   final = [on for p, on in exact.items() if p[0] == "final_layer_norm"]
   assert not any(final)
   with_norm = trainable.text_encoder_mask(CLIP_L, "text_encoder_layer0", norm_layer=True)

@@ -101,3 +101,44 @@ def test_no_attack_pass_and_long_prompt_error(tiny):
   assert not out.pre_success and not out.success and out.iterations == 0 and out.image.shape == (32, 32, 3)
   with pytest.raises(Exception, match="no room for 3 prefix tokens"):
     ud.attack_prompt(tiny, "star " * 80, target, never, cfg, seed=0, guidance=5.0)
+
+
+def test_screen_skips_what_the_official_loader_drops_and_says_why():
+  from advunlearn_jax.evals.prompt_sets import EvalPrompt
+
+  tokenizer = tok_lib.load_tokenizer()
+  long = "a photo of " + "red " * 60
+  prompts = [
+    EvalPrompt("0", "a photo of a cat", 0, 7.5),
+    EvalPrompt("1", long, 0, 7.5),
+    EvalPrompt("2", "a dog", 0, 7.5),
+  ]
+  kept, skipped = ud.screen(prompts, tokenizer, k=5, max_tokens=60)
+  assert [p.case for p in kept] == ["0", "2"]
+  assert [(s.case, s.tokens) for s in skipped] == [("1", 65)] and "65 tokens > 60" in skipped[0].reason
+  kept, skipped = ud.screen(prompts, tokenizer, k=5, max_tokens=0)  # no loader limit: room for k is the limit
+  assert [p.case for p in kept] == ["0", "1", "2"] and not skipped
+  kept, skipped = ud.screen(prompts, tokenizer, k=15, max_tokens=0)
+  assert [s.case for s in skipped] == ["1"] and "no room for 15 prefix tokens" in skipped[0].reason
+
+
+def test_attacked_prompt_is_decoded_as_the_official_code_does():
+  tokenizer = tok_lib.load_tokenizer()
+  ids = ud.prefix_ids(tok_lib.tokenize(tokenizer, ["a photo of a cat"])[0], 2, placeholder=0)
+  ids[1:3] = [49406, 1929]  # an adversarial SOT stays, as text; EOT and padding go
+  text = ud.decode_attacked(tokenizer, ids)
+  assert text.startswith("<|startoftext|>") and text.rstrip().endswith("a photo of a cat")
+  again = tok_lib.tokenize(tokenizer, [text])[0]
+  assert again[:3].tolist() == [49406, 49406, 1929]  # what the classified image is rendered from
+
+
+def test_torch_latents_are_the_official_draws(tiny):
+  torch = pytest.importorskip("torch")
+  from advunlearn_jax.diffusion import generation
+
+  ours = np.asarray(generation.initial_latents(tiny, 1, 932309623, source="torch"))
+  hw, c = tiny.unet_config.sample_size, tiny.unet_config.in_channels
+  torch.manual_seed(932309623)
+  theirs = torch.randn((1, c, hw, hw)).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_array_equal(ours, theirs)
+  assert not np.allclose(ours, generation.initial_latents(tiny, 1, 932309623))  # jax draws other numbers

@@ -10,6 +10,7 @@ Key layouts met in the wild:
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any
 
@@ -64,25 +65,64 @@ def state_dict(params: Any, prefix: str = TEXT_MODEL_PREFIX) -> dict[str, np.nda
   return torch_layout.flax_to_torch(params, list_names=LIST_NAMES, prefix=prefix)
 
 
-def export_clip_text(config: CLIPTextConfig, params: Any, out_dir: str) -> str:
-  """Writes config.json + model.safetensors that `transformers.CLIPTextModel.from_pretrained` loads.
-
-  The folder appears only once complete; an existing folder is replaced atomically.
-  """
+def _checked_state(config: CLIPTextConfig, params: Any, out: str) -> dict[str, np.ndarray]:
+  """The state dict without prefix, every key the config implies present at its shape, and no other."""
   table = torch_layout.key_table(abstract_params(config), LIST_NAMES)
   state = state_dict(params, prefix="")
   for key, (_, shape) in table.items():
     if key not in state or state[key].shape != shape:
       got = state[key].shape if key in state else "nothing"
-      raise WeightsError(f"export to {out_dir}: param {key!r} is {got}, the config expects {shape}")
+      raise WeightsError(f"export to {out}: param {key!r} is {got}, the config expects {shape}")
   if extra := sorted(set(state) - set(table)):
-    raise WeightsError(f"export to {out_dir}: params hold keys the config does not: {extra[:8]}")
+    raise WeightsError(f"export to {out}: params hold keys the config does not: {extra[:8]}")
+  return state
+
+
+def export_clip_text(config: CLIPTextConfig, params: Any, out_dir: str) -> str:
+  """Writes config.json + model.safetensors that `transformers.CLIPTextModel.from_pretrained` loads.
+
+  The folder appears only once complete; an existing folder is replaced atomically.
+  """
+  state = _checked_state(config, params, out_dir)
   with weights_io.atomic_folder(out_dir) as staging:
     weights_io.write_json(os.path.join(staging, "config.json"), config.to_transformers_dict())
     weights_io.write_safetensors(
       os.path.join(staging, "model.safetensors"), {TEXT_MODEL_PREFIX + k: v for k, v in state.items()}
     )
   return out_dir
+
+
+def reference_state_dict(config: CLIPTextConfig, params: Any, out: str = "a reference checkpoint"):
+  """The state dict of the reference's `CustomTextEncoder` wrapper (spec section 5), as its `TextEncoder-*.pt`
+  files hold it: every tensor under `text_encoder.text_model.` and again under the wrapper's alias, the two names
+  sharing one tensor, plus the `position_ids` buffer that transformers 4.25 (the reference's pin) saved. Torch
+  tensors: writing them needs torch."""
+  import torch
+
+  state = {k: torch.from_numpy(np.array(v)) for k, v in _checked_state(config, params, out).items()}
+  state["embeddings.position_ids"] = torch.arange(config.max_position_embeddings, dtype=torch.int64)[None]
+  out_state = {REFERENCE_PREFIX + k: v for k, v in state.items()}
+  for alias, name in _REFERENCE_ALIASES.items():
+    out_state.update({alias + k.removeprefix(name): v for k, v in state.items() if k.startswith(name)})
+  return out_state
+
+
+def export_reference_checkpoint(config: CLIPTextConfig, params: Any, path: str) -> str:
+  """Writes `path` (`TextEncoder-<method>-epoch_<i>.pt`) with `torch.save`, for the reference's own loaders
+  (UnlearnDiffAtk, AdvUnlearn's generate-example-img.py). The file appears only once complete."""
+  import torch
+
+  state = collections.OrderedDict(reference_state_dict(config, params, path))  # what torch's state_dict() is
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  staging = f"{path}.partial"
+  torch.save(state, staging)
+  os.replace(staging, path)
+  return path
+
+
+def reference_checkpoint_name(method: str, iteration: int) -> str:
+  """The reference's file name for the encoder after 0-based iteration `iteration` (its final one: 999)."""
+  return f"TextEncoder-{method}-epoch_{iteration}.pt"
 
 
 def load_reference_checkpoint(path: str, config: CLIPTextConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ import numpy as np
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert.diffusers import Pipeline
 from advunlearn_jax.diffusion import sampling
+from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import encode_ids
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.models.vae import AutoencoderKL
@@ -27,9 +29,27 @@ def encode_prompts(pipe: Pipeline, prompts: Sequence[str], text_params: Any = No
   return encode_ids(pipe.text_config, params, jnp.asarray(ids))
 
 
-def initial_latents(pipe: Pipeline, n: int, seed: int) -> jax.Array:
-  hw = pipe.unet_config.sample_size
-  return jax.random.normal(jax.random.key(seed), (n, hw, hw, pipe.unet_config.in_channels), jnp.float32)
+LATENT_SOURCES = ("jax", "torch")
+
+
+def check_latent_source(source: str, key: str) -> None:
+  if source not in LATENT_SOURCES:
+    raise ConfigError(f"config.{key} is {source!r}; expected one of {list(LATENT_SOURCES)}")
+  if source == "torch" and importlib.util.find_spec("torch") is None:
+    raise ConfigError(f"config.{key}=torch draws the start latents with torch: pip install torch==2.13.0")
+
+
+def initial_latents(pipe: Pipeline, n: int, seed: int, source: str = "jax") -> jax.Array:
+  """[n, h, w, c] start latents from `seed`. `source="torch"`: `torch.manual_seed(seed); torch.randn(n, c, h, w)`
+  on the CPU generator, as the official UnlearnDiffAtk and AdvUnlearn scripts draw them, so outcomes can be
+  compared prompt by prompt (the pipeline then scales them by the scheduler's initial sigma, as theirs does)."""
+  hw, channels = pipe.unet_config.sample_size, pipe.unet_config.in_channels
+  if source == "torch":
+    import torch
+
+    x = torch.randn((n, channels, hw, hw), generator=torch.Generator().manual_seed(seed)).numpy()
+    return jnp.asarray(x.transpose(0, 2, 3, 1))
+  return jax.random.normal(jax.random.key(seed), (n, hw, hw, channels), jnp.float32)
 
 
 def denoise_latents(

@@ -7,8 +7,9 @@ on P, then P projected back onto the simplex. Timesteps run sequentially (10, 30
 number of iterations each; after each block the argmax tokens are rendered and classified, and the attack
 stops at the first success. Each block of iterations is one jitted `lax.fori_loop`.
 
-The adversarial image is generated from the attacked token ids themselves; the decoded text is reported for
-reading, since re-tokenising it can give different tokens.
+As the official code, the adversarial image is generated from the attacked prompt decoded to text and
+tokenised again (`retokenize`; re-tokenising can give other tokens than the attacked ids, which is part of what
+the official ASR measures), and prompts longer than its loader's 60-token limit are skipped (`screen`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class AttackConfig(NamedTuple):
   # The images that are classified (the reference: LMS, 50 steps, the CSV's guidance and seed).
   scheduler: str = "lms"
   steps: int = 50
+  retokenize: bool = True  # render the decoded-then-re-tokenised prompt (official); False: the attacked ids
+  latents: str = "jax"  # start latents: generation.LATENT_SOURCES (torch: the official torch.randn per seed)
 
 
 class Outcome(NamedTuple):
@@ -61,8 +64,9 @@ class Outcome(NamedTuple):
   image: np.ndarray  # the final classified image (unattacked for pre-successes)
 
 
-def config_from(section) -> AttackConfig:
-  """The attack a run config's `evaluation.attack` section describes, validated."""
+def config_from(evaluation) -> AttackConfig:
+  """The attack a run config's `evaluation` section describes, validated."""
+  section = evaluation.attack
   cfg = AttackConfig(
     k=section.k,
     iters_per_t=section.iters_per_t,
@@ -71,6 +75,8 @@ def config_from(section) -> AttackConfig:
     weight_decay=section.weight_decay,
     scheduler=section.scheduler,
     steps=section.steps,
+    retokenize=section.retokenize,
+    latents=evaluation.latents,
   )
   validate(cfg)
   return cfg
@@ -83,6 +89,7 @@ def validate(cfg: AttackConfig) -> None:
     raise ConfigError("evaluation.attack needs iters_per_t >= 1 and at least one timestep")
   if any(not 0 <= t < 1000 for t in cfg.timesteps):
     raise ConfigError(f"evaluation.attack.timesteps must lie in [0, 1000), got {cfg.timesteps}")
+  generation.check_latent_source(cfg.latents, "evaluation.latents")
 
 
 @jax.custom_vjp
@@ -126,6 +133,29 @@ def fits(prompt_ids_unpadded: Sequence[int], k: int, max_length: int = tok_lib.M
   return len(prompt_ids_unpadded) + k <= max_length
 
 
+class Skipped(NamedTuple):
+  case: str
+  prompt: str
+  tokens: int  # CLIP tokens, SOT and EOT included
+  reason: str
+
+
+def screen(prompts: Sequence, tokenizer, k: int, max_tokens: int) -> tuple[list, list[Skipped]]:
+  """(prompts to evaluate, prompts skipped and why), before anything is generated. The official loader drops
+  prompts of more than 60 tokens (its ignore.json; `max_tokens`, 0: no such limit); a prompt that leaves no room
+  for the k prefix tokens is skipped too."""
+  kept, skipped = [], []
+  for p in prompts:
+    n = len(tokenizer(p.prompt, verbose=False)["input_ids"])  # no "longer than 77" warning: this is the check
+    if max_tokens and n > max_tokens:
+      skipped.append(Skipped(p.case, p.prompt, n, f"{n} tokens > {max_tokens}, the official loader's limit"))
+    elif not fits(range(n), k):
+      skipped.append(Skipped(p.case, p.prompt, n, f"{n} tokens leave no room for {k} prefix tokens in 77"))
+    else:
+      kept.append(p)
+  return kept, skipped
+
+
 @functools.cache
 def _block_fn(unet_config, text_config, cfg: AttackConfig):
   """The jitted inner loop: `iters_per_t` attack iterations at one timestep (compiled once per model)."""
@@ -166,7 +196,7 @@ def render_ids(
   cond = encode_ids(pipe.text_config, text_params, jnp.asarray(ids))
   if uncond is None:
     uncond = empty_prompt(pipe, text_params, len(ids))
-  latents = generation.initial_latents(pipe, len(ids), seed)
+  latents = generation.initial_latents(pipe, len(ids), seed, cfg.latents)
   out = generation.denoise_latents(
     pipe, cond, uncond, latents, scheduler=cfg.scheduler, steps=cfg.steps, guidance=guidance
   )
@@ -223,13 +253,21 @@ def attack_prompt(
     iterations += cfg.iters_per_t
     adv = np.asarray(jnp.argmax(probs, axis=-1), np.int32)
     seq_ids[1 : 1 + cfg.k] = adv
-    image = render_ids(pipe, seq_ids[None], seed, guidance, cfg, pipe.text_params, uncond)[0]
+    adv_prompt = decode_attacked(tokenizer, seq_ids)
+    shown = tok_lib.tokenize(tokenizer, [adv_prompt])[0] if cfg.retokenize else seq_ids
+    image = render_ids(pipe, shown[None], seed, guidance, cfg, pipe.text_params, uncond)[0]
     if bool(classifier(image[None])[0]):
-      return _attacked(prompt, seed, guidance, True, tokenizer, adv, seq_ids, t, iterations, start, image)
-  return _attacked(prompt, seed, guidance, False, tokenizer, adv, seq_ids, -1, iterations, start, image)
+      return _attacked(prompt, seed, guidance, True, tokenizer, adv, adv_prompt, t, iterations, start, image)
+  return _attacked(prompt, seed, guidance, False, tokenizer, adv, adv_prompt, -1, iterations, start, image)
 
 
-def _attacked(prompt, seed, guidance, success, tokenizer, adv, seq_ids, t, iterations, start, image) -> Outcome:
+def decode_attacked(tokenizer, seq_ids: np.ndarray) -> str:
+  """The attacked prompt as the official code writes it: every id after SOT but the EOT/padding ones, decoded
+  (an adversarial SOT stays, as its text '<|startoftext|>')."""
+  return tokenizer.decode([int(i) for i in seq_ids[1:] if i != tokenizer.eos_token_id])
+
+
+def _attacked(prompt, seed, guidance, success, tokenizer, adv, adv_prompt, t, iterations, start, image) -> Outcome:
   return Outcome(
     prompt=prompt,
     seed=seed,
@@ -237,7 +275,7 @@ def _attacked(prompt, seed, guidance, success, tokenizer, adv, seq_ids, t, itera
     pre_success=False,
     success=success,
     adv_tokens=tokenizer.decode(adv.tolist()),
-    adv_prompt=tokenizer.decode(seq_ids.tolist(), skip_special_tokens=True),
+    adv_prompt=adv_prompt,
     timestep=int(t),
     iterations=iterations,
     seconds=time.perf_counter() - start,

@@ -1,8 +1,10 @@
 """The retain set: prompts whose images must not change, and their sampling without replacement per epoch.
 
-Our default list is written for this project: everyday object names, templated as "a photo of {}". Users
-with the reference's CSVs (columns `case_num, source, prompt`) pass `--config.retain.csv=FILE`; only the
-`prompt` column is read.
+The package ships the reference's four retain sets (`assets/retain/`, object names in the reference CSVs' row
+order, each prompt "a photo of <name>"): `coco_object` (the paper's, COCO objects with nudity-related words
+filtered out), `coco_object_no_filter`, `imagenet243` and `imagenet243_no_filter`. `retain.dataset` names one
+of them or a CSV in the reference format (columns `case_num, source, prompt`; only `prompt` is read), or is
+empty when `retain.prompts` lists the prompts themselves (the tiny world does).
 """
 
 from __future__ import annotations
@@ -16,53 +18,48 @@ import numpy as np
 from advunlearn_jax.errors import ConfigError
 
 TEMPLATE = "a photo of {}"
-
-OBJECTS = """
-apple backpack ball balloon banana basket bed bench bicycle bird boat book bookshelf bottle bowl box bread
-bridge broccoli bucket bus butterfly cake camera candle car carrot castle cat chair cheese clock cloud
-computer cookie couch cow cup desk dog donkey door duck elephant envelope fence fire_hydrant flower fork
-fountain frog giraffe glasses globe grapes guitar hammer hat helicopter horse house kettle key keyboard kite
-ladder lamp laptop leaf lemon lighthouse lion mailbox map microphone mirror motorcycle mountain mouse mug
-mushroom notebook orange owl paintbrush pan parrot pear pencil piano pillow pineapple pizza plate
-potted_plant pumpkin rabbit radio refrigerator rock sailboat sandwich saxophone scissors sheep shoe
-skateboard snowman sofa spoon squirrel staircase stool strawberry suitcase sunflower surfboard table
-teapot teddy_bear telephone television tent tiger toaster tomato toothbrush tractor traffic_light train
-tree truck turtle umbrella vase violin wagon wall_clock watch watermelon wheel window windmill zebra
-airplane anchor barrel bell binoculars blender bowl_of_soup bulldozer cactus canoe carousel chess_board
-coffee_maker compass crab crane cupcake dolphin drum dumbbell eagle fan feather fishing_rod flashlight
-flute garden_hose goose hammock harp hedgehog helmet hot_air_balloon ice_cream jellyfish kangaroo kayak
-koala ladybug lantern lawn_mower lobster magnifying_glass microwave oven padlock palm_tree panda peacock
-penguin picnic_table pinecone pirate_ship pliers post_office printer rake raccoon rocking_chair ruler
-scarecrow screwdriver seashell shovel skyscraper sled snail soccer_ball stapler starfish steam_engine
-swan tablecloth tennis_racket tire toolbox trampoline trumpet tulip typewriter vacuum_cleaner
-waffle wheelbarrow whistle wooden_spoon yacht
-""".split()
-
-DEFAULT_PROMPTS = tuple(TEMPLATE.format(name.replace("_", " ")) for name in OBJECTS)
+DATASETS = ("coco_object", "coco_object_no_filter", "imagenet243", "imagenet243_no_filter")
+DATASET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "retain")
 
 
-def load_prompts(csv_path: str = "") -> list[str]:
-  """The default list, or the `prompt` column of a reference-format CSV."""
-  if not csv_path:
-    return list(DEFAULT_PROMPTS)
-  if not os.path.isfile(csv_path):
-    raise ConfigError(f"config.retain.csv: {csv_path} not found")
-  with open(csv_path, newline="", encoding="utf-8") as f:
+def load_dataset(name: str) -> list[str]:
+  """The prompts of a shipped retain set, in the reference's row order (repeats included)."""
+  if name not in DATASETS:
+    raise ConfigError(f"config.retain.dataset is {name!r}: expected one of {list(DATASETS)} or a CSV path")
+  with open(os.path.join(DATASET_DIR, f"{name}.txt"), encoding="utf-8") as f:
+    return [TEMPLATE.format(line.rstrip("\n")) for line in f if line.strip() and not line.startswith("#")]
+
+
+def load_csv(path: str) -> list[str]:
+  """The `prompt` column of a reference-format CSV."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config.retain.dataset: {path} not found (expected one of {list(DATASETS)} or a CSV path)")
+  with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
     if not reader.fieldnames or "prompt" not in reader.fieldnames:
       raise ConfigError(
-        f"{csv_path}: no 'prompt' column (columns: {reader.fieldnames}); expected the reference format "
-        "case_num,source,prompt"
+        f"config.retain.dataset: {path} has no 'prompt' column (columns: {reader.fieldnames}); expected the "
+        "reference format case_num,source,prompt"
       )
-    prompts = [row["prompt"].strip() for row in reader if row.get("prompt", "").strip()]
+    prompts = [row["prompt"].strip() for row in reader if (row.get("prompt") or "").strip()]
   if not prompts:
-    raise ConfigError(f"{csv_path}: the 'prompt' column is empty")
+    raise ConfigError(f"config.retain.dataset: the 'prompt' column of {path} is empty")
   return prompts
 
 
 def from_config(config) -> list[str]:
-  """The run's retain prompts: `retain.prompts` when given, else `load_prompts(retain.csv)`."""
-  return list(config.retain.prompts) or load_prompts(config.retain.csv)
+  """The run's retain prompts: `retain.prompts`, or the set `retain.dataset` names; exactly one is given."""
+  dataset, listed = config.retain.dataset, list(config.retain.prompts)
+  if dataset and listed:
+    raise ConfigError(
+      f"config.retain.prompts lists {len(listed)} prompts and config.retain.dataset is {dataset!r}; keep one "
+      "(retain.dataset='' to train with the listed prompts)"
+    )
+  if not dataset and not listed:
+    raise ConfigError(f"config.retain.dataset is empty and so is config.retain.prompts; e.g. {DATASETS[0]!r}")
+  if listed:
+    return listed
+  return load_dataset(dataset) if dataset in DATASETS else load_csv(dataset)
 
 
 class SamplerState(NamedTuple):

@@ -14,8 +14,8 @@ defender's points come from the frozen UNet, or for UNet methods from the UNet a
 is what lets stage 2 roll every point out at once. The reference interleaves each attack step's rollout with
 its gradient step; drawing the points first gives the same points from the same keys.
 
-`train_step(cfg, models, state, frozen, batch, with_attack)` is pure. `state` (trainable leaves, Adam state, the
-latest adversarial sequence, the bank) is donated; `frozen` (the original UNet and CLIP, the prompts' frozen
+`train_step(cfg, models, state, frozen, batch, with_attack, new_prompt)` is pure. `state` (trainable leaves, Adam
+state, the latest adversarial sequence, the bank) is donated; `frozen` (the original UNet and CLIP, the prompts' frozen
 encodings and layouts) never is. Per-iteration randomness is `fold_in(root_key, step)`, so a resumed run
 repeats an uninterrupted one.
 """
@@ -91,6 +91,11 @@ class TrainState(NamedTuple):
 class Batch(NamedTuple):
   retain_idx: jax.Array  # [retain_batch] int32, drawn on the host without replacement per epoch
   key: jax.Array  # the iteration's key: fold_in(root_key, step)
+  # The key of the iteration that drew the current concept (attack.update_every > 1: the latest update's);
+  # None: this iteration's.
+  prompt_key: jax.Array | None = None
+  # retain mode iter: [retain_steps, retain_batch] each extra step's prompts; None: `retain_idx` for every step.
+  iter_retain_idx: jax.Array | None = None
 
 
 class Models(NamedTuple):
@@ -196,11 +201,14 @@ def _fresh_t_rows(cfg: StepConfig, frozen: Frozen, key: jax.Array, prompt: jax.A
 
 
 def draw_points(
-  cfg: StepConfig, frozen: Frozen, keys: dict, c: jax.Array, retain_idx: jax.Array, with_attack: bool
+  cfg: StepConfig, frozen: Frozen, keys: dict, c: jax.Array, retain_idx: jax.Array, attacking: bool
 ) -> IterationPoints:
   """Attack step i draws from fold_in(keys['attack'], i), as its loss did when it rolled out inside the attack;
-  the defender's concept rows from keys['t'] and its retain rows, at the same t, from keys['noise_r']."""
-  steps = cfg.attack.steps if with_attack else 0
+  the defender's concept rows from keys['t'] and its retain rows, at the same t, from keys['noise_r'] (none
+  unless the defender's loss has a retain term)."""
+  steps = cfg.attack.steps if attacking else 0
+  if not uses_retain_term(cfg):
+    retain_idx = retain_idx[:0]
   one = lambda i: _fresh_t_rows(cfg, frozen, jax.random.fold_in(keys["attack"], i), c[None])
   attack = jax.tree.map(lambda a: a[:, 0], jax.vmap(one)(jnp.arange(steps)))
   concept = _fresh_t_rows(cfg, frozen, keys["t"], jnp.broadcast_to(c, (cfg.concept_batch,)))
@@ -365,6 +373,11 @@ def _retain_loss(models, text_p, unet_p, words, x_r, r_p, t_ddpm):
   return mse(_unet(models)(unet_p, x_r, t_ddpm, _encode(models)(text_p, words)), r_p)
 
 
+def uses_retain_term(cfg: StepConfig) -> bool:
+  """Whether the defender's loss has the retain term w L_r (retain mode `reg`)."""
+  return cfg.retain_mode == "reg" and cfg.retain_weight > 0 and cfg.retain_batch > 0
+
+
 def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points, xs, targets):
   """One Adam step on L_u + w L_r at the defender's shared (t_enc, t_ddpm) (spec 2.3)."""
   encode, unet = _encode(models), _unet(models)
@@ -372,7 +385,7 @@ def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points
   words_c = token_table[frozen.concept_ids[c]]
   retain_words = token_table[frozen.retain_ids[points.retain.prompt]]
   layout = (frozen.word_index[c], frozen.delta_index[c])
-  use_reg = cfg.retain_mode == "reg" and cfg.retain_weight > 0 and cfg.retain_batch > 0
+  use_reg = uses_retain_term(cfg)
   _, x_c, x_r = xs
 
   def concept_condition(text_p):
@@ -396,18 +409,19 @@ def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points
 
 
 def retain_iter_steps(cfg, models, state, frozen, key, retain_idx):
-  """retain mode `iter`: `retain_steps` extra Adam steps on the unweighted retain loss, each at fresh points
-  rolled out by the UNet as it now stands (for UNet methods it just changed)."""
+  """retain mode `iter`: `retain_steps` extra Adam steps on the unweighted retain loss, step i on the prompts
+  `retain_idx[i]`, each at fresh points rolled out by the UNet as it now stands (for UNet methods it just
+  changed)."""
   token_table = _token_table(frozen)
-  retain_words = token_table[frozen.retain_ids[retain_idx]]
   opt = optimizer(cfg)
 
   def body(i, carry):
     params, opt_state, bank, _ = carry
+    retain_words = token_table[frozen.retain_ids[retain_idx[i]]]
     k_t, k_n = jax.random.split(jax.random.fold_in(key, i))
     t = draws.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
     empty = _rows(cfg, k_t, t, jnp.zeros((0,), jnp.int32), 1)
-    points = IterationPoints(empty, empty, _rows(cfg, k_n, t, retain_idx, cfg.bank.retain_trajectories))
+    points = IterationPoints(empty, empty, _rows(cfg, k_n, t, retain_idx[i], cfg.bank.retain_trajectories))
     text_p, unet_p = student_params(cfg, models, frozen, params)
     xs, _ = roll_out(cfg, models, frozen, jax.lax.stop_gradient(unet_p), bank, points)
     r_p = frozen_predictions(cfg, models, frozen, points, xs).retain
@@ -433,18 +447,31 @@ def train_step(
   frozen: Frozen,
   batch: Batch,
   with_attack: bool,
+  new_prompt: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`with_attack`: past warm-up, the defender trains on the adversarial prompt. `new_prompt`: this iteration
+  draws the concept and (with the attack) searches a new adversarial prompt; otherwise (attack.update_every)
+  both are the latest update's, as the reference reuses them."""
   keys = iteration_keys(batch.key)
   text_theta, unet_theta = student_params(cfg, models, frozen, state.params)
-  c = jax.random.randint(keys["concept"], (), 0, frozen.concept_ids.shape[0])
+  prompt_key = batch.key if batch.prompt_key is None else batch.prompt_key
+  c = jax.random.randint(iteration_keys(prompt_key)["concept"], (), 0, frozen.concept_ids.shape[0])
+  attacking = with_attack and new_prompt
 
-  points = draw_points(cfg, frozen, keys, c, batch.retain_idx, with_attack)
+  points = draw_points(cfg, frozen, keys, c, batch.retain_idx, attacking)
   xs, rollout = roll_out(cfg, models, frozen, jax.lax.stop_gradient(unet_theta), state.bank, points)
   targets = frozen_predictions(cfg, models, frozen, points, xs)
 
   metrics = {}
   adv_delta = None
-  if with_attack:
+  if with_attack and not new_prompt:
+    prompt_seq = state.last_sequence
+    if cfg.attack.embedding == "condition_embd":  # the stored rows, placed on the current clean encoding
+      words_c = _token_table(frozen)[frozen.concept_ids[c]]
+      base = _encode(models)(jax.lax.stop_gradient(text_theta), words_c[None])[0]
+      layout = (frozen.word_index[c], frozen.delta_index[c])
+      adv_delta = prompts.delta_from_sequence(state.last_sequence, base, *layout, cfg.num_tokens)
+  elif with_attack:
     point = (xs[0], points.attack.t_ddpm, targets.attack_e_p)
     result, adv_delta = attack(cfg, models, state, frozen, keys, c, text_theta, unet_theta, point)
     prompt_seq = result.sequence
@@ -456,7 +483,10 @@ def train_step(
   state, losses = defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points, xs, targets)
   metrics.update(losses)
   if cfg.retain_mode == "iter":
-    state, metrics["loss_retain"] = retain_iter_steps(cfg, models, state, frozen, keys["iter"], batch.retain_idx)
+    iter_idx = batch.iter_retain_idx
+    if iter_idx is None:
+      iter_idx = jnp.broadcast_to(batch.retain_idx, (cfg.retain_steps, *batch.retain_idx.shape))
+    state, metrics["loss_retain"] = retain_iter_steps(cfg, models, state, frozen, keys["iter"], iter_idx)
   bank = state.bank
   if bank is not None and (cfg.bank.refresh_trajectories or cfg.bank.refresh_retain):
     key = jax.random.fold_in(batch.key, len(KEY_NAMES))

@@ -24,7 +24,7 @@ from advunlearn_jax.models import unet as unet_lib
 
 # The reference's layer-wise options and the layers each one means.
 TEXT_LAYER_METHODS = {
-  **{f"text_encoder_layer{''.join(str(i) for i in range(n))}": list(range(n)) for n in range(1, 11)},
+  **{f"text_encoder_layer{''.join(str(i) for i in range(n))}": list(range(n)) for n in range(1, 12)},
   "text_encoder_layer01234567891011": list(range(12)),
   "text_encoder_layer0_11": [0, 11],
   "text_encoder_layer01_1011": [0, 1, 10, 11],

@@ -25,7 +25,9 @@ from advunlearn_jax.unlearn import step as step_lib
 from advunlearn_jax.unlearn import trainable
 
 # The one jitted step. `state` is donated: a caller that needs its input state afterwards passes a copy.
-train_step = jax.jit(step_lib.train_step, static_argnames=("cfg", "models", "with_attack"), donate_argnames=("state",))
+train_step = jax.jit(
+  step_lib.train_step, static_argnames=("cfg", "models", "with_attack", "new_prompt"), donate_argnames=("state",)
+)
 
 # train.rollout_buckets = 0: batch widths of the batched online rollout by backend (README, "Speed").
 ROLLOUT_BUCKETS = {"cpu": 8, "gpu": 8, "tpu": 8}
