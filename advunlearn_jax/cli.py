@@ -27,6 +27,24 @@ def quiet_libraries() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag (an unknown value, a missing required flag, a config override that
+  does not apply) reported as every user error is: absl's own parser exits with status 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = f"{e} (--helpfull lists the flags)"
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.a.b=... where the config has no a.b
+    while not isinstance(e, KeyError) and e.__context__ is not None:  # its KeyError holds the readable message
+      e = e.__context__
+    key, _, hint = str(e.args[0] if e.args else e).partition("\n")
+    key = key.strip("'\"")
+    named = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
+    message = f"{', '.join(named) or 'a --config override'}: the config has no field {key!r}. {hint}".strip()
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   def guarded(argv: list[str]) -> None:
     quiet_libraries()
@@ -36,4 +54,4 @@ def run(main: Callable[[list[str]], None]) -> None:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=_parse_flags)

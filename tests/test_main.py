@@ -82,6 +82,9 @@ def _cli(module, *args, timeout=120):
     ("population", ["--config=configs/tiny.py", "--sweep=seed=zero"], "--sweep: seed='zero' is not a int"),
     ("tiny.build", ["--out={tmp}", "--stage=2"], "--stage=2 with --continue_from=''"),
     ("tiny.evaluate", ["--pipeline=/nonexistent/dir"], "/nonexistent/dir: no such folder"),
+    # Flags absl rejects while parsing: a value outside an enum, an override of a config key that does not exist.
+    ("export", ["--workdir={tmp}", "--out={tmp}/out", "--format=ref"], "value should be one of <diffusers|reference>"),
+    ("main", ["--config=configs/tiny.py", "--config.train.lrr=1"], "train.lrr"),
   ],
 )
 def test_user_errors_end_with_one_line_and_status_2(module, args, message, tmp_path):
