@@ -341,9 +341,8 @@ def _initial_delta(cfg, models, state, frozen, keys, c, text_p, base, layout) ->
 
 def attack(
   cfg: StepConfig, models: Models, state: TrainState, frozen: Frozen, keys: dict, c, text_theta, unet_theta, point
-) -> tuple[attack_lib.AttackResult, jax.Array | None]:
-  """The adversarial sequence against the current student (frozen during the attack), and for condition_embd
-  the adversarial rows the defender places onto its own encoding of the clean prompt. Step i sees `point`'s
+) -> attack_lib.AttackResult:
+  """The adversarial sequence against the current student (frozen during the attack). Step i sees `point`'s
   i-th (x_t, t_ddpm, e_p)."""
   encode, unet = _encode(models), _unet(models)
   text_p, unet_p = jax.lax.stop_gradient((text_theta, unet_theta))
@@ -361,9 +360,16 @@ def attack(
     cond = seq[None] if in_condition else encode(text_p, seq[None])
     return mse(unet(unet_p, x_t[None], t_ddpm[None], cond), e_p[None])
 
-  result = attack_lib.run(cfg.attack, delta0, base, *layout, loss, point)
-  adv_delta = prompts.delta_from_sequence(result.sequence, base, *layout, cfg.num_tokens) if in_condition else None
-  return result, adv_delta
+  return attack_lib.run(cfg.attack, delta0, base, *layout, loss, point)
+
+
+def condition_delta(cfg: StepConfig, models: Models, frozen: Frozen, c, text_theta, sequence) -> jax.Array:
+  """condition_embd: the adversarial rows of a conditioning `sequence`, which the defender places onto its own
+  encoding of the clean prompt (exact for every layout but `add`, whose rows are taken against the current
+  encoding)."""
+  words_c = _token_table(frozen)[frozen.concept_ids[c]]
+  base = _encode(models)(jax.lax.stop_gradient(text_theta), words_c[None])[0]
+  return prompts.delta_from_sequence(sequence, base, frozen.word_index[c], frozen.delta_index[c], cfg.num_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- 5. defender
@@ -464,19 +470,15 @@ def train_step(
 
   metrics = {}
   adv_delta = None
-  if with_attack and not new_prompt:
-    prompt_seq = state.last_sequence
-    if cfg.attack.embedding == "condition_embd":  # the stored rows, placed on the current clean encoding
-      words_c = _token_table(frozen)[frozen.concept_ids[c]]
-      base = _encode(models)(jax.lax.stop_gradient(text_theta), words_c[None])[0]
-      layout = (frozen.word_index[c], frozen.delta_index[c])
-      adv_delta = prompts.delta_from_sequence(state.last_sequence, base, *layout, cfg.num_tokens)
-  elif with_attack:
+  if attacking:
     point = (xs[0], points.attack.t_ddpm, targets.attack_e_p)
-    result, adv_delta = attack(cfg, models, state, frozen, keys, c, text_theta, unet_theta, point)
-    prompt_seq = result.sequence
+    result = attack(cfg, models, state, frozen, keys, c, text_theta, unet_theta, point)
     metrics.update(attack_loss_first=result.first_loss, attack_loss_last=result.last_loss)
     state = state._replace(last_sequence=result.sequence, has_last=jnp.ones((), bool))
+  if with_attack:  # the sequence just searched, or between updates the latest one
+    prompt_seq = state.last_sequence
+    if cfg.attack.embedding == "condition_embd":
+      adv_delta = condition_delta(cfg, models, frozen, c, text_theta, prompt_seq)
   else:  # warm-up: the clean concept, all 77 original ids
     prompt_seq = _token_table(frozen)[frozen.concept_ids[c]]
 
