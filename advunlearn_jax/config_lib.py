@@ -106,7 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
   # iter mode: each extra step draws its own retain prompts, as the reference; False: all reuse the iteration's
   c.retain.fresh_per_step = True
   # The reference's set (its --dataset_retain, spec 4.3): coco_object | coco_object_no_filter | imagenet243 |
-  # imagenet243_no_filter (shipped, unlearn/retain.py), or a CSV with a `prompt` column; "" with retain.prompts.
+  # imagenet243_no_filter (shipped, unlearn/retain.py), a CSV with a `prompt` column, or captions from
+  # tfds:NAME[/CONFIG]:SPLIT; "" with retain.prompts.
   c.retain.dataset = "coco_object"
   c.retain.prompts = ()  # exactly these retain prompts (retain.dataset must then be "")
 
@@ -136,13 +137,23 @@ def base_config() -> ml_collections.ConfigDict:
   # Start latents: jax (jax.random) | torch (torch.manual_seed(seed); torch.randn, as the official scripts; needs
   # torch), which makes per-prompt outcomes comparable one to one with theirs.
   c.evaluation.latents = "jax"
-  c.evaluation.clip_model = ""  # transformers CLIP folder (openai/clip-vit-base-patch32) -> CLIP score
-  c.evaluation.captions_csv = ""  # utility captions (coco_10k.csv format: prompt[, evaluation_seed])
+  # Utility (spec 6.2): one image per caption, then the CLIP score and the FID against real images.
+  c.evaluation.captions = ""  # coco_10k.csv (prompt[, evaluation_seed]) or tfds:NAME[/CONFIG]:SPLIT
   c.evaluation.max_captions = 0  # 0: every caption
-  c.evaluation.real_images = ""  # folder of real images (COCO) -> FID-CLIP against the caption images
+  c.evaluation.clip_model = ""  # transformers CLIP folder (openai/clip-vit-base-patch32) -> CLIP score
+  c.evaluation.real_images = ""  # folder or tfds:NAME[/CONFIG]:SPLIT of real images (COCO) -> FID
+  c.evaluation.max_real_images = 0  # 0: every image
+  # FID features: inception (pytorch-fid's network: the paper's scale) | clip (CLIP image features, needs
+  # clip_model; not the paper's scale) | auto: inception when its weights are at hand, else clip.
+  c.evaluation.fid = "auto"
+  # pytorch-fid's pt_inception-2015-12-05 .pth or its converted .safetensors; "": the cache, filled by
+  # `python -m advunlearn_jax.convert.inception` (or, with fid=inception and no HF_HUB_OFFLINE, on first use).
+  c.evaluation.inception_weights = ""
   c.evaluation.utility_scheduler = "lms"  # the reference: LMS, 100 steps, guidance 7.5
   c.evaluation.utility_steps = 100
   c.evaluation.utility_guidance = 7.5
+  c.evaluation.utility_batch = 4  # images per device per batch, over every device
+  c.evaluation.utility_format = "png"  # png (one file per caption) | npy (one array file; one host)
 
   c.attack = ml_collections.ConfigDict()
   c.attack.method = "pgd"  # pgd (Adam on the embedding, as the reference) | fast_at (sign)
@@ -244,6 +255,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
       )
   if config.report.kind not in REPORTS:
     raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(REPORTS)}")
-  from advunlearn_jax.evals import unlearndiff
+  from advunlearn_jax.evals import caption_images, fid, unlearndiff
 
   unlearndiff.config_from(config.evaluation)
+  ev = config.evaluation
+  if ev.fid not in fid.FEATURES:
+    raise ConfigError(f"config.evaluation.fid is {ev.fid!r}; expected one of {list(fid.FEATURES)}")
+  if ev.utility_format not in caption_images.FORMATS:
+    raise ConfigError(
+      f"config.evaluation.utility_format is {ev.utility_format!r}; expected one of {list(caption_images.FORMATS)}"
+    )
+  if ev.utility_batch < 1:
+    raise ConfigError(f"config.evaluation.utility_batch must be >= 1, got {ev.utility_batch}")
+  from advunlearn_jax import tfds_source
+
+  for key in ("captions", "real_images"):
+    if tfds_source.is_tfds(ev[key]):
+      tfds_source.parse(ev[key], f"evaluation.{key}")

@@ -8,9 +8,10 @@ The original model is `config.model.pretrained`; the evaluated one is that model
 swapped in, or a whole `--pipeline` folder (for UNet methods), or, with neither, the original model itself.
 Target images come from the original model; UnlearnDiffAtk (evals/unlearndiff.py) then attacks every prompt
 of `config.evaluation` that the unattacked model does not already show. Writes report.md, report.json and
-grids of the target, unattacked and final images. With `evaluation.clip_model` and a caption set it adds the
-CLIP score, plus FID-CLIP against `evaluation.real_images` (evals/fid.py says why not Inception FID); on the
-tiny world it adds the judge's recognition of the retained values.
+grids of the target, unattacked and final images. With `evaluation.captions` it runs the paper's utility
+protocol (`--utility_only`: nothing else): one image per caption (sharded, resumable: evals/caption_images.py),
+the CLIP score with `evaluation.clip_model` and the FID against `evaluation.real_images` on pytorch-fid's
+Inception features (evals/fid.py); on the tiny world it adds the judge's recognition of the retained values.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from advunlearn_jax.errors import ConfigError
 
 def _define_flags():
   """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
-  global _CONFIG, _OUT, _TEXT_ENCODER, _PIPELINE, _NO_ATTACK, _COMPILATION_CACHE
+  global _CONFIG, _OUT, _TEXT_ENCODER, _PIPELINE, _NO_ATTACK, _UTILITY_ONLY, _COMPILATION_CACHE
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
   _OUT = flags.DEFINE_string("out", None, "Folder for report.md, report.json and the image grids.")
   _TEXT_ENCODER = flags.DEFINE_string("text_encoder", "", "Unlearned text encoder folder (transformers layout).")
   _PIPELINE = flags.DEFINE_string("pipeline", "", "Unlearned diffusers pipeline folder (e.g. WORKDIR/pipeline).")
   _NO_ATTACK = flags.DEFINE_bool("no_attack", False, "Only the unattacked pass (pre-ASR).")
+  _UTILITY_ONLY = flags.DEFINE_bool("utility_only", False, "Only the utility protocol: caption images, CLIP, FID.")
   _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", "{out}/xla_cache", compile_cache.FLAG_HELP)
 
 
@@ -107,13 +109,17 @@ def _save_grids(out_dir: str, targets: np.ndarray, outcomes) -> None:
 
 
 def _markdown(report: dict) -> str:
-  r = report["robustness"]
-  s = r["summary"]
   lines = [
     "# Evaluation report",
     "",
     f"- original model: `{report['original']}`",
     f"- evaluated model: `{report['evaluated']}`",
+  ]
+  if "robustness" not in report:
+    return "\n".join([*lines, "", "Utility only (no attack):", "", *_utility_lines(report["utility"]), ""])
+  r = report["robustness"]
+  s = r["summary"]
+  lines += [
     f"- classifier: `{report['classifier']}`; attack: {'UnlearnDiffAtk' if report['attacked'] else 'none'} "
     f"(k={r['attack']['k']}, {r['attack']['iters_per_t']} iterations x {len(r['attack']['timesteps'])} timesteps)",
     "",
@@ -124,8 +130,7 @@ def _markdown(report: dict) -> str:
   if r["skipped"]:
     lines += [f"Skipped {len(r['skipped'])} prompts, as the official loader does:", ""]
     lines += [f"- case {k['case']}: {k['reason']}: {k['prompt'][:70]!r}" for k in r["skipped"]] + [""]
-  for name, value in report.get("utility", {}).items():
-    lines.append(f"- {name}: {value:.4f}" if isinstance(value, float) else f"- {name}: {value}")
+  lines += _utility_lines(report["utility"])
   lines += [
     "",
     "| case | prompt | seed | pre | success | t | iterations | adversarial tokens |",
@@ -143,55 +148,70 @@ def _markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
+def _utility_lines(utility: dict) -> list[str]:
+  lines = [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in utility.items()]
+  if utility.get("fid_features") == "clip":
+    lines.append("- (fid on CLIP image features: compare models with each other, not with the paper's FID)")
+  return lines
+
+
 def evaluate(
   config: ml_collections.ConfigDict,
   out_dir: str,
   text_encoder: str = "",
   pipeline: str = "",
   attack: bool = True,
+  utility_only: bool = False,
   log=print,
 ) -> dict:
+  """Robustness (unless `utility_only`), then utility; writes OUT/report.json and report.md."""
   from advunlearn_jax.convert import diffusers as sd_convert
   from advunlearn_jax.evals import classifiers, prompt_sets
 
   if text_encoder and pipeline:
     raise ConfigError("--text_encoder and --pipeline are both set; give one (a pipeline already has its encoder)")
   ev = config.evaluation
-  prompts = prompt_sets.from_config(ev.prompts_csv, ev.prompts, ev.seed, ev.guidance, ev.max_prompts, "prompts")
-  if not prompts:
-    raise ConfigError("config.evaluation has no prompts: set evaluation.prompts_csv or evaluation.prompts")
-  if not ev.classifier:
-    raise ConfigError(
-      "config.evaluation.classifier is empty; e.g. nudenet, hf:/path/to/resnet-50:497 (church) or "
-      "hf:/path/to/style-vit:vincent-van-gogh:3"
-    )
-  classifier = classifiers.make(ev.classifier)
+  if utility_only and not ev.captions:
+    raise ConfigError("--utility_only: config.evaluation.captions is empty (e.g. coco_10k.csv)")
+  if not utility_only:
+    prompts = prompt_sets.from_config(ev.prompts_csv, ev.prompts, ev.seed, ev.guidance, ev.max_prompts, "prompts")
+    if not prompts:
+      raise ConfigError("config.evaluation has no prompts: set evaluation.prompts_csv or evaluation.prompts")
+    if not ev.classifier:
+      raise ConfigError(
+        "config.evaluation.classifier is empty; e.g. nudenet, hf:/path/to/resnet-50:497 (church) or "
+        "hf:/path/to/style-vit:vincent-van-gogh:3"
+      )
+    classifier = classifiers.make(ev.classifier)
   original_dir = config_lib.resolve_pretrained(config.model.pretrained)
-  original = sd_convert.load_pipeline(original_dir)
   evaluated_dir = pipeline or original_dir
   target = sd_convert.load_pipeline(evaluated_dir, text_encoder=text_encoder or None)
+  report: dict[str, Any] = {"original": original_dir, "evaluated": text_encoder or evaluated_dir, "seconds": {}}
+  if not utility_only:
+    original = sd_convert.load_pipeline(original_dir)
+    t0 = time.perf_counter()
+    result = robustness(original, target, prompts, classifier, config, attack=attack, log=log)
+    per_prompt = [
+      {"case": p.case, **{k: v for k, v in o._asdict().items() if k != "image"}}
+      for p, o in zip(result["prompts"], result["outcomes"])
+    ]
+    report.update(
+      classifier=ev.classifier,
+      attacked=attack,
+      robustness={
+        "summary": result["summary"],
+        "attack": result["attack"],
+        "per_prompt": per_prompt,
+        "skipped": result["skipped"],
+      },
+    )
+    report["seconds"]["robustness"] = time.perf_counter() - t0
+    os.makedirs(out_dir, exist_ok=True)  # only now: a prompt set that fails its checks leaves no folder behind
+    _save_grids(out_dir, result["targets"], result["outcomes"])
   t0 = time.perf_counter()
-  result = robustness(original, target, prompts, classifier, config, attack=attack, log=log)
-  per_prompt = [
-    {"case": p.case, **{k: v for k, v in o._asdict().items() if k != "image"}}
-    for p, o in zip(result["prompts"], result["outcomes"])
-  ]
-  report = {
-    "original": original_dir,
-    "evaluated": text_encoder or evaluated_dir,
-    "classifier": ev.classifier,
-    "attacked": attack,
-    "robustness": {
-      "summary": result["summary"],
-      "attack": result["attack"],
-      "per_prompt": per_prompt,
-      "skipped": result["skipped"],
-    },
-    "seconds": {"robustness": time.perf_counter() - t0},
-  }
-  report["utility"] = utility(config, original_dir, target, out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  _save_grids(out_dir, result["targets"], result["outcomes"])
+  report["utility"] = utility(config, original_dir, target, out_dir, log=log)
+  report["seconds"]["utility"] = time.perf_counter() - t0
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   with open(os.path.join(out_dir, "report.md"), "w") as f:
@@ -199,60 +219,59 @@ def evaluate(
   return report
 
 
-def caption_images(pipe, captions, config: ml_collections.ConfigDict, chunk: int = 16) -> np.ndarray:
-  """One image per caption at its own seed, in chunks of consecutive captions that share a guidance scale."""
-  import jax.numpy as jnp
-
-  from advunlearn_jax.diffusion import generation
-
-  ev = config.evaluation
-  out, i = [], 0
-  while i < len(captions):
-    group = [captions[i]]
-    while (
-      len(group) < chunk and i + len(group) < len(captions) and captions[i + len(group)].guidance == group[0].guidance
-    ):
-      group.append(captions[i + len(group)])
-    latents = jnp.concatenate([generation.initial_latents(pipe, 1, c.seed, ev.latents) for c in group])
-    out.append(
-      generation.generate(
-        pipe,
-        [c.prompt for c in group],
-        latents,
-        scheduler=ev.utility_scheduler,
-        steps=ev.utility_steps,
-        guidance=group[0].guidance,
-      )
-    )
-    i += len(group)
-  return np.concatenate(out)
-
-
-def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_dir: str) -> dict[str, float]:
+def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_dir: str, log=print) -> dict[str, Any]:
+  """The paper's utility protocol (spec 6.2): one image per caption of `evaluation.captions` (kept in
+  OUT/utility_images, resumable), the CLIP score with `evaluation.clip_model`, the FID against
+  `evaluation.real_images` on the features `evaluation.fid` names; the tiny world's retained-value recognition."""
   from advunlearn_jax.evals import prompt_sets
 
-  out: dict[str, float] = {}
+  out: dict[str, Any] = {}
   ev = config.evaluation
-  if ev.real_images and not ev.clip_model:
-    raise ConfigError("config.evaluation.real_images needs evaluation.clip_model: FID-CLIP uses its image features")
-  if ev.clip_model:
+  if (ev.clip_model or ev.real_images) and not ev.captions:
+    raise ConfigError(
+      "config.evaluation.clip_model / real_images score images of captions: set evaluation.captions "
+      "(e.g. coco_10k.csv or tfds:coco_captions/2014:val)"
+    )
+  if ev.captions:
     from advunlearn_jax.diffusion import generation
-    from advunlearn_jax.evals import clip_score
+    from advunlearn_jax.evals import caption_images
 
-    captions = prompt_sets.from_config(ev.captions_csv, (), ev.seed, ev.utility_guidance, ev.max_captions, "captions")
-    if not captions:
-      raise ConfigError("config.evaluation.clip_model is set but captions_csv is empty (e.g. coco_10k.csv)")
-    images = caption_images(target, captions, config)
-    scorer = clip_score.CLIPScorer(ev.clip_model)
-    out["clip_score"] = scorer.score(images, [c.prompt for c in captions])
-    out["clip_score_captions"] = len(captions)
+    captions = prompt_sets.from_config(ev.captions, (), ev.seed, ev.utility_guidance, ev.max_captions, "captions")
+    hw = generation.image_size(target)
+    store = caption_images.ImageStore(
+      os.path.join(out_dir, "utility_images"),
+      caption_images.manifest(captions, ev.utility_scheduler, ev.utility_steps, ev.latents),
+      (hw, hw, 3),
+      ev.utility_format,
+    )
+    t0 = time.perf_counter()
+    made = caption_images.generate(
+      target,
+      captions,
+      store,
+      scheduler=ev.utility_scheduler,
+      steps=ev.utility_steps,
+      latents=ev.latents,
+      per_device_batch=ev.utility_batch,
+      log=log,
+    )
+    out["captions"] = len(captions)
+    out["images_per_second"] = made / (time.perf_counter() - t0) if made else 0.0
+    images = store.read_all()
+    scorer = None
+    if ev.clip_model:
+      from advunlearn_jax.evals import clip_score
+
+      scorer = clip_score.CLIPScorer(ev.clip_model)
+      out["clip_score"] = scorer.score(images, [c.prompt for c in captions])
     if ev.real_images:
       from advunlearn_jax.evals import fid
 
-      real = fid.statistics(scorer.image_features(fid.load_images(ev.real_images)))
-      out["fid_clip"] = fid.frechet_distance(*fid.statistics(scorer.image_features(images)), *real)
-    grid = generation.image_grid(images[:32], cols=8)
-    generation.save_png(os.path.join(out_dir, "utility_samples.png"), grid)
+      features = fid.feature_extractor(ev.fid, ev.inception_weights, scorer, log)
+      real = fid.statistics(features(fid.load_images(ev.real_images, ev.max_real_images)))
+      out["fid"] = fid.frechet_distance(*fid.statistics(features(images)), *real)
+      out["fid_features"] = features.name
+    generation.save_png(os.path.join(out_dir, "utility_samples.png"), generation.image_grid(images[:32], cols=8))
   if config.report.kind == "tiny_world":
     from advunlearn_jax.tiny import report as tiny_report
 
@@ -275,9 +294,22 @@ def main(argv):
   config = _CONFIG.value
   config_lib.validate(config)
   compile_cache.enable(_COMPILATION_CACHE.value, out=_OUT.value)
-  report = evaluate(config, _OUT.value, _TEXT_ENCODER.value, _PIPELINE.value, attack=not _NO_ATTACK.value)
-  s = report["robustness"]["summary"]
-  print(f"pre-ASR {s['pre_asr']:.1%}, ASR {s['asr']:.1%} over {s['prompts']} prompts; report in {_OUT.value}/report.md")
+  report = evaluate(
+    config,
+    _OUT.value,
+    _TEXT_ENCODER.value,
+    _PIPELINE.value,
+    attack=not _NO_ATTACK.value,
+    utility_only=_UTILITY_ONLY.value,
+  )
+  u = report["utility"]
+  scores = [f"{k} {u[k]:.4f}" for k in ("fid", "clip_score") if k in u]
+  if "fid" in u:
+    scores[0] += f" ({u['fid_features']} features)"
+  if "robustness" in report:
+    s = report["robustness"]["summary"]
+    scores.insert(0, f"pre-ASR {s['pre_asr']:.1%}, ASR {s['asr']:.1%} over {s['prompts']} prompts")
+  print(f"{'; '.join(scores) or 'no scores'}; report in {_OUT.value}/report.md")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from advunlearn_jax.convert.weights_io import atomic_folder
+from advunlearn_jax.convert.weights_io import atomic_folder, cache_dir
 
 MAX_LENGTH = 77
 EOT_ID = 49407
@@ -64,10 +64,7 @@ def build_vocab_and_merges(bpe_path: str) -> tuple[dict[str, int], list[str]]:
 
 
 def default_cache_dir() -> str:
-  root = os.environ.get("ADVUNLEARN_CACHE") or os.path.join(
-    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "advunlearn_jax"
-  )
-  return os.path.join(root, "clip_tokenizer")
+  return cache_dir("clip_tokenizer")
 
 
 def write_clip_tokenizer_folder(out_dir: str, bpe_path: str | None = None) -> str:

@@ -57,3 +57,14 @@ def test_unet_benchmark_baseline_computes_the_same_loss(tmp_path):
   np.testing.assert_allclose(torch_rows["bfloat16"]["loss"], jax_rows["bfloat16"]["loss"], rtol=2e-2)
   for row in jax_rows.values():
     assert row["speedup_vs_diffusers"] == torch_rows[row["dtype"]]["step_s"] / row["step_s"]
+
+
+def test_generate_benchmark_compares_the_same_images(tmp_path):
+  """Ours and diffusers' pipeline from the same start latents draw the same pictures, so the images/s ratio
+  compares like with like."""
+  args = ["--images=4", "--batch=2", "--steps=5", "--repeats=1", f"--json={tmp_path / 'gen.json'}"]
+  out = _benchmark("generate.py", *args)
+  report = json.loads((tmp_path / "gen.json").read_text())
+  assert report["images"] == 4 and report["ours_images_per_s"] > 0 and report["diffusers_images_per_s"] > 0
+  assert report["max_abs_diff"] <= 2 and report["mean_abs_diff"] < 0.1
+  assert re.search(r"^speed-up ours vs diffusers: [0-9.]+x$", out.stdout, re.M), out.stdout

@@ -137,7 +137,8 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   config.evaluation.clip_model = str(tmp_path / "clip")
   torch_oracles.write_clip_model(config.evaluation.clip_model)
   (tmp_path / "captions.csv").write_text("case_number,prompt,evaluation_seed\n7,a red star,3\n8,a blue heart,4\n")
-  config.evaluation.captions_csv = str(tmp_path / "captions.csv")
+  config.evaluation.captions = str(tmp_path / "captions.csv")
+  config.evaluation.fid = "clip"
   config.evaluation.utility_scheduler = "ddim"
   config.evaluation.utility_steps = 5
   config.evaluation.real_images = str(tmp_path / "real")
@@ -155,8 +156,8 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   assert on_disk["robustness"]["summary"] == s
   utility = on_disk["utility"]
   assert utility["tiny_world_erased_before"] == utility["tiny_world_erased_after"]  # the base model itself
-  assert -1 <= utility["clip_score"] <= 1 and utility["clip_score_captions"] == 2
-  assert utility["fid_clip"] > 0
+  assert -1 <= utility["clip_score"] <= 1 and utility["captions"] == 2
+  assert utility["fid"] > 0 and utility["fid_features"] == "clip"
   assert (tmp_path / "utility_samples.png").is_file()
   assert "pre-ASR 50.0%" in (tmp_path / "report.md").read_text()
   assert (tmp_path / "targets_and_final.png").is_file()

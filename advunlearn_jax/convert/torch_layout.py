@@ -84,15 +84,7 @@ def torch_to_flax(
   `display_prefix` is prepended to key names in error messages: the prefix the file itself uses.
   """
   table = key_table(abstract, list_names)
-  missing = sorted(display_prefix + k for k in table if k not in state)
-  unexpected = sorted(display_prefix + k for k in state if k not in table and not ignore(k))
-  if missing or unexpected:
-    lines = [f"{source}: weights do not match the model config."]
-    if missing:
-      lines.append(f"  missing {len(missing)} key(s): {_preview(missing)}")
-    if unexpected:
-      lines.append(f"  unexpected {len(unexpected)} key(s): {_preview(unexpected)}")
-    raise WeightsError("\n".join(lines))
+  check_keys(table, state, f"{source}: weights do not match the model config.", ignore, display_prefix)
   flat = {}
   for key, (path, torch_shape) in table.items():
     value = np.asarray(state[key])
@@ -102,6 +94,25 @@ def torch_to_flax(
       )
     flat[path] = np.ascontiguousarray(_to_flax(path[-1], value)).astype(dtype, copy=False)
   return traverse_util.unflatten_dict(flat)
+
+
+def check_keys(
+  expected: Collection[str],
+  present: Collection[str],
+  headline: str,
+  ignore: Callable[[str], bool] = lambda key: False,
+  display_prefix: str = "",
+) -> None:
+  """A WeightsError starting with `headline` that lists the missing and unexpected keys, if there are any."""
+  missing = sorted(display_prefix + k for k in expected if k not in present)
+  unexpected = sorted(display_prefix + k for k in present if k not in expected and not ignore(k))
+  if missing or unexpected:
+    lines = [headline]
+    if missing:
+      lines.append(f"  missing {len(missing)} key(s): {_preview(missing)}")
+    if unexpected:
+      lines.append(f"  unexpected {len(unexpected)} key(s): {_preview(unexpected)}")
+    raise WeightsError("\n".join(lines))
 
 
 def flax_to_torch(params: Any, *, list_names: Collection[str], prefix: str = "") -> dict[str, np.ndarray]:

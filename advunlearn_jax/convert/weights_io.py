@@ -19,6 +19,14 @@ from safetensors.numpy import load_file, save_file
 from advunlearn_jax.errors import WeightsError
 
 
+def cache_dir(name: str) -> str:
+  """Where files derived once from downloads live: $ADVUNLEARN_CACHE, else $XDG_CACHE_HOME/advunlearn_jax."""
+  root = os.environ.get("ADVUNLEARN_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "advunlearn_jax"
+  )
+  return os.path.join(root, name)
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   try:
     return load_file(path)

@@ -101,11 +101,20 @@ def encode_images(pipe: Pipeline, images: np.ndarray) -> jax.Array:
   return encode_means(pipe.vae_config, pipe.vae_params, x) * pipe.vae_config.scaling_factor
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def decode_uint8(config, params, latents: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, 3] on device (sharded like `latents`), post-processed exactly as diffusers' pipelines do."""
+  images = jnp.clip(_decode(config, params, latents) / 2 + 0.5, 0.0, 1.0)
+  return (images * 255).round().astype(jnp.uint8)
+
+
+def image_size(pipe: Pipeline) -> int:
+  """The side of decoded images: the UNet's latent side times the VAE's downsampling (SD 1.x: 64 * 8)."""
+  return pipe.unet_config.sample_size * 2 ** (len(pipe.vae_config.block_out_channels) - 1)
+
+
 def decode_images(pipe: Pipeline, latents: jax.Array) -> np.ndarray:
-  """uint8 [B, H, W, 3], post-processed exactly as diffusers' pipelines do."""
-  images = _decode(pipe.vae_config, pipe.vae_params, latents)
-  images = np.asarray(jnp.clip(images / 2 + 0.5, 0.0, 1.0))
-  return (images * 255).round().astype(np.uint8)
+  return np.asarray(decode_uint8(pipe.vae_config, pipe.vae_params, latents))
 
 
 def generate(

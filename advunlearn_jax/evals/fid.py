@@ -1,23 +1,26 @@
-"""Fréchet distance between image sets, on CLIP ViT-B/32 image features (FID-CLIP).
+"""Fréchet distance between image sets: on pytorch-fid's Inception features (the paper's FID) or on CLIP's.
 
-The paper's FID uses InceptionV3 features (T2IBenchmark / pytorch-fid). Every maintained FID package we
-checked needs torchvision (pytorch-fid, clean-fid, torch-fidelity) or pins a CUDA or 2020-era stack (fidax,
-jax-fid), so we compute the same Fréchet distance, with pytorch-fid's formula and its guard for singular
-covariance products, on the features of the CLIP model we already load for the CLIP score (the "FID_CLIP"
-of Kynkäänniemi et al., 2023). Its values are not on the Inception-FID scale: compare models with each
-other, not with the paper's FID column.
+`InceptionFeatures` reproduces pytorch-fid's pipeline: uint8 images to [0, 1], bilinear resize to 299 x 299
+(`F.interpolate(..., align_corners=False)`, done here on the host so images of every size share one compiled
+network), the FID Inception-v3 (`models/inception.py`) and its 2048-d pool features; `frechet_distance` is
+pytorch-fid's formula with its guard for singular covariance products. Its weights come from pytorch-fid's
+`.pth` (`convert/inception.py`). Without them, `evaluation.fid="clip"` measures the same distance on CLIP
+ViT-B/32 image features ("FID_CLIP", Kynkäänniemi et al., 2023): useful to compare models with each other, but
+not on the scale of the paper's FID column.
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 from scipy import linalg
 
 from advunlearn_jax.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FEATURES = ("auto", "inception", "clip")
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,9 +45,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 
 def load_images(folder: str, limit: int = 0) -> list[np.ndarray]:
-  """uint8 RGB images [H, W, 3] from a folder, sorted by name, each at its own size."""
+  """uint8 RGB images [H, W, 3], each at its own size, from a folder (sorted by name) or a
+  `tfds:NAME[/CONFIG]:SPLIT` source (in stored order)."""
   from PIL import Image
 
+  from advunlearn_jax import tfds_source
+
+  if tfds_source.is_tfds(folder):
+    images = tfds_source.images(folder, "evaluation.real_images", limit)
+    if len(images) < 2:
+      raise ConfigError(f"config.evaluation.real_images={folder!r}: needs at least 2 images, found {len(images)}")
+    return images
   if not os.path.isdir(folder):
     raise ConfigError(f"real-image folder {folder!r} does not exist")
   names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
@@ -53,3 +64,92 @@ def load_images(folder: str, limit: int = 0) -> list[np.ndarray]:
   if len(names) < 2:
     raise ConfigError(f"{folder}: needs at least 2 images ({', '.join(IMAGE_SUFFIXES)}), found {len(names)}")
   return [np.asarray(Image.open(os.path.join(folder, name)).convert("RGB")) for name in names]
+
+
+def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
+  """[H, W, C] float -> [size, size, C], exactly as PyTorch's bilinear `F.interpolate` with
+  `align_corners=False` and no antialiasing (source index clamped at 0, neighbour clamped at the edge)."""
+
+  def taps(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # PyTorch: float32 scale, then scale * (i + 0.5) - 0.5 as one fused multiply-add (a float32*float32
+    # product is exact in float64, so this rounds once, as the FMA does): the same source coordinates bit for bit.
+    centres = (np.arange(size, dtype=np.float32) + np.float32(0.5)).astype(np.float64)
+    src = np.maximum((centres * np.float64(np.float32(n_in / size)) - 0.5).astype(np.float32), np.float32(0.0))
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, np.clip(src - lo, 0, 1).astype(np.float32)
+
+  (r0, r1, wr), (c0, c1, wc) = taps(image.shape[0]), taps(image.shape[1])
+  cols = image[:, c0] * (1 - wc)[None, :, None] + image[:, c1] * wc[None, :, None]  # PyTorch's order: width inner
+  return cols[r0] * (1 - wr)[:, None, None] + cols[r1] * wr[:, None, None]
+
+
+class InceptionFeatures:
+  """pytorch-fid's 2048-d Inception features of uint8 RGB images of any size, `batch_size` at a time."""
+
+  name = "inception"
+
+  def __init__(self, weights: str, batch_size: int = 50):
+    from advunlearn_jax.convert import inception as convert
+    from advunlearn_jax.models.inception import FIDInceptionV3
+
+    self.weights = weights
+    self.batch_size = batch_size
+    self._variables = jax.device_put(convert.load_variables(weights))
+    self._apply = jax.jit(FIDInceptionV3().apply)
+
+  def __call__(self, images) -> np.ndarray:
+    from advunlearn_jax.models.inception import INPUT_SIZE
+
+    out = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = [
+        resize_bilinear(np.asarray(im, np.float32) / 255.0, INPUT_SIZE)
+        for im in images[start : start + self.batch_size]
+      ]
+      batch = np.zeros((self.batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.float32)  # one shape: one compilation
+      batch[: len(chunk)] = np.stack(chunk)
+      out.append(np.asarray(self._apply(self._variables, batch))[: len(chunk)])
+    return np.concatenate(out)
+
+
+class ClipFeatures:
+  """CLIP image features for the Fréchet distance (FID_CLIP): comparable between models, not with the paper."""
+
+  name = "clip"
+
+  def __init__(self, scorer):
+    self._scorer = scorer
+
+  def __call__(self, images) -> np.ndarray:
+    return self._scorer.image_features(images)
+
+
+def feature_extractor(kind: str, inception_weights: str, clip_scorer=None, log=print):
+  """The features `evaluation.fid` asks for: `kind` in FEATURES, weights as `evaluation.inception_weights`."""
+  from advunlearn_jax.convert import inception as convert
+
+  if kind not in FEATURES:
+    raise ConfigError(f"config.evaluation.fid is {kind!r}; expected one of {list(FEATURES)}")
+  if inception_weights and not os.path.isfile(inception_weights):
+    raise ConfigError(f"config.evaluation.inception_weights: {inception_weights!r} does not exist")
+  weights = inception_weights or (convert.cached_path() if os.path.isfile(convert.cached_path()) else "")
+  how_to = f"`python -m advunlearn_jax.convert.inception` (downloads {convert.FID_WEIGHTS_URL} once)"
+  if kind == "inception" and not weights:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+      raise ConfigError(
+        f"config.evaluation.fid=inception: no weights at {convert.cached_path()} and HF_HUB_OFFLINE is set; run "
+        f"{how_to} once online, or set evaluation.inception_weights to pytorch-fid's .pth"
+      )
+    log(f"fetching pytorch-fid's Inception weights into {convert.cached_path()}")
+    weights = convert.download_and_convert()
+  if weights and kind != "clip":
+    return InceptionFeatures(weights)
+  if clip_scorer is None:
+    raise ConfigError(
+      "config.evaluation.real_images: FID needs pytorch-fid's Inception weights (evaluation.inception_weights, "
+      f"or the cache: {how_to}) or, for FID on CLIP features, evaluation.clip_model"
+    )
+  if kind == "auto":
+    log(f"FID on CLIP features, not on the paper's scale: no Inception weights at {convert.cached_path()}; {how_to}")
+  return ClipFeatures(clip_scorer)

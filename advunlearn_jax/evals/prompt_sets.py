@@ -1,4 +1,4 @@
-"""Evaluation prompt sets: the reference's attack-prompt and caption CSVs, or inline prompts.
+"""Evaluation prompt sets: the reference's attack-prompt and caption CSVs, tfds caption sets, or inline prompts.
 
 The reference CSVs (UnlearnDiffAtk `prompts/*.csv`, `coco_10k.csv`) share a `prompt` column; `evaluation_seed`,
 `evaluation_guidance` and `case_number` are optional here and default to the config's seed / guidance and the
@@ -49,11 +49,21 @@ def inline(prompts: Sequence[str], seed: int, guidance: float) -> list[EvalPromp
   return [EvalPrompt(str(i), p, seed + i, guidance) for i, p in enumerate(prompts)]
 
 
-def from_config(csv_path: str, prompts: Sequence[str], seed: int, guidance: float, limit: int, what: str):
-  """The prompt set named by a config's `{what}_csv` / inline fields, cut to `limit` (0: all)."""
-  if csv_path and prompts:
-    raise ConfigError(f"config.evaluation: both a {what} CSV and inline {what} are set; keep one")
-  if not csv_path and not prompts:
+def read_tfds(source: str, key: str, default_seed: int, default_guidance: float, limit: int) -> list[EvalPrompt]:
+  """Captions of a `tfds:NAME[/CONFIG]:SPLIT` source (tfds_source.py), seeds counting up from `default_seed`."""
+  from advunlearn_jax import tfds_source
+
+  return inline(tfds_source.captions(source, key, limit), default_seed, default_guidance)
+
+
+def from_config(source: str, prompts: Sequence[str], seed: int, guidance: float, limit: int, what: str):
+  """The prompt set of a config's `what` source (a CSV, or for captions also a tfds source) or its inline
+  prompts, cut to `limit` (0: all)."""
+  if source and prompts:
+    raise ConfigError(f"config.evaluation: both a {what} source and inline {what} are set; keep one")
+  if not source and not prompts:
     return []
-  out = read_csv(csv_path, seed, guidance) if csv_path else inline(prompts, seed, guidance)
+  if source and source.startswith("tfds:"):
+    return read_tfds(source, f"evaluation.{what}", seed, guidance, limit)
+  out = read_csv(source, seed, guidance) if source else inline(prompts, seed, guidance)
   return out[:limit] if limit > 0 else out
