@@ -111,6 +111,7 @@ def convert(pth: str, out: str) -> str:
   os.close(fd)
   try:
     weights_io.write_safetensors(staging, keep)
+    os.chmod(staging, 0o644)  # mkstemp's 0600 would keep the shared cache from other users
     os.replace(staging, out)
   finally:
     if os.path.exists(staging):
