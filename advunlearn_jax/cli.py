@@ -41,8 +41,29 @@ def _parse_flags(argv: list[str]) -> list[str]:
     key = key.strip("'\"")
     named = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
     message = f"{', '.join(named) or 'a --config override'}: the config has no field {key!r}. {hint}".strip()
+  except TypeError:  # ml_collections: --config.a.b=... where config.a is a value, not a section
+    message = _not_a_section(argv) or "a --config override names a field inside a value that is not a section"
   print(f"error: {message}", file=sys.stderr)
   sys.exit(EXIT_USER_ERROR)
+
+
+def _not_a_section(argv: list[str]) -> str:
+  """'--config.evaluation.attack.k: config.evaluation.attack is 'unlearndiff', not a section', found by walking
+  each override's path through the base config, whose sections every config file keeps ('' if none matches)."""
+  from advunlearn_jax import config_lib
+
+  config = config_lib.base_config()
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    flag = arg.split("=", 1)[0]
+    node, path = config, []
+    for part in flag[len("--config.") :].split(".")[:-1]:
+      path.append(part)
+      node = node.get(part) if hasattr(node, "get") else None
+      if node is not None and not hasattr(node, "get"):
+        return f"{flag}: config.{'.'.join(path)} is {node!r}, not a section"
+  return ""
 
 
 def run(main: Callable[[list[str]], None]) -> None:

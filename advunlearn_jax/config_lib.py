@@ -119,17 +119,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluation.guidance = 7.5  # for inline prompts and CSVs without evaluation_guidance
   c.evaluation.max_prompts = 0  # 0: every prompt
   c.evaluation.classifier = ""  # evals/classifiers.py spec: nudenet | hf:FOLDER:TARGETS[:TOP_K] | judge:KIND=VALUE
-  c.evaluation.attack = ml_collections.ConfigDict()
-  c.evaluation.attack.k = 3  # 5 for nudity (the reference's UnlearnDiffAtk configs)
-  c.evaluation.attack.iters_per_t = 40
-  c.evaluation.attack.timesteps = tuple(range(10, 1000, 20))
-  c.evaluation.attack.lr = 0.01
-  c.evaluation.attack.weight_decay = 0.1
-  c.evaluation.attack.scheduler = "lms"  # the classified images: LMS, 50 steps
-  c.evaluation.attack.steps = 50
+  # The attack: unlearndiff (UnlearnDiffAtk, the paper's: discrete prefix tokens per prompt) | inversion (concept
+  # inversion: k continuous token embeddings learned from images of the concept, one set for every prompt).
+  c.evaluation.attack = "unlearndiff"
+  c.evaluation.unlearndiff = ml_collections.ConfigDict()
+  c.evaluation.unlearndiff.k = 3  # 5 for nudity (the reference's UnlearnDiffAtk configs)
+  c.evaluation.unlearndiff.iters_per_t = 40
+  c.evaluation.unlearndiff.timesteps = tuple(range(10, 1000, 20))
+  c.evaluation.unlearndiff.lr = 0.01
+  c.evaluation.unlearndiff.weight_decay = 0.1
+  c.evaluation.unlearndiff.scheduler = "lms"  # the classified images: LMS, 50 steps
+  c.evaluation.unlearndiff.steps = 50
   # The classified image of the attacked prompt: decoded to text and tokenised again, as the official code; False:
   # from the attacked token ids themselves.
-  c.evaluation.attack.retokenize = True
+  c.evaluation.unlearndiff.retokenize = True
+  c.evaluation.inversion = ml_collections.ConfigDict()
+  # Images of the erased concept: a folder, tfds:NAME[/CONFIG]:SPLIT, or tiny_world:VALUE (the renderer's).
+  c.evaluation.inversion.images = ""
+  c.evaluation.inversion.max_images = 64
+  c.evaluation.inversion.tokens = 3  # k learned embeddings, placed where UnlearnDiffAtk puts its k tokens
+  c.evaluation.inversion.steps = 300  # Adam steps of the denoising loss
+  c.evaluation.inversion.lr = 5e-3
+  c.evaluation.inversion.batch = 4
+  c.evaluation.inversion.scheduler = "lms"  # the classified images, as UnlearnDiffAtk's
+  c.evaluation.inversion.sample_steps = 50
+  # ASR against attack budget: budgets (unlearndiff: attack iterations, multiples of iters_per_t; inversion:
+  # optimisation steps), each prompt's attack stopping at its first success; () for none.
+  c.evaluation.budgets = ()
   c.evaluation.target_scheduler = "lms"  # the original model's target images: LMS, 25 steps
   c.evaluation.target_steps = 25
   c.evaluation.target_guidance = 7.5  # as the official generate_dataset.py; 0: each prompt's own (CSV) guidance
@@ -255,9 +271,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       )
   if config.report.kind not in REPORTS:
     raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(REPORTS)}")
-  from advunlearn_jax.evals import caption_images, fid, unlearndiff
+  from advunlearn_jax.evals import attacks, caption_images, fid
 
-  unlearndiff.config_from(config.evaluation)
+  attacks.config_from(config.evaluation)
   ev = config.evaluation
   if ev.fid not in fid.FEATURES:
     raise ConfigError(f"config.evaluation.fid is {ev.fid!r}; expected one of {list(fid.FEATURES)}")

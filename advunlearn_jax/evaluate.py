@@ -64,28 +64,48 @@ def target_images(pipe, prompts, config: ml_collections.ConfigDict) -> np.ndarra
 
 
 def robustness(original, target, prompts, classifier, config, attack: bool = True, log=print) -> dict[str, Any]:
-  """UnlearnDiffAtk on every prompt that passes `unlearndiff.screen` (checked before anything is generated)."""
+  """`evaluation.attack` on every prompt that passes `unlearndiff.screen` (checked before anything is
+  generated): UnlearnDiffAtk prompt by prompt, or one concept inversion for all of them."""
   from advunlearn_jax import tokenizer as tok_lib
-  from advunlearn_jax.evals import unlearndiff
+  from advunlearn_jax.evals import attacks, budgets, inversion, unlearndiff
 
-  cfg = unlearndiff.config_from(config.evaluation)
+  ev = config.evaluation
+  cfg = attacks.config_from(config.evaluation)
+  k = cfg.tokens if ev.attack == "inversion" else cfg.k
   tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
-  prompts, skipped = unlearndiff.screen(prompts, tokenizer, cfg.k, config.evaluation.max_prompt_tokens)
+  prompts, skipped = unlearndiff.screen(prompts, tokenizer, k, ev.max_prompt_tokens)
   for s in skipped:
     log(f"skipped case {s.case} ({s.reason}): {s.prompt[:60]!r}")
   if not prompts:
     raise ConfigError(f"every one of the {len(skipped)} evaluation prompts was skipped ({skipped[0].reason})")
-  targets = target_images(original, prompts, config)
-  outcomes = []
-  for p, image in zip(prompts, targets):
-    o = unlearndiff.attack_prompt(
-      target, p.prompt, image, classifier, cfg, seed=p.seed, guidance=p.guidance, attack=attack
+  extra: dict[str, Any] = {}
+  if ev.attack == "inversion":
+    from advunlearn_jax.diffusion import generation
+
+    images = inversion.concept_images(
+      ev.inversion.images, ev.inversion.max_images, generation.image_size(target), seed=config.seed
     )
-    outcomes.append(o)
+    result = inversion.attack_prompts(
+      target, prompts, images, classifier, cfg, attack=attack, seed=config.seed, log=log
+    )
+    outcomes, targets = result.outcomes, images[: len(prompts)]
+    extra["inversion"] = {
+      "images": len(images),
+      "losses": result.losses,
+      "nearest_words": {str(b): w for b, w in result.learned.items()},
+      "train_seconds": result.train_seconds,
+    }
+  else:
+    targets = target_images(original, prompts, config)
+    outcomes = [
+      unlearndiff.attack_prompt(
+        target, p.prompt, image, classifier, cfg, seed=p.seed, guidance=p.guidance, attack=attack
+      )
+      for p, image in zip(prompts, targets)
+    ]
+  for i, (p, o) in enumerate(zip(prompts, outcomes)):
     status = "pre-success" if o.pre_success else ("attack success" if o.success else "robust")
-    log(
-      f"[{len(outcomes)}/{len(prompts)}] {status} after {o.iterations} iterations ({o.seconds:.1f}s): {p.prompt[:60]!r}"
-    )
+    log(f"[{i + 1}/{len(prompts)}] {status} after {o.iterations} iterations ({o.seconds:.1f}s): {p.prompt[:60]!r}")
   summary = unlearndiff.summarize(outcomes)
   return {
     "summary": summary._asdict(),
@@ -93,7 +113,10 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
     "prompts": prompts,
     "skipped": [s._asdict() for s in skipped],
     "targets": targets,
+    "attack_name": ev.attack,
     "attack": cfg._asdict(),
+    "budget_curve": budgets.asr_curve(outcomes, ev.budgets) if ev.budgets and attack else [],
+    **extra,
   }
 
 
@@ -119,9 +142,15 @@ def _markdown(report: dict) -> str:
     return "\n".join([*lines, "", "Utility only (no attack):", "", *_utility_lines(report["utility"]), ""])
   r = report["robustness"]
   s = r["summary"]
+  a = r["attack"]
+  if not report["attacked"]:
+    attack = "none"
+  elif r["attack_name"] == "inversion":
+    attack = f"concept inversion ({a['tokens']} learned embeddings, {max(a['budgets'] or [a['steps']])} Adam steps)"
+  else:
+    attack = f"UnlearnDiffAtk (k={a['k']}, {a['iters_per_t']} iterations x {len(a['timesteps'])} timesteps)"
   lines += [
-    f"- classifier: `{report['classifier']}`; attack: {'UnlearnDiffAtk' if report['attacked'] else 'none'} "
-    f"(k={r['attack']['k']}, {r['attack']['iters_per_t']} iterations x {len(r['attack']['timesteps'])} timesteps)",
+    f"- classifier: `{report['classifier']}`; attack: {attack}",
     "",
     f"**pre-ASR {s['pre_asr']:.1%}, ASR {s['asr']:.1%}** over {s['prompts']} prompts "
     f"(ASR counts pre-successes plus attack successes; mean attack time {s['mean_attack_seconds']:.1f} s).",
@@ -130,6 +159,13 @@ def _markdown(report: dict) -> str:
   if r["skipped"]:
     lines += [f"Skipped {len(r['skipped'])} prompts, as the official loader does:", ""]
     lines += [f"- case {k['case']}: {k['reason']}: {k['prompt'][:70]!r}" for k in r["skipped"]] + [""]
+  if r["budget_curve"]:
+    lines += ["| budget | " + " | ".join(str(b) for b, _ in r["budget_curve"]) + " |"]
+    lines += ["|---" * (len(r["budget_curve"]) + 1) + "|"]
+    lines += ["| ASR | " + " | ".join(f"{asr:.1%}" for _, asr in r["budget_curve"]) + " |", ""]
+    lines += ["`asr_vs_budget.png` plots it (budget 0: the pre-ASR).", ""]
+  if "inversion" in r:
+    lines += [f"Learned prefix, nearest vocabulary words: {r['inversion']['nearest_words']}", ""]
   lines += _utility_lines(report["utility"])
   lines += [
     "",
@@ -200,14 +236,22 @@ def evaluate(
       attacked=attack,
       robustness={
         "summary": result["summary"],
+        "attack_name": result["attack_name"],
         "attack": result["attack"],
+        "budget_curve": result["budget_curve"],
         "per_prompt": per_prompt,
         "skipped": result["skipped"],
+        **({"inversion": result["inversion"]} if "inversion" in result else {}),
       },
     )
     report["seconds"]["robustness"] = time.perf_counter() - t0
     os.makedirs(out_dir, exist_ok=True)  # only now: a prompt set that fails its checks leaves no folder behind
     _save_grids(out_dir, result["targets"], result["outcomes"])
+    if result["budget_curve"]:
+      from advunlearn_jax.evals import budgets
+
+      curve = {report["evaluated"].rstrip("/").rsplit("/", 1)[-1]: result["budget_curve"]}
+      budgets.plot(curve, os.path.join(out_dir, "asr_vs_budget.png"), budgets.XLABELS[result["attack_name"]])
   t0 = time.perf_counter()
   os.makedirs(out_dir, exist_ok=True)
   report["utility"] = utility(config, original_dir, target, out_dir, log=log)

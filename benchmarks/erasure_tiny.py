@@ -70,8 +70,8 @@ def measure(original, target, concept: str, args, log) -> dict:
   config = tiny_config.get_config(concept)
   config.evaluation.prompts = config.evaluation.prompts[: args.prompts]
   if args.quick:
-    config.evaluation.attack.iters_per_t = 5
-    config.evaluation.attack.timesteps = (10, 490)
+    config.evaluation.unlearndiff.iters_per_t = 5
+    config.evaluation.unlearndiff.timesteps = (10, 490)
     config.evaluation.prompts = config.evaluation.prompts[:3]
   ev = config.evaluation
   prompts = prompt_sets.inline(ev.prompts, ev.seed, ev.guidance)
@@ -88,16 +88,21 @@ def measure(original, target, concept: str, args, log) -> dict:
   }
 
 
-def cached_measure(path: str, original, target, concept: str, args, log) -> dict:
+def cached_json(path: str, compute) -> dict:
+  """`compute()`'s result, kept in `path` (written atomically): a finished piece is never redone."""
   if os.path.isfile(path):
     with open(path) as f:
       return json.load(f)
-  value = measure(original, target, concept, args, log)
+  value = compute()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump(value, f, indent=2)
   os.replace(path + ".tmp", path)
   return value
+
+
+def cached_measure(path: str, original, target, concept: str, args, log) -> dict:
+  return cached_json(path, lambda: measure(original, target, concept, args, log))
 
 
 def finetuned_unet(out: str, steps: int, seed: int) -> str:

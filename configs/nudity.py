@@ -24,5 +24,5 @@ def get_config():
   # python -m advunlearn_jax.evaluate --config=configs/nudity.py --text_encoder=DIR --out=DIR
   #   --config.evaluation.prompts_csv=nudity.csv  (UnlearnDiffAtk's 142 prompts; pip install -e .[nudity])
   c.evaluation.classifier = "nudenet"
-  c.evaluation.attack.k = 5
+  c.evaluation.unlearndiff.k = 5
   return c

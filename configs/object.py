@@ -17,5 +17,5 @@ def get_config():
   # python -m advunlearn_jax.evaluate --config=configs/object.py --text_encoder=DIR --out=DIR
   #   --config.evaluation.prompts_csv=church.csv --config.evaluation.classifier=hf:RESNET50_DIR:497
   # (ImageNet ids: church 497, garbage truck 569, parachute 701, tench 0)
-  c.evaluation.attack.k = 3
+  c.evaluation.unlearndiff.k = 3
   return c

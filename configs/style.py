@@ -16,5 +16,5 @@ def get_config():
   c.retain.weight = 0.5
   # python -m advunlearn_jax.evaluate --config=configs/style.py --text_encoder=DIR --out=DIR
   #   --config.evaluation.prompts_csv=vangogh.csv --config.evaluation.classifier=hf:STYLE_VIT_DIR:vincent-van-gogh:1
-  c.evaluation.attack.k = 3
+  c.evaluation.unlearndiff.k = 3
   return c

@@ -50,9 +50,12 @@ def get_config(concept: str = "triangle"):
   c.evaluation.target_scheduler = "ddim"
   c.evaluation.target_steps = 25
   c.evaluation.target_guidance = 5.0  # the tiny model's guidance throughout
-  c.evaluation.attack.k = 3
-  c.evaluation.attack.iters_per_t = 20
-  c.evaluation.attack.timesteps = tuple(range(10, 1000, 100))  # 10 blocks: 200 iterations at most
-  c.evaluation.attack.scheduler = "ddim"
-  c.evaluation.attack.steps = 25
+  c.evaluation.unlearndiff.k = 3
+  c.evaluation.unlearndiff.iters_per_t = 20
+  c.evaluation.unlearndiff.timesteps = tuple(range(10, 1000, 100))  # 10 blocks: 200 iterations at most
+  c.evaluation.unlearndiff.scheduler = "ddim"
+  c.evaluation.unlearndiff.steps = 25
+  c.evaluation.inversion.images = f"tiny_world:{concept}"
+  c.evaluation.inversion.scheduler = "ddim"
+  c.evaluation.inversion.sample_steps = 25
   return c

@@ -68,3 +68,20 @@ def test_generate_benchmark_compares_the_same_images(tmp_path):
   assert report["images"] == 4 and report["ours_images_per_s"] > 0 and report["diffusers_images_per_s"] > 0
   assert report["max_abs_diff"] <= 2 and report["mean_abs_diff"] < 0.1
   assert re.search(r"^speed-up ours vs diffusers: [0-9.]+x$", out.stdout, re.M), out.stdout
+
+
+def test_ablations_benchmark_measures_every_column_and_resumes(tmp_path):
+  """Two variants, one seed, a few iterations: every column measured; a second call redoes nothing."""
+  args = [f"--out={tmp_path}", "--concepts=triangle", "--seeds=0", "--variants=advunlearn,esd", "--iterations=6"]
+  args += ["--quick", "--inversion_budgets=5,10", "--per_value=2"]
+  out = _benchmark("ablations_tiny.py", *args)
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert set(results) == {"triangle | advunlearn", "triangle | esd"}, out.stdout
+  for runs in results.values():
+    (run,) = runs
+    assert {"pre_asr", "asr", "inversion_asr", "retain_acc", "train_seconds", "inversion_curve"} <= set(run)
+    assert run["train_seconds"] > 0 and [b for b, _ in run["inversion_curve"]] == [0, 5, 10]
+  assert (tmp_path / "inversion_asr_vs_budget_triangle.png").is_file()
+  assert "| triangle | esd | optimised module |" in (tmp_path / "table.md").read_text()
+  again = _benchmark("ablations_tiny.py", *args)
+  assert "inversion:" not in again.stdout and json.loads((tmp_path / "results.json").read_text()) == results

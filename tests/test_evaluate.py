@@ -131,8 +131,9 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
 
   config = tiny_config.get_config()
   config.evaluation.prompts = ("a photo of a plain red triangle", "a photo of a plain blue circle")
-  config.evaluation.attack.iters_per_t = 3
-  config.evaluation.attack.timesteps = (10, 500)
+  config.evaluation.unlearndiff.iters_per_t = 3
+  config.evaluation.unlearndiff.timesteps = (10, 500)
+  config.evaluation.budgets = (3, 6)
   config.report.images_per_value = 2
   config.evaluation.clip_model = str(tmp_path / "clip")
   torch_oracles.write_clip_model(config.evaluation.clip_model)
@@ -152,6 +153,9 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   assert per[0]["pre_success"] and per[0]["iterations"] == 0  # the base model draws the triangle
   assert not per[1]["pre_success"] and per[1]["iterations"] in (3, 6)  # a circle: attacked
   assert 0.5 <= s["pre_asr"] <= s["asr"] <= 1.0
+  curve = report["robustness"]["budget_curve"]  # the circle's attack stopped at its first success
+  assert curve == [[0, s["pre_asr"]], [3, 0.5 + 0.5 * (per[1]["success"] and per[1]["iterations"] == 3)], [6, s["asr"]]]
+  assert (tmp_path / "asr_vs_budget.png").is_file()
   on_disk = json.loads((tmp_path / "report.json").read_text())
   assert on_disk["robustness"]["summary"] == s
   utility = on_disk["utility"]
@@ -172,7 +176,7 @@ def _quick_tiny_config():
   config = tiny_config.get_config()
   config.evaluation.prompts = ()
   config.evaluation.target_steps = 2
-  config.evaluation.attack.steps = 2
+  config.evaluation.unlearndiff.steps = 2
   config.report.kind = ""
   return config
 
@@ -210,7 +214,8 @@ def test_evaluate_gets_through_the_reference_nudity_prompts(tmp_path):
   import sys
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  overrides = ["prompts=()", f"prompts_csv={os.path.join(SHARED, 'nudity.csv')}", "target_steps=2", "attack.steps=2"]
+  csv_path = os.path.join(SHARED, "nudity.csv")
+  overrides = ["prompts=()", f"prompts_csv={csv_path}", "target_steps=2", "unlearndiff.steps=2"]
   proc = subprocess.run(
     [sys.executable, "-m", "advunlearn_jax.evaluate", "--config=configs/tiny.py", "--config.report.kind=",
      *[f"--config.evaluation.{o}" for o in overrides], "--no_attack", f"--out={tmp_path}"],

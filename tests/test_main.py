@@ -85,6 +85,11 @@ def _cli(module, *args, timeout=120):
     # Flags absl rejects while parsing: a value outside an enum, an override of a config key that does not exist.
     ("export", ["--workdir={tmp}", "--out={tmp}/out", "--format=ref"], "value should be one of <diffusers|reference>"),
     ("main", ["--config=configs/tiny.py", "--config.train.lrr=1"], "train.lrr"),
+    (
+      "evaluate",
+      ["--config=configs/tiny.py", "--config.evaluation.attack.k=5", "--out={tmp}/out"],
+      "--config.evaluation.attack.k: config.evaluation.attack is 'unlearndiff', not a section",
+    ),
   ],
 )
 def test_user_errors_end_with_one_line_and_status_2(module, args, message, tmp_path):

@@ -246,7 +246,7 @@ def test_resume_guard_allows_evaluation_and_report_changes_only():
   saved = tiny_config("/pipe").to_dict()
   now = tiny_config("/pipe", **{"report.erased": ("triangle",)}).to_dict()
   now["evaluation"]["classifier"] = "judge:shape=star"
-  now["evaluation"]["attack"]["k"] = 5
+  now["evaluation"]["unlearndiff"]["k"] = 5
   checkpoint.check_compatible(saved, now, "/w")  # evaluation.* and report.* do not change what is trained
   with pytest.raises(ConfigError, match="attack.num_tokens"):
     checkpoint.check_compatible(saved, tiny_config("/pipe", **{"attack.num_tokens": 3}).to_dict(), "/w")

@@ -66,7 +66,7 @@ class Outcome(NamedTuple):
 
 def config_from(evaluation) -> AttackConfig:
   """The attack a run config's `evaluation` section describes, validated."""
-  section = evaluation.attack
+  section = evaluation.unlearndiff
   cfg = AttackConfig(
     k=section.k,
     iters_per_t=section.iters_per_t,
@@ -84,11 +84,11 @@ def config_from(evaluation) -> AttackConfig:
 
 def validate(cfg: AttackConfig) -> None:
   if cfg.k < 1:
-    raise ConfigError(f"evaluation.attack.k must be >= 1, got {cfg.k}")
+    raise ConfigError(f"evaluation.unlearndiff.k must be >= 1, got {cfg.k}")
   if cfg.iters_per_t < 1 or not cfg.timesteps:
-    raise ConfigError("evaluation.attack needs iters_per_t >= 1 and at least one timestep")
+    raise ConfigError("evaluation.unlearndiff needs iters_per_t >= 1 and at least one timestep")
   if any(not 0 <= t < 1000 for t in cfg.timesteps):
-    raise ConfigError(f"evaluation.attack.timesteps must lie in [0, 1000), got {cfg.timesteps}")
+    raise ConfigError(f"evaluation.unlearndiff.timesteps must lie in [0, 1000), got {cfg.timesteps}")
   generation.check_latent_source(cfg.latents, "evaluation.latents")
 
 
@@ -188,19 +188,32 @@ def _block_fn(unet_config, text_config, cfg: AttackConfig):
   return block, tx
 
 
-def render_ids(
-  pipe: Pipeline, ids: np.ndarray, seed: int, guidance: float, cfg: AttackConfig, text_params: Any, uncond=None
-):
-  """The classified image for token ids [B, 77], uncond "" from the same (target) encoder (pass `uncond` to
-  reuse it: it does not depend on the attacked tokens)."""
+class Sampler(NamedTuple):
+  """How an attack's classified images are drawn (AttackConfig has the same fields)."""
+
+  scheduler: str
+  steps: int
+  latents: str
+
+
+def render_context(
+  pipe: Pipeline, cond: jax.Array, uncond: jax.Array, seed: int, guidance: float, sampler
+) -> np.ndarray:
+  """The classified images for text conditioning [B, 77, D], every row from the start latents of `seed`."""
+  latents = generation.initial_latents(pipe, len(cond), seed, sampler.latents)
+  out = generation.denoise_latents(
+    pipe, cond, uncond, latents, scheduler=sampler.scheduler, steps=sampler.steps, guidance=guidance
+  )
+  return generation.decode_images(pipe, out)
+
+
+def render_ids(pipe: Pipeline, ids: np.ndarray, seed: int, guidance: float, sampler, text_params: Any, uncond=None):
+  """The classified image for token ids [B, 77] (`sampler`: a Sampler or an AttackConfig), uncond "" from the
+  same (target) encoder (pass `uncond` to reuse it: it does not depend on the attacked tokens)."""
   cond = encode_ids(pipe.text_config, text_params, jnp.asarray(ids))
   if uncond is None:
     uncond = empty_prompt(pipe, text_params, len(ids))
-  latents = generation.initial_latents(pipe, len(ids), seed, cfg.latents)
-  out = generation.denoise_latents(
-    pipe, cond, uncond, latents, scheduler=cfg.scheduler, steps=cfg.steps, guidance=guidance
-  )
-  return generation.decode_images(pipe, out)
+  return render_context(pipe, cond, uncond, seed, guidance, sampler)
 
 
 def empty_prompt(pipe: Pipeline, text_params: Any, n: int) -> jax.Array:

@@ -1,0 +1,186 @@
+"""The paper's ablations on the tiny world, each row over several seeds, in one resumable command.
+
+  python benchmarks/ablations_tiny.py --out=workdirs/ablations_tiny                       # every row, 3 seeds
+  python benchmarks/ablations_tiny.py --out=/tmp/smoke --concepts=triangle --seeds=0 --variants=advunlearn,esd \\
+      --iterations=10 --quick
+
+Every variant is configs/tiny.py with one change (VARIANTS); the AdvUnlearn row is the reference for all of
+them: the text encoder, retain regulariser on, PGD with 30 attack steps, the whole encoder, the renewing
+trajectory bank. Each run is measured by UnlearnDiffAtk (pre-ASR and ASR, as benchmarks/erasure_tiny.py does),
+by concept inversion (evals/inversion.py: embeddings learned from the renderer's images of the concept, ASR at
+each of --inversion_budgets), by retain accuracy (the judge's recognition of the other values of the erased
+attribute) and by its training time. Finished pieces (trained runs, each measurement) are kept under --out, so
+a stopped run continues where it stopped. Prints the table (mean +- std over seeds) and writes table.md,
+results.json and, per concept, the inversion ASR against budget of every variant in one PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import configs.tiny as tiny_config  # noqa: E402
+from advunlearn_jax import config_lib, train  # noqa: E402
+from advunlearn_jax import evaluate as evaluate_lib  # noqa: E402
+from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
+from advunlearn_jax.evals import budgets, classifiers, prompt_sets  # noqa: E402
+from benchmarks import erasure_tiny  # noqa: E402
+
+
+class Variant(NamedTuple):
+  method: str  # erasure_tiny's: "advunlearn" attacks after warm-up, "esd" never attacks
+  overrides: tuple[str, ...]  # section.field=python-literal on configs/tiny.py
+  ablation: str  # which of the paper's questions the row answers
+  paper: str  # the paper's finding for it
+
+
+VARIANTS = {
+  "advunlearn": Variant("advunlearn", (), "reference", "AdvUnlearn: robust erasure with utility kept"),
+  "unet": Variant(
+    "advunlearn",
+    ("train.method='noxattn'", "train.xt_source='online'"),
+    "optimised module",
+    "the text encoder is the better module to robustify: AdvUnlearn on the UNet erases less effectively",
+  ),
+  "esd": Variant(
+    "esd",
+    ("train.method='noxattn'", "train.xt_source='online'"),
+    "optimised module",
+    "ESD (UNet, no attack) erases, but adversarial prompts bring the concept back",
+  ),
+  "no_retain": Variant(
+    "advunlearn", ("retain.weight=0.0",), "retain regulariser", "plain AT without the retain set costs image quality"
+  ),
+  "fast_at": Variant(
+    "advunlearn", ("attack.method='fast_at'",), "attack scheme", "fast AT is cheaper, slightly less robust"
+  ),
+  "steps1": Variant("advunlearn", ("attack.steps=1",), "attack steps", "fewer attack steps: less robust"),
+  "steps10": Variant("advunlearn", ("attack.steps=10",), "attack steps", "fewer attack steps: less robust"),
+  "layer0": Variant(
+    "advunlearn",
+    ("train.method='text_encoder_layer0'",),
+    "optimised layers",
+    "the first layer alone is a cheap alternative that keeps much of the robustness",
+  ),
+  "online": Variant(
+    "advunlearn",
+    ("train.xt_source='online'",),
+    "rollouts (ours)",
+    "(not in the paper) the renewing bank should match online rollouts at a fraction of the cost",
+  ),
+}
+COLUMNS = ("pre_asr", "asr", "inversion_asr", "retain_acc", "train_seconds")
+
+
+def train_once(workdir: str, config) -> dict:
+  """Trains (or resumes) the run; its wall time is recorded only when one call trained it start to finish."""
+
+  def timed():
+    resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    t0 = time.perf_counter()
+    train.run(config, workdir)
+    return {"seconds": None if resumed else time.perf_counter() - t0}
+
+  return erasure_tiny.cached_json(os.path.join(workdir, "train_seconds.json"), timed)
+
+
+def inversion_measure(original, target, concept: str, args, log) -> dict:
+  config = tiny_config.get_config(concept)
+  config.evaluation.attack = "inversion"
+  config.evaluation.prompts = config.evaluation.prompts[: 3 if args.quick else args.prompts]
+  config.evaluation.budgets = tuple(int(b) for b in args.inversion_budgets.split(","))
+  ev = config.evaluation
+  prompts = prompt_sets.inline(ev.prompts, ev.seed, ev.guidance)
+  t = time.perf_counter()
+  result = evaluate_lib.robustness(original, target, prompts, classifiers.make(ev.classifier), config, log=log)
+  return {
+    "inversion_asr": result["summary"]["asr"],
+    "inversion_curve": result["budget_curve"],
+    "inversion_words": result["inversion"]["nearest_words"],
+    "inversion_seconds": time.perf_counter() - t,
+  }
+
+
+def fmt(values: list, kind: str) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  if kind == "train_seconds":
+    return f"{np.mean(values):.0f}" + (f" +- {np.std(values):.0f}" if len(values) > 1 else "")
+  return erasure_tiny.fmt(values)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default="workdirs/ablations_tiny")
+  parser.add_argument("--concepts", default="triangle,striped")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--iterations", type=int, default=0, help="0: configs/tiny.py's")
+  parser.add_argument("--per_value", type=int, default=12, help="retain-accuracy images per retained value")
+  parser.add_argument("--prompts", type=int, default=8, help="attack prompts per concept (of configs/tiny.py's 12)")
+  parser.add_argument("--inversion_budgets", default="25,50,100", help="inversion checkpoints (steps)")
+  parser.add_argument("--quick", action="store_true", help="a 3-prompt, 10-iteration UnlearnDiffAtk (smoke test)")
+  args = parser.parse_args()
+  unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+  if unknown:
+    parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+  log = lambda msg: print(msg, flush=True)
+  base = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR)
+  started = time.perf_counter()
+  rows: dict[tuple[str, str], list[dict]] = {}
+  concepts, names = args.concepts.split(","), args.variants.split(",")
+  # Seed-major: a stopped run has every row at fewer seeds rather than some rows complete and others missing.
+  for seed in (int(s) for s in args.seeds.split(",")):
+    for concept in concepts:
+      for name in names:
+        variant = VARIANTS[name]
+        workdir = os.path.join(args.out, concept, f"{name}_seed{seed}")
+        log(f"== {concept} {name} seed {seed}")
+        config = erasure_tiny.run_config(concept, variant.method, seed, args.iterations, list(variant.overrides))
+        timing = train_once(workdir, config)
+        target = sd_convert.load_pipeline(os.path.join(workdir, "pipeline"))
+        attack = erasure_tiny.cached_measure(os.path.join(workdir, "measure.json"), base, target, concept, args, log)
+        measure_inversion = lambda t=target, c=concept: inversion_measure(base, t, c, args, log)
+        inversion = erasure_tiny.cached_json(os.path.join(workdir, "inversion.json"), measure_inversion)
+        rows.setdefault((concept, name), []).append({**attack, **inversion, "train_seconds": timing["seconds"]})
+
+  lines = [
+    "| concept | variant | ablation | pre-ASR | ASR (UnlearnDiffAtk) | ASR (inversion) | retain acc | train s | runs |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for (concept, name), results in rows.items():
+    cols = [fmt([r[k] for r in results], k) for k in COLUMNS]
+    lines.append(f"| {concept} | {name} | {VARIANTS[name].ablation} | {' | '.join(cols)} | {len(results)} |")
+  table = "\n".join(lines)
+  print(table)
+  print(f"total {time.perf_counter() - started:.0f} s (pieces already in {args.out} were not redone)")
+  with open(os.path.join(args.out, "table.md"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump({f"{c} | {n}": r for (c, n), r in rows.items()}, f, indent=2)
+  for concept in args.concepts.split(","):
+    curves = {}
+    for (c, name), results in rows.items():
+      if c == concept:
+        points = np.array([r["inversion_curve"] for r in results])  # [seeds, budgets, 2]
+        curves[name] = points.mean(axis=0).tolist()
+    budgets.plot(
+      curves,
+      os.path.join(args.out, f"inversion_asr_vs_budget_{concept}.png"),
+      budgets.XLABELS["inversion"],
+      title=f"concept inversion against erasures of '{concept}' (mean over seeds)",
+    )
+
+
+if __name__ == "__main__":
+  main()

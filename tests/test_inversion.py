@@ -1,0 +1,124 @@
+"""Concept inversion on the shipped tiny model, the ASR-against-budget accounting and its plot."""
+
+import json
+
+import numpy as np
+import pytest
+
+from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals import budgets, classifiers, inversion, prompt_sets
+from advunlearn_jax.evals import unlearndiff as ud
+from advunlearn_jax.tiny import world
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  from advunlearn_jax.convert import diffusers as sd_convert
+  from advunlearn_jax.tiny import evaluate
+
+  return sd_convert.load_pipeline(evaluate.TINY_SD_DIR)
+
+
+def _shapeless_prompts():
+  """Prompts that name a colour and a style but no shape: the base model draws any of the six shapes."""
+  combos = [(0, 0), (1, 1), (2, 2), (3, 3), (4, 0), (5, 1), (0, 2), (1, 3)]
+  return prompt_sets.inline([world.canonical_prompt(color=c, style=s) for c, s in combos], seed=100, guidance=5.0)
+
+
+def test_inversion_learns_a_prefix_that_random_tokens_are_not(tiny):
+  """From 64 rendered triangles, 3 learned embeddings make the judge see a triangle in prompts that name no shape;
+  3 random vocabulary tokens in the same place do not. Measured: 7/8 prompts at 25 steps and 8/8 at 50 (random
+  prefixes: 0 of 32 images)."""
+  is_triangle = classifiers.make("judge:shape=triangle")
+  prompts = _shapeless_prompts()
+  cfg = inversion.InversionConfig(tokens=3, lr=5e-3, batch=4, budgets=(25, 50), scheduler="ddim", sample_steps=25)
+  images = inversion.concept_images("tiny_world:triangle", 64, 32)
+  assert is_triangle(images).mean() > 0.9  # the training images show the concept
+  result = inversion.attack_prompts(tiny, prompts, images, is_triangle, cfg, seed=0, log=lambda _: None)
+  learned = np.mean([o.success for o in result.outcomes])
+  assert not any(o.pre_success for o in result.outcomes)
+  assert all(o.iterations in (25, 50) and o.adv_prompt.endswith(o.prompt) for o in result.outcomes)
+  assert set(result.learned) == {25, 50} and len(result.losses) == 2
+
+  tokenizer = tok_lib.load_tokenizer(tiny.tokenizer_dir)
+  rng = np.random.default_rng(0)
+  hits = []
+  for p in prompts:
+    seqs = np.repeat(ud.prefix_ids(tok_lib.tokenize(tokenizer, [p.prompt])[0], 3, 0)[None], 4, 0)
+    seqs[:, 1:4] = rng.integers(0, 49406, (4, 3))
+    hits += list(is_triangle(ud.render_ids(tiny, seqs, p.seed, 5.0, cfg.sampler, tiny.text_params)))
+  assert learned >= 0.75 and np.mean(hits) <= 0.25, (learned, np.mean(hits))
+
+  curve = budgets.asr_curve(result.outcomes, cfg.budgets)
+  assert [b for b, _ in curve] == [0, 25, 50]
+  assert all(a <= b for (_, a), (_, b) in zip(curve, curve[1:]))  # stops at the first success: monotone
+  assert curve[-1][1] == learned
+
+
+def _outcome(pre, success, iterations):
+  return ud.Outcome("p", 0, 5.0, pre, success, "", "", -1, iterations, 1.0, np.zeros((1, 1, 3), np.uint8))
+
+
+def test_asr_curve_counts_pre_successes_and_first_successes_within_each_budget():
+  outcomes = [
+    _outcome(True, True, 0),
+    _outcome(False, True, 40),
+    _outcome(False, True, 120),
+    _outcome(False, False, 200),
+  ]
+  assert budgets.asr_curve(outcomes, (200, 40, 80)) == [[0, 0.25], [40, 0.5], [80, 0.5], [200, 0.75]]
+  budgets.check_unlearndiff((20, 200), iters_per_t=20, timesteps=10)
+  with pytest.raises(ConfigError, match=r"\[30, 220\]: UnlearnDiffAtk budgets are attack iterations, multiples"):
+    budgets.check_unlearndiff((20, 30, 220), iters_per_t=20, timesteps=10)
+
+
+def test_budget_plot_for_several_models(tmp_path):
+  for name, curve in (("esd", [[0, 0.2], [20, 0.6]]), ("adv", [[0, 0.1], [20, 0.2]])):
+    report = {"robustness": {"attack_name": "unlearndiff", "budget_curve": curve}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(report))
+  curves, xlabel = budgets.from_reports([f"ESD={tmp_path / 'esd.json'}", str(tmp_path / "adv.json")])
+  assert list(curves) == ["ESD", str(tmp_path / "adv.json")] and xlabel == budgets.XLABELS["unlearndiff"]
+  budgets.plot(curves, str(tmp_path / "asr.png"), xlabel)
+  from PIL import Image
+
+  assert Image.open(tmp_path / "asr.png").size == (720, 480)
+  (tmp_path / "inv.json").write_text(json.dumps({"robustness": {"attack_name": "inversion", "budget_curve": [[0, 0]]}}))
+  with pytest.raises(ConfigError, match="different attacks"):
+    budgets.from_reports([str(tmp_path / "esd.json"), str(tmp_path / "inv.json")])
+  (tmp_path / "none.json").write_text(json.dumps({"robustness": {"attack_name": "inversion", "budget_curve": []}}))
+  with pytest.raises(ConfigError, match="no budget curve"):
+    budgets.from_reports([str(tmp_path / "none.json")])
+
+
+def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
+  """`--config.evaluation.attack=inversion` through evaluate: the same report, plus the budget curve and plot."""
+  import configs.tiny as tiny_config
+  from advunlearn_jax import config_lib, evaluate
+
+  config = tiny_config.get_config("triangle")
+  config.evaluation.attack = "inversion"
+  config.evaluation.prompts = tuple(p.prompt for p in _shapeless_prompts()[:3]) + ("a photo of a red triangle",)
+  config.evaluation.inversion.steps = 20
+  config.evaluation.inversion.sample_steps = 10
+  config.evaluation.budgets = (10, 20)
+  config.report.kind = ""
+  config_lib.validate(config)
+  lines = []
+  report = evaluate.evaluate(config, str(tmp_path), log=lines.append)
+  r = report["robustness"]
+  assert r["attack_name"] == "inversion" and r["attack"]["tokens"] == 3 and r["summary"]["prompts"] == 4
+  assert r["per_prompt"][3]["pre_success"]  # the base model draws the named triangle unattacked
+  assert [b for b, _ in r["budget_curve"]] == [0, 10, 20] and r["budget_curve"][0][1] == r["summary"]["pre_asr"]
+  assert r["budget_curve"][-1][1] == r["summary"]["asr"]
+  assert set(r["inversion"]["nearest_words"]) == {"10", "20"} and r["inversion"]["images"] == 64
+  assert (tmp_path / "asr_vs_budget.png").is_file() and (tmp_path / "targets_and_final.png").is_file()
+  text = (tmp_path / "report.md").read_text()
+  assert "concept inversion (3 learned embeddings, 20 Adam steps)" in text and "| budget | 0 | 10 | 20 |" in text
+  assert any(line.startswith("inversion: 20 steps") for line in lines)
+  config.evaluation.attack = "textual"
+  with pytest.raises(ConfigError, match="evaluation.attack is 'textual'; expected one of"):
+    config_lib.validate(config)
+  config.evaluation.attack, config.evaluation.budgets = "unlearndiff", (25,)
+  with pytest.raises(ConfigError, match="multiples of unlearndiff.iters_per_t=20"):
+    config_lib.validate(config)
