@@ -79,6 +79,11 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
   if not prompts:
     raise ConfigError(f"every one of the {len(skipped)} evaluation prompts was skipped ({skipped[0].reason})")
   extra: dict[str, Any] = {}
+
+  def progress(i: int, o) -> None:
+    status = "pre-success" if o.pre_success else ("attack success" if o.success else "robust")
+    log(f"[{i + 1}/{len(prompts)}] {status} after {o.iterations} iterations ({o.seconds:.1f}s): {o.prompt[:60]!r}")
+
   if ev.attack == "inversion":
     from advunlearn_jax.diffusion import generation
 
@@ -89,6 +94,8 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
       target, prompts, images, classifier, cfg, attack=attack, seed=config.seed, log=log
     )
     outcomes, targets = result.outcomes, images[: len(prompts)]
+    for i, o in enumerate(outcomes):  # one training serves every prompt: their outcomes arrive together
+      progress(i, o)
     extra["inversion"] = {
       "images": len(images),
       "losses": result.losses,
@@ -97,15 +104,13 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
     }
   else:
     targets = target_images(original, prompts, config)
-    outcomes = [
-      unlearndiff.attack_prompt(
+    outcomes = []
+    for p, image in zip(prompts, targets):  # minutes per prompt on SD: report each as it ends
+      o = unlearndiff.attack_prompt(
         target, p.prompt, image, classifier, cfg, seed=p.seed, guidance=p.guidance, attack=attack
       )
-      for p, image in zip(prompts, targets)
-    ]
-  for i, (p, o) in enumerate(zip(prompts, outcomes)):
-    status = "pre-success" if o.pre_success else ("attack success" if o.success else "robust")
-    log(f"[{i + 1}/{len(prompts)}] {status} after {o.iterations} iterations ({o.seconds:.1f}s): {p.prompt[:60]!r}")
+      progress(len(outcomes), o)
+      outcomes.append(o)
   summary = unlearndiff.summarize(outcomes)
   return {
     "summary": summary._asdict(),
