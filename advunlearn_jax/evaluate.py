@@ -286,6 +286,19 @@ def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_di
     from advunlearn_jax.evals import caption_images
 
     captions = prompt_sets.from_config(ev.captions, (), ev.seed, ev.utility_guidance, ev.max_captions, "captions")
+    # Scorers and real images are checked before the hours of generation; images are read only when scored.
+    scorer = features = None
+    if ev.clip_model:
+      from advunlearn_jax.evals import clip_score
+
+      scorer = clip_score.CLIPScorer(ev.clip_model)
+    if ev.real_images:
+      from advunlearn_jax.evals import fid
+
+      real_images = fid.open_images(ev.real_images, "evaluation.real_images", ev.max_real_images)
+      if len(real_images) < 2:
+        raise ConfigError(f"config.evaluation.real_images={ev.real_images!r}: FID needs at least 2 images")
+      features = fid.feature_extractor(ev.fid, ev.inception_weights, scorer, log)
     hw = generation.image_size(target)
     store = caption_images.ImageStore(
       os.path.join(out_dir, "utility_images"),
@@ -306,21 +319,15 @@ def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_di
     )
     out["captions"] = len(captions)
     out["images_per_second"] = made / (time.perf_counter() - t0) if made else 0.0
-    images = store.read_all()
-    scorer = None
-    if ev.clip_model:
-      from advunlearn_jax.evals import clip_score
-
-      scorer = clip_score.CLIPScorer(ev.clip_model)
+    images = store.images()  # each scorer walks them in chunks: 10k images need not fit in memory
+    if scorer is not None:
       out["clip_score"] = scorer.score(images, [c.prompt for c in captions])
-    if ev.real_images:
-      from advunlearn_jax.evals import fid
-
-      features = fid.feature_extractor(ev.fid, ev.inception_weights, scorer, log)
-      real = fid.statistics(features(fid.load_images(ev.real_images, ev.max_real_images)))
+    if features is not None:
+      real = fid.statistics(features(real_images))
       out["fid"] = fid.frechet_distance(*fid.statistics(features(images)), *real)
       out["fid_features"] = features.name
-    generation.save_png(os.path.join(out_dir, "utility_samples.png"), generation.image_grid(images[:32], cols=8))
+    samples = generation.image_grid(np.stack(images[:32]), cols=8)
+    generation.save_png(os.path.join(out_dir, "utility_samples.png"), samples)
   if config.report.kind == "tiny_world":
     from advunlearn_jax.tiny import report as tiny_report
 

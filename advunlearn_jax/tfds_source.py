@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals.lazy_images import LazyImages
 
 PREFIX = "tfds:"
 _CAPTION_FEATURES = ("captions", "caption", "text")  # coco_captions, then single-caption datasets
@@ -101,16 +102,18 @@ def captions(source: str, key: str, limit: int = 0) -> tuple[str, ...]:
   return tuple(_caption(data[i], source, key) for i in _take(data, limit))
 
 
-def images(source: str, key: str, limit: int = 0) -> list[np.ndarray]:
-  """The `image` feature of each of the first `limit` examples (0: all), uint8 RGB [H, W, 3]."""
+def images(source: str, key: str, limit: int = 0) -> LazyImages:
+  """The `image` feature of each of the first `limit` examples (0: all), uint8 RGB [H, W, 3], decoded when
+  indexed."""
   data = open_source(source, key)
-  out = []
-  for i in _take(data, limit):
-    example = data[i]
-    if "image" not in example:
-      raise ConfigError(f"config.{key}={source!r}: examples have no 'image' feature; found {sorted(example)}")
-    image = np.asarray(example["image"])
+  if len(data) and "image" not in data.dataset_info.features:
+    found = sorted(data.dataset_info.features.keys())
+    raise ConfigError(f"config.{key}={source!r}: examples have no 'image' feature; found {found}")
+
+  def load(i: int) -> np.ndarray:
+    image = np.asarray(data[i]["image"])
     if image.ndim == 2 or image.shape[-1] == 1:
       image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)  # grey COCO images, as PIL's convert("RGB")
-    out.append(image.astype(np.uint8))
-  return out
+    return image.astype(np.uint8)
+
+  return LazyImages(len(_take(data, limit)), load)

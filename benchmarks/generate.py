@@ -58,7 +58,7 @@ def ours(pipe, captions, args, folder: str) -> tuple[np.ndarray, float]:
   caption_images.generate(
     pipe, captions, store, scheduler=args.scheduler, steps=args.steps, per_device_batch=args.batch, progress=False
   )
-  return store.read_all(), time.perf_counter() - t0
+  return np.stack(store.images()), time.perf_counter() - t0
 
 
 def diffusers_side(root, pipe, captions, args) -> tuple[np.ndarray, float]:

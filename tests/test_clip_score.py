@@ -80,8 +80,8 @@ def test_frechet_distance_closed_form_and_identity():
 def test_real_image_folder_errors(tmp_path):
   from advunlearn_jax.evals import fid
 
-  with pytest.raises(ConfigError, match="does not exist"):
-    fid.load_images(str(tmp_path / "nope"))
+  with pytest.raises(ConfigError, match=r"config.evaluation.real_images: image folder .*nope' does not exist"):
+    fid.open_images(str(tmp_path / "nope"), "evaluation.real_images")
   (tmp_path / "notes.txt").write_text("x")
-  with pytest.raises(ConfigError, match="needs at least 2 images"):
-    fid.load_images(str(tmp_path))
+  with pytest.raises(ConfigError, match=r"config.evaluation.real_images=.*: no images \(.png, .jpg"):
+    fid.open_images(str(tmp_path), "evaluation.real_images")

@@ -56,6 +56,22 @@ def test_inversion_learns_a_prefix_that_random_tokens_are_not(tiny):
   assert curve[-1][1] == learned
 
 
+def test_concept_images_from_a_folder_are_centre_cropped_to_the_model_size(tmp_path):
+  from PIL import Image
+
+  wide = np.zeros((20, 40, 3), np.uint8)
+  wide[:, 10:30] = 255  # the centre square is white, the side bands black
+  Image.fromarray(wide).save(tmp_path / "a.png")
+  Image.fromarray(np.full((50, 30, 3), 90, np.uint8)).save(tmp_path / "b.jpg", quality=100)
+  (tmp_path / "notes.txt").write_text("not an image")
+  images = inversion.concept_images(str(tmp_path), 0, 16)
+  assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+  assert images[0].min() == 255 and np.abs(images[1].astype(int) - 90).max() <= 2
+  assert len(inversion.concept_images(str(tmp_path), 1, 16)) == 1
+  with pytest.raises(ConfigError, match="config.evaluation.inversion.images: image folder .* does not exist"):
+    inversion.concept_images(str(tmp_path / "none"), 0, 16)
+
+
 def _outcome(pre, success, iterations):
   return ud.Outcome("p", 0, 5.0, pre, success, "", "", -1, iterations, 1.0, np.zeros((1, 1, 3), np.uint8))
 

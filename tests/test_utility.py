@@ -48,7 +48,7 @@ def test_sharded_generation_on_8_devices_equals_one_device(pipe, tmp_path):
   _generate(pipe, captions, one, mesh=sharding.make_mesh(jax.devices()[:1]), per_device_batch=8)
   eight = _store(tmp_path / "eight", captions)
   assert _generate(pipe, captions, eight, mesh=sharding.make_mesh(), per_device_batch=1) == 10
-  a, b = one.read_all().astype(int), eight.read_all().astype(int)
+  a, b = np.stack(one.images()).astype(int), np.stack(eight.images()).astype(int)
   assert a.shape == (10, 32, 32, 3) and a.std() > 10
   # Each device computes its rows with its own batch size; float32 reductions may order differently.
   assert np.abs(a - b).max() <= 1 and (a == b).mean() > 0.99
@@ -59,7 +59,7 @@ def test_generation_resumes_without_redoing_finished_images(pipe, tmp_path, monk
   captions = _captions(6)
   full = _store(tmp_path / "full", captions, fmt)
   _generate(pipe, captions, full, per_device_batch=1, mesh=sharding.make_mesh(jax.devices()[:2]))
-  reference = full.read_all()
+  reference = np.stack(full.images())
 
   store = _store(tmp_path / "run", captions, fmt)
   written = []
@@ -92,8 +92,49 @@ def test_generation_resumes_without_redoing_finished_images(pipe, tmp_path, monk
   assert made_rows == [2, 3, 4, 5] and "2 of 6 images already there" in lines[0]
   if fmt == "png":
     assert stamps == {i: os.stat(tmp_path / "run" / f"{i:05d}.png").st_mtime_ns for i in (0, 1)}
-  np.testing.assert_array_equal(resumed.read_all(), reference)
+  np.testing.assert_array_equal(np.stack(resumed.images()), reference)
   assert _generate(pipe, captions, resumed) == 0
+
+
+def test_stores_and_folders_read_each_image_only_when_indexed(tmp_path, monkeypatch):
+  """10k images at 512 px do not fit in memory: the scorers walk them in chunks, and nothing reads ahead."""
+  from PIL import Image
+
+  from advunlearn_jax.evals import fid
+
+  images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), np.uint8)
+  stores = {fmt: _store(tmp_path / fmt, _captions(5), fmt) for fmt in caption_images.FORMATS}
+  for store in stores.values():
+    store.write(dict(enumerate(images)))
+  opened = []
+  real_open = Image.open
+  monkeypatch.setattr(Image, "open", lambda path, *a, **k: (opened.append(os.path.basename(path)), real_open(path))[1])
+
+  for lazy in (stores["png"].images(), fid.open_images(str(tmp_path / "png"), "k")):  # the folder also holds a manifest
+    opened.clear()
+    assert len(lazy) == 5 and opened == []
+    np.testing.assert_array_equal(np.stack(lazy[1:3]), images[1:3])
+    np.testing.assert_array_equal(lazy[-1], images[4])
+    assert opened == ["00001.png", "00002.png", "00004.png"]
+    with pytest.raises(IndexError):
+      lazy[5]
+  np.testing.assert_array_equal(np.stack(stores["npy"].images()), images)
+
+
+def test_utility_refuses_too_few_real_images_before_generating(pipe, tmp_path):
+  from PIL import Image
+
+  import configs.tiny as tiny_config
+  from advunlearn_jax import evaluate
+
+  (tmp_path / "captions.csv").write_text("prompt,evaluation_seed\na red triangle,1\na blue circle,2\n")
+  (tmp_path / "real").mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "real" / "only.png")
+  config = tiny_config.get_config()
+  config.evaluation.captions, config.evaluation.real_images = str(tmp_path / "captions.csv"), str(tmp_path / "real")
+  with pytest.raises(ConfigError, match="FID needs at least 2 images"):
+    evaluate.utility(config, config_lib.TINY_MODEL_DIR, pipe, str(tmp_path / "out"))
+  assert not (tmp_path / "out" / "utility_images").exists()
 
 
 def test_a_folder_of_other_captions_is_refused(tmp_path):

@@ -27,6 +27,7 @@ from advunlearn_jax import sharding
 from advunlearn_jax.convert.diffusers import Pipeline
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals.lazy_images import LazyImages, read_rgb
 from advunlearn_jax.evals.prompt_sets import EvalPrompt
 
 FORMATS = ("png", "npy")
@@ -85,15 +86,14 @@ class ImageStore:
       generation.save_png(staging, image)
       os.replace(staging, self._png(i))
 
-  def read_all(self) -> np.ndarray:
+  def images(self) -> LazyImages:
+    """Every caption's image, read when indexed (a ConfigError if any is missing)."""
     missing = np.flatnonzero(~self.done())
     if len(missing):
       raise ConfigError(f"{self.folder}: {len(missing)} of {self.n} images missing (first: index {missing[0]})")
     if self.fmt == "npy":
-      return np.asarray(self._array)
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.open(self._png(i)).convert("RGB")) for i in range(self.n)])
+      return LazyImages(self.n, lambda i: np.asarray(self._array[i]))
+    return LazyImages(self.n, lambda i: read_rgb(self._png(i)))
 
 
 def manifest(captions: Sequence[EvalPrompt], scheduler: str, steps: int, latents: str) -> dict:

@@ -80,7 +80,7 @@ class CLIPScorer:
     self.tokenizer = tok_lib.load_tokenizer(folder if has_tokenizer else None)
     self.preprocess = Preprocess(folder, self.config.vision.image_size)
 
-  def cosines(self, images: np.ndarray, captions: Sequence[str], chunk: int = 64) -> np.ndarray:
+  def cosines(self, images: Sequence[np.ndarray], captions: Sequence[str], chunk: int = 64) -> np.ndarray:
     """Per pair: cos(image embedding, caption embedding)."""
     if len(images) != len(captions):
       raise ValueError(f"{len(images)} images for {len(captions)} captions")
@@ -91,7 +91,7 @@ class CLIPScorer:
       out.append(np.asarray(_cosines(self.config, self.params, jnp.asarray(ids), jnp.asarray(pixels))))
     return np.concatenate(out)
 
-  def image_features(self, images: np.ndarray | Sequence[np.ndarray], chunk: int = 64) -> np.ndarray:
+  def image_features(self, images: Sequence[np.ndarray], chunk: int = 64) -> np.ndarray:
     """Projected image embeddings [N, projection_dim] (unnormalised): the features of FID-CLIP."""
     out = [
       np.asarray(_image_features(self.config, self.params, jnp.asarray(self.preprocess(images[i : i + chunk]))))
@@ -99,5 +99,5 @@ class CLIPScorer:
     ]
     return np.concatenate(out)
 
-  def score(self, images: np.ndarray, captions: Sequence[str]) -> float:
+  def score(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> float:
     return float(np.mean(self.cosines(images, captions)))

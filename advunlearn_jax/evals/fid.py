@@ -18,6 +18,7 @@ import numpy as np
 from scipy import linalg
 
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals.lazy_images import LazyImages, read_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FEATURES = ("auto", "inception", "clip")
@@ -44,26 +45,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def load_images(folder: str, limit: int = 0) -> list[np.ndarray]:
-  """uint8 RGB images [H, W, 3], each at its own size, from a folder (sorted by name) or a
-  `tfds:NAME[/CONFIG]:SPLIT` source (in stored order)."""
-  from PIL import Image
-
+def open_images(source: str, key: str, limit: int = 0) -> LazyImages:
+  """uint8 RGB images [H, W, 3], each at its own size and read when indexed, from a folder (sorted by name) or
+  a `tfds:NAME[/CONFIG]:SPLIT` source (in stored order); `key` names the config field in errors."""
   from advunlearn_jax import tfds_source
 
-  if tfds_source.is_tfds(folder):
-    images = tfds_source.images(folder, "evaluation.real_images", limit)
-    if len(images) < 2:
-      raise ConfigError(f"config.evaluation.real_images={folder!r}: needs at least 2 images, found {len(images)}")
-    return images
-  if not os.path.isdir(folder):
-    raise ConfigError(f"real-image folder {folder!r} does not exist")
-  names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
-  if limit > 0:
-    names = names[:limit]
-  if len(names) < 2:
-    raise ConfigError(f"{folder}: needs at least 2 images ({', '.join(IMAGE_SUFFIXES)}), found {len(names)}")
-  return [np.asarray(Image.open(os.path.join(folder, name)).convert("RGB")) for name in names]
+  if tfds_source.is_tfds(source):
+    images = tfds_source.images(source, key, limit)
+  elif not os.path.isdir(source):
+    raise ConfigError(f"config.{key}: image folder {source!r} does not exist")
+  else:
+    names = sorted(n for n in os.listdir(source) if n.lower().endswith(IMAGE_SUFFIXES))[: limit or None]
+    images = LazyImages(len(names), lambda i: read_rgb(os.path.join(source, names[i])))
+  if not len(images):
+    raise ConfigError(f"config.{key}={source!r}: no images ({', '.join(IMAGE_SUFFIXES)} files or tfds examples)")
+  return images
 
 
 def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:

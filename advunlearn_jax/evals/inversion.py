@@ -81,7 +81,7 @@ def validate(cfg: InversionConfig) -> None:
 
 def concept_images(source: str, limit: int, size: int, seed: int = 0) -> np.ndarray:
   """uint8 [N, size, size, 3] images of the concept: `tiny_world:VALUE` renders VALUE with the other attributes
-  random; otherwise a folder or tfds source (evals/fid.load_images), centre-cropped and resized to `size`."""
+  random; otherwise a folder or tfds source (evals/fid.open_images), centre-cropped and resized to `size`."""
   from PIL import Image
 
   if not source:
@@ -105,7 +105,7 @@ def concept_images(source: str, limit: int, size: int, seed: int = 0) -> np.ndar
   from advunlearn_jax.evals import fid
 
   out = []
-  for image in fid.load_images(source, n):
+  for image in fid.open_images(source, "evaluation.inversion.images", n):
     h, w = image.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
