@@ -163,9 +163,17 @@ def main():
     lines.append(f"| {concept} | {name} | {VARIANTS[name].ablation} | {' | '.join(cols)} | {len(results)} |")
   table = "\n".join(lines)
   print(table)
-  print(f"total {time.perf_counter() - started:.0f} s (pieces already in {args.out} were not redone)")
+  print(f"this invocation: {time.perf_counter() - started:.0f} s (pieces already in {args.out} were not redone)")
+  # The command resumes across sessions, so its cost is the sum of the recorded pieces, not one wall time.
+  runs = [r for results in rows.values() for r in results]
+  hours = {k: sum(r[k] or 0.0 for r in runs) / 3600 for k in ("train_seconds", "attack_seconds", "inversion_seconds")}
+  cost = (
+    f"compute: {sum(hours.values()):.1f} h over {len(runs)} runs (training {hours['train_seconds']:.1f} h, "
+    f"UnlearnDiffAtk and retain accuracy {hours['attack_seconds']:.1f} h, inversion {hours['inversion_seconds']:.1f} h)"
+  )
+  print(cost)
   with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(table + "\n")
+    f.write(f"{table}\n\n{cost}\n")
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump({f"{c} | {n}": r for (c, n), r in rows.items()}, f, indent=2)
   for concept in args.concepts.split(","):

@@ -82,6 +82,9 @@ def test_ablations_benchmark_measures_every_column_and_resumes(tmp_path):
     assert {"pre_asr", "asr", "inversion_asr", "retain_acc", "train_seconds", "inversion_curve"} <= set(run)
     assert run["train_seconds"] > 0 and [b for b, _ in run["inversion_curve"]] == [0, 5, 10]
   assert (tmp_path / "inversion_asr_vs_budget_triangle.png").is_file()
-  assert "| triangle | esd | optimised module |" in (tmp_path / "table.md").read_text()
+  table = (tmp_path / "table.md").read_text()
+  assert "| triangle | esd | optimised module |" in table
+  (cost,) = re.findall(r"^compute: [0-9.]+ h over 2 runs \(training .*\)$", table, re.M)
   again = _benchmark("ablations_tiny.py", *args)
   assert "inversion:" not in again.stdout and json.loads((tmp_path / "results.json").read_text()) == results
+  assert cost in again.stdout.splitlines()  # the cost of the pieces, not of the call that only read them
