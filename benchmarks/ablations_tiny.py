@@ -65,6 +65,12 @@ VARIANTS = {
   ),
   "steps1": Variant("advunlearn", ("attack.steps=1",), "attack steps", "fewer attack steps: less robust"),
   "steps10": Variant("advunlearn", ("attack.steps=10",), "attack steps", "fewer attack steps: less robust"),
+  "steps100": Variant(
+    "advunlearn",
+    ("attack.steps=100",),
+    "attack steps (ours)",
+    "(not in the paper) does a training attack as long as the inversion's budget cover inversion?",
+  ),
   "layer0": Variant(
     "advunlearn",
     ("train.method='text_encoder_layer0'",),
