@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# The device check for one SD v1.4 AdvUnlearn iteration (random weights) on an H200: every x_t mode (the PyTorch
-# transcription, online_sequential, online, bank, bank_renewing) in bf16, seconds per iteration, sequential UNet
-# calls, FLOP efficiency, MFU and peak memory; `DTYPES="bfloat16 float32"` adds fp32 (a second 10-minute call).
-# Carry the wheels that gpu_env.sh names, or pass --no_torch.
+# The device check for one SD v1.4 AdvUnlearn iteration (random weights) on an H200, in bf16: seconds per
+# iteration, sequential UNet calls, FLOP efficiency, MFU and peak memory of each x_t mode against the PyTorch
+# transcription. One process per mode, each under MODE_TIMEOUT seconds (default 240), so that a mode whose
+# compilation runs long leaves the others their figures: on the first H200 run (2026-11-30, jax 0.11.2) the
+# batched `online` step was still compiling after 8 minutes. Each mode writes $out/iteration_h200_<dtype>_<mode>.json.
+#   MODES="online_sequential bank"   a subset, in this order (default: all, the cheapest to compile first)
+#   DTYPES="bfloat16 float32"        adds fp32
+# Carry the wheels that gpu_env.sh names, or leave pytorch out of MODES.
 set -uo pipefail
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 . "$(dirname "$0")/gpu_env.sh"
 for dtype in ${DTYPES:-bfloat16}; do
-  timeout "${BENCH_TIMEOUT:-540}" python3 benchmarks/iteration.py --size=sd14 --iters=2 --dtype="$dtype" \
-    --json="$out/iteration_h200_$dtype.json" "$@" 2>&1 | tee -a "$out/iteration_h200.log"
+  for mode in ${MODES:-bank bank_renewing online_sequential pytorch online}; do
+    echo "== $mode $dtype ($(date -u +%T))" | tee -a "$out/iteration_h200.log"
+    timeout "${MODE_TIMEOUT:-240}" python3 benchmarks/iteration.py --size=sd14 --iters=2 --dtype="$dtype" \
+      --modes="$mode" --json="$out/iteration_h200_${dtype}_$mode.json" "$@" 2>&1 | tee -a "$out/iteration_h200.log"
+  done
 done

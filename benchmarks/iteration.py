@@ -193,6 +193,7 @@ def time_jax(s: Setup, mode: str, fwd_flops: float, peak: float | None) -> dict:
     print(f"{'bank build':<18}: {time.perf_counter() - t0:8.3f} s (once per run)", flush=True)
   state = step_lib.init_state(cfg, s.models, s.frozen, bank)
   batch = lambda i: step_lib.Batch(jnp.arange(args.retain_batch, dtype=jnp.int32), jax.random.key(i))
+  print(f"{mode:<18}: compiling ({time.strftime('%H:%M:%S')})", flush=True)  # a timeout shows where it stopped
   t0 = time.perf_counter()
   compiled = STEP.lower(cfg, s.models, state, s.frozen, batch(0), True).compile()
   compile_s = time.perf_counter() - t0
