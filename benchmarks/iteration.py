@@ -13,7 +13,8 @@ forward, one forward or backward pass of a loss: each a UNet call that waits for
 efficiency (the UNet rows a per-point rollout needs over the rows computed: the batched rollout's buckets step
 rows that are done, masked), and XLA's compiled memory (arguments + outputs + temporaries). The rollouts' counts
 are measured in the step (its `rollout_*` metrics); the rest follow from the iteration's shape (spec 2.3-2.4).
-`--json=FILE` writes {mode: {"s_per_iter", "sequential_unet_calls", "flop_efficiency"}}.
+`--json=FILE` writes {mode: {"s_per_iter", "sequential_unet_calls", "flop_efficiency"}}; `--merge A.json B.json`
+joins such files from separate runs (the GPU check times each mode in its own process) and prints the ratios.
 
 `--no_torch` skips the PyTorch baseline (it needs torch + diffusers + transformers). On GPUs its fp32 matmuls
 run in TF32, the arithmetic of JAX's default precision there, so the ratio compares like with like
@@ -91,6 +92,7 @@ def parse_args(argv=None):
   p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
   p.add_argument("--no_torch", action="store_true", help="leave out the pytorch mode")
   p.add_argument("--json", default="", help="write {mode: {s_per_iter, sequential_unet_calls, flop_efficiency}}")
+  p.add_argument("--merge", nargs="+", default=[], help="--json files of earlier runs: join them, print the ratios")
   p.add_argument(
     "--memory_only",
     action="store_true",
@@ -243,6 +245,12 @@ def unet_forward_flops(s: Setup) -> float:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.merge:
+    try:
+      return report(merge(args.merge), args.json)
+    except ValueError as e:
+      print(e, file=sys.stderr)
+      sys.exit(2)
   s = Setup(args)
   print(
     f"backend={jax.default_backend()} size={args.size} latents {s.hw}x{s.hw} attack_steps={args.attack_steps} "
@@ -263,7 +271,7 @@ def main(argv=None):
   )
   if args.memory_only:
     return print_memory(s)
-  fwd_flops = unet_forward_flops(s)
+  fwd_flops = unet_forward_flops(s) if set(args.modes) & set(JAX_MODES) else 0.0
   peak = args.peak_tflops or (setups.H200_PEAK_TFLOPS[args.dtype] if jax.default_backend() == "gpu" else None)
   results = {}
   for mode in args.modes:
@@ -271,14 +279,38 @@ def main(argv=None):
       results[mode] = time_torch(s)
     else:
       results[mode] = time_jax(s, mode, fwd_flops, peak)
+  return report(results, args.json)
+
+
+def merge(paths: list[str]) -> dict:
+  """The modes of several `--json` files in one dict. ValueError names the file that is not one, or that repeats
+  a mode."""
+  results = {}
+  for path in paths:
+    try:
+      with open(path) as f:
+        part = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"--merge {path}: cannot read it as JSON ({e})") from None
+    rows_ok = isinstance(part, dict) and all(isinstance(r, dict) and "s_per_iter" in r for r in part.values())
+    if not rows_ok or set(part) - set(MODES) or set(part) & set(results):
+      raise ValueError(
+        f"--merge {path}: expected {{mode: {{s_per_iter, ...}}}} with modes of {list(MODES)} not already merged"
+      )
+    results.update(part)
+  return results
+
+
+def report(results: dict, json_path: str) -> dict:
+  """Speed-ups against the transcription and online_sequential; writes `json_path` if given."""
   for base in ("pytorch", "online_sequential"):
     for mode in results:
       if base in results and mode != base and mode != "pytorch":
         print(f"speed-up {mode} vs {base}: {results[base]['s_per_iter'] / results[mode]['s_per_iter']:.2f}x")
   if "bank" in results and "bank_renewing" in results:
     print(f"bank_renewing / bank time: {results['bank_renewing']['s_per_iter'] / results['bank']['s_per_iter']:.2f}x")
-  if args.json:
-    with open(args.json, "w") as f:
+  if json_path:
+    with open(json_path, "w") as f:
       json.dump(results, f, indent=1)
   return results
 
