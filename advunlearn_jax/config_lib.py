@@ -64,8 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
   # out in one batched pass; online_sequential: the same points one rollout after another, as the reference runs
   # them; bank: trajectories rolled out once and reused (renewed with bank.refresh_*), text-encoder methods only.
   c.train.xt_source = "online"
-  c.train.rollout_buckets = 0  # online: batch widths of the batched rollout; 0: the backend's measured default
-  c.train.rollout_rows_per_call = -1  # online: > 0 points per UNet call instead of buckets; -1: measured default
+  c.train.rollout_buckets = 0  # online with rollout_rows_per_call=0: batch widths of the buckets; 0: 8
+  c.train.rollout_rows_per_call = -1  # online: points walking per UNet call (slots); 0: buckets; -1: measured default
   c.train.prefix_bug = False  # reference quirk: spec 2.5 - layer '1' also selects layers 10 and 11
 
   c.export = ml_collections.ConfigDict()
@@ -238,8 +238,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   bank.validate(wiring.bank_config(config))
   if t.rollout_buckets < 0 or t.rollout_rows_per_call < -1:
     raise ConfigError(
-      "config.train.rollout_buckets must be >= 0 and config.train.rollout_rows_per_call >= -1 (0 and -1: the "
-      f"measured defaults), got {t.rollout_buckets} and {t.rollout_rows_per_call}"
+      "config.train.rollout_buckets must be >= 0 (0: 8) and config.train.rollout_rows_per_call >= -1 (0: buckets, "
+      f"-1: the measured default), got {t.rollout_buckets} and {t.rollout_rows_per_call}"
     )
   if config.attack.type not in prompts.ATTACK_TYPES:
     raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")

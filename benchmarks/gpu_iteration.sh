@@ -3,8 +3,9 @@
 # iteration, sequential UNet calls, FLOP efficiency, MFU and peak memory of each x_t mode against the PyTorch
 # transcription. One process per mode, each under MODE_TIMEOUT seconds (default 240), so that a mode whose
 # compilation runs long leaves the others their figures: on the first H200 run (2026-11-30, jax 0.11.2) the
-# batched `online` step was still compiling after 8 minutes. Each mode writes $out/iteration_h200_<dtype>_<mode>.json;
-# the modes that finished are then joined in $out/iteration_h200_<dtype>.json, with their speed-ups.
+# batched `online` step (8 rollout buckets then, 16 slots now) was still compiling after 8 minutes. Each mode
+# writes $out/iteration_h200_<dtype>_<mode>.json; the modes that finished are then joined in
+# $out/iteration_h200_<dtype>.json, with their speed-ups.
 #   MODES="online_sequential bank"   a subset, in this order (default: all, the cheapest to compile first)
 #   DTYPES="bfloat16 float32"        adds fp32
 # Carry the wheels that gpu_env.sh names, or leave pytorch out of MODES.

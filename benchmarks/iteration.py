@@ -10,9 +10,10 @@ one (bank_renewing). Prints ratios against the transcription and against online_
 
 Per mode: seconds per iteration (median), sequential UNet calls per iteration (one CFG DDIM step, one frozen
 forward, one forward or backward pass of a loss: each a UNet call that waits for the one before), FLOP
-efficiency (the UNet rows a per-point rollout needs over the rows computed: the batched rollout's buckets step
-rows that are done, masked), and XLA's compiled memory (arguments + outputs + temporaries). The rollouts' counts
-are measured in the step (its `rollout_*` metrics); the rest follow from the iteration's shape (spec 2.3-2.4).
+efficiency (the UNet rows a per-point rollout needs over the rows computed: the batched rollout's idle slots, or
+its buckets' rows that are done, are masked work), and XLA's compiled memory (arguments + outputs + temporaries).
+The rollouts' counts are measured in the step (its `rollout_*` metrics); the rest follow from the iteration's
+shape (spec 2.3-2.4).
 `--json=FILE` writes {mode: {"s_per_iter", "sequential_unet_calls", "flop_efficiency"}}; `--merge A.json B.json`
 joins such files from separate runs (the GPU check times each mode in its own process) and prints the ratios.
 
@@ -86,8 +87,10 @@ def parse_args(argv=None):
   p.add_argument("--retain_batch", type=int, default=5)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--remat", default="none")
-  p.add_argument("--rollout_buckets", type=int, default=0, help="0: wiring.ROLLOUT_BUCKETS for this backend")
-  p.add_argument("--rows_per_call", type=int, default=-1, help="-1: wiring.rollout_rows_per_call's default")
+  p.add_argument("--rollout_buckets", type=int, default=0, help="with --rows_per_call=0; 0: wiring.ROLLOUT_BUCKETS")
+  p.add_argument(
+    "--rows_per_call", type=int, default=-1, help="online's slots; 0: buckets; -1: wiring.rollout_rows_per_call's"
+  )
   p.add_argument("--refresh_every", type=int, default=None, help="bank_renewing; default: the config's")
   p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
   p.add_argument("--no_torch", action="store_true", help="leave out the pytorch mode")
@@ -259,7 +262,7 @@ def main(argv=None):
   )
   rows = args.attack_steps + 1 + args.retain_batch
   batching = (
-    f"{s.base.rollout_rows_per_call} points per UNet call"
+    f"{s.base.rollout_rows_per_call} slots (points walking per UNet call)"
     if s.base.rollout_rows_per_call
     else f"bucket widths {ddim.bucket_widths(rows, s.base.rollout_buckets)}"
   )

@@ -51,8 +51,16 @@ def test_partial_ddim_step_counts():
 def _row_dependent_eps(x, t, context):
   """A cheap nonlinear denoiser that reads its rows' context, so a row given another row's context (or step)
   would show."""
-  scale = context.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.tanh(x * scale + t / 1000.0)
+  per_row = lambda a: jnp.reshape(a, (-1,) + (1,) * (x.ndim - 1))  # t: the grid's, or one per row
+  return jnp.tanh(x * per_row(context) + per_row(t) / 1000.0)
+
+
+def _list_schedule_makespan(walks, slots: int) -> int:
+  """Each walk, longest first, goes to the slot that frees up first."""
+  free_at = [0] * slots
+  for walk in sorted(walks, reverse=True):
+    free_at[free_at.index(min(free_at))] += walk
+  return max(free_at)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +73,7 @@ def _row_dependent_eps(x, t, context):
     ((5, 40, 22, 9, 31, 17), 8),  # a width per row
   ],
 )
-@pytest.mark.parametrize("rows_per_call", [0, 3])
+@pytest.mark.parametrize("rows_per_call", [0, 3, 8])
 def test_batched_rollout_equals_per_row_rollouts(t_enc, buckets, rows_per_call):
   tables = ddim.ldm_tables(SCHEDULE.alphas_cumprod_ldm())
   rows = len(t_enc)
@@ -82,10 +90,9 @@ def test_batched_rollout_equals_per_row_rollouts(t_enc, buckets, rows_per_call):
     np.testing.assert_allclose(got[j : j + 1], ref, rtol=1e-6, atol=1e-6)
   steps = np.asarray(ddim.num_unet_steps(t_enc))
   assert int(stats.useful_rows) == steps.sum()
-  if rows_per_call:  # as many calls as chunks of walking rows: at most rows_per_call - 1 idle rows per step
-    walking = [(steps > i).sum() for i in range(steps.max())]
-    assert int(stats.calls) == sum(-(-w // rows_per_call) for w in walking)
-    assert int(stats.computed_rows) - steps.sum() <= (rows_per_call - 1) * steps.max()
+  if rows_per_call:  # slots: the makespan of longest-walk-first list scheduling
+    assert int(stats.calls) == _list_schedule_makespan(steps, rows_per_call)
+    assert int(stats.computed_rows) == int(stats.calls) * rows_per_call
   else:
     assert int(stats.calls) == steps.max()  # the longest walk, once
     assert steps.sum() <= int(stats.computed_rows) <= steps.max() * widths[0]

@@ -118,11 +118,18 @@ def test_step_with_attack_from_the_bank_records_the_sequence():
   cfg = _replace(cfg, retain_weight=0.5)  # a retain term: the retain group is rolled out
   bank_cfg = _replace(cfg, xt_source="bank", bank=bank_lib.BankConfig(concept_trajectories=2))
   # The rollouts are the step's only while_loops (the attack's loop is a scan): none from the bank, one per
-  # point group in the reference's order (none for retain rows when the loss has no retain term), one per bucket
-  # width batched.
+  # point group in the reference's order (none for retain rows when the loss has no retain term), batched one for
+  # the slots (the default) or one per bucket width.
   bank_state = step_lib.init_state(bank_cfg, models, frozen, _bank(models, frozen))
   sequential = _replace(cfg, xt_source="online_sequential")
-  for c, loops in ((bank_cfg, 0), (sequential, 3), (_replace(sequential, retain_weight=0.0), 2), (cfg, 8)):
+  buckets = _replace(cfg, rollout_rows_per_call=0, rollout_buckets=8)
+  for c, loops in (
+    (bank_cfg, 0),
+    (sequential, 3),
+    (_replace(sequential, retain_weight=0.0), 2),
+    (cfg, 1),
+    (buckets, 8),
+  ):
     state = bank_state if c is bank_cfg else step_lib.init_state(c, models, frozen)
     jaxpr = jax.make_jaxpr(lambda s, b, c=c: step_lib.train_step(c, models, s, frozen, b, True))(state, _batch(1))
     assert str(jaxpr).count("while[") == loops, c.xt_source
@@ -175,7 +182,8 @@ ROLL_OUT = jax.jit(step_lib.roll_out, static_argnums=(0, 1))
     ((0, 1, 49, 25), 2, 3, 0),  # the edges: 49 steps for t_enc 0 and 1, one for 49
     ((7, 7, 7, 7), 7, 3, 0),  # every point walks as far: all in one bucket
     ((49, 0, 30), 0, 0, 0),  # retain batch 0
-    ((0, 1, 49, 25), 2, 3, 3),  # CPUs: a few walking points per UNet call
+    ((0, 1, 49, 25), 2, 3, 3),  # slots: 3 points walking per UNet call, each slot refilled as its point ends
+    ((49, 0, 30), 0, 0, 5),  # slots outnumbering the points, retain batch 0
   ],
 )
 def test_batched_points_equal_sequential_points(attack_t, defender_t, retain_batch, rows_per_call):

@@ -227,16 +227,16 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
 
 
 def test_rollout_batching_defaults_per_backend():
-  """Points per UNet call only where measured faster: CPUs at 16x16 latents and up; buckets elsewhere."""
+  """Slots everywhere: 16, or 4 on CPUs at 16x16 latents and up, where a few rows per call are cheapest per row."""
   assert wiring.rollout_rows_per_call(16, "cpu") == wiring.rollout_rows_per_call(64, "cpu") == 4
-  assert wiring.rollout_rows_per_call(8, "cpu") == 0  # the tiny world's 8x8: bigger batches are cheaper per row
-  assert wiring.rollout_rows_per_call(64, "gpu") == wiring.rollout_rows_per_call(64, "tpu") == 0
+  assert wiring.rollout_rows_per_call(8, "cpu") == 16  # the tiny world's 8x8: bigger batches are cheaper per row
+  assert wiring.rollout_rows_per_call(64, "gpu") == wiring.rollout_rows_per_call(64, "tpu") == 16
   config = tiny_config("/pipe")
   cfg = wiring.step_config(config, 1, tiny_models.UNET)  # 8x8 latents
-  assert (cfg.xt_source, cfg.rollout_buckets, cfg.rollout_rows_per_call) == ("online", 8, 0)
-  config.train.rollout_rows_per_call, config.train.rollout_buckets = 3, 5
+  assert (cfg.xt_source, cfg.rollout_buckets, cfg.rollout_rows_per_call) == ("online", 8, 16)
+  config.train.rollout_rows_per_call, config.train.rollout_buckets = 0, 5
   cfg = wiring.step_config(config, 1, tiny_models.UNET)
-  assert (cfg.rollout_buckets, cfg.rollout_rows_per_call, cfg.bank) == (5, 3, wiring.bank_config(config))
+  assert (cfg.rollout_buckets, cfg.rollout_rows_per_call, cfg.bank) == (5, 0, wiring.bank_config(config))
 
 
 def test_resume_guard_allows_evaluation_and_report_changes_only():

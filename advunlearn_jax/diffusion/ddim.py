@@ -118,48 +118,49 @@ def partial_ddim_batched(
 ) -> tuple[jax.Array, RolloutStats]:
   """`partial_ddim` for every row at once, each with its own t_enc: [R, ...] -> [R, ...].
 
-  Every rollout starts at the same grid point and walks the same grid, so at DDIM step i all rows that are still
-  walking take the same step; row j stops after its own `num_unet_steps(t_enc[j])`. Rows are sorted longest walk
-  first, which makes the walking rows a prefix that only shrinks. The walk runs in buckets of static batch
-  widths (`widths`, descending, the first >= R): each bucket steps its prefix of the rows for as long as the
-  walking rows exceed the next bucket's width, rows that are done are held by a mask. So the sequential UNet
-  calls are those of the longest walk alone (at most S - 1), and the rows computed but not needed are at most
-  the gap between neighbouring widths. `eps_fn(x, t, context)` sees the rows' slice of `context` (a pytree of
-  [R, ...] arrays, e.g. the CFG conditioning), `t` is the grid's scalar timestep.
-
-  `rows_per_call` > 0 (CPUs, where a UNet call costs the same per row at any batch and least at a few rows): one
-  bucket of width R, stepped `rows_per_call` walking rows per call, as many calls as the walking rows need."""
+  Two ways to batch the same walks, both longest walk first. `rows_per_call` = 0: buckets of static batch widths
+  `widths` (descending, the first >= R) that all take the same DDIM step (`_bucketed`): the fewest sequential
+  calls, the longest walk's, at batch widths that shrink with the walking rows. `rows_per_call` = W > 0: W slots,
+  each walking one row at its own grid point and taking the next row as soon as its walk ends (`_slotted`):
+  about sum(walks) / W calls of one batch width, nearly all of whose rows are useful. `eps_fn(x, t, context)` sees
+  the rows' slice of `context` (a pytree of [R, ...] arrays, e.g. the CFG conditioning); `t` is the grid's scalar
+  timestep for buckets, one per row for slots."""
   rows = x_T.shape[0]
-  if rows_per_call:
-    widths = (-(-rows // rows_per_call) * rows_per_call,)
-  if not widths or widths[0] < rows or list(widths) != sorted(set(widths), reverse=True):
+  if not rows_per_call and (not widths or widths[0] < rows or list(widths) != sorted(set(widths), reverse=True)):
     raise ValueError(f"bucket widths {widths} must be distinct, descending, the first >= {rows} rows")
   n = num_unet_steps(t_enc, tables.timesteps.shape[0])
+  stats = lambda calls, computed: RolloutStats(calls, computed, jnp.sum(n))
+  if not rows:
+    zero = jnp.zeros((), jnp.int32)
+    return x_T, stats(zero, zero)
   order = jnp.argsort(-n, stable=True)
-  pad = widths[0] - rows  # pad rows take no step (n = 0)
-  n_sorted = jnp.concatenate([n[order], jnp.zeros((pad,), n.dtype)])
-  take = lambda a: jnp.concatenate([a[order], jnp.zeros((pad, *a.shape[1:]), a.dtype)])
-  x = take(x_T)
-  context = jax.tree.map(take, context)
-  walking = lambda i: jnp.sum(n_sorted > i)
+  sort = lambda a: a[order]
+  if rows_per_call:
+    x, calls, computed = _slotted(eps_fn, sort(x_T), n[order], jax.tree.map(sort, context), tables, rows_per_call)
+  else:
+    x, calls, computed = _bucketed(eps_fn, sort(x_T), n[order], jax.tree.map(sort, context), tables, widths)
+  return jnp.zeros_like(x_T).at[order].set(x), stats(calls, computed)
 
-  def advance(i, x, start, width):
-    """Rows [start, start + width) take step i; those already done keep their latents."""
-    rows_of = lambda a: jax.lax.dynamic_slice_in_dim(a, start, width)
-    xs = rows_of(x)
-    ctx = jax.tree.map(rows_of, context)
-    stepped = _step_at(i, xs, lambda xx, t: eps_fn(xx, t, ctx), tables)
-    keep = (i < rows_of(n_sorted)).reshape((width,) + (1,) * (x.ndim - 1))
-    return jax.lax.dynamic_update_slice_in_dim(x, jnp.where(keep, stepped, xs), start, 0)
+
+def _bucketed(eps_fn, x_T, n, context, tables: DDIMTables, widths: tuple[int, ...]):
+  """Rows sorted longest walk first, so the walking rows are a prefix that only shrinks. Each bucket steps its
+  prefix for as long as the walking rows exceed the next bucket's width; rows that are done are held by a mask.
+  The sequential calls are the longest walk's (at most S - 1), the idle rows at most the gap between neighbouring
+  widths."""
+  pad = widths[0] - x_T.shape[0]  # pad rows take no step (n = 0)
+  padded = lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)])
+  n, x, context = padded(n), padded(x_T), jax.tree.map(padded, context)
+  walking = lambda i: jnp.sum(n > i)
 
   def level(width: int, next_width: int, carry):
     def body(carry):
       i, x, calls, computed = carry
-      if not rows_per_call:
-        return i + 1, advance(i, x, 0, width), calls + 1, computed + width
-      chunks = -(-walking(i) // rows_per_call)
-      x = jax.lax.fori_loop(0, chunks, lambda j, x: advance(i, x, j * rows_per_call, rows_per_call), x)
-      return i + 1, x, calls + chunks, computed + chunks * rows_per_call
+      rows_of = lambda a: a[:width]
+      xs, ctx = rows_of(x), jax.tree.map(rows_of, context)
+      stepped = _step_at(i, xs, lambda xx, t: eps_fn(xx, t, ctx), tables)
+      keep = (i < rows_of(n)).reshape((width,) + (1,) * (x.ndim - 1))
+      x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(keep, stepped, xs), 0, 0)
+      return i + 1, x, calls + 1, computed + width
 
     return jax.lax.while_loop(lambda c: walking(c[0]) > next_width, body, carry)
 
@@ -168,5 +169,40 @@ def partial_ddim_batched(
   for width, next_width in zip(widths, (*widths[1:], 0)):
     carry = level(width, next_width, carry)
   _, x, calls, computed = carry
-  out = jnp.zeros_like(x_T).at[order].set(x[:rows])
-  return out, RolloutStats(calls, computed, jnp.sum(n))
+  return x[: x_T.shape[0]], calls, computed
+
+
+def _slotted(eps_fn, x_T, n, context, tables: DDIMTables, slots: int):
+  """Continuous batching: `slots` rows walk at once, each at its own step; a slot whose row has finished writes it
+  out and takes the next row from the top of the grid. Taking rows longest walk first is LPT list scheduling, so
+  the calls are max(longest walk, about sum(walks) / slots) and only the last few calls run slots idle. One UNet
+  batch width for the whole rollout keeps the compiled program to one UNet instance (and one set of kernels to
+  tune on a GPU)."""
+  rows = x_T.shape[0]
+  empty = rows  # a slot holding no row
+  ready = jnp.sum(n > 0)  # rows with no step to take (the sorted tail) keep x_T
+  last = tables.timesteps.shape[0] - 2
+  row = jnp.where(jnp.arange(slots) < ready, jnp.arange(slots), empty)
+  at = lambda a, r: a[jnp.minimum(r, rows - 1)]
+  per_row = lambda a: a.reshape((slots,) + (1,) * (x_T.ndim - 1))
+
+  def step_fn(carry):
+    row, step, x, out, calls, next_row = carry
+    index = last - step
+    ctx = jax.tree.map(lambda a: at(a, row), context)
+    eps = eps_fn(x, tables.timesteps[index], ctx)
+    stepped = ddim_step(x, eps, per_row(tables.alphas[index]), per_row(tables.alphas_prev[index]))
+    done = (row < empty) & (step + 1 >= at(n, row))
+    out = out.at[jnp.where(done, row, empty)].set(stepped, mode="drop")
+    new_row = next_row + jnp.cumsum(done) - 1  # freed slots take the next rows in order
+    load = done & (new_row < ready)
+    step = jnp.where(done | (row == empty), 0, step + 1)
+    row = jnp.where(done, jnp.where(load, new_row, empty), row)
+    idle = jnp.zeros_like(stepped)  # an emptied slot walks zeros from the top, never growing latents
+    x = jnp.where(per_row(load), at(x_T, new_row), jnp.where(per_row(row < empty), stepped, idle))
+    return row, step, x, out, calls + 1, next_row + jnp.sum(done)
+
+  zero = jnp.zeros((), jnp.int32)
+  init = (row, jnp.zeros((slots,), jnp.int32), at(x_T, row), x_T, zero, jnp.minimum(slots, ready))
+  _, _, _, out, calls, _ = jax.lax.while_loop(lambda c: jnp.any(c[0] < empty), step_fn, init)
+  return out, calls, calls * slots

@@ -28,7 +28,8 @@ def cfg_eps(
 ) -> jax.Array:
   """eps_u + s * (eps_c - eps_u), with one batched UNet call on [uncond; cond] as the reference does."""
   n = x.shape[0]
-  eps = unet_fn(jnp.concatenate([x, x]), jnp.broadcast_to(t, (2 * n,)), jnp.concatenate([uncond, cond]))
+  t = jnp.broadcast_to(t, (n,))  # one timestep for all rows, or one per row
+  eps = unet_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([uncond, cond]))
   eps_u, eps_c = eps[:n], eps[n:]
   return eps_u + scale * (eps_c - eps_u)
 

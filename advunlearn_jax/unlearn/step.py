@@ -62,7 +62,7 @@ class StepConfig:
   latent_channels: int = 4
   xt_source: str = "online"  # bank.SOURCES
   rollout_buckets: int = 8  # online: batch widths of the batched rollout (ddim.bucket_widths)
-  rollout_rows_per_call: int = 0  # online: > 0 steps that many points per UNet call instead (CPUs)
+  rollout_rows_per_call: int = 0  # online: > 0 that many slots of continuous batching instead of buckets
   bank: bank_lib.BankConfig = bank_lib.BankConfig()
 
 
@@ -265,10 +265,11 @@ def roll_out(
     rows = flat.t_enc.shape[0]
     multiple = models.mesh.shape[sharding.DATA] if models.mesh is not None else 1
     # Without attack rows every row walks to the defender's one t_enc: a single bucket wastes nothing.
-    buckets = cfg.rollout_buckets if points.attack.t_enc.shape[0] else 1
-    widths = ddim.bucket_widths(rows, buckets, multiple)
+    walks_differ = points.attack.t_enc.shape[0] > 0
+    widths = ddim.bucket_widths(rows, cfg.rollout_buckets if walks_differ else 1, multiple)
+    slots = -(-cfg.rollout_rows_per_call // multiple) * multiple if walks_differ else 0  # each device as many
     x, stats = ddim.partial_ddim_batched(
-      eps_fn, flat.noise, flat.t_enc, jnp.concatenate(conds), frozen.tables, widths, cfg.rollout_rows_per_call
+      eps_fn, flat.noise, flat.t_enc, jnp.concatenate(conds), frozen.tables, widths, slots
     )
     return _split(jax.lax.stop_gradient(x), groups), stats
   # online_sequential: the reference's shape, one rollout per attack step, then the concept and retain batches.

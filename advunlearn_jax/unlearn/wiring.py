@@ -29,19 +29,22 @@ train_step = jax.jit(
   step_lib.train_step, static_argnames=("cfg", "models", "with_attack", "new_prompt"), donate_argnames=("state",)
 )
 
-# train.rollout_buckets = 0: batch widths of the batched online rollout by backend (README, "Speed").
-ROLLOUT_BUCKETS = {"cpu": 8, "gpu": 8, "tpu": 8}
+# train.rollout_buckets = 0: bucket widths of the online rollout when it runs in buckets (rollout_rows_per_call=0).
+ROLLOUT_BUCKETS = 8
 
 
 def rollout_rows_per_call(latent_hw: int, backend: str | None = None) -> int:
-  """train.rollout_rows_per_call = -1: whole buckets per UNet call (0), except on CPUs at 16x16 latents and up,
-  where a UNet call costs the same per row at any batch and least at a few rows (2 cores, 16x16: 3.2 ms a row at 8
-  rows, 4.2 at 2, 4.7 at 72), so the walking points go 4 (8 CFG rows) per call. Measured in
-  benchmarks/iteration.py: --size=tiny 1.04x online_sequential with 4 per call, 0.91x with 8 buckets;
-  --size=small (8x8, where bigger batches are cheaper per row) 1.28x with buckets, 1.19x with 6 per call."""
+  """train.rollout_rows_per_call = -1: the slots of the online rollout's continuous batching (ddim._slotted).
+
+  16 slots (32 CFG rows per UNet call) by default: about 62 rollout calls at ~93% useful rows, and one UNet batch
+  width in the compiled step, where 8 buckets put 8 (the H200's compile time: README, "Speed"). Measured in
+  benchmarks/iteration.py --size=small (8x8): 1.34x online_sequential with 16 or 12 slots, 1.23x with 8 buckets
+  in the same session, and compilation 17 s instead of 30. On CPUs at 16x16 latents and up, where a UNet call
+  costs the same per row at any batch and least at a few rows (2 cores, 16x16: 3.2 ms a row at 8 rows, 4.2 at 2,
+  4.7 at 72), 4 slots."""
   if (backend or jax.default_backend()) == "cpu" and latent_hw >= 16:
     return 4
-  return 0
+  return 16
 
 
 def bank_config(config: ml_collections.ConfigDict) -> bank_lib.BankConfig:
@@ -88,7 +91,7 @@ def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config:
     latent_hw=unet_config.sample_size,
     latent_channels=unet_config.in_channels,
     xt_source=t.xt_source,
-    rollout_buckets=t.rollout_buckets or ROLLOUT_BUCKETS.get(jax.default_backend(), 8),
+    rollout_buckets=t.rollout_buckets or ROLLOUT_BUCKETS,
     rollout_rows_per_call=(
       t.rollout_rows_per_call if t.rollout_rows_per_call >= 0 else rollout_rows_per_call(unet_config.sample_size)
     ),
