@@ -6,6 +6,10 @@
 # batched `online` step (8 rollout buckets then, 16 slots now) was still compiling after 8 minutes. Each mode
 # writes $out/iteration_h200_<dtype>_<mode>.json; the modes that finished are then joined in
 # $out/iteration_h200_<dtype>.json, with their speed-ups.
+# The modes share one compilation cache (XLA_CACHE, default /tmp/advunlearn_xla_cache): on a GPU it keeps XLA's
+# autotuning results per fusion, so a mode does not tune again the kernels an earlier mode tuned (the attack's
+# and the defender's UNet passes are common to all), nor does a rerun in the same lease; a training run shares
+# its cache the same way between its two step variants and across resumes.
 #   MODES="online_sequential bank"   a subset, in this order (default: all, the cheapest to compile first)
 #   DTYPES="bfloat16 float32"        adds fp32
 # Carry the wheels that gpu_env.sh names, or leave pytorch out of MODES.
@@ -16,7 +20,8 @@ for dtype in ${DTYPES:-bfloat16}; do
   for mode in ${MODES:-bank bank_renewing online_sequential pytorch online}; do
     echo "== $mode $dtype ($(date -u +%T))" | tee -a "$out/iteration_h200.log"
     timeout "${MODE_TIMEOUT:-240}" python3 benchmarks/iteration.py --size=sd14 --iters=2 --dtype="$dtype" \
-      --modes="$mode" --json="$out/iteration_h200_${dtype}_$mode.json" "$@" 2>&1 | tee -a "$out/iteration_h200.log"
+      --modes="$mode" --json="$out/iteration_h200_${dtype}_$mode.json" \
+      --compilation_cache="${XLA_CACHE:-/tmp/advunlearn_xla_cache}" "$@" 2>&1 | tee -a "$out/iteration_h200.log"
   done
   finished=("$out"/iteration_h200_"${dtype}"_*.json)
   [ -e "${finished[0]}" ] && python3 benchmarks/iteration.py --merge "${finished[@]}" \

@@ -41,7 +41,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from advunlearn_jax import config_lib  # noqa: E402
+from advunlearn_jax import compile_cache, config_lib  # noqa: E402
 from advunlearn_jax import tokenizer as tok_lib  # noqa: E402
 from advunlearn_jax.diffusion import ddim  # noqa: E402
 from advunlearn_jax.diffusion.schedule import ScheduleConfig  # noqa: E402
@@ -102,6 +102,12 @@ def parse_args(argv=None):
     help="compile the JAX modes and print their memory; run nothing (UNet weights stay abstract)",
   )
   p.add_argument("--peak_tflops", type=float, default=None, help="dense peak for MFU (default: H200 on GPUs)")
+  p.add_argument(
+    "--compilation_cache",
+    default="",
+    help="persistent compilation cache folder (on GPUs it also keeps XLA's autotuning results per fusion); "
+    "default: none, every compilation cold",
+  )
   torch_unet.add_matmul_precision_flag(p)
   args = p.parse_args(argv)
   args.modes = [m for m in args.modes.split(",") if m and not (m == "pytorch" and args.no_torch)]
@@ -254,6 +260,8 @@ def main(argv=None):
     except ValueError as e:
       print(e, file=sys.stderr)
       sys.exit(2)
+  if args.compilation_cache:  # before the first compilation: JAX decides once per process
+    print(f"compilation cache: {compile_cache.enable(args.compilation_cache)} (what it holds loads, not compiles)")
   s = Setup(args)
   print(
     f"backend={jax.default_backend()} size={args.size} latents {s.hw}x{s.hw} attack_steps={args.attack_steps} "

@@ -29,7 +29,8 @@ def _benchmark(script, *args):
 
 def test_iteration_benchmark_reports_every_mode(tmp_path):
   args = ["--size=small", "--iters=2", "--attack_steps=3", "--retain_batch=2", f"--json={tmp_path / 'it.json'}"]
-  out = _benchmark("iteration.py", *args)
+  out = _benchmark("iteration.py", *args, f"--compilation_cache={tmp_path / 'xla'}")
+  assert os.listdir(tmp_path / "xla"), "the compiled steps go to the cache the GPU check shares between modes"
   report = json.loads((tmp_path / "it.json").read_text())
   assert set(report) == {"pytorch", "online_sequential", "online", "bank", "bank_renewing"}, out.stdout
   for mode, row in report.items():
