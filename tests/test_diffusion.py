@@ -73,8 +73,8 @@ def _list_schedule_makespan(walks, slots: int) -> int:
     ((5, 40, 22, 9, 31, 17), 8),  # a width per row
   ],
 )
-@pytest.mark.parametrize("rows_per_call", [0, 3, 8])
-def test_batched_rollout_equals_per_row_rollouts(t_enc, buckets, rows_per_call):
+@pytest.mark.parametrize("slots", [0, 3, 8])
+def test_batched_rollout_equals_per_row_rollouts(t_enc, buckets, slots):
   tables = ddim.ldm_tables(SCHEDULE.alphas_cumprod_ldm())
   rows = len(t_enc)
   rng = np.random.default_rng(rows)
@@ -82,7 +82,7 @@ def test_batched_rollout_equals_per_row_rollouts(t_enc, buckets, rows_per_call):
   context = jnp.asarray(rng.uniform(0.5, 1.5, size=(rows,)), jnp.float32)
   t_enc = jnp.asarray(t_enc, jnp.int32)
   widths = ddim.bucket_widths(rows, buckets)
-  rollout = lambda x, t, c: ddim.partial_ddim_batched(_row_dependent_eps, x, t, c, tables, widths, rows_per_call)
+  rollout = lambda x, t, c: ddim.partial_ddim_batched(_row_dependent_eps, x, t, c, tables, widths, slots)
   got, stats = jax.jit(rollout)(x_T, t_enc, context)
   for j in range(rows):
     eps = lambda x, t, j=j: _row_dependent_eps(x, t, context[j : j + 1])
@@ -90,9 +90,9 @@ def test_batched_rollout_equals_per_row_rollouts(t_enc, buckets, rows_per_call):
     np.testing.assert_allclose(got[j : j + 1], ref, rtol=1e-6, atol=1e-6)
   steps = np.asarray(ddim.num_unet_steps(t_enc))
   assert int(stats.useful_rows) == steps.sum()
-  if rows_per_call:  # slots: the makespan of longest-walk-first list scheduling
-    assert int(stats.calls) == _list_schedule_makespan(steps, rows_per_call)
-    assert int(stats.computed_rows) == int(stats.calls) * rows_per_call
+  if slots:  # the makespan of longest-walk-first list scheduling
+    assert int(stats.calls) == _list_schedule_makespan(steps, slots)
+    assert int(stats.computed_rows) == int(stats.calls) * slots
   else:
     assert int(stats.calls) == steps.max()  # the longest walk, once
     assert steps.sum() <= int(stats.computed_rows) <= steps.max() * widths[0]

@@ -114,19 +114,19 @@ def partial_ddim_batched(
   context: object,
   tables: DDIMTables,
   widths: tuple[int, ...],
-  rows_per_call: int = 0,
+  slots: int = 0,
 ) -> tuple[jax.Array, RolloutStats]:
   """`partial_ddim` for every row at once, each with its own t_enc: [R, ...] -> [R, ...].
 
-  Two ways to batch the same walks, both longest walk first. `rows_per_call` = 0: buckets of static batch widths
+  Two ways to batch the same walks, both longest walk first. `slots` = 0: buckets of static batch widths
   `widths` (descending, the first >= R) that all take the same DDIM step (`_bucketed`): the fewest sequential
-  calls, the longest walk's, at batch widths that shrink with the walking rows. `rows_per_call` = W > 0: W slots,
+  calls, the longest walk's, at batch widths that shrink with the walking rows. `slots` = W > 0: W slots,
   each walking one row at its own grid point and taking the next row as soon as its walk ends (`_slotted`):
   about sum(walks) / W calls of one batch width, nearly all of whose rows are useful. `eps_fn(x, t, context)` sees
   the rows' slice of `context` (a pytree of [R, ...] arrays, e.g. the CFG conditioning); `t` is the grid's scalar
   timestep for buckets, one per row for slots."""
   rows = x_T.shape[0]
-  if not rows_per_call and (not widths or widths[0] < rows or list(widths) != sorted(set(widths), reverse=True)):
+  if not slots and (not widths or widths[0] < rows or list(widths) != sorted(set(widths), reverse=True)):
     raise ValueError(f"bucket widths {widths} must be distinct, descending, the first >= {rows} rows")
   n = num_unet_steps(t_enc, tables.timesteps.shape[0])
   stats = lambda calls, computed: RolloutStats(calls, computed, jnp.sum(n))
@@ -135,8 +135,8 @@ def partial_ddim_batched(
     return x_T, stats(zero, zero)
   order = jnp.argsort(-n, stable=True)
   sort = lambda a: a[order]
-  if rows_per_call:
-    x, calls, computed = _slotted(eps_fn, sort(x_T), n[order], jax.tree.map(sort, context), tables, rows_per_call)
+  if slots:
+    x, calls, computed = _slotted(eps_fn, sort(x_T), n[order], jax.tree.map(sort, context), tables, slots)
   else:
     x, calls, computed = _bucketed(eps_fn, sort(x_T), n[order], jax.tree.map(sort, context), tables, widths)
   return jnp.zeros_like(x_T).at[order].set(x), stats(calls, computed)
