@@ -55,3 +55,54 @@ def test_chunk_size_follows_the_memory_budget():
   assert _scan_lengths(*_qkv(10, 4096, 4096, n=8, h=1)) == [64]
   assert _scan_lengths(*_qkv(72, 4096, 4096, n=8, h=1)) == [512]
   assert _scan_lengths(*_qkv(10, 4096, 77, n=8, h=1)) == [2]  # cross-attention (Tk = 77): 2048-row chunks
+
+
+def _cudnn_version(version):
+  """Stands in for the CUDA plugin's answer to JAX's cuDNN checks: a version, or none installed (a CPU-only
+  install). Lowering for CUDA needs no GPU either way."""
+
+  def check():
+    if version is None:
+      raise RuntimeError("cuDNN is not detected.")
+    return version
+
+  return check
+
+
+@pytest.fixture
+def cudnn(monkeypatch):
+  from jax._src.cudnn import fused_attention_stablehlo
+
+  def install(version):
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", _cudnn_version(version))
+    attention._cudnn_accepts.cache_clear()
+
+  yield install
+  attention._cudnn_accepts.cache_clear()
+
+
+def _lowered_kernels(platform, q, k, v):
+  def loss(q, k, v):
+    return jnp.sum(attention.dot_product_attention(q, k, v).astype(jnp.float32))
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=(platform,)).as_text()
+  return {name: text.count(f"custom_call @__cudnn$fmha{name}(") for name in ("Softmax", "SoftmaxBackward")}
+
+
+def test_gpu_lowering_takes_the_fused_kernel_where_jax_accepts_it(cudnn):
+  cudnn(90800)
+  q = jnp.zeros((2, 4096, 8, 40), jnp.bfloat16)  # SD's 64x64 self-attention in bf16
+  text = jnp.zeros((2, 77, 8, 40), jnp.bfloat16)
+  # Forward and backward in cuDNN: the 4096 x 4096 probabilities are never written.
+  assert _lowered_kernels("cuda", q, q, q) == {"Softmax": 1, "SoftmaxBackward": 1}
+  assert _lowered_kernels("cpu", q, q, q) == {"Softmax": 0, "SoftmaxBackward": 0}
+  # Cross-attention to 77 tokens: JAX's backward refuses odd key lengths, so XLA, in chunks.
+  assert _lowered_kernels("cuda", q, text, text) == {"Softmax": 0, "SoftmaxBackward": 0}
+  assert _lowered_kernels("cuda", *(a.astype(jnp.float32) for a in (q, q, q))) == {"Softmax": 0, "SoftmaxBackward": 0}
+
+
+def test_without_cudnn_every_platform_gets_the_chunked_xla_path(cudnn):
+  cudnn(None)
+  q = jnp.zeros((2, 4096, 8, 40), jnp.bfloat16)
+  assert _lowered_kernels("cuda", q, q, q) == {"Softmax": 0, "SoftmaxBackward": 0}
+  assert _scan_lengths(q, q, q) == [16]  # 256-row chunks
