@@ -7,6 +7,7 @@ one (bank_renewing). Prints ratios against the transcription and against online_
   python benchmarks/iteration.py --size=small           # 8x8 latents, 32 channels
   python benchmarks/iteration.py --size=sd14 --iters=3  # SD v1.4 UNet + CLIP-L with random weights (GPU)
   python benchmarks/iteration.py --size=sd14 --memory_only --dtype=bfloat16   # compile only: memory, any machine
+  python benchmarks/iteration.py --size=sd14 --memory_only --dtype=bfloat16 --target=h200  # XLA:GPU's, no GPU
 
 Per mode: seconds per iteration (median), sequential UNet calls per iteration (one CFG DDIM step, one frozen
 forward, one forward or backward pass of a loss: each a UNet call that waits for the one before), FLOP
@@ -101,6 +102,12 @@ def parse_args(argv=None):
     action="store_true",
     help="compile the JAX modes and print their memory; run nothing (UNet weights stay abstract)",
   )
+  p.add_argument(
+    "--target",
+    default="",
+    choices=("", *setups.TARGETS),
+    help="with --memory_only: compile for this GPU with XLA:GPU on this host, GPU or not (needs JAX's CUDA plugin)",
+  )
   p.add_argument("--peak_tflops", type=float, default=None, help="dense peak for MFU (default: H200 on GPUs)")
   p.add_argument(
     "--compilation_cache",
@@ -114,6 +121,8 @@ def parse_args(argv=None):
   unknown = set(args.modes) - set(MODES)
   if unknown:
     p.error(f"unknown modes {sorted(unknown)}; valid: {list(MODES)}")
+  if args.target and not args.memory_only:
+    p.error("--target compiles without running: it needs --memory_only")
   return args
 
 
@@ -141,7 +150,10 @@ class Setup:
     config.retain.batch, config.retain.weight = args.retain_batch, 0.3
     config.attack.steps = args.attack_steps
     config.model.dtype, config.model.remat = args.dtype, args.remat
-    config.train.rollout_buckets, config.train.rollout_rows_per_call = args.rollout_buckets, args.rows_per_call
+    slots = args.rows_per_call
+    if slots < 0 and args.target:  # the target's default, not the compiling host's
+      slots = wiring.rollout_rows_per_call(self.hw, backend="gpu")
+    config.train.rollout_buckets, config.train.rollout_rows_per_call = args.rollout_buckets, slots
     wire = lambda unet_params: wiring.wire(
       config,
       clip_config=self.clip_cfg,
@@ -260,6 +272,14 @@ def main(argv=None):
     except ValueError as e:
       print(e, file=sys.stderr)
       sys.exit(2)
+  target = None
+  if args.target:  # compiled, never run: the host's own devices stay out of it (and a GPU-less host has no driver)
+    jax.config.update("jax_platforms", "cpu")
+    try:
+      target = setups.deviceless_gpu(args.target)
+    except ValueError as e:
+      print(e, file=sys.stderr)
+      sys.exit(2)
   if args.compilation_cache:  # before the first compilation: JAX decides once per process
     print(f"compilation cache: {compile_cache.enable(args.compilation_cache)} (what it holds loads, not compiles)")
   s = Setup(args)
@@ -281,7 +301,7 @@ def main(argv=None):
     flush=True,
   )
   if args.memory_only:
-    return print_memory(s)
+    return print_memory(s, target)
   fwd_flops = unet_forward_flops(s) if set(args.modes) & set(JAX_MODES) else 0.0
   peak = args.peak_tflops or (setups.H200_PEAK_TFLOPS[args.dtype] if jax.default_backend() == "gpu" else None)
   results = {}
@@ -326,9 +346,13 @@ def report(results: dict, json_path: str) -> dict:
   return results
 
 
-def print_memory(s: Setup):
-  """Compiles each JAX mode's step on abstract inputs and prints XLA's memory analysis of it."""
-  batch = step_lib.Batch(jnp.arange(s.args.retain_batch, dtype=jnp.int32), jax.random.key(0))
+def print_memory(s: Setup, target: jax.sharding.Sharding | None = None):
+  """Compiles each JAX mode's step on abstract inputs and prints XLA's memory analysis of it; on `target`'s
+  device (deviceless_gpu) if given, else on the default backend's."""
+  place = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=target), tree)
+  batch = jax.eval_shape(lambda: step_lib.Batch(jnp.arange(s.args.retain_batch, dtype=jnp.int32), jax.random.key(0)))
+  if target is not None:
+    print(f"compiling for {target.mesh.devices.flat[0].device_kind} with XLA:GPU, no device needed", flush=True)
   for mode in s.args.modes:
     if mode == "pytorch":
       continue
@@ -336,7 +360,9 @@ def print_memory(s: Setup):
     bank = jax.eval_shape(lambda f, cfg=cfg: s.bank(cfg, f), s.frozen) if cfg.xt_source == "bank" else None
     state = jax.eval_shape(lambda f, b, cfg=cfg: step_lib.init_state(cfg, s.models, f, b), s.frozen, bank)
     t0 = time.perf_counter()
-    mem = STEP.lower(cfg, s.models, state, s.frozen, batch, True).compile().memory_analysis()
+    lowered = STEP.lower(cfg, s.models, place(state), place(s.frozen), place(batch), True)
+    options = setups.DEVICELESS_COMPILER_OPTIONS if target is not None else None
+    mem = lowered.compile(compiler_options=options).memory_analysis()
     print(
       f"{mode:<18}: compile {time.perf_counter() - t0:.1f} s; arguments {mem.argument_size_in_bytes / 2**30:.2f} "
       f"GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f}; peak {compiled_gib(mem):.2f} GiB",

@@ -1,6 +1,7 @@
 """The benchmarks run end to end on the tiny models and report what they promise (slow: they compile and run the
 PyTorch baselines). What they report is checked, never their speed."""
 
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
 
 
 def _benchmark(script, *args):
@@ -20,7 +22,7 @@ def _benchmark(script, *args):
     capture_output=True,
     text=True,
     cwd=ROOT,
-    env={**os.environ, "PYTHONPATH": ROOT},
+    env=_ENV,
     timeout=900,
   )
   assert out.returncode == 0, out.stderr[-3000:]
@@ -90,3 +92,34 @@ def test_ablations_benchmark_measures_every_column_and_resumes(tmp_path):
   again = _benchmark("ablations_tiny.py", *args)
   assert "inversion:" not in again.stdout and json.loads((tmp_path / "results.json").read_text()) == results
   assert cost in again.stdout.splitlines()  # the cost of the pieces, not of the call that only read them
+
+
+def _memory_lines(stdout, modes):
+  for mode in modes:
+    line = rf"^{mode}\s*: compile [0-9.]+ s; arguments [0-9.]+ GiB, temporaries [0-9.]+; peak [0-9.]+ GiB$"
+    assert re.search(line, stdout, re.M), stdout
+
+
+def test_iteration_benchmark_memory_only_compiles_without_running():
+  args = ["--size=small", "--memory_only", "--attack_steps=3", "--retain_batch=2", "--modes=online,bank_renewing"]
+  _memory_lines(_benchmark("iteration.py", *args).stdout, ("online", "bank_renewing"))
+
+
+def test_iteration_benchmark_compiles_for_an_h200_without_one():
+  """XLA:GPU's memory figure on any host, given JAX's CUDA plugin; without it, a clear error and status 2."""
+  args = ["--size=small", "--memory_only", "--attack_steps=3", "--retain_batch=2", "--modes=online", "--target=h200"]
+  if importlib.util.find_spec("jax_cuda12_plugin") is None:
+    out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "iteration.py"), *args],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=_ENV,
+      timeout=900,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "needs JAX's CUDA plugin: pip install" in out.stderr
+    return
+  out = _benchmark("iteration.py", *args, "--dtype=bfloat16")
+  assert "compiling for NVIDIA H200 with XLA:GPU" in out.stdout and "16 slots" in out.stdout, out.stdout
+  _memory_lines(out.stdout, ("online",))
