@@ -12,10 +12,13 @@
 # its cache the same way between its two step variants and across resumes.
 #   MODES="online_sequential bank"   a subset, in this order (default: all, the cheapest to compile first)
 #   DTYPES="bfloat16 float32"        adds fp32
-# Carry the wheels that gpu_env.sh names, or leave pytorch out of MODES.
+# Carry the wheels that gpu_env.sh names, or leave pytorch out of MODES. The image's pytest runs the attention check.
 set -uo pipefail
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 . "$(dirname "$0")/gpu_env.sh"
+# cuDNN's fused attention against XLA's on this GPU first (seconds): every mode below runs SD's self-attention in it.
+JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/test_attention.py 2>&1 | tail -4 |
+  tee -a "$out/iteration_h200.log"
 for dtype in ${DTYPES:-bfloat16}; do
   for mode in ${MODES:-bank bank_renewing online_sequential pytorch online}; do
     echo "== $mode $dtype ($(date -u +%T))" | tee -a "$out/iteration_h200.log"
