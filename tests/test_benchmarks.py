@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
 
 
-def _benchmark(script, *args):
-  out = subprocess.run(
+def _run(script, *args):
+  return subprocess.run(
     [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
     capture_output=True,
     text=True,
@@ -25,6 +25,10 @@ def _benchmark(script, *args):
     env=_ENV,
     timeout=900,
   )
+
+
+def _benchmark(script, *args):
+  out = _run(script, *args)
   assert out.returncode == 0, out.stderr[-3000:]
   return out
 
@@ -109,14 +113,7 @@ def test_iteration_benchmark_compiles_for_an_h200_without_one():
   """XLA:GPU's memory figure on any host, given JAX's CUDA plugin; without it, a clear error and status 2."""
   args = ["--size=small", "--memory_only", "--attack_steps=3", "--retain_batch=2", "--modes=online", "--target=h200"]
   if importlib.util.find_spec("jax_cuda12_plugin") is None:
-    out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "iteration.py"), *args],
-      capture_output=True,
-      text=True,
-      cwd=ROOT,
-      env=_ENV,
-      timeout=900,
-    )
+    out = _run("iteration.py", *args)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "needs JAX's CUDA plugin: pip install" in out.stderr
     return
