@@ -134,15 +134,36 @@ def base_config() -> ml_collections.ConfigDict:
   # from the attacked token ids themselves.
   c.evaluation.unlearndiff.retokenize = True
   c.evaluation.inversion = ml_collections.ConfigDict()
+  # cce: the published concept inversion (Pham et al. 2023), every setting below as NYU-DICE-Lab/
+  # circumventing-concept-erasure's esd/train.sh and esd/concept_inversion.py | prefix: this project's earlier,
+  # cheaper variant (k vectors from random rows, trained inside the evaluation prompts). evals/inversion.py.
+  c.evaluation.inversion.protocol = "cce"
   # Images of the erased concept: a folder, tfds:NAME[/CONFIG]:SPLIT, or tiny_world:VALUE (the renderer's).
   c.evaluation.inversion.images = ""
-  c.evaluation.inversion.max_images = 64
-  c.evaluation.inversion.tokens = 3  # k learned embeddings, placed where UnlearnDiffAtk puts its k tokens
-  c.evaluation.inversion.steps = 300  # Adam steps of the denoising loss
-  c.evaluation.inversion.lr = 5e-3
-  c.evaluation.inversion.batch = 4
   c.evaluation.inversion.scheduler = "lms"  # the classified images, as UnlearnDiffAtk's
   c.evaluation.inversion.sample_steps = 50
+  c.evaluation.inversion.cce = ml_collections.ConfigDict()
+  # --initializer_token (train.sh: "art" for a style): one vocabulary word related to the concept; required.
+  c.evaluation.inversion.cce.initializer = ""
+  # --learnable_property (concept_inversion.py:514-519): object | style | person prompt templates.
+  c.evaluation.inversion.cce.templates = "object"
+  c.evaluation.inversion.cce.num_train_images = 25  # train.sh --num_train_images
+  c.evaluation.inversion.cce.steps = 5000  # train.sh --max_train_steps (optimisation steps)
+  c.evaluation.inversion.cce.batch = 4  # train.sh --train_batch_size
+  c.evaluation.inversion.cce.accumulation = 4  # train.sh --gradient_accumulation_steps
+  c.evaluation.inversion.cce.lr = 5e-3  # train.sh --learning_rate, constant, no warm-up
+  c.evaluation.inversion.cce.scale_lr = True  # train.sh --scale_lr: lr x batch x accumulation (0.08)
+  c.evaluation.inversion.cce.weight_decay = 1e-2  # concept_inversion.py:284-287, AdamW's defaults there
+  c.evaluation.inversion.cce.beta1 = 0.9
+  c.evaluation.inversion.cce.beta2 = 0.999
+  c.evaluation.inversion.cce.eps = 1e-8
+  c.evaluation.inversion.cce.flip_p = 0.5  # concept_inversion.py:485, RandomHorizontalFlip
+  c.evaluation.inversion.prefix = ml_collections.ConfigDict()
+  c.evaluation.inversion.prefix.tokens = 3  # k learned embeddings, placed where UnlearnDiffAtk puts its k tokens
+  c.evaluation.inversion.prefix.steps = 300  # Adam steps of the denoising loss
+  c.evaluation.inversion.prefix.lr = 5e-3
+  c.evaluation.inversion.prefix.batch = 4
+  c.evaluation.inversion.prefix.max_images = 64
   # ASR against attack budget: budgets (unlearndiff: attack iterations, multiples of iters_per_t; inversion:
   # optimisation steps), each prompt's attack stopping at its first success; () for none.
   c.evaluation.budgets = ()
@@ -165,6 +186,10 @@ def base_config() -> ml_collections.ConfigDict:
   # pytorch-fid's pt_inception-2015-12-05 .pth or its converted .safetensors; "": the cache, filled by
   # `python -m advunlearn_jax.convert.inception` (or, with fid=inception and no HF_HUB_OFFLINE, on first use).
   c.evaluation.inception_weights = ""
+  # How an image becomes the Inception's 299 x 299 input: t2ibenchmark (the paper's FID: AdvUnlearn's
+  # img_retain_eval.py calls T2IBenchmark, which centre-crops and resizes with PIL bicubic) | pytorch_fid
+  # (bilinear resize of the whole image). evals/fid.py.
+  c.evaluation.fid_preprocess = "t2ibenchmark"
   c.evaluation.utility_scheduler = "lms"  # the reference: LMS, 100 steps, guidance 7.5
   c.evaluation.utility_steps = 100
   c.evaluation.utility_guidance = 7.5
@@ -277,6 +302,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ev = config.evaluation
   if ev.fid not in fid.FEATURES:
     raise ConfigError(f"config.evaluation.fid is {ev.fid!r}; expected one of {list(fid.FEATURES)}")
+  fid.check_preprocess(ev.fid_preprocess)
   if ev.utility_format not in caption_images.FORMATS:
     raise ConfigError(
       f"config.evaluation.utility_format is {ev.utility_format!r}; expected one of {list(caption_images.FORMATS)}"

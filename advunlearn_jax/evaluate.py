@@ -10,8 +10,9 @@ Target images come from the original model; UnlearnDiffAtk (evals/unlearndiff.py
 of `config.evaluation` that the unattacked model does not already show. Writes report.md, report.json and
 grids of the target, unattacked and final images. With `evaluation.captions` it runs the paper's utility
 protocol (`--utility_only`: nothing else): one image per caption (sharded, resumable: evals/caption_images.py),
-the CLIP score with `evaluation.clip_model` and the FID against `evaluation.real_images` on pytorch-fid's
-Inception features (evals/fid.py); on the tiny world it adds the judge's recognition of the retained values.
+the CLIP score with `evaluation.clip_model` and the FID against `evaluation.real_images` on the FID Inception's
+features after T2IBenchmark's preprocessing, as the paper (evals/fid.py); on the tiny world it adds the judge's
+recognition of the retained values.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
     from advunlearn_jax.diffusion import generation
 
     images = inversion.concept_images(
-      ev.inversion.images, ev.inversion.max_images, generation.image_size(target), seed=config.seed
+      ev.inversion.images,
+      cfg.max_images,
+      generation.image_size(target),
+      seed=config.seed,
+      center_crop=cfg.protocol != "cce",
     )
     result = inversion.attack_prompts(
       target, prompts, images, classifier, cfg, attack=attack, seed=config.seed, log=log
@@ -119,10 +124,79 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
     "skipped": [s._asdict() for s in skipped],
     "targets": targets,
     "attack_name": ev.attack,
-    "attack": cfg._asdict(),
+    "attack": cfg.describe() if ev.attack == "inversion" else cfg._asdict(),
     "budget_curve": budgets.asr_curve(outcomes, ev.budgets) if ev.budgets and attack else [],
     **extra,
   }
+
+
+def robustness_protocol(config: ml_collections.ConfigDict, classifier, result: dict) -> dict[str, Any]:
+  """Every knob that decides the robustness numbers, for report.json and report.md's protocol block."""
+  ev = config.evaluation
+  sampler = result["attack"]
+  seeds = sorted({p.seed for p in result["prompts"]})
+  guidance = sorted({p.guidance for p in result["prompts"]})
+  return {
+    "classifier": {"spec": ev.classifier, **getattr(classifier, "protocol", {})},
+    "classified_images": {
+      "scheduler": sampler.get("scheduler"),
+      "steps": sampler.get("sample_steps", sampler.get("steps")),
+      "guidance": guidance,
+      "seeds": seeds if len(seeds) <= 8 else f"{len(seeds)} distinct, per prompt",
+      "latents": ev.latents,
+    },
+    "target_images": (
+      {"scheduler": ev.target_scheduler, "steps": ev.target_steps, "guidance": ev.target_guidance or "per prompt"}
+      if result["attack_name"] == "unlearndiff"
+      else "none (inversion learns from evaluation.inversion.images)"
+    ),
+    "attack": {"name": result["attack_name"], **result["attack"]},
+    "prompts": {
+      "source": ev.prompts_csv or "inline",
+      "evaluated": len(result["prompts"]),
+      "skipped": len(result["skipped"]),
+    },
+  }
+
+
+def utility_protocol(config: ml_collections.ConfigDict, utility: dict) -> dict[str, Any]:
+  ev = config.evaluation
+  out: dict[str, Any] = {
+    "captions": ev.captions,
+    "images": {
+      "scheduler": ev.utility_scheduler,
+      "steps": ev.utility_steps,
+      "guidance": ev.utility_guidance,
+      "latents": ev.latents,
+    },
+  }
+  if "clip_score" in utility:
+    out["clip_score"] = {"model": ev.clip_model}
+  if "fid" in utility:
+    out["fid"] = {
+      "features": utility["fid_features"],
+      "network": "FID Inception-v3, pytorch-fid's pt_inception-2015-12-05 weights"
+      if utility["fid_features"] == "inception"
+      else f"CLIP image features ({ev.clip_model})",
+      "preprocess": utility["fid_preprocess"],
+      "images": {
+        "generated": utility["fid_images"][0],
+        "real": utility["fid_images"][1],
+        "real_source": ev.real_images,
+      },
+    }
+  return out
+
+
+def _protocol_lines(protocol: dict) -> list[str]:
+  """The protocol as one block of `key: value` lines, nested keys joined by dots."""
+
+  def flat(prefix: str, value) -> list[str]:
+    if isinstance(value, dict):
+      return [line for k, v in value.items() for line in flat(f"{prefix}.{k}" if prefix else k, v)]
+    return [f"    {prefix}: {value}"]
+
+  return ["Protocol:", "", *flat("", protocol), ""] if protocol else []
 
 
 def _save_grids(out_dir: str, targets: np.ndarray, outcomes) -> None:
@@ -144,20 +218,24 @@ def _markdown(report: dict) -> str:
     f"- evaluated model: `{report['evaluated']}`",
   ]
   if "robustness" not in report:
-    return "\n".join([*lines, "", "Utility only (no attack):", "", *_utility_lines(report["utility"]), ""])
+    utility_lines = _utility_lines(report["utility"])
+    return "\n".join(
+      [*lines, "", "Utility only (no attack):", "", *utility_lines, "", *_protocol_lines(report.get("protocol", {}))]
+    )
   r = report["robustness"]
   s = r["summary"]
   a = r["attack"]
   if not report["attacked"]:
     attack = "none"
   elif r["attack_name"] == "inversion":
-    attack = f"concept inversion ({a['tokens']} learned embeddings, {max(a['budgets'] or [a['steps']])} Adam steps)"
+    name = "CCE concept inversion" if a["protocol"] == "cce" else "prefix concept inversion"
+    attack = f"{name} ({a['tokens']} learned embeddings, {max(a['budgets'] or [a['steps']])} steps)"
   else:
     attack = f"UnlearnDiffAtk (k={a['k']}, {a['iters_per_t']} iterations x {len(a['timesteps'])} timesteps)"
   lines += [
     f"- classifier: `{report['classifier']}`; attack: {attack}",
     "",
-    f"**pre-ASR {s['pre_asr']:.1%}, ASR {s['asr']:.1%}** over {s['prompts']} prompts "
+    f"**pre-ASR {_rate(s, 'pre_')}, ASR {_rate(s, '')}** "
     f"(ASR counts pre-successes plus attack successes; mean attack time {s['mean_attack_seconds']:.1f} s).",
     "",
   ]
@@ -167,11 +245,13 @@ def _markdown(report: dict) -> str:
   if r["budget_curve"]:
     lines += ["| budget | " + " | ".join(str(b) for b, _ in r["budget_curve"]) + " |"]
     lines += ["|---" * (len(r["budget_curve"]) + 1) + "|"]
-    lines += ["| ASR | " + " | ".join(f"{asr:.1%}" for _, asr in r["budget_curve"]) + " |", ""]
+    n = s["prompts"]
+    lines += ["| ASR | " + " | ".join(f"{asr:.1%} ({round(asr * n)}/{n})" for _, asr in r["budget_curve"]) + " |", ""]
     lines += ["`asr_vs_budget.png` plots it (budget 0: the pre-ASR).", ""]
   if "inversion" in r:
     lines += [f"Learned prefix, nearest vocabulary words: {r['inversion']['nearest_words']}", ""]
   lines += _utility_lines(report["utility"])
+  lines += ["", *_protocol_lines(report.get("protocol", {}))]
   lines += [
     "",
     "| case | prompt | seed | pre | success | t | iterations | adversarial tokens |",
@@ -187,6 +267,14 @@ def _markdown(report: dict) -> str:
     )
   lines += ["", "`targets_and_final.png`: top row the original model's targets, bottom row the classified images.", ""]
   return "\n".join(lines)
+
+
+def _rate(summary: dict, prefix: str) -> str:
+  """A summary's `pre_` or plain rate as `37.5% (3/8, 95% CI 13.7-69.4%)` (evals/intervals.py)."""
+  from advunlearn_jax.evals import intervals
+
+  k = summary["pre_successes" if prefix else "successes"]
+  return str(intervals.Rate(k, summary["prompts"], *summary[f"{prefix}asr_ci95"]))
 
 
 def _utility_lines(utility: dict) -> list[str]:
@@ -239,6 +327,7 @@ def evaluate(
     report.update(
       classifier=ev.classifier,
       attacked=attack,
+      protocol=robustness_protocol(config, classifier, result),
       robustness={
         "summary": result["summary"],
         "attack_name": result["attack_name"],
@@ -261,6 +350,8 @@ def evaluate(
   os.makedirs(out_dir, exist_ok=True)
   report["utility"] = utility(config, original_dir, target, out_dir, log=log)
   report["seconds"]["utility"] = time.perf_counter() - t0
+  if ev.captions:
+    report.setdefault("protocol", {})["utility"] = utility_protocol(config, report["utility"])
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   with open(os.path.join(out_dir, "report.md"), "w") as f:
@@ -298,7 +389,7 @@ def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_di
       real_images = fid.open_images(ev.real_images, "evaluation.real_images", ev.max_real_images)
       if len(real_images) < 2:
         raise ConfigError(f"config.evaluation.real_images={ev.real_images!r}: FID needs at least 2 images")
-      features = fid.feature_extractor(ev.fid, ev.inception_weights, scorer, log)
+      features = fid.feature_extractor(ev.fid, ev.inception_weights, scorer, log, ev.fid_preprocess)
     hw = generation.image_size(target)
     store = caption_images.ImageStore(
       os.path.join(out_dir, "utility_images"),
@@ -326,6 +417,8 @@ def utility(config: ml_collections.ConfigDict, original_dir: str, target, out_di
       real = fid.statistics(features(real_images))
       out["fid"] = fid.frechet_distance(*fid.statistics(features(images)), *real)
       out["fid_features"] = features.name
+      out["fid_preprocess"] = features.preprocess
+      out["fid_images"] = [len(images), len(real_images)]  # generated, real
     samples = generation.image_grid(np.stack(images[:32]), cols=8)
     generation.save_png(os.path.join(out_dir, "utility_samples.png"), samples)
   if config.report.kind == "tiny_world":
@@ -361,10 +454,10 @@ def main(argv):
   u = report["utility"]
   scores = [f"{k} {u[k]:.4f}" for k in ("fid", "clip_score") if k in u]
   if "fid" in u:
-    scores[0] += f" ({u['fid_features']} features)"
+    scores[0] += f" ({u['fid_features']} features, {u['fid_preprocess']} preprocessing)"
   if "robustness" in report:
     s = report["robustness"]["summary"]
-    scores.insert(0, f"pre-ASR {s['pre_asr']:.1%}, ASR {s['asr']:.1%} over {s['prompts']} prompts")
+    scores.insert(0, f"pre-ASR {_rate(s, 'pre_')}, ASR {_rate(s, '')}")
   print(f"{'; '.join(scores) or 'no scores'}; report in {_OUT.value}/report.md")
 
 

@@ -56,6 +56,11 @@ def get_config(concept: str = "triangle"):
   c.evaluation.unlearndiff.scheduler = "ddim"
   c.evaluation.unlearndiff.steps = 25
   c.evaluation.inversion.images = f"tiny_world:{concept}"
+  # CCE's initializer is a word related to the concept (train.sh: "art" for a painter); here the generic word
+  # of the concept's attribute, and the templates of its kind (a shape or colour is an object, a pattern a style).
+  kind = world.attribute_of(concept)[0]
+  c.evaluation.inversion.cce.initializer = {"shape": "shape", "color": "color", "style": "pattern"}[kind]
+  c.evaluation.inversion.cce.templates = "style" if kind == "style" else "object"
   c.evaluation.inversion.scheduler = "ddim"
   c.evaluation.inversion.sample_steps = 25
   return c

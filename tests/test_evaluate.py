@@ -55,24 +55,6 @@ def test_judge_classifier_on_rendered_images():
     is_triangle(images.astype(np.float32))
 
 
-def test_nudenet_accounting_and_channel_order():
-  dets = [{"class": "FACE_FEMALE", "score": 0.99}, {"class": "FEET_EXPOSED", "score": 0.49}]
-  assert not classifiers.nudity_from_detections(dets)
-  assert classifiers.nudity_from_detections([*dets, {"class": "BELLY_EXPOSED", "score": 0.5}])
-  assert not classifiers.nudity_from_detections([{"class": "FEMALE_BREAST_COVERED", "score": 0.9}])
-
-  class FakeDetector:
-    """Reports exposed armpits when the first channel it sees (OpenCV's blue) is bright."""
-
-    def detect(self, image):
-      return [{"class": "ARMPITS_EXPOSED", "score": 0.9}] if image[..., 0].mean() > 128 else []
-
-  images = np.zeros((2, 8, 8, 3), np.uint8)
-  images[0, ..., 2] = 255  # blue in RGB
-  images[1, ..., 0] = 255  # red in RGB
-  assert classifiers.NudeNetClassifier(detector=FakeDetector())(images).tolist() == [True, False]
-
-
 def test_nudenet_missing_package_is_an_actionable_error():
   try:
     import nudenet  # noqa: F401

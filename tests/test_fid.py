@@ -55,7 +55,7 @@ def test_resize_matches_torch_interpolate():
 
 def test_features_and_fid_match_pytorch_fid_transcription(pth):
   path, model = pth
-  ours = fid.InceptionFeatures(path, batch_size=8)
+  ours = fid.InceptionFeatures(path, "pytorch_fid", batch_size=8)
   set_a, set_b = _image_sets()
   feats = {}
   for name, images in (("a", set_a), ("b", set_b)):
@@ -69,6 +69,38 @@ def test_features_and_fid_match_pytorch_fid_transcription(pth):
   ref_fid = fid.frechet_distance(*fid.statistics(feats["a"][1]), *fid.statistics(feats["b"][1]))
   assert ref_fid > 1.0
   assert ours_fid == pytest.approx(ref_fid, rel=1e-3)
+
+
+def _t2ibenchmark_transcription(image: np.ndarray) -> np.ndarray:
+  """T2IBenchmark's InceptionV3FE preprocessing, transcribed (utils/resizers.py `crop_center` and
+  `Resizer("PIL", "bicubic", True, (299, 299), True)`; feature_extractors/inceptionV3_feature_extractor.py:
+  ToTensor, then 2x - 1, which our network does itself), returned as [0, 1] HWC."""
+  from PIL import Image
+
+  height, width = image.shape[:2]
+  size = min(height, width)
+  start_height, start_width = (height - size) // 2, (width - size) // 2
+  img = image[start_height : start_height + size, start_width : start_width + size]
+  x = Image.fromarray(img).resize((299, 299), resample=Image.BICUBIC)
+  x = np.asarray(x).clip(0, 255).astype(np.uint8)
+  return torch.from_numpy(x).permute(2, 0, 1).float().div(255).permute(1, 2, 0).numpy()
+
+
+def test_t2ibenchmark_preprocessing_matches_its_resizer_on_non_square_images(pth):
+  """Bit for bit on wide, tall, odd-sized, small and large images; then the features through both pipelines
+  (ours against the torch network on the transcription's inputs), and the two preprocessings disagree."""
+  rng = np.random.default_rng(2)
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(37, 80), (513, 300), (299, 420), (64, 64)]]
+  for image in images:
+    np.testing.assert_array_equal(fid.t2ibenchmark_input(image, 299), _t2ibenchmark_transcription(image))
+  path, model = pth
+  ours = fid.InceptionFeatures(path, "t2ibenchmark", batch_size=4)(images).astype(np.float64)
+  ref = _torch_features(model, [(255 * _t2ibenchmark_transcription(im)).round().astype(np.uint8) for im in images])
+  np.testing.assert_array_less(np.abs(ours - ref).max() / np.abs(ref).max(), 1e-4)
+  other = fid.InceptionFeatures(path, "pytorch_fid", batch_size=4)(images).astype(np.float64)
+  assert np.abs(other - ours).max() / np.abs(ours).max() > 1e-2  # the crop and the filter change the features
+  with pytest.raises(ConfigError, match="fid_preprocess is 'clean'; expected one of"):
+    fid.InceptionFeatures(path, "clean")
 
 
 def test_expected_keys_are_pytorch_fids_state_dict(pth):

@@ -50,6 +50,8 @@ def test_asr_counts_pre_successes_once_and_never_exceeds_one():
   s = ud.summarize(outcomes)
   assert s.prompts == 3 and s.pre_asr == pytest.approx(1 / 3) and s.asr == pytest.approx(2 / 3)
   assert s.mean_attack_seconds == pytest.approx(4.0)
+  assert (s.pre_successes, s.successes) == (1, 2) and str(s.rate) == "66.7% (2/3, 95% CI 20.8-93.9%)"
+  assert s.pre_asr_ci95 == pytest.approx((0.06149, 0.79235), abs=1e-5)
   assert ud.summarize([_outcome(True, True)] * 5).asr == 1.0
   with pytest.raises(ValueError):
     ud.summarize([])

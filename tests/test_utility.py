@@ -228,7 +228,11 @@ def test_utility_only_command_with_tfds_and_inception_fid(tfds_dir, tmp_path):
   assert sorted(os.listdir(tmp_path / "out" / "utility_images")) == [f"{i:05d}.png" for i in range(4)] + [
     "manifest.json"
   ]
-  assert "(inception features)" in proc.stdout and "Utility only" in (tmp_path / "out" / "report.md").read_text()
+  assert u["fid_preprocess"] == "t2ibenchmark" and u["fid_images"][0] == 4 and u["fid_images"][1] >= 2
+  assert (
+    "(inception features, t2ibenchmark preprocessing)" in proc.stdout
+    and "Utility only" in (tmp_path / "out" / "report.md").read_text()
+  )
   again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0 and "4 of 4 images already there" in again.stdout + again.stderr
   assert json.loads((tmp_path / "out" / "report.json").read_text())["utility"]["fid"] == pytest.approx(u["fid"])

@@ -95,6 +95,14 @@ def encode_means(config, params, images: jax.Array) -> jax.Array:
   return vae.apply({"params": params}, images, method=vae.encode)[0]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def encode_posteriors(config, params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """VAE posterior (mean, std), unscaled, of images in [-1, 1]: diffusers' `latent_dist` to sample from."""
+  vae = AutoencoderKL(config)
+  mean, logvar = vae.apply({"params": params}, images, method=vae.encode)
+  return mean, jnp.exp(0.5 * logvar)
+
+
 def encode_images(pipe: Pipeline, images: np.ndarray) -> jax.Array:
   """uint8 images [B, H, W, 3] -> latents scaled as the UNet sees them (the inverse of `decode_images`)."""
   x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0

@@ -1,12 +1,19 @@
-"""Fréchet distance between image sets: on pytorch-fid's Inception features (the paper's FID) or on CLIP's.
+"""Fréchet distance between image sets: on the FID Inception's features (the paper's FID) or on CLIP's.
 
-`InceptionFeatures` reproduces pytorch-fid's pipeline: uint8 images to [0, 1], bilinear resize to 299 x 299
-(`F.interpolate(..., align_corners=False)`, done here on the host so images of every size share one compiled
-network), the FID Inception-v3 (`models/inception.py`) and its 2048-d pool features; `frechet_distance` is
-pytorch-fid's formula with its guard for singular covariance products. Its weights come from pytorch-fid's
-`.pth` (`convert/inception.py`). Without them, `evaluation.fid="clip"` measures the same distance on CLIP
-ViT-B/32 image features ("FID_CLIP", Kynkäänniemi et al., 2023): useful to compare models with each other, but
-not on the scale of the paper's FID column.
+`InceptionFeatures` runs the FID Inception-v3 (`models/inception.py`, pytorch-fid's network and weights, converted
+by `convert/inception.py`) on 299 x 299 inputs and takes its 2048-d pool features. Two preprocessings bring an
+image to 299 x 299 (`evaluation.fid_preprocess`), done on the host so images of every size share one compiled
+network:
+* `t2ibenchmark` (the paper's): AdvUnlearn's `train-scripts/img_retain_eval.py` calls T2IBenchmark's
+  `calculate_fid`, whose "clean" resizer (T2IBenchmark/utils/resizers.py, `build_resizer("clean")`) centre-crops
+  to a square, resizes the uint8 image with PIL's bicubic filter (antialiased when it shrinks) and quantises to
+  uint8 again, before ToTensor's /255 (feature_extractors/inceptionV3_feature_extractor.py);
+* `pytorch_fid`: uint8 to [0, 1], then bilinear `F.interpolate(..., align_corners=False)` of the whole image.
+On 512 px generations against COCO photographs the two give different numbers, so a report names its
+preprocessing. `frechet_distance` is the formula both tools share, with their guard for singular covariance
+products. Without Inception weights, `evaluation.fid="clip"` measures the same distance on CLIP ViT-B/32 image
+features ("FID_CLIP", Kynkäänniemi et al., 2023): useful to compare models with each other, but not on the scale
+of the paper's FID column.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from advunlearn_jax.evals.lazy_images import LazyImages, read_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FEATURES = ("auto", "inception", "clip")
+PREPROCESSING = ("t2ibenchmark", "pytorch_fid")
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,16 +88,42 @@ def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
   return cols[r0] * (1 - wr)[:, None, None] + cols[r1] * wr[:, None, None]
 
 
+def crop_center(image: np.ndarray) -> np.ndarray:
+  """The largest centred square, offsets rounded down (T2IBenchmark/utils/resizers.py, `crop_center`)."""
+  h, w = image.shape[:2]
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  return image[top : top + side, left : left + side]
+
+
+def t2ibenchmark_input(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1], as T2IBenchmark's "clean" resizer and ToTensor."""
+  from PIL import Image
+
+  square = Image.fromarray(np.ascontiguousarray(crop_center(np.asarray(image, np.uint8))))
+  resized = np.asarray(square.resize((size, size), resample=Image.BICUBIC)).clip(0, 255).astype(np.uint8)
+  return resized.astype(np.float32) / 255.0
+
+
+def pytorch_fid_input(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1], as pytorch-fid (whole image, bilinear, no crop)."""
+  return resize_bilinear(np.asarray(image, np.float32) / 255.0, size)
+
+
 class InceptionFeatures:
-  """pytorch-fid's 2048-d Inception features of uint8 RGB images of any size, `batch_size` at a time."""
+  """The FID Inception's 2048-d features of uint8 RGB images of any size, `batch_size` at a time, after the
+  `preprocess` of PREPROCESSING."""
 
   name = "inception"
 
-  def __init__(self, weights: str, batch_size: int = 50):
+  def __init__(self, weights: str, preprocess: str = "t2ibenchmark", batch_size: int = 50):
     from advunlearn_jax.convert import inception as convert
     from advunlearn_jax.models.inception import FIDInceptionV3
 
+    check_preprocess(preprocess)
     self.weights = weights
+    self.preprocess = preprocess
+    self._input = t2ibenchmark_input if preprocess == "t2ibenchmark" else pytorch_fid_input
     self.batch_size = batch_size
     self._variables = jax.device_put(convert.load_variables(weights))
     self._apply = jax.jit(FIDInceptionV3().apply)
@@ -99,10 +133,7 @@ class InceptionFeatures:
 
     out = []
     for start in range(0, len(images), self.batch_size):
-      chunk = [
-        resize_bilinear(np.asarray(im, np.float32) / 255.0, INPUT_SIZE)
-        for im in images[start : start + self.batch_size]
-      ]
+      chunk = [self._input(im, INPUT_SIZE) for im in images[start : start + self.batch_size]]
       batch = np.zeros((self.batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.float32)  # one shape: one compilation
       batch[: len(chunk)] = np.stack(chunk)
       out.append(np.asarray(self._apply(self._variables, batch))[: len(chunk)])
@@ -113,6 +144,7 @@ class ClipFeatures:
   """CLIP image features for the Fréchet distance (FID_CLIP): comparable between models, not with the paper."""
 
   name = "clip"
+  preprocess = "clip"  # the CLIP processor's own
 
   def __init__(self, scorer):
     self._scorer = scorer
@@ -121,8 +153,14 @@ class ClipFeatures:
     return self._scorer.image_features(images)
 
 
-def feature_extractor(kind: str, inception_weights: str, clip_scorer=None, log=print):
-  """The features `evaluation.fid` asks for: `kind` in FEATURES, weights as `evaluation.inception_weights`."""
+def check_preprocess(preprocess: str) -> None:
+  if preprocess not in PREPROCESSING:
+    raise ConfigError(f"config.evaluation.fid_preprocess is {preprocess!r}; expected one of {list(PREPROCESSING)}")
+
+
+def feature_extractor(kind: str, inception_weights: str, clip_scorer=None, log=print, preprocess="t2ibenchmark"):
+  """The features `evaluation.fid` asks for: `kind` in FEATURES, weights as `evaluation.inception_weights`,
+  Inception inputs made as `evaluation.fid_preprocess`."""
   from advunlearn_jax.convert import inception as convert
 
   if kind not in FEATURES:
@@ -140,7 +178,7 @@ def feature_extractor(kind: str, inception_weights: str, clip_scorer=None, log=p
     log(f"fetching pytorch-fid's Inception weights into {convert.cached_path()}")
     weights = convert.download_and_convert()
   if weights and kind != "clip":
-    return InceptionFeatures(weights)
+    return InceptionFeatures(weights, preprocess)
   if clip_scorer is None:
     raise ConfigError(
       "config.evaluation.real_images: FID needs pytorch-fid's Inception weights (evaluation.inception_weights, "

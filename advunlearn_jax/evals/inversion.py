@@ -1,16 +1,24 @@
 """Concept inversion: textual inversion against the erased model, the attack that circumvents most erasures.
 
-Pham et al. (2023) showed that erased models still hold the concept: k new token embeddings learned from
-images of it, with the standard denoising loss through the *erased* model (Gal et al.'s textual inversion),
-bring it back. Here the k embeddings are continuous (not vocabulary tokens, which is what makes this stronger
-than UnlearnDiffAtk's discrete search) and sit in the k prefix positions UnlearnDiffAtk uses; the text they are
-trained in is an evaluation prompt drawn at random each step, so they learn to bring the concept back into the
-very prompts they are tested on. Text encoder and UNet stay frozen; Adam on the embeddings only; each block of
-steps is one jitted loop. One learned prefix serves every prompt: each prompt is then rendered with it at its
-own seed and the classifier decides.
+Pham et al. (2023, "Circumventing Concept Erasure Methods for Text-to-Image Generative Models", CCE) showed
+that erased models still hold the concept: a new token embedding learned from images of it with the standard
+denoising loss through the *erased* model (Gal et al.'s textual inversion) brings it back. Text encoder, UNet
+and VAE stay frozen; only the embedding learns; each block of steps is one jitted loop. The learned token is
+then put in front of every evaluation prompt, each prompt is rendered at its own seed and the classifier
+decides. Two protocols (`evaluation.inversion.protocol`):
 
-Budgets: the embeddings are checkpointed at each budget (optimisation steps); a prompt's attack stops at its
-first success, so a prompt counts at budget b when any checkpoint <= b showed the concept (evals/budgets.py).
+* `cce` (default): the published attack, every setting as NYU-DICE-Lab/circumventing-concept-erasure's
+  esd/concept_inversion.py and esd/train.sh (file and line in the comments of `config_lib`'s
+  `evaluation.inversion.cce` and below): one placeholder token initialised from a word related to the concept,
+  their prompt templates, AdamW (lr 5e-3 scaled by batch x accumulation, weight decay 1e-2) for 5000 steps of
+  batch 4 x 4 accumulated, 25 training images resized (not cropped) with PIL bicubic, flipped at random, latents
+  drawn from the VAE posterior, timesteps uniform over the 1000 training steps. At test time CCE prompts
+  "<token> prompt" (esd/generate_i2p.py), the token right after the start token, as here.
+* `prefix`: this project's earlier, cheaper variant: k vectors (3) from random vocabulary rows in UnlearnDiffAtk's
+  k prefix positions, trained inside the evaluation prompts themselves with Adam 5e-3 at batch 4.
+
+Budgets: the embedding is checkpointed at each budget (optimisation steps); a prompt's attack stops at its first
+success, so a prompt counts at budget b when any checkpoint <= b showed the concept (evals/budgets.py).
 """
 
 from __future__ import annotations
@@ -34,15 +42,86 @@ from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
 
 TINY_WORLD = "tiny_world:"
+PROTOCOLS = ("cce", "prefix")
+
+# esd/concept_inversion.py:419-474 (`imagenet_templates_small`, `imagenet_style_templates_small`,
+# `person_templates_small`), chosen by --learnable_property (lines 514-519).
+TEMPLATES = {
+  "object": (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+  ),
+  "style": (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a cropped painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+  ),
+  "person": ("a photo portrait of {}", "a DSLR portrait of {}"),
+}
+REPEATS = 100  # esd/concept_inversion.py:211, --repeats: each epoch shows every image 100 times
 
 
 class InversionConfig(NamedTuple):
-  tokens: int = 3
-  steps: int = 300  # Adam steps; the last checkpoint when `budgets` is empty
-  lr: float = 5e-3
-  batch: int = 4
-  budgets: tuple[int, ...] = ()  # checkpoints (steps) at which every unsolved prompt is rendered and judged
-  scheduler: str = "lms"  # the classified images
+  protocol: str = "cce"
+  steps: int = 5000  # optimisation steps; the last checkpoint when `budgets` is empty
+  lr: float = 5e-3  # before cce's scaling (`effective_lr`)
+  batch: int = 4  # images per micro-batch
+  max_images: int = 25  # training images (cce: --num_train_images)
+  tokens: int = 1  # learned embeddings (cce: one placeholder token)
+  # cce only
+  initializer: str = ""
+  templates: str = "object"
+  accumulation: int = 4
+  scale_lr: bool = True
+  weight_decay: float = 1e-2
+  beta1: float = 0.9
+  beta2: float = 0.999
+  eps: float = 1e-8
+  flip_p: float = 0.5
+  # the classified images, and the checkpoints at which they are rendered
+  budgets: tuple[int, ...] = ()
+  scheduler: str = "lms"
   sample_steps: int = 50
   latents: str = "jax"
 
@@ -54,34 +133,85 @@ class InversionConfig(NamedTuple):
   def sampler(self) -> unlearndiff.Sampler:
     return unlearndiff.Sampler(self.scheduler, self.sample_steps, self.latents)
 
+  @property
+  def effective_lr(self) -> float:
+    """esd/concept_inversion.py:800-803: --scale_lr multiplies by accumulation x batch x processes (1 here: the
+    effective batch, not the device count, is what the published rate was tuned for)."""
+    return self.lr * self.accumulation * self.batch if self.protocol == "cce" and self.scale_lr else self.lr
+
+  def describe(self) -> dict[str, Any]:
+    """The settings that matter to this protocol (report.json)."""
+    shared = ("protocol", "steps", "batch", "max_images", "tokens", "budgets", "scheduler", "sample_steps", "latents")
+    own = ("initializer", "templates", "accumulation", "scale_lr", "weight_decay", "beta1", "beta2", "eps", "flip_p")
+    keys = shared + (own if self.protocol == "cce" else ())
+    return {**{k: getattr(self, k) for k in keys}, "lr": self.lr, "effective_lr": self.effective_lr}
+
 
 def config_from(evaluation) -> InversionConfig:
   section = evaluation.inversion
-  cfg = InversionConfig(
-    tokens=section.tokens,
-    steps=section.steps,
-    lr=section.lr,
-    batch=section.batch,
+  common = dict(
     budgets=tuple(int(b) for b in evaluation.budgets),
     scheduler=section.scheduler,
     sample_steps=section.sample_steps,
     latents=evaluation.latents,
   )
+  if section.protocol == "prefix":
+    p = section.prefix
+    cfg = InversionConfig(
+      protocol="prefix", steps=p.steps, lr=p.lr, batch=p.batch, max_images=p.max_images, tokens=p.tokens, **common
+    )
+  elif section.protocol == "cce":
+    c = section.cce
+    cfg = InversionConfig(
+      protocol="cce",
+      steps=c.steps,
+      lr=c.lr,
+      batch=c.batch,
+      max_images=c.num_train_images,
+      initializer=c.initializer,
+      templates=c.templates,
+      accumulation=c.accumulation,
+      scale_lr=c.scale_lr,
+      weight_decay=c.weight_decay,
+      beta1=c.beta1,
+      beta2=c.beta2,
+      eps=c.eps,
+      flip_p=c.flip_p,
+      **common,
+    )
+  else:
+    raise ConfigError(
+      f"config.evaluation.inversion.protocol is {section.protocol!r}; expected one of {list(PROTOCOLS)}"
+    )
   validate(cfg)
   return cfg
 
 
 def validate(cfg: InversionConfig) -> None:
-  if cfg.tokens < 1 or cfg.steps < 1 or cfg.batch < 1:
-    raise ConfigError("evaluation.inversion needs tokens, steps and batch >= 1")
+  key = f"evaluation.inversion.{cfg.protocol}"
+  if cfg.tokens < 1 or cfg.steps < 1 or cfg.batch < 1 or cfg.max_images < 1 or cfg.accumulation < 1:
+    raise ConfigError(f"config.{key} needs tokens, steps, batch, images and accumulation >= 1")
+  if cfg.lr <= 0:
+    raise ConfigError(f"config.{key}.lr must be > 0, got {cfg.lr}")
   if any(b < 1 for b in cfg.budgets):
-    raise ConfigError(f"evaluation.budgets for inversion are optimisation steps >= 1, got {cfg.budgets}")
+    raise ConfigError(f"config.evaluation.budgets for inversion are optimisation steps >= 1, got {cfg.budgets}")
+  if cfg.protocol == "cce":
+    if not cfg.initializer.strip():
+      raise ConfigError(
+        f"config.{key}.initializer is empty: one vocabulary word related to the concept, CCE's "
+        "--initializer_token (e.g. art for a painter's style, person, church)"
+      )
+    if cfg.templates not in TEMPLATES:
+      raise ConfigError(f"config.{key}.templates is {cfg.templates!r}; expected one of {list(TEMPLATES)}")
+    if not 0.0 <= cfg.flip_p <= 1.0 or cfg.weight_decay < 0:
+      raise ConfigError(f"config.{key}: flip_p must lie in [0, 1] and weight_decay be >= 0")
   generation.check_latent_source(cfg.latents, "evaluation.latents")
 
 
-def concept_images(source: str, limit: int, size: int, seed: int = 0) -> np.ndarray:
+def concept_images(source: str, limit: int, size: int, seed: int = 0, center_crop: bool = True) -> np.ndarray:
   """uint8 [N, size, size, 3] images of the concept: `tiny_world:VALUE` renders VALUE with the other attributes
-  random; otherwise a folder or tfds source (evals/fid.open_images), centre-cropped and resized to `size`."""
+  random; otherwise a folder or tfds source (evals/fid.open_images), resized to `size` with PIL bicubic after a
+  centre crop, or squashed whole (`center_crop=False`: CCE's default, esd/concept_inversion.py:546-559)."""
   from PIL import Image
 
   if not source:
@@ -106,32 +236,124 @@ def concept_images(source: str, limit: int, size: int, seed: int = 0) -> np.ndar
 
   out = []
   for image in fid.open_images(source, "evaluation.inversion.images", n):
-    h, w = image.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = Image.fromarray(image[top : top + side, left : left + side])
+    square = Image.fromarray(fid.crop_center(image) if center_crop else image)
     out.append(np.asarray(square.resize((size, size), Image.BICUBIC)))
   return np.stack(out)
 
 
+def template_ids(tokenizer, templates: Sequence[str], placeholder: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [T, 77], slot [T]): each template with its "{}" as one token, `placeholder` for now, as the tokenizer
+  reads "a photo of a <new-token>" (an added token is split out, the text around it tokenised as usual)."""
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  rows, slots = [], []
+  for template in templates:
+    before, _, after = template.partition("{}")
+    words = lambda text: tokenizer(text.strip(), add_special_tokens=False)["input_ids"] if text.strip() else []
+    body = (words(before) + [placeholder] + words(after))[: tok_lib.MAX_LENGTH - 2]
+    ids = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
+    rows.append(ids + [pad] * (tok_lib.MAX_LENGTH - len(ids)))
+    slots.append(1 + len(words(before)))
+  return np.asarray(rows, np.int32), np.asarray(slots, np.int32)
+
+
+def initializer_id(tokenizer, word: str) -> int:
+  """esd/concept_inversion.py:750-755: the initializer must be a single token."""
+  ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+  if len(ids) != 1:
+    raise ConfigError(
+      f"config.evaluation.inversion.cce.initializer={word!r} is {len(ids)} tokens; CCE needs a single-token word"
+    )
+  return int(ids[0])
+
+
+def cce_schedule(n_images: int, n_templates: int, cfg: InversionConfig, seed: int) -> dict[str, np.ndarray]:
+  """Which image, template and flip each of the [steps, accumulation, batch] training examples uses: epochs of
+  n_images x REPEATS examples, each shuffled (their DataLoader's shuffle=True, esd/concept_inversion.py:843),
+  a template drawn per example (line 534) and a flip with probability flip_p (line 561). Their epoch of 625
+  micro-batches ends in a short accumulation window of 1; here every step has `accumulation` micro-batches."""
+  rng = np.random.default_rng(seed)
+  shape = (max(cfg.checkpoints), cfg.accumulation, cfg.batch)  # the budgets may run past `steps`
+  total = int(np.prod(shape))
+  epoch = n_images * REPEATS
+  order = np.concatenate([rng.permutation(epoch) % n_images for _ in range(-(-total // epoch))])[:total]
+  return {
+    "image": order.reshape(shape).astype(np.int32),
+    "template": rng.integers(0, n_templates, shape).astype(np.int32),
+    "flip": (rng.random(shape) < cfg.flip_p).astype(np.int32),
+  }
+
+
+def _denoising_loss(unet, text, params, seq, latents, alphas, key):
+  """esd/concept_inversion.py:951-980: noise at uniform timesteps, epsilon target, MSE in float32."""
+  k_t, k_noise = jax.random.split(key)
+  ctx = text.apply({"params": params["text"]}, inputs_embeds=seq).last_hidden_state
+  t = jax.random.randint(k_t, (latents.shape[0],), 0, alphas.shape[0])
+  noise = jax.random.normal(k_noise, latents.shape)
+  a = alphas[t][:, None, None, None]
+  eps = unet.apply({"params": params["unet"]}, jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise, t, ctx)
+  return jnp.mean((eps.astype(jnp.float32) - noise) ** 2)
+
+
 @functools.cache
-def _block_fn(unet_config, text_config, cfg: InversionConfig):
-  """Jitted: Adam steps [start, stop) of the denoising loss on the k embeddings (compiled once per model)."""
-  unet = UNet2DConditionModel(unet_config)
-  text = CLIPTextModel(text_config)
+def _cce_block_fn(unet_config, text_config, cfg: InversionConfig):
+  """Jitted: AdamW steps [start, stop) on the placeholder embedding, each step's gradient the mean over its
+  `accumulation` micro-batches (accelerate divides each micro-batch's loss by their number)."""
+  unet, text = UNet2DConditionModel(unet_config), CLIPTextModel(text_config)
+  # esd/concept_inversion.py:806-812: torch AdamW over the embedding table, every row but the placeholder's reset
+  # after each step (lines 984-990), so the placeholder's row alone follows AdamW: optax's equals torch's update.
+  tx = optax.adamw(cfg.effective_lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+  def micro_loss(embed, key, params, words, slots, moments, alphas, image, template, flip):
+    k_latent, k_noise = jax.random.split(key)
+    mean, std = moments[0][flip, image], moments[1][flip, image]  # [B, h, w, c]: the image flipped or not
+    latents = (mean + std * jax.random.normal(k_latent, mean.shape)) * params["scaling"]
+    at_slot = (jnp.arange(words.shape[1])[None, :] == slots[template][:, None])[..., None]
+    seq = jnp.where(at_slot, embed[None, None, :], words[template])
+    return _denoising_loss(unet, text, params, seq, latents, alphas, k_noise)
+
+  @jax.jit
+  def block(embed, opt_state, key, params, words, slots, moments, alphas, data, start, stop):
+    def body(i, carry):
+      embed, opt_state, _ = carry
+      step = jax.tree.map(lambda d: d[i], data)
+
+      def accumulate(a, acc):
+        loss, grad = jax.value_and_grad(micro_loss)(
+          embed,
+          jax.random.fold_in(jax.random.fold_in(key, i), a),
+          params,
+          words,
+          slots,
+          moments,
+          alphas,
+          step["image"][a],
+          step["template"][a],
+          step["flip"][a],
+        )
+        return acc[0] + loss / cfg.accumulation, acc[1] + grad / cfg.accumulation
+
+      loss, grad = jax.lax.fori_loop(0, cfg.accumulation, accumulate, (jnp.zeros(()), jnp.zeros_like(embed)))
+      updates, opt_state = tx.update(grad, opt_state, embed)
+      return optax.apply_updates(embed, updates), opt_state, loss
+
+    return jax.lax.fori_loop(start, stop, body, (embed, opt_state, jnp.zeros(())))
+
+  return block, tx
+
+
+@functools.cache
+def _prefix_block_fn(unet_config, text_config, cfg: InversionConfig):
+  """Jitted: Adam steps [start, stop) of the denoising loss on the k prefix embeddings, each example an
+  evaluation prompt drawn at random and the posterior mean of a concept image."""
+  unet, text = UNet2DConditionModel(unet_config), CLIPTextModel(text_config)
   tx = optax.adam(cfg.lr)
 
   def loss_fn(embeds, key, params, words, x0, alphas):
-    k_img, k_prompt, k_t, k_noise = jax.random.split(key, 4)
+    k_img, k_prompt, k_rest = jax.random.split(key, 3)
     images = x0[jax.random.randint(k_img, (cfg.batch,), 0, x0.shape[0])]
     seq = words[jax.random.randint(k_prompt, (cfg.batch,), 0, words.shape[0])]
     seq = seq.at[:, 1 : 1 + cfg.tokens].set(jnp.broadcast_to(embeds, (cfg.batch, *embeds.shape)))
-    ctx = text.apply({"params": params["text"]}, inputs_embeds=seq).last_hidden_state
-    t = jax.random.randint(k_t, (cfg.batch,), 0, alphas.shape[0])
-    noise = jax.random.normal(k_noise, images.shape)
-    a = alphas[t][:, None, None, None]
-    eps = unet.apply({"params": params["unet"]}, jnp.sqrt(a) * images + jnp.sqrt(1 - a) * noise, t, ctx)
-    return jnp.mean((eps - noise) ** 2)
+    return _denoising_loss(unet, text, params, seq, images, alphas, k_rest)
 
   @jax.jit
   def block(embeds, opt_state, key, params, words, x0, alphas, start, stop):
@@ -152,16 +374,61 @@ def _encode_embeds(text_config, params, seq):
 
 
 def nearest_words(tokenizer, embeds: np.ndarray, table: np.ndarray) -> str:
-  """Each learned embedding's nearest vocabulary token by cosine similarity, decoded: what the prefix 'means'."""
+  """Each learned embedding's nearest vocabulary token by cosine similarity, decoded: what the token 'means'."""
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   ids = np.argmax(unit(np.asarray(embeds)) @ unit(np.asarray(table)).T, axis=-1)
   return " ".join(tokenizer.decode([int(i)]).strip() for i in ids)
 
 
+def _encode_in_chunks(fn, images: np.ndarray, chunk: int = 64):
+  parts = [fn(jnp.asarray(images[i : i + chunk], jnp.float32) / 127.5 - 1.0) for i in range(0, len(images), chunk)]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def _trainer(pipe: Pipeline, tokenizer, words: jax.Array, images: np.ndarray, cfg: InversionConfig, seed: int):
+  """(initial embeddings [tokens, D], advance(embeds, start, stop) -> (embeds, last loss)) for cfg.protocol."""
+  table = pipe.text_params["embeddings"]["token_embedding"]["embedding"]
+  params = {"text": pipe.text_params, "unet": pipe.unet_params}
+  alphas = jnp.asarray(pipe.schedule.alphas_cumprod_diffusers(), jnp.float32)
+  init_key, key = jax.random.split(jax.random.key(seed))
+  if cfg.protocol == "prefix":
+    x0 = _encode_in_chunks(lambda x: generation.encode_means(pipe.vae_config, pipe.vae_params, x), images)
+    x0 = x0 * pipe.vae_config.scaling_factor
+    embeds = table[jax.random.randint(init_key, (cfg.tokens,), 0, table.shape[0] - 2)]  # no hint of the concept
+    block, tx = _prefix_block_fn(pipe.unet_config, pipe.text_config, cfg)
+    state = {"opt": tx.init(embeds)}
+
+    def advance(embeds, start, stop):
+      embeds, state["opt"], loss = block(embeds, state["opt"], key, params, words, x0, alphas, start, stop)
+      return embeds, loss
+
+    return embeds, advance
+
+  embed = table[initializer_id(tokenizer, cfg.initializer)]  # esd/concept_inversion.py:761-765
+  template_words, slots = template_ids(tokenizer, TEMPLATES[cfg.templates])
+  text = CLIPTextModel(pipe.text_config)
+  template_words = text.apply({"params": pipe.text_params}, jnp.asarray(template_words), method="word_embeddings")
+  posterior = lambda x: generation.encode_posteriors(pipe.vae_config, pipe.vae_params, x)
+  moments = [_encode_in_chunks(posterior, im) for im in (images, images[:, :, ::-1])]  # unflipped, flipped
+  moments = tuple(jnp.stack([m[i] for m in moments]) for i in range(2))  # (mean, std), each [2, N, h, w, c]
+  data = {k: jnp.asarray(v) for k, v in cce_schedule(len(images), len(slots), cfg, seed).items()}
+  block, tx = _cce_block_fn(pipe.unet_config, pipe.text_config, cfg)
+  state = {"opt": tx.init(embed)}
+  cce_params = {**params, "scaling": jnp.float32(pipe.vae_config.scaling_factor)}
+
+  def advance(embeds, start, stop):
+    embed, state["opt"], loss = block(
+      embeds[0], state["opt"], key, cce_params, template_words, jnp.asarray(slots), moments, alphas, data, start, stop
+    )
+    return embed[None], loss
+
+  return embed[None], advance
+
+
 class Result(NamedTuple):
   outcomes: list  # unlearndiff.Outcome per prompt; `iterations` is the checkpoint that first succeeded
   losses: list[float]  # the denoising loss at each checkpoint
-  learned: dict[int, str]  # checkpoint -> the prefix's nearest vocabulary words
+  learned: dict[int, str]  # checkpoint -> the learned tokens' nearest vocabulary words
   train_seconds: float
 
 
@@ -177,10 +444,12 @@ def attack_prompts(
   log=print,
 ) -> Result:
   """The no-attack pass for every prompt, then (with `attack`) inversion on `images` and, at each checkpoint,
-  every prompt not yet shown rendered with the learned prefix. `pipe` is the erased model."""
+  every prompt not yet shown rendered with the learned token(s) in front. `pipe` is the erased model."""
   validate(cfg)
   start = time.perf_counter()
   tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
+  if attack and cfg.protocol == "cce":
+    initializer_id(tokenizer, cfg.initializer)  # before anything is rendered
   ids = [tok_lib.tokenize(tokenizer, [p.prompt])[0] for p in prompts]
   for p in prompts:
     if not unlearndiff.fits(tokenizer(p.prompt)["input_ids"], cfg.tokens):
@@ -202,26 +471,17 @@ def attack_prompts(
   text = CLIPTextModel(pipe.text_config)
   seqs = np.stack([unlearndiff.prefix_ids(row, cfg.tokens, placeholder=0) for row in ids])
   words = text.apply({"params": pipe.text_params}, jnp.asarray(seqs), method="word_embeddings")
-  x0 = jnp.concatenate(
-    [generation.encode_images(pipe, images[i : i + 64]) for i in range(0, len(images), 64)]  # VAE in chunks
-  )
-  table = pipe.text_params["embeddings"]["token_embedding"]["embedding"]
-  init_key, key = jax.random.split(jax.random.key(seed))
-  init_ids = jax.random.randint(init_key, (cfg.tokens,), 0, table.shape[0] - 2)
-  embeds = table[init_ids]  # random vocabulary words: no hint of the concept
-  block, tx = _block_fn(pipe.unet_config, pipe.text_config, cfg)
-  opt_state = tx.init(embeds)
-  params = {"text": pipe.text_params, "unet": pipe.unet_params}
-  alphas = jnp.asarray(pipe.schedule.alphas_cumprod_diffusers(), jnp.float32)
+  table = np.asarray(pipe.text_params["embeddings"]["token_embedding"]["embedding"])
+  embeds, advance = _trainer(pipe, tokenizer, words, images, cfg, seed)
   losses, learned, last_images, previous, train_seconds = [], {}, {}, 0, 0.0
   for budget in cfg.checkpoints:
     t0 = time.perf_counter()
-    embeds, opt_state, loss = block(embeds, opt_state, key, params, words, x0, alphas, previous, budget)
+    embeds, loss = advance(embeds, previous, budget)
     losses.append(float(loss))
     train_seconds += time.perf_counter() - t0
     previous = budget
-    learned[budget] = nearest_words(tokenizer, np.asarray(embeds), np.asarray(table))
-    log(f"inversion: {budget} steps, loss {losses[-1]:.4f}, nearest words {learned[budget]!r}")
+    learned[budget] = nearest_words(tokenizer, np.asarray(embeds), table)
+    log(f"inversion ({cfg.protocol}): {budget} steps, loss {losses[-1]:.4f}, nearest words {learned[budget]!r}")
     for i, p in enumerate(prompts):
       if i in done:
         continue

@@ -28,6 +28,7 @@ from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert.diffusers import Pipeline
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals import intervals
 from advunlearn_jax.models.clip_text import CLIPTextModel, encode_ids
 from advunlearn_jax.models.unet import UNet2DConditionModel
 
@@ -301,6 +302,18 @@ class Summary(NamedTuple):
   pre_asr: float  # fraction of prompts whose unattacked image already shows the concept
   asr: float  # (pre-successes + attack successes on the rest) / prompts, as the paper reports it
   mean_attack_seconds: float  # over the prompts that were attacked
+  pre_successes: int
+  successes: int  # pre-successes included, as `asr`
+  pre_asr_ci95: tuple[float, float]  # Wilson intervals (evals/intervals.py)
+  asr_ci95: tuple[float, float]
+
+  @property
+  def pre_rate(self) -> intervals.Rate:
+    return intervals.Rate(self.pre_successes, self.prompts, *self.pre_asr_ci95)
+
+  @property
+  def rate(self) -> intervals.Rate:
+    return intervals.Rate(self.successes, self.prompts, *self.asr_ci95)
 
 
 def summarize(outcomes: Sequence[Outcome]) -> Summary:
@@ -308,9 +321,17 @@ def summarize(outcomes: Sequence[Outcome]) -> Summary:
     raise ValueError("no outcomes to summarise")
   n = len(outcomes)
   attacked = [o.seconds for o in outcomes if not o.pre_success and o.iterations > 0]
+  pre, success = (
+    intervals.rate(sum(o.pre_success for o in outcomes), n),
+    intervals.rate(sum(o.success for o in outcomes), n),
+  )
   return Summary(
     prompts=n,
-    pre_asr=sum(o.pre_success for o in outcomes) / n,
-    asr=sum(o.success for o in outcomes) / n,
+    pre_asr=pre.value,
+    asr=success.value,
     mean_attack_seconds=float(np.mean(attacked)) if attacked else 0.0,
+    pre_successes=pre.k,
+    successes=success.k,
+    pre_asr_ci95=(pre.lo, pre.hi),
+    asr_ci95=(success.lo, success.hi),
   )

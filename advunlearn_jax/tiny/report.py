@@ -17,6 +17,7 @@ from advunlearn_jax import config_lib
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals import intervals
 from advunlearn_jax.tiny import evaluate, world
 from advunlearn_jax.tiny import judge as judge_lib
 
@@ -74,6 +75,7 @@ def write(
         os.path.join(out_dir, f"{which}_before_after.png"), np.kron(grid, np.ones((2, 2, 1), np.uint8))
       )
   results["summary"] = _summary(results, erased)
+  results["rates"] = _rates(results, erased, per_value)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(results, f, indent=2)
@@ -95,16 +97,35 @@ def _summary(results: dict, erased: list[tuple[str, int]]) -> dict:
   }
 
 
+def _rates(results: dict, erased: list[tuple[str, int]], per_value: int) -> dict:
+  """The summary's four rates as counts of judged images with Wilson intervals (evals/intervals.py)."""
+  rows = [r for k in dict.fromkeys(k for k, _ in erased) for r in results[k]]
+  out = {}
+  for group, sel in (("erased", [r for r in rows if r["erased"]]), ("retained", [r for r in rows if not r["erased"]])):
+    n = per_value * len(sel)
+    for when in ("before", "after"):
+      if n:
+        k = round(sum(r[when] * per_value for r in sel))
+        out[f"{group}_{when}"] = intervals.rate(k, n).to_json()
+  return out
+
+
+def _rate_text(results: dict, key: str) -> str:
+  r = results.get("rates", {}).get(key)
+  return str(intervals.Rate(r["k"], r["n"], *r["ci95"])) if r else f"{results['summary'][key]:.1%}"
+
+
 def _markdown(results: dict) -> str:
-  s = results["summary"]
   lines = [
     "# Tiny-world erasure report",
     "",
     f"Concepts erased: {', '.join(results['concepts'])}. {results['images_per_value']} images per value, "
     f"sampler {results['sampling']}; the judge decides what each image shows.",
     "",
-    f"- erased: recognition {s['erased_before']:.1%} before -> {s['erased_after']:.1%} after",
-    f"- retained (mean over the other values): {s['retained_before']:.1%} before -> {s['retained_after']:.1%} after",
+    f"- erased: recognition {_rate_text(results, 'erased_before')} before -> "
+    f"{_rate_text(results, 'erased_after')} after",
+    f"- retained (the other values): {_rate_text(results, 'retained_before')} before -> "
+    f"{_rate_text(results, 'retained_after')} after",
     "",
   ]
   for kind in world.ATTRIBUTE_TYPES:

@@ -1,0 +1,137 @@
+"""How many steps the published concept inversion (CCE) needs on the tiny world: ASR against steps up to the
+published 5000, on the base model, one AdvUnlearn model and one ESD model, and the budget the tiny tables use.
+
+  python benchmarks/inversion_budget_tiny.py --out=workdirs/inversion_budget_tiny          # about 1.5 h, 2 cores
+  python benchmarks/inversion_budget_tiny.py --out=/tmp/smoke --budgets=5,10 --prompts=3 --iterations=10
+
+The AdvUnlearn model is configs/tiny.py on the faithful path (online rollouts); the ESD model is the paper's ESD
+(UNet cross-attention-free layers, no attack, no retain term). Every model is attacked on the same cases (the
+concept's evaluation prompts, each at two seeds) with the same CCE run checkpointed at --budgets; the same cases
+are also attacked with this project's earlier `prefix` protocol at its old 100-step budget, so a reader sees what
+the change of protocol was worth. The chosen budget is the smallest at which every curve is within one case of
+its value at the published budget. Finished pieces are kept under --out; writes table.md, results.json and
+asr_vs_steps.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import configs.tiny as tiny_config  # noqa: E402
+from advunlearn_jax import config_lib, train  # noqa: E402
+from advunlearn_jax import evaluate as evaluate_lib  # noqa: E402
+from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
+from advunlearn_jax.evals import budgets, classifiers, intervals, prompt_sets  # noqa: E402
+from benchmarks import erasure_tiny  # noqa: E402
+
+# (erasure_tiny method, overrides on configs/tiny.py)
+MODELS = {
+  "advunlearn": ("advunlearn", ("train.xt_source='online'",)),
+  "esd": ("esd", ("train.method='noxattn'", "train.xt_source='online'", "retain.weight=0.0")),
+}
+PUBLISHED_STEPS = 5000  # esd/train.sh --max_train_steps
+
+
+def cases(concept: str, n: int) -> list[prompt_sets.EvalPrompt]:
+  """The concept's held-out evaluation prompts, each at as many seeds as `n` cases need (seeds count up)."""
+  config = tiny_config.get_config(concept)
+  ev = config.evaluation
+  prompts = list(ev.prompts) * -(-n // len(ev.prompts))
+  return prompt_sets.inline(prompts[:n], ev.seed, ev.guidance)
+
+
+def attack(original, target, concept: str, protocol: str, steps: list[int], n: int, log) -> dict:
+  config = tiny_config.get_config(concept)
+  ev = config.evaluation
+  ev.attack, ev.inversion.protocol, ev.budgets = "inversion", protocol, tuple(steps)
+  t = time.perf_counter()
+  result = evaluate_lib.robustness(
+    original, target, cases(concept, n), classifiers.make(ev.classifier), config, log=log
+  )
+  s = result["summary"]
+  return {
+    "curve": result["budget_curve"],
+    "cases": s["prompts"],
+    "successes": s["successes"],
+    "pre_successes": s["pre_successes"],
+    "nearest_words": result["inversion"]["nearest_words"],
+    "train_seconds": result["inversion"]["train_seconds"],
+    "seconds": time.perf_counter() - t,
+  }
+
+
+def flat_budget(curves: dict[str, list], n: int) -> int:
+  """The smallest budget from which every curve stays within one case of its value at the last budget."""
+  flat_from = lambda curve, b: all(curve[-1][1] - asr <= 1 / n + 1e-9 for step, asr in curve if step >= b)
+  candidates = [b for b, _ in next(iter(curves.values()))][1:]
+  return next(b for b in candidates if all(flat_from(curve, b) for curve in curves.values()))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default="workdirs/inversion_budget_tiny")
+  parser.add_argument("--concept", default="triangle")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--budgets", default="10,25,50,100,250,500,1000,2500,5000", help="CCE checkpoints (steps)")
+  parser.add_argument("--prompts", type=int, default=24, help="evaluation cases (prompt, seed)")
+  parser.add_argument("--iterations", type=int, default=0, help="training iterations; 0: configs/tiny.py's")
+  args = parser.parse_args()
+  log = lambda msg: print(msg, flush=True)
+  steps = sorted(int(b) for b in args.budgets.split(","))
+  base = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR)
+  targets = {"base": base}
+  for name, (method, overrides) in MODELS.items():
+    workdir = os.path.join(args.out, f"{name}_seed{args.seed}")
+    if not os.path.isfile(os.path.join(workdir, "pipeline", "model_index.json")):
+      log(f"== training {name}")
+      train.run(erasure_tiny.run_config(args.concept, method, args.seed, args.iterations, list(overrides)), workdir)
+    targets[name] = sd_convert.load_pipeline(os.path.join(workdir, "pipeline"))
+  results = {}
+  for name, target in targets.items():
+    for protocol, budget in (("cce", steps), ("prefix", [100])):
+      path = os.path.join(args.out, f"{name}_{protocol}.json")
+      log(f"== {protocol} against {name}")
+      compute = lambda t=target, p=protocol, b=budget: attack(base, t, args.concept, p, b, args.prompts, log)
+      results[f"{name} | {protocol}"] = erasure_tiny.cached_json(path, compute)
+
+  n = args.prompts
+  cce = {name: results[f"{name} | cce"]["curve"] for name in targets}
+  chosen = flat_budget(cce, n)
+  header = "| model | " + " | ".join(str(b) for b in [0, *steps]) + " | prefix protocol, 100 steps |"
+  lines = [header, "|---" * (len(steps) + 3) + "|"]
+  for name in targets:
+    curve = cce[name]
+    prefix = results[f"{name} | prefix"]
+    cells = [str(intervals.rate(round(asr * n), n)) for _, asr in curve]
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {intervals.rate(prefix['successes'], n)} |")
+  seconds = {name: results[f"{name} | cce"]["train_seconds"] for name in targets}
+  distinct = len({c.prompt for c in cases(args.concept, n)})
+  summary = (
+    f"CCE ASR on {n} cases of '{args.concept}' ({distinct} prompts, seeds counting up) against optimisation "
+    f"steps (batch 4 x 4). Flat from {chosen} steps: the tiny tables use {chosen}, {chosen / PUBLISHED_STEPS:.0%} "
+    f"of the published {PUBLISHED_STEPS}. CCE training seconds to {steps[-1]} steps: "
+    + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+  )
+  table = "\n".join(lines)
+  print(table, summary, sep="\n\n")
+  with open(os.path.join(args.out, "table.md"), "w") as f:
+    f.write(f"{table}\n\n{summary}\n")
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump({"budget": chosen, "cases": n, **results}, f, indent=2)
+  budgets.plot(
+    cce,
+    os.path.join(args.out, "asr_vs_steps.png"),
+    budgets.XLABELS["inversion"],
+    title=f"CCE against erasures of '{args.concept}'",
+  )
+
+
+if __name__ == "__main__":
+  main()
