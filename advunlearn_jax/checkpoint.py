@@ -3,7 +3,8 @@
 Only what training changes is saved (trained leaves, Adam state, step, the latest adversarial sequence, the
 trajectory bank); frozen weights are re-read from the pipeline. Resuming into a workdir written by a different
 configuration is refused before anything is overwritten; a damaged checkpoint is set aside and the previous one
-restored. `export` reads the trained leaves back through `restore_params` without building a train state.
+restored. `export` reads the trained leaves of the latest readable checkpoint (`latest_readable`) without
+building a train state.
 """
 
 from __future__ import annotations
@@ -89,8 +90,17 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: dic
 
 
 def _reason(e: Exception) -> str:
-  first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  """One readable line on what failed. Some TensorStore errors print as the repr of a bound method; the
+  exception's chain then holds the message."""
+  while e.__cause__ is not None and not _readable(str(e)):
+    e = e.__cause__
+  text = str(e).strip()
+  first_line = text.splitlines()[0] if _readable(text) else "the file could not be read"
   return f"{type(e).__name__}: {first_line[:200]}"
+
+
+def _readable(text: str) -> bool:
+  return bool(text.strip()) and not text.lstrip().startswith("<bound method")
 
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int], workdir: str) -> None:
@@ -109,20 +119,31 @@ def config_dict(config) -> dict:
   return json.loads(config.to_json())
 
 
-def open_latest(workdir: str) -> tuple[ocp.CheckpointManager, int, dict]:
-  """(manager, step, meta) of a workdir's latest checkpoint, for readers that are not the run (export)."""
+def latest_readable(workdir: str, log=print) -> tuple[int, dict, dict]:
+  """(step, meta, trained leaves {path: array} on the host) of a workdir's latest checkpoint that reads back
+  whole, for readers that are not the run (export). A damaged later one is named and skipped, as the run itself
+  would, but left where it is: moving it is the run's business."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise ConfigError(f"{workdir}: no checkpoints/ folder; is this a training workdir?")
   mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir))
-  step = mngr.latest_step()
-  if step is None:
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
     raise ConfigError(f"{ckpt_dir}: no checkpoint yet")
-  try:
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception as e:
-    raise CheckpointError(f"{ckpt_dir}/{step}: its metadata does not read back ({_reason(e)})") from e
-  return mngr, step, meta
+  damaged = []
+  for step in steps:
+    try:
+      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      params = restore_params(mngr, step)
+    except Exception as e:  # Orbax and TensorStore raise many kinds for unreadable files
+      damaged.append(f"step {step}: {_reason(e)}")
+      continue
+    for why in damaged:
+      log(f"checkpoint {why}; skipped")
+    if damaged:
+      log(f"using step {step}, the latest checkpoint of {workdir} that reads back whole")
+    return step, meta, params
+  raise CheckpointError(f"{ckpt_dir}: no checkpoint reads back whole ({'; '.join(damaged)})")
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int) -> dict:

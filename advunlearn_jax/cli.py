@@ -4,21 +4,29 @@
     cli.run(main)
 
 A `UserError` (a bad config, a missing file) prints `error: <message>` to stderr and exits with status 2, with
-no traceback: the message says what to fix. Any other exception is a bug and keeps its traceback. absl's
+no traceback: the message says what to fix, and an output folder that the failed command created is removed
+again when it holds nothing the user could want (`output_flags`). Any other exception is a bug and keeps its
+traceback. A run stopped by SIGTERM after saving exits with EXIT_PREEMPTED (75, sysexits' EX_TEMPFAIL: rerun the
+same command to resume), so a scheduler can tell it from a finished run (0). absl's
 `--verbosity` (0: info, 1: debug) brings the libraries' logging back; by default only their warnings show, and
 our own one-line events are plain prints.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
-from advunlearn_jax.errors import UserError
+from advunlearn_jax.errors import UserError, WorkdirInUse
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75
+# What a command may have put in its output folder before it found a bad input: nothing a user could want.
+_DISPOSABLE = {"xla_cache", ".lock"}
 
 
 def quiet_libraries() -> None:
@@ -31,7 +39,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag (an unknown value, a missing required flag, a config override that
   does not apply) reported as every user error is: absl's own parser exits with status 1."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    _check_config_files(argv)
+    return rest
+  except UserError as e:
+    message = str(e)
   except flags.Error as e:
     message = f"{e} (--helpfull lists the flags)"
   except (AttributeError, KeyError) as e:  # ml_collections: --config.a.b=... where the config has no a.b
@@ -45,6 +57,35 @@ def _parse_flags(argv: list[str]) -> list[str]:
     message = _not_a_section(argv) or "a --config override names a field inside a value that is not a section"
   print(f"error: {message}", file=sys.stderr)
   sys.exit(EXIT_USER_ERROR)
+
+
+def _check_config_files(argv: list[str]) -> None:
+  """`--config=PATH[:ARG]` names a file: ml_collections would only fail when the config is first read."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      value = arg[len("--config=") :]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    path = value.split(":", 1)[0]
+    if not os.path.isfile(path):
+      raise UserError(f"--config={value}: no such config file {os.path.abspath(path)!r}")
+
+
+def check_output_folder(path: str, flag: str) -> None:
+  """`path` is, or can become, a folder this process can write: checked before any work, so a typo in --out
+  costs nothing."""
+  if not path:
+    raise UserError(f"--{flag} is empty; give the folder to write to")
+  path = os.path.abspath(os.path.expanduser(path))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f"--{flag}={path}: {existing} is a file, not a folder")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f"--{flag}={path}: cannot write in {existing} (permission denied)")
 
 
 def _not_a_section(argv: list[str]) -> str:
@@ -66,12 +107,25 @@ def _not_a_section(argv: list[str]) -> str:
   return ""
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def _remove_if_disposable(path: str) -> None:
+  """Removes `path` (created by this process) when it holds only what a failed command leaves behind."""
+  if os.path.isdir(path) and set(os.listdir(path)) <= _DISPOSABLE:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run(main: Callable[[list[str]], None], output_flags: Sequence[str] = ()) -> None:
+  """Runs `main` as a command: user errors as one line and status 2. `output_flags` name the flags holding the
+  command's output folder; one that did not exist before and holds only disposable files is removed again."""
+
   def guarded(argv: list[str]) -> None:
     quiet_libraries()
+    fresh = [os.path.abspath(v) for v in (flags.FLAGS[f].value for f in output_flags) if v and not os.path.exists(v)]
     try:
       main(argv)
     except (UserError, app.UsageError) as e:
+      if not isinstance(e, WorkdirInUse):  # the folder is another process's
+        for path in fresh:
+          _remove_if_disposable(path)
       print(f"error: {e}", file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
 

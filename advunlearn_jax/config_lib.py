@@ -234,6 +234,57 @@ RESUMABLE_FIELDS = (
 )
 
 
+# Every numeric field's valid range, checked before any work: (key, lowest value, whether the lowest is allowed).
+# A value outside (keep=0, save_every=0, lr=0) would delete checkpoints, divide by zero after compilation or train
+# nothing. Fields with more to check (attack, bank, evaluation's attacks) are checked where they are built.
+NUMERIC_RANGES = (
+  ("train.iterations", 1, True),
+  ("train.warmup_iters", 0, True),
+  ("train.lr", 0, False),
+  ("train.concept_batch", 1, True),
+  ("train.save_every", 1, True),
+  ("train.keep", 1, True),
+  ("train.log_every", 1, True),
+  ("diffusion.ddim_steps", 1, True),
+  ("diffusion.start_guidance", 0, True),
+  ("diffusion.negative_guidance", 0, True),
+  ("attack.num_tokens", 1, True),
+  ("attack.lr", 0, False),
+  ("attack.update_every", 1, True),
+  ("attack.eps", 0, True),
+  ("retain.weight", 0, True),
+  ("retain.batch", 0, True),
+  ("retain.steps", 1, True),
+  ("export.every", 0, True),
+  ("report.images_per_value", 1, True),
+  ("samples.every", 0, True),
+  ("samples.retain_prompts", 0, True),
+  ("samples.steps", 1, True),
+  ("samples.guidance", 0, True),
+  ("mesh.fsdp", 0, True),
+  ("evaluation.max_prompts", 0, True),
+  ("evaluation.guidance", 0, True),
+  ("evaluation.target_steps", 1, True),
+  ("evaluation.target_guidance", 0, True),
+  ("evaluation.max_prompt_tokens", 0, True),
+  ("evaluation.max_captions", 0, True),
+  ("evaluation.max_real_images", 0, True),
+  ("evaluation.utility_steps", 1, True),
+  ("evaluation.utility_guidance", 0, True),
+  ("evaluation.utility_batch", 1, True),
+)
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  for key, low, inclusive in NUMERIC_RANGES:
+    section, field = key.split(".")
+    value = config[section][field]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+      raise ConfigError(f"config.{key} is {value!r}; expected a number")
+    if value < low or (value == low and not inclusive):
+      raise ConfigError(f"config.{key} must be {'>=' if inclusive else '>'} {low}, got {value}")
+
+
 def check_pretrained(pretrained: str) -> None:
   """`model.pretrained` names something loadable: "tiny", a folder, or a hub id (fetched at use)."""
   if pretrained == "tiny" or os.path.isdir(os.path.expanduser(pretrained)):
@@ -255,9 +306,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_pretrained(config.model.pretrained)
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype is {config.model.dtype!r}; expected 'float32' or 'bfloat16'")
+  check_ranges(config)
   t = config.train
-  if t.warmup_iters < 0 or t.iterations < 1:
-    raise ConfigError("config.train.iterations must be >= 1 and config.train.warmup_iters >= 0")
   trainable.validate_method(t.method, t.component)
   bank.check_method(t.method, t.xt_source)
   bank.validate(wiring.bank_config(config))
@@ -273,8 +323,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.attack.init is {config.attack.init!r}; valid: {list(attack.INITS)}")
   if config.retain.mode not in ("reg", "iter"):
     raise ConfigError(f"config.retain.mode is {config.retain.mode!r}; expected 'reg' or 'iter'")
-  if config.attack.update_every < 1:
-    raise ConfigError(f"config.attack.update_every must be >= 1, got {config.attack.update_every}")
   n_retain = len(retain.from_config(config))
   if config.retain.batch > n_retain:
     raise ConfigError(f"config.retain.batch ({config.retain.batch}) exceeds the {n_retain} retain prompts")
@@ -282,8 +330,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"config.bank.refresh_retain ({config.bank.refresh_retain}) exceeds the {n_retain} retain prompts"
     )
-  if config.export.every < 0:
-    raise ConfigError(f"config.export.every must be >= 0 (0: only the final export), got {config.export.every}")
   if config.export.reference_checkpoint:
     if not trainable.is_text_method(t.method):
       raise ConfigError(
@@ -307,8 +353,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"config.evaluation.utility_format is {ev.utility_format!r}; expected one of {list(caption_images.FORMATS)}"
     )
-  if ev.utility_batch < 1:
-    raise ConfigError(f"config.evaluation.utility_batch must be >= 1, got {ev.utility_batch}")
   from advunlearn_jax import tfds_source
 
   for key in ("captions", "real_images"):

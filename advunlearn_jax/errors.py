@@ -19,3 +19,7 @@ class WeightsError(UserError, ValueError):
 
 class CheckpointError(UserError):
   """No checkpoint of a workdir can be restored."""
+
+
+class WorkdirInUse(ConfigError):
+  """Another process holds the workdir (workdir_lock.py)."""

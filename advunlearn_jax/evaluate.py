@@ -442,6 +442,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   config_lib.validate(config)
+  cli.check_output_folder(_OUT.value, "out")
   compile_cache.enable(_COMPILATION_CACHE.value, out=_OUT.value)
   report = evaluate(
     config,
@@ -464,4 +465,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config", "out"])
-  cli.run(main)
+  cli.run(main, output_flags=("out",))

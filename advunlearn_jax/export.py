@@ -85,7 +85,7 @@ def numbered_dir(workdir: str, step: int) -> str:
 def export_latest(workdir: str, out: str, pretrained: str | None = None, fmt: str = "diffusers") -> dict[str, str]:
   if fmt not in FORMATS:
     raise ConfigError(f"--format={fmt!r}: expected one of {list(FORMATS)}")
-  mngr, step, meta = checkpoint.open_latest(workdir)
+  step, meta, trained = checkpoint.latest_readable(workdir)
   config = ml_collections.ConfigDict(meta["config"])
   if not trainable.is_text_method(config.train.method):
     raise ConfigError(f"{workdir}: train.method={config.train.method!r} trains the UNet; there is no text encoder")
@@ -94,7 +94,7 @@ def export_latest(workdir: str, out: str, pretrained: str | None = None, fmt: st
   t = config.train
   mask = trainable.text_encoder_mask(pipe.text_params, t.method, t.component, t.norm_layer, t.prefix_bug)
   frozen_leaves = trainable.split(pipe.text_params, mask)[1]
-  text_params = trainable.merge(checkpoint.restore_params(mngr, step), frozen_leaves)
+  text_params = trainable.merge(trained, frozen_leaves)
   if fmt == "reference":
     name = clip_convert.reference_checkpoint_name(t.method, step - 1)
     path = clip_convert.export_reference_checkpoint(pipe.text_config, text_params, os.path.join(out, name))
@@ -122,9 +122,10 @@ def _define_flags():
 
 def main(argv):
   del argv
+  cli.check_output_folder(_OUT.value, "out")
   export_latest(_WORKDIR.value, _OUT.value, _PRETRAINED.value, _FORMAT.value)
 
 
 if __name__ == "__main__":
   _define_flags()
-  cli.run(main)
+  cli.run(main, output_flags=("out",))

@@ -1,6 +1,6 @@
 """Generate images with a (possibly unlearned) Stable Diffusion pipeline.
 
-  python -m advunlearn_jax.generate --pretrained=DIR_OR_ID --prompt="a photo of a church" \
+  python -m advunlearn_jax.generate --pretrained=DIR_OR_ID_OR_tiny --prompt="a photo of a church" \
       [--text_encoder=DIR] [--seed=0 --seed=1] [--steps=50] [--guidance=7.5] [--scheduler=lms|ddim] \
       [--latents=FILE.npy] --out=DIR
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from advunlearn_jax import cli
+from advunlearn_jax import cli, config_lib
 from advunlearn_jax.convert.diffusers import load_pipeline
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.diffusion.sampling import SCHEDULERS
@@ -36,7 +36,10 @@ _OUT = flags.DEFINE_string("out", None, "output folder")
 
 
 def load_latents(path: str, n: int, shape_nhwc: tuple[int, int, int]) -> jnp.ndarray:
-  latents = np.load(path).astype(np.float32)
+  try:
+    latents = np.load(path, allow_pickle=False).astype(np.float32)
+  except (ValueError, OSError) as e:
+    raise app.UsageError(f"--latents={path}: not a .npy array ({e})") from e
   if latents.ndim == 3:
     latents = np.broadcast_to(latents, (n, *latents.shape))
   expected = (shape_nhwc[2], shape_nhwc[0], shape_nhwc[1])
@@ -52,9 +55,18 @@ def main(argv):
   del argv
   if not _PROMPT.value:
     raise app.UsageError("give at least one --prompt")
-  pipe = load_pipeline(_PRETRAINED.value, text_encoder=_TEXT_ENCODER.value)
+  if _STEPS.value < 1:
+    raise app.UsageError(f"--steps={_STEPS.value}: give at least 1 denoising step")
+  if _GUIDANCE.value < 0:
+    raise app.UsageError(f"--guidance={_GUIDANCE.value}: expected a scale >= 0")
+  cli.check_output_folder(_OUT.value, "out")
+  if _LATENTS.value and not os.path.isfile(_LATENTS.value):
+    raise app.UsageError(f"--latents={_LATENTS.value}: no such file")
+  pipe = load_pipeline(config_lib.resolve_pretrained(_PRETRAINED.value), text_encoder=_TEXT_ENCODER.value)
   prompts = list(_PROMPT.value)
   hw, c = pipe.unet_config.sample_size, pipe.unet_config.in_channels
+  if _LATENTS.value:  # checked before the first image is drawn
+    load_latents(_LATENTS.value, len(prompts), (hw, hw, c))
   images, names = [], []
   seeds = _SEED.value if not _LATENTS.value else [None]
   for seed in seeds:
@@ -90,4 +102,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["pretrained", "out"])
-  cli.run(main)
+  cli.run(main, output_flags=("out",))

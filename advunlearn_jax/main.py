@@ -2,8 +2,9 @@
 
 Every config field can be overridden on the command line, e.g. `--config.model.pretrained=DIR_OR_ID`.
 
-Errors in the config or its files end with one `error: ...` line and exit status 2; libraries log warnings only
-unless --verbosity=0 (info) or 1 (debug) is given.
+Errors in the config or its files end with one `error: ...` line and exit status 2; a run stopped by SIGTERM
+after saving exits with status 75 (rerun to resume); a second run on a workdir in use refuses (workdir_lock.py).
+Libraries log warnings only unless --verbosity=0 (info) or 1 (debug) is given.
 
 Multi-host: run the same command on every host. TPU pod slices and SLURM jobs are detected; elsewhere (GPU
 clusters, the loopback test) add `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (or set
@@ -11,6 +12,8 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). `launch/` holds scr
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -30,6 +33,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   config_lib.validate(config)  # before any work; `model.pretrained` stays as written ("tiny" resolves at use)
+  cli.check_output_folder(_WORKDIR.value, "workdir")
   compile_cache.enable(_COMPILATION_CACHE.value, workdir=_WORKDIR.value)
 
   from advunlearn_jax import distributed  # imports JAX; kept out of the config-only path
@@ -41,9 +45,11 @@ def main(argv: list[str]) -> None:
     logging.info("config:\n%s", config)
   from advunlearn_jax import train
 
-  train.run(config, _WORKDIR.value)
+  result = train.run(config, _WORKDIR.value)
+  if "stopped_at" in result:  # SIGTERM: saved, not finished; a scheduler should requeue, not mark it done
+    sys.exit(cli.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  cli.run(main)
+  cli.run(main, output_flags=("workdir",))

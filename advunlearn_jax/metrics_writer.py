@@ -13,16 +13,22 @@ import numpy as np
 
 
 class MetricsWriter:
-  """`enabled=False` (every process but the primary of a multi-host run) writes nothing."""
+  """`enabled=False` (every process but the primary of a multi-host run) writes nothing. `resume_step`: the step
+  the run resumes from; what an earlier attempt logged after it (before a fall back to an older checkpoint) is
+  dropped, from metrics.jsonl (and so loss.png) and TensorBoard alike, so neither mixes two trajectories."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     if not enabled:
       return
     from tensorboardX import SummaryWriter
 
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+    if resume_step and os.path.isfile(self.jsonl_path):
+      trim_jsonl(self.jsonl_path, resume_step)
+    # TensorBoard hides events at steps >= purge_step written before this one (its SessionLog.START).
+    purge = {"purge_step": resume_step + 1} if resume_step else {}
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30, **purge)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled:
@@ -40,3 +46,18 @@ class MetricsWriter:
   def close(self) -> None:
     if self.enabled:
       self._tb.close()
+
+
+def trim_jsonl(path: str, last_step: int) -> None:
+  """Keeps the records of `path` up to `last_step` (a torn last line too is dropped); replaced atomically."""
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= last_step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):
+        continue
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)

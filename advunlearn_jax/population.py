@@ -207,6 +207,7 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.check_output_folder(_WORKDIR.value, "workdir")
   grid = members(_CONFIG.value, _SWEEP.value)
   population = select_part(grid, _PART.value, _PARTS.value)
   share = f" (part {_PART.value} of {_PARTS.value}: {len(population)} of {len(grid)})" if _PARTS.value > 1 else ""
@@ -219,9 +220,11 @@ def main(argv):
     print(f"{name}: {r.get('error') or r.get('text_encoder') or r.get('unet') or r.get('stopped_at')}")
   if failed:
     raise SystemExit(f"{len(failed)} of {len(results)} members failed: {failed}")
+  if any("stopped_at" in r for r in results.values()):  # SIGTERM: saved, not finished
+    raise SystemExit(cli.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config"])
-  cli.run(main)
+  cli.run(main, output_flags=("workdir",))

@@ -16,7 +16,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from advunlearn_jax import checkpoint, config_lib, distributed, export, loss_plot, metrics_writer, preview, sharding
+from advunlearn_jax import (
+  checkpoint,
+  config_lib,
+  distributed,
+  export,
+  loss_plot,
+  metrics_writer,
+  preview,
+  sharding,
+  workdir_lock,
+)
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
@@ -133,18 +143,20 @@ def run(
   `preemption`: a SIGTERM watcher shared by several runs in one process (signal handlers live in the main
   thread); by default a single-process run installs its own."""
   config_lib.validate(config)
-  setup = set_up(config, devices)
   os.makedirs(workdir, exist_ok=True)
-  mngr = checkpoint.manager(workdir, config.train.keep)
-  try:
-    progress = restore_or_start(config, setup, mngr, workdir)
-    start = int(progress.state.step)
-    progress, stopped = loop(config, setup, mngr, workdir, progress, preemption, show_progress)
-  finally:
-    mngr.wait_until_finished()
-  if stopped:
-    return {"stopped_at": int(progress.state.step), "workdir": workdir}
-  return finish(config, setup, workdir, progress.state, start)
+  # One run per workdir (process 0 of a multi-host run holds it for all): a second one refuses before any work.
+  with workdir_lock.WorkdirLock(workdir, enabled=distributed.is_primary()):
+    setup = set_up(config, devices)
+    mngr = checkpoint.manager(workdir, config.train.keep)
+    try:
+      progress = restore_or_start(config, setup, mngr, workdir)
+      start = int(progress.state.step)
+      progress, stopped = loop(config, setup, mngr, workdir, progress, preemption, show_progress)
+    finally:
+      mngr.wait_until_finished()
+    if stopped:
+      return {"stopped_at": int(progress.state.step), "workdir": workdir}
+    return finish(config, setup, workdir, progress.state, start)
 
 
 def set_up(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
@@ -209,7 +221,7 @@ def loop(
   own_watcher = preemption is None and jax.process_count() == 1  # several processes: JAX's own service
   if own_watcher:
     preemption = PreemptionWatcher()
-  writer = metrics_writer.MetricsWriter(workdir, enabled=setup.primary)
+  writer = metrics_writer.MetricsWriter(workdir, enabled=setup.primary, resume_step=start)
   plot = loss_plot.LossPlot(workdir, config.train.warmup_iters, enabled=setup.primary)
   previews = _previews(config, setup) if setup.with_previews else None
   bar = _progress(start, iterations, enabled=setup.primary and show_progress)

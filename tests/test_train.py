@@ -259,20 +259,28 @@ def _state_files(checkpoint_dir):
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, tmp_path, capsys):
+  from advunlearn_jax import export
   from advunlearn_jax.errors import CheckpointError
 
   workdir = str(tmp_path / "run")
-  overrides = {"train.iterations": 2, "train.warmup_iters": 2, "train.save_every": 1}
+  overrides = {"train.iterations": 2, "train.warmup_iters": 2, "train.save_every": 1, "train.log_every": 1}
   train.run(tiny_config(pipeline_dir, **overrides), workdir)
   ckpts = os.path.join(workdir, "checkpoints")
   for path in _state_files(os.path.join(ckpts, "2")):  # a copy cut short
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
   capsys.readouterr()
+  # export, a reader, falls back as the run does: it names the damaged step and leaves it where it is
+  exported = export.export_latest(workdir, str(tmp_path / "exported"))
+  said = capsys.readouterr().out
+  assert "checkpoint step 2: " in said and "skipped" in said and "using step 1" in said and "<bound method" not in said
+  assert os.path.isdir(exported["text_encoder"]) and sorted(os.listdir(ckpts)) == ["1", "2"]
   summary = train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 3}), workdir)
   said = capsys.readouterr().out
-  assert "checkpoint step 2 is damaged" in said and "resuming from step 1" in said
+  assert "checkpoint step 2 is damaged" in said and "resuming from step 1" in said and "<bound method" not in said
   assert summary["resumed_from"] == 1
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:  # the first attempt's step 2 is gone: one trajectory
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
   assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]  # step 2 trained and saved again
   assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["2"]  # the damaged one kept aside
 

@@ -72,7 +72,10 @@ def test_unet_methods():
 
 
 def test_unknown_method_lists_valid_ones():
-  with pytest.raises(ConfigError, match=r"config.train.method is 'text_encoder_half'; valid: \['text_encoder_full'"):
+  message = (
+    r"config.train.method is 'text_encoder_half'; valid: text_encoder_full, text_encoder_layer<L> with L one of \{0, "
+  )
+  with pytest.raises(ConfigError, match=message):
     trainable.text_encoder_mask(CLIP_L, "text_encoder_half")
   with pytest.raises(ConfigError, match="config.train.component"):
     trainable.text_encoder_mask(CLIP_L, "text_encoder_full", component="mlp")

@@ -27,15 +27,20 @@ from advunlearn_jax.models import vae as vae_lib
 from advunlearn_jax.models.clip_text import CLIPTextConfig
 
 _DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
-_HUB_PATTERNS = [
+_HUB_PATTERNS = [  # a sharded component's index and its shards (NAME-00001-of-00002.safetensors) included
   "model_index.json",
   "unet/config.json",
   "unet/diffusion_pytorch_model.safetensors",
-  "unet/diffusion_pytorch_model*.safetensors.index.json",
+  "unet/diffusion_pytorch_model.safetensors.index.json",
+  "unet/diffusion_pytorch_model-*.safetensors",
   "vae/config.json",
   "vae/diffusion_pytorch_model.safetensors",
+  "vae/diffusion_pytorch_model.safetensors.index.json",
+  "vae/diffusion_pytorch_model-*.safetensors",
   "text_encoder/config.json",
   "text_encoder/model.safetensors",
+  "text_encoder/model.safetensors.index.json",
+  "text_encoder/model-*.safetensors",
   "tokenizer/*",
   "scheduler/*",
 ]
@@ -54,9 +59,9 @@ class Pipeline(NamedTuple):
 
 
 def resolve_pretrained(path_or_id: str) -> str:
-  """A local diffusers folder, or the snapshot folder of a hub id."""
-  if os.path.isdir(path_or_id):
-    return path_or_id
+  """A local diffusers folder (`~` expanded, as config validation expands it), or the snapshot folder of a hub id."""
+  if os.path.isdir(os.path.expanduser(path_or_id)):
+    return os.path.expanduser(path_or_id)
   if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
     raise ConfigError(f"{path_or_id}: no such folder, and not a hub id of the form 'owner/name'")
   from huggingface_hub import snapshot_download

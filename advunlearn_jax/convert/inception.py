@@ -28,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from advunlearn_jax.convert import torch_layout, weights_io
-from advunlearn_jax.errors import WeightsError
+from advunlearn_jax.errors import ConfigError, WeightsError
 from advunlearn_jax.models.inception import INPUT_SIZE, FIDInceptionV3
 
 FID_WEIGHTS_URL = (
@@ -152,6 +152,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   out = _OUT.value or cached_path()
+  if _PTH.value and not os.path.isfile(_PTH.value):
+    raise ConfigError(f"--pth={_PTH.value}: no such file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+  if os.path.isdir(out):
+    raise ConfigError(f"--out={out} is a folder; give the .safetensors file to write")
+  cli.check_output_folder(os.path.dirname(os.path.abspath(out)), "out")  # noqa: F821 (imported under __main__)
   path = convert(_PTH.value, out) if _PTH.value else download_and_convert(out)
   print(f"wrote {path}: FID Inception weights, {len(expected_keys())} tensors checked")
 

@@ -45,12 +45,49 @@ def read_torch_pickle(path: str) -> dict[str, np.ndarray]:
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
-    raise WeightsError(f"{path}: cannot load with torch.load(weights_only=True) ({e})") from e
+    raise WeightsError(f"{path}: {_refusal(e)}") from e
   if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
     state = state["state_dict"]
   if not isinstance(state, dict):
     raise WeightsError(f"{path}: expected a state dict, found {type(state).__name__}")
   return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+
+
+def _index_shards(index: str) -> list[str]:
+  """The shard files a `*.safetensors.index.json` names, each inside the index's own folder: an index is data
+  from wherever the folder came from, and a name such as ../../x.safetensors must not make us read elsewhere."""
+  folder = os.path.realpath(os.path.dirname(index))
+  try:
+    with open(index) as f:
+      names = sorted(set(json.load(f)["weight_map"].values()))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise WeightsError(f"{index}: not a safetensors index (expected a 'weight_map' of tensor -> shard file)") from e
+  paths = []
+  for name in names:
+    path = os.path.realpath(os.path.join(folder, str(name)))
+    if os.path.dirname(path) != folder:
+      raise WeightsError(f"{index}: shard {name!r} lies outside {folder}; refused")
+    paths.append(path)
+  return paths
+
+
+def _refusal(e: Exception) -> str:
+  """One line on why torch refused a file, without torch's advice to load it with weights_only=False (which
+  would run whatever the pickle holds)."""
+  import re
+
+  text = str(e)
+  called = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", text, re.IGNORECASE)
+  if called:
+    return (
+      f"refused: the pickle calls {called.group(1)}, which a tensor state dict never needs (only tensors are "
+      "read from .pt/.bin/.pth files); convert the file to safetensors with a tool you trust"
+    )
+  opcode = re.search(r"Unsupported operand (\d+)", text)
+  if opcode:
+    return f"not a PyTorch state dict (pickle opcode {opcode.group(1)} is none a tensor file holds)"
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln and "issue" not in ln]
+  return f"not a readable PyTorch state dict ({type(e).__name__}: {(lines or [''])[0][:200]})"
 
 
 def read_weights_folder(folder: str, stems: Sequence[str]) -> tuple[dict[str, np.ndarray], str]:
@@ -64,11 +101,9 @@ def read_weights_folder(folder: str, stems: Sequence[str]) -> tuple[dict[str, np
       return read_safetensors(single), single
     index = single + ".index.json"
     if os.path.isfile(index):
-      with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
       state = {}
-      for shard in shards:
-        state.update(read_safetensors(os.path.join(folder, shard)))
+      for shard in _index_shards(index):
+        state.update(read_safetensors(shard))
       return state, index
   for stem in stems:
     pickle = os.path.join(folder, f"{stem}.bin")

@@ -264,6 +264,12 @@ def _define_flags():
 
 def main(argv):
   del argv
+  cli.check_output_folder(_OUT.value, "out")
+  if _CONTINUE_FROM.value and not os.path.isdir(_CONTINUE_FROM.value):
+    raise ConfigError(f"--continue_from={_CONTINUE_FROM.value}: no such folder (a previous build's --out)")
+  for flag in (_POOL, _JUDGE_STEPS, _VAE_STEPS, _SD_STEPS, _SD_BATCH, _STAGE):
+    if flag.value < 1:
+      raise ConfigError(f"--{flag.name}={flag.value}: expected >= 1")
   build(
     _OUT.value,
     seed=_SEED.value,
@@ -280,4 +286,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  cli.run(main)
+  cli.run(main, output_flags=("out",))

@@ -20,6 +20,7 @@ from absl import flags
 from advunlearn_jax import cli
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
+from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import world
 
@@ -85,6 +86,10 @@ def _define_flags():
 
 def main(argv):
   del argv
+  if _OUT.value:
+    cli.check_output_folder(_OUT.value, "out")
+  if _REPEATS.value < 1:
+    raise ConfigError(f"--repeats={_REPEATS.value}: expected >= 1")
   pipe = sd_convert.load_pipeline(_PIPELINE.value)
   judge = judge_lib.load(_JUDGE.value)
   rates, by_value, images = base_quality(pipe, judge, repeats=_REPEATS.value)
@@ -104,4 +109,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  cli.run(main)
+  cli.run(main, output_flags=("out",))

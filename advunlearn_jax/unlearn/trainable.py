@@ -44,9 +44,10 @@ def is_text_method(method: str) -> bool:
 
 def validate_method(method: str, component: str) -> None:
   if method not in TEXT_METHODS and method not in UNET_METHODS:
+    layers = sorted((m.removeprefix("text_encoder_layer") for m in TEXT_LAYER_METHODS), key=len)
     raise ConfigError(
-      f"config.train.method is {method!r}; valid: {['text_encoder_full', 'text_encoder_layer<...>', *UNET_METHODS]}"
-      f" (layer options: {sorted(TEXT_LAYER_METHODS)})"
+      f"config.train.method is {method!r}; valid: text_encoder_full, text_encoder_layer<L> with L one of "
+      f"{{{', '.join(layers)}}}, or a UNet method: {', '.join(UNET_METHODS)}"
     )
   if component not in COMPONENTS:
     raise ConfigError(f"config.train.component is {component!r}; valid: {list(COMPONENTS)}")

@@ -1,0 +1,261 @@
+"""Every command's bad inputs in one table: one `error:` line, exit status 2, no traceback, and nothing new left
+behind, before any work. Then what no setting or second process may do: lose a run.
+
+Each case runs the command's `__main__` in a forked child of this process (`_command`): the libraries are already
+imported here, so a case costs a fork instead of a Python start-up and JAX's import (about 4 s each on 2 cores).
+The children fail during flag parsing or validation, before JAX computes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from advunlearn_jax import cli, workdir_lock
+from advunlearn_jax.errors import WeightsError, WorkdirInUse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(module: str, *args: str) -> tuple[int, str, str]:
+  """(exit status, stdout, stderr) of `python -m advunlearn_jax.MODULE ARGS`, run in a forked child."""
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+      status = 1
+      try:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = os.fdopen(1, "w", closefd=False), os.fdopen(2, "w", closefd=False)
+        sys.argv = [f"advunlearn_jax.{module}", *args]
+        os.chdir(ROOT)
+        runpy.run_module(f"advunlearn_jax.{module}", run_name="__main__", alter_sys=True)
+        status = 0
+      except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+      except BaseException:  # a bug: its traceback is what the test reports
+        import traceback
+
+        traceback.print_exc()
+      finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    return os.waitstatus_to_exitcode(wait_status), out.read().decode(), err.read().decode()
+
+
+@pytest.fixture(scope="module")
+def evil_pickle(tmp_path_factory):
+  """A `.pth` whose unpickling would run a shell command (it would create `pwned` beside it)."""
+  torch = pytest.importorskip("torch")
+  folder = tmp_path_factory.mktemp("evil")
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, (f"touch {folder / 'pwned'}",))
+
+  torch.save({"Conv2d_1a_3x3.conv.weight": Evil()}, folder / "pt_inception.pth")
+  return folder
+
+
+CASES = [
+  # main: the config file, every numeric range, the method's name, the workdir
+  ("main", ["--config={tmp}/nope.py"], "--config={tmp}/nope.py: no such config file"),
+  ("main", ["--config=configs/tiny.py", "--config.train.keep=0"], "config.train.keep must be >= 1, got 0"),
+  ("main", ["--config=configs/tiny.py", "--config.train.save_every=0"], "config.train.save_every must be >= 1"),
+  ("main", ["--config=configs/tiny.py", "--config.train.log_every=0"], "config.train.log_every must be >= 1"),
+  ("main", ["--config=configs/tiny.py", "--config.train.lr=0"], "config.train.lr must be > 0, got 0"),
+  ("main", ["--config=configs/tiny.py", "--config.retain.weight=-1"], "config.retain.weight must be >= 0"),
+  ("main", ["--config=configs/tiny.py", "--config.train.method=text"], "text_encoder_layer<L> with L one of {{0, 01,"),
+  ("main", ["--config=configs/tiny.py", "--workdir={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  ("main", ["--config=configs/tiny.py", "--workdir={tmp}/a_file/run"], "{tmp}/a_file is a file, not a folder"),
+  ("main", ["--config=configs/tiny.py", "--config.concept.prompts=('',)"], "config.concept.prompts: needs at least"),
+  ("main", ["--config=configs/style.py", "--config.model.pretrained=/nonexistent/dir"], "/nonexistent/dir is no"),
+  ("main", ["--config=configs/tiny.py", "--config.train.lrr=1"], "train.lrr"),
+  # evaluate
+  ("evaluate", ["--config={tmp}/nope.py", "--out={tmp}/out"], "no such config file"),
+  ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/out", "--config.attack.type=prepend"], "attack.type"),
+  (
+    "evaluate",
+    ["--config=configs/tiny.py", "--config.evaluation.attack.k=5", "--out={tmp}/out"],
+    "--config.evaluation.attack.k: config.evaluation.attack is 'unlearndiff', not a section",
+  ),
+  (
+    "evaluate",
+    ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.attack=inversion"]
+    + ["--config.evaluation.inversion.protocol=textual"],
+    "config.evaluation.inversion.protocol is 'textual'; expected one of ['cce', 'prefix']",
+  ),
+  (
+    "evaluate",
+    ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.attack=inversion"]
+    + ["--config.evaluation.inversion.cce.initializer="],
+    "config.evaluation.inversion.cce.initializer is empty",
+  ),
+  (
+    "evaluate",
+    ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.fid_preprocess=clean"],
+    "config.evaluation.fid_preprocess is 'clean'; expected one of ['t2ibenchmark', 'pytorch_fid']",
+  ),
+  ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.utility_steps=0"], "utility_steps"),
+  # export
+  ("export", ["--workdir={tmp}/nothing", "--out={tmp}/out"], "{tmp}/nothing: no checkpoints/ folder"),
+  ("export", ["--workdir={tmp}", "--out={tmp}/out", "--format=ref"], "value should be one of <diffusers|reference>"),
+  ("export", ["--workdir={tmp}/nothing", "--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  # generate
+  ("generate", ["--pretrained=/nonexistent/dir", "--prompt=a", "--out={tmp}/out"], "/nonexistent/dir: no such"),
+  ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/out", "--steps=0"], "--steps=0: give at least 1"),
+  ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/out", "--steps=-3"], "--steps=-3: give at least 1"),
+  ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  (
+    "generate",
+    ["--pretrained=tiny", "--prompt=a", "--out={tmp}/out", "--latents={tmp}/missing.npy"],
+    "--latents={tmp}/missing.npy: no such file",
+  ),
+  # population
+  ("population", ["--config=configs/tiny.py", "--sweep=seed=zero"], "--sweep: seed='zero' is not a int"),
+  ("population", ["--config={tmp}/nope.py:striped"], "no such config file"),
+  ("population", ["--config=configs/tiny.py", "--workdir={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  # the tiny world's own commands
+  ("tiny.build", ["--out={tmp}/out", "--stage=2"], "--stage=2 with --continue_from=''"),
+  ("tiny.build", ["--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  ("tiny.build", ["--out={tmp}/out", "--pool=0"], "--pool=0: expected >= 1"),
+  ("tiny.build", ["--out={tmp}/out", "--continue_from={tmp}/none"], "--continue_from={tmp}/none: no such folder"),
+  ("tiny.evaluate", ["--pipeline=/nonexistent/dir"], "/nonexistent/dir: no such folder"),
+  ("tiny.evaluate", ["--repeats=0", "--out={tmp}/out"], "--repeats=0: expected >= 1"),
+  # convert.inception: a missing file, and a pickle that would run code
+  ("convert.inception", ["--pth={tmp}/none.pth", "--out={tmp}/out.safetensors"], "--pth={tmp}/none.pth: no such file"),
+  (
+    "convert.inception",
+    ["--pth={evil}/pt_inception.pth", "--out={tmp}/out.safetensors"],
+    "{evil}/pt_inception.pth: refused: the pickle calls posix.system",
+  ),
+]
+
+
+@pytest.mark.parametrize("module, args, message", CASES, ids=[f"{m}:{' '.join(a)[-60:]}" for m, a, _ in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(module, args, message, tmp_path, evil_pickle):
+  (tmp_path / "a_file").write_text("not a folder")
+  before = sorted(os.listdir(tmp_path))
+  fill = lambda s: s.format(tmp=tmp_path, evil=evil_pickle)
+  status, out, err = _command(module, *map(fill, args))
+  lines = err.strip().splitlines()
+  assert status == cli.EXIT_USER_ERROR, err[-3000:]
+  assert lines and lines[-1].startswith("error: ") and fill(message) in lines[-1], err[-3000:]
+  assert "Traceback" not in err and sum(line.startswith("error: ") for line in lines) == 1
+  assert "weights_only=False" not in err  # never the advice to unpickle anyway
+  assert sorted(os.listdir(tmp_path)) == before  # no output folder, no xla_cache, no half-made workdir
+  assert not os.path.exists(evil_pickle / "pwned")
+
+
+def test_a_second_run_on_a_workdir_in_use_refuses_at_once(tmp_path):
+  """The first holds the workdir (here: this process); the second refuses, naming the holder, and changes nothing."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+  with workdir_lock.WorkdirLock(str(workdir)):
+    t0 = time.perf_counter()
+    status, _, err = _command("main", "--config=configs/tiny.py", f"--workdir={workdir}")
+    seconds = time.perf_counter() - t0
+  assert status == 2 and f"is in use by another run (pid {os.getpid()} on host" in err, err[-2000:]
+  assert seconds < 30  # before the weights are read, let alone compiled
+  assert sorted(os.listdir(workdir)) == [".lock", "metrics.jsonl"]  # the holder's folder is left alone
+  with workdir_lock.WorkdirLock(str(workdir)), pytest.raises(WorkdirInUse, match="pid"):
+    with workdir_lock.WorkdirLock(str(workdir)):  # a second holder in the same process too
+      pass
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
+  """SIGKILL (or a preempted VM) ends the holder: the kernel drops its lock, and the resume takes the workdir."""
+  code = (
+    "import sys, time; from advunlearn_jax import workdir_lock; "
+    f"lock = workdir_lock.WorkdirLock({str(tmp_path)!r}).__enter__(); print('held', flush=True); time.sleep(60)"
+  )
+  holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(WorkdirInUse, match=f"pid {holder.pid} on host"):
+    workdir_lock.WorkdirLock(str(tmp_path)).__enter__()
+  holder.send_signal(signal.SIGKILL)
+  holder.wait(timeout=30)
+  with workdir_lock.WorkdirLock(str(tmp_path)):
+    assert f'"pid": {os.getpid()}' in (tmp_path / ".lock").read_text()
+
+
+def test_metrics_beyond_the_restored_step_are_dropped(tmp_path):
+  from advunlearn_jax import metrics_writer
+
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(f'{{"step": {s}, "loss": 0.5}}\n' for s in range(10, 210, 10)) + '{"step": 21')  # torn
+  writer = metrics_writer.MetricsWriter(str(tmp_path), resume_step=100)
+  writer.scalars(110, {"loss": 0.25})
+  writer.close()
+  import json
+
+  steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+  assert steps == [*range(10, 110, 10), 110]
+
+
+def test_an_index_cannot_name_shards_outside_its_folder(tmp_path):
+  import json
+
+  from safetensors.numpy import save_file
+
+  from advunlearn_jax.convert import weights_io
+
+  outside = tmp_path / "x.safetensors"
+  save_file({"w": np.ones(2, np.float32)}, str(outside))
+  unet = tmp_path / "pipe" / "unet"
+  unet.mkdir(parents=True)
+  index = unet / "diffusion_pytorch_model.safetensors.index.json"
+  index.write_text(json.dumps({"weight_map": {"w": "../../x.safetensors"}}))
+  with pytest.raises(WeightsError, match=r"shard '../../x.safetensors' lies outside .*; refused"):
+    weights_io.read_weights_folder(str(unet), ("diffusion_pytorch_model",))
+  save_file({"w": np.ones(2, np.float32)}, str(unet / "diffusion_pytorch_model-00001-of-00001.safetensors"))
+  index.write_text(json.dumps({"weight_map": {"w": "diffusion_pytorch_model-00001-of-00001.safetensors"}}))
+  state, _ = weights_io.read_weights_folder(str(unet), ("diffusion_pytorch_model",))
+  assert list(state) == ["w"]
+  # what a hub download fetches of a sharded UNet: its index and its shards
+  import fnmatch
+
+  from advunlearn_jax.convert import diffusers
+
+  wanted = [
+    "unet/diffusion_pytorch_model.safetensors.index.json",
+    "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+  ]
+  assert all(any(fnmatch.fnmatch(w, p) for p in diffusers._HUB_PATTERNS) for w in wanted)
+
+
+def test_a_home_relative_pretrained_path_resolves_the_same_everywhere(tmp_path, monkeypatch):
+  """`~/sd` passes validation and loads: validation and the loader expand it alike (as generate's `tiny` does)."""
+  import shutil
+
+  from advunlearn_jax import config_lib
+  from advunlearn_jax.convert import diffusers
+
+  shutil.copytree(config_lib.TINY_MODEL_DIR, tmp_path / "sd")
+  monkeypatch.setenv("HOME", str(tmp_path))
+  config_lib.check_pretrained("~/sd")
+  assert diffusers.resolve_pretrained("~/sd") == str(tmp_path / "sd")
+  assert diffusers.load_pipeline("~/sd", with_vae=False).root == str(tmp_path / "sd")
+  assert config_lib.resolve_pretrained("tiny") == config_lib.TINY_MODEL_DIR
+
+
+def test_generate_takes_tiny_as_main_does(tmp_path):
+  status, out, err = _command(
+    "generate", "--pretrained=tiny", "--prompt=a photo of a red circle", "--steps=2", f"--out={tmp_path}/o"
+  )
+  assert status == 0, err[-3000:]
+  assert "wrote 1 images" in out and (tmp_path / "o" / "p0_s0.png").is_file()
