@@ -1,15 +1,19 @@
-"""The paper's claim on the tiny world: ESD-style erasure (no attack) vs AdvUnlearn, attacked by UnlearnDiffAtk.
+"""The paper's claim on the tiny world: ESD vs AdvUnlearn, attacked by UnlearnDiffAtk and by CCE inversion.
 
   python benchmarks/erasure_tiny.py --out=workdirs/erasure_tiny                    # triangle + striped, 3 seeds
   python benchmarks/erasure_tiny.py --out=/tmp/smoke --seeds=0 --concepts=triangle --iterations=20 --quick
 
-For each concept and seed, two text-encoder runs with identical config, seed and budget; the only difference
-is the attack: ESD never attacks (warm-up covers every iteration), AdvUnlearn attacks after its warm-up. Both
-are attacked with the same UnlearnDiffAtk budget on the concept's prompts; retain accuracy is the judge's
-recognition of the other values of the concept's attribute. Then the plug-and-play check: the tiny UNet is
-fine-tuned further with its text encoder frozen (the stand-in for SD v1.5), and each trained encoder is
-plugged into it unchanged. Prints one table (mean +- std over seeds) and writes table.md and results.json.
-Finished pieces are kept in --out, so an interrupted run continues where it stopped.
+For each concept and seed, the rows of METHODS, each configs/tiny.py with one change, on the faithful path
+(online rollouts): `esd` is the paper's ESD (the UNet without cross-attention, no attack, no retain term);
+`advunlearn` is AdvUnlearn on the text encoder; `esd_text_retain` is the same text-encoder run as AdvUnlearn
+without its attack (warm-up covers every iteration), the controlled comparison this table used to make, and
+`advunlearn_bank` AdvUnlearn on the renewing trajectory bank. Every model is attacked on the same cases (the
+concept's evaluation prompts, each at as many seeds as --prompts needs) by UnlearnDiffAtk and by the published
+concept inversion (CCE) at --inversion_budget steps; retain accuracy is the judge's recognition of the other
+values of the concept's attribute. Then the plug-and-play check: the tiny UNet is fine-tuned further with its
+text encoder frozen (the stand-in for SD v1.5), and each trained encoder is plugged into it unchanged. Prints one
+table (mean +- std over seeds, and the pooled count with its 95% Wilson interval) and writes table.md and
+results.json. Finished pieces are kept in --out, so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -30,12 +34,27 @@ import configs.tiny as tiny_config  # noqa: E402
 from advunlearn_jax import config_lib, train  # noqa: E402
 from advunlearn_jax import evaluate as evaluate_lib  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
-from advunlearn_jax.evals import classifiers, prompt_sets  # noqa: E402
+from advunlearn_jax.evals import classifiers, intervals, prompt_sets  # noqa: E402
 from advunlearn_jax.tiny import build, world  # noqa: E402
 from advunlearn_jax.tiny import evaluate as tiny_eval  # noqa: E402
 from advunlearn_jax.tiny import judge as judge_lib  # noqa: E402
 
-METHODS = ("esd", "advunlearn")
+# row -> (erasure method: "esd" never attacks, "advunlearn" attacks after warm-up; overrides on configs/tiny.py)
+FAITHFUL = ("train.xt_source='online'",)
+METHODS = {
+  "esd": ("esd", (*FAITHFUL, "train.method='noxattn'", "retain.weight=0.0")),
+  "advunlearn": ("advunlearn", FAITHFUL),
+  "esd_text_retain": ("esd", FAITHFUL),
+  "advunlearn_bank": ("advunlearn", ("train.xt_source='bank'",)),
+}
+TEXT_ROWS = ("advunlearn", "esd_text_retain", "advunlearn_bank")  # what can be plugged into another UNet
+
+
+def cases(concept: str, n: int) -> list:
+  """The concept's held-out evaluation prompts, each at as many seeds as `n` cases need (seeds count up)."""
+  ev = tiny_config.get_config(concept).evaluation
+  prompts = list(ev.prompts) * -(-n // len(ev.prompts))
+  return prompt_sets.inline(prompts[:n], ev.seed, ev.guidance)
 
 
 def run_config(concept: str, method: str, seed: int, iterations: int, overrides: list[str]):
@@ -68,23 +87,52 @@ def retain_accuracy(pipe, concept: str, per_value: int, seed: int) -> float:
 
 def measure(original, target, concept: str, args, log) -> dict:
   config = tiny_config.get_config(concept)
-  config.evaluation.prompts = config.evaluation.prompts[: args.prompts]
   if args.quick:
     config.evaluation.unlearndiff.iters_per_t = 5
     config.evaluation.unlearndiff.timesteps = (10, 490)
-    config.evaluation.prompts = config.evaluation.prompts[:3]
   ev = config.evaluation
-  prompts = prompt_sets.inline(ev.prompts, ev.seed, ev.guidance)
   classifier = classifiers.make(ev.classifier)
   t = time.perf_counter()
-  result = evaluate_lib.robustness(original, target, prompts, classifier, config, log=log)
+  result = evaluate_lib.robustness(
+    original, target, cases(concept, 3 if args.quick else args.prompts), classifier, config, log=log
+  )
   s = result["summary"]
+  per_value = args.per_value
+  kind, _ = world.attribute_of(concept)
+  retained = retain_accuracy(target, concept, per_value, seed=1000)
+  n_retain = per_value * (len(world.ATTRIBUTE_TYPES[kind]) - 1)
   return {
     "pre_asr": s["pre_asr"],
     "asr": s["asr"],
-    "retain_acc": retain_accuracy(target, concept, args.per_value, seed=1000),
+    "cases": s["prompts"],
+    "pre_successes": s["pre_successes"],
+    "successes": s["successes"],
+    "retain_acc": retained,
+    "retain_n": n_retain,
+    "retain_k": round(retained * n_retain),
     "attack_seconds": time.perf_counter() - t,
     "adv_tokens": [o.adv_tokens for o in result["outcomes"]],
+  }
+
+
+def inversion_measure(original, target, concept: str, budgets: list[int], n: int, log, protocol: str = "cce") -> dict:
+  """Concept inversion (evals/inversion.py; by default the published CCE) on the same cases, checkpointed at
+  `budgets`."""
+  config = tiny_config.get_config(concept)
+  ev = config.evaluation
+  ev.attack, ev.budgets, ev.inversion.protocol = "inversion", tuple(budgets), protocol
+  t = time.perf_counter()
+  result = evaluate_lib.robustness(
+    original, target, cases(concept, n), classifiers.make(ev.classifier), config, log=log
+  )
+  s = result["summary"]
+  return {
+    "inversion_asr": s["asr"],
+    "inversion_successes": s["successes"],
+    "inversion_curve": result["budget_curve"],
+    "inversion_words": result["inversion"]["nearest_words"],
+    "inversion_train_seconds": result["inversion"]["train_seconds"],
+    "inversion_seconds": time.perf_counter() - t,
   }
 
 
@@ -134,6 +182,33 @@ def fmt(values: list[float]) -> str:
   return f"{np.mean(values):.1%} +- {np.std(values):.1%}"
 
 
+def fmt_rate(results: list[dict], k: str, n: str) -> str:
+  """Mean +- std over seeds, then the count pooled over seeds with its 95% Wilson interval (cases of different
+  seeds taken as independent draws)."""
+  if any(k not in r for r in results):
+    return "-"
+  rate = intervals.rate(sum(r[k] for r in results), sum(r[n] for r in results))
+  spread = fmt([r[k] / r[n] for r in results])
+  return f"{spread} ({rate.k}/{rate.n}, {100 * rate.lo:.0f}-{100 * rate.hi:.0f}%)"
+
+
+COLUMNS = (  # (title, count key, case-count key)
+  ("pre-ASR", "pre_successes", "cases"),
+  ("ASR (UnlearnDiffAtk)", "successes", "cases"),
+  ("ASR (CCE inversion)", "inversion_successes", "cases"),
+  ("retain acc", "retain_k", "retain_n"),
+)
+
+
+def table(rows: dict[tuple[str, str], list[dict]], budget: int) -> str:
+  titles = " | ".join(t if "CCE" not in t else f"{t}, {budget} steps" for t, _, _ in COLUMNS)
+  lines = [f"| concept | model | {titles} | runs |", "|---" * (len(COLUMNS) + 3) + "|"]
+  for (concept, model), results in rows.items():
+    cols = [fmt_rate(results, k, n) for _, k, n in COLUMNS]
+    lines.append(f"| {concept} | {model} | {' | '.join(cols)} | {len(results)} |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="workdirs/erasure_tiny")
@@ -141,18 +216,23 @@ def main():
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--iterations", type=int, default=0, help="0: configs/tiny.py's")
   parser.add_argument("--per_value", type=int, default=12, help="retain-accuracy images per retained value")
-  parser.add_argument("--prompts", type=int, default=8, help="attack prompts per concept (of configs/tiny.py's 12)")
+  parser.add_argument("--prompts", type=int, default=24, help="evaluation cases (prompt, seed) per concept and run")
+  parser.add_argument(
+    "--inversion_budget", type=int, default=250, help="CCE steps (benchmarks/inversion_budget_tiny.py)"
+  )
   parser.add_argument("--plug_and_play", default="triangle", help="concepts whose encoders are plugged in; '' skips")
   parser.add_argument("--finetune_steps", type=int, default=300, help="extra UNet steps under the frozen text tower")
   parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument(
-    "--set", action="append", default=[], help="config override for both methods, e.g. attack.steps=30"
-  )
-  parser.add_argument("--quick", action="store_true", help="a 3-prompt, 10-iteration attack (smoke test)")
+  parser.add_argument("--set", action="append", default=[], help="config override for every row, e.g. attack.steps=30")
+  parser.add_argument("--quick", action="store_true", help="3 cases, a 10-iteration attack (smoke test)")
   args = parser.parse_args()
+  unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+  if unknown:
+    parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
   concepts = args.concepts.split(",")
   log = lambda msg: print(msg, flush=True)
+  n_cases = 3 if args.quick else args.prompts
   base = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR)
   finetuned = None
   plug = set(filter(None, args.plug_and_play.split(",")))
@@ -160,39 +240,36 @@ def main():
     finetuned = sd_convert.load_pipeline(finetuned_unet(args.out, args.finetune_steps, seed=0))
 
   rows: dict[tuple[str, str], list[dict]] = {}
-  for concept in concepts:
-    add = lambda model, name, original, target, c=concept: rows.setdefault((c, model), []).append(
-      cached_measure(name, original, target, c, args, log)
-    )
-    add("base", os.path.join(args.out, concept, "base.json"), base, base)
-    if concept in plug:
-      add("base, fine-tuned UNet", os.path.join(args.out, concept, "finetuned_base.json"), finetuned, finetuned)
-    for method in args.methods.split(","):
-      for seed in seeds:
-        workdir = os.path.join(args.out, concept, f"{method}_seed{seed}")
-        log(f"== {concept} {method} seed {seed}")
-        if not os.path.isfile(os.path.join(workdir, "text_encoder", "config.json")):
-          train.run(run_config(concept, method, seed, args.iterations, args.set), workdir)
-        encoder = os.path.join(workdir, "text_encoder")
-        target = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR, text_encoder=encoder)
-        add(method, os.path.join(workdir, "measure.json"), base, target)
-        if concept in plug:
-          plugged = sd_convert.load_pipeline(finetuned.root, text_encoder=encoder)
-          add(
-            f"{method}, plugged into fine-tuned UNet", os.path.join(workdir, "measure_plugged.json"), finetuned, plugged
-          )
 
-  lines = [
-    "| concept | model | pre-ASR | ASR | retain acc | runs |",
-    "|---|---|---|---|---|---|",
-  ]
-  for (concept, model), results in rows.items():
-    cols = [fmt([r[k] for r in results]) for k in ("pre_asr", "asr", "retain_acc")]
-    lines.append(f"| {concept} | {model} | {' | '.join(cols)} | {len(results)} |")
-  table = "\n".join(lines)
-  print(table)
+  def add(concept, model, folder, original, target, prefix=""):
+    attack = cached_json(
+      os.path.join(folder, f"{prefix}measure.json"), lambda: measure(original, target, concept, args, log)
+    )
+    compute = lambda: inversion_measure(original, target, concept, [args.inversion_budget], n_cases, log)
+    inversion = cached_json(os.path.join(folder, f"{prefix}inversion.json"), compute)
+    rows.setdefault((concept, model), []).append({**attack, **inversion})
+
+  for concept in concepts:
+    add(concept, "base", os.path.join(args.out, concept, "base"), base, base)
+    if concept in plug:
+      add(concept, "base, fine-tuned UNet", os.path.join(args.out, concept, "base"), finetuned, finetuned, "finetuned_")
+    for name in args.methods.split(","):
+      method, overrides = METHODS[name]
+      for seed in seeds:
+        workdir = os.path.join(args.out, concept, f"{name}_seed{seed}")
+        log(f"== {concept} {name} seed {seed}")
+        if not os.path.isfile(os.path.join(workdir, "pipeline", "model_index.json")):
+          train.run(run_config(concept, method, seed, args.iterations, [*overrides, *args.set]), workdir)
+        target = sd_convert.load_pipeline(os.path.join(workdir, "pipeline"))
+        add(concept, name, workdir, base, target)
+        if concept in plug and name in TEXT_ROWS:
+          plugged = sd_convert.load_pipeline(finetuned.root, text_encoder=os.path.join(workdir, "text_encoder"))
+          add(concept, f"{name}, plugged into fine-tuned UNet", workdir, finetuned, plugged, "plugged_")
+
+  text = table(rows, args.inversion_budget)
+  print(text)
   with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(table + "\n")
+    f.write(text + "\n")
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump({f"{c} | {m}": r for (c, m), r in rows.items()}, f, indent=2)
 

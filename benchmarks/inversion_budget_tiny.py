@@ -19,16 +19,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import configs.tiny as tiny_config  # noqa: E402
 from advunlearn_jax import config_lib, train  # noqa: E402
-from advunlearn_jax import evaluate as evaluate_lib  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
-from advunlearn_jax.evals import budgets, classifiers, intervals, prompt_sets  # noqa: E402
+from advunlearn_jax.evals import budgets, intervals  # noqa: E402
 from benchmarks import erasure_tiny  # noqa: E402
 
 # (erasure_tiny method, overrides on configs/tiny.py)
@@ -37,34 +34,6 @@ MODELS = {
   "esd": ("esd", ("train.method='noxattn'", "train.xt_source='online'", "retain.weight=0.0")),
 }
 PUBLISHED_STEPS = 5000  # esd/train.sh --max_train_steps
-
-
-def cases(concept: str, n: int) -> list[prompt_sets.EvalPrompt]:
-  """The concept's held-out evaluation prompts, each at as many seeds as `n` cases need (seeds count up)."""
-  config = tiny_config.get_config(concept)
-  ev = config.evaluation
-  prompts = list(ev.prompts) * -(-n // len(ev.prompts))
-  return prompt_sets.inline(prompts[:n], ev.seed, ev.guidance)
-
-
-def attack(original, target, concept: str, protocol: str, steps: list[int], n: int, log) -> dict:
-  config = tiny_config.get_config(concept)
-  ev = config.evaluation
-  ev.attack, ev.inversion.protocol, ev.budgets = "inversion", protocol, tuple(steps)
-  t = time.perf_counter()
-  result = evaluate_lib.robustness(
-    original, target, cases(concept, n), classifiers.make(ev.classifier), config, log=log
-  )
-  s = result["summary"]
-  return {
-    "curve": result["budget_curve"],
-    "cases": s["prompts"],
-    "successes": s["successes"],
-    "pre_successes": s["pre_successes"],
-    "nearest_words": result["inversion"]["nearest_words"],
-    "train_seconds": result["inversion"]["train_seconds"],
-    "seconds": time.perf_counter() - t,
-  }
 
 
 def flat_budget(curves: dict[str, list], n: int) -> int:
@@ -98,11 +67,13 @@ def main():
     for protocol, budget in (("cce", steps), ("prefix", [100])):
       path = os.path.join(args.out, f"{name}_{protocol}.json")
       log(f"== {protocol} against {name}")
-      compute = lambda t=target, p=protocol, b=budget: attack(base, t, args.concept, p, b, args.prompts, log)
+      compute = lambda t=target, p=protocol, b=budget: erasure_tiny.inversion_measure(
+        base, t, args.concept, b, args.prompts, log, protocol=p
+      )
       results[f"{name} | {protocol}"] = erasure_tiny.cached_json(path, compute)
 
   n = args.prompts
-  cce = {name: results[f"{name} | cce"]["curve"] for name in targets}
+  cce = {name: results[f"{name} | cce"]["inversion_curve"] for name in targets}
   chosen = flat_budget(cce, n)
   header = "| model | " + " | ".join(str(b) for b in [0, *steps]) + " | prefix protocol, 100 steps |"
   lines = [header, "|---" * (len(steps) + 3) + "|"]
@@ -110,9 +81,9 @@ def main():
     curve = cce[name]
     prefix = results[f"{name} | prefix"]
     cells = [str(intervals.rate(round(asr * n), n)) for _, asr in curve]
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {intervals.rate(prefix['successes'], n)} |")
-  seconds = {name: results[f"{name} | cce"]["train_seconds"] for name in targets}
-  distinct = len({c.prompt for c in cases(args.concept, n)})
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {intervals.rate(prefix['inversion_successes'], n)} |")
+  seconds = {name: results[f"{name} | cce"]["inversion_train_seconds"] for name in targets}
+  distinct = len({c.prompt for c in erasure_tiny.cases(args.concept, n)})
   summary = (
     f"CCE ASR on {n} cases of '{args.concept}' ({distinct} prompts, seeds counting up) against optimisation "
     f"steps (batch 4 x 4). Flat from {chosen} steps: the tiny tables use {chosen}, {chosen / PUBLISHED_STEPS:.0%} "

@@ -87,11 +87,13 @@ def test_ablations_benchmark_measures_every_column_and_resumes(tmp_path):
   for runs in results.values():
     (run,) = runs
     assert {"pre_asr", "asr", "inversion_asr", "retain_acc", "train_seconds", "inversion_curve"} <= set(run)
+    assert run["cases"] == 3 and 0 <= run["successes"] <= 3 and run["retain_n"] == 2 * 5
     assert run["train_seconds"] > run["steady_train_seconds"] > 0  # the wall time also compiles
     assert [b for b, _ in run["inversion_curve"]] == [0, 5, 10]
   assert (tmp_path / "inversion_asr_vs_budget_triangle.png").is_file()
   table = (tmp_path / "table.md").read_text()
-  assert "| triangle | esd | optimised module |" in table
+  assert "| triangle | esd | no adversarial training |" in table
+  assert re.search(r"\| [0-9.]+% \(\d+/3, \d+-\d+%\) \|", table), table  # a rate, its count and its interval
   (cost,) = re.findall(r"^compute: [0-9.]+ h over 2 runs \(training .*\)$", table, re.M)
   again = _benchmark("ablations_tiny.py", *args)
   assert "inversion:" not in again.stdout and json.loads((tmp_path / "results.json").read_text()) == results

@@ -248,3 +248,15 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   config.evaluation.attack, config.evaluation.budgets = "unlearndiff", (25,)
   with pytest.raises(ConfigError, match="multiples of unlearndiff.iters_per_t=20"):
     config_lib.validate(config)
+
+
+def test_inversion_trains_nothing_when_every_prompt_already_shows_the_concept(tiny):
+  """Each prompt's attack stops at its first success; when the unattacked images all succeed, no step is paid."""
+  prompts = prompt_sets.inline(
+    ["a photo of a red triangle", "a photo of a striped blue triangle"], seed=3, guidance=5.0
+  )
+  cfg = inversion.InversionConfig(initializer="shape", steps=5000, scheduler="ddim", sample_steps=10)
+  images = inversion.concept_images("tiny_world:triangle", cfg.max_images, 32)
+  result = inversion.attack_prompts(tiny, prompts, images, classifiers.make("judge:shape=triangle"), cfg)
+  assert all(o.pre_success and o.success for o in result.outcomes)
+  assert result.losses == [] and result.train_seconds == 0.0

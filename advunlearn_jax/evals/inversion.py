@@ -475,6 +475,8 @@ def attack_prompts(
   embeds, advance = _trainer(pipe, tokenizer, words, images, cfg, seed)
   losses, learned, last_images, previous, train_seconds = [], {}, {}, 0, 0.0
   for budget in cfg.checkpoints:
+    if len(done) == len(prompts):  # every prompt shown: each attack stops at its first success
+      break
     t0 = time.perf_counter()
     embeds, loss = advance(embeds, previous, budget)
     losses.append(float(loss))
@@ -492,7 +494,7 @@ def attack_prompts(
       if bool(classifier(image[None])[0]):
         done[i] = _outcome(p, True, learned[budget], budget, time.perf_counter() - start, image)
   for i, p in enumerate(prompts):
-    if i not in done:
+    if i not in done:  # only when the last checkpoint ran, so `previous` is trained and its images rendered
       done[i] = _outcome(p, False, learned[previous], previous, time.perf_counter() - start, last_images[i])
   return Result([done[i] for i in range(len(prompts))], losses, learned, train_seconds)
 
