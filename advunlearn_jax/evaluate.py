@@ -118,7 +118,7 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
       outcomes.append(o)
   summary = unlearndiff.summarize(outcomes)
   return {
-    "summary": summary._asdict(),
+    "summary": {k: list(v) if isinstance(v, tuple) else v for k, v in summary._asdict().items()},  # as JSON reads it
     "outcomes": outcomes,
     "prompts": prompts,
     "skipped": [s._asdict() for s in skipped],
