@@ -236,12 +236,14 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   assert r["per_prompt"][3]["pre_success"]  # the base model draws the named triangle unattacked
   assert [b for b, _ in r["budget_curve"]] == [0, 10, 20] and r["budget_curve"][0][1] == r["summary"]["pre_asr"]
   assert r["budget_curve"][-1][1] == r["summary"]["asr"]
-  assert set(r["inversion"]["nearest_words"]) == {"10", "20"} and r["inversion"]["images"] == 25
+  # training stops once every prompt is shown: the 20-step checkpoint runs only if a prompt is left
+  assert "10" in r["inversion"]["nearest_words"] and set(r["inversion"]["nearest_words"]) <= {"10", "20"}
+  assert r["inversion"]["images"] == 25
   assert (tmp_path / "asr_vs_budget.png").is_file() and (tmp_path / "targets_and_final.png").is_file()
   text = (tmp_path / "report.md").read_text()
   assert "CCE concept inversion (1 learned embeddings, 20 steps)" in text and "| budget | 0 | 10 | 20 |" in text
   assert "Protocol:" in text and "attack.effective_lr: 0.08" in text
-  assert any(line.startswith("inversion (cce): 20 steps") for line in lines)
+  assert any(line.startswith("inversion (cce): 10 steps") for line in lines)
   config.evaluation.attack = "textual"
   with pytest.raises(ConfigError, match="evaluation.attack is 'textual'; expected one of"):
     config_lib.validate(config)
