@@ -3,7 +3,10 @@ behind, before any work. Then what no setting or second process may do: lose a r
 
 Each case runs the command's `__main__` in a forked child of this process (`_command`): the libraries are already
 imported here, so a case costs a fork instead of a Python start-up and JAX's import (about 4 s each on 2 cores).
-The children fail during flag parsing or validation, before JAX computes anything.
+The children fail during flag parsing or validation, before JAX computes anything: a forked child of a process
+whose XLA thread pools are running cannot compute (it waits forever on threads that were not forked), so a case
+that gets that far is killed at `CHILD_DEADLINE_S` and fails instead of hanging the suite. A command that must
+really run starts a fresh interpreter (`_fresh_command`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from advunlearn_jax import cli, workdir_lock
 from advunlearn_jax.errors import WeightsError, WorkdirInUse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHILD_DEADLINE_S = 120
 
 
 def _command(module: str, *args: str) -> tuple[int, str, str]:
@@ -49,7 +53,14 @@ def _command(module: str, *args: str) -> tuple[int, str, str]:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
-    _, wait_status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + CHILD_DEADLINE_S
+    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+      if time.monotonic() > deadline:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail(f"{module} {' '.join(args)} still running after {CHILD_DEADLINE_S} s: it got past validation")
+      time.sleep(0.05)
+    wait_status = waited[1]
     out.seek(0)
     err.seek(0)
     return os.waitstatus_to_exitcode(wait_status), out.read().decode(), err.read().decode()
@@ -253,8 +264,16 @@ def test_a_home_relative_pretrained_path_resolves_the_same_everywhere(tmp_path, 
   assert config_lib.resolve_pretrained("tiny") == config_lib.TINY_MODEL_DIR
 
 
+def _fresh_command(module: str, *args: str) -> tuple[int, str, str]:
+  """`_command` in a new interpreter, for a command that computes."""
+  proc = subprocess.run(
+    [sys.executable, "-m", f"advunlearn_jax.{module}", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
+  return proc.returncode, proc.stdout, proc.stderr
+
+
 def test_generate_takes_tiny_as_main_does(tmp_path):
-  status, out, err = _command(
+  status, out, err = _fresh_command(
     "generate", "--pretrained=tiny", "--prompt=a photo of a red circle", "--steps=2", f"--out={tmp_path}/o"
   )
   assert status == 0, err[-3000:]
