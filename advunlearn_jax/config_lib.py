@@ -1,8 +1,10 @@
-"""Every default of an AdvUnlearn run, once, with the reason for it (spec `advunlearn_spec.md` sections 2-4)."""
+"""The config schema: every default of an AdvUnlearn run, once, with the reason for it (spec `advunlearn_spec.md`
+sections 2-4), which fields a run may resume under new values of, and every numeric field's range. It stands on
+the ground floor (it imports only `errors`); the checks that need a domain's knowledge are made where the typed
+settings are built (`settings.validate`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
@@ -13,18 +15,6 @@ SD_V1_4 = "CompVis/stable-diffusion-v1-4"
 REPORTS = ("", "tiny_world")
 # `model.pretrained = "tiny"`: the repo's own tiny text-to-image model, shipped in the package.
 TINY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_sd")
-
-
-def resolve_pretrained(pretrained: str) -> str:
-  """`model.pretrained` as a folder or hub id: "tiny" names the shipped tiny model."""
-  if pretrained != "tiny":
-    return pretrained
-  if not os.path.isdir(TINY_MODEL_DIR):
-    raise ConfigError(
-      f"{TINY_MODEL_DIR} is missing (a partial checkout?); rebuild it with "
-      "`python -m advunlearn_jax.tiny.build --out=advunlearn_jax/assets` (README, 'The tiny world')"
-    )
-  return TINY_MODEL_DIR
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -184,7 +174,7 @@ def base_config() -> ml_collections.ConfigDict:
   # clip_model; not the paper's scale) | auto: inception when its weights are at hand, else clip.
   c.evaluation.fid = "auto"
   # pytorch-fid's pt_inception-2015-12-05 .pth or its converted .safetensors; "": the cache, filled by
-  # `python -m advunlearn_jax.convert.inception` (or, with fid=inception and no HF_HUB_OFFLINE, on first use).
+  # `python -m advunlearn_jax.fetch_inception` (or, with fid=inception and no HF_HUB_OFFLINE, on first use).
   c.evaluation.inception_weights = ""
   # How an image becomes the Inception's 299 x 299 input: t2ibenchmark (the paper's FID: AdvUnlearn's
   # img_retain_eval.py calls T2IBenchmark, which centre-crops and resizes with PIL bicubic) | pytorch_fid
@@ -283,78 +273,3 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{key} is {value!r}; expected a number")
     if value < low or (value == low and not inclusive):
       raise ConfigError(f"config.{key} must be {'>=' if inclusive else '>'} {low}, got {value}")
-
-
-def check_pretrained(pretrained: str) -> None:
-  """`model.pretrained` names something loadable: "tiny", a folder, or a hub id (fetched at use)."""
-  if pretrained == "tiny" or os.path.isdir(os.path.expanduser(pretrained)):
-    return
-  if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
-    raise ConfigError(
-      f"config.model.pretrained: {pretrained} is no folder, and not a hub id of the form 'owner/name' "
-      "(or 'tiny', the shipped tiny model)"
-    )
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Every check a config can fail without loading weights, so a typo is a message before any work starts
-  (main, population for every member before the first trains, evaluate, export). Each names the key."""
-  from advunlearn_jax.unlearn import attack, bank, prompts, retain, trainable, wiring
-
-  if not config.concept.prompts or any(not str(p).strip() for p in config.concept.prompts):
-    raise ConfigError("config.concept.prompts: needs at least one non-empty concept, e.g. ['nudity']")
-  check_pretrained(config.model.pretrained)
-  if config.model.dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"config.model.dtype is {config.model.dtype!r}; expected 'float32' or 'bfloat16'")
-  check_ranges(config)
-  t = config.train
-  trainable.validate_method(t.method, t.component)
-  bank.check_method(t.method, t.xt_source)
-  bank.validate(wiring.bank_config(config))
-  if t.rollout_buckets < 0 or t.rollout_rows_per_call < -1:
-    raise ConfigError(
-      "config.train.rollout_buckets must be >= 0 (0: 8) and config.train.rollout_rows_per_call >= -1 (0: buckets, "
-      f"-1: the measured default), got {t.rollout_buckets} and {t.rollout_rows_per_call}"
-    )
-  if config.attack.type not in prompts.ATTACK_TYPES:
-    raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
-  attack.validate(wiring.attack_config(config))
-  if config.attack.init not in attack.INITS:
-    raise ConfigError(f"config.attack.init is {config.attack.init!r}; valid: {list(attack.INITS)}")
-  if config.retain.mode not in ("reg", "iter"):
-    raise ConfigError(f"config.retain.mode is {config.retain.mode!r}; expected 'reg' or 'iter'")
-  n_retain = len(retain.from_config(config))
-  if config.retain.batch > n_retain:
-    raise ConfigError(f"config.retain.batch ({config.retain.batch}) exceeds the {n_retain} retain prompts")
-  if config.bank.refresh_retain > n_retain:
-    raise ConfigError(
-      f"config.bank.refresh_retain ({config.bank.refresh_retain}) exceeds the {n_retain} retain prompts"
-    )
-  if config.export.reference_checkpoint:
-    if not trainable.is_text_method(t.method):
-      raise ConfigError(
-        f"config.export.reference_checkpoint: train.method={t.method!r} trains the UNet; the reference's "
-        "TextEncoder-*.pt layout holds a text encoder"
-      )
-    if importlib.util.find_spec("torch") is None:
-      raise ConfigError(
-        "config.export.reference_checkpoint: writing the reference's .pt needs torch (pip install torch==2.13.0)"
-      )
-  if config.report.kind not in REPORTS:
-    raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(REPORTS)}")
-  from advunlearn_jax.evals import attacks, caption_images, fid
-
-  attacks.config_from(config.evaluation)
-  ev = config.evaluation
-  if ev.fid not in fid.FEATURES:
-    raise ConfigError(f"config.evaluation.fid is {ev.fid!r}; expected one of {list(fid.FEATURES)}")
-  fid.check_preprocess(ev.fid_preprocess)
-  if ev.utility_format not in caption_images.FORMATS:
-    raise ConfigError(
-      f"config.evaluation.utility_format is {ev.utility_format!r}; expected one of {list(caption_images.FORMATS)}"
-    )
-  from advunlearn_jax import tfds_source
-
-  for key in ("captions", "real_images"):
-    if tfds_source.is_tfds(ev[key]):
-      tfds_source.parse(ev[key], f"evaluation.{key}")

@@ -21,18 +21,19 @@ from typing import Any
 
 import ml_collections
 
-from advunlearn_jax import checkpoint, cli, config_lib
+from advunlearn_jax import checkpoint, cli
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.pipeline import Pipeline
 from advunlearn_jax.unlearn import trainable
 
 FORMATS = ("diffusers", "reference")
 
 
 def write_component(
-  out: str, pipe: sd_convert.Pipeline, text_params: Any, unet_params: Any, reference_name: str = ""
+  out: str, pipe: Pipeline, text_params: Any, unet_params: Any, reference_name: str = ""
 ) -> dict[str, str]:
   """The trained component: `out/text_encoder` for CLIPTextModel.from_pretrained, or `out/unet` for the
   ESD-style UNet methods; with `reference_name` also `out/<reference_name>`, the reference's .pt."""
@@ -49,7 +50,7 @@ def write_component(
 
 def write(
   out: str,
-  pipe: sd_convert.Pipeline,
+  pipe: Pipeline,
   text_params: Any = None,
   unet_params: Any = None,
   enabled: bool = True,
@@ -89,7 +90,7 @@ def export_latest(workdir: str, out: str, pretrained: str | None = None, fmt: st
   config = ml_collections.ConfigDict(meta["config"])
   if not trainable.is_text_method(config.train.method):
     raise ConfigError(f"{workdir}: train.method={config.train.method!r} trains the UNet; there is no text encoder")
-  root = sd_convert.resolve_pretrained(config_lib.resolve_pretrained(pretrained or config.model.pretrained))
+  root = sd_convert.resolve_pretrained(pretrained or config.model.pretrained)
   pipe = sd_convert.load_pipeline(root, with_vae=False)
   t = config.train
   mask = trainable.text_encoder_mask(pipe.text_params, t.method, t.component, t.norm_layer, t.prefix_bug)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from advunlearn_jax import cli, config_lib
+from advunlearn_jax import cli
 from advunlearn_jax.convert.diffusers import load_pipeline
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.diffusion.sampling import SCHEDULERS
@@ -62,7 +62,7 @@ def main(argv):
   cli.check_output_folder(_OUT.value, "out")
   if _LATENTS.value and not os.path.isfile(_LATENTS.value):
     raise app.UsageError(f"--latents={_LATENTS.value}: no such file")
-  pipe = load_pipeline(config_lib.resolve_pretrained(_PRETRAINED.value), text_encoder=_TEXT_ENCODER.value)
+  pipe = load_pipeline(_PRETRAINED.value, text_encoder=_TEXT_ENCODER.value)
   prompts = list(_PROMPT.value)
   hw, c = pipe.unet_config.sample_size, pipe.unet_config.in_channels
   if _LATENTS.value:  # checked before the first image is drawn

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from advunlearn_jax import cli, compile_cache, config_lib
+from advunlearn_jax import cli, compile_cache, settings
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where checkpoints, metrics and exports go.")
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  config_lib.validate(config)  # before any work; `model.pretrained` stays as written ("tiny" resolves at use)
+  settings.validate(config)  # before any work; `model.pretrained` stays as written ("tiny" resolves at use)
   cli.check_output_folder(_WORKDIR.value, "workdir")
   compile_cache.enable(_COMPILATION_CACHE.value, workdir=_WORKDIR.value)
 
@@ -48,6 +48,10 @@ def main(argv: list[str]) -> None:
   result = train.run(config, _WORKDIR.value)
   if "stopped_at" in result:  # SIGTERM: saved, not finished; a scheduler should requeue, not mark it done
     sys.exit(cli.EXIT_PREEMPTED)
+  if primary:
+    from advunlearn_jax.tiny import report  # the tiny world's report; other kinds would dispatch here
+
+    report.after_run(config, _WORKDIR.value, result["pipeline"])
 
 
 if __name__ == "__main__":

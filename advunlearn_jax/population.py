@@ -1,12 +1,13 @@
 """Population runs: many independent AdvUnlearn runs (concepts x seeds x hyperparameters) in one job.
 
   python -m advunlearn_jax.population --config=configs/tiny.py --workdir=workdirs/grid \
-      --sweep=config_arg=triangle,striped --sweep=seed=0,1 [--devices_per_member=2]
+      --sweep=config_arg=triangle,striped --sweep=seed=0,1 [--devices_per_member=2] [--config.train.lr=3e-5]
 
 Members are the cartesian product of the sweeps, `KEY=V1,V2,...`, where KEY is a config field (values parsed as
 that field's type; a tuple field such as concept.prompts takes one element per member) or `config_arg`, the
 argument after ':' of the config file (configs/tiny.py:striped picks the erased concept). A single-valued sweep
-is an override shared by all members; members are named by what varies. The devices are split into equal
+is an override shared by all members, as is every `--config.KEY=VALUE` (main's overrides, applied before the
+sweeps); members are named by what varies. The devices are split into equal
 groups, one member training on each group at a time (a thread per group keeps every group busy; JAX releases
 the GIL while a step runs), and the members queue for the groups. Each member is an ordinary run in
 `workdir/NAME`: its own checkpoints, metrics, exports and report, and it resumes when the same command is
@@ -30,14 +31,15 @@ import os
 import queue
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-from advunlearn_jax import cli, compile_cache, config_lib
+from advunlearn_jax import cli, compile_cache, settings
 from advunlearn_jax.errors import ConfigError
 
 CONFIG_ARG = "config_arg"
@@ -50,7 +52,8 @@ class Member:
 
 
 def load_config(spec: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`path/to/config.py[:arg]` -> get_config([arg]) (ml_collections' config_flags convention)."""
+  """`path/to/config.py[:arg]` -> get_config([arg]), as config_flags reads the command's --config; a
+  `config_arg` sweep reads the same file with each of its arguments."""
   path, _, spec_arg = spec.partition(":")
   arg = arg if arg is not None else spec_arg
   if not os.path.isfile(path):
@@ -99,7 +102,9 @@ def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   node[name] = value
 
 
-def members(config_spec: str, sweeps: Sequence[str]) -> list[Member]:
+def members(config_spec: str, sweeps: Sequence[str], overrides: Mapping[str, Any] | None = None) -> list[Member]:
+  """The grid of `sweeps` over the config file `config_spec`, each member with `overrides` ({"train.lr": 3e-5},
+  the command's --config.KEY=VALUE) applied first; every member validated before any trains."""
   parsed = [parse_sweep(s) for s in sweeps]
   keys = [k for k, _ in parsed]
   if len(set(keys)) != len(keys):
@@ -108,9 +113,11 @@ def members(config_spec: str, sweeps: Sequence[str]) -> list[Member]:
   for combo in itertools.product(*(values for _, values in parsed)):
     chosen = dict(zip(keys, combo))
     config = load_config(config_spec, chosen.pop(CONFIG_ARG, None))
+    for key, value in (overrides or {}).items():
+      _set(config, key, value)
     for key, text in chosen.items():
       _set(config, key, _typed(config, key, text))
-    config_lib.validate(config)
+    settings.validate(config)
     # Named by what varies; single-valued sweeps are plain overrides shared by every member.
     varying = [(k, v) for (k, values), v in zip(parsed, combo) if len(values) > 1]
     name = ",".join(f"{k}={v}" for k, v in varying).replace("/", "_").replace(" ", "_") or "run"
@@ -145,6 +152,7 @@ def run(
   """Trains every member; returns {name: summary} or {name: {"error": ...}}; a failed member stops no other.
   The summaries also go to workdir/summary_name (one file per host when hosts share the workdir)."""
   from advunlearn_jax import train  # imports JAX's backends; kept off the config-parsing path
+  from advunlearn_jax.tiny import report as tiny_report
 
   if jax.process_count() > 1:
     raise ConfigError(
@@ -170,9 +178,11 @@ def run(
       member_dir = os.path.join(workdir, member.name)
       logging.info("member %s on devices %s", member.name, [d.id for d in group])
       try:
-        results[member.name] = train.run(
-          member.config, member_dir, devices=group, preemption=watcher, show_progress=False
-        )
+        result = train.run(member.config, member_dir, devices=group, preemption=watcher, show_progress=False)
+        if "stopped_at" not in result:
+          summary = tiny_report.after_run(member.config, member_dir, result["pipeline"])
+          result.update({"report": summary["summary"]} if summary else {})
+        results[member.name] = result
       except Exception as e:  # one diverging or misconfigured member must not take the grid down
         logging.error("member %s failed:\n%s", member.name, traceback.format_exc())
         results[member.name] = {"error": f"{type(e).__name__}: {e}"}
@@ -195,7 +205,9 @@ def run(
 def _define_flags():
   """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
   global _CONFIG, _WORKDIR, _SWEEP, _DEVICES_PER_MEMBER, _PART, _PARTS, _COMPILATION_CACHE
-  _CONFIG = flags.DEFINE_string("config", None, "Config file, optionally with its argument: configs/tiny.py:striped.")
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with its argument: configs/tiny.py:striped.", lock_config=True
+  )
   _WORKDIR = flags.DEFINE_string("workdir", "workdirs/population", "Members' workdirs go under it.")
   _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,... (repeat for a grid); KEY may be config_arg.")
   _DEVICES_PER_MEMBER = flags.DEFINE_integer("devices_per_member", 0, "0: the devices split evenly over members.")
@@ -208,7 +220,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.check_output_folder(_WORKDIR.value, "workdir")
-  grid = members(_CONFIG.value, _SWEEP.value)
+  config_flag = flags.FLAGS["config"]
+  grid = members(
+    config_flags.get_config_filename(config_flag), _SWEEP.value, config_flags.get_override_values(config_flag)
+  )
   population = select_part(grid, _PART.value, _PARTS.value)
   share = f" (part {_PART.value} of {_PARTS.value}: {len(population)} of {len(grid)})" if _PARTS.value > 1 else ""
   print(f"{len(population)} members{share}: {', '.join(m.name for m in population)}")

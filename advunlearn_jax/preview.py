@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from advunlearn_jax.convert.diffusers import Pipeline
 from advunlearn_jax.diffusion import generation
+from advunlearn_jax.pipeline import Pipeline
 
 
 class Preview:

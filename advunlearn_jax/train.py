@@ -18,12 +18,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from advunlearn_jax import (
   checkpoint,
-  config_lib,
   distributed,
   export,
   loss_plot,
   metrics_writer,
   preview,
+  settings,
   sharding,
   workdir_lock,
 )
@@ -32,6 +32,7 @@ from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.pipeline import Pipeline
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import retain, trainable, wiring
 from advunlearn_jax.unlearn import step as step_lib
@@ -113,7 +114,7 @@ class PreemptionWatcher:
 class Setup(NamedTuple):
   """What the run reads and never changes."""
 
-  pipe: sd_convert.Pipeline
+  pipe: Pipeline
   retain_prompts: list[str]
   wired: wiring.Wiring
   mesh: jax.sharding.Mesh
@@ -142,7 +143,7 @@ def run(
   `devices` (default: all) form the run's data mesh; a population gives each member its own group.
   `preemption`: a SIGTERM watcher shared by several runs in one process (signal handlers live in the main
   thread); by default a single-process run installs its own."""
-  config_lib.validate(config)
+  settings.validate(config)
   os.makedirs(workdir, exist_ok=True)
   # One run per workdir (process 0 of a multi-host run holds it for all): a second one refuses before any work.
   with workdir_lock.WorkdirLock(workdir, enabled=distributed.is_primary()):
@@ -160,7 +161,7 @@ def run(
 
 
 def set_up(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
-  root = sd_convert.resolve_pretrained(config_lib.resolve_pretrained(config.model.pretrained))
+  root = sd_convert.resolve_pretrained(config.model.pretrained)
   with_previews = config.samples.every > 0 and os.path.isdir(os.path.join(root, "vae"))
   pipe = sd_convert.load_pipeline(root, with_vae=with_previews)
   retain_prompts = retain.from_config(config)
@@ -293,7 +294,8 @@ def iteration_batch(config, cfg, i: int, root_key, sampler: retain.SamplerState,
 
 
 def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state, start: int) -> dict[str, Any]:
-  """Exports the trained component and the pipeline with it, then writes the report the config asks for."""
+  """Exports the trained component and the pipeline with it. The report the config asks for (`report.kind`) is
+  the command's to write (tiny/report.after_run)."""
   text_params, unet_params = _current_params(setup, state)
   if not trainable.is_text_method(config.train.method):
     text_params = None
@@ -311,11 +313,6 @@ def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state,
   }
   if setup.primary:
     print("done: " + ", ".join(f"{k} in {v}" for k, v in outputs.items()))
-    from advunlearn_jax.tiny import report  # the tiny world's report; other kinds would dispatch here
-
-    results = report.after_run(config, workdir, outputs["pipeline"])
-    if results is not None:
-      summary["report"] = results["summary"]
   return summary
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 
 from advunlearn_jax import config_lib, train  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
-from advunlearn_jax.evals import budgets  # noqa: E402
+from advunlearn_jax.evals import attacks, budgets  # noqa: E402
 from benchmarks import erasure_tiny  # noqa: E402
 
 
@@ -230,7 +230,7 @@ def main():
     budgets.plot(
       curves,
       os.path.join(args.out, f"inversion_asr_vs_budget_{concept}.png"),
-      budgets.XLABELS["inversion"],
+      attacks.ConceptInversion.budget_label,
       title=f"concept inversion against erasures of '{concept}' (mean over seeds)",
     )
 

@@ -31,10 +31,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import configs.tiny as tiny_config  # noqa: E402
-from advunlearn_jax import config_lib, train  # noqa: E402
-from advunlearn_jax import evaluate as evaluate_lib  # noqa: E402
+from advunlearn_jax import (  # noqa: E402
+  config_lib,
+  intervals,  # noqa: E402
+  train,
+)
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
-from advunlearn_jax.evals import classifiers, intervals, prompt_sets  # noqa: E402
+from advunlearn_jax.evals import classifiers, prompt_sets, robustness  # noqa: E402
 from advunlearn_jax.tiny import build, world  # noqa: E402
 from advunlearn_jax.tiny import evaluate as tiny_eval  # noqa: E402
 from advunlearn_jax.tiny import judge as judge_lib  # noqa: E402
@@ -93,7 +96,7 @@ def measure(original, target, concept: str, args, log) -> dict:
   ev = config.evaluation
   classifier = classifiers.make(ev.classifier)
   t = time.perf_counter()
-  result = evaluate_lib.robustness(
+  result = robustness.robustness(
     original, target, cases(concept, 3 if args.quick else args.prompts), classifier, config, log=log
   )
   s = result["summary"]
@@ -122,9 +125,7 @@ def inversion_measure(original, target, concept: str, budgets: list[int], n: int
   ev = config.evaluation
   ev.attack, ev.budgets, ev.inversion.protocol = "inversion", tuple(budgets), protocol
   t = time.perf_counter()
-  result = evaluate_lib.robustness(
-    original, target, cases(concept, n), classifiers.make(ev.classifier), config, log=log
-  )
+  result = robustness.robustness(original, target, cases(concept, n), classifiers.make(ev.classifier), config, log=log)
   s = result["summary"]
   return {
     "inversion_asr": s["asr"],

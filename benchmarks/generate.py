@@ -27,7 +27,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from advunlearn_jax import config_lib  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.diffusion import generation  # noqa: E402
 from advunlearn_jax.evals import caption_images, prompt_sets  # noqa: E402
@@ -93,7 +92,7 @@ def median_run(fn, repeats):
 
 def main():
   args = parse_args()
-  root = config_lib.resolve_pretrained(args.pretrained)
+  root = sd_convert.resolve_pretrained(args.pretrained)
   pipe = sd_convert.load_pipeline(root)
   devices = jax.device_count()
   per_call = args.batch * devices

@@ -23,9 +23,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from advunlearn_jax import config_lib, train  # noqa: E402
+from advunlearn_jax import (  # noqa: E402
+  config_lib,
+  intervals,  # noqa: E402
+  train,
+)
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
-from advunlearn_jax.evals import budgets, intervals  # noqa: E402
+from advunlearn_jax.evals import attacks, budgets  # noqa: E402
 from benchmarks import erasure_tiny  # noqa: E402
 
 # (erasure_tiny method, overrides on configs/tiny.py)
@@ -99,7 +103,7 @@ def main():
   budgets.plot(
     cce,
     os.path.join(args.out, "asr_vs_steps.png"),
-    budgets.XLABELS["inversion"],
+    attacks.ConceptInversion.budget_label,
     title=f"CCE against erasures of '{args.concept}'",
   )
 

@@ -45,9 +45,9 @@ sys.path.insert(0, ROOT)
 from advunlearn_jax import compile_cache, config_lib  # noqa: E402
 from advunlearn_jax import tokenizer as tok_lib  # noqa: E402
 from advunlearn_jax.diffusion import ddim  # noqa: E402
-from advunlearn_jax.diffusion.schedule import ScheduleConfig  # noqa: E402
 from advunlearn_jax.models import clip_text  # noqa: E402
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
+from advunlearn_jax.pipeline import ScheduleConfig  # noqa: E402
 from advunlearn_jax.unlearn import bank as bank_lib  # noqa: E402
 from advunlearn_jax.unlearn import retain, wiring  # noqa: E402
 from advunlearn_jax.unlearn import step as step_lib  # noqa: E402
@@ -171,7 +171,9 @@ class Setup:
     else:
       base, self.models, self.frozen, _ = wire(self.unet_params)
     self.k = base.num_tokens
-    self.renewal = wiring.bank_config(config)  # the run defaults' renewal, over this benchmark's bank size
+    self.renewal = bank_lib.BankConfig.from_config(
+      config.bank
+    )  # the run defaults' renewal, over this benchmark's bank size
     self.renewal = dataclasses.replace(
       self.renewal,
       concept_trajectories=BANK_TRAJECTORIES,

@@ -146,10 +146,10 @@ CASES = [
   ("tiny.build", ["--out={tmp}/out", "--continue_from={tmp}/none"], "--continue_from={tmp}/none: no such folder"),
   ("tiny.evaluate", ["--pipeline=/nonexistent/dir"], "/nonexistent/dir: no such folder"),
   ("tiny.evaluate", ["--repeats=0", "--out={tmp}/out"], "--repeats=0: expected >= 1"),
-  # convert.inception: a missing file, and a pickle that would run code
-  ("convert.inception", ["--pth={tmp}/none.pth", "--out={tmp}/out.safetensors"], "--pth={tmp}/none.pth: no such file"),
+  # fetch_inception: a missing file, and a pickle that would run code
+  ("fetch_inception", ["--pth={tmp}/none.pth", "--out={tmp}/out.safetensors"], "--pth={tmp}/none.pth: no such file"),
   (
-    "convert.inception",
+    "fetch_inception",
     ["--pth={evil}/pt_inception.pth", "--out={tmp}/out.safetensors"],
     "{evil}/pt_inception.pth: refused: the pickle calls posix.system",
   ),
@@ -258,10 +258,10 @@ def test_a_home_relative_pretrained_path_resolves_the_same_everywhere(tmp_path, 
 
   shutil.copytree(config_lib.TINY_MODEL_DIR, tmp_path / "sd")
   monkeypatch.setenv("HOME", str(tmp_path))
-  config_lib.check_pretrained("~/sd")
+  diffusers.check_pretrained("~/sd")
   assert diffusers.resolve_pretrained("~/sd") == str(tmp_path / "sd")
   assert diffusers.load_pipeline("~/sd", with_vae=False).root == str(tmp_path / "sd")
-  assert config_lib.resolve_pretrained("tiny") == config_lib.TINY_MODEL_DIR
+  assert diffusers.resolve_pretrained("tiny") == config_lib.TINY_MODEL_DIR
 
 
 def _fresh_command(module: str, *args: str) -> tuple[int, str, str]:

@@ -107,8 +107,8 @@ def test_hf_image_classifier_top_k(resnet_folder):
 def test_evaluate_command_on_the_tiny_world(tmp_path):
   """The evaluate entry point end to end on the shipped model (short attack): report, grids, accounting."""
   import configs.tiny as tiny_config
-  from advunlearn_jax import evaluate
   from advunlearn_jax.diffusion import generation
+  from advunlearn_jax.evals import evaluation
   from tests import torch_oracles
 
   config = tiny_config.get_config()
@@ -128,7 +128,7 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   for i, (w, h) in enumerate([(40, 32), (32, 48), (64, 64)]):  # mixed sizes, as COCO's are
     generation.save_png(str(tmp_path / "real" / f"{i}.png"), np.full((h, w, 3), 60 * i, np.uint8))
   lines = []
-  report = evaluate.evaluate(config, str(tmp_path), log=lines.append)
+  report = evaluation.evaluate(config, str(tmp_path), log=lines.append)
   s = report["robustness"]["summary"]
   per = report["robustness"]["per_prompt"]
   assert s["prompts"] == 2 and len(lines) == 2 and len(per) == 2
@@ -148,7 +148,7 @@ def test_evaluate_command_on_the_tiny_world(tmp_path):
   assert "pre-ASR 50.0%" in (tmp_path / "report.md").read_text()
   assert (tmp_path / "targets_and_final.png").is_file()
   with pytest.raises(ConfigError, match="both set"):
-    evaluate.evaluate(config, str(tmp_path), text_encoder="a", pipeline="b")
+    evaluation.evaluate(config, str(tmp_path), text_encoder="a", pipeline="b")
 
 
 def _quick_tiny_config():
@@ -164,7 +164,7 @@ def _quick_tiny_config():
 
 
 def test_an_over_long_prompt_is_skipped_and_reported_the_rest_evaluated(tmp_path):
-  from advunlearn_jax import evaluate
+  from advunlearn_jax.evals import evaluation
 
   config = _quick_tiny_config()
   long = "a photo of " + "red " * 60
@@ -175,7 +175,7 @@ def test_an_over_long_prompt_is_skipped_and_reported_the_rest_evaluated(tmp_path
   )
   config.evaluation.prompts_csv = str(csv_path)
   lines = []
-  report = evaluate.evaluate(config, str(tmp_path / "out"), attack=False, log=lines.append)
+  report = evaluation.evaluate(config, str(tmp_path / "out"), attack=False, log=lines.append)
   r = report["robustness"]
   assert [p["case"] for p in r["per_prompt"]] == ["0", "2"] and r["summary"]["prompts"] == 2
   assert [k["case"] for k in r["skipped"]] == ["1"] and "65 tokens > 60" in r["skipped"][0]["reason"]
@@ -184,7 +184,7 @@ def test_an_over_long_prompt_is_skipped_and_reported_the_rest_evaluated(tmp_path
   # Every prompt is screened before anything is generated: nothing left is an error, and no output is written.
   csv_path.write_text(f"prompt\n{long}\n")
   with pytest.raises(ConfigError, match="every one of the 1 evaluation prompts was skipped"):
-    evaluate.evaluate(config, str(tmp_path / "none"), attack=False)
+    evaluation.evaluate(config, str(tmp_path / "none"), attack=False)
   assert not (tmp_path / "none").exists()
 
 
@@ -210,11 +210,13 @@ def test_evaluate_gets_through_the_reference_nudity_prompts(tmp_path):
 
 
 def test_evaluate_cli_flags():
-  """The script's flags exist only under __main__ (so importing it next to export/main does not clash)."""
+  """The command's flags are its own: importing its library next to export's does not clash, and the command
+  still asks for --out."""
   import subprocess
   import sys
 
-  from advunlearn_jax import evaluate, export  # noqa: F401  both CLIs define --out
+  from advunlearn_jax import export  # noqa: F401  its CLI defines --out too
+  from advunlearn_jax.evals import evaluation  # noqa: F401  the command's library defines no flags
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(

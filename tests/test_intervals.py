@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from advunlearn_jax.evals import intervals
+from advunlearn_jax import intervals
 
 Z = 1.959963984540054  # the 97.5% normal quantile
 

@@ -7,7 +7,7 @@ import pytest
 
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import budgets, classifiers, inversion, prompt_sets
+from advunlearn_jax.evals import attacks, budgets, classifiers, inversion, prompt_sets, unlearndiff
 from advunlearn_jax.evals import unlearndiff as ud
 from advunlearn_jax.tiny import world
 
@@ -113,7 +113,7 @@ def test_cce_defaults_are_the_published_settings(field, value):
   config = config_lib.base_config()
   config.evaluation.attack = "inversion"
   config.evaluation.inversion.cce.initializer = "art"
-  cfg = inversion.config_from(config.evaluation)
+  cfg = inversion.InversionConfig.from_config(config.evaluation)
   assert cfg.protocol == "cce" and getattr(cfg, field) == pytest.approx(value)
 
 
@@ -187,9 +187,10 @@ def test_asr_curve_counts_pre_successes_and_first_successes_within_each_budget()
     _outcome(False, False, 200),
   ]
   assert budgets.asr_curve(outcomes, (200, 40, 80)) == [[0, 0.25], [40, 0.5], [80, 0.5], [200, 0.75]]
-  budgets.check_unlearndiff((20, 200), iters_per_t=20, timesteps=10)
+  blocks = unlearndiff.UnlearnDiffConfig(iters_per_t=20, timesteps=tuple(range(10)))
+  unlearndiff.check_budgets((20, 200), blocks)
   with pytest.raises(ConfigError, match=r"\[30, 220\]: UnlearnDiffAtk budgets are attack iterations, multiples"):
-    budgets.check_unlearndiff((20, 30, 220), iters_per_t=20, timesteps=10)
+    unlearndiff.check_budgets((20, 30, 220), blocks)
 
 
 def test_budget_plot_for_several_models(tmp_path):
@@ -197,7 +198,7 @@ def test_budget_plot_for_several_models(tmp_path):
     report = {"robustness": {"attack_name": "unlearndiff", "budget_curve": curve}}
     (tmp_path / f"{name}.json").write_text(json.dumps(report))
   curves, xlabel = budgets.from_reports([f"ESD={tmp_path / 'esd.json'}", str(tmp_path / "adv.json")])
-  assert list(curves) == ["ESD", str(tmp_path / "adv.json")] and xlabel == budgets.XLABELS["unlearndiff"]
+  assert list(curves) == ["ESD", str(tmp_path / "adv.json")] and xlabel == attacks.UnlearnDiffAtk.budget_label
   budgets.plot(curves, str(tmp_path / "asr.png"), xlabel)
   from PIL import Image
 
@@ -213,7 +214,8 @@ def test_budget_plot_for_several_models(tmp_path):
 def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   """`--config.evaluation.attack=inversion` through evaluate: the same report, plus the budget curve and plot."""
   import configs.tiny as tiny_config
-  from advunlearn_jax import config_lib, evaluate
+  from advunlearn_jax import settings
+  from advunlearn_jax.evals import evaluation
 
   config = tiny_config.get_config("triangle")
   config.evaluation.attack = "inversion"
@@ -222,9 +224,9 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   config.evaluation.inversion.sample_steps = 10
   config.evaluation.budgets = (10, 20)
   config.report.kind = ""
-  config_lib.validate(config)
+  settings.validate(config)
   lines = []
-  report = evaluate.evaluate(config, str(tmp_path), log=lines.append)
+  report = evaluation.evaluate(config, str(tmp_path), log=lines.append)
   r = report["robustness"]
   assert r["attack_name"] == "inversion" and r["attack"]["tokens"] == 1 and r["summary"]["prompts"] == 4
   assert (
@@ -246,10 +248,10 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   assert any(line.startswith("inversion (cce): 10 steps") for line in lines)
   config.evaluation.attack = "textual"
   with pytest.raises(ConfigError, match="evaluation.attack is 'textual'; expected one of"):
-    config_lib.validate(config)
+    settings.validate(config)
   config.evaluation.attack, config.evaluation.budgets = "unlearndiff", (25,)
   with pytest.raises(ConfigError, match="multiples of unlearndiff.iters_per_t=20"):
-    config_lib.validate(config)
+    settings.validate(config)
 
 
 def test_inversion_trains_nothing_when_every_prompt_already_shows_the_concept(tiny):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from advunlearn_jax import compile_cache, config_lib
+from advunlearn_jax import compile_cache, config_lib, settings
 from advunlearn_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def test_validate_messages():
   config = config_lib.base_config()
   config.retain.mode = "sometimes"
   with pytest.raises(ConfigError, match="config.retain.mode"):
-    config_lib.validate(config)
+    settings.validate(config)
 
 
 @pytest.mark.parametrize(
@@ -85,4 +85,4 @@ def test_reference_configs(name, concept, weight):
   assert list(config.concept.prompts) == [concept] and config.retain.weight == weight
   assert config.model.pretrained == config_lib.SD_V1_4 and config.retain.mode == "reg"
   assert config.train.iterations == 1000 and config.train.warmup_iters == 200 and config.attack.steps == 30
-  config_lib.validate(config)
+  settings.validate(config)

@@ -9,8 +9,8 @@ from advunlearn_jax import config_lib
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import torch_layout
-from advunlearn_jax.diffusion.schedule import ScheduleConfig
 from advunlearn_jax.models import unet as unet_lib
+from advunlearn_jax.pipeline import ScheduleConfig
 from advunlearn_jax.unlearn import draws, retain, trainable, wiring
 from advunlearn_jax.unlearn import step as step_lib
 from tests import reference_torch

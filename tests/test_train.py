@@ -10,6 +10,7 @@ import pytest
 from advunlearn_jax import config_lib, train
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import retain, wiring
 from advunlearn_jax.unlearn import step as step_lib
 from tests import tiny_models
@@ -236,7 +237,11 @@ def test_rollout_batching_defaults_per_backend():
   assert (cfg.xt_source, cfg.rollout_buckets, cfg.rollout_rows_per_call) == ("online", 8, 16)
   config.train.rollout_rows_per_call, config.train.rollout_buckets = 0, 5
   cfg = wiring.step_config(config, 1, tiny_models.UNET)
-  assert (cfg.rollout_buckets, cfg.rollout_rows_per_call, cfg.bank) == (5, 0, wiring.bank_config(config))
+  assert (cfg.rollout_buckets, cfg.rollout_rows_per_call, cfg.bank) == (
+    5,
+    0,
+    bank_lib.BankConfig.from_config(config.bank),
+  )
 
 
 def test_resume_guard_allows_evaluation_and_report_changes_only():

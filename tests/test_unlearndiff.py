@@ -79,7 +79,7 @@ def test_attack_finds_what_random_prefixes_do_not(tiny):
   against this budget (400 iterations): 8 of 8 shape and 4 of 4 colour probes held, and 3 of 4 style probes, so
   this is the one probe (seed 1) it gives up."""
   is_striped = classifiers.make("judge:style=striped")
-  cfg = ud.AttackConfig(k=3, iters_per_t=20, timesteps=tuple(range(10, 400, 20)), scheduler="ddim", steps=25)
+  cfg = ud.UnlearnDiffConfig(k=3, iters_per_t=20, timesteps=tuple(range(10, 400, 20)), scheduler="ddim", steps=25)
   tokenizer = tok_lib.load_tokenizer(tiny.tokenizer_dir)
   seed, prompt = 1, "a photo of a plain red square"
   target = ud.render_ids(
@@ -97,7 +97,7 @@ def test_attack_finds_what_random_prefixes_do_not(tiny):
 
 def test_no_attack_pass_and_long_prompt_error(tiny):
   never = lambda images: np.zeros(len(images), bool)
-  cfg = ud.AttackConfig(k=3, scheduler="ddim", steps=5)
+  cfg = ud.UnlearnDiffConfig(k=3, scheduler="ddim", steps=5)
   target = np.zeros((32, 32, 3), np.uint8)
   out = ud.attack_prompt(tiny, "a photo of a red star", target, never, cfg, seed=0, guidance=5.0, attack=False)
   assert not out.pre_success and not out.success and out.iterations == 0 and out.image.shape == (32, 32, 3)

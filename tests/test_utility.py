@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from advunlearn_jax import config_lib, sharding, tfds_source
+from advunlearn_jax import config_lib, settings, sharding, tfds_source
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import caption_images, prompt_sets
 
@@ -125,7 +125,7 @@ def test_utility_refuses_too_few_real_images_before_generating(pipe, tmp_path):
   from PIL import Image
 
   import configs.tiny as tiny_config
-  from advunlearn_jax import evaluate
+  from advunlearn_jax.evals import utility
 
   (tmp_path / "captions.csv").write_text("prompt,evaluation_seed\na red triangle,1\na blue circle,2\n")
   (tmp_path / "real").mkdir()
@@ -133,7 +133,7 @@ def test_utility_refuses_too_few_real_images_before_generating(pipe, tmp_path):
   config = tiny_config.get_config()
   config.evaluation.captions, config.evaluation.real_images = str(tmp_path / "captions.csv"), str(tmp_path / "real")
   with pytest.raises(ConfigError, match="FID needs at least 2 images"):
-    evaluate.utility(config, config_lib.TINY_MODEL_DIR, pipe, str(tmp_path / "out"))
+    utility.measure(config, config_lib.TINY_MODEL_DIR, pipe, str(tmp_path / "out"))
   assert not (tmp_path / "out" / "utility_images").exists()
 
 
@@ -176,7 +176,7 @@ def test_tfds_sources_read_captions_and_images_offline(tfds_dir, monkeypatch):
   config = tiny_config.get_config()
   config.retain.prompts, config.retain.dataset = (), "tfds:tiny_captions:train"
   assert retain.from_config(config) == list(tfds_source.captions("tfds:tiny_captions:train", "retain.dataset"))
-  config_lib.validate(config)
+  settings.validate(config)
 
 
 def test_tfds_errors_say_what_to_do(tfds_dir, monkeypatch):

@@ -6,9 +6,9 @@ import functools
 
 import jax
 
-from advunlearn_jax.diffusion.schedule import ScheduleConfig
 from advunlearn_jax.models import clip_text
 from advunlearn_jax.models import unet as unet_lib
+from advunlearn_jax.pipeline import ScheduleConfig
 
 CLIP = clip_text.CLIPTextConfig(
   hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32

@@ -17,14 +17,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, NamedTuple
+from typing import Any
 
+from advunlearn_jax.config_lib import TINY_MODEL_DIR
 from advunlearn_jax.convert import clip_text, torch_layout, weights_io
-from advunlearn_jax.diffusion.schedule import ScheduleConfig
 from advunlearn_jax.errors import ConfigError, WeightsError
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
 from advunlearn_jax.models.clip_text import CLIPTextConfig
+from advunlearn_jax.pipeline import Pipeline, ScheduleConfig
 
 _DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
 _HUB_PATTERNS = [  # a sharded component's index and its shards (NAME-00001-of-00002.safetensors) included
@@ -46,23 +47,33 @@ _HUB_PATTERNS = [  # a sharded component's index and its shards (NAME-00001-of-0
 ]
 
 
-class Pipeline(NamedTuple):
-  root: str
-  unet_config: unet_lib.UNetConfig
-  unet_params: Any
-  vae_config: vae_lib.VAEConfig | None
-  vae_params: Any
-  text_config: CLIPTextConfig
-  text_params: Any
-  tokenizer_dir: str
-  schedule: ScheduleConfig
+def _is_hub_id(path_or_id: str) -> bool:
+  return not path_or_id.startswith((".", "/", "~")) and path_or_id.count("/") == 1
+
+
+def check_pretrained(pretrained: str, key: str = "config.model.pretrained") -> None:
+  """`pretrained` names something loadable ("tiny", a folder, or a hub id, fetched at use), without fetching."""
+  if pretrained == "tiny" or os.path.isdir(os.path.expanduser(pretrained)):
+    return
+  if not _is_hub_id(pretrained):
+    raise ConfigError(
+      f"{key}: {pretrained} is no folder, and not a hub id of the form 'owner/name' (or 'tiny', the shipped tiny model)"
+    )
 
 
 def resolve_pretrained(path_or_id: str) -> str:
-  """A local diffusers folder (`~` expanded, as config validation expands it), or the snapshot folder of a hub id."""
+  """The folder `path_or_id` names: "tiny" (the shipped tiny model), a local diffusers folder (`~` expanded), or
+  the snapshot folder of a hub id (fetched, or read from the cache under HF_HUB_OFFLINE=1)."""
+  if path_or_id == "tiny":
+    if not os.path.isdir(TINY_MODEL_DIR):
+      raise ConfigError(
+        f"{TINY_MODEL_DIR} is missing (a partial checkout?); rebuild it with "
+        "`python -m advunlearn_jax.tiny.build --out=advunlearn_jax/assets` (README, 'The tiny world')"
+      )
+    return TINY_MODEL_DIR
   if os.path.isdir(os.path.expanduser(path_or_id)):
     return os.path.expanduser(path_or_id)
-  if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+  if not _is_hub_id(path_or_id):
     raise ConfigError(f"{path_or_id}: no such folder, and not a hub id of the form 'owner/name'")
   from huggingface_hub import snapshot_download
 

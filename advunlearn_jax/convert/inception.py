@@ -1,6 +1,6 @@
 """pytorch-fid's FID Inception weights -> the Flax variables of `models.inception.FIDInceptionV3`.
 
-  python -m advunlearn_jax.convert.inception [--pth=pt_inception-2015-12-05-6726825d.pth] [--out=FILE]
+  python -m advunlearn_jax.fetch_inception [--pth=pt_inception-2015-12-05-6726825d.pth] [--out=FILE]
 
 Without `--pth` the file is downloaded once from pytorch-fid's release (`FID_WEIGHTS_URL`) and its SHA-256
 checked against the prefix in its name. Reading the `.pth` needs torch, once: the output is a safetensors file
@@ -28,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from advunlearn_jax.convert import torch_layout, weights_io
-from advunlearn_jax.errors import ConfigError, WeightsError
+from advunlearn_jax.errors import WeightsError
 from advunlearn_jax.models.inception import INPUT_SIZE, FIDInceptionV3
 
 FID_WEIGHTS_URL = (
@@ -144,28 +144,3 @@ def download_and_convert(out: str | None = None) -> str:
   out = out or cached_path()
   with tempfile.TemporaryDirectory() as tmp:
     return convert(download(tmp), out)
-
-
-def main(argv):
-  from absl import app
-
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  out = _OUT.value or cached_path()
-  if _PTH.value and not os.path.isfile(_PTH.value):
-    raise ConfigError(f"--pth={_PTH.value}: no such file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
-  if os.path.isdir(out):
-    raise ConfigError(f"--out={out} is a folder; give the .safetensors file to write")
-  cli.check_output_folder(os.path.dirname(os.path.abspath(out)), "out")  # noqa: F821 (imported under __main__)
-  path = convert(_PTH.value, out) if _PTH.value else download_and_convert(out)
-  print(f"wrote {path}: FID Inception weights, {len(expected_keys())} tensors checked")
-
-
-if __name__ == "__main__":
-  from absl import flags
-
-  from advunlearn_jax import cli
-
-  _PTH = flags.DEFINE_string("pth", "", "pytorch-fid's pt_inception-2015-12-05-6726825d.pth; empty: download it")
-  _OUT = flags.DEFINE_string("out", "", f"output .safetensors; empty: the cache ({CACHE_FILE})")
-  cli.run(main)

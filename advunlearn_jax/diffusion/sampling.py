@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advunlearn_jax.diffusion.schedule import ScheduleConfig
+from advunlearn_jax.pipeline import ScheduleConfig
 
 SCHEDULERS = ("ddim", "lms")
 

@@ -7,7 +7,7 @@ succeeded within b, so one run gives the whole curve and the curve cannot go dow
 each `iters_per_t` would cost their sum and need not be monotone: a longer block at one timestep changes where
 every later block starts.)
 
-  python -m advunlearn_jax.evals.budgets --out=asr_vs_budget.png ESD=esd_eval/report.json AdvUnlearn=adv/report.json
+  python -m advunlearn_jax.plot_budgets --out=asr_vs_budget.png ESD=esd_eval/report.json AdvUnlearn=adv/report.json
 """
 
 from __future__ import annotations
@@ -16,19 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from advunlearn_jax.errors import ConfigError
-
-XLABELS = {"unlearndiff": "UnlearnDiffAtk attack iterations", "inversion": "inversion optimisation steps"}
-
-
-def check_unlearndiff(budgets: Sequence[int], iters_per_t: int, timesteps: int) -> None:
-  """UnlearnDiffAtk judges its image after each block, so a budget is a whole number of blocks."""
-  most = iters_per_t * timesteps
-  bad = [b for b in budgets if b < 1 or b % iters_per_t or b > most]
-  if bad:
-    raise ConfigError(
-      f"evaluation.budgets {bad}: UnlearnDiffAtk budgets are attack iterations, multiples of "
-      f"unlearndiff.iters_per_t={iters_per_t} up to {most} ({timesteps} timesteps)"
-    )
+from advunlearn_jax.evals import attacks as attacks_lib
 
 
 def asr_curve(outcomes: Sequence, budgets: Sequence[int]) -> list[list[float]]:
@@ -77,23 +65,4 @@ def from_reports(labelled: Sequence[str]) -> tuple[dict[str, list], str]:
     attacks.add(robustness["attack_name"])
   if len(attacks) > 1:
     raise ConfigError(f"the reports used different attacks {sorted(attacks)}; their budgets do not share an axis")
-  return curves, XLABELS[attacks.pop()]
-
-
-def main(argv):
-  from absl import app
-
-  if len(argv) < 2:
-    raise app.UsageError("give at least one LABEL=REPORT.json")
-  curves, xlabel = from_reports(argv[1:])
-  plot(curves, _OUT.value, xlabel)
-  print(f"wrote {_OUT.value}: {', '.join(curves)}")
-
-
-if __name__ == "__main__":
-  from absl import flags
-
-  from advunlearn_jax import cli
-
-  _OUT = flags.DEFINE_string("out", "asr_vs_budget.png", "output PNG")
-  cli.run(main)
+  return curves, attacks_lib.named(attacks.pop()).budget_label

@@ -34,12 +34,12 @@ import numpy as np
 import optax
 
 from advunlearn_jax import tokenizer as tok_lib
-from advunlearn_jax.convert.diffusers import Pipeline
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import unlearndiff
 from advunlearn_jax.models.clip_text import CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.pipeline import Pipeline
 
 TINY_WORLD = "tiny_world:"
 PROTOCOLS = ("cce", "prefix")
@@ -139,52 +139,36 @@ class InversionConfig(NamedTuple):
     effective batch, not the device count, is what the published rate was tuned for)."""
     return self.lr * self.accumulation * self.batch if self.protocol == "cce" and self.scale_lr else self.lr
 
+  @classmethod
+  def from_config(cls, evaluation) -> InversionConfig:
+    """`config.evaluation.inversion` under its protocol (and the shared `evaluation.budgets` and `latents`),
+    validated."""
+    section = evaluation.inversion
+    common = dict(
+      budgets=tuple(int(b) for b in evaluation.budgets),
+      scheduler=section.scheduler,
+      sample_steps=section.sample_steps,
+      latents=evaluation.latents,
+    )
+    if section.protocol in PROTOCOLS:  # each protocol's own section, under the settings' field names
+      own = section[section.protocol]
+      given = {name: own[name] for name in cls._fields if name in own}
+      if section.protocol == "cce":
+        given["max_images"] = own.num_train_images  # train.sh's name for it
+      cfg = cls(protocol=section.protocol, **given, **common)
+    else:
+      raise ConfigError(
+        f"config.evaluation.inversion.protocol is {section.protocol!r}; expected one of {list(PROTOCOLS)}"
+      )
+    validate(cfg)
+    return cfg
+
   def describe(self) -> dict[str, Any]:
     """The settings that matter to this protocol (report.json)."""
     shared = ("protocol", "steps", "batch", "max_images", "tokens", "budgets", "scheduler", "sample_steps", "latents")
     own = ("initializer", "templates", "accumulation", "scale_lr", "weight_decay", "beta1", "beta2", "eps", "flip_p")
     keys = shared + (own if self.protocol == "cce" else ())
     return {**{k: getattr(self, k) for k in keys}, "lr": self.lr, "effective_lr": self.effective_lr}
-
-
-def config_from(evaluation) -> InversionConfig:
-  section = evaluation.inversion
-  common = dict(
-    budgets=tuple(int(b) for b in evaluation.budgets),
-    scheduler=section.scheduler,
-    sample_steps=section.sample_steps,
-    latents=evaluation.latents,
-  )
-  if section.protocol == "prefix":
-    p = section.prefix
-    cfg = InversionConfig(
-      protocol="prefix", steps=p.steps, lr=p.lr, batch=p.batch, max_images=p.max_images, tokens=p.tokens, **common
-    )
-  elif section.protocol == "cce":
-    c = section.cce
-    cfg = InversionConfig(
-      protocol="cce",
-      steps=c.steps,
-      lr=c.lr,
-      batch=c.batch,
-      max_images=c.num_train_images,
-      initializer=c.initializer,
-      templates=c.templates,
-      accumulation=c.accumulation,
-      scale_lr=c.scale_lr,
-      weight_decay=c.weight_decay,
-      beta1=c.beta1,
-      beta2=c.beta2,
-      eps=c.eps,
-      flip_p=c.flip_p,
-      **common,
-    )
-  else:
-    raise ConfigError(
-      f"config.evaluation.inversion.protocol is {section.protocol!r}; expected one of {list(PROTOCOLS)}"
-    )
-  validate(cfg)
-  return cfg
 
 
 def validate(cfg: InversionConfig) -> None:

@@ -24,18 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from advunlearn_jax import intervals
 from advunlearn_jax import tokenizer as tok_lib
-from advunlearn_jax.convert.diffusers import Pipeline
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import intervals
 from advunlearn_jax.models.clip_text import CLIPTextModel, encode_ids
 from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.pipeline import Pipeline
 
 Classifier = Callable[[np.ndarray], np.ndarray]  # uint8 images [B, H, W, 3] -> bool [B]: concept present
 
 
-class AttackConfig(NamedTuple):
+class UnlearnDiffConfig(NamedTuple):
   k: int = 3  # prefix tokens: 5 for nudity, 3 for styles and objects in the reference configs
   iters_per_t: int = 40
   timesteps: tuple[int, ...] = tuple(range(10, 1000, 20))
@@ -47,6 +47,17 @@ class AttackConfig(NamedTuple):
   steps: int = 50
   retokenize: bool = True  # render the decoded-then-re-tokenised prompt (official); False: the attacked ids
   latents: str = "jax"  # start latents: generation.LATENT_SOURCES (torch: the official torch.randn per seed)
+
+  @classmethod
+  def from_config(cls, evaluation) -> UnlearnDiffConfig:
+    """`config.evaluation.unlearndiff` (and the shared `evaluation.latents`), validated, with
+    `evaluation.budgets` checked against it."""
+    section = evaluation.unlearndiff
+    given = {name: section[name] for name in cls._fields if name in section}
+    cfg = cls(**{**given, "timesteps": tuple(int(t) for t in section.timesteps), "latents": evaluation.latents})
+    validate(cfg)
+    check_budgets(evaluation.budgets, cfg)
+    return cfg
 
 
 class Outcome(NamedTuple):
@@ -65,25 +76,18 @@ class Outcome(NamedTuple):
   image: np.ndarray  # the final classified image (unattacked for pre-successes)
 
 
-def config_from(evaluation) -> AttackConfig:
-  """The attack a run config's `evaluation` section describes, validated."""
-  section = evaluation.unlearndiff
-  cfg = AttackConfig(
-    k=section.k,
-    iters_per_t=section.iters_per_t,
-    timesteps=tuple(int(t) for t in section.timesteps),
-    lr=section.lr,
-    weight_decay=section.weight_decay,
-    scheduler=section.scheduler,
-    steps=section.steps,
-    retokenize=section.retokenize,
-    latents=evaluation.latents,
-  )
-  validate(cfg)
-  return cfg
+def check_budgets(budgets: Sequence[int], cfg: UnlearnDiffConfig) -> None:
+  """UnlearnDiffAtk judges its image after each block, so a budget is a whole number of blocks."""
+  most = cfg.iters_per_t * len(cfg.timesteps)
+  bad = [b for b in budgets if b < 1 or b % cfg.iters_per_t or b > most]
+  if bad:
+    raise ConfigError(
+      f"evaluation.budgets {bad}: UnlearnDiffAtk budgets are attack iterations, multiples of "
+      f"unlearndiff.iters_per_t={cfg.iters_per_t} up to {most} ({len(cfg.timesteps)} timesteps)"
+    )
 
 
-def validate(cfg: AttackConfig) -> None:
+def validate(cfg: UnlearnDiffConfig) -> None:
   if cfg.k < 1:
     raise ConfigError(f"evaluation.unlearndiff.k must be >= 1, got {cfg.k}")
   if cfg.iters_per_t < 1 or not cfg.timesteps:
@@ -158,7 +162,7 @@ def screen(prompts: Sequence, tokenizer, k: int, max_tokens: int) -> tuple[list,
 
 
 @functools.cache
-def _block_fn(unet_config, text_config, cfg: AttackConfig):
+def _block_fn(unet_config, text_config, cfg: UnlearnDiffConfig):
   """The jitted inner loop: `iters_per_t` attack iterations at one timestep (compiled once per model)."""
   unet = UNet2DConditionModel(unet_config)
   text = CLIPTextModel(text_config)
@@ -190,7 +194,7 @@ def _block_fn(unet_config, text_config, cfg: AttackConfig):
 
 
 class Sampler(NamedTuple):
-  """How an attack's classified images are drawn (AttackConfig has the same fields)."""
+  """How an attack's classified images are drawn (UnlearnDiffConfig has the same fields)."""
 
   scheduler: str
   steps: int
@@ -209,7 +213,7 @@ def render_context(
 
 
 def render_ids(pipe: Pipeline, ids: np.ndarray, seed: int, guidance: float, sampler, text_params: Any, uncond=None):
-  """The classified image for token ids [B, 77] (`sampler`: a Sampler or an AttackConfig), uncond "" from the
+  """The classified image for token ids [B, 77] (`sampler`: a Sampler or an UnlearnDiffConfig), uncond "" from the
   same (target) encoder (pass `uncond` to reuse it: it does not depend on the attacked tokens)."""
   cond = encode_ids(pipe.text_config, text_params, jnp.asarray(ids))
   if uncond is None:
@@ -227,7 +231,7 @@ def attack_prompt(
   prompt: str,
   target_image: np.ndarray,
   classifier: Classifier,
-  cfg: AttackConfig,
+  cfg: UnlearnDiffConfig,
   *,
   seed: int,
   guidance: float,
@@ -304,7 +308,7 @@ class Summary(NamedTuple):
   mean_attack_seconds: float  # over the prompts that were attacked
   pre_successes: int
   successes: int  # pre-successes included, as `asr`
-  pre_asr_ci95: tuple[float, float]  # Wilson intervals (evals/intervals.py)
+  pre_asr_ci95: tuple[float, float]  # Wilson intervals (intervals.py)
   asr_ci95: tuple[float, float]
 
   @property

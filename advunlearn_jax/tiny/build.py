@@ -26,11 +26,11 @@ from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_text_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
-from advunlearn_jax.diffusion.schedule import ScheduleConfig
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models import clip_text
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
+from advunlearn_jax.pipeline import ScheduleConfig
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import world
 

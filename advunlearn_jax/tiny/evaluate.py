@@ -21,6 +21,7 @@ from advunlearn_jax import cli
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.pipeline import Pipeline
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import world
 
@@ -31,7 +32,7 @@ JUDGE_DIR = os.path.join(ASSETS, "judge")
 SAMPLING = {"scheduler": "ddim", "steps": 25, "guidance": 5.0}
 
 
-def generate(pipe: sd_convert.Pipeline, prompts: Sequence[str], seed: int, text_params: Any = None, chunk: int = 96):
+def generate(pipe: Pipeline, prompts: Sequence[str], seed: int, text_params: Any = None, chunk: int = 96):
   latents = generation.initial_latents(pipe, len(prompts), seed)
   out = [
     generation.generate(pipe, prompts[i : i + chunk], latents[i : i + chunk], text_params=text_params, **SAMPLING)

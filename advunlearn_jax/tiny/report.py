@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from advunlearn_jax import config_lib
+from advunlearn_jax import intervals
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import intervals
+from advunlearn_jax.pipeline import Pipeline
 from advunlearn_jax.tiny import evaluate, world
 from advunlearn_jax.tiny import judge as judge_lib
 
@@ -37,8 +37,8 @@ def erased_attributes(concepts: Sequence[str]) -> list[tuple[str, int]]:
 
 def write(
   out_dir: str,
-  original: str | sd_convert.Pipeline,
-  unlearned: str | sd_convert.Pipeline,
+  original: str | Pipeline,
+  unlearned: str | Pipeline,
   concepts: Sequence[str],
   per_value: int = 24,
   seed: int = 1,
@@ -47,7 +47,7 @@ def write(
   """`erased_values` names the erased tiny-world values; empty: every value a concept prompt names."""
   erased = [world.attribute_of(v) for v in erased_values] if erased_values else erased_attributes(concepts)
   judge = judge_lib.load(evaluate.JUDGE_DIR)
-  load = lambda p: p if isinstance(p, sd_convert.Pipeline) else sd_convert.load_pipeline(p)
+  load = lambda p: p if isinstance(p, Pipeline) else sd_convert.load_pipeline(p)
   pipes = {"before": load(original), "after": load(unlearned)}
   results: dict = {"concepts": list(concepts), "sampling": evaluate.SAMPLING, "images_per_value": per_value}
   grids: dict[str, list[np.ndarray]] = {"erased": [], "retained": []}
@@ -98,7 +98,7 @@ def _summary(results: dict, erased: list[tuple[str, int]]) -> dict:
 
 
 def _rates(results: dict, erased: list[tuple[str, int]], per_value: int) -> dict:
-  """The summary's four rates as counts of judged images with Wilson intervals (evals/intervals.py)."""
+  """The summary's four rates as counts of judged images with Wilson intervals (intervals.py)."""
   rows = [r for k in dict.fromkeys(k for k, _ in erased) for r in results[k]]
   out = {}
   for group, sel in (("erased", [r for r in rows if r["erased"]]), ("retained", [r for r in rows if not r["erased"]])):
@@ -149,7 +149,7 @@ def after_run(config, workdir: str, pipeline_dir: str) -> dict | None:
   report_dir = os.path.join(workdir, "report")
   results = write(
     report_dir,
-    config_lib.resolve_pretrained(config.model.pretrained),
+    sd_convert.resolve_pretrained(config.model.pretrained),
     pipeline_dir,
     config.concept.prompts,
     per_value=config.report.images_per_value,

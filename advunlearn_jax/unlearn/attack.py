@@ -29,6 +29,9 @@ EMBEDDINGS = ("word_embd", "condition_embd")
 
 
 class AttackConfig(NamedTuple):
+  """The inner attack's settings, under config.attack's field names: a new knob is a field here and a default in
+  config_lib, nothing else."""
+
   method: str = "pgd"
   steps: int = 30
   lr: float = 1e-3
@@ -37,6 +40,13 @@ class AttackConfig(NamedTuple):
   return_pre_final: bool = True
   eps: float = 0.0  # 0: no projection (the reference)
   norm: str = "l2"  # l2 | linf
+
+  @classmethod
+  def from_config(cls, section) -> AttackConfig:
+    """`config.attack`'s step settings, validated."""
+    cfg = cls(**{name: section[name] for name in cls._fields})
+    validate(cfg)
+    return cfg
 
 
 class AttackResult(NamedTuple):

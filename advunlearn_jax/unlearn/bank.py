@@ -44,6 +44,13 @@ class BankConfig:
   refresh_retain: int = 0  # retain prompts (round robin) whose oldest rollout is replaced per renewal
   refresh_every: int = 1  # iterations between renewals
 
+  @classmethod
+  def from_config(cls, section) -> BankConfig:
+    """`config.bank`, validated."""
+    cfg = cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+    validate(cfg)
+    return cfg
+
 
 class Bank(NamedTuple):
   concept: jax.Array  # [C, T, S - 1, h, w, c]

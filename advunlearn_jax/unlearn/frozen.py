@@ -11,9 +11,9 @@ import numpy as np
 
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.diffusion import ddim
-from advunlearn_jax.diffusion.schedule import ScheduleConfig
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import CLIPTextConfig, encode_ids
+from advunlearn_jax.pipeline import ScheduleConfig
 from advunlearn_jax.unlearn import prompts
 from advunlearn_jax.unlearn.step import Frozen
 

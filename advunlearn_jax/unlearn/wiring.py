@@ -15,9 +15,9 @@ import ml_collections
 from jax.sharding import Mesh
 
 from advunlearn_jax import sharding
-from advunlearn_jax.diffusion.schedule import ScheduleConfig
 from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from advunlearn_jax.models.unet import UNet2DConditionModel, UNetConfig
+from advunlearn_jax.pipeline import ScheduleConfig
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import frozen as frozen_lib
@@ -47,31 +47,6 @@ def rollout_rows_per_call(latent_hw: int, backend: str | None = None) -> int:
   return 16
 
 
-def bank_config(config: ml_collections.ConfigDict) -> bank_lib.BankConfig:
-  b = config.bank
-  return bank_lib.BankConfig(
-    concept_trajectories=b.concept_trajectories,
-    retain_trajectories=b.retain_trajectories,
-    refresh_trajectories=b.refresh_trajectories,
-    refresh_retain=b.refresh_retain,
-    refresh_every=b.refresh_every,
-  )
-
-
-def attack_config(config: ml_collections.ConfigDict) -> attack_lib.AttackConfig:
-  a = config.attack
-  return attack_lib.AttackConfig(
-    method=a.method,
-    steps=a.steps,
-    lr=a.lr,
-    embedding=a.embedding,
-    accumulate_grad=a.accumulate_grad,
-    return_pre_final=a.return_pre_final,
-    eps=a.eps,
-    norm=a.norm,
-  )
-
-
 def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config: UNetConfig) -> step_lib.StepConfig:
   t = config.train
   return step_lib.StepConfig(
@@ -84,7 +59,7 @@ def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config:
     retain_mode=config.retain.mode,
     retain_weight=config.retain.weight,
     retain_steps=config.retain.steps,
-    attack=attack_config(config),
+    attack=attack_lib.AttackConfig.from_config(config.attack),
     attack_init=config.attack.init,
     latest_init_quirk=config.attack.latest_init_quirk,
     num_tokens=num_tokens,
@@ -95,7 +70,7 @@ def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config:
     rollout_rows_per_call=(
       t.rollout_rows_per_call if t.rollout_rows_per_call >= 0 else rollout_rows_per_call(unet_config.sample_size)
     ),
-    bank=bank_config(config),
+    bank=bank_lib.BankConfig.from_config(config.bank),
   )
 
 
@@ -118,7 +93,7 @@ def wire(
   retain_prompts: Sequence[str],
   mesh: Mesh | None = None,
 ) -> Wiring:
-  """Everything the step reads, from a validated config (config_lib.validate) and the original weights.
+  """Everything the step reads, from a validated config (settings.validate) and the original weights.
 
   With a `mesh`, the frozen weights are laid out on it (sharded as the mesh's fsdp axis says) and the rest of
   Frozen replicated; without one they stay where they are (one device)."""

@@ -1,14 +1,19 @@
-"""Noise schedules: the scaled-linear betas of Stable Diffusion, as ldm and diffusers each compute them."""
+"""What a loaded text-to-image pipeline is, in our types: the `Pipeline` record that convert/diffusers.py fills
+and diffusion/ samples from, and its noise schedule (the scaled-linear betas of Stable Diffusion, as ldm and
+diffusers each compute them). Both sit below convert/ and diffusion/, which each use them."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from advunlearn_jax import json_config
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models.clip_text import CLIPTextConfig
+from advunlearn_jax.models.unet import UNetConfig
+from advunlearn_jax.models.vae import VAEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,3 +78,17 @@ def _torch_linspace_float32(start: float, end: float, n: int) -> np.ndarray:
   i = np.arange(n, dtype=np.float64)
   values = np.where(i < n // 2, np.float64(s) + step * i, np.float64(e) - step * (n - 1 - i))
   return values.astype(np.float32)
+
+
+class Pipeline(NamedTuple):
+  """A diffusers folder's weights and configs (convert/diffusers.load_pipeline)."""
+
+  root: str
+  unet_config: UNetConfig
+  unet_params: Any
+  vae_config: VAEConfig | None
+  vae_params: Any
+  text_config: CLIPTextConfig
+  text_params: Any
+  tokenizer_dir: str
+  schedule: ScheduleConfig

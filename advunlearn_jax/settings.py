@@ -1,0 +1,96 @@
+"""A whole run config checked before any work: each section's typed settings built by the domain that owns them
+(`AttackConfig.from_config`, `BankConfig.from_config`, the evaluation attack's `settings`), plus the checks that
+tie sections together. So a typo is one message naming its key before weights load or anything compiles (main,
+population for every member before the first trains, evaluate, export).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, NamedTuple
+
+import ml_collections
+
+from advunlearn_jax import config_lib, tfds_source
+from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals import attacks, caption_images, fid
+from advunlearn_jax.unlearn import attack, bank, prompts, retain, trainable
+
+
+class Settings(NamedTuple):
+  attack: attack.AttackConfig  # the training attack's step settings
+  bank: bank.BankConfig
+  evaluation_attack: Any  # evals/attacks.py: the settings of the attack `evaluation.attack` names
+
+
+def validate(config: ml_collections.ConfigDict) -> Settings:
+  """Every check a config can fail without loading weights; each names its key."""
+  if not config.concept.prompts or any(not str(p).strip() for p in config.concept.prompts):
+    raise ConfigError("config.concept.prompts: needs at least one non-empty concept, e.g. ['nudity']")
+  sd_convert.check_pretrained(config.model.pretrained)
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.dtype is {config.model.dtype!r}; expected 'float32' or 'bfloat16'")
+  config_lib.check_ranges(config)
+  t = config.train
+  trainable.validate_method(t.method, t.component)
+  bank.check_method(t.method, t.xt_source)
+  built = Settings(
+    attack=attack.AttackConfig.from_config(config.attack),
+    bank=bank.BankConfig.from_config(config.bank),
+    evaluation_attack=attacks.settings(config.evaluation),
+  )
+  if t.rollout_buckets < 0 or t.rollout_rows_per_call < -1:
+    raise ConfigError(
+      "config.train.rollout_buckets must be >= 0 (0: 8) and config.train.rollout_rows_per_call >= -1 (0: buckets, "
+      f"-1: the measured default), got {t.rollout_buckets} and {t.rollout_rows_per_call}"
+    )
+  if config.attack.type not in prompts.ATTACK_TYPES:
+    raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
+  if config.attack.init not in attack.INITS:
+    raise ConfigError(f"config.attack.init is {config.attack.init!r}; valid: {list(attack.INITS)}")
+  _check_retain(config)
+  _check_export(config)
+  if config.report.kind not in config_lib.REPORTS:
+    raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(config_lib.REPORTS)}")
+  _check_utility(config.evaluation)
+  return built
+
+
+def _check_retain(config: ml_collections.ConfigDict) -> None:
+  if config.retain.mode not in ("reg", "iter"):
+    raise ConfigError(f"config.retain.mode is {config.retain.mode!r}; expected 'reg' or 'iter'")
+  n_retain = len(retain.from_config(config))
+  if config.retain.batch > n_retain:
+    raise ConfigError(f"config.retain.batch ({config.retain.batch}) exceeds the {n_retain} retain prompts")
+  if config.bank.refresh_retain > n_retain:
+    raise ConfigError(
+      f"config.bank.refresh_retain ({config.bank.refresh_retain}) exceeds the {n_retain} retain prompts"
+    )
+
+
+def _check_export(config: ml_collections.ConfigDict) -> None:
+  if not config.export.reference_checkpoint:
+    return
+  if not trainable.is_text_method(config.train.method):
+    raise ConfigError(
+      f"config.export.reference_checkpoint: train.method={config.train.method!r} trains the UNet; the reference's "
+      "TextEncoder-*.pt layout holds a text encoder"
+    )
+  if importlib.util.find_spec("torch") is None:
+    raise ConfigError(
+      "config.export.reference_checkpoint: writing the reference's .pt needs torch (pip install torch==2.13.0)"
+    )
+
+
+def _check_utility(ev: ml_collections.ConfigDict) -> None:
+  if ev.fid not in fid.FEATURES:
+    raise ConfigError(f"config.evaluation.fid is {ev.fid!r}; expected one of {list(fid.FEATURES)}")
+  fid.check_preprocess(ev.fid_preprocess)
+  if ev.utility_format not in caption_images.FORMATS:
+    raise ConfigError(
+      f"config.evaluation.utility_format is {ev.utility_format!r}; expected one of {list(caption_images.FORMATS)}"
+    )
+  for key in ("captions", "real_images"):
+    if tfds_source.is_tfds(ev[key]):
+      tfds_source.parse(ev[key], f"evaluation.{key}")
