@@ -32,38 +32,32 @@ from advunlearn_jax.unlearn import trainable
 FORMATS = ("diffusers", "reference")
 
 
-def write_component(
-  out: str, pipe: Pipeline, text_params: Any, unet_params: Any, reference_name: str = ""
-) -> dict[str, str]:
-  """The trained component: `out/text_encoder` for CLIPTextModel.from_pretrained, or `out/unet` for the
-  ESD-style UNet methods; with `reference_name` also `out/<reference_name>`, the reference's .pt."""
-  if text_params is None:
-    sd_convert.export_unet(pipe.unet_config, unet_params, os.path.join(out, "unet"))
+def write_component(out: str, pipe: Pipeline, tower: str, params: Any, reference_name: str = "") -> dict[str, str]:
+  """The trained `tower` (trainable.Trained.tower) with its `params`: `out/text_encoder` for
+  CLIPTextModel.from_pretrained, or `out/unet` for the ESD-style UNet methods; with `reference_name` also
+  `out/<reference_name>`, the reference's .pt (text encoders only)."""
+  if tower == "unet":
+    sd_convert.export_unet(pipe.unet_config, params, os.path.join(out, "unet"))
     return {"unet": os.path.join(out, "unet")}
   text_dir = os.path.join(out, "text_encoder")
-  outputs = {"text_encoder": clip_convert.export_clip_text(pipe.text_config, text_params, text_dir)}
+  outputs = {"text_encoder": clip_convert.export_clip_text(pipe.text_config, params, text_dir)}
   if reference_name:
     path = os.path.join(out, reference_name)
-    outputs["reference_checkpoint"] = clip_convert.export_reference_checkpoint(pipe.text_config, text_params, path)
+    outputs["reference_checkpoint"] = clip_convert.export_reference_checkpoint(pipe.text_config, params, path)
   return outputs
 
 
 def write(
-  out: str,
-  pipe: Pipeline,
-  text_params: Any = None,
-  unet_params: Any = None,
-  enabled: bool = True,
-  reference_name: str = "",
+  out: str, pipe: Pipeline, tower: str, params: Any, enabled: bool = True, reference_name: str = ""
 ) -> dict[str, str]:
   """`write_component`, and `out/pipeline`, the source pipeline with it, for
   StableDiffusionPipeline.from_pretrained (other components hard-linked where possible). `enabled=False` (the
   non-primary processes of a multi-host run) only returns the paths."""
-  name = "text_encoder" if text_params is not None else "unet"
+  name = tower
   component_dir, pipeline_dir = os.path.join(out, name), os.path.join(out, "pipeline")
   if not enabled:
     return {name: component_dir, "pipeline": pipeline_dir}
-  outputs = write_component(out, pipe, text_params, unet_params, reference_name)
+  outputs = write_component(out, pipe, tower, params, reference_name)
   with weights_io.atomic_folder(pipeline_dir) as staging:
     os.rmdir(staging)
     shutil.copytree(pipe.root, staging, ignore=shutil.ignore_patterns(name, ".cache"), copy_function=_link_or_copy)
@@ -88,22 +82,24 @@ def export_latest(workdir: str, out: str, pretrained: str | None = None, fmt: st
     raise ConfigError(f"--format={fmt!r}: expected one of {list(FORMATS)}")
   step, meta, trained = checkpoint.latest_readable(workdir)
   config = ml_collections.ConfigDict(meta["config"])
-  if not trainable.is_text_method(config.train.method):
-    raise ConfigError(f"{workdir}: train.method={config.train.method!r} trains the UNet; there is no text encoder")
+  method = trainable.Trained.from_config(config.train)
+  if fmt == "reference" and method.tower != "text_encoder":
+    raise ConfigError(
+      f"{workdir}: --format=reference: train.method={method.method!r} trains the UNet; the reference's "
+      "TextEncoder-*.pt holds a text encoder (--format=diffusers writes OUT/unet and OUT/pipeline)"
+    )
   root = sd_convert.resolve_pretrained(pretrained or config.model.pretrained)
   pipe = sd_convert.load_pipeline(root, with_vae=False)
-  t = config.train
-  mask = trainable.text_encoder_mask(pipe.text_params, t.method, t.component, t.norm_layer, t.prefix_bug)
-  frozen_leaves = trainable.split(pipe.text_params, mask)[1]
-  text_params = trainable.merge(trained, frozen_leaves)
+  original = method.of(pipe.text_params, pipe.unet_params)
+  params = trainable.merge(trained, trainable.split(original, method.mask(original))[1])
   if fmt == "reference":
-    name = clip_convert.reference_checkpoint_name(t.method, step - 1)
-    path = clip_convert.export_reference_checkpoint(pipe.text_config, text_params, os.path.join(out, name))
+    name = clip_convert.reference_checkpoint_name(method.method, step - 1)
+    path = clip_convert.export_reference_checkpoint(pipe.text_config, params, os.path.join(out, name))
     outputs = {"reference_checkpoint": path}
     print(f"step {step}: the reference's checkpoint in {outputs['reference_checkpoint']}")
     return outputs
-  outputs = write(out, pipe, text_params)
-  print(f"step {step}: text encoder in {outputs['text_encoder']}, pipeline in {outputs['pipeline']}")
+  outputs = write(out, pipe, method.tower, params)
+  print(f"step {step}: {method.tower} in {outputs[method.tower]}, pipeline in {outputs['pipeline']}")
   return outputs
 
 

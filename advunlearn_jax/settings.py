@@ -19,6 +19,7 @@ from advunlearn_jax.unlearn import attack, bank, prompts, retain, trainable
 
 
 class Settings(NamedTuple):
+  trained: trainable.Trained  # which tower the run trains, and which of its leaves
   attack: attack.AttackConfig  # the training attack's step settings
   bank: bank.BankConfig
   evaluation_attack: Any  # evals/attacks.py: the settings of the attack `evaluation.attack` names
@@ -33,9 +34,10 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
     raise ConfigError(f"config.model.dtype is {config.model.dtype!r}; expected 'float32' or 'bfloat16'")
   config_lib.check_ranges(config)
   t = config.train
-  trainable.validate_method(t.method, t.component)
-  bank.check_method(t.method, t.xt_source)
+  trained = trainable.Trained.from_config(t)
+  bank.check_source(t.xt_source, trained)
   built = Settings(
+    trained=trained,
     attack=attack.AttackConfig.from_config(config.attack),
     bank=bank.BankConfig.from_config(config.bank),
     evaluation_attack=attacks.settings(config.evaluation),
@@ -50,7 +52,7 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   if config.attack.init not in attack.INITS:
     raise ConfigError(f"config.attack.init is {config.attack.init!r}; valid: {list(attack.INITS)}")
   _check_retain(config)
-  _check_export(config)
+  _check_export(config, trained)
   if config.report.kind not in config_lib.REPORTS:
     raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(config_lib.REPORTS)}")
   _check_utility(config.evaluation)
@@ -69,10 +71,10 @@ def _check_retain(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def _check_export(config: ml_collections.ConfigDict) -> None:
+def _check_export(config: ml_collections.ConfigDict, trained: trainable.Trained) -> None:
   if not config.export.reference_checkpoint:
     return
-  if not trainable.is_text_method(config.train.method):
+  if trained.tower != "text_encoder":
     raise ConfigError(
       f"config.export.reference_checkpoint: train.method={config.train.method!r} trains the UNet; the reference's "
       "TextEncoder-*.pt layout holds a text encoder"

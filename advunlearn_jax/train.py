@@ -75,7 +75,7 @@ def fsdp_size(config: ml_collections.ConfigDict, devices: list | None = None) ->
     if n % config.mesh.fsdp:
       raise ConfigError(f"config.mesh.fsdp={config.mesh.fsdp} does not divide the {n} devices")
     return config.mesh.fsdp
-  if trainable.is_text_method(config.train.method):
+  if trainable.Trained.from_config(config.train).tower == "text_encoder":
     return 1
   return math.gcd(n, jax.local_device_count())
 
@@ -296,11 +296,10 @@ def iteration_batch(config, cfg, i: int, root_key, sampler: retain.SamplerState,
 def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state, start: int) -> dict[str, Any]:
   """Exports the trained component and the pipeline with it. The report the config asks for (`report.kind`) is
   the command's to write (tiny/report.after_run)."""
-  text_params, unet_params = _current_params(setup, state)
-  if not trainable.is_text_method(config.train.method):
-    text_params = None
+  trained = setup.wired.models.trained
+  params = trained.of(*_current_params(setup, state))
   name = _reference_name(config, config.train.iterations)
-  outputs = export.write(workdir, setup.pipe, text_params, unet_params, enabled=setup.primary, reference_name=name)
+  outputs = export.write(workdir, setup.pipe, trained.tower, params, enabled=setup.primary, reference_name=name)
   distributed.sync("advunlearn export")  # no process leaves before the exports exist
   summary = {
     "workdir": workdir,
@@ -324,13 +323,12 @@ def _reference_name(config: ml_collections.ConfigDict, step_count: int) -> str:
 
 
 def _numbered_export(config: ml_collections.ConfigDict, setup: Setup, workdir: str, step_count: int, state) -> None:
-  text_params, unet_params = _current_params(setup, state)  # every process: a collective across hosts
+  trained = setup.wired.models.trained
+  params = trained.of(*_current_params(setup, state))  # every process: a collective across hosts
   if not setup.primary:
     return
-  if not trainable.is_text_method(config.train.method):
-    text_params = None
   out = export.numbered_dir(workdir, step_count)
-  export.write_component(out, setup.pipe, text_params, unet_params, _reference_name(config, step_count))
+  export.write_component(out, setup.pipe, trained.tower, params, _reference_name(config, step_count))
 
 
 def _save(config: ml_collections.ConfigDict, mngr, step_count: int, progress: Progress) -> None:
@@ -358,10 +356,7 @@ def _write_preview(config, setup: Setup, previews, writer, workdir: str, step_co
   text_params, unet_params = _current_params(setup, state)  # every process: a collective across hosts
   if previews is None:
     return
-  if trainable.is_text_method(config.train.method):
-    grid = previews.grid(text_params=text_params)
-  else:
-    grid = previews.grid(unet_params=unet_params)
+  grid = previews.grid(text_params=text_params, unet_params=unet_params)  # the untrained one is the original
   generation.save_png(os.path.join(workdir, "samples", f"step_{step_count:06d}.png"), grid)
   writer.image(step_count, "samples/original_vs_current", grid)
 

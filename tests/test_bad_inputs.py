@@ -138,6 +138,7 @@ CASES = [
   # population
   ("population", ["--config=configs/tiny.py", "--sweep=seed=zero"], "--sweep: seed='zero' is not a int"),
   ("population", ["--config={tmp}/nope.py:striped"], "no such config file"),
+  ("population", ["--config=configs/tiny.py", "--config.train.lrr=1"], "--config.train.lrr: the config has no field"),
   ("population", ["--config=configs/tiny.py", "--workdir={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
   # the tiny world's own commands
   ("tiny.build", ["--out={tmp}/out", "--stage=2"], "--stage=2 with --continue_from=''"),

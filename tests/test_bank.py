@@ -9,6 +9,7 @@ from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.diffusion.sampling import cfg_eps
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.unlearn import bank as bank_lib
+from advunlearn_jax.unlearn import trainable
 from tests.test_step import setup
 
 
@@ -49,11 +50,11 @@ def test_bank_entries_equal_online_rollouts():
 
 def test_unet_methods_refuse_the_bank():
   with pytest.raises(ConfigError, match="cannot be precomputed"):
-    bank_lib.check_method("xattn", "bank")
+    bank_lib.check_source("bank", trainable.Trained("xattn"))
   with pytest.raises(ConfigError, match="xt_source is 'cached'"):
-    bank_lib.check_method("text_encoder_full", "cached")
-  bank_lib.check_method("xattn", "online")
-  bank_lib.check_method("xattn", "online_sequential")
+    bank_lib.check_source("cached", trainable.Trained("text_encoder_full"))
+  bank_lib.check_source("online", trainable.Trained("xattn"))
+  bank_lib.check_source("online_sequential", trainable.Trained("xattn"))
 
 
 @pytest.mark.parametrize(

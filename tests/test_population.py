@@ -31,6 +31,16 @@ def test_members_are_the_grid_of_sweeps():
   assert [m.name for m in base] == ["concept.prompts=Van_Gogh", "concept.prompts=Claude_Monet"]
 
 
+def test_command_line_overrides_reach_every_member():
+  """--config.KEY=VALUE (config_flags' overrides) applies to every member, under the sweeps."""
+  members = population.members(f"{TINY}:striped", ["seed=0,1", "train.iterations=7"], {"train.lr": 3e-4, "seed": 9})
+  assert [(m.config.train.lr, m.config.seed, m.config.train.iterations) for m in members] == [
+    (3e-4, 0, 7),
+    (3e-4, 1, 7),
+  ]
+  assert {m.config.report.erased for m in members} == {("striped",)}
+
+
 @pytest.mark.parametrize(
   "sweeps, message",
   [

@@ -90,7 +90,7 @@ def test_one_iteration_matches_reference_transcription():
 
   np.testing.assert_allclose(np.asarray(new_state.last_sequence), sequence.numpy(), atol=1e-4, rtol=0)
   np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-4, atol=1e-6)
-  ours = trainable.merge(jax.device_get(new_state.params), trainable.split(clip_params, models.text_mask)[1])
+  ours = trainable.merge(jax.device_get(new_state.params), trainable.split(clip_params, models.mask)[1])
   theirs = clip_convert.params_from_state_dict(state_numpy(t_clip), SD1_TINY, source="torch")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=0), ours, theirs)
   moved = np.abs(

@@ -52,7 +52,7 @@ def test_fsdp_layout_at_sd2_size():
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
   assert 865e6 < count(unet) < 866e6 and 340e6 < count(text) < 341e6  # the published 865.9M and 340.4M
   trained, _ = trainable.split(unet, trainable.unet_mask(unet, "full"))
-  adam = jax.eval_shape(step_lib.optimizer(step_lib.StepConfig(method="full")).init, trained)
+  adam = jax.eval_shape(step_lib.optimizer(step_lib.StepConfig()).init, trained)
   state = {"frozen": (unet, text), "trained": trained, "adam": adam}
   data = sharding.bytes_per_device(state, sharding.make_mesh(jax.devices()))
   fsdp = sharding.bytes_per_device(state, sharding.make_mesh(jax.devices(), fsdp=8))

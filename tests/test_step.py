@@ -12,7 +12,7 @@ from advunlearn_jax import config_lib, sharding
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.models.unet import UNet2DConditionModel
-from advunlearn_jax.unlearn import attack, prompts, retain, wiring
+from advunlearn_jax.unlearn import attack, prompts, retain, trainable, wiring
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import frozen as frozen_lib
 from advunlearn_jax.unlearn import step as step_lib
@@ -299,7 +299,7 @@ def test_frozen_unet_stored_in_bf16_changes_nothing():
   size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   assert size(cast) < 0.52 * size(unet)
   assert frozen_lib.store_for_compute(frozen, models) is frozen  # fp32 compute: nothing to gain
-  trains_unet = half._replace(unet_mask=frozenset({("conv_in", "kernel")}))
+  trains_unet = half._replace(trained=trainable.Trained("full"), mask=frozenset({("conv_in", "kernel")}))
   assert frozen_lib.store_for_compute(frozen, trains_unet) is frozen  # master weights start from these leaves
   model = half.unet
   rng = np.random.default_rng(0)

@@ -196,6 +196,15 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
   flat_t, flat_o = (dict(jax.tree_util.tree_leaves_with_path(p)) for p in (trained, original))
   changed = {jax.tree_util.keystr(k) for k in flat_t if np.any(flat_t[k] != flat_o[k])}
   assert changed and all("attn2" in name for name in changed)
+  # `export` of a UNet run writes what the run's own export wrote; the reference's .pt holds text encoders only.
+  from advunlearn_jax import export
+
+  exported = export.export_latest(str(tmp_path), str(tmp_path / "exported"))
+  _, again = sd_convert.load_unet(exported["unet"])
+  assert jax.tree.all(jax.tree.map(np.array_equal, again, trained))
+  assert os.path.isfile(os.path.join(exported["pipeline"], "unet", "config.json"))
+  with pytest.raises(ConfigError, match="trains the UNet; the reference's"):
+    export.export_latest(str(tmp_path), str(tmp_path / "ref"), fmt="reference")
   with pytest.raises(ConfigError, match="cannot be precomputed"):
     train.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.xt_source": "bank"}), str(tmp_path / "b"))
 

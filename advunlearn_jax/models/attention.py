@@ -7,14 +7,14 @@ everywhere else. JAX does not choose for us: `jax.nn.dot_product_attention(imple
 every backend (jax 0.10.2: "defaults to XLA for now"). The choice is `lax.platform_dependent`, made when the
 step is lowered, so a compile for a GPU on a host without one gets the GPU's kernel.
 
-XLA's attention materialises the [B, heads, Tq, Tk] probabilities, in fp32 even under bf16 compute, and
-keeps them for the backward pass. At SD's 64x64 latents (4096 tokens) that is 512 MiB per image: XLA's memory
-analysis of one SD v1.4 iteration (bf16, CPU buffer assignment) put it at 62.9 GiB, with or without per-block
-remat. So on the XLA path long queries go in chunks, each rematerialised in the backward pass: the same
-per-row softmax, with at most CHUNK_ELEMENTS probabilities per chunk (see the README for the iteration's
-memory). A chunk keeps at least MIN_CHUNK_ROWS query rows over its batch and heads, so the batched rollouts'
-wide calls split as finely as a single image's. The tiny world's 64 tokens stay one plain product, and cuDNN's
-fused kernel never stores the probabilities.
+XLA's attention materialises the [B, heads, Tq, Tk] probabilities, in fp32 even under bf16 compute, and keeps them
+for the backward pass. At SD's 64x64 latents (4096 tokens) that is 512 MiB per image, which dominates an SD-size
+iteration's memory with or without per-block remat (the README's memory figures under "Scaling out", from
+benchmarks/iteration.py --memory_only). So on the XLA path long queries go in chunks, each rematerialised in the
+backward pass: the same per-row softmax, with at most CHUNK_ELEMENTS probabilities per chunk (see the README for
+the iteration's memory). A chunk keeps at least MIN_CHUNK_ROWS query rows over its batch and heads, so the batched
+rollouts' wide calls split as finely as a single image's. The tiny world's 64 tokens stay one plain product, and
+cuDNN's fused kernel never stores the probabilities.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# B x heads x query rows x Tk probabilities per chunk: 64 MiB in fp32. 2**26 held 3 GiB more of them live in the
-# SD-size defender update (CPU buffer assignment), and smaller chunks ran faster on CPU (0.55 vs 0.76 s a layer).
+# B x heads x query rows x Tk probabilities per chunk: 64 MiB in fp32. Twice as many kept more of them live at
+# once in the SD-size defender update, and smaller chunks ran faster on CPU (README, "Scaling out").
 CHUNK_ELEMENTS = 2**24
 MIN_CHUNK_ROWS = 4096  # B x heads x query rows: fewer per chunk would starve the matmul units
 

@@ -57,10 +57,12 @@ class Bank(NamedTuple):
   retain: jax.Array  # [N, T_r, S - 1, h, w, c]
 
 
-def check_method(method: str, source: str) -> None:
+def check_source(source: str, trained: trainable.Trained) -> None:
+  """`train.xt_source` is one of SOURCES, and `bank` only where x_t does not depend on the trained tower."""
+  method = trained.method
   if source not in SOURCES:
     raise ConfigError(f"config.train.xt_source is {source!r}; valid: {list(SOURCES)}")
-  if source == "bank" and not trainable.is_text_method(method):
+  if source == "bank" and trained.tower != "text_encoder":
     raise ConfigError(
       f"config.train.xt_source='bank' needs a text-encoder method: with train.method={method!r} x_t comes from the "
       "UNet being trained, so it changes every step and cannot be precomputed. Use xt_source='online'."

@@ -77,6 +77,6 @@ def store_for_compute(frozen: Frozen, models) -> Frozen:
   every device). Norm scales and biases, which some modules read in fp32, keep their precision. UNet methods keep
   fp32: their master weights start from these leaves."""
   dtype = jnp.dtype(models.unet.dtype)
-  if dtype == jnp.float32 or models.unet_mask:
+  if dtype == jnp.float32 or models.trained.tower == "unet":
     return frozen
   return frozen._replace(unet=jax.tree.map(lambda p: p.astype(dtype) if p.ndim >= 2 else p, frozen.unet))

@@ -45,7 +45,6 @@ from advunlearn_jax.unlearn import draws, prompts, trainable
 class StepConfig:
   """Everything static about a step (hashable: part of the jit cache key)."""
 
-  method: str = "text_encoder_full"
   lr: float = 1e-5
   negative_guidance: float = 1.0
   start_guidance: float = 3.0
@@ -101,8 +100,8 @@ class Batch(NamedTuple):
 class Models(NamedTuple):
   clip: CLIPTextModel
   unet: UNet2DConditionModel
-  text_mask: frozenset  # trainable.selected_paths(...)
-  unet_mask: frozenset
+  trained: trainable.Trained  # which tower, which leaves
+  mask: frozenset  # the trained tower's selected leaves (trainable.selected_paths)
   mesh: Mesh | None = None  # batches split over its `data` axis
 
 
@@ -140,16 +139,14 @@ def init_state(cfg: StepConfig, models: Models, frozen: Frozen, bank: bank_lib.B
 
 
 def _trained_leaves(cfg, models, frozen):
-  if trainable.is_text_method(cfg.method):
-    return trainable.split(frozen.clip, models.text_mask)[0]
-  return trainable.split(frozen.unet, models.unet_mask)[0]
+  return trainable.split(models.trained.of(frozen.clip, frozen.unet), models.mask)[0]
 
 
 def student_params(cfg: StepConfig, models: Models, frozen: Frozen, params: dict) -> tuple[Any, Any]:
   """(E_theta params, U_theta params): the trained leaves merged into the frozen originals."""
-  if trainable.is_text_method(cfg.method):
-    return trainable.merge(params, trainable.split(frozen.clip, models.text_mask)[1]), frozen.unet
-  return frozen.clip, trainable.merge(params, trainable.split(frozen.unet, models.unet_mask)[1])
+  tower = models.trained.of(frozen.clip, frozen.unet)
+  merged = trainable.merge(params, trainable.split(tower, models.mask)[1])
+  return models.trained.replace(merged, frozen.clip, frozen.unet)
 
 
 def mse(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -12,6 +12,7 @@ for them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -40,6 +41,41 @@ _UNET_LISTS = unet_lib.LIST_NAMES
 
 def is_text_method(method: str) -> bool:
   return method in TEXT_METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """Which tower a run trains (`tower`: "text_encoder" or "unet") and which of its leaves: the one value the
+  wiring, the step, the exports and the previews ask (hashable: part of the jit cache key)."""
+
+  method: str = "text_encoder_full"
+  component: str = "all"
+  norm_layer: bool = False
+  prefix_bug: bool = False
+
+  @classmethod
+  def from_config(cls, train) -> Trained:
+    """`config.train`'s method and its options, validated."""
+    validate_method(train.method, train.component)
+    return cls(train.method, train.component, train.norm_layer, train.prefix_bug)
+
+  @property
+  def tower(self) -> str:
+    return "text_encoder" if is_text_method(self.method) else "unet"
+
+  def of(self, text: Any, unet: Any) -> Any:
+    """The trained tower's member of a (text encoder, UNet) pair."""
+    return text if self.tower == "text_encoder" else unet
+
+  def replace(self, tower: Any, text: Any, unet: Any) -> tuple[Any, Any]:
+    """(text encoder, UNet) with the trained tower's member replaced by `tower`."""
+    return (tower, unet) if self.tower == "text_encoder" else (text, tower)
+
+  def mask(self, tower_params: Any) -> dict[tuple[str, ...], bool]:
+    """The selected leaves of the trained tower's parameters."""
+    if self.tower == "text_encoder":
+      return text_encoder_mask(tower_params, self.method, self.component, self.norm_layer, self.prefix_bug)
+    return unet_mask(tower_params, self.method)
 
 
 def validate_method(method: str, component: str) -> None:

@@ -36,12 +36,10 @@ ROLLOUT_BUCKETS = 8
 def rollout_rows_per_call(latent_hw: int, backend: str | None = None) -> int:
   """train.rollout_rows_per_call = -1: the slots of the online rollout's continuous batching (ddim._slotted).
 
-  16 slots (32 CFG rows per UNet call) by default: about 62 rollout calls at ~93% useful rows, and one UNet batch
-  width in the compiled step, where 8 buckets put 8 (the H200's compile time: README, "Speed"). Measured in
-  benchmarks/iteration.py --size=small (8x8): 1.34x online_sequential with 16 or 12 slots, 1.23x with 8 buckets
-  in the same session, and compilation 17 s instead of 30. On CPUs at 16x16 latents and up, where a UNet call
-  costs the same per row at any batch and least at a few rows (2 cores, 16x16: 3.2 ms a row at 8 rows, 4.2 at 2,
-  4.7 at 72), 4 slots."""
+  16 slots (32 CFG rows per UNet call) by default: few rollout calls, nearly all rows useful, and one UNet batch
+  width in the compiled step where 8 buckets put 8. On CPUs at 16x16 latents and up, where a UNet call costs
+  about the same per row at any batch and least at a few rows, 4 slots. The measurements behind both choices are
+  in the README ("Scaling out", "Speed of an iteration"), where benchmarks/iteration.py's reruns update them."""
   if (backend or jax.default_backend()) == "cpu" and latent_hw >= 16:
     return 4
   return 16
@@ -50,7 +48,6 @@ def rollout_rows_per_call(latent_hw: int, backend: str | None = None) -> int:
 def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config: UNetConfig) -> step_lib.StepConfig:
   t = config.train
   return step_lib.StepConfig(
-    method=t.method,
     lr=t.lr,
     negative_guidance=config.diffusion.negative_guidance,
     start_guidance=config.diffusion.start_guidance,
@@ -110,20 +107,19 @@ def wire(
     schedule=schedule,
     ddim_steps=config.diffusion.ddim_steps,
   )
-  t = config.train
-  text_mask = trainable.text_encoder_mask(clip_params, t.method, t.component, t.norm_layer, t.prefix_bug)
-  unet_mask = trainable.unet_mask(unet_params, t.method)
+  trained = trainable.Trained.from_config(config.train)
+  tower_params = trained.of(clip_params, unet_params)
+  mask = trained.mask(tower_params)
   dtype = jnp.dtype(config.model.dtype)
   models = step_lib.Models(
     CLIPTextModel(clip_config, dtype=dtype),
     UNet2DConditionModel(unet_config, dtype=dtype, remat_policy=config.model.remat),
-    trainable.selected_paths(text_mask),
-    trainable.selected_paths(unet_mask),
+    trained,
+    trainable.selected_paths(mask),
     mesh,
   )
   frozen = frozen_lib.store_for_compute(frozen, models)
   if mesh is not None:
     weights = {"unet": sharding.shard_params(frozen.unet, mesh), "clip": sharding.shard_params(frozen.clip, mesh)}
     frozen = sharding.replicate(frozen._replace(unet=None, clip=None), mesh)._replace(**weights)
-  trained = trainable.count(clip_params, text_mask) + trainable.count(unet_params, unet_mask)
-  return Wiring(step_config(config, num_tokens, unet_config), models, frozen, trained)
+  return Wiring(step_config(config, num_tokens, unet_config), models, frozen, trainable.count(tower_params, mask))
