@@ -48,6 +48,7 @@ from advunlearn_jax.diffusion import ddim  # noqa: E402
 from advunlearn_jax.models import clip_text  # noqa: E402
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
 from advunlearn_jax.pipeline import ScheduleConfig  # noqa: E402
+from advunlearn_jax.testing import tiny_models  # noqa: E402
 from advunlearn_jax.unlearn import bank as bank_lib  # noqa: E402
 from advunlearn_jax.unlearn import retain, wiring  # noqa: E402
 from advunlearn_jax.unlearn import step as step_lib  # noqa: E402
@@ -82,7 +83,7 @@ def loss_cost(attack_steps: int, concept_batch: int, retain_batch: int, renewals
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--size", default="tiny", choices=setups.SIZES)
+  p.add_argument("--size", default="tiny", choices=tiny_models.SIZES)
   p.add_argument("--iters", type=int, default=3, help="timed iterations per mode (after one warm-up)")
   p.add_argument("--attack_steps", type=int, default=30)
   p.add_argument("--retain_batch", type=int, default=5)
@@ -126,12 +127,12 @@ def parse_args(argv=None):
   return args
 
 
-class Setup:
+class Harness:
   """The models, frozen inputs and a StepConfig per mode, as train.run builds them."""
 
   def __init__(self, args):
     self.args = args
-    self.clip_cfg, self.unet_cfg = setups.configs(args.size)
+    self.clip_cfg, self.unet_cfg = tiny_models.configs(args.size)
     self.hw = self.unet_cfg.sample_size
     k1, k2 = jax.random.split(jax.random.key(0))
     self.clip_params = clip_text.init_params(self.clip_cfg, k1)
@@ -209,7 +210,7 @@ class Setup:
 STEP = wiring.train_step
 
 
-def time_jax(s: Setup, mode: str, fwd_flops: float, peak: float | None) -> dict:
+def time_jax(s: Harness, mode: str, fwd_flops: float, peak: float | None) -> dict:
   args, cfg = s.args, s.step_config(mode)
   bank = None
   if cfg.xt_source == "bank":
@@ -253,7 +254,7 @@ def time_jax(s: Setup, mode: str, fwd_flops: float, peak: float | None) -> dict:
   return {"s_per_iter": per_it, "sequential_unet_calls": cost.calls, "flop_efficiency": cost.useful / cost.computed}
 
 
-def unet_forward_flops(s: Setup) -> float:
+def unet_forward_flops(s: Harness) -> float:
   unet = unet_lib.UNet2DConditionModel(s.unet_cfg)
   args = (
     jnp.zeros((1, s.hw, s.hw, 4)),
@@ -284,7 +285,7 @@ def main(argv=None):
       sys.exit(2)
   if args.compilation_cache:  # before the first compilation: JAX decides once per process
     print(f"compilation cache: {compile_cache.enable(args.compilation_cache)} (what it holds loads, not compiles)")
-  s = Setup(args)
+  s = Harness(args)
   print(
     f"backend={jax.default_backend()} size={args.size} latents {s.hw}x{s.hw} attack_steps={args.attack_steps} "
     f"retain_batch={args.retain_batch} dtype={args.dtype} remat={args.remat}",
@@ -348,7 +349,7 @@ def report(results: dict, json_path: str) -> dict:
   return results
 
 
-def print_memory(s: Setup, target: jax.sharding.Sharding | None = None):
+def print_memory(s: Harness, target: jax.sharding.Sharding | None = None):
   """Compiles each JAX mode's step on abstract inputs and prints XLA's memory analysis of it; on `target`'s
   device (deviceless_gpu) if given, else on the default backend's."""
   place = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=target), tree)
@@ -378,12 +379,12 @@ def compiled_gib(mem) -> float:
   return total / 2**30
 
 
-def time_torch(s: Setup) -> dict:
+def time_torch(s: Harness) -> dict:
   import torch
   import transformers
 
   from advunlearn_jax.convert import clip_text as clip_convert
-  from tests import reference_torch
+  from advunlearn_jax.testing import reference_torch
 
   args = s.args
   device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
+from advunlearn_jax.testing import tiny_models  # noqa: E402
 from benchmarks import setups, torch_unet  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def parse_args():
   p.add_argument("--remat", default="none,full,dots")
   p.add_argument("--wrt", default="context", choices=["context", "params"])
   p.add_argument("--iters", type=int, default=10)
-  p.add_argument("--size", default="sd14", choices=setups.SIZES, help="tiny: a CPU-sized check of the script")
+  p.add_argument("--size", default="sd14", choices=tiny_models.SIZES, help="tiny: a CPU-sized check of the script")
   p.add_argument("--latent", type=int, default=0, help="latent height and width (default: the UNet's sample size)")
   p.add_argument("--peak_tflops", type=float, default=None, help="override the dense peak used for MFU")
   p.add_argument("--json_out", default=None)
@@ -136,7 +137,7 @@ def measure_torch(config, params, batch, dtype, wrt, iters, latent, matmul_preci
 
 def main():
   args = parse_args()
-  _, config = setups.configs(args.size)
+  _, config = tiny_models.configs(args.size)
   latent = args.latent or config.sample_size
   device = jax.devices()[0]
   print(f"backend={jax.default_backend()} device={device.device_kind} jax={jax.__version__}", flush=True)

@@ -7,7 +7,7 @@ import pytest
 
 from advunlearn_jax.convert import clip_text as convert
 from advunlearn_jax.models.clip_text import CLIPTextModel
-from tests.reference_torch import CustomTextEncoder, LegacyCLIPTextModel
+from advunlearn_jax.testing.reference_torch import CustomTextEncoder, LegacyCLIPTextModel
 from tests.torch_oracles import SD1_TINY, state_numpy, torch, torch_clip
 
 pytestmark = pytest.mark.torch

@@ -11,7 +11,7 @@ import pytest
 
 from advunlearn_jax import train
 from advunlearn_jax.convert import weights_io
-from tests import tiny_models
+from advunlearn_jax.testing import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Retain and concept batches of 8 split over the 8-device data axis: 4 rows per process, so the gradient

@@ -9,7 +9,7 @@ import pytest
 from advunlearn_jax import population, train
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
-from tests import tiny_models
+from advunlearn_jax.testing import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")

@@ -13,7 +13,7 @@ import pytest
 
 from advunlearn_jax import cli
 from advunlearn_jax.convert import clip_text as clip_convert
-from tests import tiny_models
+from advunlearn_jax.testing import tiny_models
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

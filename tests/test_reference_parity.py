@@ -11,9 +11,9 @@ from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import torch_layout
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.pipeline import ScheduleConfig
-from advunlearn_jax.unlearn import draws, retain, trainable, wiring
+from advunlearn_jax.testing import reference_torch
+from advunlearn_jax.unlearn import retain, timesteps, trainable, wiring
 from advunlearn_jax.unlearn import step as step_lib
-from tests import reference_torch
 from tests.torch_oracles import SD1_TINY, state_numpy, torch, torch_clip, torch_unet
 
 pytestmark = pytest.mark.torch
@@ -63,7 +63,7 @@ def test_one_iteration_matches_reference_transcription():
 
   def point(key, n):
     k_t, k_noise = jax.random.split(key)
-    ts = draws.draw_timesteps(k_t)
+    ts = timesteps.draw_timesteps(k_t)
     return reference_torch.Draw(int(ts.t_enc), int(ts.t_ddpm), _nchw(jax.random.normal(k_noise, (n, 8, 8, 4))))
 
   ref_draws = reference_torch.Draws(

@@ -12,11 +12,11 @@ from advunlearn_jax import config_lib, sharding
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.testing import tiny_models
 from advunlearn_jax.unlearn import attack, prompts, retain, trainable, wiring
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import frozen as frozen_lib
 from advunlearn_jax.unlearn import step as step_lib
-from tests import tiny_models
 
 STEP = wiring.train_step  # donates its state: a test that needs the input state afterwards passes a copy
 

@@ -10,10 +10,10 @@ import pytest
 from advunlearn_jax import config_lib, train
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.testing import tiny_models
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import retain, wiring
 from advunlearn_jax.unlearn import step as step_lib
-from tests import tiny_models
 
 
 def tiny_config(pipeline_dir, **overrides):

@@ -38,7 +38,7 @@ from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.sharding import constrain_batch
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import bank as bank_lib
-from advunlearn_jax.unlearn import draws, prompts, trainable
+from advunlearn_jax.unlearn import prompts, timesteps, trainable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +149,11 @@ def student_params(cfg: StepConfig, models: Models, frozen: Frozen, params: dict
   return models.trained.replace(merged, frozen.clip, frozen.unet)
 
 
+def _broadcast_batch(context: jax.Array, n: int) -> jax.Array:
+  """[77, D] -> [n, 77, D]."""
+  return jnp.broadcast_to(context, (n, *context.shape))
+
+
 def mse(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.mean((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2)
 
@@ -179,7 +184,7 @@ def iteration_keys(key: jax.Array) -> dict[str, jax.Array]:
 # ---------------------------------------------------------------------------------------------- 1. draw points
 
 
-def _rows(cfg: StepConfig, key: jax.Array, t: draws.Timesteps, prompt: jax.Array, trajectories: int) -> Points:
+def _rows(cfg: StepConfig, key: jax.Array, t: timesteps.Timesteps, prompt: jax.Array, trajectories: int) -> Points:
   """Points for `prompt`'s rows at one (t_enc, t_ddpm), their start codes and bank trajectories from `key`."""
   n = prompt.shape[0]
   return Points(
@@ -193,7 +198,7 @@ def _rows(cfg: StepConfig, key: jax.Array, t: draws.Timesteps, prompt: jax.Array
 
 def _fresh_t_rows(cfg: StepConfig, frozen: Frozen, key: jax.Array, prompt: jax.Array) -> Points:
   k_t, k_x = jax.random.split(key)
-  t = draws.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
+  t = timesteps.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
   return _rows(cfg, k_x, t, prompt, cfg.bank.concept_trajectories)
 
 
@@ -209,7 +214,7 @@ def draw_points(
   one = lambda i: _fresh_t_rows(cfg, frozen, jax.random.fold_in(keys["attack"], i), c[None])
   attack = jax.tree.map(lambda a: a[:, 0], jax.vmap(one)(jnp.arange(steps)))
   concept = _fresh_t_rows(cfg, frozen, keys["t"], jnp.broadcast_to(c, (cfg.concept_batch,)))
-  shared_t = draws.Timesteps(concept.t_enc[0], concept.t_ddpm[0])
+  shared_t = timesteps.Timesteps(concept.t_enc[0], concept.t_ddpm[0])
   retain = _rows(cfg, keys["noise_r"], shared_t, retain_idx, cfg.bank.retain_trajectories)
   return IterationPoints(attack, concept, retain)
 
@@ -395,8 +400,8 @@ def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points
   def concept_condition(text_p):
     if adv_delta is not None:
       clean = encode(text_p, words_c[None])[0]
-      return draws.broadcast_batch(prompts.build_sequence(clean, adv_delta, *layout), cfg.concept_batch)
-    return encode(text_p, draws.broadcast_batch(prompt_seq, cfg.concept_batch))
+      return _broadcast_batch(prompts.build_sequence(clean, adv_delta, *layout), cfg.concept_batch)
+    return encode(text_p, _broadcast_batch(prompt_seq, cfg.concept_batch))
 
   def loss_fn(params):
     text_p, unet_p = student_params(cfg, models, frozen, params)
@@ -423,7 +428,7 @@ def retain_iter_steps(cfg, models, state, frozen, key, retain_idx):
     params, opt_state, bank, _ = carry
     retain_words = token_table[frozen.retain_ids[retain_idx[i]]]
     k_t, k_n = jax.random.split(jax.random.fold_in(key, i))
-    t = draws.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
+    t = timesteps.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
     empty = _rows(cfg, k_t, t, jnp.zeros((0,), jnp.int32), 1)
     points = IterationPoints(empty, empty, _rows(cfg, k_n, t, retain_idx[i], cfg.bank.retain_trajectories))
     text_p, unet_p = student_params(cfg, models, frozen, params)

@@ -1,4 +1,5 @@
-"""Tiny random Flax models (no torch) for trainer tests: a CLIP text tower and an SD-shaped UNet."""
+"""Tiny random Flax models (no torch) for tests and benchmarks: a CLIP text tower and an SD-shaped UNet at the
+benchmarks' sizes, and a whole diffusers folder of them."""
 
 from __future__ import annotations
 
@@ -6,23 +7,36 @@ import functools
 
 import jax
 
-from advunlearn_jax.models import clip_text
+from advunlearn_jax.models import clip_text, presets
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.pipeline import ScheduleConfig
 
-CLIP = clip_text.CLIPTextConfig(
-  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
-)
-UNET = unet_lib.UNetConfig(
-  block_out_channels=(32, 32),
-  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-  layers_per_block=1,
-  num_attention_heads=(4, 4),
-  cross_attention_dim=32,
-  norm_num_groups=8,
-  sample_size=8,
-)
+SIZES = ("tiny", "small", "sd14")
+
+
+def configs(size: str) -> tuple[clip_text.CLIPTextConfig, unet_lib.UNetConfig]:
+  """SD v1.4's CLIP-L and UNet, or CPU-sized ones with the same block types: `small` (8x8 latents, 32 channels:
+  the tests' models, and where a batched UNet call costs less per row on a CPU) and `tiny` (16x16 latents, 32/64
+  channels)."""
+  if size == "sd14":
+    return clip_text.CLIPTextConfig(), unet_lib.UNetConfig.from_dict(presets.SD14_UNET)
+  clip = clip_text.CLIPTextConfig(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
+  )
+  unet = unet_lib.UNetConfig(
+    block_out_channels=(32, 32) if size == "small" else (32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    num_attention_heads=(4, 4),
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    sample_size=8 if size == "small" else 16,
+  )
+  return clip, unet
+
+
+CLIP, UNET = configs("small")  # the tests' random models
 SCHEDULE = ScheduleConfig()
 
 

@@ -21,8 +21,3 @@ def draw_timesteps(key: jax.Array, ddim_steps: int = 50, num_train: int = 1000) 
   hi = jnp.round(num_train * (t_enc + 1) / ddim_steps).astype(jnp.int32)
   t_ddpm = jax.random.randint(k2, (), lo, hi)
   return Timesteps(t_enc.astype(jnp.int32), t_ddpm)
-
-
-def broadcast_batch(context: jax.Array, n: int) -> jax.Array:
-  """[77, D] -> [n, 77, D]."""
-  return jnp.broadcast_to(context, (n, *context.shape))
