@@ -123,6 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   # The classified image of the attacked prompt: decoded to text and tokenised again, as the official code; False:
   # from the attacked token ids themselves.
   c.evaluation.unlearndiff.retokenize = True
+  # Bisection steps of the projection onto the simplex after each Adam step (float32 converges well within 40).
+  c.evaluation.unlearndiff.bisection_iters = 40
   c.evaluation.inversion = ml_collections.ConfigDict()
   # cce: the published concept inversion (Pham et al. 2023), every setting below as NYU-DICE-Lab/
   # circumventing-concept-erasure's esd/train.sh and esd/concept_inversion.py | prefix: this project's earlier,

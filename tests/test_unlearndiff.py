@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import classifiers
 from advunlearn_jax.evals import unlearndiff as ud
 
@@ -144,3 +145,24 @@ def test_torch_latents_are_the_official_draws(tiny):
   theirs = torch.randn((1, c, hw, hw)).numpy().transpose(0, 2, 3, 1)
   np.testing.assert_array_equal(ours, theirs)
   assert not np.allclose(ours, generation.initial_latents(tiny, 1, 932309623))  # jax draws other numbers
+
+
+def test_every_knob_of_its_section_reaches_the_settings():
+  """A knob is a default in config_lib and a field of the settings that use it, nothing else: each field of
+  evaluation.unlearndiff, changed, arrives in UnlearnDiffConfig; each of AttackConfig's is config.attack's."""
+  from advunlearn_jax import config_lib
+  from advunlearn_jax.unlearn import attack
+
+  ev = config_lib.base_config().evaluation
+  changed = {
+    "k": 5, "iters_per_t": 20, "timesteps": (10, 30), "lr": 0.02, "weight_decay": 0.2, "scheduler": "ddim",
+    "steps": 25, "retokenize": False, "bisection_iters": 12,
+  }  # fmt: skip
+  assert set(changed) == set(ev.unlearndiff.keys())
+  ev.unlearndiff.update(changed)
+  cfg = ud.UnlearnDiffConfig.from_config(ev)
+  assert {name: getattr(cfg, name) for name in changed} == changed
+  ev.unlearndiff.bisection_iters = 0
+  with pytest.raises(ConfigError, match="evaluation.unlearndiff.bisection_iters must be >= 1"):
+    ud.UnlearnDiffConfig.from_config(ev)
+  assert set(attack.AttackConfig._fields) <= set(config_lib.base_config().attack.keys())

@@ -41,7 +41,7 @@ class UnlearnDiffConfig(NamedTuple):
   timesteps: tuple[int, ...] = tuple(range(10, 1000, 20))
   lr: float = 0.01
   weight_decay: float = 0.1  # torch Adam's L2 term, added to the gradient before the moments
-  bisection_iters: int = 40  # float32 simplex projection converges well within this
+  bisection_iters: int = 40  # the simplex projection's bisection steps
   # The images that are classified (the reference: LMS, 50 steps, the CSV's guidance and seed).
   scheduler: str = "lms"
   steps: int = 50
@@ -90,6 +90,8 @@ def check_budgets(budgets: Sequence[int], cfg: UnlearnDiffConfig) -> None:
 def validate(cfg: UnlearnDiffConfig) -> None:
   if cfg.k < 1:
     raise ConfigError(f"evaluation.unlearndiff.k must be >= 1, got {cfg.k}")
+  if cfg.bisection_iters < 1:
+    raise ConfigError(f"evaluation.unlearndiff.bisection_iters must be >= 1, got {cfg.bisection_iters}")
   if cfg.iters_per_t < 1 or not cfg.timesteps:
     raise ConfigError("evaluation.unlearndiff needs iters_per_t >= 1 and at least one timestep")
   if any(not 0 <= t < 1000 for t in cfg.timesteps):
