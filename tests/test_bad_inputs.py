@@ -154,6 +154,9 @@ CASES = [
     ["--pth={evil}/pt_inception.pth", "--out={tmp}/out.safetensors"],
     "{evil}/pt_inception.pth: refused: the pickle calls posix.system",
   ),
+  # plot_budgets: nothing to plot, and a report that is not there
+  ("plot_budgets", [], "give at least one LABEL=REPORT.json"),
+  ("plot_budgets", ["--out={tmp}/asr.png", "ESD={tmp}/none.json"], "{tmp}/none.json: not an evaluate report"),
 ]
 
 
