@@ -53,16 +53,15 @@ def write(
   """`write_component`, and `out/pipeline`, the source pipeline with it, for
   StableDiffusionPipeline.from_pretrained (other components hard-linked where possible). `enabled=False` (the
   non-primary processes of a multi-host run) only returns the paths."""
-  name = tower
-  component_dir, pipeline_dir = os.path.join(out, name), os.path.join(out, "pipeline")
+  component_dir, pipeline_dir = os.path.join(out, tower), os.path.join(out, "pipeline")
   if not enabled:
-    return {name: component_dir, "pipeline": pipeline_dir}
+    return {tower: component_dir, "pipeline": pipeline_dir}
   outputs = write_component(out, pipe, tower, params, reference_name)
   with weights_io.atomic_folder(pipeline_dir) as staging:
     os.rmdir(staging)
-    shutil.copytree(pipe.root, staging, ignore=shutil.ignore_patterns(name, ".cache"), copy_function=_link_or_copy)
-    shutil.copytree(component_dir, os.path.join(staging, name))
-  return {**outputs, name: component_dir, "pipeline": pipeline_dir}
+    shutil.copytree(pipe.root, staging, ignore=shutil.ignore_patterns(tower, ".cache"), copy_function=_link_or_copy)
+    shutil.copytree(component_dir, os.path.join(staging, tower))
+  return {**outputs, tower: component_dir, "pipeline": pipeline_dir}
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -1,13 +1,12 @@
-"""A whole run config checked before any work: each section's typed settings built by the domain that owns them
-(`AttackConfig.from_config`, `BankConfig.from_config`, the evaluation attack's `settings`), plus the checks that
-tie sections together. So a typo is one message naming its key before weights load or anything compiles (main,
-population for every member before the first trains, evaluate, export).
+"""A whole run config checked before any work: each section's typed settings built, and so validated, by the module
+that owns them (`Trained.from_config`, `AttackConfig.from_config`, `BankConfig.from_config`, the evaluation
+attack's `settings`), plus the checks that tie sections together. So a typo is one message naming its key before
+weights load or anything compiles (main, population for every member before the first trains, evaluate, export).
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, NamedTuple
 
 import ml_collections
 
@@ -18,14 +17,7 @@ from advunlearn_jax.evals import attacks, caption_images, fid
 from advunlearn_jax.unlearn import attack, bank, prompts, retain, trainable
 
 
-class Settings(NamedTuple):
-  trained: trainable.Trained  # which tower the run trains, and which of its leaves
-  attack: attack.AttackConfig  # the training attack's step settings
-  bank: bank.BankConfig
-  evaluation_attack: Any  # evals/attacks.py: the settings of the attack `evaluation.attack` names
-
-
-def validate(config: ml_collections.ConfigDict) -> Settings:
+def validate(config: ml_collections.ConfigDict) -> None:
   """Every check a config can fail without loading weights; each names its key."""
   if not config.concept.prompts or any(not str(p).strip() for p in config.concept.prompts):
     raise ConfigError("config.concept.prompts: needs at least one non-empty concept, e.g. ['nudity']")
@@ -36,12 +28,9 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   t = config.train
   trained = trainable.Trained.from_config(t)
   bank.check_source(t.xt_source, trained)
-  built = Settings(
-    trained=trained,
-    attack=attack.AttackConfig.from_config(config.attack),
-    bank=bank.BankConfig.from_config(config.bank),
-    evaluation_attack=attacks.settings(config.evaluation),
-  )
+  attack.AttackConfig.from_config(config.attack)
+  bank.BankConfig.from_config(config.bank)
+  attacks.settings(config.evaluation)
   if t.rollout_buckets < 0 or t.rollout_rows_per_call < -1:
     raise ConfigError(
       "config.train.rollout_buckets must be >= 0 (0: 8) and config.train.rollout_rows_per_call >= -1 (0: buckets, "
@@ -56,7 +45,6 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   if config.report.kind not in config_lib.REPORTS:
     raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(config_lib.REPORTS)}")
   _check_utility(config.evaluation)
-  return built
 
 
 def _check_retain(config: ml_collections.ConfigDict) -> None:

@@ -1,6 +1,7 @@
-"""The robustness attacks `evaluation.attack` names, one object each behind one interface: their settings from
-the config, the prompt room they need, how they run on the screened prompts, and how reports and budget plots
-name them. The evaluate command and the reports ask the attack; nothing compares attack names.
+"""The robustness attacks `evaluation.attack` names, one object each behind one interface: their settings from the
+config (which also say the prompt room they need and describe themselves), how they run on the screened prompts,
+and how reports and budget plots name them. The evaluate command and the reports ask the attack; nothing compares
+attack names.
 """
 
 from __future__ import annotations
@@ -30,14 +31,6 @@ class UnlearnDiffAtk:
   @staticmethod
   def settings(evaluation: ml_collections.ConfigDict) -> unlearndiff.UnlearnDiffConfig:
     return unlearndiff.UnlearnDiffConfig.from_config(evaluation)
-
-  @staticmethod
-  def prefix_tokens(cfg: unlearndiff.UnlearnDiffConfig) -> int:
-    return cfg.k
-
-  @staticmethod
-  def describe(cfg: unlearndiff.UnlearnDiffConfig) -> dict[str, Any]:
-    return cfg._asdict()
 
   @staticmethod
   def title(described: dict[str, Any]) -> str:
@@ -72,14 +65,6 @@ class ConceptInversion:
   @staticmethod
   def settings(evaluation: ml_collections.ConfigDict) -> inversion.InversionConfig:
     return inversion.InversionConfig.from_config(evaluation)
-
-  @staticmethod
-  def prefix_tokens(cfg: inversion.InversionConfig) -> int:
-    return cfg.tokens
-
-  @staticmethod
-  def describe(cfg: inversion.InversionConfig) -> dict[str, Any]:
-    return cfg.describe()
 
   @staticmethod
   def title(described: dict[str, Any]) -> str:

@@ -150,18 +150,22 @@ class InversionConfig(NamedTuple):
       sample_steps=section.sample_steps,
       latents=evaluation.latents,
     )
-    if section.protocol in PROTOCOLS:  # each protocol's own section, under the settings' field names
-      own = section[section.protocol]
-      given = {name: own[name] for name in cls._fields if name in own}
-      if section.protocol == "cce":
-        given["max_images"] = own.num_train_images  # train.sh's name for it
-      cfg = cls(protocol=section.protocol, **given, **common)
-    else:
+    if section.protocol not in PROTOCOLS:
       raise ConfigError(
         f"config.evaluation.inversion.protocol is {section.protocol!r}; expected one of {list(PROTOCOLS)}"
       )
+    own = section[section.protocol]  # each protocol's own section, under the settings' field names
+    given = {name: own[name] for name in cls._fields if name in own}
+    if section.protocol == "cce":
+      given["max_images"] = own.num_train_images  # train.sh's name for it
+    cfg = cls(protocol=section.protocol, **given, **common)
     validate(cfg)
     return cfg
+
+  @property
+  def prefix_tokens(self) -> int:
+    """Token slots the learned embeddings take in front of a prompt (unlearndiff.screen leaves room for them)."""
+    return self.tokens
 
   def describe(self) -> dict[str, Any]:
     """The settings that matter to this protocol (report.json)."""

@@ -6,9 +6,8 @@ import os
 
 import numpy as np
 
-from advunlearn_jax import intervals
 from advunlearn_jax.diffusion import generation
-from advunlearn_jax.evals import attacks
+from advunlearn_jax.evals import attacks, unlearndiff
 
 
 def protocol_lines(protocol: dict) -> list[str]:
@@ -84,9 +83,9 @@ def markdown(report: dict) -> str:
 
 
 def rate(summary: dict, prefix: str) -> str:
-  """A summary's `pre_` or plain rate as `37.5% (3/8, 95% CI 13.7-69.4%)` (intervals.py)."""
-  k = summary["pre_successes" if prefix else "successes"]
-  return str(intervals.Rate(k, summary["prompts"], *summary[f"{prefix}asr_ci95"]))
+  """A report's summary's `pre_` or plain rate as `37.5% (3/8, 95% CI 13.7-69.4%)` (unlearndiff.Summary's)."""
+  s = unlearndiff.Summary(**summary)
+  return str(s.pre_rate if prefix else s.rate)
 
 
 def utility_lines(utility: dict) -> list[str]:

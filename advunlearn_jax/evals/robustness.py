@@ -19,7 +19,7 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
   method = attacks.named(ev.attack)
   cfg = method.settings(ev)
   tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
-  prompts, skipped = unlearndiff.screen(prompts, tokenizer, method.prefix_tokens(cfg), ev.max_prompt_tokens)
+  prompts, skipped = unlearndiff.screen(prompts, tokenizer, cfg.prefix_tokens, ev.max_prompt_tokens)
   for s in skipped:
     log(f"skipped case {s.case} ({s.reason}): {s.prompt[:60]!r}")
   if not prompts:
@@ -38,7 +38,7 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
     "skipped": [s._asdict() for s in skipped],
     "targets": targets,
     "attack_name": method.name,
-    "attack": method.describe(cfg),
+    "attack": cfg.describe(),
     "budget_curve": budgets.asr_curve(outcomes, ev.budgets) if ev.budgets and attack else [],
     **extra,
   }

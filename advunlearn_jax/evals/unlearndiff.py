@@ -59,6 +59,15 @@ class UnlearnDiffConfig(NamedTuple):
     check_budgets(evaluation.budgets, cfg)
     return cfg
 
+  @property
+  def prefix_tokens(self) -> int:
+    """Token slots the attack takes in front of a prompt (unlearndiff.screen leaves room for them)."""
+    return self.k
+
+  def describe(self) -> dict[str, Any]:
+    """The settings, for report.json."""
+    return self._asdict()
+
 
 class Outcome(NamedTuple):
   """One prompt's result. `success` counts pre-successes; `adv_prompt` is "" when no attack ran."""
