@@ -1,6 +1,6 @@
 """The paper's ablations on the tiny world, each row over several seeds, in one resumable command.
 
-  python benchmarks/ablations_tiny.py --out=workdirs/ablations_tiny                       # every row, 3 seeds
+  python benchmarks/ablations_tiny.py                  # every row, 3 seeds, into benchmarks/results/tiny_tables
   python benchmarks/ablations_tiny.py --out=/tmp/smoke --concepts=triangle --seeds=0 --variants=advunlearn,esd \\
       --iterations=10 --quick
 
@@ -11,29 +11,29 @@ steps, the whole encoder, online rollouts (the renewing bank is its own row, `ba
 measured on the same cases (the concept's evaluation prompts at as many seeds as --prompts needs) by
 UnlearnDiffAtk (pre-ASR and ASR), by the published concept inversion (CCE, evals/inversion.py, ASR at each of
 --inversion_budgets), by retain accuracy (the judge's recognition of the other values of the erased attribute)
-and by its training time (without compilation). Finished pieces (trained runs, each measurement) are kept under
---out, so a stopped run continues where it stopped. Prints the table (mean +- std over seeds and the count pooled
-over seeds with its 95% Wilson interval) and writes table.md, results.json and, per concept, the inversion ASR
+and by its training time (without compilation). Finished pieces (each run's training record and measurements,
+small JSON files) are kept under --out, shared with erasure_tiny.py, and never redone (erasure_tiny.py's
+docstring says how the README's pieces are kept in git). Prints the table (mean +- std over seeds and the count pooled
+over seeds with its 95% Wilson interval) and writes ablations.md, ablations.json and, per concept, the inversion ASR
 against budget of every variant in one PNG.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import json
 import os
 import sys
 import time
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from advunlearn_jax import config_lib, train  # noqa: E402
+from advunlearn_jax import config_lib  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import attacks, budgets  # noqa: E402
 from benchmarks import erasure_tiny  # noqa: E402
@@ -103,46 +103,6 @@ VARIANTS = {
 RATE_COLUMNS = erasure_tiny.COLUMNS
 
 
-def train_once(workdir: str, config) -> dict:
-  """Trains (or resumes) the run; its wall time is recorded only when one call trained it start to finish."""
-
-  def timed():
-    resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
-    t0 = time.perf_counter()
-    train.run(config, workdir)
-    return {"seconds": None if resumed else time.perf_counter() - t0}
-
-  return erasure_tiny.cached_json(os.path.join(workdir, "train_seconds.json"), timed)
-
-
-def steady_train_seconds(workdir: str, config) -> float:
-  """Training seconds without compilation, from the run's metrics.jsonl: per phase (warm-up, then attacking),
-  the median seconds per iteration over its logged intervals, less the first (which compiles), times the
-  phase's iterations. The wall time depends on what the process had compiled before and on whatever else
-  shared the machine; this figure compares variants."""
-  warmup, iterations = config.train.warmup_iters, config.train.iterations
-  phases: dict[bool, list[float]] = {False: [], True: []}
-  last = 0
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for record in map(json.loads, f):
-      if "it_per_s" in record:
-        phases[record["step"] > warmup].append(1.0 / record["it_per_s"])
-        last = record["step"]
-  if last != iterations:
-    raise ValueError(f"{workdir}/metrics.jsonl ends at step {last}, the run has {iterations} iterations")
-  everything = phases[False] + phases[True]  # a phase too short to log an interval of its own (smoke runs)
-  per_it = {attacking: float(np.median(seconds[1:] or seconds or everything)) for attacking, seconds in phases.items()}
-  return per_it[False] * warmup + per_it[True] * (iterations - warmup)
-
-
-def release_compiled() -> None:
-  """Drops every compiled executable. Each variant compiles its own (~6k memory maps on XLA:CPU) and the
-  process would keep them all: a full table ran into the kernel's 65530-map limit ("LLVM ERROR: Unable to
-  allocate section memory") after a dozen variants. Each run then pays its own compilation, as run alone."""
-  jax.clear_caches()
-  gc.collect()
-
-
 def fmt_seconds(values: list) -> str:
   values = [v for v in values if v is not None]
   if not values:
@@ -152,7 +112,7 @@ def fmt_seconds(values: list) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default="workdirs/ablations_tiny")
+  parser.add_argument("--out", default=erasure_tiny.OUT, help="runs and their JSON pieces (shared with erasure_tiny)")
   parser.add_argument("--concepts", default="triangle,striped")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -168,7 +128,7 @@ def main():
   if unknown:
     parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
   log = lambda msg: print(msg, flush=True)
-  base = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR)
+  base = functools.cache(lambda: sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR))
   started = time.perf_counter()
   rows: dict[tuple[str, str], list[dict]] = {}
   n_cases = 3 if args.quick else args.prompts
@@ -183,18 +143,19 @@ def main():
         log(f"== {concept} {name} seed {seed}")
         overrides = [*erasure_tiny.FAITHFUL, *variant.overrides]
         config = erasure_tiny.run_config(concept, variant.method, seed, args.iterations, overrides)
-        timing = train_once(workdir, config)
-        target = sd_convert.load_pipeline(os.path.join(workdir, "pipeline"))
-        attack = erasure_tiny.cached_measure(os.path.join(workdir, "measure.json"), base, target, concept, args, log)
+        timing = erasure_tiny.train_once(workdir, config)
+        # Loaded (and trained again, where only the pieces are here) only for a missing piece.
+        target = functools.cache(lambda w=workdir, c=config: erasure_tiny.trained_pipeline(w, c))
+        measure_attack = lambda t=target, c=concept: erasure_tiny.measure(base(), t(), c, args, log)
+        attack = erasure_tiny.cached_json(os.path.join(workdir, "measure.json"), measure_attack)
         measure_inversion = lambda t=target, c=concept: erasure_tiny.inversion_measure(
-          base, t, c, inversion_budgets, n_cases, log
+          base(), t(), c, inversion_budgets, n_cases, log
         )
         inversion = erasure_tiny.cached_json(os.path.join(workdir, "inversion.json"), measure_inversion)
-        steady = steady_train_seconds(workdir, config)
         rows.setdefault((concept, name), []).append(
-          {**attack, **inversion, "train_seconds": timing["seconds"], "steady_train_seconds": steady}
+          {**attack, **inversion, "train_seconds": timing["seconds"], "steady_train_seconds": timing["steady_seconds"]}
         )
-        release_compiled()
+        erasure_tiny.release_compiled()
 
   budget = max(int(b) for b in args.inversion_budgets.split(","))
   titles = " | ".join(t if "CCE" not in t else f"{t}, {budget} steps" for t, _, _ in RATE_COLUMNS)
@@ -209,17 +170,11 @@ def main():
   table = "\n".join(lines)
   print(table)
   print(f"this invocation: {time.perf_counter() - started:.0f} s (pieces already in {args.out} were not redone)")
-  # The command resumes across sessions, so its cost is the sum of the recorded pieces, not one wall time.
-  runs = [r for results in rows.values() for r in results]
-  hours = {k: sum(r[k] or 0.0 for r in runs) / 3600 for k in ("train_seconds", "attack_seconds", "inversion_seconds")}
-  cost = (
-    f"compute: {sum(hours.values()):.1f} h over {len(runs)} runs (training {hours['train_seconds']:.1f} h, "
-    f"UnlearnDiffAtk and retain accuracy {hours['attack_seconds']:.1f} h, inversion {hours['inversion_seconds']:.1f} h)"
-  )
+  cost = erasure_tiny.cost_line([r for results in rows.values() for r in results])
   print(cost)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
+  with open(os.path.join(args.out, "ablations.md"), "w") as f:
     f.write(f"{table}\n\n{cost}\n")
-  with open(os.path.join(args.out, "results.json"), "w") as f:
+  with open(os.path.join(args.out, "ablations.json"), "w") as f:
     json.dump({f"{c} | {n}": r for (c, n), r in rows.items()}, f, indent=2)
   for concept in args.concepts.split(","):
     curves = {}

@@ -1,30 +1,40 @@
 """The paper's claim on the tiny world: ESD vs AdvUnlearn, attacked by UnlearnDiffAtk and by CCE inversion.
 
-  python benchmarks/erasure_tiny.py --out=workdirs/erasure_tiny                    # triangle + striped, 3 seeds
+  python benchmarks/erasure_tiny.py                  # triangle + striped, 3 seeds, in benchmarks/results/tiny_tables
   python benchmarks/erasure_tiny.py --out=/tmp/smoke --seeds=0 --concepts=triangle --iterations=20 --quick
 
 For each concept and seed, the rows of METHODS, each configs/tiny.py with one change, on the faithful path
 (online rollouts): `esd` is the paper's ESD (the UNet without cross-attention, no attack, no retain term);
 `advunlearn` is AdvUnlearn on the text encoder; `esd_text_retain` is the same text-encoder run as AdvUnlearn
 without its attack (warm-up covers every iteration), the controlled comparison this table used to make, and
-`advunlearn_bank` AdvUnlearn on the renewing trajectory bank. Every model is attacked on the same cases (the
+`bank` AdvUnlearn on the renewing trajectory bank. Every model is attacked on the same cases (the
 concept's evaluation prompts, each at as many seeds as --prompts needs) by UnlearnDiffAtk and by the published
-concept inversion (CCE) at --inversion_budget steps; retain accuracy is the judge's recognition of the other
-values of the concept's attribute. Then the plug-and-play check: the tiny UNet is fine-tuned further with its
+concept inversion (CCE) checkpointed at --inversion_budgets steps; retain accuracy is the judge's recognition of
+the other values of the concept's attribute. Then the plug-and-play check: the tiny UNet is fine-tuned further with its
 text encoder frozen (the stand-in for SD v1.5), and each trained encoder is plugged into it unchanged. Prints one
-table (mean +- std over seeds, and the pooled count with its 95% Wilson interval) and writes table.md and
-results.json. Finished pieces are kept in --out, so an interrupted run continues where it stopped.
+table (mean +- std over seeds, and the pooled count with its 95% Wilson interval) and writes erasure.md and
+erasure.json.
+
+Every finished piece (a run's training record, each measurement) is a small JSON file under --out, next to the
+run it measures, and a piece that is there is never redone: a stopped command continues where it stopped, and a
+run whose pieces are all there is not even loaded. ablations_tiny.py shares the same --out and the rows the two
+tables have in common (`advunlearn`, `esd`, `bank`). The README's tables are the pieces committed under
+benchmarks/results/tiny_tables/ (git keeps the JSON pieces only, see .gitignore): running either command on that
+folder prints its table again without computing anything, and rows or seeds added to it compute only what is new.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
+import gc
 import json
 import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,9 +58,10 @@ METHODS = {
   "esd": ("esd", (*FAITHFUL, "train.method='noxattn'", "retain.weight=0.0")),
   "advunlearn": ("advunlearn", FAITHFUL),
   "esd_text_retain": ("esd", FAITHFUL),
-  "advunlearn_bank": ("advunlearn", ("train.xt_source='bank'",)),
+  "bank": ("advunlearn", ("train.xt_source='bank'",)),
 }
-TEXT_ROWS = ("advunlearn", "esd_text_retain", "advunlearn_bank")  # what can be plugged into another UNet
+TEXT_ROWS = ("advunlearn", "esd_text_retain", "bank")  # what can be plugged into another UNet
+OUT = os.path.join(ROOT, "benchmarks", "results", "tiny_tables")  # shared with ablations_tiny.py
 
 
 def cases(concept: str, n: int) -> list:
@@ -150,8 +161,65 @@ def cached_json(path: str, compute) -> dict:
   return value
 
 
-def cached_measure(path: str, original, target, concept: str, args, log) -> dict:
-  return cached_json(path, lambda: measure(original, target, concept, args, log))
+def steady_train_seconds(workdir: str, config) -> float:
+  """Training seconds without compilation, from the run's metrics.jsonl: per phase (warm-up, then attacking),
+  the median seconds per iteration over its logged intervals, less the first (which compiles), times the
+  phase's iterations. The wall time depends on what the process had compiled before and on whatever else
+  shared the machine; this figure compares variants."""
+  warmup, iterations = config.train.warmup_iters, config.train.iterations
+  phases: dict[bool, list[float]] = {False: [], True: []}
+  last = 0
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for record in map(json.loads, f):
+      if "it_per_s" in record:
+        phases[record["step"] > warmup].append(1.0 / record["it_per_s"])
+        last = record["step"]
+  if last != iterations:
+    raise ValueError(f"{workdir}/metrics.jsonl ends at step {last}, the run has {iterations} iterations")
+  everything = phases[False] + phases[True]  # a phase too short to log an interval of its own (smoke runs)
+  per_it = {attacking: float(np.median(seconds[1:] or seconds or everything)) for attacking, seconds in phases.items()}
+  return per_it[False] * warmup + per_it[True] * (iterations - warmup)
+
+
+def train_once(workdir: str, config) -> dict:
+  """Trains (or resumes) the run and keeps its record, `train.json`: the wall seconds (only when one call
+  trained it start to finish) and the steady seconds without compilation."""
+
+  def timed():
+    resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    t0 = time.perf_counter()
+    train.run(config, workdir, show_progress=False)
+    seconds = None if resumed else time.perf_counter() - t0
+    return {"seconds": seconds, "steady_seconds": steady_train_seconds(workdir, config)}
+
+  return cached_json(os.path.join(workdir, "train.json"), timed)
+
+
+def trained_pipeline(workdir: str, config):
+  """The run's exported pipeline, trained first if need be (also when only its JSON pieces are here)."""
+  train_once(workdir, config)
+  if not os.path.isfile(os.path.join(workdir, "pipeline", "model_index.json")):
+    train.run(config, workdir, show_progress=False)
+  return sd_convert.load_pipeline(os.path.join(workdir, "pipeline"))
+
+
+def release_compiled() -> None:
+  """Drops every compiled executable. Each run compiles its own (~6k memory maps on XLA:CPU) and the process
+  would keep them all: a full table ran into the kernel's 65530-map limit ("LLVM ERROR: Unable to allocate
+  section memory") after a dozen runs. Each run then pays its own compilation, as run alone."""
+  jax.clear_caches()
+  gc.collect()
+
+
+def cost_line(runs: list[dict]) -> str:
+  """The compute behind a table, summed over its recorded pieces: the commands resume across sessions, so no
+  single wall time covers them."""
+  keys = ("train_seconds", "attack_seconds", "inversion_seconds")
+  hours = {k: sum(r.get(k) or 0.0 for r in runs) / 3600 for k in keys}
+  return (
+    f"compute: {sum(hours.values()):.1f} h over {len(runs)} runs (training {hours['train_seconds']:.1f} h, "
+    f"UnlearnDiffAtk and retain accuracy {hours['attack_seconds']:.1f} h, inversion {hours['inversion_seconds']:.1f} h)"
+  )
 
 
 def finetuned_unet(out: str, steps: int, seed: int) -> str:
@@ -212,14 +280,14 @@ def table(rows: dict[tuple[str, str], list[dict]], budget: int) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default="workdirs/erasure_tiny")
+  parser.add_argument("--out", default=OUT, help="where runs and their JSON pieces are kept (shared with ablations)")
   parser.add_argument("--concepts", default="triangle,striped")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--iterations", type=int, default=0, help="0: configs/tiny.py's")
   parser.add_argument("--per_value", type=int, default=12, help="retain-accuracy images per retained value")
   parser.add_argument("--prompts", type=int, default=24, help="evaluation cases (prompt, seed) per concept and run")
   parser.add_argument(
-    "--inversion_budget", type=int, default=250, help="CCE steps (benchmarks/inversion_budget_tiny.py)"
+    "--inversion_budgets", default="50,100,250", help="CCE checkpoints (steps; benchmarks/inversion_budget_tiny.py)"
   )
   parser.add_argument("--plug_and_play", default="triangle", help="concepts whose encoders are plugged in; '' skips")
   parser.add_argument("--finetune_steps", type=int, default=300, help="extra UNet steps under the frozen text tower")
@@ -232,46 +300,58 @@ def main():
     parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
   concepts = args.concepts.split(",")
+  budgets = [int(b) for b in args.inversion_budgets.split(",")]
   log = lambda msg: print(msg, flush=True)
   n_cases = 3 if args.quick else args.prompts
-  base = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR)
-  finetuned = None
+  # Pipelines are loaded (and runs trained) only for a piece that is missing.
+  base = functools.cache(lambda: sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR))
+  finetuned = functools.cache(lambda: sd_convert.load_pipeline(finetuned_unet(args.out, args.finetune_steps, seed=0)))
   plug = set(filter(None, args.plug_and_play.split(",")))
-  if plug:
-    finetuned = sd_convert.load_pipeline(finetuned_unet(args.out, args.finetune_steps, seed=0))
 
   rows: dict[tuple[str, str], list[dict]] = {}
 
   def add(concept, model, folder, original, target, prefix=""):
     attack = cached_json(
-      os.path.join(folder, f"{prefix}measure.json"), lambda: measure(original, target, concept, args, log)
+      os.path.join(folder, f"{prefix}measure.json"), lambda: measure(original(), target(), concept, args, log)
     )
-    compute = lambda: inversion_measure(original, target, concept, [args.inversion_budget], n_cases, log)
+    compute = lambda: inversion_measure(original(), target(), concept, budgets, n_cases, log)
     inversion = cached_json(os.path.join(folder, f"{prefix}inversion.json"), compute)
-    rows.setdefault((concept, model), []).append({**attack, **inversion})
+    row = {**attack, **inversion}
+    if not prefix and os.path.isfile(os.path.join(folder, "train.json")):
+      with open(os.path.join(folder, "train.json")) as f:
+        timing = json.load(f)
+      row.update(train_seconds=timing["seconds"], steady_train_seconds=timing["steady_seconds"])
+    rows.setdefault((concept, model), []).append(row)
 
   for concept in concepts:
     add(concept, "base", os.path.join(args.out, concept, "base"), base, base)
     if concept in plug:
       add(concept, "base, fine-tuned UNet", os.path.join(args.out, concept, "base"), finetuned, finetuned, "finetuned_")
-    for name in args.methods.split(","):
-      method, overrides = METHODS[name]
-      for seed in seeds:
+  # Seed-major: a stopped run has every row at fewer seeds rather than some rows complete and others missing.
+  for seed in seeds:
+    for concept in concepts:
+      for name in args.methods.split(","):
+        method, overrides = METHODS[name]
         workdir = os.path.join(args.out, concept, f"{name}_seed{seed}")
         log(f"== {concept} {name} seed {seed}")
-        if not os.path.isfile(os.path.join(workdir, "pipeline", "model_index.json")):
-          train.run(run_config(concept, method, seed, args.iterations, [*overrides, *args.set]), workdir)
-        target = sd_convert.load_pipeline(os.path.join(workdir, "pipeline"))
+        config = run_config(concept, method, seed, args.iterations, [*overrides, *args.set])
+        target = functools.cache(lambda w=workdir, c=config: trained_pipeline(w, c))
         add(concept, name, workdir, base, target)
         if concept in plug and name in TEXT_ROWS:
-          plugged = sd_convert.load_pipeline(finetuned.root, text_encoder=os.path.join(workdir, "text_encoder"))
-          add(concept, f"{name}, plugged into fine-tuned UNet", workdir, finetuned, plugged, "plugged_")
 
-  text = table(rows, args.inversion_budget)
+          @functools.cache
+          def plugged(w=workdir, t=target):
+            t()  # the run's encoder, trained first if need be
+            return sd_convert.load_pipeline(finetuned().root, text_encoder=os.path.join(w, "text_encoder"))
+
+          add(concept, f"{name}, plugged into fine-tuned UNet", workdir, finetuned, plugged, "plugged_")
+        release_compiled()
+
+  text = table(rows, max(budgets)) + "\n\n" + cost_line([r for results in rows.values() for r in results])
   print(text)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
+  with open(os.path.join(args.out, "erasure.md"), "w") as f:
     f.write(text + "\n")
-  with open(os.path.join(args.out, "results.json"), "w") as f:
+  with open(os.path.join(args.out, "erasure.json"), "w") as f:
     json.dump({f"{c} | {m}": r for (c, m), r in rows.items()}, f, indent=2)
 
 

@@ -77,12 +77,13 @@ def test_generate_benchmark_compares_the_same_images(tmp_path):
   assert re.search(r"^speed-up ours vs diffusers: [0-9.]+x$", out.stdout, re.M), out.stdout
 
 
-def test_ablations_benchmark_measures_every_column_and_resumes(tmp_path):
-  """Two variants, one seed, a few iterations: every column measured; a second call redoes nothing."""
+def test_tiny_tables_measure_every_column_resume_and_share_their_pieces(tmp_path):
+  """Two ablation variants, one seed, a few iterations: every column measured; a second call, given only the JSON
+  pieces git keeps, redoes nothing; erasure_tiny.py reads the rows the two tables share."""
   args = [f"--out={tmp_path}", "--concepts=triangle", "--seeds=0", "--variants=advunlearn,esd", "--iterations=6"]
   args += ["--quick", "--inversion_budgets=5,10", "--per_value=2"]
   out = _benchmark("ablations_tiny.py", *args)
-  results = json.loads((tmp_path / "results.json").read_text())
+  results = json.loads((tmp_path / "ablations.json").read_text())
   assert set(results) == {"triangle | advunlearn", "triangle | esd"}, out.stdout
   for runs in results.values():
     (run,) = runs
@@ -91,13 +92,30 @@ def test_ablations_benchmark_measures_every_column_and_resumes(tmp_path):
     assert run["train_seconds"] > run["steady_train_seconds"] > 0  # the wall time also compiles
     assert [b for b, _ in run["inversion_curve"]] == [0, 5, 10]
   assert (tmp_path / "inversion_asr_vs_budget_triangle.png").is_file()
-  table = (tmp_path / "table.md").read_text()
+  table = (tmp_path / "ablations.md").read_text()
   assert "| triangle | esd | no adversarial training |" in table
   assert re.search(r"\| [0-9.]+% \(\d+/3, \d+-\d+%\) \|", table), table  # a rate, its count and its interval
   (cost,) = re.findall(r"^compute: [0-9.]+ h over 2 runs \(training .*\)$", table, re.M)
+  # What git keeps of the tables (.gitignore): the JSON pieces, not the runs. A clone rebuilds the table from them.
+  for folder, _, files in os.walk(tmp_path, topdown=False):
+    for name in files:
+      if not re.fullmatch(r"(train|measure|inversion)\.json", name):
+        os.remove(os.path.join(folder, name))
+    if not os.listdir(folder) and folder != str(tmp_path):
+      os.rmdir(folder)
   again = _benchmark("ablations_tiny.py", *args)
-  assert "inversion:" not in again.stdout and json.loads((tmp_path / "results.json").read_text()) == results
+  assert "inversion:" not in again.stdout and "training " not in again.stdout, again.stdout
+  assert json.loads((tmp_path / "ablations.json").read_text()) == results
   assert cost in again.stdout.splitlines()  # the cost of the pieces, not of the call that only read them
+  # erasure_tiny.py shares the out folder and the rows both tables have: it measures only its base model.
+  shared = ["--methods=esd,advunlearn", "--plug_and_play=", *(a for a in args if not a.startswith("--variants"))]
+  erasure = _benchmark("erasure_tiny.py", *shared)
+  assert "training " not in erasure.stdout, erasure.stdout
+  rows = json.loads((tmp_path / "erasure.json").read_text())
+  assert set(rows) == {"triangle | base", "triangle | esd", "triangle | advunlearn"}
+  for name in ("esd", "advunlearn"):
+    assert rows[f"triangle | {name}"][0]["successes"] == results[f"triangle | {name}"][0]["successes"]
+    assert rows[f"triangle | {name}"][0]["inversion_curve"] == results[f"triangle | {name}"][0]["inversion_curve"]
 
 
 def _memory_lines(stdout, modes):
