@@ -73,6 +73,13 @@ def shard_params(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: _put(x, NamedSharding(mesh, param_spec(np.shape(x), mesh))), tree)
 
 
+def abstract(tree: Any, mesh: Mesh, sharded: bool) -> Any:
+  """The shapes of `tree` placed as `shard_params` (sharded) or `replicate` would place them, holding no data:
+  the inputs of an ahead-of-time compilation for a mesh of devices this host need not have."""
+  place = lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), mesh) if sharded else PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place(x)), tree)
+
+
 def constrain_params(tree: Any, mesh: Mesh | None) -> Any:
   """Inside jit: keeps updated parameters on `param_spec`'s layout, so each step's outputs have the same
   shardings as its inputs (otherwise the next step would compile again for the compiler's choice)."""

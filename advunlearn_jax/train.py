@@ -69,15 +69,19 @@ def _trajectory_bank(config, cfg, models, frozen, mesh, abstract: bool) -> bank_
 
 def fsdp_size(config: ml_collections.ConfigDict, devices: list | None = None) -> int:
   """config.mesh.fsdp, or by default: 1 (data parallel) for text-encoder methods, whose trained tower is small;
-  for UNet methods every device of a host shares the UNet's parameters and Adam state (the fast links)."""
-  n = len(devices or jax.devices())
+  for UNet methods every device of a host shares the UNet's parameters and Adam state (the fast links).
+  `devices` may be another machine's (an ahead-of-time compile for a TPU slice): a host's devices are those of
+  one process index."""
+  devices = list(devices or jax.devices())
+  n = len(devices)
   if config.mesh.fsdp:
     if n % config.mesh.fsdp:
       raise ConfigError(f"config.mesh.fsdp={config.mesh.fsdp} does not divide the {n} devices")
     return config.mesh.fsdp
   if trainable.Trained.from_config(config.train).tower == "text_encoder":
     return 1
-  return math.gcd(n, jax.local_device_count())
+  per_host = sum(d.process_index == devices[0].process_index for d in devices)
+  return math.gcd(n, per_host)
 
 
 def _to_host(tree: Any) -> Any:

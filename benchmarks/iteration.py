@@ -8,6 +8,14 @@ one (bank_renewing). Prints ratios against the transcription and against online_
   python benchmarks/iteration.py --size=sd14 --iters=3  # SD v1.4 UNet + CLIP-L with random weights (GPU)
   python benchmarks/iteration.py --size=sd14 --memory_only --dtype=bfloat16   # compile only: memory, any machine
   python benchmarks/iteration.py --size=sd14 --memory_only --dtype=bfloat16 --target=h200  # XLA:GPU's, no GPU
+  python benchmarks/iteration.py --size=sd14 --memory_only --dtype=bfloat16 --target=v5e-8  # libtpu's, no TPU
+  python benchmarks/iteration.py --size=sd21 --memory_only --dtype=bfloat16 --target=v4-32 --method=noxattn
+
+With --target, the step is compiled as the trainer would run it on that machine: its mesh (train.fsdp_size's
+rule over the target's devices: data parallel for text-encoder methods, FSDP within a host for UNet methods),
+its parameter and state shardings, per chip; each mode prints its memory per chip against the chip's HBM and the
+collectives the compiled step holds. TPU targets need libtpu, in a venv of its own (it is no requirement):
+pip install "jax[tpu]==<the jax version>"; libtpu's complaint about TPU worker hostnames does not stop it.
 
 Per mode: seconds per iteration (median), sequential UNet calls per iteration (one CFG DDIM step, one frozen
 forward, one forward or backward pass of a loss: each a UNet call that waits for the one before), FLOP
@@ -15,8 +23,9 @@ efficiency (the UNet rows a per-point rollout needs over the rows computed: the 
 its buckets' rows that are done, are masked work), and XLA's compiled memory (arguments + outputs + temporaries).
 The rollouts' counts are measured in the step (its `rollout_*` metrics); the rest follow from the iteration's
 shape (spec 2.3-2.4).
-`--json=FILE` writes {mode: {"s_per_iter", "sequential_unet_calls", "flop_efficiency"}}; `--merge A.json B.json`
-joins such files from separate runs (the GPU check times each mode in its own process) and prints the ratios.
+`--json=FILE` writes {mode: {"s_per_iter", "sequential_unet_calls", "flop_efficiency"}} (with --memory_only:
+{mode: {"compile_s", "peak_gib", "collectives", ...}}); `--merge A.json B.json` joins timing files from separate
+runs (the GPU check times each mode in its own process) and prints the ratios.
 
 `--no_torch` skips the PyTorch baseline (it needs torch + diffusers + transformers). On GPUs its fp32 matmuls
 run in TF32, the arithmetic of JAX's default precision there, so the ratio compares like with like
@@ -32,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -42,7 +52,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from advunlearn_jax import compile_cache, config_lib  # noqa: E402
+from advunlearn_jax import compile_cache, config_lib, sharding, train  # noqa: E402
 from advunlearn_jax import tokenizer as tok_lib  # noqa: E402
 from advunlearn_jax.diffusion import ddim  # noqa: E402
 from advunlearn_jax.models import clip_text  # noqa: E402
@@ -88,6 +98,7 @@ def parse_args(argv=None):
   p.add_argument("--attack_steps", type=int, default=30)
   p.add_argument("--retain_batch", type=int, default=5)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--method", default="text_encoder_full", help="train.method: the tower and layers trained")
   p.add_argument("--remat", default="none")
   p.add_argument("--rollout_buckets", type=int, default=0, help="with --rows_per_call=0; 0: wiring.ROLLOUT_BUCKETS")
   p.add_argument(
@@ -107,7 +118,8 @@ def parse_args(argv=None):
     "--target",
     default="",
     choices=("", *setups.TARGETS),
-    help="with --memory_only: compile for this GPU with XLA:GPU on this host, GPU or not (needs JAX's CUDA plugin)",
+    help="with --memory_only: compile for this accelerator on this host, as the trainer would lay the step out "
+    "there (an H200 with XLA:GPU: JAX's CUDA plugin; a TPU slice with libtpu)",
   )
   p.add_argument("--peak_tflops", type=float, default=None, help="dense peak for MFU (default: H200 on GPUs)")
   p.add_argument(
@@ -128,9 +140,10 @@ def parse_args(argv=None):
 
 
 class Harness:
-  """The models, frozen inputs and a StepConfig per mode, as train.run builds them."""
+  """The models, frozen inputs and a StepConfig per mode, as train.run builds them; on `devices` (another
+  machine's, for an ahead-of-time compile) with the mesh train.run would build of them."""
 
-  def __init__(self, args):
+  def __init__(self, args, devices: list | None = None):
     self.args = args
     self.clip_cfg, self.unet_cfg = tiny_models.configs(args.size)
     self.hw = self.unet_cfg.sample_size
@@ -151,9 +164,10 @@ class Harness:
     config.retain.batch, config.retain.weight = args.retain_batch, 0.3
     config.attack.steps = args.attack_steps
     config.model.dtype, config.model.remat = args.dtype, args.remat
+    config.train.method = args.method
     slots = args.rows_per_call
-    if slots < 0 and args.target:  # the target's default, not the compiling host's
-      slots = wiring.rollout_rows_per_call(self.hw, backend="gpu")
+    if slots < 0 and devices:  # the target's default, not the compiling host's
+      slots = wiring.rollout_rows_per_call(self.hw, backend=devices[0].platform)
     config.train.rollout_buckets, config.train.rollout_rows_per_call = args.rollout_buckets, slots
     wire = lambda unet_params: wiring.wire(
       config,
@@ -171,6 +185,10 @@ class Harness:
       base, self.models = wired["w"].cfg, wired["w"].models
     else:
       base, self.models, self.frozen, _ = wire(self.unet_params)
+    self.mesh = None
+    if devices:
+      self.mesh = sharding.make_mesh(devices, train.fsdp_size(config, devices))
+      self.models = self.models._replace(mesh=self.mesh)
     self.k = base.num_tokens
     self.renewal = bank_lib.BankConfig.from_config(
       config.bank
@@ -275,17 +293,17 @@ def main(argv=None):
     except ValueError as e:
       print(e, file=sys.stderr)
       sys.exit(2)
-  target = None
+  devices = None
   if args.target:  # compiled, never run: the host's own devices stay out of it (and a GPU-less host has no driver)
     jax.config.update("jax_platforms", "cpu")
     try:
-      target = setups.deviceless_gpu(args.target)
+      devices = setups.target_devices(args.target)
     except ValueError as e:
       print(e, file=sys.stderr)
       sys.exit(2)
   if args.compilation_cache:  # before the first compilation: JAX decides once per process
     print(f"compilation cache: {compile_cache.enable(args.compilation_cache)} (what it holds loads, not compiles)")
-  s = Harness(args)
+  s = Harness(args, devices)
   print(
     f"backend={jax.default_backend()} size={args.size} latents {s.hw}x{s.hw} attack_steps={args.attack_steps} "
     f"retain_batch={args.retain_batch} dtype={args.dtype} remat={args.remat}",
@@ -304,7 +322,13 @@ def main(argv=None):
     flush=True,
   )
   if args.memory_only:
-    return print_memory(s, target)
+    memory = print_memory(s)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(
+          {"target": args.target, "size": args.size, "method": args.method, "dtype": args.dtype, **memory}, f, indent=1
+        )
+    return memory
   fwd_flops = unet_forward_flops(s) if set(args.modes) & set(JAX_MODES) else 0.0
   peak = args.peak_tflops or (setups.H200_PEAK_TFLOPS[args.dtype] if jax.default_backend() == "gpu" else None)
   results = {}
@@ -349,28 +373,69 @@ def report(results: dict, json_path: str) -> dict:
   return results
 
 
-def print_memory(s: Harness, target: jax.sharding.Sharding | None = None):
-  """Compiles each JAX mode's step on abstract inputs and prints XLA's memory analysis of it; on `target`'s
-  device (deviceless_gpu) if given, else on the default backend's."""
-  place = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=target), tree)
+def print_memory(s: Harness):
+  """Compiles each JAX mode's step on abstract inputs and prints XLA's memory analysis of it, per device: laid
+  out on the harness' mesh as train.run lays it out (frozen weights and state by sharding.param_spec, the rest
+  replicated) when it has one, else on the default backend's device."""
   batch = jax.eval_shape(lambda: step_lib.Batch(jnp.arange(s.args.retain_batch, dtype=jnp.int32), jax.random.key(0)))
-  if target is not None:
-    print(f"compiling for {target.mesh.devices.flat[0].device_kind} with XLA:GPU, no device needed", flush=True)
+  mesh, target = s.mesh, s.args.target
+  results = {}
+  if mesh is not None:
+    kind = mesh.devices.flat[0].device_kind
+    hosts = len({d.process_index for d in mesh.devices.flat})
+    where = f"{kind}, {mesh.size} devices on {hosts} host(s)"
+    print(f"compiling for {target} ({where}), mesh {dict(mesh.shape)}, no device needed", flush=True)
   for mode in s.args.modes:
     if mode == "pytorch":
       continue
     cfg = s.step_config(mode)
     bank = jax.eval_shape(lambda f, cfg=cfg: s.bank(cfg, f), s.frozen) if cfg.xt_source == "bank" else None
     state = jax.eval_shape(lambda f, b, cfg=cfg: step_lib.init_state(cfg, s.models, f, b), s.frozen, bank)
+    frozen = s.frozen
+    if mesh is not None:  # as train.run: wiring.wire places frozen, restore_or_start the state, the loop the batch
+      weights = {k: sharding.abstract(getattr(frozen, k), mesh, sharded=True) for k in ("unet", "clip")}
+      frozen = sharding.abstract(frozen._replace(unet=None, clip=None), mesh, sharded=False)._replace(**weights)
+      bank = sharding.abstract(state.bank, mesh, sharded=False)
+      state = sharding.abstract(state._replace(bank=None), mesh, sharded=True)._replace(bank=bank)
+      batch = sharding.abstract(batch, mesh, sharded=False)
     t0 = time.perf_counter()
-    lowered = STEP.lower(cfg, s.models, place(state), place(s.frozen), place(batch), True)
-    options = setups.DEVICELESS_COMPILER_OPTIONS if target is not None else None
-    mem = lowered.compile(compiler_options=options).memory_analysis()
+    lowered = STEP.lower(cfg, s.models, state, frozen, batch, True)
+    options = setups.DEVICELESS_COMPILER_OPTIONS if target in setups.GPU_TARGETS else None
+    compiled = lowered.compile(compiler_options=options)
+    seconds, mem = time.perf_counter() - t0, compiled.memory_analysis()
+    peak = compiled_gib(mem)
+    fit = ""
+    if target:
+      hbm = setups.HBM_GIB[target]
+      fit = f" of {hbm:.0f} GiB per chip: {'fits' if peak <= hbm else 'DOES NOT FIT'}"
     print(
-      f"{mode:<18}: compile {time.perf_counter() - t0:.1f} s; arguments {mem.argument_size_in_bytes / 2**30:.2f} "
-      f"GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f}; peak {compiled_gib(mem):.2f} GiB",
+      f"{mode:<18}: compile {seconds:.1f} s; arguments {mem.argument_size_in_bytes / 2**30:.2f} "
+      f"GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f}; peak {peak:.2f} GiB{fit}",
       flush=True,
     )
+    counts = collectives(compiled.as_text()) if mesh is not None and mesh.size > 1 else {}
+    if counts:
+      print(f"{'':<18}  collectives in the step: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    results[mode] = {"compile_s": seconds, "peak_gib": peak, "collectives": counts}
+    if target:
+      results[mode].update(hbm_gib=setups.HBM_GIB[target], fits=peak <= setups.HBM_GIB[target])
+  if mesh is not None:
+    results["mesh"] = dict(mesh.shape)
+  return results
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def collectives(hlo: str) -> dict[str, int]:
+  """How many of each cross-device operation the compiled program holds (async pairs counted once). Static
+  counts: one inside a loop (the attack's steps, a rollout's DDIM steps) runs once per trip."""
+  counts = {}
+  for op in COLLECTIVES:
+    n = len(re.findall(rf"= [^=]*? {op}(?:-start)?\(", hlo))
+    if n:
+      counts[op] = n
+  return counts
 
 
 def compiled_gib(mem) -> float:

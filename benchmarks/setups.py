@@ -1,7 +1,10 @@
 """What the benchmarks run on besides the models (advunlearn_jax/testing/tiny_models.py: the sizes, random
-weights): the H200's dense peak for MFU, and an H200 to compile for on a host without one."""
+weights): the H200's dense peak for MFU, and the accelerators to compile for on a host without them (an H200
+through XLA:GPU, TPU slices through libtpu's ahead-of-time topologies)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 
@@ -23,23 +26,48 @@ dnn_version_info { major: 9 minor: 8 }
 runtime_version { major: 12 minor: 8 }
 device_description_str: "NVIDIA H200"
 """
-TARGETS = {"h200": H200_TARGET_CONFIG}
+GPU_TARGETS = {"h200": H200_TARGET_CONFIG}
+
+
+class TpuTarget(NamedTuple):
+  topology: str  # libtpu's topology name: generation, then chips per axis
+  hbm_gib: float  # per chip, Cloud TPU's system architecture pages
+  options: dict  # libtpu's: megacore (one JAX device per chip, as on a real v4/v5p), the chips of one host
+
+
+# Cloud TPU names slices by TensorCores (v4, v5p: 2 per chip) or chips (v5e); the topology counts chips.
+MEGACORE = {"chip_config_name": "megacore"}
+TPU_TARGETS = {
+  "v4-8": TpuTarget("v4:2x2x1", 32.0, MEGACORE),
+  "v4-32": TpuTarget("v4:2x2x4", 32.0, MEGACORE),  # 16 chips on 4 hosts: FSDP within a host, data across them
+  "v5e-8": TpuTarget("v5e:2x4", 16.0, {"chips_per_host_bounds": (2, 4, 1)}),  # one host of 8 chips
+  "v5p-8": TpuTarget("v5p:2x2x1", 95.0, MEGACORE),
+}
+TARGETS = (*GPU_TARGETS, *TPU_TARGETS)
+HBM_GIB = {"h200": 150754820096 / 2**30, **{name: t.hbm_gib for name, t in TPU_TARGETS.items()}}
 # Triton's GEMM tiles are the autotuner's to pick; without a device some small dots find none, so cuBLAS there.
 DEVICELESS_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
-def deviceless_gpu(target: str) -> jax.sharding.Sharding:
-  """One device of `target` (a TARGETS key) to place abstract inputs on: what is lowered for it compiles with
-  XLA:GPU on this host, GPU or not, with JAX's platforms set to cpu (a host without a GPU driver fails the CUDA
-  plugin's checks otherwise). Needs the plugin: ValueError says how to install it."""
+def target_devices(target: str) -> list:
+  """The devices of `target` (a TARGETS name), to build a mesh of and place abstract inputs on: what is lowered
+  for them compiles on this host with the target's own compiler (XLA:GPU, or libtpu's), no accelerator needed.
+  JAX's platforms must be cpu (a host without a GPU driver fails the CUDA plugin's checks otherwise). ValueError
+  says which plugin is missing and how to install it."""
   from jax.experimental import topologies
 
+  if target in GPU_TARGETS:
+    platform, kwargs, install = "cuda", {"target_config": GPU_TARGETS[target], "topology": "1x1x1"}, "cuda12"
+  else:
+    tpu = TPU_TARGETS[target]
+    platform, kwargs, install = "tpu", {"topology_name": tpu.topology, **tpu.options}, "tpu"
   try:
-    topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[target], topology="1x1x1")
-  except NotImplementedError:
+    topology = topologies.get_topology_desc(platform=platform, **kwargs)
+  except RuntimeError as e:  # NotImplementedError: no CUDA plugin; a RuntimeError saying so: no libtpu
+    if not isinstance(e, NotImplementedError) and "support not installed" not in str(e):
+      raise
     raise ValueError(
-      f"--target={target} compiles with XLA:GPU, which needs JAX's CUDA plugin: pip install "
-      f'"jax[cuda12]=={jax.__version__}"'
+      f"--target={target} compiles with {'XLA:GPU' if platform == 'cuda' else 'libtpu'}, which needs JAX's "
+      f'{platform.upper()} plugin, in its own venv: pip install "jax[{install}]=={jax.__version__}"'
     ) from None
-  mesh = topologies.make_mesh(topology, (1,), ("device",))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return list(topology.devices)

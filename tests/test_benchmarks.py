@@ -118,9 +118,9 @@ def test_tiny_tables_measure_every_column_resume_and_share_their_pieces(tmp_path
     assert rows[f"triangle | {name}"][0]["inversion_curve"] == results[f"triangle | {name}"][0]["inversion_curve"]
 
 
-def _memory_lines(stdout, modes):
+def _memory_lines(stdout, modes, per_chip=""):
   for mode in modes:
-    line = rf"^{mode}\s*: compile [0-9.]+ s; arguments [0-9.]+ GiB, temporaries [0-9.]+; peak [0-9.]+ GiB$"
+    line = rf"^{mode}\s*: compile [0-9.]+ s; arguments [0-9.]+ GiB, temporaries [0-9.]+; peak [0-9.]+ GiB{per_chip}$"
     assert re.search(line, stdout, re.M), stdout
 
 
@@ -135,8 +135,33 @@ def test_iteration_benchmark_compiles_for_an_h200_without_one():
   if importlib.util.find_spec("jax_cuda12_plugin") is None:
     out = _run("iteration.py", *args)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert "needs JAX's CUDA plugin: pip install" in out.stderr
+    assert "needs JAX's CUDA plugin, in its own venv: pip install" in out.stderr
     return
   out = _benchmark("iteration.py", *args, "--dtype=bfloat16")
-  assert "compiling for NVIDIA H200 with XLA:GPU" in out.stdout and "16 slots" in out.stdout, out.stdout
-  _memory_lines(out.stdout, ("online",))
+  assert "compiling for h200 (NVIDIA H200, 1 devices on 1 host(s))" in out.stdout and "16 slots" in out.stdout
+  _memory_lines(out.stdout, ("online",), r" of 140 GiB per chip: fits")
+
+
+def test_iteration_benchmark_compiles_for_tpu_slices_without_one(tmp_path):
+  """libtpu's compiler on any host, for the mesh the trainer would build on the slice: data parallel for the
+  text encoder on one v5e host, FSDP within each of a v4-32's 4 hosts for a UNet method. Without libtpu (it is
+  no requirement), a clear error and status 2."""
+  args = ["--size=small", "--memory_only", "--attack_steps=3", "--retain_batch=2", "--modes=online"]
+  if importlib.util.find_spec("libtpu") is None:
+    out = _run("iteration.py", *args, "--target=v5e-8")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "needs JAX's TPU plugin, in its own venv: pip install" in out.stderr
+    return
+  for target, method, mesh in (
+    ("v5e-8", "text_encoder_full", {"data": 8, "fsdp": 1}),
+    ("v4-32", "noxattn", {"data": 4, "fsdp": 4}),
+  ):
+    report = tmp_path / f"{target}.json"
+    out = _benchmark("iteration.py", *args, f"--target={target}", f"--method={method}", f"--json={report}")
+    _memory_lines(out.stdout, ("online",), r" of \d+ GiB per chip: fits")
+    result = json.loads(report.read_text())
+    assert result["mesh"] == mesh and result["online"]["fits"], result
+    # Data parallel: the gradients are summed across devices; FSDP also gathers the sharded weights.
+    assert result["online"]["collectives"].get("all-reduce", 0) >= 1, result
+    if mesh["fsdp"] > 1:
+      assert result["online"]["collectives"].get("all-gather", 0) >= 1, result

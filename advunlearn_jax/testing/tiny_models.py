@@ -11,15 +11,17 @@ from advunlearn_jax.models import clip_text, presets
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.pipeline import ScheduleConfig
 
-SIZES = ("tiny", "small", "sd14")
+SIZES = ("tiny", "small", "sd14", "sd21")
 
 
 def configs(size: str) -> tuple[clip_text.CLIPTextConfig, unet_lib.UNetConfig]:
-  """SD v1.4's CLIP-L and UNet, or CPU-sized ones with the same block types: `small` (8x8 latents, 32 channels:
-  the tests' models, and where a batched UNet call costs less per row on a CPU) and `tiny` (16x16 latents, 32/64
-  channels)."""
+  """SD v1.4's CLIP-L and UNet (`sd14`), SD 2.1's OpenCLIP-H text tower and 768-px UNet (`sd21`), or CPU-sized
+  ones with the same block types: `small` (8x8 latents, 32 channels: the tests' models, and where a batched UNet
+  call costs less per row on a CPU) and `tiny` (16x16 latents, 32/64 channels)."""
   if size == "sd14":
     return clip_text.CLIPTextConfig(), unet_lib.UNetConfig.from_dict(presets.SD14_UNET)
+  if size == "sd21":
+    return clip_text.CLIPTextConfig(**presets.SD2_TEXT), unet_lib.UNetConfig.from_dict(presets.SD21_UNET)
   clip = clip_text.CLIPTextConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
   )
