@@ -1,127 +1,61 @@
-"""Exports of a run's trained component: what the run writes when it ends, along the way, and on demand.
+"""Exports a run's trained component from its latest readable checkpoint (the library: exports.py, hub.py).
 
   python -m advunlearn_jax.export --workdir=workdirs/church --out=exports/church [--format=reference]
+  python -m advunlearn_jax.export --workdir=workdirs/nudity --hub_dir=hub/nudity --report=eval/report.json \
+      [--push_to_hub=USER/NAME]
 
-Writes OUT/text_encoder (CLIPTextModel.from_pretrained) and OUT/pipeline (StableDiffusionPipeline) from the
-workdir's latest checkpoint, using the config stored with it to find the base pipeline (override with
---pretrained). `--format=reference` writes OUT/TextEncoder-<method>-epoch_<i>.pt instead: the reference's own
-checkpoint layout (spec section 5), which UnlearnDiffAtk and AdvUnlearn's scripts load; they load with
-strict=False, so a transformers folder handed to them silently loads nothing.
-
-A run writes the same at its end (`export.reference_checkpoint` adds the .pt) and, every `export.every`
-iterations, a numbered export `workdir/exports/step_NNNNNN/` beside the rolling checkpoints, so the
-robustness/utility trade-off can be evaluated along the run (the reference saves at 200, 400, ...).
+--out writes OUT/text_encoder (CLIPTextModel.from_pretrained; OUT/unet for UNet methods) and OUT/pipeline
+(StableDiffusionPipeline), using the config stored with the checkpoint to find the base pipeline (override with
+--pretrained); `--format=reference` writes the reference's OUT/TextEncoder-<method>-epoch_<i>.pt instead.
+--hub_dir writes a Hugging Face Hub model repository folder: the component in safetensors, training_config.json
+and a model card (README.md) with the erased concepts, the training settings and, with --report, the evaluation's
+numbers and protocol; `--format=reference` adds the .pt. --push_to_hub uploads that folder once it is complete.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from typing import Any
+from absl import app, flags
 
-import ml_collections
+from advunlearn_jax import cli, exports, hub
 
-from advunlearn_jax import checkpoint, cli
-from advunlearn_jax.convert import clip_text as clip_convert
-from advunlearn_jax.convert import diffusers as sd_convert
-from advunlearn_jax.convert import weights_io
-from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.pipeline import Pipeline
-from advunlearn_jax.unlearn import trainable
-
-FORMATS = ("diffusers", "reference")
-
-
-def write_component(out: str, pipe: Pipeline, tower: str, params: Any, reference_name: str = "") -> dict[str, str]:
-  """The trained `tower` (trainable.Trained.tower) with its `params`: `out/text_encoder` for
-  CLIPTextModel.from_pretrained, or `out/unet` for the ESD-style UNet methods; with `reference_name` also
-  `out/<reference_name>`, the reference's .pt (text encoders only)."""
-  if tower == "unet":
-    sd_convert.export_unet(pipe.unet_config, params, os.path.join(out, "unet"))
-    return {"unet": os.path.join(out, "unet")}
-  text_dir = os.path.join(out, "text_encoder")
-  outputs = {"text_encoder": clip_convert.export_clip_text(pipe.text_config, params, text_dir)}
-  if reference_name:
-    path = os.path.join(out, reference_name)
-    outputs["reference_checkpoint"] = clip_convert.export_reference_checkpoint(pipe.text_config, params, path)
-  return outputs
-
-
-def write(
-  out: str, pipe: Pipeline, tower: str, params: Any, enabled: bool = True, reference_name: str = ""
-) -> dict[str, str]:
-  """`write_component`, and `out/pipeline`, the source pipeline with it, for
-  StableDiffusionPipeline.from_pretrained (other components hard-linked where possible). `enabled=False` (the
-  non-primary processes of a multi-host run) only returns the paths."""
-  component_dir, pipeline_dir = os.path.join(out, tower), os.path.join(out, "pipeline")
-  if not enabled:
-    return {tower: component_dir, "pipeline": pipeline_dir}
-  outputs = write_component(out, pipe, tower, params, reference_name)
-  with weights_io.atomic_folder(pipeline_dir) as staging:
-    os.rmdir(staging)
-    shutil.copytree(pipe.root, staging, ignore=shutil.ignore_patterns(tower, ".cache"), copy_function=_link_or_copy)
-    shutil.copytree(component_dir, os.path.join(staging, tower))
-  return {**outputs, tower: component_dir, "pipeline": pipeline_dir}
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-  src = os.path.realpath(src)  # hub snapshots hold symlinks into the blob store
-  try:
-    os.link(src, dst)
-  except OSError:
-    shutil.copy2(src, dst)
-
-
-def numbered_dir(workdir: str, step: int) -> str:
-  return os.path.join(workdir, "exports", f"step_{step:06d}")
-
-
-def export_latest(workdir: str, out: str, pretrained: str | None = None, fmt: str = "diffusers") -> dict[str, str]:
-  if fmt not in FORMATS:
-    raise ConfigError(f"--format={fmt!r}: expected one of {list(FORMATS)}")
-  step, meta, trained = checkpoint.latest_readable(workdir)
-  config = ml_collections.ConfigDict(meta["config"])
-  method = trainable.Trained.from_config(config.train)
-  if fmt == "reference" and method.tower != "text_encoder":
-    raise ConfigError(
-      f"{workdir}: --format=reference: train.method={method.method!r} trains the UNet; the reference's "
-      "TextEncoder-*.pt holds a text encoder (--format=diffusers writes OUT/unet and OUT/pipeline)"
-    )
-  root = sd_convert.resolve_pretrained(pretrained or config.model.pretrained)
-  pipe = sd_convert.load_pipeline(root, with_vae=False)
-  original = method.of(pipe.text_params, pipe.unet_params)
-  params = trainable.merge(trained, trainable.split(original, method.mask(original))[1])
-  if fmt == "reference":
-    name = clip_convert.reference_checkpoint_name(method.method, step - 1)
-    path = clip_convert.export_reference_checkpoint(pipe.text_config, params, os.path.join(out, name))
-    outputs = {"reference_checkpoint": path}
-    print(f"step {step}: the reference's checkpoint in {outputs['reference_checkpoint']}")
-    return outputs
-  outputs = write(out, pipe, method.tower, params)
-  print(f"step {step}: {method.tower} in {outputs[method.tower]}, pipeline in {outputs['pipeline']}")
-  return outputs
-
-
-def _define_flags():
-  """Flags exist only when run as a script: train.run imports this module next to main's flags."""
-  from absl import flags
-
-  global _WORKDIR, _OUT, _PRETRAINED, _FORMAT
-  _WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir holding checkpoints/")
-  _OUT = flags.DEFINE_string("out", None, "output folder")
-  _PRETRAINED = flags.DEFINE_string("pretrained", None, "base pipeline, if not the one the run used")
-  _FORMAT = flags.DEFINE_enum(
-    "format", "diffusers", FORMATS, "diffusers: OUT/text_encoder + OUT/pipeline; reference: OUT/TextEncoder-*.pt"
-  )
-  flags.mark_flags_as_required(["workdir", "out"])
+_WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir holding checkpoints/")
+_OUT = flags.DEFINE_string("out", None, "output folder: the component and a whole pipeline")
+_HUB_DIR = flags.DEFINE_string("hub_dir", None, "output folder: a Hub model repository with its model card")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "base pipeline, if not the one the run used")
+_FORMAT = flags.DEFINE_enum(
+  "format", "diffusers", exports.FORMATS, "diffusers: the component's folder; reference: the TextEncoder-*.pt"
+)
+_REPORT = flags.DEFINE_string("report", "", "with --hub_dir: an evaluate report.json for the model card")
+_LICENSE = flags.DEFINE_string("license", "", "with --hub_dir: the card's licence id; default: the base model's")
+_PUSH = flags.DEFINE_string("push_to_hub", "", "with --hub_dir: upload the folder to this model repository")
+flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
-  del argv
-  cli.check_output_folder(_OUT.value, "out")
-  export_latest(_WORKDIR.value, _OUT.value, _PRETRAINED.value, _FORMAT.value)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if bool(_OUT.value) == bool(_HUB_DIR.value):
+    raise app.UsageError("give one of --out (a component and a pipeline) or --hub_dir (a Hub repository folder)")
+  if not _HUB_DIR.value and (_REPORT.value or _PUSH.value or _LICENSE.value):
+    raise app.UsageError("--report, --license and --push_to_hub go with --hub_dir")
+  if _OUT.value:
+    cli.check_output_folder(_OUT.value, "out")
+    exports.export_latest(_WORKDIR.value, _OUT.value, _PRETRAINED.value, _FORMAT.value)
+    return
+  cli.check_output_folder(_HUB_DIR.value, "hub_dir")
+  if _PUSH.value:
+    hub.check_repo_id(_PUSH.value)
+  hub.write_folder(
+    _HUB_DIR.value,
+    _WORKDIR.value,
+    _PRETRAINED.value,
+    report_path=_REPORT.value,
+    license_id=_LICENSE.value,
+    with_reference=_FORMAT.value == "reference",
+  )
+  if _PUSH.value:
+    print(f"uploaded: {hub.push(_HUB_DIR.value, _PUSH.value)}")
 
 
 if __name__ == "__main__":
-  _define_flags()
-  cli.run(main, output_flags=("out",))
+  cli.run(main, output_flags=("out", "hub_dir"))

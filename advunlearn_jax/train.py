@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from advunlearn_jax import (
   checkpoint,
   distributed,
-  export,
+  exports,
   loss_plot,
   metrics_writer,
   preview,
@@ -303,7 +303,7 @@ def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state,
   trained = setup.wired.models.trained
   params = trained.of(*_current_params(setup, state))
   name = _reference_name(config, config.train.iterations)
-  outputs = export.write(workdir, setup.pipe, trained.tower, params, enabled=setup.primary, reference_name=name)
+  outputs = exports.write(workdir, setup.pipe, trained.tower, params, enabled=setup.primary, reference_name=name)
   distributed.sync("advunlearn export")  # no process leaves before the exports exist
   summary = {
     "workdir": workdir,
@@ -331,8 +331,8 @@ def _numbered_export(config: ml_collections.ConfigDict, setup: Setup, workdir: s
   params = trained.of(*_current_params(setup, state))  # every process: a collective across hosts
   if not setup.primary:
     return
-  out = export.numbered_dir(workdir, step_count)
-  export.write_component(out, setup.pipe, trained.tower, params, _reference_name(config, step_count))
+  out = exports.numbered_dir(workdir, step_count)
+  exports.write_component(out, setup.pipe, trained.tower, params, _reference_name(config, step_count))
 
 
 def _save(config: ml_collections.ConfigDict, mngr, step_count: int, progress: Progress) -> None:

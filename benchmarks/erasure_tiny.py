@@ -48,9 +48,10 @@ from advunlearn_jax import (  # noqa: E402
 )
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import classifiers, prompt_sets, robustness  # noqa: E402
-from advunlearn_jax.tiny import build, world  # noqa: E402
-from advunlearn_jax.tiny import evaluate as tiny_eval  # noqa: E402
 from advunlearn_jax.tiny import judge as judge_lib  # noqa: E402
+from advunlearn_jax.tiny import quality as tiny_quality  # noqa: E402
+from advunlearn_jax.tiny import training as tiny_training  # noqa: E402
+from advunlearn_jax.tiny import world  # noqa: E402
 
 # row -> (erasure method: "esd" never attacks, "advunlearn" attacks after warm-up; overrides on configs/tiny.py)
 FAITHFUL = ("train.xt_source='online'",)
@@ -95,8 +96,8 @@ def retain_accuracy(pipe, concept: str, per_value: int, seed: int) -> float:
   others = [v for v in range(len(world.ATTRIBUTE_TYPES[kind])) if v != index]
   prompts = [p for v in others for p in world.attribute_prompts(kind, v, per_value)]
   labels = np.repeat(others, per_value)
-  images = tiny_eval.generate(pipe, prompts, seed)
-  return float(np.mean(judge_lib.predict(*judge_lib.load(tiny_eval.JUDGE_DIR), images)[kind] == labels))
+  images = tiny_quality.generate(pipe, prompts, seed)
+  return float(np.mean(judge_lib.predict(*judge_lib.load(tiny_quality.JUDGE_DIR), images)[kind] == labels))
 
 
 def measure(original, target, concept: str, args, log) -> dict:
@@ -228,9 +229,9 @@ def finetuned_unet(out: str, steps: int, seed: int) -> str:
   if os.path.isfile(os.path.join(folder, "model_index.json")):
     return folder
   base = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR)
-  images, attrs = build.render_pool(seed + 5000, 8192)
-  latents = build.encode_means(base.vae_config, base.vae_params, images) * base.vae_config.scaling_factor
-  text, unet = build.train_sd(
+  images, attrs = tiny_training.render_pool(seed + 5000, 8192)
+  latents = tiny_training.encode_means(base.vae_config, base.vae_params, images) * base.vae_config.scaling_factor
+  text, unet = tiny_training.train_sd(
     latents, attrs, steps=steps, seed=seed + 5000, batch=64, lr=1e-4, init=(base.text_params, base.unet_params),
     train_text=False,
   )  # fmt: skip

@@ -125,6 +125,14 @@ CASES = [
   ("export", ["--workdir={tmp}/nothing", "--out={tmp}/out"], "{tmp}/nothing: no checkpoints/ folder"),
   ("export", ["--workdir={tmp}", "--out={tmp}/out", "--format=ref"], "value should be one of <diffusers|reference>"),
   ("export", ["--workdir={tmp}/nothing", "--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  ("export", ["--workdir={tmp}/nothing"], "give one of --out (a component and a pipeline) or --hub_dir"),
+  ("export", ["--workdir={tmp}", "--out={tmp}/out", "--push_to_hub=a/b"], "--push_to_hub go with --hub_dir"),
+  ("export", ["--workdir={tmp}", "--hub_dir={tmp}/hub", "--push_to_hub=nobody"], "expected a model repository id"),
+  (
+    "export",
+    ["--workdir={tmp}/nothing", "--hub_dir={tmp}/hub", "--report={tmp}/missing.json"],
+    "--report={tmp}/missing.json: cannot read it as an evaluate report.json",
+  ),
   # generate
   ("generate", ["--pretrained=/nonexistent/dir", "--prompt=a", "--out={tmp}/out"], "/nonexistent/dir: no such"),
   ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/out", "--steps=0"], "--steps=0: give at least 1"),
@@ -145,8 +153,8 @@ CASES = [
   ("tiny.build", ["--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
   ("tiny.build", ["--out={tmp}/out", "--pool=0"], "--pool=0: expected >= 1"),
   ("tiny.build", ["--out={tmp}/out", "--continue_from={tmp}/none"], "--continue_from={tmp}/none: no such folder"),
-  ("tiny.evaluate", ["--pipeline=/nonexistent/dir"], "/nonexistent/dir: no such folder"),
-  ("tiny.evaluate", ["--repeats=0", "--out={tmp}/out"], "--repeats=0: expected >= 1"),
+  ("tiny.measure", ["--pipeline=/nonexistent/dir"], "/nonexistent/dir: no such folder"),
+  ("tiny.measure", ["--repeats=0", "--out={tmp}/out"], "--repeats=0: expected >= 1"),
   # fetch_inception: a missing file, and a pickle that would run code
   ("fetch_inception", ["--pth={tmp}/none.pth", "--out={tmp}/out.safetensors"], "--pth={tmp}/none.pth: no such file"),
   (

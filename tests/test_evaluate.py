@@ -180,6 +180,7 @@ def test_an_over_long_prompt_is_skipped_and_reported_the_rest_evaluated(tmp_path
   assert [p["case"] for p in r["per_prompt"]] == ["0", "2"] and r["summary"]["prompts"] == 2
   assert [k["case"] for k in r["skipped"]] == ["1"] and "65 tokens > 60" in r["skipped"][0]["reason"]
   assert lines[0].startswith("skipped case 1 (65 tokens > 60") and len(lines) == 3
+  assert lines[1].startswith("[1/2] ") and ", ETA " in lines[1] and ", ETA 0s)" in lines[2]  # what is left, per prompt
   assert "Skipped 1 prompts, as the official loader does" in (tmp_path / "out" / "report.md").read_text()
   # Every prompt is screened before anything is generated: nothing left is an error, and no output is written.
   csv_path.write_text(f"prompt\n{long}\n")
@@ -210,12 +211,12 @@ def test_evaluate_gets_through_the_reference_nudity_prompts(tmp_path):
 
 
 def test_evaluate_cli_flags():
-  """The command's flags are its own: importing its library next to export's does not clash, and the command
-  still asks for --out."""
+  """The command's flags are its own: the libraries define none (so importing them next to any command does not
+  clash), and the command still asks for --out."""
   import subprocess
   import sys
 
-  from advunlearn_jax import export  # noqa: F401  its CLI defines --out too
+  from advunlearn_jax import exports, hub  # noqa: F401  the export command's libraries define no flags
   from advunlearn_jax.evals import evaluation  # noqa: F401  the command's library defines no flags
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,9 +15,9 @@ from advunlearn_jax.tiny import world
 @pytest.fixture(scope="module")
 def tiny():
   from advunlearn_jax.convert import diffusers as sd_convert
-  from advunlearn_jax.tiny import evaluate
+  from advunlearn_jax.tiny import quality
 
-  return sd_convert.load_pipeline(evaluate.TINY_SD_DIR)
+  return sd_convert.load_pipeline(quality.TINY_SD_DIR)
 
 
 def _shapeless_prompts():
@@ -123,9 +123,9 @@ def test_cce_templates_schedule_and_optimiser_follow_their_code():
   assert inversion.TEMPLATES["object"][0] == "a photo of a {}" and inversion.TEMPLATES["style"][-1].startswith(
     "a large"
   )
-  from advunlearn_jax.tiny import evaluate
+  from advunlearn_jax.tiny import quality
 
-  tokenizer = tok_lib.load_tokenizer(evaluate.TINY_SD_DIR + "/tokenizer")
+  tokenizer = tok_lib.load_tokenizer(quality.TINY_SD_DIR + "/tokenizer")
   ids, slots = inversion.template_ids(tokenizer, ["a photo of a {}", "{} on a table"], placeholder=0)
   ref = tok_lib.tokenize(tokenizer, ["a photo of a triangle", "triangle on a table"])
   triangle = tokenizer("triangle", add_special_tokens=False)["input_ids"][0]

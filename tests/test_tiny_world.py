@@ -8,8 +8,8 @@ import pytest
 
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
-from advunlearn_jax.tiny import evaluate, report, world
 from advunlearn_jax.tiny import judge as judge_lib
+from advunlearn_jax.tiny import quality, report, world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,15 +61,15 @@ def test_canonical_prompts():
 def test_shipped_judge_reads_fresh_renders():
   """Held-out images from a seed the judge never saw: >= 98% on every head."""
   images, attrs, _ = world.batch(seed=12345, index=0, n=600)
-  acc = judge_lib.accuracy(*judge_lib.load(evaluate.JUDGE_DIR), images, attrs)
+  acc = judge_lib.accuracy(*judge_lib.load(quality.JUDGE_DIR), images, attrs)
   assert min(acc.values()) >= 0.98, acc
 
 
 def test_shipped_model_follows_prompts():
   """Every (shape, colour, style) once, judged. A regression floor under the shipped model's measured rates
   (README: shape 1.0, colour 0.99, style 0.92 at seed 0, two images each)."""
-  pipe = sd_convert.load_pipeline(evaluate.TINY_SD_DIR)
-  rates, by_value, _ = evaluate.base_quality(pipe, judge_lib.load(evaluate.JUDGE_DIR), seed=7, repeats=1)
+  pipe = sd_convert.load_pipeline(quality.TINY_SD_DIR)
+  rates, by_value, _ = quality.base_quality(pipe, judge_lib.load(quality.JUDGE_DIR), seed=7, repeats=1)
   assert rates["shape"] >= 0.95 and rates["color"] >= 0.95 and rates["style"] >= 0.85, rates
   for kind, rate in rates.items():  # every value is prompted equally often, so the rates average out
     assert np.mean(list(by_value[kind].values())) == pytest.approx(rate), (kind, by_value)
@@ -78,11 +78,11 @@ def test_shipped_model_follows_prompts():
 def test_rates_by_value_name_the_failing_value():
   labels = np.array([[0, 0, 1], [0, 1, 1], [1, 0, 3], [1, 1, 3]])  # shape, colour, style per image
   pred = {"shape": np.array([0, 0, 1, 0]), "color": np.array([0, 1, 0, 1]), "style": np.array([1, 3, 3, 1])}
-  by_value = evaluate.rates_by_value(pred, labels)
+  by_value = quality.rates_by_value(pred, labels)
   assert by_value["shape"]["circle"] == 1.0 and by_value["shape"]["square"] == 0.5
   assert by_value["style"]["striped"] == 0.5 and by_value["style"]["checkered"] == 0.5
   assert set(by_value["style"]) == {"striped", "checkered"}  # the values prompted
-  assert evaluate.recognition_rates(pred, labels) == {"shape": 0.75, "color": 1.0, "style": 0.5}
+  assert quality.recognition_rates(pred, labels) == {"shape": 0.75, "color": 1.0, "style": 0.5}
 
 
 def test_tiny_config_and_report_vocabulary():
@@ -113,11 +113,11 @@ def test_shipped_pipeline_matches_diffusers():
   diffusers = pytest.importorskip("diffusers")
   import torch
 
-  pipe = sd_convert.load_pipeline(evaluate.TINY_SD_DIR)
+  pipe = sd_convert.load_pipeline(quality.TINY_SD_DIR)
   prompts = ["a photo of a striped red triangle", "a photo of a dotted blue heart", "a photo of a green cross"]
   latents = generation.initial_latents(pipe, len(prompts), seed=0)
   ours = generation.generate(pipe, prompts, latents, scheduler="ddim", steps=20, guidance=5.0)
-  ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(evaluate.TINY_SD_DIR, safety_checker=None)
+  ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(quality.TINY_SD_DIR, safety_checker=None)
   ref_pipe.scheduler = diffusers.DDIMScheduler.from_config(ref_pipe.scheduler.config)
   ref_pipe.set_progress_bar_config(disable=True)
   with torch.no_grad():
@@ -137,10 +137,10 @@ def test_shipped_pipeline_matches_diffusers():
 
 def test_build_stages_must_chain():
   """Stage N > 1 continues a previous build (and draws fresh batches); stage 1 starts from scratch."""
-  from advunlearn_jax.tiny import build
+  from advunlearn_jax.tiny import training
 
   common = dict(seed=0, pool=8, judge_steps=1, vae_steps=1, sd_steps=1, sd_batch=2)
   with pytest.raises(ValueError, match="continue from the previous stage"):
-    build.build("/nonexistent", stage=2, **common)
+    training.build("/nonexistent", stage=2, **common)
   with pytest.raises(ValueError, match="stage 1 builds from scratch"):
-    build.build("/nonexistent", stage=1, continue_from="advunlearn_jax/assets", **common)
+    training.build("/nonexistent", stage=1, continue_from="advunlearn_jax/assets", **common)

@@ -98,12 +98,12 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   assert Image.open(os.path.join(workdir, "loss.png")).size == (700, 400)
 
   # On-demand export from the latest checkpoint gives the same encoder.
-  from advunlearn_jax import export as export_cmd
+  from advunlearn_jax import exports
 
-  exported = export_cmd.export_latest(workdir, str(tmp_path / "exported"))
+  exported = exports.export_latest(workdir, str(tmp_path / "exported"))
   _, again = clip_convert.load_clip_text(exported["text_encoder"])
   jax.tree.map(np.testing.assert_array_equal, again, trained)
-  as_reference = export_cmd.export_latest(workdir, str(tmp_path / "reference"), fmt="reference")
+  as_reference = exports.export_latest(workdir, str(tmp_path / "reference"), fmt="reference")
   assert as_reference["reference_checkpoint"].endswith("reference/TextEncoder-text_encoder_full-epoch_3.pt")
   again = clip_convert.load_reference_checkpoint(as_reference["reference_checkpoint"], config)
   jax.tree.map(np.testing.assert_array_equal, again, trained)
@@ -197,14 +197,14 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
   changed = {jax.tree_util.keystr(k) for k in flat_t if np.any(flat_t[k] != flat_o[k])}
   assert changed and all("attn2" in name for name in changed)
   # `export` of a UNet run writes what the run's own export wrote; the reference's .pt holds text encoders only.
-  from advunlearn_jax import export
+  from advunlearn_jax import exports
 
-  exported = export.export_latest(str(tmp_path), str(tmp_path / "exported"))
+  exported = exports.export_latest(str(tmp_path), str(tmp_path / "exported"))
   _, again = sd_convert.load_unet(exported["unet"])
   assert jax.tree.all(jax.tree.map(np.array_equal, again, trained))
   assert os.path.isfile(os.path.join(exported["pipeline"], "unet", "config.json"))
   with pytest.raises(ConfigError, match="trains the UNet; the reference's"):
-    export.export_latest(str(tmp_path), str(tmp_path / "ref"), fmt="reference")
+    exports.export_latest(str(tmp_path), str(tmp_path / "ref"), fmt="reference")
   with pytest.raises(ConfigError, match="cannot be precomputed"):
     train.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.xt_source": "bank"}), str(tmp_path / "b"))
 
@@ -273,7 +273,7 @@ def _state_files(checkpoint_dir):
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, tmp_path, capsys):
-  from advunlearn_jax import export
+  from advunlearn_jax import exports
   from advunlearn_jax.errors import CheckpointError
 
   workdir = str(tmp_path / "run")
@@ -285,7 +285,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
       f.truncate(os.path.getsize(path) // 2)
   capsys.readouterr()
   # export, a reader, falls back as the run does: it names the damaged step and leaves it where it is
-  exported = export.export_latest(workdir, str(tmp_path / "exported"))
+  exported = exports.export_latest(workdir, str(tmp_path / "exported"))
   said = capsys.readouterr().out
   assert "checkpoint step 2: " in said and "skipped" in said and "using step 1" in said and "<bound method" not in said
   assert os.path.isdir(exported["text_encoder"]) and sorted(os.listdir(ckpts)) == ["1", "2"]
@@ -313,16 +313,16 @@ def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout
   checkout (and with it the shipped model) moved, the run resumes from it."""
   import shutil
 
-  from advunlearn_jax import export, population
+  from advunlearn_jax import exports, populations
 
   checkout_a, checkout_b = str(tmp_path / "a" / "tiny_sd"), str(tmp_path / "b" / "tiny_sd")
   shutil.copytree(pipeline_dir, checkout_a)
   monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_a)
   config = tiny_config("tiny", **{"train.iterations": 2, "train.warmup_iters": 2})
-  results = population.run([population.Member("m", config)], str(tmp_path / "pop"), devices=jax.devices()[:1])
+  results = populations.run([populations.Member("m", config)], str(tmp_path / "pop"), devices=jax.devices()[:1])
   member = str(tmp_path / "pop" / "m")
   assert "error" not in results["m"], results["m"]
-  exported = export.export_latest(member, str(tmp_path / "exported"))
+  exported = exports.export_latest(member, str(tmp_path / "exported"))
   _, ours = clip_convert.load_clip_text(exported["text_encoder"])
   _, trained = clip_convert.load_clip_text(os.path.join(member, "text_encoder"))
   jax.tree.map(np.testing.assert_array_equal, ours, trained)

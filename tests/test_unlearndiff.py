@@ -69,9 +69,9 @@ def test_prefix_layout_keeps_prompt_and_length():
 @pytest.fixture(scope="module")
 def tiny():
   from advunlearn_jax.convert import diffusers as sd_convert
-  from advunlearn_jax.tiny import evaluate
+  from advunlearn_jax.tiny import quality
 
-  return sd_convert.load_pipeline(evaluate.TINY_SD_DIR)
+  return sd_convert.load_pipeline(quality.TINY_SD_DIR)
 
 
 def test_attack_finds_what_random_prefixes_do_not(tiny):

@@ -47,7 +47,7 @@ _HUB_PATTERNS = [  # a sharded component's index and its shards (NAME-00001-of-0
 ]
 
 
-def _is_hub_id(path_or_id: str) -> bool:
+def is_hub_id(path_or_id: str) -> bool:
   return not path_or_id.startswith((".", "/", "~")) and path_or_id.count("/") == 1
 
 
@@ -55,7 +55,7 @@ def check_pretrained(pretrained: str, key: str = "config.model.pretrained") -> N
   """`pretrained` names something loadable ("tiny", a folder, or a hub id, fetched at use), without fetching."""
   if pretrained == "tiny" or os.path.isdir(os.path.expanduser(pretrained)):
     return
-  if not _is_hub_id(pretrained):
+  if not is_hub_id(pretrained):
     raise ConfigError(
       f"{key}: {pretrained} is no folder, and not a hub id of the form 'owner/name' (or 'tiny', the shipped tiny model)"
     )
@@ -73,7 +73,7 @@ def resolve_pretrained(path_or_id: str) -> str:
     return TINY_MODEL_DIR
   if os.path.isdir(os.path.expanduser(path_or_id)):
     return os.path.expanduser(path_or_id)
-  if not _is_hub_id(path_or_id):
+  if not is_hub_id(path_or_id):
     raise ConfigError(f"{path_or_id}: no such folder, and not a hub id of the form 'owner/name'")
   from huggingface_hub import snapshot_download
 

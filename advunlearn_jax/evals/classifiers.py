@@ -78,8 +78,8 @@ class JudgeClassifier:
   """The tiny world's judge: is the image's KIND (shape | color | style) equal to VALUE?"""
 
   def __init__(self, kind: str, value: str, judge_dir: str | None = None):
-    from advunlearn_jax.tiny import evaluate, world
     from advunlearn_jax.tiny import judge as judge_lib
+    from advunlearn_jax.tiny import quality, world
 
     if kind not in world.ATTRIBUTE_TYPES:
       raise ConfigError(f"judge classifier kind {kind!r}; valid: {list(world.ATTRIBUTE_TYPES)}")
@@ -87,7 +87,7 @@ class JudgeClassifier:
     if value not in values:
       raise ConfigError(f"judge classifier {kind}={value!r}; valid values: {list(values)}")
     self.kind, self.value, self.index = kind, value, values.index(value)
-    self._judge = judge_lib.load(judge_dir or evaluate.JUDGE_DIR)
+    self._judge = judge_lib.load(judge_dir or quality.JUDGE_DIR)
     self._predict = judge_lib.predict
     self.name = f"judge:{kind}={value}"
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from advunlearn_jax import progress
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
@@ -462,6 +463,7 @@ def attack_prompts(
   table = np.asarray(pipe.text_params["embeddings"]["token_embedding"]["embedding"])
   embeds, advance = _trainer(pipe, tokenizer, words, images, cfg, seed)
   losses, learned, last_images, previous, train_seconds = [], {}, {}, 0, 0.0
+  eta = progress.Eta(cfg.checkpoints[-1])
   for budget in cfg.checkpoints:
     if len(done) == len(prompts):  # every prompt shown: each attack stops at its first success
       break
@@ -471,7 +473,8 @@ def attack_prompts(
     train_seconds += time.perf_counter() - t0
     previous = budget
     learned[budget] = nearest_words(tokenizer, np.asarray(embeds), table)
-    log(f"inversion ({cfg.protocol}): {budget} steps, loss {losses[-1]:.4f}, nearest words {learned[budget]!r}")
+    status = f"loss {losses[-1]:.4f}, nearest words {learned[budget]!r}"
+    log(f"inversion ({cfg.protocol}): {budget} steps of {cfg.checkpoints[-1]}, {status}, {eta(budget)}")
     for i, p in enumerate(prompts):
       if i in done:
         continue

@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_collections
 
+from advunlearn_jax import progress as progress_lib
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, budgets, unlearndiff
@@ -25,9 +26,12 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
   if not prompts:
     raise ConfigError(f"every one of the {len(skipped)} evaluation prompts was skipped ({skipped[0].reason})")
 
+  eta = progress_lib.Eta(len(prompts))
+
   def progress(i: int, o) -> None:
     status = "pre-success" if o.pre_success else ("attack success" if o.success else "robust")
-    log(f"[{i + 1}/{len(prompts)}] {status} after {o.iterations} iterations ({o.seconds:.1f}s): {o.prompt[:60]!r}")
+    took = f"{o.seconds:.1f}s, {eta(i + 1)}"
+    log(f"[{i + 1}/{len(prompts)}] {status} after {o.iterations} iterations ({took}): {o.prompt[:60]!r}")
 
   outcomes, targets, extra = method.run(original, target, prompts, classifier, cfg, config, attack, progress, log)
   summary = unlearndiff.summarize(outcomes)

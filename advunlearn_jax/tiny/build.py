@@ -1,265 +1,31 @@
-"""Trains the tiny world's models from scratch and writes them where the repo ships them.
+"""Trains the tiny world's models from scratch and writes them where the repo ships them (the library:
+tiny/training.py).
 
   python -m advunlearn_jax.tiny.build --out=advunlearn_jax/assets
-
-writes `tiny_sd/` (a diffusers StableDiffusionPipeline folder, written with our exporters) and `judge/`.
-Everything is seeded; on 2 CPU cores the whole build takes the time printed at its end (see the README).
-Order: render a pool of images -> judge -> VAE -> latents of the pool -> CLIP text tower + UNet together.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
-import time
-from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from absl import flags
 
 from advunlearn_jax import cli
-from advunlearn_jax import tokenizer as tok_lib
-from advunlearn_jax.convert import clip_text as clip_text_convert
-from advunlearn_jax.convert import diffusers as sd_convert
-from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.models import clip_text
-from advunlearn_jax.models import unet as unet_lib
-from advunlearn_jax.models import vae as vae_lib
-from advunlearn_jax.pipeline import ScheduleConfig
-from advunlearn_jax.tiny import judge as judge_lib
-from advunlearn_jax.tiny import world
+from advunlearn_jax.tiny.training import build
 
-# Factor-4 VAE: 32x32x3 images <-> 8x8x4 latents.
-VAE = vae_lib.VAEConfig(
-  block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32
+_OUT = flags.DEFINE_string("out", "advunlearn_jax/assets", "Folder that receives tiny_sd/ and judge/.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seeds the image pool, the inits and the batch order.")
+_POOL = flags.DEFINE_integer("pool", 24576, "Rendered training images.")
+_JUDGE_STEPS = flags.DEFINE_integer("judge_steps", 600, "")
+_VAE_STEPS = flags.DEFINE_integer("vae_steps", 1200, "")
+_SD_STEPS = flags.DEFINE_integer("sd_steps", 5000, "")
+_SD_BATCH = flags.DEFINE_integer("sd_batch", 64, "")
+_CONTINUE_FROM = flags.DEFINE_string(
+  "continue_from", "", "A previous build's folder: keep its judge and VAE, continue the text tower + UNet from it."
 )
-# The real CLIP vocabulary and tokenizer; width and depth cut to what three-attribute captions need. At width 32
-# the tower lost the shape when a style word came first ("a striped red square" drew circles).
-CLIP = clip_text.CLIPTextConfig(
-  hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, projection_dim=64
-)
-UNET = unet_lib.UNetConfig(
-  block_out_channels=(32, 64),
-  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-  layers_per_block=1,
-  num_attention_heads=(4, 4),
-  cross_attention_dim=64,
-  norm_num_groups=16,
-  sample_size=8,
-)
-SCHEDULE = ScheduleConfig(clip_sample=False)
-
-
-_CAPTION_DROP = 0.1  # empty prompts, so classifier-free guidance has an unconditional model to push from
-_KL_WEIGHT = 1e-5
-
-
-def render_pool(seed: int, n: int, chunk: int = 1024) -> tuple[np.ndarray, world.Attributes]:
-  images, attrs = [], []
-  for i in range(0, n, chunk):
-    x, a, _ = world.batch(seed, i // chunk, min(chunk, n - i))
-    images.append(x)
-    attrs.append(np.stack(a, -1))
-  a = np.concatenate(attrs)
-  return np.concatenate(images), world.Attributes(a[:, 0], a[:, 1], a[:, 2])
-
-
-def _adam(lr: float, steps: int) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(500, steps // 10), steps, end_value=lr * 0.05)
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
-
-
-def train_vae(images: np.ndarray, *, steps: int, seed: int, batch: int = 32) -> tuple[vae_lib.VAEConfig, Any]:
-  model = vae_lib.AutoencoderKL(VAE)
-  params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))["params"]
-  tx = _adam(2e-3, steps)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, x, key):
-    def loss_fn(p):
-      mean, logvar = model.apply({"params": p}, x, method=model.encode)
-      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-      recon = model.apply({"params": p}, z, method=model.decode)
-      kl = 0.5 * jnp.mean(jnp.sum(mean**2 + jnp.exp(logvar) - 1 - logvar, axis=(1, 2, 3)))
-      err = recon - x
-      return jnp.mean(jnp.abs(err)) + jnp.mean(err**2) + _KL_WEIGHT * kl, jnp.mean(jnp.abs(err))
-
-    (loss, l1), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, l1
-
-  rng = np.random.default_rng([seed, 1])
-  for i in range(steps):
-    idx = rng.integers(len(images), size=batch)
-    params, opt_state, l1 = step(params, opt_state, images[idx], jax.random.key(i))
-    if i % 500 == 0 or i == steps - 1:
-      print(f"vae step {i}: L1 {float(l1):.4f}", flush=True)
-  mean = encode_means(VAE, params, images[:4096])
-  config = dataclasses.replace(VAE, scaling_factor=float(1.0 / np.std(mean)))
-  return config, params
-
-
-def encode_means(config: vae_lib.VAEConfig, params: Any, images: np.ndarray, chunk: int = 512) -> np.ndarray:
-  chunks = range(0, len(images), chunk)
-  return np.concatenate([np.asarray(generation.encode_means(config, params, images[i : i + chunk])) for i in chunks])
-
-
-class CaptionIds:
-  """Token ids of captions drawn afresh for every batch; the tokenizer is slow, the caption space small."""
-
-  def __init__(self):
-    self._tokenizer = tok_lib.load_tokenizer(tok_lib.offline_tokenizer_folder())
-
-  @functools.lru_cache(maxsize=65536)  # noqa: B019 - one instance per build
-  def ids(self, text: str) -> np.ndarray:
-    return tok_lib.tokenize(self._tokenizer, [text])[0]
-
-  def batch(self, attrs: world.Attributes, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    texts = [
-      "" if rng.random() < _CAPTION_DROP else world.caption(attrs.shape[i], attrs.color[i], attrs.style[i], rng)
-      for i in idx
-    ]
-    return np.stack([self.ids(t) for t in texts])
-
-
-def train_sd(
-  latents: np.ndarray,
-  attrs: world.Attributes,
-  *,
-  steps: int,
-  seed: int,
-  batch: int,
-  lr: float = 1e-3,
-  init: tuple[Any, Any] | None = None,
-  train_text: bool = True,
-) -> tuple[Any, Any]:
-  """CLIP text tower and UNet with the epsilon objective, from scratch or from `init` = (text, unet) params;
-  returns EMA params (text, unet). `train_text=False` fine-tunes the UNet under a frozen text tower (the
-  tiny world's stand-in for SD v1.5: a UNet that a text encoder trained on the base model plugs into)."""
-  unet = unet_lib.UNet2DConditionModel(UNET)
-  text = clip_text.CLIPTextModel(CLIP)
-  k_text, k_unet = jax.random.split(jax.random.key(seed + 2))
-  if init is None:
-    x, t, ctx = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, CLIP.hidden_size))
-    init = (clip_text.init_params(CLIP, k_text), jax.jit(unet.init)(k_unet, x, t, ctx)["params"])
-  params = {"text": init[0], "unet": init[1]}
-  tx = _adam(lr, steps)
-  opt_state = tx.init(params)
-  ema = params
-  ac = jnp.asarray(SCHEDULE.alphas_cumprod_diffusers(), jnp.float32)
-
-  @jax.jit
-  def step(params, opt_state, ema, x0, ids, key, decay):
-    k_t, k_n = jax.random.split(key)
-    t = jax.random.randint(k_t, (x0.shape[0],), 0, SCHEDULE.num_train_timesteps)
-    noise = jax.random.normal(k_n, x0.shape)
-    a = ac[t][:, None, None, None]
-    xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
-
-    def loss_fn(p):
-      text_params = p["text"] if train_text else jax.lax.stop_gradient(p["text"])  # zero grads: Adam leaves it
-      ctx = text.apply({"params": text_params}, ids).last_hidden_state
-      return jnp.mean((unet.apply({"params": p["unet"]}, xt, t, ctx) - noise) ** 2)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-    return params, opt_state, ema, loss
-
-  captions = CaptionIds()
-  rng = np.random.default_rng([seed, 2])
-  t0, running = time.perf_counter(), []
-  for i in range(steps):
-    idx = rng.integers(len(latents), size=batch)
-    ids = captions.batch(attrs, idx, rng)
-    decay = min(0.999, (1 + i) / (10 + i))  # warm-up, so the EMA forgets the random init
-    params, opt_state, ema, loss = step(params, opt_state, ema, latents[idx], ids, jax.random.key(i), decay)
-    running.append(loss)
-    if i % 500 == 0 or i == steps - 1:
-      print(f"sd step {i}: loss {float(np.mean(jax.device_get(running))):.4f} ({time.perf_counter() - t0:.0f}s)")
-      running = []
-  return ema["text"], ema["unet"]
-
-
-def build(
-  out: str,
-  *,
-  seed: int,
-  pool: int,
-  judge_steps: int,
-  vae_steps: int,
-  sd_steps: int,
-  sd_batch: int,
-  sd_lr: float = 1e-3,
-  continue_from: str = "",
-  stage: int = 1,
-) -> dict:
-  if (stage > 1) != bool(continue_from):
-    raise ConfigError(
-      f"--stage={stage} with --continue_from={continue_from!r}: stage 1 builds from scratch, later stages "
-      "continue from the previous stage's folder"
-    )
-  times = {}
-  t = time.perf_counter()
-  images, attrs = render_pool(seed, pool)
-  held_images, held_attrs = render_pool(seed + 1000, 2048)
-  times["render"] = time.perf_counter() - t
-
-  t = time.perf_counter()
-  if continue_from:  # a second stage: same pool, earlier judge and VAE, more text tower + UNet training
-    judge_config, judge_params = judge_lib.load(os.path.join(continue_from, "judge"))
-    vae_config, vae_params = sd_convert.load_vae(os.path.join(continue_from, "tiny_sd", "vae"))
-    _, init_text = clip_text_convert.load_clip_text(os.path.join(continue_from, "tiny_sd", "text_encoder"))
-    _, init_unet = sd_convert.load_unet(os.path.join(continue_from, "tiny_sd", "unet"))
-    init, seed = (init_text, init_unet), seed + 100 * (stage - 1)  # each stage draws fresh batches and noise
-  else:
-    judge_config, judge_params = judge_lib.train(images, attrs, steps=judge_steps, seed=seed)
-    vae_config, vae_params = train_vae(images, steps=vae_steps, seed=seed)
-    init = None
-  judge_acc = judge_lib.accuracy(judge_config, judge_params, held_images, held_attrs)
-  print(f"judge held-out accuracy: {judge_acc}")
-  judge_lib.save(os.path.join(out, "judge"), judge_config, judge_params, {"held_out_accuracy": judge_acc})
-  latents = encode_means(vae_config, vae_params, images) * vae_config.scaling_factor
-  times["judge_vae"] = time.perf_counter() - t
-
-  t = time.perf_counter()
-  text_params, unet_params = train_sd(latents, attrs, steps=sd_steps, seed=seed, batch=sd_batch, lr=sd_lr, init=init)
-  times["text_unet"] = time.perf_counter() - t
-  sd_convert.write_pipeline(
-    os.path.join(out, "tiny_sd"),
-    unet=(UNET, unet_params),
-    vae=(vae_config, vae_params),
-    text_encoder=(CLIP, text_params),
-    tokenizer_dir=tok_lib.offline_tokenizer_folder(),
-    schedule=SCHEDULE,
-  )
-  print("build times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-  return {"judge_accuracy": judge_acc, "seconds": times}
-
-
-def _define_flags():
-  """Flags exist only when run as a script, so importing this module next to other CLIs does not clash."""
-  global _OUT, _SEED, _POOL, _JUDGE_STEPS, _VAE_STEPS, _SD_STEPS, _SD_BATCH, _CONTINUE_FROM, _SD_LR, _STAGE
-  _OUT = flags.DEFINE_string("out", "advunlearn_jax/assets", "Folder that receives tiny_sd/ and judge/.")
-  _SEED = flags.DEFINE_integer("seed", 0, "Seeds the image pool, the inits and the batch order.")
-  _POOL = flags.DEFINE_integer("pool", 24576, "Rendered training images.")
-  _JUDGE_STEPS = flags.DEFINE_integer("judge_steps", 600, "")
-  _VAE_STEPS = flags.DEFINE_integer("vae_steps", 1200, "")
-  _SD_STEPS = flags.DEFINE_integer("sd_steps", 5000, "")
-  _SD_BATCH = flags.DEFINE_integer("sd_batch", 64, "")
-  _CONTINUE_FROM = flags.DEFINE_string(
-    "continue_from", "", "A previous build's folder: keep its judge and VAE, continue the text tower + UNet from it."
-  )
-  _SD_LR = flags.DEFINE_float("sd_lr", 1e-3, "Peak learning rate of the text tower + UNet stage.")
-  _STAGE = flags.DEFINE_integer("stage", 1, "1 builds from scratch; N > 1 continues stage N-1 (--continue_from).")
+_SD_LR = flags.DEFINE_float("sd_lr", 1e-3, "Peak learning rate of the text tower + UNet stage.")
+_STAGE = flags.DEFINE_integer("stage", 1, "1 builds from scratch; N > 1 continues stage N-1 (--continue_from).")
 
 
 def main(argv):
@@ -285,5 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
   cli.run(main, output_flags=("out",))

@@ -18,8 +18,8 @@ from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.pipeline import Pipeline
-from advunlearn_jax.tiny import evaluate, world
 from advunlearn_jax.tiny import judge as judge_lib
+from advunlearn_jax.tiny import quality, world
 
 
 def erased_attributes(concepts: Sequence[str]) -> list[tuple[str, int]]:
@@ -46,16 +46,16 @@ def write(
 ) -> dict:
   """`erased_values` names the erased tiny-world values; empty: every value a concept prompt names."""
   erased = [world.attribute_of(v) for v in erased_values] if erased_values else erased_attributes(concepts)
-  judge = judge_lib.load(evaluate.JUDGE_DIR)
+  judge = judge_lib.load(quality.JUDGE_DIR)
   load = lambda p: p if isinstance(p, Pipeline) else sd_convert.load_pipeline(p)
   pipes = {"before": load(original), "after": load(unlearned)}
-  results: dict = {"concepts": list(concepts), "sampling": evaluate.SAMPLING, "images_per_value": per_value}
+  results: dict = {"concepts": list(concepts), "sampling": quality.SAMPLING, "images_per_value": per_value}
   grids: dict[str, list[np.ndarray]] = {"erased": [], "retained": []}
   for kind in dict.fromkeys(k for k, _ in erased):
     values = world.ATTRIBUTE_TYPES[kind]
     prompts = [p for v in range(len(values)) for p in world.attribute_prompts(kind, v, per_value)]
     labels = np.repeat(np.arange(len(values)), per_value)
-    images = {name: evaluate.generate(pipe, prompts, seed) for name, pipe in pipes.items()}
+    images = {name: quality.generate(pipe, prompts, seed) for name, pipe in pipes.items()}
     judged = {name: judge_lib.predict(*judge, im)[kind] for name, im in images.items()}
     rows = []
     for v, value in enumerate(values):
