@@ -39,6 +39,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag (an unknown value, a missing required flag, a config override that
   does not apply) reported as every user error is: absl's own parser exits with status 1."""
   try:
+    argv = shipped_configs(argv)
     rest = flags.FLAGS(argv)
     _check_config_files(argv)
     return rest
@@ -57,6 +58,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
     message = _not_a_section(argv) or "a --config override names a field inside a value that is not a section"
   print(f"error: {message}", file=sys.stderr)
   sys.exit(EXIT_USER_ERROR)
+
+
+SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def shipped_configs(argv: list[str]) -> list[str]:
+  """`--config=configs/NAME.py[:ARG]` where the working folder has no such file names the package's own
+  (advunlearn_jax/configs, which a checkout also links as configs/): the README's commands then run the same
+  from an installed package anywhere. A file that is there is always the one read."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      head, value = "--config=", arg[len("--config=") :]
+    elif i > 0 and argv[i - 1] == "--config":
+      head, value = "", arg
+    else:
+      continue
+    path, sep, rest = value.partition(":")
+    shipped = os.path.join(SHIPPED_CONFIGS, path[len("configs/") :])
+    if path.startswith("configs/") and not os.path.isfile(path) and os.path.isfile(shipped):
+      argv[i] = f"{head}{shipped}{sep}{rest}"
+  return argv
 
 
 def _check_config_files(argv: list[str]) -> None:
