@@ -40,6 +40,7 @@ MEGACORE = {"chip_config_name": "megacore"}
 TPU_TARGETS = {
   "v4-8": TpuTarget("v4:2x2x1", 32.0, MEGACORE),
   "v4-32": TpuTarget("v4:2x2x4", 32.0, MEGACORE),  # 16 chips on 4 hosts: FSDP within a host, data across them
+  "v5e-1": TpuTarget("v5e:1x1", 16.0, {"chips_per_host_bounds": (1, 1, 1)}),  # one chip: no partitioning
   "v5e-8": TpuTarget("v5e:2x4", 16.0, {"chips_per_host_bounds": (2, 4, 1)}),  # one host of 8 chips
   "v5p-8": TpuTarget("v5p:2x2x1", 95.0, MEGACORE),
 }
