@@ -52,12 +52,10 @@ def write_folder(
   report = _read_report(report_path) if report_path else None
   run = exports.latest(workdir, pretrained)
   license_id = licence_of(run.config.model.pretrained, license_id)
-  if with_reference and run.trained.tower != "text_encoder":
-    raise ConfigError(f"{workdir}: --format=reference: train.method={run.trained.method!r} trains the UNet")
   card = model_card(run, license_id, report)
   with weights_io.atomic_folder(hub_dir) as staging:
     exports.write_component(staging, run.pipe, run.trained.tower, run.params)
-    if with_reference:
+    if with_reference:  # ConfigError for a UNet run: the staging folder goes, an earlier folder stands
       exports.reference_checkpoint(run, staging, workdir)
     with open(os.path.join(staging, "training_config.json"), "w") as f:
       f.write(run.config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -188,8 +186,7 @@ def _evaluation_lines(report: dict) -> list[str]:
       f"- pre-attack ASR: {report_lib.rate(s, 'pre')}",
       f"- ASR under {report['robustness']['attack_name']}: {report_lib.rate(s, '')}",
     ]
-  for key, value in report.get("utility", {}).items():
-    lines.append(f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}")
+  lines += report_lib.utility_lines(report.get("utility", {}))
   return [*lines, "", *report_lib.protocol_lines(report.get("protocol", {}))]
 
 
