@@ -12,6 +12,8 @@ builds one mesh over it, and only the primary process (index 0) writes reports, 
 from __future__ import annotations
 
 import os
+import sys
+from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
@@ -48,6 +50,20 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 
 def is_primary() -> bool:
   return jax.process_index() == 0
+
+
+def announce(message: str, warning: bool = False) -> None:
+  """One line per event of a run, from the primary process alone (the libraries' logging is quiet by default:
+  cli.py); warnings go to stderr."""
+  if is_primary():
+    print(message, file=sys.stderr if warning else sys.stdout, flush=True)
+
+
+def to_host(tree: Any) -> Any:
+  """Global arrays as numpy on every process; across processes this is a collective, so all must call it."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def sync(name: str) -> None:

@@ -1,5 +1,5 @@
 """A whole run config checked before any work: each section's typed settings built, and so validated, by the module
-that owns them (`Trained.from_config`, `AttackConfig.from_config`, `BankConfig.from_config`, the evaluation
+that owns them (`wiring.TrainingSections`: the method, attack, bank and retain sections; the evaluation
 attack's `settings`), plus the checks that tie sections together. So a typo is one message naming its key before
 weights load or anything compiles (main, population for every member before the first trains, evaluate, export).
 """
@@ -14,11 +14,12 @@ from advunlearn_jax import config_lib, tfds_source
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, caption_images, fid
-from advunlearn_jax.unlearn import attack, bank, prompts, retain, trainable
+from advunlearn_jax.unlearn import prompts, retain, trainable, wiring
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Every check a config can fail without loading weights; each names its key."""
+def validate(config: ml_collections.ConfigDict) -> wiring.TrainingSections:
+  """Every check a config can fail without loading weights, each naming its key; the typed training sections
+  it built, which the trainer uses as they are."""
   if not config.concept.prompts or any(not str(p).strip() for p in config.concept.prompts):
     raise ConfigError("config.concept.prompts: needs at least one non-empty concept, e.g. ['nudity']")
   sd_convert.check_pretrained(config.model.pretrained)
@@ -26,10 +27,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.model.dtype is {config.model.dtype!r}; expected 'float32' or 'bfloat16'")
   config_lib.check_ranges(config)
   t = config.train
-  trained = trainable.Trained.from_config(t)
-  bank.check_source(t.xt_source, trained)
-  attack.AttackConfig.from_config(config.attack)
-  bank.BankConfig.from_config(config.bank)
+  sections = wiring.TrainingSections.from_config(config)
   attacks.settings(config.evaluation)
   if t.rollout_buckets < 0 or t.rollout_rows_per_call < -1:
     raise ConfigError(
@@ -38,18 +36,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   if config.attack.type not in prompts.ATTACK_TYPES:
     raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
-  if config.attack.init not in attack.INITS:
-    raise ConfigError(f"config.attack.init is {config.attack.init!r}; valid: {list(attack.INITS)}")
   _check_retain(config)
-  _check_export(config, trained)
+  _check_export(config, sections.trained)
   if config.report.kind not in config_lib.REPORTS:
     raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(config_lib.REPORTS)}")
   _check_utility(config.evaluation)
+  return sections
 
 
 def _check_retain(config: ml_collections.ConfigDict) -> None:
-  if config.retain.mode not in ("reg", "iter"):
-    raise ConfigError(f"config.retain.mode is {config.retain.mode!r}; expected 'reg' or 'iter'")
   n_retain = len(retain.from_config(config))
   if config.retain.batch > n_retain:
     raise ConfigError(f"config.retain.batch ({config.retain.batch}) exceeds the {n_retain} retain prompts")

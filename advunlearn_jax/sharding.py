@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from advunlearn_jax.errors import ConfigError
+
 DATA, FSDP = "data", "fsdp"
 # Below this many elements a tensor stays replicated: biases and norms cost more in collectives than in memory.
 MIN_SHARDED_SIZE = 2**14
@@ -28,12 +30,29 @@ def make_mesh(devices: list | None = None, fsdp: int = 1) -> Mesh:
   return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), (DATA, FSDP))
 
 
-def _fsdp_size(mesh: Mesh | None) -> int:
+def fsdp_size(requested: int, tower: str, devices: list | None = None) -> int:
+  """How many devices share each parameter: `requested` (config.mesh.fsdp) when set, else 1 (data parallel) for
+  a text-encoder method, whose trained tower is small, and for a UNet method every device of a host (the fast
+  links). `devices` may be another machine's (an ahead-of-time compile for a TPU slice): a host's devices are
+  those of one process index."""
+  devices = list(devices or jax.devices())
+  n = len(devices)
+  if requested:
+    if n % requested:
+      raise ConfigError(f"config.mesh.fsdp={requested} does not divide the {n} devices")
+    return requested
+  if tower == "text_encoder":
+    return 1
+  per_host = sum(d.process_index == devices[0].process_index for d in devices)
+  return math.gcd(n, per_host)
+
+
+def _fsdp_of(mesh: Mesh | None) -> int:
   return mesh.shape.get(FSDP, 1) if mesh is not None else 1
 
 
 def param_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-  n = _fsdp_size(mesh)
+  n = _fsdp_of(mesh)
   if n == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
     return PartitionSpec()
   for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):  # the largest dimension that divides
@@ -83,7 +102,7 @@ def abstract(tree: Any, mesh: Mesh, sharded: bool) -> Any:
 def constrain_params(tree: Any, mesh: Mesh | None) -> Any:
   """Inside jit: keeps updated parameters on `param_spec`'s layout, so each step's outputs have the same
   shardings as its inputs (otherwise the next step would compile again for the compiler's choice)."""
-  if _fsdp_size(mesh) == 1:
+  if _fsdp_of(mesh) == 1:
     return tree
   return jax.tree.map(
     lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, param_spec(x.shape, mesh))), tree

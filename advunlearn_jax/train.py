@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
-import sys
 import time
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from advunlearn_jax import (
@@ -31,17 +28,10 @@ from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
-from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.pipeline import Pipeline
 from advunlearn_jax.unlearn import bank as bank_lib
-from advunlearn_jax.unlearn import retain, trainable, wiring
+from advunlearn_jax.unlearn import retain, wiring
 from advunlearn_jax.unlearn import step as step_lib
-
-
-def _event(enabled: bool, message: str, warning: bool = False) -> None:
-  """One line per event of the run (the libraries' logging is quiet by default: cli.py); warnings to stderr."""
-  if enabled:
-    print(message, file=sys.stderr if warning else sys.stdout, flush=True)
 
 
 def _trajectory_bank(config, cfg, models, frozen, mesh, abstract: bool) -> bank_lib.Bank:
@@ -63,32 +53,8 @@ def _trajectory_bank(config, cfg, models, frozen, mesh, abstract: bool) -> bank_
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
   t0 = time.perf_counter()
   bank = sharding.replicate(build(sharding.replicate(key, mesh)), mesh)
-  _event(distributed.is_primary(), f"trajectory bank rolled out in {time.perf_counter() - t0:.1f}s")
+  distributed.announce(f"trajectory bank rolled out in {time.perf_counter() - t0:.1f}s")
   return bank
-
-
-def fsdp_size(config: ml_collections.ConfigDict, devices: list | None = None) -> int:
-  """config.mesh.fsdp, or by default: 1 (data parallel) for text-encoder methods, whose trained tower is small;
-  for UNet methods every device of a host shares the UNet's parameters and Adam state (the fast links).
-  `devices` may be another machine's (an ahead-of-time compile for a TPU slice): a host's devices are those of
-  one process index."""
-  devices = list(devices or jax.devices())
-  n = len(devices)
-  if config.mesh.fsdp:
-    if n % config.mesh.fsdp:
-      raise ConfigError(f"config.mesh.fsdp={config.mesh.fsdp} does not divide the {n} devices")
-    return config.mesh.fsdp
-  if trainable.Trained.from_config(config.train).tower == "text_encoder":
-    return 1
-  per_host = sum(d.process_index == devices[0].process_index for d in devices)
-  return math.gcd(n, per_host)
-
-
-def _to_host(tree: Any) -> Any:
-  """Global arrays as numpy on every process; across processes this is a collective, so all must call it."""
-  if jax.process_count() > 1:
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
 
 
 def _current_params(setup: Setup, state) -> tuple[Any, Any]:
@@ -97,7 +63,7 @@ def _current_params(setup: Setup, state) -> tuple[Any, Any]:
   with the UNet's kernels in the compute dtype)."""
   cfg, models, frozen, _ = setup.wired
   local = frozen._replace(unet=setup.pipe.unet_params, clip=setup.pipe.text_params)
-  return step_lib.student_params(cfg, models, local, _to_host(state.params))
+  return step_lib.student_params(cfg, models, local, distributed.to_host(state.params))
 
 
 class PreemptionWatcher:
@@ -147,11 +113,11 @@ def run(
   `devices` (default: all) form the run's data mesh; a population gives each member its own group.
   `preemption`: a SIGTERM watcher shared by several runs in one process (signal handlers live in the main
   thread); by default a single-process run installs its own."""
-  settings.validate(config)
+  sections = settings.validate(config)
   os.makedirs(workdir, exist_ok=True)
   # One run per workdir (process 0 of a multi-host run holds it for all): a second one refuses before any work.
   with workdir_lock.WorkdirLock(workdir, enabled=distributed.is_primary()):
-    setup = set_up(config, devices)
+    setup = set_up(config, sections, devices)
     mngr = checkpoint.manager(workdir, config.train.keep)
     try:
       progress = restore_or_start(config, setup, mngr, workdir)
@@ -164,14 +130,15 @@ def run(
     return finish(config, setup, workdir, progress.state, start)
 
 
-def set_up(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
+def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections, devices: list | None = None) -> Setup:
+  retain_prompts = retain.from_config(config)
   root = sd_convert.resolve_pretrained(config.model.pretrained)
   with_previews = config.samples.every > 0 and os.path.isdir(os.path.join(root, "vae"))
   pipe = sd_convert.load_pipeline(root, with_vae=with_previews)
-  retain_prompts = retain.from_config(config)
-  mesh = sharding.make_mesh(devices, fsdp_size(config, devices))
+  mesh = sharding.make_mesh(devices, sharding.fsdp_size(config.mesh.fsdp, sections.trained.tower, devices))
   wired = wiring.wire(
     config,
+    sections,
     clip_config=pipe.text_config,
     clip_params=pipe.text_params,
     unet_config=pipe.unet_config,
@@ -182,8 +149,7 @@ def set_up(config: ml_collections.ConfigDict, devices: list | None = None) -> Se
     mesh=mesh,
   )
   primary = distributed.is_primary()
-  _event(
-    primary,
+  distributed.announce(
     f"training {config.train.method}: {wired.trained_parameters:,} parameters on mesh {dict(mesh.shape)}, "
     f"x_t from {config.train.xt_source}",
   )
@@ -198,15 +164,15 @@ def restore_or_start(config: ml_collections.ConfigDict, setup: Setup, mngr, work
   bank = None
   if cfg.xt_source == "bank":
     bank = _trajectory_bank(config, cfg, models, frozen, setup.mesh, abstract=resuming)
-  state = sharding.shard_params(step_lib.init_state(cfg, models, frozen), setup.mesh)._replace(bank=bank)
+  state = wiring.lay_out_state(step_lib.init_state(cfg, models, frozen), setup.mesh)._replace(bank=bank)
   footprint = sharding.bytes_per_device((frozen.unet, frozen.clip, state), setup.mesh) / 1e9
-  _event(setup.primary, f"frozen weights + training state: {footprint:.2f} GB per device")
+  distributed.announce(f"frozen weights + training state: {footprint:.2f} GB per device")
   restored = checkpoint.restore_latest(mngr, state, checkpoint.config_dict(config), workdir)
   if restored is None:
     return Progress(state, retain.SamplerState(0, 0))
   state, meta = restored
-  state = sharding.shard_params(state._replace(bank=None), setup.mesh)._replace(bank=state.bank)  # bank: replicated
-  _event(setup.primary, f"resumed from step {int(state.step)}")
+  state = wiring.lay_out_state(state._replace(bank=None), setup.mesh)._replace(bank=state.bank)  # as restored
+  distributed.announce(f"resumed from step {int(state.step)}")
   return Progress(state, retain.SamplerState(*meta["retain_sampler"]))
 
 
@@ -261,7 +227,7 @@ def loop(
         _save(config, mngr, done, Progress(state, sampler))
       if stop:
         mngr.wait_until_finished()
-        _event(setup.primary, f"SIGTERM: saved step {done}, stopping; rerun the same command to resume", warning=True)
+        distributed.announce(f"SIGTERM: saved step {done}, stopping; rerun the same command to resume", warning=True)
         return Progress(state, sampler), True
   finally:
     if own_watcher:
@@ -283,17 +249,17 @@ def prompt_update(i: int, warmup_iters: int, update_every: int) -> int:
 def iteration_batch(config, cfg, i: int, root_key, sampler: retain.SamplerState, n_prompts: int):
   """Iteration i's keys and retain prompts, and the sampler after them. Retain mode iter draws a batch for each
   extra step (retain.fresh_per_step, as the reference) or one batch for all of them."""
-  draw = lambda sampler: retain.sample(sampler, n_prompts, cfg.retain_batch, config.seed)
+  draw = lambda sampler: retain.sample(sampler, n_prompts, cfg.retain.batch, config.seed)
   key = jax.random.fold_in(root_key, i)
   prompt_key = jax.random.fold_in(root_key, prompt_update(i, config.train.warmup_iters, config.attack.update_every))
-  if cfg.retain_mode == "reg":
+  if cfg.retain.mode == "reg":
     idx, sampler = draw(sampler)
     return step_lib.Batch(np.asarray(idx, np.int32), key, prompt_key), sampler
   draws = []
-  for _ in range(cfg.retain_steps if config.retain.fresh_per_step else 1):
+  for _ in range(cfg.retain.steps if cfg.retain.fresh_per_step else 1):
     idx, sampler = draw(sampler)
     draws.append(idx)
-  iter_idx = np.stack(draws) if len(draws) == cfg.retain_steps else np.repeat(draws[0][None], cfg.retain_steps, 0)
+  iter_idx = np.stack(draws) if len(draws) == cfg.retain.steps else np.repeat(draws[0][None], cfg.retain.steps, 0)
   return step_lib.Batch(np.zeros((0,), np.int32), key, prompt_key, iter_idx.astype(np.int32)), sampler
 
 

@@ -11,7 +11,7 @@ one (bank_renewing). Prints ratios against the transcription and against online_
   python benchmarks/iteration.py --size=sd14 --memory_only --dtype=bfloat16 --target=v5e-8  # libtpu's, no TPU
   python benchmarks/iteration.py --size=sd21 --memory_only --dtype=bfloat16 --target=v4-32 --method=noxattn
 
-With --target, the step is compiled as the trainer would run it on that machine: its mesh (train.fsdp_size's
+With --target, the step is compiled as the trainer would run it on that machine: its mesh (sharding.fsdp_size's
 rule over the target's devices: data parallel for text-encoder methods, FSDP within a host for UNet methods),
 its parameter and state shardings, per chip; each mode prints its memory per chip against the chip's HBM and the
 collectives the compiled step holds. TPU targets need libtpu, in a venv of its own (it is no requirement):
@@ -52,7 +52,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from advunlearn_jax import compile_cache, config_lib, sharding, train  # noqa: E402
+from advunlearn_jax import compile_cache, config_lib, sharding  # noqa: E402
 from advunlearn_jax import tokenizer as tok_lib  # noqa: E402
 from advunlearn_jax.diffusion import ddim  # noqa: E402
 from advunlearn_jax.models import clip_text  # noqa: E402
@@ -171,6 +171,7 @@ class Harness:
     config.train.rollout_buckets, config.train.rollout_rows_per_call = args.rollout_buckets, slots
     wire = lambda unet_params: wiring.wire(
       config,
+      wiring.TrainingSections.from_config(config),
       clip_config=self.clip_cfg,
       clip_params=self.clip_params,
       unet_config=self.unet_cfg,
@@ -187,7 +188,7 @@ class Harness:
       base, self.models, self.frozen, _ = wire(self.unet_params)
     self.mesh = None
     if devices:
-      self.mesh = sharding.make_mesh(devices, train.fsdp_size(config, devices))
+      self.mesh = sharding.make_mesh(devices, sharding.fsdp_size(config.mesh.fsdp, self.models.trained.tower, devices))
       self.models = self.models._replace(mesh=self.mesh)
     self.k = base.num_tokens
     self.renewal = bank_lib.BankConfig.from_config(
@@ -375,8 +376,8 @@ def report(results: dict, json_path: str) -> dict:
 
 def print_memory(s: Harness):
   """Compiles each JAX mode's step on abstract inputs and prints XLA's memory analysis of it, per device: laid
-  out on the harness' mesh as train.run lays it out (frozen weights and state by sharding.param_spec, the rest
-  replicated) when it has one, else on the default backend's device."""
+  out on the harness' mesh as train.run lays it out (wiring.lay_out_frozen, wiring.lay_out_state) when it has
+  one, else on the default backend's device."""
   batch = jax.eval_shape(lambda: step_lib.Batch(jnp.arange(s.args.retain_batch, dtype=jnp.int32), jax.random.key(0)))
   mesh, target = s.mesh, s.args.target
   results = {}
@@ -392,11 +393,9 @@ def print_memory(s: Harness):
     bank = jax.eval_shape(lambda f, cfg=cfg: s.bank(cfg, f), s.frozen) if cfg.xt_source == "bank" else None
     state = jax.eval_shape(lambda f, b, cfg=cfg: step_lib.init_state(cfg, s.models, f, b), s.frozen, bank)
     frozen = s.frozen
-    if mesh is not None:  # as train.run: wiring.wire places frozen, restore_or_start the state, the loop the batch
-      weights = {k: sharding.abstract(getattr(frozen, k), mesh, sharded=True) for k in ("unet", "clip")}
-      frozen = sharding.abstract(frozen._replace(unet=None, clip=None), mesh, sharded=False)._replace(**weights)
-      bank = sharding.abstract(state.bank, mesh, sharded=False)
-      state = sharding.abstract(state._replace(bank=None), mesh, sharded=True)._replace(bank=bank)
+    if mesh is not None:  # train.run's layout; the loop replicates the batch
+      frozen = wiring.lay_out_frozen(frozen, mesh, abstract=True)
+      state = wiring.lay_out_state(state, mesh, abstract=True)
       batch = sharding.abstract(batch, mesh, sharded=False)
     t0 = time.perf_counter()
     lowered = STEP.lower(cfg, s.models, state, frozen, batch, True)

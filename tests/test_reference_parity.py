@@ -45,6 +45,7 @@ def test_one_iteration_matches_reference_transcription():
   config.attack.steps, config.attack.lr = 2, 1e-2
   cfg, models, frozen, _ = wiring.wire(
     config,
+    wiring.TrainingSections.from_config(config),
     clip_config=SD1_TINY,
     clip_params=clip_params,
     unet_config=unet_config,

@@ -62,14 +62,12 @@ def test_fsdp_layout_at_sd2_size():
 
 
 def test_fsdp_size_defaults():
-  text = tiny_config("/pipe")
-  unet = tiny_config("/pipe", **{"train.method": "xattn"})
-  assert train.fsdp_size(text) == 1  # data parallel for the text encoder
-  assert train.fsdp_size(unet) == 8  # a host's devices share the UNet
-  assert train.fsdp_size(unet, jax.devices()[:2]) == 2  # a population member's group
-  assert train.fsdp_size(tiny_config("/pipe", **{"mesh.fsdp": 4})) == 4
+  assert sharding.fsdp_size(0, "text_encoder") == 1  # data parallel for the text encoder
+  assert sharding.fsdp_size(0, "unet") == 8  # a host's devices share the UNet
+  assert sharding.fsdp_size(0, "unet", jax.devices()[:2]) == 2  # a population member's group
+  assert sharding.fsdp_size(4, "text_encoder") == 4
   with pytest.raises(ConfigError, match="does not divide the 8 devices"):
-    train.fsdp_size(tiny_config("/pipe", **{"mesh.fsdp": 3}))
+    sharding.fsdp_size(3, "unet")
 
 
 def _unet(workdir):

@@ -39,6 +39,7 @@ def setup(mesh=None):
   config = step_run_config()
   wired = wiring.wire(
     config,
+    wiring.TrainingSections.from_config(config),
     clip_config=tiny_models.CLIP,
     clip_params=clip,
     unet_config=tiny_models.UNET,
@@ -67,7 +68,7 @@ def test_esd_target_sign():
 
 def test_retain_term_is_zero_at_the_original_and_a_step_lowers_the_esd_loss():
   cfg, models, frozen = setup()
-  cfg = _replace(cfg, retain_weight=0.5)
+  cfg = _replace(cfg, retain=cfg.retain._replace(weight=0.5))
   state = step_lib.init_state(cfg, models, frozen)
   batch = _batch(3)
   state1, m1 = STEP(cfg, models, state, frozen, batch, False)
@@ -115,7 +116,7 @@ def _bank(models, frozen, trajectories=2):
 
 def test_step_with_attack_from_the_bank_records_the_sequence():
   cfg, models, frozen = setup()
-  cfg = _replace(cfg, retain_weight=0.5)  # a retain term: the retain group is rolled out
+  cfg = _replace(cfg, retain=cfg.retain._replace(weight=0.5))  # a retain term: the retain group is rolled out
   bank_cfg = _replace(cfg, xt_source="bank", bank=bank_lib.BankConfig(concept_trajectories=2))
   # The rollouts are the step's only while_loops (the attack's loop is a scan): none from the bank, one per
   # point group in the reference's order (none for retain rows when the loss has no retain term), batched one for
@@ -126,7 +127,7 @@ def test_step_with_attack_from_the_bank_records_the_sequence():
   for c, loops in (
     (bank_cfg, 0),
     (sequential, 3),
-    (_replace(sequential, retain_weight=0.0), 2),
+    (_replace(sequential, retain=sequential.retain._replace(weight=0.0)), 2),
     (cfg, 1),
     (buckets, 8),
   ):
@@ -205,7 +206,7 @@ def test_batched_points_equal_sequential_points(attack_t, defender_t, retain_bat
 
 def test_one_iteration_equals_the_sequential_modes():
   cfg, models, frozen = setup()
-  cfg = _replace(cfg, retain_weight=0.5, attack=attack.AttackConfig(steps=3), rollout_buckets=3)
+  cfg = _replace(cfg, retain=cfg.retain._replace(weight=0.5), attack=attack.AttackConfig(steps=3), rollout_buckets=3)
   results = {}
   for source in ("online", "online_sequential"):
     c = _replace(cfg, xt_source=source)
@@ -278,7 +279,9 @@ def test_condition_embd_attack_and_retain_iter_mode():
   retain.mode='iter' runs extra Adam steps on the retain loss after the main update."""
   base_cfg, models, frozen = setup()
   cfg = _replace(
-    base_cfg, attack=attack.AttackConfig(steps=2, embedding="condition_embd"), retain_mode="iter", retain_steps=2
+    base_cfg,
+    attack=attack.AttackConfig(steps=2, embedding="condition_embd"),
+    retain=retain.RetainConfig(mode="iter", steps=2),
   )
   state = step_lib.init_state(cfg, models, frozen)
   new_state, metrics = STEP(cfg, models, _copy(state), frozen, _batch(4), True)

@@ -1,5 +1,6 @@
 """End-to-end training on a tiny random pipeline: outputs, metrics, checkpoints, resume, config guards."""
 
+import dataclasses
 import json
 import os
 
@@ -128,15 +129,16 @@ def test_prompt_updates_and_retain_draws_follow_the_reference_schedule():
   # update_every 3, warm-up 5: the first attacking iteration searches its own prompt, then every multiple of 3.
   assert [train.prompt_update(i, 5, 3) for i in range(11)] == [0, 0, 0, 3, 3, 5, 6, 6, 6, 9, 9]
   config, root = config_lib.base_config(), jax.random.key(0)
-  cfg = step_lib.StepConfig(retain_mode="iter", retain_steps=3, retain_batch=2)
+  cfg = step_lib.StepConfig(retain=retain.RetainConfig(mode="iter", steps=3, batch=2))
   start = retain.SamplerState(0, 0)
   batch, sampler = train.iteration_batch(config, cfg, 7, root, start, n_prompts=10)
   assert batch.retain_idx.shape == (0,) and sampler == retain.SamplerState(0, 6)  # 3 draws of 2 prompts
   assert len({tuple(row) for row in batch.iter_retain_idx.tolist()}) == 3  # a fresh batch per extra step
-  config.retain.fresh_per_step = False
+  cfg = dataclasses.replace(cfg, retain=cfg.retain._replace(fresh_per_step=False))
   batch, sampler = train.iteration_batch(config, cfg, 7, root, start, n_prompts=10)
   assert len({tuple(row) for row in batch.iter_retain_idx.tolist()}) == 1 and sampler == retain.SamplerState(0, 2)
-  batch, _ = train.iteration_batch(config, step_lib.StepConfig(retain_batch=2), 7, root, start, n_prompts=10)
+  reg = step_lib.StepConfig(retain=retain.RetainConfig(batch=2))
+  batch, _ = train.iteration_batch(config, reg, 7, root, start, n_prompts=10)
   assert batch.retain_idx.shape == (2,) and batch.iter_retain_idx is None  # reg mode: the defender's batch
 
 
@@ -242,10 +244,11 @@ def test_rollout_batching_defaults_per_backend():
   assert wiring.rollout_rows_per_call(8, "cpu") == 16  # the tiny world's 8x8: bigger batches are cheaper per row
   assert wiring.rollout_rows_per_call(64, "gpu") == wiring.rollout_rows_per_call(64, "tpu") == 16
   config = tiny_config("/pipe")
-  cfg = wiring.step_config(config, 1, tiny_models.UNET)  # 8x8 latents
+  sections = wiring.TrainingSections.from_config(config)
+  cfg = wiring.step_config(config, sections, 1, tiny_models.UNET)  # 8x8 latents
   assert (cfg.xt_source, cfg.rollout_buckets, cfg.rollout_rows_per_call) == ("online", 8, 16)
   config.train.rollout_rows_per_call, config.train.rollout_buckets = 0, 5
-  cfg = wiring.step_config(config, 1, tiny_models.UNET)
+  cfg = wiring.step_config(config, sections, 1, tiny_models.UNET)
   assert (cfg.rollout_buckets, cfg.rollout_rows_per_call, cfg.bank) == (
     5,
     0,

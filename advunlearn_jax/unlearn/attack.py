@@ -40,6 +40,8 @@ class AttackConfig(NamedTuple):
   return_pre_final: bool = True
   eps: float = 0.0  # 0: no projection (the reference)
   norm: str = "l2"  # l2 | linf
+  init: str = "random"  # delta's start: random vocabulary rows, or `latest` (the previous round's rows)
+  latest_init_quirk: bool = True  # reference quirk: spec 3.1 - `latest` slices positions 1..k
 
   @classmethod
   def from_config(cls, section) -> AttackConfig:
@@ -61,6 +63,8 @@ def validate(cfg: AttackConfig) -> None:
     raise ConfigError(f"config.attack.method is {cfg.method!r}; valid: {list(METHODS)}")
   if cfg.embedding not in EMBEDDINGS:
     raise ConfigError(f"config.attack.embedding is {cfg.embedding!r}; valid: {list(EMBEDDINGS)}")
+  if cfg.init not in INITS:
+    raise ConfigError(f"config.attack.init is {cfg.init!r}; valid: {list(INITS)}")
   if cfg.norm not in ("l2", "linf"):
     raise ConfigError(f"config.attack.norm is {cfg.norm!r}; valid: ['l2', 'linf']")
   if cfg.steps < 1:

@@ -23,6 +23,27 @@ DATASETS = ("coco_object", "coco_object_no_filter", "imagenet243", "imagenet243_
 DATASET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "retain")
 
 
+MODES = ("reg", "iter")
+
+
+class RetainConfig(NamedTuple):
+  """The retain term's settings, under config.retain's field names (its prompts are `from_config`'s)."""
+
+  mode: str = "reg"  # reg: L_u + weight * L_r; iter: `steps` extra Adam steps on L_r
+  weight: float = 1.0
+  batch: int = 5
+  steps: int = 1
+  fresh_per_step: bool = True  # iter: each extra step draws its own prompts
+
+  @classmethod
+  def from_config(cls, section) -> RetainConfig:
+    """`config.retain`'s step settings, validated."""
+    cfg = cls(**{name: section[name] for name in cls._fields})
+    if cfg.mode not in MODES:
+      raise ConfigError(f"config.retain.mode is {cfg.mode!r}; expected one of {list(MODES)}")
+    return cfg
+
+
 def load_dataset(name: str) -> list[str]:
   """The prompts of a shipped retain set, in the reference's row order (repeats included)."""
   if name not in DATASETS:

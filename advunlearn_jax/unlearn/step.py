@@ -7,7 +7,7 @@
   3. `frozen_predictions`: the original model's noise at every point (e_p for the attack, e_0 and e_p for the ESD
      target, the retain targets), in one UNet call;
   4. `attack` (after warm-up) on its points;
-  5. `defender_update`, then in retain mode `iter` the extra `retain_steps`; the bank, if it renews, last.
+  5. `defender_update`, then in retain mode `iter` the extra `retain.steps`; the bank, if it renews, last.
 
 No x_t depends on the adversarial prompt or on the parameters the iteration updates (the attack's and the
 defender's points come from the frozen UNet, or for UNet methods from the UNet as the iteration starts), which
@@ -39,6 +39,7 @@ from advunlearn_jax.sharding import constrain_batch
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import prompts, timesteps, trainable
+from advunlearn_jax.unlearn import retain as retain_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +50,8 @@ class StepConfig:
   negative_guidance: float = 1.0
   start_guidance: float = 3.0
   concept_batch: int = 1
-  retain_batch: int = 5
-  retain_mode: str = "reg"
-  retain_weight: float = 1.0
-  retain_steps: int = 1
+  retain: retain_lib.RetainConfig = retain_lib.RetainConfig()
   attack: attack_lib.AttackConfig = attack_lib.AttackConfig()
-  attack_init: str = "random"
-  latest_init_quirk: bool = True  # reference quirk: spec 3.1 - `latest` slices positions 1..k
   num_tokens: int = 1  # k; for `add`, the longest concept's token count
   latent_hw: int = 64
   latent_channels: int = 4
@@ -88,12 +84,12 @@ class TrainState(NamedTuple):
 
 
 class Batch(NamedTuple):
-  retain_idx: jax.Array  # [retain_batch] int32, drawn on the host without replacement per epoch
+  retain_idx: jax.Array  # [retain.batch] int32, drawn on the host without replacement per epoch
   key: jax.Array  # the iteration's key: fold_in(root_key, step)
   # The key of the iteration that drew the current concept (attack.update_every > 1: the latest update's);
   # None: this iteration's.
   prompt_key: jax.Array | None = None
-  # retain mode iter: [retain_steps, retain_batch] each extra step's prompts; None: `retain_idx` for every step.
+  # retain mode iter: [retain.steps, retain.batch] each extra step's prompts; None: `retain_idx` for every step.
   iter_retain_idx: jax.Array | None = None
 
 
@@ -119,7 +115,7 @@ class Points(NamedTuple):
 class IterationPoints(NamedTuple):
   attack: Points  # [attack steps] rows; empty during warm-up
   concept: Points  # [concept_batch]
-  retain: Points  # [retain_batch]
+  retain: Points  # [retain.batch]
 
 
 KEY_NAMES = ("concept", "attack", "init", "t", "noise_c", "noise_r", "iter")
@@ -333,9 +329,9 @@ def _initial_delta(cfg, models, state, frozen, keys, c, text_p, base, layout) ->
     random_init = encode(text_p, token_table[rand_ids][None])[0, 1 : 1 + k]
   else:
     random_init = attack_lib.random_rows(keys["init"], token_table, k)
-  if cfg.attack_init != "latest":
+  if cfg.attack.init != "latest":
     return random_init
-  if cfg.latest_init_quirk:
+  if cfg.attack.latest_init_quirk:
     latest = prompts.initial_rows_from_sequence(state.last_sequence, k)
   else:
     latest = prompts.delta_from_sequence(state.last_sequence, base, *layout, k)
@@ -384,7 +380,7 @@ def _retain_loss(models, text_p, unet_p, words, x_r, r_p, t_ddpm):
 
 def uses_retain_term(cfg: StepConfig) -> bool:
   """Whether the defender's loss has the retain term w L_r (retain mode `reg`)."""
-  return cfg.retain_mode == "reg" and cfg.retain_weight > 0 and cfg.retain_batch > 0
+  return cfg.retain.mode == "reg" and cfg.retain.weight > 0 and cfg.retain.batch > 0
 
 
 def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points, xs, targets):
@@ -409,7 +405,7 @@ def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points
     loss_r = jnp.zeros(())
     if use_reg:
       loss_r = _retain_loss(models, text_p, unet_p, retain_words, x_r, targets.retain, points.retain.t_ddpm)
-    return loss_u + cfg.retain_weight * loss_r, (loss_u, loss_r)
+    return loss_u + cfg.retain.weight * loss_r, (loss_u, loss_r)
 
   (loss, (loss_u, loss_r)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
@@ -418,7 +414,7 @@ def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points
 
 
 def retain_iter_steps(cfg, models, state, frozen, key, retain_idx):
-  """retain mode `iter`: `retain_steps` extra Adam steps on the unweighted retain loss, step i on the prompts
+  """retain mode `iter`: `retain.steps` extra Adam steps on the unweighted retain loss, step i on the prompts
   `retain_idx[i]`, each at fresh points rolled out by the UNet as it now stands (for UNet methods it just
   changed)."""
   token_table = _token_table(frozen)
@@ -442,7 +438,7 @@ def retain_iter_steps(cfg, models, state, frozen, key, retain_idx):
     return optax.apply_updates(params, u), opt_state, bank, value
 
   init = (state.params, state.opt_state, state.bank, jnp.zeros(()))
-  params, opt_state, _, loss_r = jax.lax.fori_loop(0, cfg.retain_steps, body, init)
+  params, opt_state, _, loss_r = jax.lax.fori_loop(0, cfg.retain.steps, body, init)
   return state._replace(params=params, opt_state=opt_state), loss_r
 
 
@@ -487,10 +483,10 @@ def train_step(
 
   state, losses = defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points, xs, targets)
   metrics.update(losses)
-  if cfg.retain_mode == "iter":
+  if cfg.retain.mode == "iter":
     iter_idx = batch.iter_retain_idx
     if iter_idx is None:
-      iter_idx = jnp.broadcast_to(batch.retain_idx, (cfg.retain_steps, *batch.retain_idx.shape))
+      iter_idx = jnp.broadcast_to(batch.retain_idx, (cfg.retain.steps, *batch.retain_idx.shape))
     state, metrics["loss_retain"] = retain_iter_steps(cfg, models, state, frozen, keys["iter"], iter_idx)
   bank = state.bank
   if bank is not None and (cfg.bank.refresh_trajectories or cfg.bank.refresh_retain):

@@ -21,6 +21,7 @@ from advunlearn_jax.pipeline import ScheduleConfig
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import frozen as frozen_lib
+from advunlearn_jax.unlearn import retain as retain_lib
 from advunlearn_jax.unlearn import step as step_lib
 from advunlearn_jax.unlearn import trainable
 
@@ -45,20 +46,39 @@ def rollout_rows_per_call(latent_hw: int, backend: str | None = None) -> int:
   return 16
 
 
-def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config: UNetConfig) -> step_lib.StepConfig:
+class TrainingSections(NamedTuple):
+  """The training sections of a run config, typed and validated once: settings.validate builds them, the command
+  hands them to `wire`. Each type is its section's, with the section's field names, built in the module that
+  reads it; a new knob is a default in config_lib and a field there."""
+
+  trained: trainable.Trained  # config.train.method
+  attack: attack_lib.AttackConfig  # config.attack
+  bank: bank_lib.BankConfig  # config.bank
+  retain: retain_lib.RetainConfig  # config.retain
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> TrainingSections:
+    trained = trainable.Trained.from_config(config.train)
+    bank_lib.check_source(config.train.xt_source, trained)
+    return cls(
+      trained,
+      attack_lib.AttackConfig.from_config(config.attack),
+      bank_lib.BankConfig.from_config(config.bank),
+      retain_lib.RetainConfig.from_config(config.retain),
+    )
+
+
+def step_config(
+  config: ml_collections.ConfigDict, sections: TrainingSections, num_tokens: int, unet_config: UNetConfig
+) -> step_lib.StepConfig:
   t = config.train
   return step_lib.StepConfig(
     lr=t.lr,
     negative_guidance=config.diffusion.negative_guidance,
     start_guidance=config.diffusion.start_guidance,
     concept_batch=t.concept_batch,
-    retain_batch=config.retain.batch,
-    retain_mode=config.retain.mode,
-    retain_weight=config.retain.weight,
-    retain_steps=config.retain.steps,
-    attack=attack_lib.AttackConfig.from_config(config.attack),
-    attack_init=config.attack.init,
-    latest_init_quirk=config.attack.latest_init_quirk,
+    retain=sections.retain,
+    attack=sections.attack,
     num_tokens=num_tokens,
     latent_hw=unet_config.sample_size,
     latent_channels=unet_config.in_channels,
@@ -67,7 +87,7 @@ def step_config(config: ml_collections.ConfigDict, num_tokens: int, unet_config:
     rollout_rows_per_call=(
       t.rollout_rows_per_call if t.rollout_rows_per_call >= 0 else rollout_rows_per_call(unet_config.sample_size)
     ),
-    bank=bank_lib.BankConfig.from_config(config.bank),
+    bank=sections.bank,
   )
 
 
@@ -80,6 +100,7 @@ class Wiring(NamedTuple):
 
 def wire(
   config: ml_collections.ConfigDict,
+  sections: TrainingSections,
   *,
   clip_config: CLIPTextConfig,
   clip_params: Any,
@@ -90,7 +111,8 @@ def wire(
   retain_prompts: Sequence[str],
   mesh: Mesh | None = None,
 ) -> Wiring:
-  """Everything the step reads, from a validated config (settings.validate) and the original weights.
+  """Everything the step reads, from a run config, its typed sections (settings.validate's) and the original
+  weights.
 
   With a `mesh`, the frozen weights are laid out on it (sharded as the mesh's fsdp axis says) and the rest of
   Frozen replicated; without one they stay where they are (one device)."""
@@ -107,7 +129,7 @@ def wire(
     schedule=schedule,
     ddim_steps=config.diffusion.ddim_steps,
   )
-  trained = trainable.Trained.from_config(config.train)
+  trained = sections.trained
   tower_params = trained.of(clip_params, unet_params)
   mask = trained.mask(tower_params)
   dtype = jnp.dtype(config.model.dtype)
@@ -120,6 +142,28 @@ def wire(
   )
   frozen = frozen_lib.store_for_compute(frozen, models)
   if mesh is not None:
-    weights = {"unet": sharding.shard_params(frozen.unet, mesh), "clip": sharding.shard_params(frozen.clip, mesh)}
-    frozen = sharding.replicate(frozen._replace(unet=None, clip=None), mesh)._replace(**weights)
-  return Wiring(step_config(config, num_tokens, unet_config), models, frozen, trainable.count(tower_params, mask))
+    frozen = lay_out_frozen(frozen, mesh)
+  return Wiring(
+    step_config(config, sections, num_tokens, unet_config), models, frozen, trainable.count(tower_params, mask)
+  )
+
+
+def _placed(tree: Any, mesh: Mesh, sharded: bool, abstract: bool) -> Any:
+  if abstract:
+    return sharding.abstract(tree, mesh, sharded)
+  return sharding.shard_params(tree, mesh) if sharded else sharding.replicate(tree, mesh)
+
+
+def lay_out_frozen(frozen: step_lib.Frozen, mesh: Mesh, abstract: bool = False) -> step_lib.Frozen:
+  """The trainer's layout of Frozen, the one every caller uses: the frozen towers by sharding.param_spec (split
+  over fsdp), the prompts' embeddings and the DDIM tables replicated. `abstract`: shapes with their shardings and
+  no data, the inputs of an ahead-of-time compile for devices this host need not have (benchmarks/iteration.py)."""
+  towers = {k: _placed(getattr(frozen, k), mesh, True, abstract) for k in ("unet", "clip")}
+  return _placed(frozen._replace(unet=None, clip=None), mesh, False, abstract)._replace(**towers)
+
+
+def lay_out_state(state: step_lib.TrainState, mesh: Mesh, abstract: bool = False) -> step_lib.TrainState:
+  """The training state's layout: parameters, Adam moments and the rest by sharding.param_spec, the bank (if any)
+  replicated: every device samples from all of it."""
+  bank = None if state.bank is None else _placed(state.bank, mesh, False, abstract)
+  return _placed(state._replace(bank=None), mesh, True, abstract)._replace(bank=bank)
