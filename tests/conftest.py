@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices, exact matmuls for parity tests, an isolated tokenizer cache."""
+"""Test setup: 8 simulated CPU devices, exact matmuls for parity tests, an isolated tokenizer cache; the quickstart
+notebook executed once for the tests that read its run."""
 
 import os
 
@@ -32,3 +33,39 @@ def _release_compiled_programs_after_slow_tests(request):
 
     jax.clear_caches()
     gc.collect()
+
+
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", "quickstart.ipynb")
+# The notebook in under two minutes of compute: two iterations of the faithful online loop, two prompts attacked
+# on a small budget, small report grids.
+QUICKSTART_OVERRIDES = {
+  "train.iterations": 2,
+  "train.warmup_iters": 0,  # one compiled step, the attacking one
+  "train.save_every": 2,
+  "bank.concept_trajectories": 2,
+  "attack.steps": 2,
+  "retain.batch": 2,
+  "samples.every": 0,
+  "report.images_per_value": 2,
+  "evaluation.prompts": ("a photo of a plain red triangle", "a photo of a dotted blue triangle"),
+  "evaluation.unlearndiff.iters_per_t": 2,
+  "evaluation.unlearndiff.timesteps": (10, 510),
+}
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+  """notebooks/quickstart.ipynb executed (nbclient) as Jupyter runs it when opened from a checkout: in notebooks/,
+  the package not installed, one CPU device; (the executed notebook, its workdir)."""
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  pytest.importorskip("ipykernel")
+  nb = nbformat.read(QUICKSTART, as_version=4)
+  params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(params) == 1, "the notebook's first code cell holds its parameters, tagged 'parameters'"
+  workdir = str(tmp_path_factory.mktemp("quickstart") / "run")
+  params[0].source += f"\nWORKDIR = {workdir!r}\nOVERRIDES = {QUICKSTART_OVERRIDES!r}\n"
+  with pytest.MonkeyPatch.context() as env:
+    env.setenv("XLA_FLAGS", "")
+    nbclient.NotebookClient(nb, timeout=900, resources={"metadata": {"path": os.path.dirname(QUICKSTART)}}).execute()
+  return nb, workdir

@@ -7,30 +7,22 @@ import os
 import numpy as np
 import pytest
 
-from advunlearn_jax import hub, train
+from advunlearn_jax import hub
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import evaluation
+from tests.conftest import QUICKSTART_OVERRIDES
 
-pytestmark = pytest.mark.slow  # a short run on the shipped tiny model and its report: ~2 minutes on 2 cores
+pytestmark = pytest.mark.slow  # the quickstart notebook's run (conftest.py): ~2 minutes on 2 cores, once
 
 
 @pytest.fixture(scope="module")
-def run_and_report(tmp_path_factory):
+def run_and_report(quickstart):
+  """The quickstart notebook's run and its evaluation report (conftest.py)."""
   import configs.tiny as tiny_config
 
-  root = tmp_path_factory.mktemp("hub")
+  _, workdir = quickstart
   config = tiny_config.get_config("triangle")
-  config.train.iterations, config.train.warmup_iters, config.train.save_every = 2, 1, 2
-  config.train.xt_source = "online"  # two iterations: cheaper than rolling out the bank
-  config.attack.steps, config.retain.batch = 2, 2
-  config.samples.every, config.report.kind = 0, ""
-  workdir = str(root / "run")
-  train.run(config, workdir, show_progress=False)
-  config.evaluation.prompts = ("a photo of a plain red triangle", "a photo of a dotted blue triangle")
-  config.evaluation.target_steps = 2
-  report_dir = str(root / "eval")
-  evaluation.evaluate(config, report_dir, text_encoder=os.path.join(workdir, "text_encoder"), attack=False)
-  return config, workdir, os.path.join(report_dir, "report.json")
+  config.update_from_flattened_dict(QUICKSTART_OVERRIDES)
+  return config, workdir, os.path.join(workdir, "evaluation", "report.json")
 
 
 def test_hub_folder_loads_in_transformers_and_its_card_carries_the_report(run_and_report, tmp_path):
