@@ -70,6 +70,11 @@ def test_validate_messages():
   config.retain.mode = "sometimes"
   with pytest.raises(ConfigError, match="config.retain.mode"):
     settings.validate(config)
+  # The attack's settings are checked where AttackConfig is built, once for the whole command.
+  config = config_lib.base_config()
+  config.attack.init = "oldest"
+  with pytest.raises(ConfigError, match=r"config.attack.init is 'oldest'; valid: \['random', 'latest'\]"):
+    settings.validate(config)
 
 
 @pytest.mark.parametrize(
