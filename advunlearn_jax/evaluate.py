@@ -30,7 +30,8 @@ _TEXT_ENCODER = flags.DEFINE_string("text_encoder", "", "Unlearned text encoder 
 _PIPELINE = flags.DEFINE_string("pipeline", "", "Unlearned diffusers pipeline folder (e.g. WORKDIR/pipeline).")
 _NO_ATTACK = flags.DEFINE_bool("no_attack", False, "Only the unattacked pass (pre-ASR).")
 _UTILITY_ONLY = flags.DEFINE_bool("utility_only", False, "Only the utility protocol: caption images, CLIP, FID.")
-_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", "{out}/xla_cache", compile_cache.FLAG_HELP)
+_CACHE_DEFAULT = "{out}/xla_cache"
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compile_cache.flag_help(_CACHE_DEFAULT))
 
 
 def main(argv):
@@ -39,7 +40,7 @@ def main(argv):
   config = _CONFIG.value
   settings.validate(config)
   cli.check_output_folder(_OUT.value, "out")
-  compile_cache.enable(_COMPILATION_CACHE.value, out=_OUT.value)
+  compile_cache.enable(_COMPILATION_CACHE.value, _CACHE_DEFAULT, out=_OUT.value)
   report = evaluation.evaluate(
     config,
     _OUT.value,

@@ -25,7 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where checkpoints
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: how many processes (0: detect or 1).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index (-1: detect).")
-_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", "{workdir}/xla_cache", compile_cache.FLAG_HELP)
+_CACHE_DEFAULT = "{workdir}/xla_cache"
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compile_cache.flag_help(_CACHE_DEFAULT))
 
 
 def main(argv: list[str]) -> None:
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   settings.validate(config)  # before any work; `model.pretrained` stays as written ("tiny" resolves at use)
   cli.check_output_folder(_WORKDIR.value, "workdir")
-  compile_cache.enable(_COMPILATION_CACHE.value, workdir=_WORKDIR.value)
+  compile_cache.enable(_COMPILATION_CACHE.value, _CACHE_DEFAULT, workdir=_WORKDIR.value)
 
   from advunlearn_jax import distributed  # imports JAX; kept out of the config-only path
 

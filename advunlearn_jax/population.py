@@ -20,7 +20,8 @@ _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,... (repeat for a gri
 _DEVICES_PER_MEMBER = flags.DEFINE_integer("devices_per_member", 0, "0: the devices split evenly over members.")
 _PART = flags.DEFINE_integer("part", 0, "This host's share of the members: every --parts-th, from this one.")
 _PARTS = flags.DEFINE_integer("parts", 1, "How many hosts share the members (one population per host).")
-_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", "{workdir}/xla_cache", compile_cache.FLAG_HELP)
+_CACHE_DEFAULT = "{workdir}/xla_cache"
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compile_cache.flag_help(_CACHE_DEFAULT))
 flags.mark_flag_as_required("config")
 
 
@@ -35,7 +36,7 @@ def main(argv):
   population = select_part(grid, _PART.value, _PARTS.value)
   share = f" (part {_PART.value} of {_PARTS.value}: {len(population)} of {len(grid)})" if _PARTS.value > 1 else ""
   print(f"{len(population)} members{share}: {', '.join(m.name for m in population)}")
-  compile_cache.enable(_COMPILATION_CACHE.value, workdir=_WORKDIR.value)  # reruns load, not compile
+  compile_cache.enable(_COMPILATION_CACHE.value, _CACHE_DEFAULT, workdir=_WORKDIR.value)  # reruns load, not compile
   summary = f"population.part{_PART.value}of{_PARTS.value}.json" if _PARTS.value > 1 else "population.json"
   results = run(population, _WORKDIR.value, _DEVICES_PER_MEMBER.value, summary_name=summary)
   failed = [name for name, r in results.items() if "error" in r]

@@ -1,5 +1,5 @@
-"""Test setup: 8 simulated CPU devices, exact matmuls for parity tests, an isolated tokenizer cache; the quickstart
-notebook executed once for the tests that read its run."""
+"""Test setup: 8 simulated CPU devices, exact matmuls for parity tests, an isolated tokenizer cache, one
+compilation cache kept between sessions; the quickstart notebook executed once for the tests that read its run."""
 
 import os
 
@@ -8,11 +8,28 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Many tests compile the same tiny programs, in this process and in the commands they start (which take the
+# folder from the environment), and the slow suite compiles many of the fast suite's again: one persistent cache
+# under the checkout, kept between sessions, turns every compilation after the first into a load. JAX keys each
+# entry by program, backend and versions, so an entry from older code is never used; the size cap evicts them.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".xla_test_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The `bench` tier runs only when asked for by name (-m bench): the README's two commands leave it out."""
+  if "bench" in (config.option.markexpr or ""):
+    return
+  benches = [item for item in items if item.get_closest_marker("bench")]
+  if benches:
+    config.hook.pytest_deselected(items=benches)
+    items[:] = [item for item in items if not item.get_closest_marker("bench")]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,16 +52,15 @@ def _release_compiled_programs_after_slow_tests(request):
     gc.collect()
 
 
-QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", "quickstart.ipynb")
-# The notebook in under two minutes of compute: two iterations of the faithful online loop, two prompts attacked
-# on a small budget, small report grids.
+QUICKSTART = os.path.join(_ROOT, "notebooks", "quickstart.ipynb")
+# The notebook in under two minutes of compute: two iterations of the tiny loop (no warm-up), two prompts
+# attacked on a small budget, small report grids; test_main.py's step settings, so its step can come from the cache.
 QUICKSTART_OVERRIDES = {
   "train.iterations": 2,
   "train.warmup_iters": 0,  # one compiled step, the attacking one
   "train.save_every": 2,
   "bank.concept_trajectories": 2,
   "attack.steps": 2,
-  "retain.batch": 2,
   "samples.every": 0,
   "report.images_per_value": 2,
   "evaluation.prompts": ("a photo of a plain red triangle", "a photo of a dotted blue triangle"),

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from advunlearn_jax import compile_cache, config_lib, settings
@@ -54,11 +55,19 @@ def test_tiny_default_run_end_to_end(tmp_path):
   assert sorted(os.listdir(tmp_path / "samples")) == ["step_000002.png", "step_000004.png"]
   assert (tmp_path / "text_encoder" / "model.safetensors").is_file()
   assert (tmp_path / "pipeline" / "model_index.json").is_file()
-  # The compiled steps went to the persistent cache, so a resume or rerun loads rather than compiles them.
-  assert any(name.startswith("jit_train_step-") for name in os.listdir(tmp_path / "xla_cache"))
+  # The compiled steps went to the persistent cache, so a resume or rerun loads rather than compiles them: the
+  # session's shared one (conftest.py), which the command takes from the environment over WORKDIR/xla_cache.
+  assert not (tmp_path / "xla_cache").exists()
+  assert any(name.startswith("jit_train_step-") for name in os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"]))
 
 
-def test_compilation_cache_folder():
+def test_compilation_cache_folder(monkeypatch):
+  monkeypatch.setattr(jax.config, "update", lambda name, value: None)  # JAX picks its cache folder once
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  assert compile_cache.enable(None, "{workdir}/xla_cache", workdir="runs/a") == os.path.abspath("runs/a/xla_cache")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/shared/xla")  # the environment's wins over the default...
+  assert compile_cache.enable(None, "{workdir}/xla_cache", workdir="runs/a") == "/shared/xla"
+  assert compile_cache.enable("", "{workdir}/xla_cache", workdir="runs/a") == ""  # ...not over the flag
   assert compile_cache.resolve("{workdir}/xla_cache", workdir="runs/a") == os.path.abspath("runs/a/xla_cache")
   assert compile_cache.resolve("", workdir="runs/a") == ""  # off
   with pytest.raises(ConfigError, match=r"unknown placeholder; this command knows \['\{out\}'\]"):
