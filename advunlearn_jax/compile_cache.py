@@ -21,11 +21,16 @@ from advunlearn_jax.errors import ConfigError
 ENV = "JAX_COMPILATION_CACHE_DIR"
 
 
-def flag_help(default: str) -> str:
-  return (
-    f"Persistent XLA compilation cache folder ({default.split('/')[0]} stands for that flag's folder); default "
-    f"${ENV} where set, else {default}. Share one across runs with a fixed path, or pass an empty value to "
-    "compile from scratch every time."
+def define_flag(default: str):
+  """The entry points' --compilation_cache flag; None (left alone) means $JAX_COMPILATION_CACHE_DIR or else
+  `default`, whose one placeholder ({workdir} or {out}) is that command's folder flag."""
+  from absl import flags
+
+  return flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    f"Persistent XLA compilation cache folder; default ${ENV} where set, else {default}. Share one across runs "
+    "with a fixed path, or pass an empty value to compile from scratch every time.",
   )
 
 

@@ -31,7 +31,7 @@ _PIPELINE = flags.DEFINE_string("pipeline", "", "Unlearned diffusers pipeline fo
 _NO_ATTACK = flags.DEFINE_bool("no_attack", False, "Only the unattacked pass (pre-ASR).")
 _UTILITY_ONLY = flags.DEFINE_bool("utility_only", False, "Only the utility protocol: caption images, CLIP, FID.")
 _CACHE_DEFAULT = "{out}/xla_cache"
-_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compile_cache.flag_help(_CACHE_DEFAULT))
+_COMPILATION_CACHE = compile_cache.define_flag(_CACHE_DEFAULT)
 
 
 def main(argv):

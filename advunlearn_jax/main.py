@@ -26,7 +26,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: how many processes (0: detect or 1).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index (-1: detect).")
 _CACHE_DEFAULT = "{workdir}/xla_cache"
-_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compile_cache.flag_help(_CACHE_DEFAULT))
+_COMPILATION_CACHE = compile_cache.define_flag(_CACHE_DEFAULT)
 
 
 def main(argv: list[str]) -> None:

@@ -21,7 +21,7 @@ _DEVICES_PER_MEMBER = flags.DEFINE_integer("devices_per_member", 0, "0: the devi
 _PART = flags.DEFINE_integer("part", 0, "This host's share of the members: every --parts-th, from this one.")
 _PARTS = flags.DEFINE_integer("parts", 1, "How many hosts share the members (one population per host).")
 _CACHE_DEFAULT = "{workdir}/xla_cache"
-_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compile_cache.flag_help(_CACHE_DEFAULT))
+_COMPILATION_CACHE = compile_cache.define_flag(_CACHE_DEFAULT)
 flags.mark_flag_as_required("config")
 
 

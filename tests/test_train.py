@@ -322,7 +322,7 @@ def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout
   shutil.copytree(pipeline_dir, checkout_a)
   monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_a)
   config = tiny_config("tiny", **{"train.iterations": 2, "train.warmup_iters": 2})
-  # On all the devices, as the runs above: the member loads their compiled warm-up step instead of compiling one.
+  # On all the devices, as the runs above: the member reuses their compiled warm-up step instead of compiling one.
   results = populations.run([populations.Member("m", config)], str(tmp_path / "pop"))
   member = str(tmp_path / "pop" / "m")
   assert "error" not in results["m"], results["m"]
