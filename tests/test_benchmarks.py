@@ -177,3 +177,17 @@ def test_iteration_benchmark_compiles_for_tpu_slices_without_one(tmp_path):
     assert result["online"]["collectives"].get("all-reduce", 0) >= 1, result
     if mesh["fsdp"] > 1:
       assert result["online"]["collectives"].get("all-gather", 0) >= 1, result
+
+
+def test_bench_tier_is_left_out_of_the_readme_commands():
+  """conftest.py deselects the `bench` tests unless -m names them: neither of CI's suites runs them."""
+
+  def collected(marks):
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", marks, __file__]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300).stdout
+    return {line.split("::")[1] for line in out.splitlines() if "::" in line}
+
+  fast, slow, bench = collected("not slow"), collected("slow"), collected("bench")
+  assert len(bench) == 5 and all(name.startswith("test_") for name in bench)
+  assert not bench & (fast | slow)
+  assert "test_iteration_benchmark_compiles_for_an_h200_without_one" in slow
