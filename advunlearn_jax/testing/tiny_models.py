@@ -18,9 +18,9 @@ def configs(size: str) -> tuple[clip_text.CLIPTextConfig, unet_lib.UNetConfig]:
   """SD v1.4's CLIP-L and UNet (`sd14`), SD 2.1's OpenCLIP-H text tower and 768-px UNet (`sd21`), or CPU-sized
   ones: `small` (8x8 latents, 32 channels, SD's block types: where a batched UNet call costs less per row on a
   CPU), `tiny` (16x16 latents, 32/64 channels) and `micro`, the tests' models: `small` with one resolution level
-  (one cross-attention block down and up, the mid block between), so that the many training steps the suites
-  compile take about 40% less time to compile on a CPU; the UNet's layouts and every block type are checked
-  against diffusers at full structure in tests/test_unet_vae.py."""
+  (one cross-attention block down and up, the mid block between), because compiling training steps is most of
+  the suites' time (README); two-level UNets with every block type are checked against diffusers and the
+  reference in tests/test_unet_vae.py, test_diffusion.py and test_reference_parity.py."""
   if size == "sd14":
     return clip_text.CLIPTextConfig(), unet_lib.UNetConfig.from_dict(presets.SD14_UNET)
   if size == "sd21":
@@ -28,17 +28,13 @@ def configs(size: str) -> tuple[clip_text.CLIPTextConfig, unet_lib.UNetConfig]:
   clip = clip_text.CLIPTextConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
   )
-  if size == "micro":
-    blocks = dict(down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
-    blocks.update(block_out_channels=(32,), num_attention_heads=(4,))
-  else:
-    blocks = dict(
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")
-    )
-    blocks.update(block_out_channels=(32, 32) if size == "small" else (32, 64), num_attention_heads=(4, 4))
+  levels = 1 if size == "micro" else 2  # micro: small's first down block, its last up block, the mid block
   unet = unet_lib.UNetConfig(
-    **blocks,
+    block_out_channels=((32, 64) if size == "tiny" else (32, 32))[:levels],
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")[:levels],
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")[-levels:],
     layers_per_block=1,
+    num_attention_heads=(4, 4)[:levels],
     cross_attention_dim=32,
     norm_num_groups=8,
     sample_size=16 if size == "tiny" else 8,
