@@ -12,7 +12,6 @@ import ml_collections
 from advunlearn_jax.errors import ConfigError
 
 SD_V1_4 = "CompVis/stable-diffusion-v1-4"
-REPORTS = ("", "tiny_world")
 # `model.pretrained = "tiny"`: the repo's own tiny text-to-image model, shipped in the package.
 TINY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_sd")
 

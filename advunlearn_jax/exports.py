@@ -7,9 +7,10 @@ stored with it to find the base pipeline. The `reference` format is OUT/TextEnco
 reference's own checkpoint layout (spec section 5), which UnlearnDiffAtk and AdvUnlearn's scripts load; they load
 with strict=False, so a transformers folder handed to them silently loads nothing.
 
-A run writes the same at its end (`export.reference_checkpoint` adds the .pt) and, every `export.every`
-iterations, a numbered export `workdir/exports/step_NNNNNN/` beside the rolling checkpoints, so the
-robustness/utility trade-off can be evaluated along the run (the reference saves at 200, 400, ...).
+`RunExports` is what a training run hands its trained tower to (train.run's `export`): the same at the run's
+end (`export.reference_checkpoint` adds the .pt) and, every `export.every` iterations, a numbered export
+`workdir/exports/step_NNNNNN/` beside the rolling checkpoints, so the robustness/utility trade-off can be
+evaluated along the run (the reference saves at 200, 400, ...).
 """
 
 from __future__ import annotations
@@ -73,6 +74,33 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def numbered_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, "exports", f"step_{step:06d}")
+
+
+class Snapshot(NamedTuple):
+  """A run's trained tower after `step` iterations, with the base pipeline it goes into."""
+
+  step: int
+  pipe: Pipeline
+  tower: str  # trainable.Trained.tower
+  params: Any  # the tower's whole parameters, on the host
+  final: bool  # the run's end (workdir/<tower>, workdir/pipeline) or a numbered export along the way
+
+
+class RunExports:
+  """A training run's exports, from its config: numbered ones along the way, the run's own at its end. Only
+  the `enabled` process (the primary of a multi-host run) writes; the others get the paths."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, enabled: bool = True):
+    self.workdir, self.enabled = workdir, enabled
+    self.method, self.with_reference = config.train.method, config.export.reference_checkpoint
+
+  def __call__(self, snap: Snapshot) -> dict[str, str]:
+    name = clip_convert.reference_checkpoint_name(self.method, snap.step - 1) if self.with_reference else ""
+    if snap.final:
+      return write(self.workdir, snap.pipe, snap.tower, snap.params, enabled=self.enabled, reference_name=name)
+    if not self.enabled:
+      return {}
+    return write_component(numbered_dir(self.workdir, snap.step), snap.pipe, snap.tower, snap.params, name)
 
 
 class Latest(NamedTuple):

@@ -44,15 +44,11 @@ def main(argv: list[str]) -> None:
   if primary:
     print(f"workdir: {_WORKDIR.value}; the full config goes with every checkpoint (--verbosity=0 prints it)")
     logging.info("config:\n%s", config)
-  from advunlearn_jax import train
+  from advunlearn_jax import runs
 
-  result = train.run(config, _WORKDIR.value)
+  result = runs.run(config, _WORKDIR.value)
   if "stopped_at" in result:  # SIGTERM: saved, not finished; a scheduler should requeue, not mark it done
     sys.exit(cli.EXIT_PREEMPTED)
-  if primary:
-    from advunlearn_jax.tiny import report  # the tiny world's report; other kinds would dispatch here
-
-    report.after_run(config, _WORKDIR.value, result["pipeline"])
 
 
 if __name__ == "__main__":

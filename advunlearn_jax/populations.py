@@ -150,8 +150,7 @@ def run(
 ) -> dict[str, dict]:
   """Trains every member; returns {name: summary} or {name: {"error": ...}}; a failed member stops no other.
   The summaries also go to workdir/summary_name (one file per host when hosts share the workdir)."""
-  from advunlearn_jax import train  # imports JAX's backends; kept off the config-parsing path
-  from advunlearn_jax.tiny import report as tiny_report
+  from advunlearn_jax import runs, train  # imports JAX's backends; kept off the config-parsing path
 
   if jax.process_count() > 1:
     raise ConfigError(
@@ -177,11 +176,9 @@ def run(
       member_dir = os.path.join(workdir, member.name)
       logging.info("member %s on devices %s", member.name, [d.id for d in group])
       try:
-        result = train.run(member.config, member_dir, devices=group, preemption=watcher, show_progress=False)
-        if "stopped_at" not in result:
-          summary = tiny_report.after_run(member.config, member_dir, result["pipeline"])
-          result.update({"report": summary["summary"]} if summary else {})
-        results[member.name] = result
+        results[member.name] = runs.run(
+          member.config, member_dir, devices=group, preemption=watcher, show_progress=False
+        )
       except Exception as e:  # one diverging or misconfigured member must not take the grid down
         logging.error("member %s failed:\n%s", member.name, traceback.format_exc())
         results[member.name] = {"error": f"{type(e).__name__}: {e}"}

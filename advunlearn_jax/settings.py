@@ -10,7 +10,7 @@ import importlib.util
 
 import ml_collections
 
-from advunlearn_jax import config_lib, tfds_source
+from advunlearn_jax import config_lib, report_kinds, tfds_source
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, caption_images, fid
@@ -38,8 +38,7 @@ def validate(config: ml_collections.ConfigDict) -> wiring.TrainingSections:
     raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
   _check_retain(config)
   _check_export(config, sections.trained)
-  if config.report.kind not in config_lib.REPORTS:
-    raise ConfigError(f"config.report.kind is {config.report.kind!r}; valid: {list(config_lib.REPORTS)}")
+  report_kinds.named(config.report.kind)
   _check_utility(config.evaluation)
   return sections
 

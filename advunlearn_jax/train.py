@@ -1,11 +1,13 @@
 """AdvUnlearn training, top to bottom: set up (weights, the wired step, the mesh) -> restore or start -> loop
--> finish (exports and the report the config asks for)."""
+-> finish. What the run's trained tower becomes (exports.RunExports) and the report its config asks for are the
+command's (runs.py), handed the tower through `export`."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -16,7 +18,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from advunlearn_jax import (
   checkpoint,
   distributed,
-  exports,
   loss_plot,
   metrics_writer,
   preview,
@@ -25,9 +26,9 @@ from advunlearn_jax import (
   workdir_lock,
 )
 from advunlearn_jax import tokenizer as tok_lib
-from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
+from advunlearn_jax.exports import Snapshot
 from advunlearn_jax.pipeline import Pipeline
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import retain, wiring
@@ -106,9 +107,11 @@ def run(
   devices: list | None = None,
   preemption: PreemptionWatcher | None = None,
   show_progress: bool = True,
+  export: Callable[[Snapshot], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-  """Trains, checkpoints, resumes, exports `workdir/text_encoder` (or `unet`) and `workdir/pipeline`, and writes
-  the report `config.report` asks for.
+  """Trains, checkpoints and resumes; hands the trained tower to `export` every `export.every` iterations and
+  at the end (exports.RunExports writes `workdir/text_encoder` or `unet`, and `workdir/pipeline`; runs.run
+  passes it), under the workdir's lock. Returns the run's summary with `export`'s paths.
 
   `devices` (default: all) form the run's data mesh; a population gives each member its own group.
   `preemption`: a SIGTERM watcher shared by several runs in one process (signal handlers live in the main
@@ -122,12 +125,12 @@ def run(
     try:
       progress = restore_or_start(config, setup, mngr, workdir)
       start = int(progress.state.step)
-      progress, stopped = loop(config, setup, mngr, workdir, progress, preemption, show_progress)
+      progress, stopped = loop(config, setup, mngr, workdir, progress, preemption, show_progress, export)
     finally:
       mngr.wait_until_finished()
     if stopped:
       return {"stopped_at": int(progress.state.step), "workdir": workdir}
-    return finish(config, setup, workdir, progress.state, start)
+    return finish(config, setup, workdir, progress.state, start, export)
 
 
 def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections, devices: list | None = None) -> Setup:
@@ -184,6 +187,7 @@ def loop(
   progress: Progress,
   preemption: PreemptionWatcher | None,
   show_progress: bool,
+  export: Callable[[Snapshot], dict[str, str]] | None = None,
 ) -> tuple[Progress, bool]:
   """Iterations from the state's step to train.iterations; (progress, whether SIGTERM stopped it)."""
   cfg, models, frozen, _ = setup.wired
@@ -220,8 +224,8 @@ def loop(
         bar.update(done, values)
       if setup.with_previews and (done % config.samples.every == 0 or done == iterations):
         _write_preview(config, setup, previews, writer, workdir, done, state)
-      if config.export.every and done % config.export.every == 0:
-        _numbered_export(config, setup, workdir, done, state)
+      if export is not None and config.export.every and done % config.export.every == 0:
+        export(_snapshot(setup, state, done, final=False))  # every process: a collective across hosts
       stop = distributed.preemption_agreed(done, preemption is not None and preemption.requested)
       if done % config.train.save_every == 0 or done == iterations or stop:
         _save(config, mngr, done, Progress(state, sampler))
@@ -263,14 +267,12 @@ def iteration_batch(config, cfg, i: int, root_key, sampler: retain.SamplerState,
   return step_lib.Batch(np.zeros((0,), np.int32), key, prompt_key, iter_idx.astype(np.int32)), sampler
 
 
-def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state, start: int) -> dict[str, Any]:
-  """Exports the trained component and the pipeline with it. The report the config asks for (`report.kind`) is
-  the command's to write (tiny/report.after_run)."""
-  trained = setup.wired.models.trained
-  params = trained.of(*_current_params(setup, state))
-  name = _reference_name(config, config.train.iterations)
-  outputs = exports.write(workdir, setup.pipe, trained.tower, params, enabled=setup.primary, reference_name=name)
-  distributed.sync("advunlearn export")  # no process leaves before the exports exist
+def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state, start: int, export=None) -> dict:
+  """The run's summary, after `export` has the trained tower."""
+  outputs = {}
+  if export is not None:
+    outputs = export(_snapshot(setup, state, config.train.iterations, final=True))
+    distributed.sync("advunlearn export")  # no process leaves before the exports exist
   summary = {
     "workdir": workdir,
     **outputs,
@@ -280,25 +282,14 @@ def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state,
     "mesh": dict(setup.mesh.shape),
     "state_fsdp_fraction": sharding.sharded_fraction(state),
   }
-  if setup.primary:
+  if setup.primary and outputs:
     print("done: " + ", ".join(f"{k} in {v}" for k, v in outputs.items()))
   return summary
 
 
-def _reference_name(config: ml_collections.ConfigDict, step_count: int) -> str:
-  """The reference's file name for the encoder after `step_count` iterations, when the config asks for it."""
-  if not config.export.reference_checkpoint:
-    return ""
-  return clip_convert.reference_checkpoint_name(config.train.method, step_count - 1)
-
-
-def _numbered_export(config: ml_collections.ConfigDict, setup: Setup, workdir: str, step_count: int, state) -> None:
+def _snapshot(setup: Setup, state, step_count: int, final: bool) -> Snapshot:
   trained = setup.wired.models.trained
-  params = trained.of(*_current_params(setup, state))  # every process: a collective across hosts
-  if not setup.primary:
-    return
-  out = exports.numbered_dir(workdir, step_count)
-  exports.write_component(out, setup.pipe, trained.tower, params, _reference_name(config, step_count))
+  return Snapshot(step_count, setup.pipe, trained.tower, trained.of(*_current_params(setup, state)), final)
 
 
 def _save(config: ml_collections.ConfigDict, mngr, step_count: int, progress: Progress) -> None:

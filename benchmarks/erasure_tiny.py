@@ -44,7 +44,7 @@ import configs.tiny as tiny_config  # noqa: E402
 from advunlearn_jax import (  # noqa: E402
   config_lib,
   intervals,  # noqa: E402
-  train,
+  runs,
 )
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import classifiers, prompt_sets, robustness  # noqa: E402
@@ -189,7 +189,7 @@ def train_once(workdir: str, config) -> dict:
   def timed():
     resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
     t0 = time.perf_counter()
-    train.run(config, workdir, show_progress=False)
+    runs.run(config, workdir, show_progress=False)
     seconds = None if resumed else time.perf_counter() - t0
     return {"seconds": seconds, "steady_seconds": steady_train_seconds(workdir, config)}
 
@@ -200,7 +200,7 @@ def trained_pipeline(workdir: str, config):
   """The run's exported pipeline, trained first if need be (also when only its JSON pieces are here)."""
   train_once(workdir, config)
   if not os.path.isfile(os.path.join(workdir, "pipeline", "model_index.json")):
-    train.run(config, workdir, show_progress=False)
+    runs.run(config, workdir, show_progress=False)
   return sd_convert.load_pipeline(os.path.join(workdir, "pipeline"))
 
 

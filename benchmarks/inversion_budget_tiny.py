@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 from advunlearn_jax import (  # noqa: E402
   config_lib,
   intervals,  # noqa: E402
-  train,
+  runs,
 )
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import attacks, budgets  # noqa: E402
@@ -64,7 +64,7 @@ def main():
     workdir = os.path.join(args.out, f"{name}_seed{args.seed}")
     if not os.path.isfile(os.path.join(workdir, "pipeline", "model_index.json")):
       log(f"== training {name}")
-      train.run(erasure_tiny.run_config(args.concept, method, args.seed, args.iterations, list(overrides)), workdir)
+      runs.run(erasure_tiny.run_config(args.concept, method, args.seed, args.iterations, list(overrides)), workdir)
     targets[name] = sd_convert.load_pipeline(os.path.join(workdir, "pipeline"))
   results = {}
   for name, target in targets.items():

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from advunlearn_jax import train
+from advunlearn_jax import runs
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.testing import tiny_models
 
@@ -106,7 +106,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
   with open(os.path.join(multi, "metrics.jsonl")) as f:
     assert len(f.read().splitlines()) == 3  # one writer, not two
 
-  assert train.run(_config(pipeline_dir), single)["resumed_from"] == 0
+  assert runs.run(_config(pipeline_dir), single)["resumed_from"] == 0
   before = _encoder(single)
   losses = [[json.loads(line)["loss"] for line in open(os.path.join(w, "metrics.jsonl"))] for w in (multi, single)]
   np.testing.assert_allclose(*losses, rtol=1e-5)
@@ -116,8 +116,8 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
   assert _max_diff(before, original) > 1e-4  # training moved it
 
   # The 2-process checkpoint restores in a 1-process run, and both continue identically.
-  assert train.run(_config(pipeline_dir, iterations=4), multi)["resumed_from"] == 3
-  assert train.run(_config(pipeline_dir, iterations=4), single)["resumed_from"] == 3
+  assert runs.run(_config(pipeline_dir, iterations=4), multi)["resumed_from"] == 3
+  assert runs.run(_config(pipeline_dir, iterations=4), single)["resumed_from"] == 3
   assert _max_diff(_encoder(multi), _encoder(single)) < 1e-5
 
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from advunlearn_jax import populations, train
+from advunlearn_jax import populations, runs
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.testing import tiny_models
@@ -113,7 +113,7 @@ def test_population_equals_its_members_run_one_at_a_time(tmp_path):
   # group the other member had. One member stands for both: each solo run costs a full compile on 2 cores.
   member, group = members[1], populations.device_groups(len(members))[0]
   alone = str(tmp_path / "alone" / member.name)
-  train.run(member.config, alone, devices=group, show_progress=False)
+  runs.run(member.config, alone, devices=group, show_progress=False)
   together, by_itself = encoders[member.name], _encoder(alone)
   assert max(float(np.max(np.abs(together[k] - by_itself[k]))) for k in by_itself) <= 1e-6
   # The members really differ (concept and seed), so the comparison above is not trivially true.

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from advunlearn_jax import config_lib, train
+from advunlearn_jax import config_lib, runs, train
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.testing import tiny_models
@@ -48,7 +48,7 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   updates = {"attack.update_every": 2, "export.every": 2, "export.reference_checkpoint": True}
   workdir = str(tmp_path / "run")
   compiled_before = wiring.train_step._cache_size()
-  summary = train.run(tiny_config(pipeline_dir, **{"samples.every": 2, "samples.steps": 3, **updates}), workdir)
+  summary = runs.run(tiny_config(pipeline_dir, **{"samples.every": 2, "samples.steps": 3, **updates}), workdir)
   compiled = wiring.train_step._cache_size()
   assert compiled - compiled_before <= 3  # warm-up, attacking, reusing steps: never one per iteration
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -110,9 +110,9 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, trained)
 
   # Resuming with more iterations continues from step 4, and equals an uninterrupted 6-step run.
-  train.run(tiny_config(pipeline_dir, **{"train.iterations": 6, **updates}), workdir)
+  runs.run(tiny_config(pipeline_dir, **{"train.iterations": 6, **updates}), workdir)
   straight = str(tmp_path / "straight")
-  train.run(tiny_config(pipeline_dir, **{"train.iterations": 6, **updates}), straight)
+  runs.run(tiny_config(pipeline_dir, **{"train.iterations": 6, **updates}), straight)
   assert wiring.train_step._cache_size() == compiled  # two more runs, more iterations: nothing recompiled
   _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
   _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
@@ -144,10 +144,10 @@ def test_prompt_updates_and_retain_draws_follow_the_reference_schedule():
 
 def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  train.run(tiny_config(pipeline_dir, **{"train.iterations": 2, "train.warmup_iters": 2}), workdir)
+  runs.run(tiny_config(pipeline_dir, **{"train.iterations": 2, "train.warmup_iters": 2}), workdir)
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   with pytest.raises(ConfigError, match=r"different config \(retain.weight: 0.5 -> 0.3\)"):
-    train.run(tiny_config(pipeline_dir, **{"retain.weight": 0.3, "train.warmup_iters": 2}), workdir)
+    runs.run(tiny_config(pipeline_dir, **{"retain.weight": 0.3, "train.warmup_iters": 2}), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
@@ -174,7 +174,7 @@ def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
 )
 def test_bad_config_values(pipeline_dir, tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
-    train.run(tiny_config(pipeline_dir, **overrides), str(tmp_path / "w"))
+    runs.run(tiny_config(pipeline_dir, **overrides), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
@@ -182,9 +182,9 @@ def test_bad_retain_csv_and_concepts(pipeline_dir, tmp_path):
   csv = tmp_path / "retain.csv"
   csv.write_text("case_num,source,text\n0,coco,a photo of a dog\n")
   with pytest.raises(ConfigError, match=r"retain.dataset: .*retain.csv has no 'prompt' column"):
-    train.run(tiny_config(pipeline_dir, **{"retain.dataset": str(csv)}), str(tmp_path / "w"))
+    runs.run(tiny_config(pipeline_dir, **{"retain.dataset": str(csv)}), str(tmp_path / "w"))
   with pytest.raises(ConfigError, match="at most 75 fit"):
-    train.run(tiny_config(pipeline_dir, **{"concept.prompts": ("word " * 80,)}), str(tmp_path / "w"))
+    runs.run(tiny_config(pipeline_dir, **{"concept.prompts": ("word " * 80,)}), str(tmp_path / "w"))
 
 
 @pytest.mark.slow
@@ -192,7 +192,7 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
   """ESD-x style baseline: cross-attention of the UNet trained online, the text encoder untouched."""
   from advunlearn_jax.convert import diffusers as sd_convert
 
-  summary = train.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.iterations": 3}), str(tmp_path))
+  summary = runs.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.iterations": 3}), str(tmp_path))
   _, trained = sd_convert.load_unet(summary["unet"])
   _, original = sd_convert.load_unet(os.path.join(pipeline_dir, "unet"))
   flat_t, flat_o = (dict(jax.tree_util.tree_leaves_with_path(p)) for p in (trained, original))
@@ -208,7 +208,7 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
   with pytest.raises(ConfigError, match="trains the UNet; the reference's"):
     exports.export_latest(str(tmp_path), str(tmp_path / "ref"), fmt="reference")
   with pytest.raises(ConfigError, match="cannot be precomputed"):
-    train.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.xt_source": "bank"}), str(tmp_path / "b"))
+    runs.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.xt_source": "bank"}), str(tmp_path / "b"))
 
 
 @pytest.mark.slow
@@ -219,7 +219,7 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   overrides = {"train.xt_source": "bank", "bank.refresh_every": 1, "bank.refresh_retain": 2, "train.iterations": 3}
   overrides.update({"retain.dataset": "", "retain.prompts": retain_prompts})
   workdir = str(tmp_path / "run")
-  summary = train.run(tiny_config(pipeline_dir, **overrides), workdir)
+  summary = runs.run(tiny_config(pipeline_dir, **overrides), workdir)
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert len(lines) == 3 and all(np.isfinite(m["loss"]) for m in lines)
   assert os.path.isdir(summary["text_encoder"])
@@ -230,9 +230,9 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   args = ocp.args.Composite(state=ocp.args.StandardRestore())
   restored = checkpoint.manager(workdir, 3).restore(3, args=args)["state"]
   assert restored["bank"]["retain"].shape[:3] == (len(retain_prompts), 1, 49)  # the checkpoint holds it
-  train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 5}), workdir)
+  runs.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 5}), workdir)
   straight = str(tmp_path / "straight")
-  train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 5}), straight)
+  runs.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 5}), straight)
   _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
   _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
@@ -281,7 +281,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
 
   workdir = str(tmp_path / "run")
   overrides = {"train.iterations": 2, "train.warmup_iters": 2, "train.save_every": 1, "train.log_every": 1}
-  train.run(tiny_config(pipeline_dir, **overrides), workdir)
+  runs.run(tiny_config(pipeline_dir, **overrides), workdir)
   ckpts = os.path.join(workdir, "checkpoints")
   for path in _state_files(os.path.join(ckpts, "2")):  # a copy cut short
     with open(path, "r+b") as f:
@@ -292,7 +292,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
   said = capsys.readouterr().out
   assert "checkpoint step 2: " in said and "skipped" in said and "using step 1" in said and "<bound method" not in said
   assert os.path.isdir(exported["text_encoder"]) and sorted(os.listdir(ckpts)) == ["1", "2"]
-  summary = train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 3}), workdir)
+  summary = runs.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 3}), workdir)
   said = capsys.readouterr().out
   assert "checkpoint step 2 is damaged" in said and "resuming from step 1" in said and "<bound method" not in said
   assert summary["resumed_from"] == 1
@@ -306,7 +306,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
     for path in _state_files(os.path.join(ckpts, step)):
       os.remove(path)
   with pytest.raises(CheckpointError, match=r"no checkpoint reads back whole \(step 3: .*step 2: .*step 1: "):
-    train.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 4}), workdir)
+    runs.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 4}), workdir)
   assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
   assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["2"]
 
@@ -333,5 +333,5 @@ def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout
 
   shutil.move(os.path.dirname(checkout_a), os.path.dirname(checkout_b))
   monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_b)
-  summary = train.run(tiny_config("tiny", **{"train.iterations": 3, "train.warmup_iters": 2}), member)
+  summary = runs.run(tiny_config("tiny", **{"train.iterations": 3, "train.warmup_iters": 2}), member)
   assert summary["resumed_from"] == 2

@@ -10,6 +10,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from advunlearn_jax import report_kinds
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import prompt_sets
 
@@ -74,19 +75,7 @@ def measure(config: ml_collections.ConfigDict, original_dir: str, target, out_di
       out["fid_images"] = [len(images), len(real_images)]  # generated, real
     samples = generation.image_grid(np.stack(images[:32]), cols=8)
     generation.save_png(os.path.join(out_dir, "utility_samples.png"), samples)
-  if config.report.kind == "tiny_world":
-    from advunlearn_jax.tiny import report as tiny_report
-
-    results = tiny_report.write(
-      os.path.join(out_dir, "tiny_world"),
-      original_dir,
-      target,
-      config.concept.prompts,
-      per_value=config.report.images_per_value,
-      seed=config.seed + 1,
-      erased_values=config.report.erased,
-    )
-    out.update({f"tiny_world_{k}": v for k, v in results["summary"].items()})
+  out.update(report_kinds.named(config.report.kind).utility(config, original_dir, target, out_dir))
   return out
 
 

@@ -140,25 +140,3 @@ def _markdown(results: dict) -> str:
     "",
   ]
   return "\n".join(lines)
-
-
-def after_run(config, workdir: str, pipeline_dir: str) -> dict | None:
-  """The report a finished run's config asks for (`report.kind`), in `workdir/report`; None when it asks none."""
-  if config.report.kind != "tiny_world":
-    return None
-  report_dir = os.path.join(workdir, "report")
-  results = write(
-    report_dir,
-    sd_convert.resolve_pretrained(config.model.pretrained),
-    pipeline_dir,
-    config.concept.prompts,
-    per_value=config.report.images_per_value,
-    seed=config.seed + 1,
-    erased_values=config.report.erased,
-  )
-  s = results["summary"]
-  print(
-    f"{workdir}: erased concept recognised {s['erased_before']:.0%} -> {s['erased_after']:.0%}; "
-    f"retained {s['retained_before']:.0%} -> {s['retained_after']:.0%}; report in {report_dir}/report.md"
-  )
-  return results

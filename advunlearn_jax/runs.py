@@ -1,0 +1,32 @@
+"""A training run as the commands make it (main.py, populations.py, the quickstart notebook): train.run with the
+run's exports (exports.RunExports), then the report its config asks for (`report.kind`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from advunlearn_jax import distributed, exports, report_kinds, train
+
+
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  devices: list | None = None,
+  preemption: train.PreemptionWatcher | None = None,
+  show_progress: bool = True,
+) -> dict[str, Any]:
+  """train.run's summary, with `workdir/text_encoder` (or `unet`) and `workdir/pipeline` exported, and the
+  summary of the report (`report`) when the config asks for one. A run stopped by SIGTERM returns
+  {"stopped_at", "workdir"} and writes no report."""
+  primary = distributed.is_primary()
+  export = exports.RunExports(config, workdir, enabled=primary)
+  result = train.run(
+    config, workdir, devices=devices, preemption=preemption, show_progress=show_progress, export=export
+  )
+  if "stopped_at" in result or not primary:
+    return result
+  report = report_kinds.named(config.report.kind).after_run(config, workdir, result["pipeline"])
+  return {**result, "report": report["summary"]} if report else result
