@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from advunlearn_jax import distributed, exports, report_kinds, train
+from advunlearn_jax import distributed, exports, report_kinds, settings, train
 
 
 def run(
@@ -20,11 +20,19 @@ def run(
 ) -> dict[str, Any]:
   """train.run's summary, with `workdir/text_encoder` (or `unet`) and `workdir/pipeline` exported, and the
   summary of the report (`report`) when the config asks for one. A run stopped by SIGTERM returns
-  {"stopped_at", "workdir"} and writes no report."""
+  {"stopped_at", "workdir"} and writes no report. The whole config is checked first (settings.validate), and
+  the typed sections that builds are the ones the run uses."""
+  sections = settings.validate(config)
   primary = distributed.is_primary()
   export = exports.RunExports(config, workdir, enabled=primary)
   result = train.run(
-    config, workdir, devices=devices, preemption=preemption, show_progress=show_progress, export=export
+    config,
+    workdir,
+    sections=sections,
+    devices=devices,
+    preemption=preemption,
+    show_progress=show_progress,
+    export=export,
   )
   if "stopped_at" in result or not primary:
     return result

@@ -21,7 +21,6 @@ from advunlearn_jax import (
   loss_plot,
   metrics_writer,
   preview,
-  settings,
   sharding,
   workdir_lock,
 )
@@ -104,6 +103,7 @@ def run(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
+  sections: wiring.TrainingSections,
   devices: list | None = None,
   preemption: PreemptionWatcher | None = None,
   show_progress: bool = True,
@@ -113,10 +113,11 @@ def run(
   at the end (exports.RunExports writes `workdir/text_encoder` or `unet`, and `workdir/pipeline`; runs.run
   passes it), under the workdir's lock. Returns the run's summary with `export`'s paths.
 
+  `sections`: what settings.validate(config) built; the caller checks the whole config before any work.
+
   `devices` (default: all) form the run's data mesh; a population gives each member its own group.
   `preemption`: a SIGTERM watcher shared by several runs in one process (signal handlers live in the main
   thread); by default a single-process run installs its own."""
-  sections = settings.validate(config)
   os.makedirs(workdir, exist_ok=True)
   # One run per workdir (process 0 of a multi-host run holds it for all): a second one refuses before any work.
   with workdir_lock.WorkdirLock(workdir, enabled=distributed.is_primary()):
@@ -267,7 +268,14 @@ def iteration_batch(config, cfg, i: int, root_key, sampler: retain.SamplerState,
   return step_lib.Batch(np.zeros((0,), np.int32), key, prompt_key, iter_idx.astype(np.int32)), sampler
 
 
-def finish(config: ml_collections.ConfigDict, setup: Setup, workdir: str, state, start: int, export=None) -> dict:
+def finish(
+  config: ml_collections.ConfigDict,
+  setup: Setup,
+  workdir: str,
+  state,
+  start: int,
+  export: Callable[[Snapshot], dict[str, str]] | None = None,
+) -> dict[str, Any]:
   """The run's summary, after `export` has the trained tower."""
   outputs = {}
   if export is not None:
