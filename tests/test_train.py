@@ -166,6 +166,7 @@ def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
     ({"export.every": -1}, "config.export.every must be >= 0"),
     ({"train.method": "xattn", "export.reference_checkpoint": True}, "trains the UNet; the reference's"),
     ({"evaluation.latents": "numpy"}, r"config.evaluation.latents is 'numpy'; expected one of \['jax', 'torch'\]"),
+    ({"report.kind": "tiny"}, r"config.report.kind is 'tiny'; valid: \['', 'tiny_world'\]"),
     (
       {"retain.dataset": "", "retain.prompts": ("a photo of a dog",), "retain.batch": 1, "bank.refresh_retain": 2},
       "refresh_retain \\(2\\) exceeds",
