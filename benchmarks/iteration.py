@@ -16,6 +16,9 @@ rule over the target's devices: data parallel for text-encoder methods, FSDP wit
 its parameter and state shardings, per chip; each mode prints its memory per chip against the chip's HBM and the
 collectives the compiled step holds. TPU targets need libtpu, in a venv of its own (it is no requirement):
 pip install "jax[tpu]==<the jax version>"; libtpu's complaint about TPU worker hostnames does not stop it.
+`--exec_effort=-1` asks the compiler for the least optimisation of execution time (JAX's
+`exec_time_optimization_effort`, -1 to 1, default 0): libtpu then spends about a fifth of the time generating
+code for an SD-size step, which is what makes these compiles finish on a small host (docs/scaling.md).
 
 Per mode: seconds per iteration (median), sequential UNet calls per iteration (one CFG DDIM step, one frozen
 forward, one forward or backward pass of a loss: each a UNet call that waits for the one before), FLOP
@@ -121,6 +124,12 @@ def parse_args(argv=None):
     help="with --memory_only: compile for this accelerator on this host, as the trainer would lay the step out "
     "there (an H200 with XLA:GPU: JAX's CUDA plugin; a TPU slice with libtpu)",
   )
+  p.add_argument(
+    "--exec_effort",
+    type=float,
+    default=0.0,
+    help="with --memory_only: JAX's exec_time_optimization_effort for the compile, -1 (compile fastest) to 1",
+  )
   p.add_argument("--peak_tflops", type=float, default=None, help="dense peak for MFU (default: H200 on GPUs)")
   p.add_argument(
     "--compilation_cache",
@@ -136,6 +145,10 @@ def parse_args(argv=None):
     p.error(f"unknown modes {sorted(unknown)}; valid: {list(MODES)}")
   if args.target and not args.memory_only:
     p.error("--target compiles without running: it needs --memory_only")
+  if args.exec_effort and not args.memory_only:
+    p.error("--exec_effort changes what is compiled, not timed: it needs --memory_only")
+  if not -1.0 <= args.exec_effort <= 1.0:
+    p.error(f"--exec_effort={args.exec_effort}: expected a number from -1 to 1")
   return args
 
 
@@ -399,23 +412,26 @@ def print_memory(s: Harness):
       batch = sharding.abstract(batch, mesh, sharded=False)
     t0 = time.perf_counter()
     lowered = STEP.lower(cfg, s.models, state, frozen, batch, True)
-    options = setups.DEVICELESS_COMPILER_OPTIONS if target in setups.GPU_TARGETS else None
-    compiled = lowered.compile(compiler_options=options)
+    options = dict(setups.DEVICELESS_COMPILER_OPTIONS) if target in setups.GPU_TARGETS else {}
+    if s.args.exec_effort:
+      options["exec_time_optimization_effort"] = s.args.exec_effort
+    compiled = lowered.compile(compiler_options=options or None)
     seconds, mem = time.perf_counter() - t0, compiled.memory_analysis()
+    effort = f" (exec effort {s.args.exec_effort:g})" if s.args.exec_effort else ""
     peak = compiled_gib(mem)
     fit = ""
     if target:
       hbm = setups.HBM_GIB[target]
       fit = f" of {hbm:.0f} GiB per chip: {'fits' if peak <= hbm else 'DOES NOT FIT'}"
     print(
-      f"{mode:<18}: compile {seconds:.1f} s; arguments {mem.argument_size_in_bytes / 2**30:.2f} "
+      f"{mode:<18}: compile {seconds:.1f} s{effort}; arguments {mem.argument_size_in_bytes / 2**30:.2f} "
       f"GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f}; peak {peak:.2f} GiB{fit}",
       flush=True,
     )
     counts = collectives(compiled.as_text()) if mesh is not None and mesh.size > 1 else {}
     if counts:
       print(f"{'':<18}  collectives in the step: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    results[mode] = {"compile_s": seconds, "peak_gib": peak, "collectives": counts}
+    results[mode] = {"compile_s": seconds, "exec_effort": s.args.exec_effort, "peak_gib": peak, "collectives": counts}
     if target:
       results[mode].update(hbm_gib=setups.HBM_GIB[target], fits=peak <= setups.HBM_GIB[target])
   if mesh is not None:
