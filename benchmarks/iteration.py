@@ -317,10 +317,12 @@ def main(argv=None):
       sys.exit(2)
   if args.compilation_cache:  # before the first compilation: JAX decides once per process
     print(f"compilation cache: {compile_cache.enable(args.compilation_cache)} (what it holds loads, not compiles)")
+  start = time.perf_counter()
   s = Harness(args, devices)
   print(
     f"backend={jax.default_backend()} size={args.size} latents {s.hw}x{s.hw} attack_steps={args.attack_steps} "
-    f"retain_batch={args.retain_batch} dtype={args.dtype} remat={args.remat}",
+    f"retain_batch={args.retain_batch} dtype={args.dtype} remat={args.remat} "
+    f"(weights and wiring: {time.perf_counter() - start:.1f} s)",
     flush=True,
   )
   rows = args.attack_steps + 1 + args.retain_batch

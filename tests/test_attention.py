@@ -30,6 +30,11 @@ def test_chunked_equals_dense(tq, tk):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(
+  jax.default_backend() == "gpu",
+  reason="XLA:CPU's buffers; on an H200 XLA:GPU's temporaries for the chunked fp32 program were over a quarter of "
+  "the dense one's (docs/scaling.md), and SD's bf16 self-attention runs in cuDNN's kernel there",
+)
 def test_chunking_cuts_backward_memory():
   q, k, v = _qkv(2, 4096, 4096)  # SD's 64x64 latents
   temp = {
