@@ -110,6 +110,19 @@ def fmt_seconds(values: list) -> str:
   return f"{np.mean(values):.0f}" + (f" +- {np.std(values):.0f}" if len(values) > 1 else "")
 
 
+def by_variant(rows: dict[tuple[str, str], list[dict]], concepts: list[str], names: list[str], budget: int) -> str:
+  """One row per variant, the concepts side by side: each attack's successes and the retain accuracy as counts
+  pooled over seeds with their Wilson intervals (the README's table; pre-ASR stays in the full one)."""
+  columns = (("UnlearnDiffAtk", "successes", "cases"), (f"CCE, {budget} steps", "inversion_successes", "cases"))
+  columns += (("retain", "retain_k", "retain_n"),)
+  head = " | ".join(f"{c}: {t}" if i == 0 else t for c in concepts for i, (t, _, _) in enumerate(columns))
+  lines = [f"| variant | {head} |", "|---" * (1 + len(concepts) * len(columns)) + "|"]
+  for name in names:
+    cells = [erasure_tiny.fmt_count(rows.get((c, name), [{}]), k, n) for c in concepts for _, k, n in columns]
+    lines.append(f"| `{name}` | {' | '.join(cells)} |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default=erasure_tiny.OUT, help="runs and their JSON pieces (shared with erasure_tiny)")
@@ -167,7 +180,7 @@ def main():
     cols = [erasure_tiny.fmt_rate(results, k, n) for _, k, n in RATE_COLUMNS]
     cols.append(fmt_seconds([r["steady_train_seconds"] for r in results]))
     lines.append(f"| {concept} | {name} | {VARIANTS[name].ablation} | {' | '.join(cols)} | {len(results)} |")
-  table = "\n".join(lines)
+  table = "\n".join(lines) + "\n\n" + by_variant(rows, concepts, names, budget)
   print(table)
   print(f"this invocation: {time.perf_counter() - started:.0f} s (pieces already in {args.out} were not redone)")
   cost = erasure_tiny.cost_line([r for results in rows.values() for r in results])

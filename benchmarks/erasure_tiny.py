@@ -252,12 +252,25 @@ def fmt(values: list[float]) -> str:
   return f"{np.mean(values):.1%} +- {np.std(values):.1%}"
 
 
-def fmt_rate(results: list[dict], k: str, n: str) -> str:
-  """Mean +- std over seeds, then the count pooled over seeds with its 95% Wilson interval (cases of different
-  seeds taken as independent draws)."""
+def pooled(results: list[dict], k: str, n: str) -> intervals.Rate | None:
+  """The count pooled over seeds with its 95% Wilson interval (cases of different seeds taken as independent
+  draws); None where a run lacks the column."""
   if any(k not in r for r in results):
+    return None
+  return intervals.rate(sum(r[k] for r in results), sum(r[n] for r in results))
+
+
+def fmt_count(results: list[dict], k: str, n: str) -> str:
+  """ "k/n (lo-hi%)", pooled over seeds."""
+  rate = pooled(results, k, n)
+  return "-" if rate is None else f"{rate.k}/{rate.n} ({100 * rate.lo:.0f}-{100 * rate.hi:.0f}%)"
+
+
+def fmt_rate(results: list[dict], k: str, n: str) -> str:
+  """Mean +- std over seeds, then the pooled count and its interval."""
+  rate = pooled(results, k, n)
+  if rate is None:
     return "-"
-  rate = intervals.rate(sum(r[k] for r in results), sum(r[n] for r in results))
   spread = fmt([r[k] / r[n] for r in results])
   return f"{spread} ({rate.k}/{rate.n}, {100 * rate.lo:.0f}-{100 * rate.hi:.0f}%)"
 

@@ -103,6 +103,16 @@ def test_tiny_tables_measure_every_column_resume_and_share_their_pieces(tmp_path
   assert "| triangle | esd | no adversarial training |" in table
   assert re.search(r"\| [0-9.]+% \(\d+/3, \d+-\d+%\) \|", table), table  # a rate, its count and its interval
   (cost,) = re.findall(r"^compute: [0-9.]+ h over 2 runs \(training .*\)$", table, re.M)
+  # The by-variant table (the README's): each cell the run's own count, its interval beside it.
+  assert "| variant | triangle: UnlearnDiffAtk | CCE, 10 steps | retain |" in table, table
+  for name in ("advunlearn", "esd"):
+    (run,) = results[f"triangle | {name}"]
+    (row,) = [line for line in table.splitlines() if line.startswith(f"| `{name}` |")]
+    cells = row.strip("| ").split(" | ")[1:]
+    expected = [(run["successes"], 3), (run["inversion_successes"], 3), (run["retain_k"], run["retain_n"])]
+    assert [re.fullmatch(r"(\d+)/(\d+) \(\d+-\d+%\)", c).groups() for c in cells] == [
+      (str(k), str(n)) for k, n in expected
+    ], row
   # What git keeps of the tables (.gitignore): the JSON pieces, not the runs. A clone rebuilds the table from them.
   for folder, _, files in os.walk(tmp_path, topdown=False):
     for name in files:
