@@ -261,7 +261,7 @@ def pooled(results: list[dict], k: str, n: str) -> intervals.Rate | None:
 
 
 def fmt_count(results: list[dict], k: str, n: str) -> str:
-  """ "k/n (lo-hi%)", pooled over seeds."""
+  """The cell "k/n (lo-hi%)": the count pooled over seeds and its interval."""
   rate = pooled(results, k, n)
   return "-" if rate is None else f"{rate.k}/{rate.n} ({100 * rate.lo:.0f}-{100 * rate.hi:.0f}%)"
 
