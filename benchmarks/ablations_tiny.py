@@ -113,8 +113,8 @@ def fmt_seconds(values: list) -> str:
 def by_variant(rows: dict[tuple[str, str], list[dict]], concepts: list[str], names: list[str], budget: int) -> str:
   """One row per variant, the concepts side by side: each attack's successes and the retain accuracy as counts
   pooled over seeds with their Wilson intervals (the README's table; pre-ASR stays in the full one)."""
-  columns = (("UnlearnDiffAtk", "successes", "cases"), (f"CCE, {budget} steps", "inversion_successes", "cases"))
-  columns += (("retain", "retain_k", "retain_n"),)
+  titles = ("UnlearnDiffAtk", f"CCE, {budget} steps", "retain")
+  columns = [(title, k, n) for title, (_, k, n) in zip(titles, RATE_COLUMNS[1:], strict=True)]
   head = " | ".join(f"{c}: {t}" if i == 0 else t for c in concepts for i, (t, _, _) in enumerate(columns))
   lines = [f"| variant | {head} |", "|---" * (1 + len(concepts) * len(columns)) + "|"]
   for name in names:

@@ -260,10 +260,14 @@ def pooled(results: list[dict], k: str, n: str) -> intervals.Rate | None:
   return intervals.rate(sum(r[k] for r in results), sum(r[n] for r in results))
 
 
+def _span(rate: intervals.Rate) -> str:
+  return f"{100 * rate.lo:.0f}-{100 * rate.hi:.0f}%"
+
+
 def fmt_count(results: list[dict], k: str, n: str) -> str:
   """The cell "k/n (lo-hi%)": the count pooled over seeds and its interval."""
   rate = pooled(results, k, n)
-  return "-" if rate is None else f"{rate.k}/{rate.n} ({100 * rate.lo:.0f}-{100 * rate.hi:.0f}%)"
+  return "-" if rate is None else f"{rate.k}/{rate.n} ({_span(rate)})"
 
 
 def fmt_rate(results: list[dict], k: str, n: str) -> str:
@@ -271,8 +275,7 @@ def fmt_rate(results: list[dict], k: str, n: str) -> str:
   rate = pooled(results, k, n)
   if rate is None:
     return "-"
-  spread = fmt([r[k] / r[n] for r in results])
-  return f"{spread} ({rate.k}/{rate.n}, {100 * rate.lo:.0f}-{100 * rate.hi:.0f}%)"
+  return f"{fmt([r[k] / r[n] for r in results])} ({rate.k}/{rate.n}, {_span(rate)})"
 
 
 COLUMNS = (  # (title, count key, case-count key)

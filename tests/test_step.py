@@ -298,9 +298,14 @@ def test_frozen_unet_stored_in_bf16_changes_nothing():
   reads that UNet forward and back-propagates through it to the conditioning, so that is what must not move."""
   _, models, frozen = setup()
   half = models._replace(unet=UNet2DConditionModel(tiny_models.UNET, jnp.bfloat16))
+  compiled_before = frozen_lib._kernels_cast._cache_size()
   unet, cast = frozen.unet, frozen_lib.store_for_compute(frozen, half).unet
   size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   assert size(cast) < 0.52 * size(unet)
+  # One compiled program for the whole tree, not one per kernel shape (at SD size, 40 eager programs), and a
+  # second wiring of the same shapes reuses it.
+  frozen_lib.store_for_compute(frozen, half)
+  assert frozen_lib._kernels_cast._cache_size() <= compiled_before + 1
   assert frozen_lib.store_for_compute(frozen, models) is frozen  # fp32 compute: nothing to gain
   trains_unet = half._replace(trained=trainable.Trained("full"), mask=frozenset({("conv_in", "kernel")}))
   assert frozen_lib.store_for_compute(frozen, trains_unet) is frozen  # master weights start from these leaves
