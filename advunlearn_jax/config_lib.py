@@ -131,6 +131,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluation.inversion.protocol = "cce"
   # Images of the erased concept: a folder, tfds:NAME[/CONFIG]:SPLIT, or tiny_world:VALUE (the renderer's).
   c.evaluation.inversion.images = ""
+  # Where the learned token stands in each evaluation prompt: word (in place of the concept's words, as CCE trains
+  # it, esd/concept_inversion.py:533-534, and as its authors render the concept, esd/generate_images.py:39) |
+  # prefix (in front of the prompt, as their I2P generator, esd/generate_i2p.py:41-44, for prompt sets that name
+  # no concept word).
+  c.evaluation.inversion.placement = "word"
+  # The concept's words that `word` replaces, whole words, any case; empty: concept.prompts (the SD configs'
+  # concept phrases, "Van Gogh", "church"). A prompt that holds none of them is refused before any work.
+  c.evaluation.inversion.words = ()
   c.evaluation.inversion.scheduler = "lms"  # the classified images, as UnlearnDiffAtk's
   c.evaluation.inversion.sample_steps = 50
   c.evaluation.inversion.cce = ml_collections.ConfigDict()

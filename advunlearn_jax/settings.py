@@ -28,7 +28,7 @@ def validate(config: ml_collections.ConfigDict) -> wiring.TrainingSections:
   config_lib.check_ranges(config)
   t = config.train
   sections = wiring.TrainingSections.from_config(config)
-  attacks.settings(config.evaluation)
+  attacks.settings(config)
   if t.rollout_buckets < 0 or t.rollout_rows_per_call < -1:
     raise ConfigError(
       "config.train.rollout_buckets must be >= 0 (0: 8) and config.train.rollout_rows_per_call >= -1 (0: buckets, "

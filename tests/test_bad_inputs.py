@@ -117,6 +117,18 @@ CASES = [
   ),
   (
     "evaluate",
+    ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.attack=inversion"]
+    + ["--config.evaluation.prompts=('a photo of a red square', 'a photo of a blue triangle')"],
+    "evaluation prompt 'a photo of a red square' holds none of the concept's words ['triangle']",
+  ),
+  (
+    "evaluate",
+    ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.attack=inversion"]
+    + ["--config.evaluation.inversion.placement=suffix"],
+    "config.evaluation.inversion.placement is 'suffix'; expected one of ['word', 'prefix']",
+  ),
+  (
+    "evaluate",
     ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.fid_preprocess=clean"],
     "config.evaluation.fid_preprocess is 'clean'; expected one of ['t2ibenchmark', 'pytorch_fid']",
   ),

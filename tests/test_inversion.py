@@ -26,26 +26,37 @@ def _shapeless_prompts():
   return prompt_sets.inline([world.canonical_prompt(color=c, style=s) for c, s in combos], seed=100, guidance=5.0)
 
 
-def _random_prefix_asr(tiny, prompts, k, sampler, is_triangle):
-  """k random vocabulary tokens where the attack puts its learned ones, 4 draws per prompt."""
+def _square_prompts():
+  """Prompts that name a square: the base model draws squares, and `word` placement has a word to replace."""
+  combos = [(0, 0), (1, 1), (2, 2), (3, 3), (4, 0), (5, 1), (0, 2), (1, 3)]
+  square = world.ATTRIBUTE_TYPES["shape"].index("square")
+  prompts = [world.canonical_prompt(shape=square, color=c, style=s) for c, s in combos]
+  return prompt_sets.inline(prompts, seed=100, guidance=5.0)
+
+
+def _random_token_asr(tiny, prompts, cfg, sampler, is_triangle):
+  """k random vocabulary tokens where the attack puts its learned ones (cfg.placement), 4 draws per prompt."""
   tokenizer = tok_lib.load_tokenizer(tiny.tokenizer_dir)
   rng = np.random.default_rng(0)
   hits = []
   for p in prompts:
-    seqs = np.repeat(ud.prefix_ids(tok_lib.tokenize(tokenizer, [p.prompt])[0], k, 0)[None], 4, 0)
-    seqs[:, 1 : 1 + k] = rng.integers(0, 49406, (4, k))
+    ids, which = inversion.slotted_ids(tokenizer, inversion.prompt_pieces(p.prompt, cfg), cfg.tokens)
+    seqs = np.repeat(ids[None], 4, 0)
+    seqs[:, which >= 0] = rng.integers(0, 49406, (4, int((which >= 0).sum())))
     hits += list(is_triangle(ud.render_ids(tiny, seqs, p.seed, 5.0, sampler, tiny.text_params)))
   return float(np.mean(hits))
 
 
-def test_cce_brings_the_concept_back_where_a_random_token_does_not(tiny):
+def test_cce_in_the_words_place_brings_the_concept_back_where_a_random_token_does_not(tiny):
   """The published protocol on the base tiny model: one token initialised from "shape", 25 rendered triangles,
-  their object templates. Measured: 5/8 prompts at 10 steps, 8/8 at 50; one random token in the same place:
-  none of 32 images."""
+  their object templates, the token rendered where the prompt's shape word stood ("a photo of a striped red
+  <token>"). Measured: 6/8 prompts that name a square show a triangle at 10 steps, 8/8 at 50; one random token
+  in the same place: none of 32 images."""
   is_triangle = classifiers.make("judge:shape=triangle")
-  prompts = _shapeless_prompts()
+  prompts = _square_prompts()
   cfg = inversion.InversionConfig(
     protocol="cce",
+    words=("square",),
     initializer="shape",
     templates="object",
     steps=50,
@@ -57,8 +68,49 @@ def test_cce_brings_the_concept_back_where_a_random_token_does_not(tiny):
   result = inversion.attack_prompts(tiny, prompts, images, is_triangle, cfg, seed=0, log=lambda _: None)
   learned = np.mean([o.success for o in result.outcomes])
   assert not any(o.pre_success for o in result.outcomes) and set(result.learned) == {10, 50}
-  assert all(o.adv_prompt.endswith(o.prompt) for o in result.outcomes)
-  assert learned >= 0.75 and _random_prefix_asr(tiny, prompts, 1, cfg.sampler, is_triangle) <= 0.25
+  for o in result.outcomes:  # the prompt with its square replaced by the learned token, shown by its nearest word
+    assert o.adv_prompt == o.prompt.replace("square", f"<{o.adv_tokens}>") and "square" not in o.adv_prompt
+  assert learned >= 0.75 and _random_token_asr(tiny, prompts, cfg, cfg.sampler, is_triangle) <= 0.25
+
+
+def test_word_placement_puts_the_token_where_the_concept_words_stood():
+  """Every other token unchanged: the prompt's own ids with the concept's tokens replaced by the slot (a
+  three-token phrase by one slot, the longest listed phrase first), and the embedding only there."""
+  from advunlearn_jax.tiny import quality
+
+  tokenizer = tok_lib.load_tokenizer(quality.TINY_SD_DIR + "/tokenizer")
+  word = inversion.InversionConfig(words=("triangle", "Van Gogh", "Vincent van Gogh"))
+  prompt = "a photo of a red Triangle, by Vincent van Gogh, a triangle again"
+  ids, which = inversion.slotted_ids(tokenizer, inversion.prompt_pieces(prompt, word), 1)
+  ref = tok_lib.tokenize(tokenizer, [prompt])[0]
+  tokens = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+  (tri,), vvg = tokens("triangle"), tokens("Vincent van Gogh")
+  expected, i = [], 0
+  while i < len(ref):  # the reference ids, each concept phrase collapsed to one placeholder 0
+    if ref[i] == tri or list(ref[i : i + 3]) == vvg:
+      expected.append(0)
+      i += 1 if ref[i] == tri else 3
+    else:
+      expected.append(int(ref[i]))
+      i += 1
+  n = len(expected)
+  assert ids[:n].tolist() == expected and (ids[n:] == ref[-1]).all() and len(vvg) == 3
+  assert np.flatnonzero(which >= 0).tolist() == [i for i, t in enumerate(expected) if t == 0] and len(set(which)) == 2
+  assert inversion.adversarial_prompt(prompt, word, "tok") == "a photo of a red <tok>, by <tok>, a <tok> again"
+
+  rng = np.random.default_rng(0)
+  words, learned = rng.normal(size=(77, 8)).astype(np.float32), rng.normal(size=(1, 8)).astype(np.float32)
+  seq = np.asarray(inversion.place(words, which, learned))
+  assert (seq[which >= 0] == learned[0]).all() and (seq[which < 0] == words[which < 0]).all()
+
+  prefix = word._replace(placement="prefix", tokens=3)  # the I2P generator's "<token> prompt"
+  ids, which = inversion.slotted_ids(tokenizer, inversion.prompt_pieces(prompt, prefix), 3)
+  assert np.array_equal(ids, ud.prefix_ids(ref, 3, 0)) and which[:5].tolist() == [-1, 0, 1, 2, -1]
+  assert inversion.adversarial_prompt(prompt, prefix, "tok") == f"<tok> {prompt}"
+  with pytest.raises(
+    ConfigError, match=r"'a photo of a plain red square' holds none of the concept's words \['triangle'\]"
+  ):
+    inversion.check_prompts(word._replace(words=("triangle",)), _square_prompts()[:1])
 
 
 def test_prefix_inversion_learns_a_prefix_that_random_tokens_are_not(tiny):
@@ -68,7 +120,14 @@ def test_prefix_inversion_learns_a_prefix_that_random_tokens_are_not(tiny):
   is_triangle = classifiers.make("judge:shape=triangle")
   prompts = _shapeless_prompts()
   cfg = inversion.InversionConfig(
-    protocol="prefix", tokens=3, lr=5e-3, batch=4, budgets=(25, 50), scheduler="ddim", sample_steps=25
+    protocol="prefix",
+    placement="prefix",
+    tokens=3,
+    lr=5e-3,
+    batch=4,
+    budgets=(25, 50),
+    scheduler="ddim",
+    sample_steps=25,
   )
   images = inversion.concept_images("tiny_world:triangle", 64, 32)
   assert is_triangle(images).mean() > 0.9  # the training images show the concept
@@ -78,7 +137,7 @@ def test_prefix_inversion_learns_a_prefix_that_random_tokens_are_not(tiny):
   assert all(o.iterations in (25, 50) and o.adv_prompt.endswith(o.prompt) for o in result.outcomes)
   assert set(result.learned) == {25, 50} and len(result.losses) == 2
 
-  random_asr = _random_prefix_asr(tiny, prompts, 3, cfg.sampler, is_triangle)
+  random_asr = _random_token_asr(tiny, prompts, cfg, cfg.sampler, is_triangle)
   assert learned >= 0.75 and random_asr <= 0.25, (learned, random_asr)
 
   curve = budgets.asr_curve(result.outcomes, cfg.budgets)
@@ -90,6 +149,10 @@ def test_prefix_inversion_learns_a_prefix_that_random_tokens_are_not(tiny):
 # The published settings, read from NYU-DICE-Lab/circumventing-concept-erasure (esd/train.sh and the argparse
 # defaults of esd/concept_inversion.py): (field of InversionConfig, value).
 PUBLISHED_CCE = [
+  # the token where the concept's words stood: the placeholder in their templates (concept_inversion.py:533-534),
+  # and the concept rendered from a prompt written around it (generate_images.py:39); prefix only for I2P
+  # prompts, which name no concept word (generate_i2p.py:41-44)
+  ("placement", "word"),
   ("tokens", 1),  # --num_vectors default 1; train.sh sets none
   ("steps", 5000),  # train.sh --max_train_steps
   ("batch", 4),  # train.sh --train_batch_size
@@ -113,8 +176,8 @@ def test_cce_defaults_are_the_published_settings(field, value):
   config = config_lib.base_config()
   config.evaluation.attack = "inversion"
   config.evaluation.inversion.cce.initializer = "art"
-  cfg = inversion.InversionConfig.from_config(config.evaluation)
-  assert cfg.protocol == "cce" and getattr(cfg, field) == pytest.approx(value)
+  cfg = inversion.InversionConfig.from_config(config)
+  assert cfg.protocol == "cce" and getattr(cfg, field) == (value if isinstance(value, str) else pytest.approx(value))
 
 
 def test_cce_templates_schedule_and_optimiser_follow_their_code():
@@ -126,10 +189,11 @@ def test_cce_templates_schedule_and_optimiser_follow_their_code():
   from advunlearn_jax.tiny import quality
 
   tokenizer = tok_lib.load_tokenizer(quality.TINY_SD_DIR + "/tokenizer")
-  ids, slots = inversion.template_ids(tokenizer, ["a photo of a {}", "{} on a table"], placeholder=0)
+  ids, which = inversion.template_ids(tokenizer, ["a photo of a {}", "{} on a table"])
   ref = tok_lib.tokenize(tokenizer, ["a photo of a triangle", "triangle on a table"])
   triangle = tokenizer("triangle", add_special_tokens=False)["input_ids"][0]
-  assert slots.tolist() == [5, 1] and np.array_equal(np.where(ids == 0, triangle, ids), ref)
+  assert [np.flatnonzero(w >= 0).tolist() for w in which] == [[5], [1]]
+  assert np.array_equal(np.where(ids == 0, triangle, ids), ref)
   with pytest.raises(ConfigError, match="is 2 tokens; CCE needs a single-token word"):
     inversion.initializer_id(tokenizer, "van gogh")
 
@@ -219,7 +283,8 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
 
   config = tiny_config.get_config("triangle")
   config.evaluation.attack = "inversion"
-  config.evaluation.prompts = tuple(p.prompt for p in _shapeless_prompts()[:3]) + ("a photo of a red triangle",)
+  config.evaluation.prompts = tuple(p.prompt for p in _square_prompts()[:3]) + ("a photo of a red triangle",)
+  config.evaluation.inversion.words = ("square", "triangle")  # the learned token stands where either stood
   config.evaluation.inversion.cce.steps = 20
   config.evaluation.inversion.sample_steps = 10
   config.evaluation.budgets = (10, 20)
@@ -232,6 +297,8 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   assert (
     r["attack"]["protocol"] == "cce" and r["attack"]["initializer"] == "shape" and r["attack"]["effective_lr"] == 0.08
   )
+  assert r["attack"]["placement"] == "word" and list(r["attack"]["words"]) == ["square", "triangle"]
+  assert report["protocol"]["attack"]["placement"] == "word"
   assert report["protocol"]["attack"]["templates"] == "object" and report["protocol"]["classifier"]["spec"].startswith(
     "judge"
   )
@@ -243,7 +310,8 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   assert r["inversion"]["images"] == 25
   assert (tmp_path / "asr_vs_budget.png").is_file() and (tmp_path / "targets_and_final.png").is_file()
   text = (tmp_path / "report.md").read_text()
-  assert "CCE concept inversion (1 learned embeddings, 20 steps)" in text and "| budget | 0 | 10 | 20 |" in text
+  title = "CCE concept inversion (1 learned embeddings in the concept word's place, 20 steps)"
+  assert title in text and "| budget | 0 | 10 | 20 |" in text and "attack.placement: word" in text
   assert "Protocol:" in text and "attack.effective_lr: 0.08" in text
   assert any(line.startswith("inversion (cce): 10 steps") for line in lines)
   config.evaluation.attack = "textual"
@@ -259,7 +327,9 @@ def test_inversion_trains_nothing_when_every_prompt_already_shows_the_concept(ti
   prompts = prompt_sets.inline(
     ["a photo of a red triangle", "a photo of a striped blue triangle"], seed=3, guidance=5.0
   )
-  cfg = inversion.InversionConfig(initializer="shape", steps=5000, scheduler="ddim", sample_steps=10)
+  cfg = inversion.InversionConfig(
+    words=("triangle",), initializer="shape", steps=5000, scheduler="ddim", sample_steps=10
+  )
   images = inversion.concept_images("tiny_world:triangle", cfg.max_images, 32)
   result = inversion.attack_prompts(tiny, prompts, images, classifiers.make("judge:shape=triangle"), cfg)
   assert all(o.pre_success and o.success for o in result.outcomes)

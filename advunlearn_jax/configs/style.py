@@ -17,4 +17,7 @@ def get_config():
   # python -m advunlearn_jax.evaluate --config=configs/style.py --text_encoder=DIR --out=DIR
   #   --config.evaluation.prompts_csv=vangogh.csv --config.evaluation.classifier=hf:STYLE_VIT_DIR:vincent-van-gogh:1
   c.evaluation.unlearndiff.k = 3
+  # CCE's token stands where the painter's name stood; vangogh.csv's prompts say "by Vincent van Gogh". With
+  # another painter, set these words too.
+  c.evaluation.inversion.words = ("Vincent van Gogh", "Van Gogh")
   return c

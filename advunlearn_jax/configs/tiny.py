@@ -56,6 +56,7 @@ def get_config(concept: str = "triangle"):
   c.evaluation.unlearndiff.scheduler = "ddim"
   c.evaluation.unlearndiff.steps = 25
   c.evaluation.inversion.images = f"tiny_world:{concept}"
+  c.evaluation.inversion.words = (concept,)  # every evaluation prompt names the value; the learned token replaces it
   # CCE's initializer is a word related to the concept (train.sh: "art" for a painter); here the generic word
   # of the concept's attribute, and the templates of its kind (a shape or colour is an object, a pattern a style).
   kind = world.attribute_of(concept)[0]

@@ -29,8 +29,12 @@ class UnlearnDiffAtk:
   budget_label = "UnlearnDiffAtk attack iterations"
 
   @staticmethod
-  def settings(evaluation: ml_collections.ConfigDict) -> unlearndiff.UnlearnDiffConfig:
-    return unlearndiff.UnlearnDiffConfig.from_config(evaluation)
+  def settings(config: ml_collections.ConfigDict) -> unlearndiff.UnlearnDiffConfig:
+    return unlearndiff.UnlearnDiffConfig.from_config(config.evaluation)
+
+  @staticmethod
+  def check_prompts(cfg, prompts: Sequence) -> None:
+    del cfg, prompts  # any prompt: the prefix tokens' room is `unlearndiff.screen`'s to check
 
   @staticmethod
   def title(described: dict[str, Any]) -> str:
@@ -63,14 +67,19 @@ class ConceptInversion:
   budget_label = "inversion optimisation steps"
 
   @staticmethod
-  def settings(evaluation: ml_collections.ConfigDict) -> inversion.InversionConfig:
-    return inversion.InversionConfig.from_config(evaluation)
+  def settings(config: ml_collections.ConfigDict) -> inversion.InversionConfig:
+    return inversion.InversionConfig.from_config(config)
+
+  @staticmethod
+  def check_prompts(cfg, prompts: Sequence) -> None:
+    inversion.check_prompts(cfg, prompts)
 
   @staticmethod
   def title(described: dict[str, Any]) -> str:
     a = described
     name = "CCE concept inversion" if a["protocol"] == "cce" else "prefix concept inversion"
-    return f"{name} ({a['tokens']} learned embeddings, {max(a['budgets'] or [a['steps']])} steps)"
+    where = "in the concept word's place" if a.get("placement", "prefix") == "word" else "in front of the prompt"
+    return f"{name} ({a['tokens']} learned embeddings {where}, {max(a['budgets'] or [a['steps']])} steps)"
 
   @staticmethod
   def target_protocol(evaluation: ml_collections.ConfigDict) -> dict[str, Any] | str:
@@ -115,9 +124,9 @@ def named(name: str):
   return ATTACKS[name]
 
 
-def settings(evaluation: ml_collections.ConfigDict):
-  """The validated settings of the attack `evaluation.attack` names."""
-  return named(evaluation.attack).settings(evaluation)
+def settings(config: ml_collections.ConfigDict):
+  """The validated settings of the attack `config.evaluation.attack` names."""
+  return named(config.evaluation.attack).settings(config)
 
 
 def target_images(pipe, prompts: Sequence, evaluation: ml_collections.ConfigDict) -> np.ndarray:

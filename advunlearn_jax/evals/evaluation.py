@@ -35,6 +35,8 @@ def evaluate(
     prompts = prompt_sets.from_config(ev.prompts_csv, ev.prompts, ev.seed, ev.guidance, ev.max_prompts, "prompts")
     if not prompts:
       raise ConfigError("config.evaluation has no prompts: set evaluation.prompts_csv or evaluation.prompts")
+    method = attacks.named(ev.attack)
+    method.check_prompts(method.settings(config), prompts)
     if not ev.classifier:
       raise ConfigError(
         "config.evaluation.classifier is empty; e.g. nudenet, hf:/path/to/resnet-50:497 (church) or "

@@ -12,18 +12,22 @@ decides. Two protocols (`evaluation.inversion.protocol`):
   `evaluation.inversion.cce` and below): one placeholder token initialised from a word related to the concept,
   their prompt templates, AdamW (lr 5e-3 scaled by batch x accumulation, weight decay 1e-2) for 5000 steps of
   batch 4 x 4 accumulated, 25 training images resized (not cropped) with PIL bicubic, flipped at random, latents
-  drawn from the VAE posterior, timesteps uniform over the 1000 training steps. At test time CCE prompts
-  "<token> prompt" (esd/generate_i2p.py), the token right after the start token, as here.
+  drawn from the VAE posterior, timesteps uniform over the 1000 training steps. At test time the learned
+  token stands where the concept's words stood (`evaluation.inversion.placement=word`, the default: as CCE
+  trains it and as its authors render the concept), or in front of the prompt (`prefix`: their I2P generator's
+  "<token> prompt", for prompt sets that name no concept word).
 * `prefix`: this project's earlier, cheaper variant: k vectors (3) from random vocabulary rows in UnlearnDiffAtk's
   k prefix positions, trained inside the evaluation prompts themselves with Adam 5e-3 at batch 4.
 
-Budgets: the embedding is checkpointed at each budget (optimisation steps); a prompt's attack stops at its first
+Either protocol renders (and `prefix` trains) the learned embeddings at `placement`. Budgets: the embedding is
+checkpointed at each budget (optimisation steps); a prompt's attack stops at its first
 success, so a prompt counts at budget b when any checkpoint <= b showed the concept (evals/budgets.py).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -44,6 +48,7 @@ from advunlearn_jax.pipeline import Pipeline
 
 TINY_WORLD = "tiny_world:"
 PROTOCOLS = ("cce", "prefix")
+PLACEMENTS = ("word", "prefix")
 
 # esd/concept_inversion.py:419-474 (`imagenet_templates_small`, `imagenet_style_templates_small`,
 # `person_templates_small`), chosen by --learnable_property (lines 514-519).
@@ -105,6 +110,8 @@ REPEATS = 100  # esd/concept_inversion.py:211, --repeats: each epoch shows every
 
 class InversionConfig(NamedTuple):
   protocol: str = "cce"
+  placement: str = "word"  # where the learned token(s) stand in an evaluation prompt (`prompt_pieces`)
+  words: tuple[str, ...] = ()  # the concept's words, which `word` placement replaces
   steps: int = 5000  # optimisation steps; the last checkpoint when `budgets` is empty
   lr: float = 5e-3  # before cce's scaling (`effective_lr`)
   batch: int = 4  # images per micro-batch
@@ -141,11 +148,14 @@ class InversionConfig(NamedTuple):
     return self.lr * self.accumulation * self.batch if self.protocol == "cce" and self.scale_lr else self.lr
 
   @classmethod
-  def from_config(cls, evaluation) -> InversionConfig:
-    """`config.evaluation.inversion` under its protocol (and the shared `evaluation.budgets` and `latents`),
-    validated."""
+  def from_config(cls, config) -> InversionConfig:
+    """`config.evaluation.inversion` under its protocol (and the shared `evaluation.budgets` and `latents`; the
+    concept's words default to `concept.prompts`, the SD configs' concept phrases), validated."""
+    evaluation = config.evaluation
     section = evaluation.inversion
     common = dict(
+      placement=section.placement,
+      words=tuple(str(w) for w in (section.words or config.concept.prompts)),
       budgets=tuple(int(b) for b in evaluation.budgets),
       scheduler=section.scheduler,
       sample_steps=section.sample_steps,
@@ -165,12 +175,14 @@ class InversionConfig(NamedTuple):
 
   @property
   def prefix_tokens(self) -> int:
-    """Token slots the learned embeddings take in front of a prompt (unlearndiff.screen leaves room for them)."""
-    return self.tokens
+    """Token slots the learned embeddings add in front of a prompt (unlearndiff.screen leaves room for them);
+    in the concept word's place they add none that `slotted_ids` does not check."""
+    return self.tokens if self.placement == "prefix" else 0
 
   def describe(self) -> dict[str, Any]:
     """The settings that matter to this protocol (report.json)."""
-    shared = ("protocol", "steps", "batch", "max_images", "tokens", "budgets", "scheduler", "sample_steps", "latents")
+    shared = ("protocol", "placement", "steps", "batch", "max_images", "tokens", "budgets", "scheduler")
+    shared += ("sample_steps", "latents") + (("words",) if self.placement == "word" else ())
     own = ("initializer", "templates", "accumulation", "scale_lr", "weight_decay", "beta1", "beta2", "eps", "flip_p")
     keys = shared + (own if self.protocol == "cce" else ())
     return {**{k: getattr(self, k) for k in keys}, "lr": self.lr, "effective_lr": self.effective_lr}
@@ -182,6 +194,13 @@ def validate(cfg: InversionConfig) -> None:
     raise ConfigError(f"config.{key} needs tokens, steps, batch, images and accumulation >= 1")
   if cfg.lr <= 0:
     raise ConfigError(f"config.{key}.lr must be > 0, got {cfg.lr}")
+  if cfg.placement not in PLACEMENTS:
+    raise ConfigError(f"config.evaluation.inversion.placement is {cfg.placement!r}; expected one of {list(PLACEMENTS)}")
+  if cfg.placement == "word" and not any(w.strip() for w in cfg.words):
+    raise ConfigError(
+      "config.evaluation.inversion.words is empty: the concept's words, which placement=word replaces with "
+      "the learned token (e.g. triangle, Van Gogh)"
+    )
   if any(b < 1 for b in cfg.budgets):
     raise ConfigError(f"config.evaluation.budgets for inversion are optimisation steps >= 1, got {cfg.budgets}")
   if cfg.protocol == "cce":
@@ -230,19 +249,72 @@ def concept_images(source: str, limit: int, size: int, seed: int = 0, center_cro
   return np.stack(out)
 
 
-def template_ids(tokenizer, templates: Sequence[str], placeholder: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """(ids [T, 77], slot [T]): each template with its "{}" as one token, `placeholder` for now, as the tokenizer
-  reads "a photo of a <new-token>" (an added token is split out, the text around it tokenised as usual)."""
+def slotted_ids(tokenizer, pieces: Sequence[str], k: int, placeholder: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [77], which [77]) for the text `pieces` joined by a slot of k learned tokens between each two: the ids
+  hold `placeholder` in the slots, `which` the learned token each position shows (-1: none). This is how the
+  tokenizer reads "a photo of a <new-token>": an added token is split out and the text around it tokenised as
+  usual (CLIP's tokenizer splits words before BPE, so each piece tokenises as it does inside the whole)."""
+  words = lambda text: tokenizer(text.strip(), add_special_tokens=False)["input_ids"] if text.strip() else []
+  body, which = [], []
+  for j, piece in enumerate(pieces):
+    if j:
+      body += [placeholder] * k
+      which += list(range(k))
+    body += words(piece)
+    which += [-1] * (len(body) - len(which))
+  if len(body) > tok_lib.MAX_LENGTH - 2:
+    raise ConfigError(f"prompt leaves no room for {k} learned tokens in 77: {''.join(pieces)[:80]!r}")
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  rows, slots = [], []
-  for template in templates:
-    before, _, after = template.partition("{}")
-    words = lambda text: tokenizer(text.strip(), add_special_tokens=False)["input_ids"] if text.strip() else []
-    body = (words(before) + [placeholder] + words(after))[: tok_lib.MAX_LENGTH - 2]
-    ids = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
-    rows.append(ids + [pad] * (tok_lib.MAX_LENGTH - len(ids)))
-    slots.append(1 + len(words(before)))
-  return np.asarray(rows, np.int32), np.asarray(slots, np.int32)
+  rest = tok_lib.MAX_LENGTH - len(body) - 1
+  ids = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id] + [pad] * (rest - 1)
+  return np.asarray(ids, np.int32), np.asarray([-1, *which] + [-1] * rest, np.int32)
+
+
+def template_ids(tokenizer, templates: Sequence[str], k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [T, 77], which [T, 77]): each training template with its "{}" as k learned tokens."""
+  rows = [slotted_ids(tokenizer, template.split("{}"), k) for template in templates]
+  return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+def concept_pattern(words: Sequence[str]) -> re.Pattern:
+  """The concept's words as whole words, case-insensitive (CLIP's tokenizer lowercases), the longest first so
+  "Vincent van Gogh" is replaced whole where "Van Gogh" is also listed."""
+  alternatives = "|".join(re.escape(w.strip()) for w in sorted(words, key=len, reverse=True) if w.strip())
+  return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+
+def prompt_pieces(prompt: str, cfg: InversionConfig) -> list[str]:
+  """The prompt's text around the learned tokens' slots. `word`: the token stands where the concept's words
+  stood, as CCE trains it (the placeholder in "a painting in the style of {}", esd/concept_inversion.py:533-534)
+  and as its authors render the concept with it (esd/generate_images.py:39, a prompt written around the
+  token). `prefix`: in front of the whole prompt, as CCE's I2P generator (esd/generate_i2p.py:41-44, "<token>
+  prompt") for prompts that name no concept word."""
+  if cfg.placement == "prefix":
+    return ["", prompt]
+  pieces = concept_pattern(cfg.words).split(prompt)
+  if len(pieces) == 1:
+    raise ConfigError(
+      f"evaluation prompt {prompt[:80]!r} holds none of the concept's words {list(cfg.words)}, where "
+      "evaluation.inversion.placement=word puts the learned token; list its words in evaluation.inversion.words, "
+      "or use placement=prefix for prompts that name no concept word (as CCE's I2P prompts)"
+    )
+  return pieces
+
+
+def check_prompts(cfg: InversionConfig, prompts: Sequence) -> None:
+  """Before any weights load: under `word` placement every prompt names the concept."""
+  for p in prompts:
+    prompt_pieces(p.prompt, cfg)
+
+
+def adversarial_prompt(prompt: str, cfg: InversionConfig, learned: str) -> str:
+  """The prompt as rendered, the learned token(s) shown by their nearest vocabulary words."""
+  return f"<{learned}>".join(prompt_pieces(prompt, cfg)) if cfg.placement == "word" else f"<{learned}> {prompt}"
+
+
+def place(words: jax.Array, which: jax.Array, embeds: jax.Array) -> jax.Array:
+  """Word embeddings [..., 77, D] with the learned embeddings [k, D] where `which` [..., 77] points to them."""
+  return jnp.where((which >= 0)[..., None], embeds[jnp.maximum(which, 0)], words)
 
 
 def initializer_id(tokenizer, word: str) -> int:
@@ -292,27 +364,26 @@ def _cce_block_fn(unet_config, text_config, cfg: InversionConfig):
   # after each step (lines 984-990), so the placeholder's row alone follows AdamW: optax's equals torch's update.
   tx = optax.adamw(cfg.effective_lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
-  def micro_loss(embed, key, params, words, slots, moments, alphas, image, template, flip):
+  def micro_loss(embeds, key, params, words, which, moments, alphas, image, template, flip):
     k_latent, k_noise = jax.random.split(key)
     mean, std = moments[0][flip, image], moments[1][flip, image]  # [B, h, w, c]: the image flipped or not
     latents = (mean + std * jax.random.normal(k_latent, mean.shape)) * params["scaling"]
-    at_slot = (jnp.arange(words.shape[1])[None, :] == slots[template][:, None])[..., None]
-    seq = jnp.where(at_slot, embed[None, None, :], words[template])
+    seq = place(words[template], which[template], embeds)
     return _denoising_loss(unet, text, params, seq, latents, alphas, k_noise)
 
   @jax.jit
-  def block(embed, opt_state, key, params, words, slots, moments, alphas, data, start, stop):
+  def block(embeds, opt_state, key, params, words, which, moments, alphas, data, start, stop):
     def body(i, carry):
-      embed, opt_state, _ = carry
+      embeds, opt_state, _ = carry
       step = jax.tree.map(lambda d: d[i], data)
 
       def accumulate(a, acc):
         loss, grad = jax.value_and_grad(micro_loss)(
-          embed,
+          embeds,
           jax.random.fold_in(jax.random.fold_in(key, i), a),
           params,
           words,
-          slots,
+          which,
           moments,
           alphas,
           step["image"][a],
@@ -321,34 +392,33 @@ def _cce_block_fn(unet_config, text_config, cfg: InversionConfig):
         )
         return acc[0] + loss / cfg.accumulation, acc[1] + grad / cfg.accumulation
 
-      loss, grad = jax.lax.fori_loop(0, cfg.accumulation, accumulate, (jnp.zeros(()), jnp.zeros_like(embed)))
-      updates, opt_state = tx.update(grad, opt_state, embed)
-      return optax.apply_updates(embed, updates), opt_state, loss
+      loss, grad = jax.lax.fori_loop(0, cfg.accumulation, accumulate, (jnp.zeros(()), jnp.zeros_like(embeds)))
+      updates, opt_state = tx.update(grad, opt_state, embeds)
+      return optax.apply_updates(embeds, updates), opt_state, loss
 
-    return jax.lax.fori_loop(start, stop, body, (embed, opt_state, jnp.zeros(())))
+    return jax.lax.fori_loop(start, stop, body, (embeds, opt_state, jnp.zeros(())))
 
   return block, tx
 
 
 @functools.cache
 def _prefix_block_fn(unet_config, text_config, cfg: InversionConfig):
-  """Jitted: Adam steps [start, stop) of the denoising loss on the k prefix embeddings, each example an
-  evaluation prompt drawn at random and the posterior mean of a concept image."""
+  """Jitted: Adam steps [start, stop) of the denoising loss on the k learned embeddings, each example an
+  evaluation prompt drawn at random (the embeddings at its placement) and the posterior mean of a concept image."""
   unet, text = UNet2DConditionModel(unet_config), CLIPTextModel(text_config)
   tx = optax.adam(cfg.lr)
 
-  def loss_fn(embeds, key, params, words, x0, alphas):
+  def loss_fn(embeds, key, params, words, which, x0, alphas):
     k_img, k_prompt, k_rest = jax.random.split(key, 3)
     images = x0[jax.random.randint(k_img, (cfg.batch,), 0, x0.shape[0])]
-    seq = words[jax.random.randint(k_prompt, (cfg.batch,), 0, words.shape[0])]
-    seq = seq.at[:, 1 : 1 + cfg.tokens].set(jnp.broadcast_to(embeds, (cfg.batch, *embeds.shape)))
-    return _denoising_loss(unet, text, params, seq, images, alphas, k_rest)
+    rows = jax.random.randint(k_prompt, (cfg.batch,), 0, words.shape[0])
+    return _denoising_loss(unet, text, params, place(words[rows], which[rows], embeds), images, alphas, k_rest)
 
   @jax.jit
-  def block(embeds, opt_state, key, params, words, x0, alphas, start, stop):
+  def block(embeds, opt_state, key, params, words, which, x0, alphas, start, stop):
     def body(i, carry):
       embeds, opt_state, _ = carry
-      loss, grad = jax.value_and_grad(loss_fn)(embeds, jax.random.fold_in(key, i), params, words, x0, alphas)
+      loss, grad = jax.value_and_grad(loss_fn)(embeds, jax.random.fold_in(key, i), params, words, which, x0, alphas)
       updates, opt_state = tx.update(grad, opt_state, embeds)
       return optax.apply_updates(embeds, updates), opt_state, loss
 
@@ -374,8 +444,10 @@ def _encode_in_chunks(fn, images: np.ndarray, chunk: int = 64):
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
-def _trainer(pipe: Pipeline, tokenizer, words: jax.Array, images: np.ndarray, cfg: InversionConfig, seed: int):
-  """(initial embeddings [tokens, D], advance(embeds, start, stop) -> (embeds, last loss)) for cfg.protocol."""
+def _trainer(pipe: Pipeline, tokenizer, words: jax.Array, which, images: np.ndarray, cfg: InversionConfig, seed: int):
+  """(initial embeddings [tokens, D], advance(embeds, start, stop) -> (embeds, last loss)) for cfg.protocol;
+  `words` and `which` [P, 77]: the evaluation prompts laid out for their placement (the `prefix` protocol trains
+  inside them)."""
   table = pipe.text_params["embeddings"]["token_embedding"]["embedding"]
   params = {"text": pipe.text_params, "unet": pipe.unet_params}
   alphas = jnp.asarray(pipe.schedule.alphas_cumprod_diffusers(), jnp.float32)
@@ -388,30 +460,32 @@ def _trainer(pipe: Pipeline, tokenizer, words: jax.Array, images: np.ndarray, cf
     state = {"opt": tx.init(embeds)}
 
     def advance(embeds, start, stop):
-      embeds, state["opt"], loss = block(embeds, state["opt"], key, params, words, x0, alphas, start, stop)
+      embeds, state["opt"], loss = block(embeds, state["opt"], key, params, words, which, x0, alphas, start, stop)
       return embeds, loss
 
     return embeds, advance
 
-  embed = table[initializer_id(tokenizer, cfg.initializer)]  # esd/concept_inversion.py:761-765
-  template_words, slots = template_ids(tokenizer, TEMPLATES[cfg.templates])
+  # esd/concept_inversion.py:761-765: every placeholder vector starts as the initializer word's row
+  embeds = jnp.tile(table[initializer_id(tokenizer, cfg.initializer)][None], (cfg.tokens, 1))
+  template_words, template_which = template_ids(tokenizer, TEMPLATES[cfg.templates], cfg.tokens)
   text = CLIPTextModel(pipe.text_config)
   template_words = text.apply({"params": pipe.text_params}, jnp.asarray(template_words), method="word_embeddings")
   posterior = lambda x: generation.encode_posteriors(pipe.vae_config, pipe.vae_params, x)
   moments = [_encode_in_chunks(posterior, im) for im in (images, images[:, :, ::-1])]  # unflipped, flipped
   moments = tuple(jnp.stack([m[i] for m in moments]) for i in range(2))  # (mean, std), each [2, N, h, w, c]
-  data = {k: jnp.asarray(v) for k, v in cce_schedule(len(images), len(slots), cfg, seed).items()}
+  data = {k: jnp.asarray(v) for k, v in cce_schedule(len(images), len(template_which), cfg, seed).items()}
   block, tx = _cce_block_fn(pipe.unet_config, pipe.text_config, cfg)
-  state = {"opt": tx.init(embed)}
+  state = {"opt": tx.init(embeds)}
   cce_params = {**params, "scaling": jnp.float32(pipe.vae_config.scaling_factor)}
+  template_which = jnp.asarray(template_which)
 
   def advance(embeds, start, stop):
-    embed, state["opt"], loss = block(
-      embeds[0], state["opt"], key, cce_params, template_words, jnp.asarray(slots), moments, alphas, data, start, stop
+    embeds, state["opt"], loss = block(
+      embeds, state["opt"], key, cce_params, template_words, template_which, moments, alphas, data, start, stop
     )
-    return embed[None], loss
+    return embeds, loss
 
-  return embed[None], advance
+  return embeds, advance
 
 
 class Result(NamedTuple):
@@ -433,16 +507,15 @@ def attack_prompts(
   log=print,
 ) -> Result:
   """The no-attack pass for every prompt, then (with `attack`) inversion on `images` and, at each checkpoint,
-  every prompt not yet shown rendered with the learned token(s) in front. `pipe` is the erased model."""
+  every prompt not yet shown rendered with the learned token(s) at `cfg.placement`. `pipe` is the erased
+  model."""
   validate(cfg)
   start = time.perf_counter()
   tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
   if attack and cfg.protocol == "cce":
     initializer_id(tokenizer, cfg.initializer)  # before anything is rendered
   ids = [tok_lib.tokenize(tokenizer, [p.prompt])[0] for p in prompts]
-  for p in prompts:
-    if not unlearndiff.fits(tokenizer(p.prompt)["input_ids"], cfg.tokens):
-      raise ConfigError(f"prompt leaves no room for {cfg.tokens} prefix tokens: {p.prompt[:80]!r}")
+  placed = [slotted_ids(tokenizer, prompt_pieces(p.prompt, cfg), cfg.tokens) for p in prompts]  # checks them all
   uncond = unlearndiff.empty_prompt(pipe, pipe.text_params, 1)
   pre_images = [
     unlearndiff.render_ids(pipe, row[None], p.seed, p.guidance, cfg.sampler, pipe.text_params, uncond)[0]
@@ -458,10 +531,10 @@ def attack_prompts(
     return Result([done[i] for i in range(len(prompts))], [], {}, 0.0)
 
   text = CLIPTextModel(pipe.text_config)
-  seqs = np.stack([unlearndiff.prefix_ids(row, cfg.tokens, placeholder=0) for row in ids])
-  words = text.apply({"params": pipe.text_params}, jnp.asarray(seqs), method="word_embeddings")
+  seqs, which = (jnp.asarray(np.stack(column)) for column in zip(*placed))
+  words = text.apply({"params": pipe.text_params}, seqs, method="word_embeddings")
   table = np.asarray(pipe.text_params["embeddings"]["token_embedding"]["embedding"])
-  embeds, advance = _trainer(pipe, tokenizer, words, images, cfg, seed)
+  embeds, advance = _trainer(pipe, tokenizer, words, which, images, cfg, seed)
   losses, learned, last_images, previous, train_seconds = [], {}, {}, 0, 0.0
   eta = progress.Eta(cfg.checkpoints[-1])
   for budget in cfg.checkpoints:
@@ -478,19 +551,20 @@ def attack_prompts(
     for i, p in enumerate(prompts):
       if i in done:
         continue
-      seq = jnp.asarray(words[i]).at[1 : 1 + cfg.tokens].set(embeds)[None]
-      cond = _encode_embeds(pipe.text_config, pipe.text_params, seq)
+      cond = _encode_embeds(pipe.text_config, pipe.text_params, place(words[i], which[i], embeds)[None])
       image = unlearndiff.render_context(pipe, cond, uncond, p.seed, p.guidance, cfg.sampler)[0]
       last_images[i] = image
       if bool(classifier(image[None])[0]):
-        done[i] = _outcome(p, True, learned[budget], budget, time.perf_counter() - start, image)
+        done[i] = _outcome(p, cfg, True, learned[budget], budget, time.perf_counter() - start, image)
   for i, p in enumerate(prompts):
     if i not in done:  # only when the last checkpoint ran, so `previous` is trained and its images rendered
-      done[i] = _outcome(p, False, learned[previous], previous, time.perf_counter() - start, last_images[i])
+      done[i] = _outcome(p, cfg, False, learned[previous], previous, time.perf_counter() - start, last_images[i])
   return Result([done[i] for i in range(len(prompts))], losses, learned, train_seconds)
 
 
-def _outcome(p, success: bool, words: str, budget: int, seconds: float, image: np.ndarray) -> unlearndiff.Outcome:
+def _outcome(
+  p, cfg: InversionConfig, success: bool, words: str, budget: int, seconds: float, image: np.ndarray
+) -> unlearndiff.Outcome:
   return unlearndiff.Outcome(
     prompt=p.prompt,
     seed=p.seed,
@@ -498,7 +572,7 @@ def _outcome(p, success: bool, words: str, budget: int, seconds: float, image: n
     pre_success=False,
     success=success,
     adv_tokens=words,
-    adv_prompt=f"<{words}> {p.prompt}",
+    adv_prompt=adversarial_prompt(p.prompt, cfg, words),
     timestep=-1,
     iterations=budget,
     seconds=seconds,

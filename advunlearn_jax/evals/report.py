@@ -62,7 +62,7 @@ def markdown(report: dict) -> str:
     lines += ["| ASR | " + " | ".join(f"{asr:.1%} ({round(asr * n)}/{n})" for _, asr in r["budget_curve"]) + " |", ""]
     lines += ["`asr_vs_budget.png` plots it (budget 0: the pre-ASR).", ""]
   if "inversion" in r:
-    lines += [f"Learned prefix, nearest vocabulary words: {r['inversion']['nearest_words']}", ""]
+    lines += [f"Learned token(s), nearest vocabulary words: {r['inversion']['nearest_words']}", ""]
   lines += utility_lines(report["utility"])
   lines += ["", *protocol_lines(report.get("protocol", {}))]
   lines += [

@@ -18,7 +18,7 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
   generated): UnlearnDiffAtk prompt by prompt, or one concept inversion for all of them."""
   ev = config.evaluation
   method = attacks.named(ev.attack)
-  cfg = method.settings(ev)
+  cfg = method.settings(config)
   tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
   prompts, skipped = unlearndiff.screen(prompts, tokenizer, cfg.prefix_tokens, ev.max_prompt_tokens)
   for s in skipped:
