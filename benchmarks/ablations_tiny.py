@@ -113,7 +113,7 @@ def fmt_seconds(values: list) -> str:
 def by_variant(rows: dict[tuple[str, str], list[dict]], concepts: list[str], names: list[str], budget: int) -> str:
   """One row per variant, the concepts side by side: each attack's successes and the retain accuracy as counts
   pooled over seeds with their Wilson intervals (the README's table; pre-ASR stays in the full one)."""
-  titles = ("UnlearnDiffAtk", f"CCE, {budget} steps", "retain")
+  titles = ("UnlearnDiffAtk", f"CCE, {budget} steps", "earlier: CCE in front, 250 steps", "retain")
   columns = [(title, k, n) for title, (_, k, n) in zip(titles, RATE_COLUMNS[1:], strict=True)]
   head = " | ".join(f"{c}: {t}" if i == 0 else t for c in concepts for i, (t, _, _) in enumerate(columns))
   lines = [f"| variant | {head} |", "|---" * (1 + len(concepts) * len(columns)) + "|"]
@@ -132,9 +132,7 @@ def main():
   parser.add_argument("--iterations", type=int, default=0, help="0: configs/tiny.py's")
   parser.add_argument("--per_value", type=int, default=12, help="retain-accuracy images per retained value")
   parser.add_argument("--prompts", type=int, default=24, help="evaluation cases (prompt, seed) per concept and run")
-  parser.add_argument(
-    "--inversion_budgets", default="50,100,250", help="CCE checkpoints (steps; benchmarks/inversion_budget_tiny.py)"
-  )
+  parser.add_argument("--inversion_budgets", default=erasure_tiny.PUBLISHED_BUDGETS, help="CCE checkpoints (steps)")
   parser.add_argument("--quick", action="store_true", help="a 3-prompt, 10-iteration UnlearnDiffAtk (smoke test)")
   args = parser.parse_args()
   unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
@@ -160,18 +158,17 @@ def main():
         # Loaded (and trained again, where only the pieces are here) only for a missing piece.
         target = functools.cache(lambda w=workdir, c=config: erasure_tiny.trained_pipeline(w, c))
         measure_attack = lambda t=target, c=concept: erasure_tiny.measure(base(), t(), c, args, log)
-        attack = erasure_tiny.cached_json(os.path.join(workdir, "measure.json"), measure_attack)
-        measure_inversion = lambda t=target, c=concept: erasure_tiny.inversion_measure(
+        measure_cce = lambda t=target, c=concept: erasure_tiny.inversion_measure(
           base(), t(), c, inversion_budgets, n_cases, log
         )
-        inversion = erasure_tiny.cached_json(os.path.join(workdir, "inversion.json"), measure_inversion)
+        row = erasure_tiny.row_pieces(workdir, "", measure_attack, measure_cce)
         rows.setdefault((concept, name), []).append(
-          {**attack, **inversion, "train_seconds": timing["seconds"], "steady_train_seconds": timing["steady_seconds"]}
+          {**row, "train_seconds": timing["seconds"], "steady_train_seconds": timing["steady_seconds"]}
         )
         erasure_tiny.release_compiled()
 
   budget = max(int(b) for b in args.inversion_budgets.split(","))
-  titles = " | ".join(t if "CCE" not in t else f"{t}, {budget} steps" for t, _, _ in RATE_COLUMNS)
+  titles = " | ".join(t.format(budget=budget) for t, _, _ in RATE_COLUMNS)
   lines = [
     f"| concept | variant | ablation | {titles} | train s (no compile) | runs |",
     "|---" * (len(RATE_COLUMNS) + 5) + "|",
@@ -193,11 +190,11 @@ def main():
     curves = {}
     for (c, name), results in rows.items():
       if c == concept:
-        points = np.array([r["inversion_curve"] for r in results])  # [seeds, budgets, 2]
+        points = np.array([r["cce_curve"] for r in results])  # [seeds, budgets, 2]
         curves[name] = points.mean(axis=0).tolist()
     budgets.plot(
       curves,
-      os.path.join(args.out, f"inversion_asr_vs_budget_{concept}.png"),
+      os.path.join(args.out, f"cce_asr_vs_budget_{concept}.png"),
       attacks.ConceptInversion.budget_label,
       title=f"concept inversion against erasures of '{concept}' (mean over seeds)",
     )

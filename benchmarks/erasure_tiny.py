@@ -130,23 +130,42 @@ def measure(original, target, concept: str, args, log) -> dict:
   }
 
 
-def inversion_measure(original, target, concept: str, budgets: list[int], n: int, log, protocol: str = "cce") -> dict:
-  """Concept inversion (evals/inversion.py; by default the published CCE) on the same cases, checkpointed at
-  `budgets`."""
+def inversion_measure(
+  original, target, concept: str, budgets: list[int], n: int, log, protocol="cce", placement="word", key="cce"
+) -> dict:
+  """Concept inversion (evals/inversion.py; by default the published CCE, its token where the concept's word
+  stood) on the same cases, checkpointed at `budgets`; its fields named `key`_*."""
   config = tiny_config.get_config(concept)
   ev = config.evaluation
   ev.attack, ev.budgets, ev.inversion.protocol = "inversion", tuple(budgets), protocol
+  ev.inversion.placement = placement
   t = time.perf_counter()
   result = robustness.robustness(original, target, cases(concept, n), classifiers.make(ev.classifier), config, log=log)
   s = result["summary"]
   return {
-    "inversion_asr": s["asr"],
-    "inversion_successes": s["successes"],
-    "inversion_curve": result["budget_curve"],
-    "inversion_words": result["inversion"]["nearest_words"],
-    "inversion_train_seconds": result["inversion"]["train_seconds"],
-    "inversion_seconds": time.perf_counter() - t,
+    f"{key}_asr": s["asr"],
+    f"{key}_successes": s["successes"],
+    f"{key}_curve": result["budget_curve"],
+    f"{key}_words": result["inversion"]["nearest_words"],
+    f"{key}_train_seconds": result["inversion"]["train_seconds"],
+    f"{key}_seconds": time.perf_counter() - t,
   }
+
+
+def row_pieces(folder: str, prefix: str, attack, cce) -> dict:
+  """A row's measurements: UnlearnDiffAtk and retain accuracy (`measure.json`, computed by `attack()` if
+  missing), CCE placed and budgeted as published (`cce.json`, by `cce()`), and where it was measured the earlier
+  CCE column (`inversion.json`: the token in front of the prompt, 250 steps), kept for the comparison and never
+  computed again."""
+  row = {
+    **cached_json(os.path.join(folder, f"{prefix}measure.json"), attack),
+    **cached_json(os.path.join(folder, f"{prefix}cce.json"), cce),
+  }
+  earlier = os.path.join(folder, f"{prefix}inversion.json")
+  if os.path.isfile(earlier):
+    with open(earlier) as f:
+      row.update(json.load(f))
+  return row
 
 
 def cached_json(path: str, compute) -> dict:
@@ -215,11 +234,12 @@ def release_compiled() -> None:
 def cost_line(runs: list[dict]) -> str:
   """The compute behind a table, summed over its recorded pieces: the commands resume across sessions, so no
   single wall time covers them."""
-  keys = ("train_seconds", "attack_seconds", "inversion_seconds")
+  keys = ("train_seconds", "attack_seconds", "cce_seconds", "inversion_seconds")
   hours = {k: sum(r.get(k) or 0.0 for r in runs) / 3600 for k in keys}
   return (
     f"compute: {sum(hours.values()):.1f} h over {len(runs)} runs (training {hours['train_seconds']:.1f} h, "
-    f"UnlearnDiffAtk and retain accuracy {hours['attack_seconds']:.1f} h, inversion {hours['inversion_seconds']:.1f} h)"
+    f"UnlearnDiffAtk and retain accuracy {hours['attack_seconds']:.1f} h, CCE {hours['cce_seconds']:.1f} h, "
+    f"the earlier CCE column {hours['inversion_seconds']:.1f} h)"
   )
 
 
@@ -278,16 +298,18 @@ def fmt_rate(results: list[dict], k: str, n: str) -> str:
   return f"{fmt([r[k] / r[n] for r in results])} ({rate.k}/{rate.n}, {_span(rate)})"
 
 
-COLUMNS = (  # (title, count key, case-count key)
+COLUMNS = (  # (title, count key, case-count key); "{budget}" is the CCE column's last checkpoint
   ("pre-ASR", "pre_successes", "cases"),
   ("ASR (UnlearnDiffAtk)", "successes", "cases"),
-  ("ASR (CCE inversion)", "inversion_successes", "cases"),
+  ("ASR (CCE, {budget} steps)", "cce_successes", "cases"),
+  ("earlier: CCE in front of the prompt, 250 steps", "inversion_successes", "cases"),
   ("retain acc", "retain_k", "retain_n"),
 )
+PUBLISHED_BUDGETS = "10,25,50,100,250,500,1000,2500,5000"  # CCE's checkpoints, to esd/train.sh's 5000 steps
 
 
 def table(rows: dict[tuple[str, str], list[dict]], budget: int) -> str:
-  titles = " | ".join(t if "CCE" not in t else f"{t}, {budget} steps" for t, _, _ in COLUMNS)
+  titles = " | ".join(t.format(budget=budget) for t, _, _ in COLUMNS)
   lines = [f"| concept | model | {titles} | runs |", "|---" * (len(COLUMNS) + 3) + "|"]
   for (concept, model), results in rows.items():
     cols = [fmt_rate(results, k, n) for _, k, n in COLUMNS]
@@ -303,9 +325,7 @@ def main():
   parser.add_argument("--iterations", type=int, default=0, help="0: configs/tiny.py's")
   parser.add_argument("--per_value", type=int, default=12, help="retain-accuracy images per retained value")
   parser.add_argument("--prompts", type=int, default=24, help="evaluation cases (prompt, seed) per concept and run")
-  parser.add_argument(
-    "--inversion_budgets", default="50,100,250", help="CCE checkpoints (steps; benchmarks/inversion_budget_tiny.py)"
-  )
+  parser.add_argument("--inversion_budgets", default=PUBLISHED_BUDGETS, help="CCE checkpoints (steps)")
   parser.add_argument("--plug_and_play", default="triangle", help="concepts whose encoders are plugged in; '' skips")
   parser.add_argument("--finetune_steps", type=int, default=300, help="extra UNet steps under the frozen text tower")
   parser.add_argument("--methods", default=",".join(METHODS))
@@ -328,12 +348,9 @@ def main():
   rows: dict[tuple[str, str], list[dict]] = {}
 
   def add(concept, model, folder, original, target, prefix=""):
-    attack = cached_json(
-      os.path.join(folder, f"{prefix}measure.json"), lambda: measure(original(), target(), concept, args, log)
-    )
-    compute = lambda: inversion_measure(original(), target(), concept, budgets, n_cases, log)
-    inversion = cached_json(os.path.join(folder, f"{prefix}inversion.json"), compute)
-    row = {**attack, **inversion}
+    attack = lambda: measure(original(), target(), concept, args, log)
+    cce = lambda: inversion_measure(original(), target(), concept, budgets, n_cases, log)
+    row = row_pieces(folder, prefix, attack, cce)
     if not prefix and os.path.isfile(os.path.join(folder, "train.json")):
       with open(os.path.join(folder, "train.json")) as f:
         timing = json.load(f)

@@ -1,5 +1,7 @@
 """How many steps the published concept inversion (CCE) needs on the tiny world: ASR against steps up to the
-published 5000, on the base model, one AdvUnlearn model and one ESD model, and the budget the tiny tables use.
+published 5000, on the base model, one AdvUnlearn model and one ESD model, with the token in front of each prompt
+(the placement this chose the tables' earlier 250-step budget with; the tables now run CCE placed as published
+to its published 5000 steps, and benchmarks/cce_original_tiny.py draws both placements' curves).
 
   python benchmarks/inversion_budget_tiny.py --out=workdirs/inversion_budget_tiny          # about 1.5 h, 2 cores
   python benchmarks/inversion_budget_tiny.py --out=/tmp/smoke --budgets=5,10 --prompts=3 --iterations=10
@@ -72,7 +74,7 @@ def main():
       path = os.path.join(args.out, f"{name}_{protocol}.json")
       log(f"== {protocol} against {name}")
       compute = lambda t=target, p=protocol, b=budget: erasure_tiny.inversion_measure(
-        base, t, args.concept, b, args.prompts, log, protocol=p
+        base, t, args.concept, b, args.prompts, log, protocol=p, placement="prefix", key="inversion"
       )
       results[f"{name} | {protocol}"] = erasure_tiny.cached_json(path, compute)
 

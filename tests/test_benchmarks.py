@@ -94,29 +94,31 @@ def test_tiny_tables_measure_every_column_resume_and_share_their_pieces(tmp_path
   assert set(results) == {"triangle | advunlearn", "triangle | esd"}, out.stdout
   for runs in results.values():
     (run,) = runs
-    assert {"pre_asr", "asr", "inversion_asr", "retain_acc", "train_seconds", "inversion_curve"} <= set(run)
+    assert {"pre_asr", "asr", "cce_asr", "retain_acc", "train_seconds", "cce_curve"} <= set(run)
     assert run["cases"] == 3 and 0 <= run["successes"] <= 3 and run["retain_n"] == 2 * 5
     assert run["train_seconds"] > run["steady_train_seconds"] > 0  # the wall time also compiles
-    assert [b for b, _ in run["inversion_curve"]] == [0, 5, 10]
-  assert (tmp_path / "inversion_asr_vs_budget_triangle.png").is_file()
+    assert [b for b, _ in run["cce_curve"]] == [0, 5, 10]
+  assert (tmp_path / "cce_asr_vs_budget_triangle.png").is_file()
   table = (tmp_path / "ablations.md").read_text()
   assert "| triangle | esd | no adversarial training |" in table
   assert re.search(r"\| [0-9.]+% \(\d+/3, \d+-\d+%\) \|", table), table  # a rate, its count and its interval
   (cost,) = re.findall(r"^compute: [0-9.]+ h over 2 runs \(training .*\)$", table, re.M)
   # The by-variant table (the README's): each cell the run's own count, its interval beside it.
-  assert "| variant | triangle: UnlearnDiffAtk | CCE, 10 steps | retain |" in table, table
+  header = "| variant | triangle: UnlearnDiffAtk | CCE, 10 steps | earlier: CCE in front, 250 steps | retain |"
+  assert header in table, table
   for name in ("advunlearn", "esd"):
     (run,) = results[f"triangle | {name}"]
     (row,) = [line for line in table.splitlines() if line.startswith(f"| `{name}` |")]
     cells = row.strip("| ").split(" | ")[1:]
-    expected = [(run["successes"], 3), (run["inversion_successes"], 3), (run["retain_k"], run["retain_n"])]
-    assert [re.fullmatch(r"(\d+)/(\d+) \(\d+-\d+%\)", c).groups() for c in cells] == [
+    expected = [(run["successes"], 3), (run["cce_successes"], 3), (run["retain_k"], run["retain_n"])]
+    assert [re.fullmatch(r"(\d+)/(\d+) \(\d+-\d+%\)", c).groups() for c in cells[:2] + cells[3:]] == [
       (str(k), str(n)) for k, n in expected
     ], row
+    assert cells[2] == "-"  # the earlier column is read where it was measured, never computed again
   # What git keeps of the tables (.gitignore): the JSON pieces, not the runs. A clone rebuilds the table from them.
   for folder, _, files in os.walk(tmp_path, topdown=False):
     for name in files:
-      if not re.fullmatch(r"(train|measure|inversion)\.json", name):
+      if not re.fullmatch(r"(train|measure|inversion|cce)\.json", name):
         os.remove(os.path.join(folder, name))
     if not os.listdir(folder) and folder != str(tmp_path):
       os.rmdir(folder)
@@ -134,7 +136,7 @@ def test_tiny_tables_measure_every_column_resume_and_share_their_pieces(tmp_path
   assert set(rows) == {"triangle | base", "triangle | esd", "triangle | advunlearn"}
   for name in ("esd", "advunlearn"):
     assert rows[f"triangle | {name}"][0]["successes"] == results[f"triangle | {name}"][0]["successes"]
-    assert rows[f"triangle | {name}"][0]["inversion_curve"] == results[f"triangle | {name}"][0]["inversion_curve"]
+    assert rows[f"triangle | {name}"][0]["cce_curve"] == results[f"triangle | {name}"][0]["cce_curve"]
 
 
 def _memory_lines(stdout, modes, per_chip="", effort=""):

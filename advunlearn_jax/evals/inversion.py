@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -493,6 +493,7 @@ class Result(NamedTuple):
   losses: list[float]  # the denoising loss at each checkpoint
   learned: dict[int, str]  # checkpoint -> the learned tokens' nearest vocabulary words
   train_seconds: float
+  seconds_at: dict[int, float] = {}  # checkpoint -> training seconds up to it (the first includes compiling)
 
 
 def attack_prompts(
@@ -505,10 +506,12 @@ def attack_prompts(
   attack: bool = True,
   seed: int = 0,
   log=print,
+  learned_at: Callable[[int], np.ndarray] | None = None,
 ) -> Result:
   """The no-attack pass for every prompt, then (with `attack`) inversion on `images` and, at each checkpoint,
   every prompt not yet shown rendered with the learned token(s) at `cfg.placement`. `pipe` is the erased
-  model."""
+  model. `learned_at(checkpoint)`, if given, supplies the embeddings [tokens, D] instead of training them here
+  (benchmarks/cce_original_tiny.py renders the authors' script's saved embeddings this way)."""
   validate(cfg)
   start = time.perf_counter()
   tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
@@ -535,15 +538,16 @@ def attack_prompts(
   words = text.apply({"params": pipe.text_params}, seqs, method="word_embeddings")
   table = np.asarray(pipe.text_params["embeddings"]["token_embedding"]["embedding"])
   embeds, advance = _trainer(pipe, tokenizer, words, which, images, cfg, seed)
-  losses, learned, last_images, previous, train_seconds = [], {}, {}, 0, 0.0
+  losses, learned, last_images, previous, train_seconds, seconds_at = [], {}, {}, 0, 0.0, {}
   eta = progress.Eta(cfg.checkpoints[-1])
   for budget in cfg.checkpoints:
     if len(done) == len(prompts):  # every prompt shown: each attack stops at its first success
       break
     t0 = time.perf_counter()
-    embeds, loss = advance(embeds, previous, budget)
+    embeds, loss = advance(embeds, previous, budget) if learned_at is None else (jnp.asarray(learned_at(budget)), 0.0)
     losses.append(float(loss))
     train_seconds += time.perf_counter() - t0
+    seconds_at[budget] = train_seconds
     previous = budget
     learned[budget] = nearest_words(tokenizer, np.asarray(embeds), table)
     status = f"loss {losses[-1]:.4f}, nearest words {learned[budget]!r}"
@@ -559,7 +563,7 @@ def attack_prompts(
   for i, p in enumerate(prompts):
     if i not in done:  # only when the last checkpoint ran, so `previous` is trained and its images rendered
       done[i] = _outcome(p, cfg, False, learned[previous], previous, time.perf_counter() - start, last_images[i])
-  return Result([done[i] for i in range(len(prompts))], losses, learned, train_seconds)
+  return Result([done[i] for i in range(len(prompts))], losses, learned, train_seconds, seconds_at)
 
 
 def _outcome(
