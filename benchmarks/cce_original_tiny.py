@@ -6,17 +6,20 @@ of both on this machine.
   python -m venv /tmp/cce_env && /tmp/cce_env/bin/pip install torch==2.13.0 transformers==4.28.1 \
       diffusers==0.18.2 accelerate==0.21.0 huggingface_hub==0.15.1 numpy==1.24.3 safetensors pillow
   python benchmarks/cce_original_tiny.py --original=/tmp/cce --original_python=/tmp/cce_env/bin/python
-  python benchmarks/cce_original_tiny.py --original=/tmp/cce --original_python=... --budgets=10,20 --quick  # smoke
+  python benchmarks/cce_original_tiny.py --original=/tmp/cce --original_python=... --workdir=/tmp/w --out=/tmp/o \
+      --iterations=20 --budgets=10,20 --speed_steps=20 --quick   # a smoke run
 
 The original is `esd/concept_inversion.py`, unmodified, with `esd/train.sh`'s arguments (their era's packages,
 from their environment.yml: transformers 5 has no `CLIPTextModel.text_model`, which the script freezes by name).
-Three things differ from train.sh, each because this is a CPU: no `--mixed_precision=fp16` and no xformers, and
-`--resolution` is the tiny model's 32. Its one torchvision call, a horizontal flip with probability 0.5
+Three things differ from train.sh: no `--mixed_precision=fp16` and no xformers (this is a CPU), and the tiny
+model's `--resolution=32`. Its one torchvision call, a horizontal flip with probability 0.5
 (concept_inversion.py:521), comes from a stand-in module written next to its output (`torch.rand(1) < p`, as
 torchvision's), so torchvision is never installed. It saves the learned embedding every --budgets step
 (`--save_steps`); each saved embedding is rendered by our renderer where the concept's word stood, exactly as
-our own CCE's, and judged the same way. Steps per second: the original's from its saved files' times, ours from
-our checkpoints' training seconds, both without the first checkpoint (our compile, their start-up).
+our own CCE's, and judged the same way, as the script trains; like ours, a prompt's attack stops at its first
+success, and the script is stopped once every prompt has succeeded. Steps per second come from a separate
+pass (--speed_steps), the two trainings alone and back to back: ours after one compiling step, the original's
+between its saved files' times (its start-up excluded). Run it on an otherwise idle machine.
 
 Writes --out/results.json and --out/table.md; the README's default run is trained into --workdir if it is not
 there (about 5 minutes).
@@ -28,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -72,7 +76,7 @@ runpy.run_path(script, run_name="__main__")
 PLACEHOLDER = "<concept>"
 
 
-def original_command(args, cfg: inversion.InversionConfig, model_dir: str, images_dir: str, out_dir: str) -> list:
+def original_command(args, cfg, model_dir: str, images_dir: str, out_dir: str) -> list:
   """esd/train.sh's arguments (lines 6-24), on our model and images."""
   return [
     args.original_python,
@@ -99,31 +103,86 @@ def original_command(args, cfg: inversion.InversionConfig, model_dir: str, image
   ]
 
 
-def run_original(args, cfg, model_dir: str, images: np.ndarray, out_dir: str, log) -> dict:
-  """The authors' script to the last budget; its saved embedding at each budget and its steps per second."""
-  from PIL import Image
+def prune(out_dir: str, checkpoints) -> None:
+  """Removes the saved embeddings of steps that are no budget (their --save_steps is the budgets' divisor)."""
+  keep = {f"learned_embeds-steps-{b}.bin" for b in checkpoints}
+  for name in os.listdir(out_dir):
+    if name.startswith("learned_embeds-steps-") and name not in keep:
+      os.remove(os.path.join(out_dir, name))
 
-  images_dir = os.path.join(out_dir, "images")
-  os.makedirs(images_dir, exist_ok=True)
-  for i, image in enumerate(images):
-    Image.fromarray(image).save(os.path.join(images_dir, f"{i:02d}.png"))
-  with open(os.path.join(out_dir, "stand_in.py"), "w") as f:
-    f.write(STAND_IN)
-  saved = lambda step: os.path.join(out_dir, f"learned_embeds-steps-{step}.bin")
-  if not all(os.path.exists(saved(b)) for b in cfg.checkpoints):
-    log(f"original: {' '.join(original_command(args, cfg, model_dir, images_dir, out_dir)[2:])}")
-    t = time.perf_counter()
-    with open(os.path.join(out_dir, "log.txt"), "w") as f:
-      subprocess.run(original_command(args, cfg, model_dir, images_dir, out_dir), check=True, stdout=f, stderr=f)
-    log(f"original: {time.perf_counter() - t:.0f} s")
-  import torch
 
-  first, last = cfg.checkpoints[0], cfg.checkpoints[-1]
-  seconds = os.path.getmtime(saved(last)) - os.path.getmtime(saved(first))
-  return {
-    "embeddings": {b: torch.load(saved(b))[PLACEHOLDER].numpy() for b in cfg.checkpoints},
-    "steps_per_second": (last - first) / seconds,
-  }
+class Original:
+  """The authors' script training towards the last budget in the background. `embedding(step)` waits for the
+  embedding it saves at that step; like ours, the attack stops at its first successes, so `close()` ends the
+  script once nothing is left to render (or when it is done)."""
+
+  def __init__(self, args, cfg, model_dir: str, images: np.ndarray, out_dir: str, log):
+    from PIL import Image
+
+    self.out_dir, self.checkpoints = out_dir, cfg.checkpoints
+    shutil.rmtree(out_dir, ignore_errors=True)  # every run afresh: a file left by another is no step of this one
+    images_dir = os.path.join(out_dir, "images")
+    os.makedirs(images_dir, exist_ok=True)
+    for i, image in enumerate(images):
+      Image.fromarray(image).save(os.path.join(images_dir, f"{i:02d}.png"))
+    with open(os.path.join(out_dir, "stand_in.py"), "w") as f:
+      f.write(STAND_IN)
+    command = original_command(args, cfg, model_dir, images_dir, out_dir)
+    log(f"original: {' '.join(command[2:])}")
+    self.log_file = open(os.path.join(out_dir, "log.txt"), "w")  # noqa: SIM115 (closed by close())
+    self.proc = subprocess.Popen(command, stdout=self.log_file, stderr=self.log_file)
+
+  def saved(self, step: int) -> str:
+    return os.path.join(self.out_dir, f"learned_embeds-steps-{step}.bin")
+
+  def embedding(self, step: int) -> np.ndarray:
+    """[1, D], once the script has saved it (the file complete: a later one exists, or the script ended)."""
+    import torch
+
+    later = [self.saved(b) for b in self.checkpoints if b > step]
+    while not (os.path.exists(self.saved(step)) and (self.proc.poll() is not None or any(map(os.path.exists, later)))):
+      if self.proc.poll() not in (None, 0):
+        raise SystemExit(f"the original exited with status {self.proc.returncode}: {self.out_dir}/log.txt")
+      if self.proc.poll() == 0 and not os.path.exists(self.saved(step)):
+        raise SystemExit(f"the original ended without saving step {step}: {self.out_dir}/log.txt")
+      self.prune()
+      time.sleep(0.5)
+    return torch.load(self.saved(step))[PLACEHOLDER].numpy()
+
+  def prune(self) -> None:
+    """Each saved file holds the whole embedding table (12.6 MB here), every --save_steps: keep the budgets'."""
+    keep = {os.path.basename(self.saved(b)) for b in self.checkpoints}
+    for name in os.listdir(self.out_dir):
+      if name.startswith("learned_embeds-steps-") and name not in keep:
+        os.remove(os.path.join(self.out_dir, name))
+
+  def steps_per_second(self) -> float:
+    """Between the first and the last budget's files: training alone, its start-up excluded."""
+    first, last = self.checkpoints[0], self.checkpoints[-1]
+    self.embedding(last)
+    return (last - first) / (os.path.getmtime(self.saved(last)) - os.path.getmtime(self.saved(first)))
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.terminate()
+    self.proc.wait()
+    self.log_file.close()
+    self.prune()
+
+
+def our_steps_per_second(target, prompts, images, cfg, steps: int) -> float:
+  """Our CCE training alone, `steps` steps after one compiling step."""
+  import jax
+
+  from advunlearn_jax import tokenizer as tok_lib
+
+  tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
+  words, which = inversion.placed_words(target, tokenizer, prompts, cfg)
+  embeds, advance = inversion.trainer(target, tokenizer, words, which, images, cfg, seed=0)
+  embeds, _ = advance(embeds, 0, 1)
+  t = time.perf_counter()
+  embeds, _ = jax.block_until_ready(advance(embeds, 1, 1 + steps))
+  return steps / (time.perf_counter() - t)
 
 
 def asr_row(outcomes, checkpoints) -> list[dict]:
@@ -142,6 +201,8 @@ def main():
   parser.add_argument("--concept", default="triangle")
   parser.add_argument("--budgets", default="10,25,50,100,250,500,1000,2500,5000", help="CCE steps")
   parser.add_argument("--resolution", type=int, default=32)
+  parser.add_argument("--iterations", type=int, default=0, help="training iterations if --workdir is trained here")
+  parser.add_argument("--speed_steps", type=int, default=300, help="steps of each in the timing pass; 0: none")
   parser.add_argument("--quick", action="store_true", help="3 prompts (a smoke run)")
   args = parser.parse_args()
   log = lambda msg: print(msg, flush=True)
@@ -149,6 +210,9 @@ def main():
   config = tiny_config.get_config(args.concept)
   if not os.path.isdir(os.path.join(args.workdir, "pipeline")):
     log(f"training the README's default run into {args.workdir}")
+    if args.iterations:  # a smoke run's model
+      config.train.iterations, config.train.warmup_iters = args.iterations, args.iterations // 5
+      config.train.save_every, config.report.kind = args.iterations, ""
     runs.run(config, args.workdir, show_progress=False)
   model_dir = os.path.join(args.workdir, "pipeline")
   target = sd_convert.load_pipeline(model_dir)
@@ -160,21 +224,31 @@ def main():
   images = inversion.concept_images(ev.inversion.images, word.max_images, args.resolution, seed=config.seed)
   os.makedirs(args.out, exist_ok=True)
 
-  rows, speeds = {}, {}
+  rows = {}
   for placement in ("word", "prefix"):
     cfg = word._replace(placement=placement)
     result = inversion.attack_prompts(target, prompts, images, classifier, cfg, seed=config.seed, log=log)
     rows[f"ours, {placement}"] = asr_row(result.outcomes, cfg.checkpoints)
-    at = result.seconds_at
-    if len(at) > 1:  # a run that stopped at its first checkpoint has no compile-free seconds
-      (b0, s0), (b1, s1) = min(at.items()), max(at.items())
-      speeds[f"ours, {placement}"] = (b1 - b0) / (s1 - s0)
-  original = run_original(args, word, model_dir, images, os.path.join(args.out, "original"), log)
-  result = inversion.attack_prompts(
-    target, prompts, images, classifier, word, seed=config.seed, log=log, learned_at=original["embeddings"].get
-  )
+  original = Original(args, word, model_dir, images, os.path.join(args.out, "original"), log)
+  try:
+    result = inversion.attack_prompts(
+      target, prompts, images, classifier, word, seed=config.seed, log=log, learned_at=original.embedding
+    )
+  finally:
+    original.close()
   rows["original (esd/concept_inversion.py), word"] = asr_row(result.outcomes, word.checkpoints)
-  speeds["original (esd/concept_inversion.py)"] = original["steps_per_second"]
+  # Speed: both trainings alone, back to back, on this machine (the ASR runs above stop and render in between).
+  speeds = {}
+  if args.speed_steps:
+    timed = word._replace(budgets=(10, 10 + args.speed_steps))
+    speeds["ours"] = our_steps_per_second(target, prompts, images, timed, args.speed_steps)
+    timing_dir = os.path.join(args.out, "original_timing")
+    timing = Original(args, timed, model_dir, images, timing_dir, log)
+    try:
+      speeds["original (esd/concept_inversion.py)"] = timing.steps_per_second()
+    finally:
+      timing.close()
+    log(f"steps per second: {speeds}")
 
   header = "| run | " + " | ".join(str(c["budget"]) for c in next(iter(rows.values()))) + " |"
   lines = [header, "|---" * (header.count("|") - 1) + "|"]

@@ -139,6 +139,28 @@ def test_tiny_tables_measure_every_column_resume_and_share_their_pieces(tmp_path
     assert rows[f"triangle | {name}"][0]["cce_curve"] == results[f"triangle | {name}"][0]["cce_curve"]
 
 
+@pytest.mark.bench
+@pytest.mark.skipif(
+  not os.environ.get("CCE_ORIGINAL"),
+  reason="CCE_ORIGINAL (a clone of NYU-DICE-Lab/circumventing-concept-erasure) and CCE_ORIGINAL_PYTHON (an "
+  "interpreter with its packages, benchmarks/cce_original_tiny.py) are not set",
+)
+def test_cce_beside_its_authors_script(tmp_path):
+  """The authors' script on our export beside ours: both ASR rows at every budget, both speeds."""
+  args = [f"--original={os.environ['CCE_ORIGINAL']}", f"--original_python={os.environ['CCE_ORIGINAL_PYTHON']}"]
+  args += [f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}", "--iterations=20", "--budgets=10,20"]
+  out = _benchmark("cce_original_tiny.py", *args, "--speed_steps=20", "--quick")
+  results = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert list(results["rows"]) == ["ours, word", "ours, prefix", "original (esd/concept_inversion.py), word"]
+  for row in results["rows"].values():
+    assert [c["budget"] for c in row] == [0, 10, 20] and all(c["cases"] == 3 for c in row)
+    assert [c["successes"] for c in row] == sorted(c["successes"] for c in row)  # first successes: monotone
+  assert set(results["steps_per_second"]) == {"ours", "original (esd/concept_inversion.py)"}
+  saved = sorted(n for n in os.listdir(tmp_path / "out" / "original") if n.startswith("learned_embeds-steps-"))
+  assert saved == ["learned_embeds-steps-10.bin", "learned_embeds-steps-20.bin"]  # the rest pruned as they came
+  assert "| original (esd/concept_inversion.py), word |" in out.stdout
+
+
 def _memory_lines(stdout, modes, per_chip="", effort=""):
   for mode in modes:
     sizes = r"arguments [0-9.]+ GiB, temporaries [0-9.]+; peak [0-9.]+ GiB"

@@ -444,7 +444,15 @@ def _encode_in_chunks(fn, images: np.ndarray, chunk: int = 64):
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
-def _trainer(pipe: Pipeline, tokenizer, words: jax.Array, which, images: np.ndarray, cfg: InversionConfig, seed: int):
+def placed_words(pipe: Pipeline, tokenizer, prompts: Sequence, cfg: InversionConfig) -> tuple[jax.Array, jax.Array]:
+  """(word embeddings [P, 77, D], which [P, 77]): the prompts laid out around their learned-token slots."""
+  placed = [slotted_ids(tokenizer, prompt_pieces(p.prompt, cfg), cfg.tokens) for p in prompts]
+  seqs, which = (jnp.asarray(np.stack(column)) for column in zip(*placed))
+  text = CLIPTextModel(pipe.text_config)
+  return text.apply({"params": pipe.text_params}, seqs, method="word_embeddings"), which
+
+
+def trainer(pipe: Pipeline, tokenizer, words: jax.Array, which, images: np.ndarray, cfg: InversionConfig, seed: int):
   """(initial embeddings [tokens, D], advance(embeds, start, stop) -> (embeds, last loss)) for cfg.protocol;
   `words` and `which` [P, 77]: the evaluation prompts laid out for their placement (the `prefix` protocol trains
   inside them)."""
@@ -493,7 +501,6 @@ class Result(NamedTuple):
   losses: list[float]  # the denoising loss at each checkpoint
   learned: dict[int, str]  # checkpoint -> the learned tokens' nearest vocabulary words
   train_seconds: float
-  seconds_at: dict[int, float] = {}  # checkpoint -> training seconds up to it (the first includes compiling)
 
 
 def attack_prompts(
@@ -518,7 +525,7 @@ def attack_prompts(
   if attack and cfg.protocol == "cce":
     initializer_id(tokenizer, cfg.initializer)  # before anything is rendered
   ids = [tok_lib.tokenize(tokenizer, [p.prompt])[0] for p in prompts]
-  placed = [slotted_ids(tokenizer, prompt_pieces(p.prompt, cfg), cfg.tokens) for p in prompts]  # checks them all
+  words, which = placed_words(pipe, tokenizer, prompts, cfg)  # before anything is rendered: checks every prompt
   uncond = unlearndiff.empty_prompt(pipe, pipe.text_params, 1)
   pre_images = [
     unlearndiff.render_ids(pipe, row[None], p.seed, p.guidance, cfg.sampler, pipe.text_params, uncond)[0]
@@ -533,12 +540,9 @@ def attack_prompts(
   if not attack:
     return Result([done[i] for i in range(len(prompts))], [], {}, 0.0)
 
-  text = CLIPTextModel(pipe.text_config)
-  seqs, which = (jnp.asarray(np.stack(column)) for column in zip(*placed))
-  words = text.apply({"params": pipe.text_params}, seqs, method="word_embeddings")
   table = np.asarray(pipe.text_params["embeddings"]["token_embedding"]["embedding"])
-  embeds, advance = _trainer(pipe, tokenizer, words, which, images, cfg, seed)
-  losses, learned, last_images, previous, train_seconds, seconds_at = [], {}, {}, 0, 0.0, {}
+  embeds, advance = trainer(pipe, tokenizer, words, which, images, cfg, seed)
+  losses, learned, last_images, previous, train_seconds = [], {}, {}, 0, 0.0
   eta = progress.Eta(cfg.checkpoints[-1])
   for budget in cfg.checkpoints:
     if len(done) == len(prompts):  # every prompt shown: each attack stops at its first success
@@ -547,7 +551,6 @@ def attack_prompts(
     embeds, loss = advance(embeds, previous, budget) if learned_at is None else (jnp.asarray(learned_at(budget)), 0.0)
     losses.append(float(loss))
     train_seconds += time.perf_counter() - t0
-    seconds_at[budget] = train_seconds
     previous = budget
     learned[budget] = nearest_words(tokenizer, np.asarray(embeds), table)
     status = f"loss {losses[-1]:.4f}, nearest words {learned[budget]!r}"
@@ -563,7 +566,7 @@ def attack_prompts(
   for i, p in enumerate(prompts):
     if i not in done:  # only when the last checkpoint ran, so `previous` is trained and its images rendered
       done[i] = _outcome(p, cfg, False, learned[previous], previous, time.perf_counter() - start, last_images[i])
-  return Result([done[i] for i in range(len(prompts))], losses, learned, train_seconds, seconds_at)
+  return Result([done[i] for i in range(len(prompts))], losses, learned, train_seconds)
 
 
 def _outcome(
