@@ -94,6 +94,13 @@ CASES = [
   ("main", ["--config=configs/tiny.py", "--config.concept.prompts=('',)"], "config.concept.prompts: needs at least"),
   ("main", ["--config=configs/style.py", "--config.model.pretrained=/nonexistent/dir"], "/nonexistent/dir is no"),
   ("main", ["--config=configs/tiny.py", "--config.train.lrr=1"], "train.lrr"),
+  # non-finite settings: NaN passes every range check, so one rule covers every float setting first
+  ("main", ["--config=configs/tiny.py", "--config.train.lr=nan"], "config.train.lr is nan; expected a finite"),
+  ("main", ["--config=configs/tiny.py", "--config.train.lr=inf"], "config.train.lr is inf; expected a finite"),
+  ("main", ["--config=configs/tiny.py", "--config.diffusion.start_guidance=nan"], "start_guidance is nan"),
+  # paths the kernel would refuse half-way through making them
+  ("main", ["--config=configs/tiny.py", "--workdir={tmp}/" + "a" * 300], "a folder name is 300 bytes long"),
+  ("main", ["--config=configs/tiny.py", "--workdir={tmp}/" + "/".join(["b" * 200] * 21)], "the path is"),
   # evaluate
   ("evaluate", ["--config={tmp}/nope.py", "--out={tmp}/out"], "no such config file"),
   ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
@@ -121,10 +128,13 @@ CASES = [
     "config.evaluation.fid_preprocess is 'clean'; expected one of ['t2ibenchmark', 'pytorch_fid']",
   ),
   ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.utility_steps=0"], "utility_steps"),
+  ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.guidance=inf"], "guidance is inf"),
+  ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/" + "c" * 256], "a folder name is 256 bytes long"),
   # export
   ("export", ["--workdir={tmp}/nothing", "--out={tmp}/out"], "{tmp}/nothing: no checkpoints/ folder"),
   ("export", ["--workdir={tmp}", "--out={tmp}/out", "--format=ref"], "value should be one of <diffusers|reference>"),
   ("export", ["--workdir={tmp}/nothing", "--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  ("export", ["--workdir={tmp}/nothing", "--hub_dir={tmp}/" + "d" * 256], "a folder name is 256 bytes long"),
   ("export", ["--workdir={tmp}/nothing"], "give one of --out (a component and a pipeline) or --hub_dir"),
   ("export", ["--workdir={tmp}", "--out={tmp}/out", "--push_to_hub=a/b"], "--push_to_hub go with --hub_dir"),
   ("export", ["--workdir={tmp}", "--hub_dir={tmp}/hub", "--push_to_hub=nobody"], "expected a model repository id"),
@@ -138,6 +148,7 @@ CASES = [
   ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/out", "--steps=0"], "--steps=0: give at least 1"),
   ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/out", "--steps=-3"], "--steps=-3: give at least 1"),
   ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/o", "--guidance=nan"], "--guidance=nan: expected a"),
   (
     "generate",
     ["--pretrained=tiny", "--prompt=a", "--out={tmp}/out", "--latents={tmp}/missing.npy"],
@@ -290,3 +301,11 @@ def test_generate_takes_tiny_as_main_does(tmp_path):
   )
   assert status == 0, err[-3000:]
   assert "wrote 1 images" in out and (tmp_path / "o" / "p0_s0.png").is_file()
+
+
+def test_no_banner_a_user_cannot_act_on(capfd):
+  """transformers' "PyTorch was not found" advice: torch is optional here, and every command imports cli first."""
+  from transformers.utils import logging as hf_logging
+
+  hf_logging.get_logger("transformers").warning_advice("PyTorch was not found. Models won't be available")
+  assert "PyTorch" not in capfd.readouterr().err
