@@ -39,6 +39,11 @@ _DISPOSABLE = {"xla_cache", ".lock"}
 PATH_ROOM = 256
 
 
+def stopped_status(signal_name: str) -> int:
+  """The exit status of a run that saved and stopped on a signal: 130 for Ctrl-C, as a shell reports it, else 75."""
+  return EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED
+
+
 def quiet_libraries() -> None:
   """Warnings only from absl-logging libraries (Orbax, JAX), unless the user passed --verbosity."""
   if not flags.FLAGS["verbosity"].present:

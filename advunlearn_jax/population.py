@@ -44,8 +44,9 @@ def main(argv):
     print(f"{name}: {r.get('error') or r.get('text_encoder') or r.get('unet') or r.get('stopped_at')}")
   if failed:
     raise SystemExit(f"{len(failed)} of {len(results)} members failed: {failed}")
-  if any("stopped_at" in r for r in results.values()):  # SIGTERM: saved, not finished
-    raise SystemExit(cli.EXIT_PREEMPTED)
+  stopped = [r["signal"] for r in results.values() if "stopped_at" in r]
+  if stopped:  # SIGTERM or Ctrl-C: saved, not finished
+    raise SystemExit(cli.stopped_status(stopped[0]))
 
 
 if __name__ == "__main__":
