@@ -176,7 +176,8 @@ def _not_a_section(argv: list[str]) -> str:
 
 def _remove_if_disposable(path: str) -> None:
   """Removes `path` (created by this process) when it holds only what a failed command leaves behind."""
-  if os.path.isdir(path) and set(os.listdir(path)) <= _DISPOSABLE:
+  disposable = lambda name: name in _DISPOSABLE or name.startswith(".lock.")  # population parts' locks
+  if os.path.isdir(path) and all(disposable(name) for name in os.listdir(path)):
     shutil.rmtree(path, ignore_errors=True)
 
 
