@@ -105,6 +105,21 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   exported = exports.export_latest(workdir, str(tmp_path / "exported"))
   _, again = clip_convert.load_clip_text(exported["text_encoder"])
   jax.tree.map(np.testing.assert_array_equal, again, trained)
+  # An export replaces an earlier export (it carries the marker), and a Hub export into a clone of a Hub
+  # repository keeps the clone's git data (test_bad_inputs.py: what it refuses to write over).
+  exports.export_latest(workdir, str(tmp_path / "exported"))
+  clone = tmp_path / "clone"
+  (clone / ".git").mkdir(parents=True)
+  (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+  (clone / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+  from advunlearn_jax import hub
+
+  for _ in range(2):  # into the fresh clone, then over its own earlier export
+    hub.write_folder(str(clone), workdir, license_id="mit")
+  assert sorted(os.listdir(clone)) == [
+    exports.MARKER, ".git", ".gitattributes", "README.md", "text_encoder", "training_config.json"
+  ]  # fmt: skip
+  assert (clone / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
   as_reference = exports.export_latest(workdir, str(tmp_path / "reference"), fmt="reference")
   assert as_reference["reference_checkpoint"].endswith("reference/TextEncoder-text_encoder_full-epoch_3.pt")
   again = clip_convert.load_reference_checkpoint(as_reference["reference_checkpoint"], config)
