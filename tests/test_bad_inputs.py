@@ -189,7 +189,7 @@ CASES = [
 @pytest.mark.parametrize("module, args, message", CASES, ids=[f"{m}:{' '.join(a)[-60:]}" for m, a, _ in CASES])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(module, args, message, tmp_path, evil_pickle):
   (tmp_path / "a_file").write_text("not a folder")
-  before = sorted(os.listdir(tmp_path))
+  before = folder_bytes(tmp_path)
   fill = lambda s: s.format(tmp=tmp_path, evil=evil_pickle)
   status, out, err = _command(module, *map(fill, args))
   lines = err.strip().splitlines()
@@ -197,7 +197,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(module, args, message, 
   assert lines and lines[-1].startswith("error: ") and fill(message) in lines[-1], err[-3000:]
   assert "Traceback" not in err and sum(line.startswith("error: ") for line in lines) == 1
   assert "weights_only=False" not in err  # never the advice to unpickle anyway
-  assert sorted(os.listdir(tmp_path)) == before  # no output folder, no xla_cache, no half-made workdir
+  assert folder_bytes(tmp_path) == before  # no output folder, no xla_cache, no half-made workdir, byte for byte
   assert not os.path.exists(evil_pickle / "pwned")
 
 
