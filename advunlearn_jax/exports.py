@@ -48,8 +48,9 @@ def check_target(path: str, flag: str, workdir: str) -> None:
     return
   shown = f"--{flag}={path}"
   advice = "give a new or empty folder, or a previous export's"
-  if _holds_a_run(path):
-    raise ConfigError(f"{shown} is a training workdir (it holds {_holds_a_run(path)}); {advice}")
+  run_files = _holds_a_run(path)
+  if run_files:
+    raise ConfigError(f"{shown} is a training workdir (it holds {run_files}); {advice}")
   if os.path.commonpath([path, workdir]) == path:
     raise ConfigError(f"{shown} holds the workdir being exported ({workdir}); {advice}")
   names = set(os.listdir(path)) - set(KEPT)

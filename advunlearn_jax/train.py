@@ -197,7 +197,7 @@ def loop(
   preemption: PreemptionWatcher | None,
   show_progress: bool,
   export: Callable[[Snapshot], dict[str, str]] | None = None,
-) -> tuple[Progress, bool]:
+) -> tuple[Progress, str]:
   """Iterations from the state's step to train.iterations; (progress, the signal that stopped it or '').
 
   A state whose loss terms or parameters stopped being finite is never checkpointed or exported: the step
