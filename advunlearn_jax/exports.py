@@ -79,7 +79,7 @@ def claimed(path: str, flag: str, workdir: str) -> Iterator[None]:
   os.makedirs(path, exist_ok=True)
   with workdir_lock.WorkdirLock(path, remove=True):
     added = not os.path.exists(os.path.join(path, MARKER))
-    write_marker(path, workdir)
+    write_marker(path)
     try:
       yield
     except BaseException:
@@ -88,11 +88,10 @@ def claimed(path: str, flag: str, workdir: str) -> Iterator[None]:
       raise
 
 
-def write_marker(folder: str, workdir: str, step: int | None = None) -> None:
-  weights_io.write_json(
-    os.path.join(folder, MARKER),
-    {"written_by": "advunlearn-jax export", "workdir": os.path.abspath(workdir), "step": step},
-  )
+def write_marker(folder: str, step: int | None = None) -> None:
+  """MARKER, with the checkpoint step once known. No local path in it: a Hub folder is uploaded with it, so that
+  a clone of the repository is recognised as an export."""
+  weights_io.write_json(os.path.join(folder, MARKER), {"written_by": "advunlearn-jax export", "step": step})
 
 
 def write_component(out: str, pipe: Pipeline, tower: str, params: Any, reference_name: str = "") -> dict[str, str]:
@@ -202,7 +201,7 @@ def export_latest(workdir: str, out: str, pretrained: str | None = None, fmt: st
     else:
       outputs = write(out, run.pipe, run.trained.tower, run.params)
       said = f"{run.trained.tower} in {outputs[run.trained.tower]}, pipeline in {outputs['pipeline']}"
-    write_marker(out, workdir, run.step)
+    write_marker(out, run.step)
   print(f"step {run.step}: {said}")
   return outputs
 

@@ -63,7 +63,7 @@ def write_folder(
       with open(os.path.join(staging, "training_config.json"), "w") as f:
         f.write(run.config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
       card.save(os.path.join(staging, "README.md"))
-      exports.write_marker(staging, workdir, run.step)
+      exports.write_marker(staging, run.step)
   print(f"step {run.step}: Hub folder in {hub_dir} ({run.trained.tower}/, README.md, training_config.json)")
   return {"hub_dir": hub_dir, run.trained.tower: os.path.join(hub_dir, run.trained.tower)}
 
