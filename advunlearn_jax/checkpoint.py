@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from advunlearn_jax.config_lib import RESUMABLE_FIELDS
@@ -25,8 +26,34 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+# 2: the state carries `diverged_at` and `diverged_losses` (step.TrainState). A checkpoint without the field in its
+# meta predates them; it restores with both as "finite so far", and its tensors are checked instead.
+STATE_FORMAT = 2
+_ADDED_IN_FORMAT_2 = ("diverged_at", "diverged_losses")
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+  meta = {**meta, "state_format": STATE_FORMAT}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def nonfinite(tree: Any) -> tuple[int, int]:
+  """(how many of the tree's floating tensors hold a NaN or an infinity, how many floating tensors it has). One
+  jitted reduction, so it works on arrays sharded over several hosts as on host numpy arrays."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  finite = jax.device_get(_all_finite(leaves))
+  return sum(not ok for ok in finite), len(leaves)
+
+
+@jax.jit
+def _all_finite(leaves: list) -> list:
+  return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def _nonfinite_reason(tree: Any) -> str:
+  """'' when every tensor is finite, else why the checkpoint is refused."""
+  bad, total = nonfinite(tree)
+  return f"not finite: {bad} of {total} tensors hold NaN or infinity" if bad else ""
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -55,13 +82,14 @@ def check_compatible(saved_config: dict, config: dict, workdir: str) -> None:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: dict, workdir: str):
-  """(state, meta) of the latest checkpoint that reads back whole, or None when the workdir has none.
+  """(state, meta) of the latest checkpoint that reads back whole and finite, or None when the workdir has none.
 
-  A damaged checkpoint (a truncated or missing file: a disk filled up, a copy cut short) is reported, moved to
-  `workdir/damaged_checkpoints/STEP` so that the run's next save of that step cannot collide with it, and the
-  previous one is tried. When none reads back, nothing is moved and the run refuses to start."""
+  A damaged checkpoint (a truncated or missing file: a disk filled up, a copy cut short) or one holding NaN or
+  infinity (written before runs refused to save them) is reported, moved to `workdir/damaged_checkpoints/STEP` so
+  that the run's next save of that step cannot collide with it, and the previous one is tried. When none is
+  left, nothing is moved and the run refuses to start. `abstract_state`: a step.TrainState whose values fill
+  the fields an older checkpoint lacks."""
   damaged: list[tuple[int, str]] = []
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -70,37 +98,52 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, config: dic
       continue
     check_compatible(meta["config"], config, workdir)  # a different config is the user's to resolve, not damage
     try:
-      state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+      state = _restore_state(mngr, step, abstract_state, meta)
     except Exception as e:
       damaged.append((step, _reason(e)))
+      continue
+    why = _nonfinite_reason((state.params, state.opt_state))
+    if why:
+      damaged.append((step, why))
       continue
     if damaged:
       _set_aside(mngr, [s for s, _ in damaged], workdir)
       for bad, why in damaged:
         print(f"checkpoint step {bad} is damaged ({why}); moved to {workdir}/damaged_checkpoints/{bad}", flush=True)
-      print(f"resuming from step {step}, the latest checkpoint that reads back whole")
+      print(f"resuming from step {step}, the latest checkpoint that reads back whole and finite")
     return state, meta
   if damaged:
     details = "; ".join(f"step {s}: {why}" for s, why in damaged)
     raise CheckpointError(
-      f"{mngr.directory}: no checkpoint reads back whole ({details}). Move that folder away to start over, or "
-      "use another --workdir; nothing was changed."
+      f"{mngr.directory}: no checkpoint reads back whole and finite ({details}). Move that folder away to start "
+      "over, or use another --workdir; nothing was changed."
     )
   return None
 
 
+def _restore_state(mngr: ocp.CheckpointManager, step: int, initial: Any, meta: dict) -> Any:
+  """Checkpoint `step`'s state laid out as `initial`; a checkpoint of an older format gets `initial`'s values for
+  the fields it lacks."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, initial)
+  if meta.get("state_format", 1) >= STATE_FORMAT:
+    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  older = {k: v for k, v in abstract._asdict().items() if k not in _ADDED_IN_FORMAT_2}
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(older)))["state"]
+  return initial._replace(**restored)
+
+
 def _reason(e: Exception) -> str:
-  """One readable line on what failed. Some TensorStore errors print as the repr of a bound method; the
-  exception's chain then holds the message."""
-  while e.__cause__ is not None and not _readable(str(e)):
-    e = e.__cause__
+  """One readable line on what failed. Some TensorStore errors print as (or hold) the repr of a bound method;
+  the exception's chain then holds the message."""
+  while not _readable(str(e)) and (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
   text = str(e).strip()
   first_line = text.splitlines()[0] if _readable(text) else "the file could not be read"
   return f"{type(e).__name__}: {first_line[:200]}"
 
 
 def _readable(text: str) -> bool:
-  return bool(text.strip()) and not text.lstrip().startswith("<bound method")
+  return bool(text.strip()) and "<bound method" not in text
 
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int], workdir: str) -> None:
@@ -121,8 +164,8 @@ def config_dict(config) -> dict:
 
 def latest_readable(workdir: str, log=print) -> tuple[int, dict, dict]:
   """(step, meta, trained leaves {path: array} on the host) of a workdir's latest checkpoint that reads back
-  whole, for readers that are not the run (export). A damaged later one is named and skipped, as the run itself
-  would, but left where it is: moving it is the run's business."""
+  whole and finite, for readers that are not the run (export). A damaged or non-finite later one is named and
+  skipped, as the run itself would, but left where it is: moving it is the run's business."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise ConfigError(f"{workdir}: no checkpoints/ folder; is this a training workdir?")
@@ -138,12 +181,16 @@ def latest_readable(workdir: str, log=print) -> tuple[int, dict, dict]:
     except Exception as e:  # Orbax and TensorStore raise many kinds for unreadable files
       damaged.append(f"step {step}: {_reason(e)}")
       continue
+    why = _nonfinite_reason(params)
+    if why:
+      damaged.append(f"step {step}: {why}")
+      continue
     for why in damaged:
       log(f"checkpoint {why}; skipped")
     if damaged:
-      log(f"using step {step}, the latest checkpoint of {workdir} that reads back whole")
+      log(f"using step {step}, the latest checkpoint of {workdir} that reads back whole and finite")
     return step, meta, params
-  raise CheckpointError(f"{ckpt_dir}: no checkpoint reads back whole ({'; '.join(damaged)})")
+  raise CheckpointError(f"{ckpt_dir}: no checkpoint reads back whole and finite ({'; '.join(damaged)})")
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int) -> dict:

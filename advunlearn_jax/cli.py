@@ -6,8 +6,9 @@
 A `UserError` (a bad config, a missing file) prints `error: <message>` to stderr and exits with status 2, with
 no traceback: the message says what to fix, and an output folder that the failed command created is removed
 again when it holds nothing the user could want (`output_flags`). Any other exception is a bug and keeps its
-traceback. A run stopped by SIGTERM after saving exits with EXIT_PREEMPTED (75, sysexits' EX_TEMPFAIL: rerun the
-same command to resume), so a scheduler can tell it from a finished run (0). absl's
+traceback, except a diverged run (`TrainingDiverged`): one line, status 1. A run stopped by SIGTERM after saving
+exits with EXIT_PREEMPTED (75, sysexits' EX_TEMPFAIL: rerun the same command to resume), so a scheduler can tell
+it from a finished run (0); stopped by SIGINT (Ctrl-C), it saves the same way and exits with 130. absl's
 `--verbosity` (0: info, 1: debug) brings the libraries' logging back; by default only their warnings show, and
 our own one-line events are plain prints.
 """
@@ -21,12 +22,26 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
-from advunlearn_jax.errors import UserError, WorkdirInUse
+from advunlearn_jax.errors import TrainingDiverged, UserError, WorkdirInUse
+
+# transformers' import-time advice ("PyTorch was not found...") names nothing a user of these commands can act on:
+# torch is optional here. Set before any command imports transformers (every command imports this module first).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 EXIT_USER_ERROR = 2
+EXIT_FAILED = 1
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 # What a command may have put in its output folder before it found a bad input: nothing a user could want.
 _DISPOSABLE = {"xla_cache", ".lock"}
+# Room kept under the filesystem's longest path for the files a command writes inside its output folder
+# (checkpoints/200/state/ocdbt.process_0/d/<hash> and the like).
+PATH_ROOM = 256
+
+
+def stopped_status(signal_name: str) -> int:
+  """The exit status of a run that saved and stopped on a signal: 130 for Ctrl-C, as a shell reports it, else 75."""
+  return EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED
 
 
 def quiet_libraries() -> None:
@@ -102,6 +117,7 @@ def check_output_folder(path: str, flag: str) -> None:
   if not path:
     raise UserError(f"--{flag} is empty; give the folder to write to")
   path = os.path.abspath(os.path.expanduser(path))
+  check_path_length(path, flag)
   existing = path
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
@@ -109,6 +125,34 @@ def check_output_folder(path: str, flag: str) -> None:
     raise UserError(f"--{flag}={path}: {existing} is a file, not a folder")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise UserError(f"--{flag}={path}: cannot write in {existing} (permission denied)")
+
+
+def check_path_length(path: str, flag: str) -> None:
+  """The kernel refuses a path part over NAME_MAX or a path over PATH_MAX only when the first file is made, by
+  then after some of its parents: refused here first, with room kept for the files made inside."""
+  existing = path
+  while not os.path.isdir(existing):
+    existing = os.path.dirname(existing)
+  name_max, path_max = _limit(existing, "PC_NAME_MAX", 255), _limit(existing, "PC_PATH_MAX", 4096)
+  shown = path if len(path) <= 80 else f"{path[:40]}...{path[-30:]}"
+  for part in path.split(os.sep):
+    if len(os.fsencode(part)) > name_max:
+      raise UserError(
+        f"--{flag}={shown}: a folder name is {len(os.fsencode(part))} bytes long ({part[:20]}...); this "
+        f"filesystem allows {name_max}"
+      )
+  if len(os.fsencode(path)) > path_max - PATH_ROOM:
+    raise UserError(
+      f"--{flag}={shown}: the path is {len(os.fsencode(path))} bytes long; this filesystem allows {path_max}, "
+      f"less {PATH_ROOM} for the files written inside it"
+    )
+
+
+def _limit(folder: str, name: str, default: int) -> int:
+  try:
+    return os.pathconf(folder, name)
+  except (OSError, ValueError):
+    return default
 
 
 def _not_a_section(argv: list[str]) -> str:
@@ -132,7 +176,8 @@ def _not_a_section(argv: list[str]) -> str:
 
 def _remove_if_disposable(path: str) -> None:
   """Removes `path` (created by this process) when it holds only what a failed command leaves behind."""
-  if os.path.isdir(path) and set(os.listdir(path)) <= _DISPOSABLE:
+  disposable = lambda name: name in _DISPOSABLE or name.startswith(".lock.")  # population parts' locks
+  if os.path.isdir(path) and all(disposable(name) for name in os.listdir(path)):
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -151,5 +196,11 @@ def run(main: Callable[[list[str]], None], output_flags: Sequence[str] = ()) -> 
           _remove_if_disposable(path)
       print(f"error: {e}", file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
+    except TrainingDiverged as e:  # the message names the iteration and what was kept; a traceback adds nothing
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first): nothing to save
+      print("interrupted (SIGINT); stopping", file=sys.stderr)
+      sys.exit(EXIT_INTERRUPTED)
 
   app.run(guarded, flags_parser=_parse_flags)

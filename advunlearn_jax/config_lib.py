@@ -5,6 +5,7 @@ settings are built (`settings.validate`)."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
@@ -272,6 +273,18 @@ NUMERIC_RANGES = (
   ("evaluation.utility_guidance", 0, True),
   ("evaluation.utility_batch", 1, True),
 )
+
+
+def check_finite(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
+  """Every float setting, at any depth (tuples too), is a number: NaN and infinity pass every range check below
+  (`nan > 0` is False both ways round) and would start a run that can only produce NaN."""
+  for key, value in config.items():
+    name = f"{prefix}.{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      check_finite(value, name)
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, float) and not math.isfinite(item):
+        raise ConfigError(f"{name} is {value!r}; expected a finite number")
 
 
 def check_ranges(config: ml_collections.ConfigDict) -> None:

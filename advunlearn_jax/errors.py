@@ -23,3 +23,8 @@ class CheckpointError(UserError):
 
 class WorkdirInUse(ConfigError):
   """Another process holds the workdir (workdir_lock.py)."""
+
+
+class TrainingDiverged(Exception):
+  """A loss term or the parameters stopped being finite: the run stops before it checkpoints or exports them.
+  Not a UserError (exit 1, not 2): the config was valid, the optimisation failed; still one line, no traceback."""

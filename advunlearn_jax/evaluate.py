@@ -17,10 +17,12 @@ recognition of the retained values.
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
-from advunlearn_jax import cli, compile_cache, settings
+from advunlearn_jax import cli, compile_cache, settings, workdir_lock
 from advunlearn_jax.evals import evaluation
 from advunlearn_jax.evals import report as report_lib
 
@@ -40,15 +42,18 @@ def main(argv):
   config = _CONFIG.value
   settings.validate(config)
   cli.check_output_folder(_OUT.value, "out")
-  compile_cache.enable(_COMPILATION_CACHE.value, _CACHE_DEFAULT, out=_OUT.value)
-  report = evaluation.evaluate(
-    config,
-    _OUT.value,
-    _TEXT_ENCODER.value,
-    _PIPELINE.value,
-    attack=not _NO_ATTACK.value,
-    utility_only=_UTILITY_ONLY.value,
-  )
+  os.makedirs(_OUT.value, exist_ok=True)
+  # One evaluation per --out, as one run per workdir: two would write one report from two models' images.
+  with workdir_lock.WorkdirLock(_OUT.value):
+    compile_cache.enable(_COMPILATION_CACHE.value, _CACHE_DEFAULT, out=_OUT.value)
+    report = evaluation.evaluate(
+      config,
+      _OUT.value,
+      _TEXT_ENCODER.value,
+      _PIPELINE.value,
+      attack=not _NO_ATTACK.value,
+      utility_only=_UTILITY_ONLY.value,
+    )
   u = report["utility"]
   scores = [f"{k} {u[k]:.4f}" for k in ("fid", "clip_score") if k in u]
   if "fid" in u:

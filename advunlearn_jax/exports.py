@@ -15,13 +15,15 @@ evaluated along the run (the reference saves at 200, 400, ...).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import ml_collections
 
-from advunlearn_jax import checkpoint
+from advunlearn_jax import checkpoint, workdir_lock
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import weights_io
@@ -30,6 +32,66 @@ from advunlearn_jax.pipeline import Pipeline
 from advunlearn_jax.unlearn import trainable
 
 FORMATS = ("diffusers", "reference")
+# Written into every folder the export command writes (export_latest, hub.write_folder): what lets a later export
+# replace it. A folder without it is the user's, and an export refuses to write into it unless it is empty.
+MARKER = ".advunlearn_export"
+# What a folder may hold and still count as empty, and what replacing an export keeps: a clone of a Hub
+# repository's git data (a new Hub repository holds .gitattributes).
+KEPT = (".git", ".gitattributes")
+
+
+def check_target(path: str, flag: str, workdir: str) -> None:
+  """Refuses (ConfigError) an output folder that an export would overwrite without having written it: a training
+  workdir, a folder holding one, or a non-empty folder that no export wrote (no MARKER)."""
+  path, workdir = os.path.abspath(os.path.expanduser(path)), os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(path):
+    return
+  shown = f"--{flag}={path}"
+  advice = "give a new or empty folder, or a previous export's"
+  run_files = _holds_a_run(path)
+  if run_files:
+    raise ConfigError(f"{shown} is a training workdir (it holds {run_files}); {advice}")
+  if os.path.commonpath([path, workdir]) == path:
+    raise ConfigError(f"{shown} holds the workdir being exported ({workdir}); {advice}")
+  names = set(os.listdir(path)) - set(KEPT)
+  if names and MARKER not in names:
+    raise ConfigError(f"{shown} is not empty and no export wrote it (it has no {MARKER}); {advice}")
+  for folder, subfolders, _ in os.walk(path):  # a previous export: small
+    subfolders[:] = [d for d in subfolders if d != ".git"]
+    for inner in (os.path.join(folder, d) for d in subfolders):
+      if _holds_a_run(inner):
+        raise ConfigError(f"{shown} holds the training workdir {inner}; {advice}")
+
+
+def _holds_a_run(folder: str) -> str:
+  """What makes `folder` a training (or evaluation) run's: its checkpoints, or a lock not left by an export."""
+  if os.path.isdir(os.path.join(folder, "checkpoints")):
+    return "checkpoints/"
+  lock = os.path.join(folder, workdir_lock.LOCK_NAME)
+  return workdir_lock.LOCK_NAME if os.path.exists(lock) and not os.path.exists(os.path.join(folder, MARKER)) else ""
+
+
+@contextlib.contextmanager
+def claimed(path: str, flag: str, workdir: str) -> Iterator[None]:
+  """Holds `path` for one export: checked (check_target), locked against a second writer, and marked as an
+  export's. A failed export takes away the marker it added, so a folder it did not write is left as it was."""
+  check_target(path, flag, workdir)
+  os.makedirs(path, exist_ok=True)
+  with workdir_lock.WorkdirLock(path, remove=True):
+    added = not os.path.exists(os.path.join(path, MARKER))
+    write_marker(path)
+    try:
+      yield
+    except BaseException:
+      if added:
+        os.remove(os.path.join(path, MARKER))
+      raise
+
+
+def write_marker(folder: str, step: int | None = None) -> None:
+  """MARKER, with the checkpoint step once known. No local path in it: a Hub folder is uploaded with it, so that
+  a clone of the repository is recognised as an export."""
+  weights_io.write_json(os.path.join(folder, MARKER), {"written_by": "advunlearn-jax export", "step": step})
 
 
 def write_component(out: str, pipe: Pipeline, tower: str, params: Any, reference_name: str = "") -> dict[str, str]:
@@ -127,15 +189,20 @@ def latest(workdir: str, pretrained: str | None = None) -> Latest:
 
 
 def export_latest(workdir: str, out: str, pretrained: str | None = None, fmt: str = "diffusers") -> dict[str, str]:
+  """`write` (or with fmt="reference" the .pt) of `workdir`'s latest readable, finite checkpoint into `out`, which
+  must be new, empty or a previous export (check_target)."""
   if fmt not in FORMATS:
     raise ConfigError(f"--format={fmt!r}: expected one of {list(FORMATS)}")
-  run = latest(workdir, pretrained)
-  if fmt == "reference":
-    path = reference_checkpoint(run, out, workdir)
-    print(f"step {run.step}: the reference's checkpoint in {path}")
-    return {"reference_checkpoint": path}
-  outputs = write(out, run.pipe, run.trained.tower, run.params)
-  print(f"step {run.step}: {run.trained.tower} in {outputs[run.trained.tower]}, pipeline in {outputs['pipeline']}")
+  with claimed(out, "out", workdir):
+    run = latest(workdir, pretrained)
+    if fmt == "reference":
+      outputs = {"reference_checkpoint": reference_checkpoint(run, out, workdir)}
+      said = f"the reference's checkpoint in {outputs['reference_checkpoint']}"
+    else:
+      outputs = write(out, run.pipe, run.trained.tower, run.params)
+      said = f"{run.trained.tower} in {outputs[run.trained.tower]}, pipeline in {outputs['pipeline']}"
+    write_marker(out, run.step)
+  print(f"step {run.step}: {said}")
   return outputs
 
 

@@ -13,6 +13,7 @@ reference's evaluation does. `--latents` holds initial latents in diffusers' lay
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax.numpy as jnp
@@ -57,8 +58,8 @@ def main(argv):
     raise app.UsageError("give at least one --prompt")
   if _STEPS.value < 1:
     raise app.UsageError(f"--steps={_STEPS.value}: give at least 1 denoising step")
-  if _GUIDANCE.value < 0:
-    raise app.UsageError(f"--guidance={_GUIDANCE.value}: expected a scale >= 0")
+  if not math.isfinite(_GUIDANCE.value) or _GUIDANCE.value < 0:  # NaN guidance draws black images
+    raise app.UsageError(f"--guidance={_GUIDANCE.value}: expected a finite scale >= 0")
   cli.check_output_folder(_OUT.value, "out")
   if _LATENTS.value and not os.path.isfile(_LATENTS.value):
     raise app.UsageError(f"--latents={_LATENTS.value}: no such file")

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from advunlearn_jax import exports
+from advunlearn_jax import exports, workdir_lock
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
@@ -48,18 +48,22 @@ def write_folder(
   with_reference: bool = False,
 ) -> dict[str, str]:
   """Writes the Hub repository folder of `workdir`'s latest readable checkpoint (exports.latest) into
-  `hub_dir`, replacing it whole. `report_path`: an evaluate report.json whose numbers the card carries."""
+  `hub_dir`, replacing it whole but for a clone's git data; `hub_dir` must be new, empty (a fresh clone) or a
+  previous export (exports.check_target). `report_path`: an evaluate report.json whose numbers the card carries."""
   report = _read_report(report_path) if report_path else None
-  run = exports.latest(workdir, pretrained)
-  license_id = licence_of(run.config.model.pretrained, license_id)
-  card = model_card(run, license_id, report)
-  with weights_io.atomic_folder(hub_dir) as staging:
-    exports.write_component(staging, run.pipe, run.trained.tower, run.params)
-    if with_reference:  # ConfigError for a UNet run: the staging folder goes, an earlier folder stands
-      exports.reference_checkpoint(run, staging, workdir)
-    with open(os.path.join(staging, "training_config.json"), "w") as f:
-      f.write(run.config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    card.save(os.path.join(staging, "README.md"))
+  with exports.claimed(hub_dir, "hub_dir", workdir):  # a workdir or the user's own folder is refused
+    run = exports.latest(workdir, pretrained)
+    license_id = licence_of(run.config.model.pretrained, license_id)
+    card = model_card(run, license_id, report)
+    # A clone's git data stays; the lock moves into the new folder with it.
+    with weights_io.atomic_folder(hub_dir, keep=(*exports.KEPT, workdir_lock.LOCK_NAME)) as staging:
+      exports.write_component(staging, run.pipe, run.trained.tower, run.params)
+      if with_reference:  # ConfigError for a UNet run: the staging folder goes, an earlier folder stands
+        exports.reference_checkpoint(run, staging, workdir)
+      with open(os.path.join(staging, "training_config.json"), "w") as f:
+        f.write(run.config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+      card.save(os.path.join(staging, "README.md"))
+      exports.write_marker(staging, run.step)
   print(f"step {run.step}: Hub folder in {hub_dir} ({run.trained.tower}/, README.md, training_config.json)")
   return {"hub_dir": hub_dir, run.trained.tower: os.path.join(hub_dir, run.trained.tower)}
 

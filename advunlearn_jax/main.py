@@ -3,7 +3,8 @@
 Every config field can be overridden on the command line, e.g. `--config.model.pretrained=DIR_OR_ID`.
 
 Errors in the config or its files end with one `error: ...` line and exit status 2; a run stopped by SIGTERM
-after saving exits with status 75 (rerun to resume); a second run on a workdir in use refuses (workdir_lock.py).
+after saving exits with status 75, by Ctrl-C with 130 (rerun to resume); a diverged run stops before it saves
+NaN, with one line and status 1; a second run on a workdir in use refuses (workdir_lock.py).
 Libraries log warnings only unless --verbosity=0 (info) or 1 (debug) is given.
 
 Multi-host: run the same command on every host. TPU pod slices and SLURM jobs are detected; elsewhere (GPU
@@ -47,8 +48,8 @@ def main(argv: list[str]) -> None:
   from advunlearn_jax import runs
 
   result = runs.run(config, _WORKDIR.value)
-  if "stopped_at" in result:  # SIGTERM: saved, not finished; a scheduler should requeue, not mark it done
-    sys.exit(cli.EXIT_PREEMPTED)
+  if "stopped_at" in result:  # SIGTERM or Ctrl-C: saved, not finished; a scheduler should requeue, not mark it done
+    sys.exit(cli.stopped_status(result["signal"]))
 
 
 if __name__ == "__main__":

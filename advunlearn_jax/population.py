@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
-from advunlearn_jax import cli, compile_cache
+from advunlearn_jax import cli, compile_cache, workdir_lock
 from advunlearn_jax.populations import members, run, select_part
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,16 +38,21 @@ def main(argv):
   population = select_part(grid, _PART.value, _PARTS.value)
   share = f" (part {_PART.value} of {_PARTS.value}: {len(population)} of {len(grid)})" if _PARTS.value > 1 else ""
   print(f"{len(population)} members{share}: {', '.join(m.name for m in population)}")
-  compile_cache.enable(_COMPILATION_CACHE.value, _CACHE_DEFAULT, workdir=_WORKDIR.value)  # reruns load, not compile
-  summary = f"population.part{_PART.value}of{_PARTS.value}.json" if _PARTS.value > 1 else "population.json"
-  results = run(population, _WORKDIR.value, _DEVICES_PER_MEMBER.value, summary_name=summary)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  # Hosts share the folder by design, one part each: one lock per part (each member also locks its own workdir).
+  lock_name = f".lock.part{_PART.value}of{_PARTS.value}" if _PARTS.value > 1 else workdir_lock.LOCK_NAME
+  with workdir_lock.WorkdirLock(_WORKDIR.value, name=lock_name):
+    compile_cache.enable(_COMPILATION_CACHE.value, _CACHE_DEFAULT, workdir=_WORKDIR.value)  # reruns load
+    summary = f"population.part{_PART.value}of{_PARTS.value}.json" if _PARTS.value > 1 else "population.json"
+    results = run(population, _WORKDIR.value, _DEVICES_PER_MEMBER.value, summary_name=summary)
   failed = [name for name, r in results.items() if "error" in r]
   for name, r in results.items():
     print(f"{name}: {r.get('error') or r.get('text_encoder') or r.get('unet') or r.get('stopped_at')}")
   if failed:
     raise SystemExit(f"{len(failed)} of {len(results)} members failed: {failed}")
-  if any("stopped_at" in r for r in results.values()):  # SIGTERM: saved, not finished
-    raise SystemExit(cli.EXIT_PREEMPTED)
+  stopped = [r["signal"] for r in results.values() if "stopped_at" in r]
+  if stopped:  # SIGTERM or Ctrl-C: saved, not finished
+    raise SystemExit(cli.stopped_status(stopped[0]))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def run(
 ) -> dict[str, Any]:
   """train.run's summary, with `workdir/text_encoder` (or `unet`) and `workdir/pipeline` exported, and the
   summary of the report (`report`) when the config asks for one. A run stopped by SIGTERM returns
-  {"stopped_at", "workdir"} and writes no report. The whole config is checked first (settings.validate), and
+  {"stopped_at", "workdir", "signal"} and writes no report. The whole config is checked first (settings.validate), and
   the typed sections that builds are the ones the run uses."""
   sections = settings.validate(config)
   primary = distributed.is_primary()

@@ -20,6 +20,7 @@ from advunlearn_jax.unlearn import prompts, retain, trainable, wiring
 def validate(config: ml_collections.ConfigDict) -> wiring.TrainingSections:
   """Every check a config can fail without loading weights, each naming its key; the typed training sections
   it built, which the trainer uses as they are."""
+  config_lib.check_finite(config)  # first: NaN slips through every comparison below
   if not config.concept.prompts or any(not str(p).strip() for p in config.concept.prompts):
     raise ConfigError("config.concept.prompts: needs at least one non-empty concept, e.g. ['nudity']")
   sd_convert.check_pretrained(config.model.pretrained)

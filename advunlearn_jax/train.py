@@ -27,6 +27,7 @@ from advunlearn_jax import (
 from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
+from advunlearn_jax.errors import TrainingDiverged
 from advunlearn_jax.exports import Snapshot
 from advunlearn_jax.pipeline import Pipeline
 from advunlearn_jax.unlearn import bank as bank_lib
@@ -67,18 +68,25 @@ def _current_params(setup: Setup, state) -> tuple[Any, Any]:
 
 
 class PreemptionWatcher:
-  """SIGTERM (a preempted VM, a cluster scheduler) asks the loop to save and stop at the next iteration."""
+  """SIGTERM (a preempted VM, a cluster scheduler) or SIGINT (Ctrl-C) asks the loop to save and stop at the next
+  iteration; `signal_name` says which came first. A second Ctrl-C stops at once (KeyboardInterrupt), for a user
+  who will not wait for the save."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.requested, self.signal_name = False, ""
+    self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested, self.signal_name = True, self.signal_name or signal.Signals(signum).name
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 class Setup(NamedTuple):
@@ -130,7 +138,7 @@ def run(
     finally:
       mngr.wait_until_finished()
     if stopped:
-      return {"stopped_at": int(progress.state.step), "workdir": workdir}
+      return {"stopped_at": int(progress.state.step), "workdir": workdir, "signal": stopped}
     return finish(config, setup, workdir, progress.state, start, export)
 
 
@@ -189,8 +197,12 @@ def loop(
   preemption: PreemptionWatcher | None,
   show_progress: bool,
   export: Callable[[Snapshot], dict[str, str]] | None = None,
-) -> tuple[Progress, bool]:
-  """Iterations from the state's step to train.iterations; (progress, whether SIGTERM stopped it)."""
+) -> tuple[Progress, str]:
+  """Iterations from the state's step to train.iterations; (progress, the signal that stopped it or '').
+
+  A state whose loss terms or parameters stopped being finite is never checkpointed or exported: the step
+  carries the first non-finite iteration (step.TrainState.diverged_at), read before every save and export and at
+  log steps, and the run stops there with TrainingDiverged, its checkpoints as they were."""
   cfg, models, frozen, _ = setup.wired
   iterations, start = config.train.iterations, int(progress.state.step)
   root_key = sharding.replicate(jax.random.key(config.seed), setup.mesh)
@@ -214,9 +226,8 @@ def loop(
       done = i + 1
       if done % config.train.log_every == 0 or done == iterations:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(values["loss"]):
-          _save(config, mngr, done, Progress(state, sampler))
-          raise FloatingPointError(f"loss is {values['loss']} at step {done}; state saved for inspection")
+        if not all(np.isfinite(values[k]) for k in step_lib.LOSS_TERMS):
+          ensure_finite(config, mngr, state)  # raises, naming the first non-finite iteration
         now = time.perf_counter()
         values["it_per_s"] = (done - last_step) / max(now - last_time, 1e-9)
         last_time, last_step = now, done
@@ -226,21 +237,48 @@ def loop(
       if setup.with_previews and (done % config.samples.every == 0 or done == iterations):
         _write_preview(config, setup, previews, writer, workdir, done, state)
       if export is not None and config.export.every and done % config.export.every == 0:
+        ensure_finite(config, mngr, state)
         export(_snapshot(setup, state, done, final=False))  # every process: a collective across hosts
       stop = distributed.preemption_agreed(done, preemption is not None and preemption.requested)
       if done % config.train.save_every == 0 or done == iterations or stop:
         _save(config, mngr, done, Progress(state, sampler))
       if stop:
         mngr.wait_until_finished()
-        distributed.announce(f"SIGTERM: saved step {done}, stopping; rerun the same command to resume", warning=True)
-        return Progress(state, sampler), True
+        name = (preemption.signal_name if preemption is not None else "") or "SIGTERM"  # multi-host: JAX's notice
+        distributed.announce(f"{name}: saved step {done}, stopping; rerun the same command to resume", warning=True)
+        return Progress(state, sampler), name
   finally:
     if own_watcher:
       preemption.restore()
     bar.close()
     writer.close()
     plot.update(force=True)
-  return Progress(state, sampler), False
+  return Progress(state, sampler), ""
+
+
+def ensure_finite(config: ml_collections.ConfigDict, mngr, state) -> None:
+  """TrainingDiverged unless every loss term so far and every trained tensor is finite: one host read of the flag
+  the step carries and one reduction over the parameters, made only where a save or an export is about to be."""
+  at, losses = jax.device_get((state.diverged_at, state.diverged_losses))
+  if at:
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in zip(step_lib.LOSS_TERMS, losses))
+    raise TrainingDiverged(f"training diverged at iteration {int(at)} ({terms}); {_kept(config, mngr)}")
+  bad, total = checkpoint.nonfinite((state.params, state.opt_state))
+  if bad:
+    raise TrainingDiverged(
+      f"training diverged by iteration {int(state.step)}: {bad} of {total} tensors of the parameters and Adam "
+      f"state hold NaN or infinity, though every loss term was finite; {_kept(config, mngr)}"
+    )
+
+
+def _kept(config: ml_collections.ConfigDict, mngr) -> str:
+  mngr.wait_until_finished()
+  latest = mngr.latest_step()
+  kept = f"the last checkpoint, step {latest}, is untouched" if latest is not None else "no checkpoint was written"
+  return (
+    f"nothing after it was saved or exported, and {kept}. A lower config.train.lr (now {config.train.lr:g}) in a "
+    "new --workdir may train"
+  )
 
 
 def prompt_update(i: int, warmup_iters: int, update_every: int) -> int:
@@ -301,6 +339,7 @@ def _snapshot(setup: Setup, state, step_count: int, final: bool) -> Snapshot:
 
 
 def _save(config: ml_collections.ConfigDict, mngr, step_count: int, progress: Progress) -> None:
+  ensure_finite(config, mngr, progress.state)
   meta = {
     "config": checkpoint.config_dict(config),
     "retain_sampler": list(progress.sampler),

@@ -1,4 +1,5 @@
-"""One training process per workdir: an advisory lock on `workdir/.lock`, held for the whole run.
+"""One writer per folder: an advisory lock on `workdir/.lock`, held for a whole run (and by evaluate, export and
+population on their output folders).
 
 Two runs on one workdir interleave their checkpoints, exports and metrics, and one may delete the other's
 in-progress checkpoint. The second process to start therefore refuses at once, naming the holder. The lock is
@@ -25,16 +26,31 @@ LOCK_NAME = ".lock"
 
 
 class WorkdirLock:
-  """`with WorkdirLock(workdir):` holds the workdir for this process; raises WorkdirInUse when another holds it."""
+  """`with WorkdirLock(workdir):` holds the workdir for this process; raises WorkdirInUse when another holds it.
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.path = os.path.join(workdir, LOCK_NAME)
-    self.enabled = enabled
+  `name`: the lock file's, for processes that share a folder by design (population hosts, one lock per part).
+  `remove`: the file goes when the lock does, for a folder that should not keep it (an export's output)."""
+
+  def __init__(self, workdir: str, enabled: bool = True, name: str = LOCK_NAME, remove: bool = False):
+    self.path = os.path.join(workdir, name)
+    self.enabled, self.remove = enabled, remove
     self._file = None
 
   def __enter__(self) -> WorkdirLock:
     if not self.enabled:
       return self
+    handle = self._take()
+    while self.remove and not _is_the_file_at(handle, self.path):  # the holder removed it as we opened it
+      handle.close()
+      handle = self._take()
+    handle.seek(0)
+    handle.truncate()
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
+    handle.flush()
+    self._file = handle
+    return self
+
+  def _take(self):
     # "a+" leaves the holder's record intact when the lock is taken: it is rewritten only once this process holds it.
     handle = open(self.path, "a+")  # noqa: SIM115 (held until __exit__)
     try:
@@ -45,17 +61,14 @@ class WorkdirLock:
       handle.close()
       raise WorkdirInUse(
         f"{os.path.dirname(self.path)} is in use by another run ({holder}); wait for it to finish, stop it, or "
-        "use another --workdir. Nothing was changed."
+        "use another folder. Nothing was changed."
       ) from None
-    handle.seek(0)
-    handle.truncate()
-    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
-    handle.flush()
-    self._file = handle
-    return self
+    return handle
 
   def __exit__(self, *exc) -> None:
     if self._file is not None:
+      if self.remove and _is_the_file_at(self._file, self.path):  # removed while held: no one holds a stale one
+        os.unlink(self.path)
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
       self._file = None
@@ -67,3 +80,10 @@ def _describe(record: str) -> str:
     return f"pid {holder['pid']} on host {holder['host']}, since {holder['since']}"
   except (ValueError, KeyError, TypeError):
     return "a process that left no record"
+
+
+def _is_the_file_at(handle, path: str) -> bool:
+  try:
+    return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+  except FileNotFoundError:
+    return False

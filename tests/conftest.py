@@ -85,3 +85,17 @@ def quickstart(tmp_path_factory):
     env.setenv("XLA_FLAGS", "")
     nbclient.NotebookClient(nb, timeout=900, resources={"metadata": {"path": os.path.dirname(QUICKSTART)}}).execute()
   return nb, workdir
+
+
+def folder_bytes(root) -> dict[str, bytes | None]:
+  """Every file and folder under `root`, by relative path: a file's bytes, None for a folder. Two equal results
+  mean nothing under `root` was added, removed or changed."""
+  out = {}
+  for folder, dirs, files in os.walk(root):
+    for name in dirs:
+      out[os.path.relpath(os.path.join(folder, name), root)] = None
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out

@@ -22,8 +22,9 @@ import time
 import numpy as np
 import pytest
 
-from advunlearn_jax import cli, workdir_lock
-from advunlearn_jax.errors import WeightsError, WorkdirInUse
+from advunlearn_jax import cli, exports, workdir_lock
+from advunlearn_jax.errors import TrainingDiverged, WeightsError, WorkdirInUse
+from tests.conftest import folder_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_DEADLINE_S = 120
@@ -31,6 +32,12 @@ CHILD_DEADLINE_S = 120
 
 def _command(module: str, *args: str) -> tuple[int, str, str]:
   """(exit status, stdout, stderr) of `python -m advunlearn_jax.MODULE ARGS`, run in a forked child."""
+  run = lambda: runpy.run_module(f"advunlearn_jax.{module}", run_name="__main__", alter_sys=True)
+  return _in_child(run, [f"advunlearn_jax.{module}", *args], f"{module} {' '.join(args)}")
+
+
+def _in_child(run, argv: list[str], name: str) -> tuple[int, str, str]:
+  """(exit status, stdout, stderr) of `run()` with `argv` as sys.argv, in a forked child."""
   with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -39,9 +46,9 @@ def _command(module: str, *args: str) -> tuple[int, str, str]:
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
         sys.stdout, sys.stderr = os.fdopen(1, "w", closefd=False), os.fdopen(2, "w", closefd=False)
-        sys.argv = [f"advunlearn_jax.{module}", *args]
+        sys.argv = argv
         os.chdir(ROOT)
-        runpy.run_module(f"advunlearn_jax.{module}", run_name="__main__", alter_sys=True)
+        run()
         status = 0
       except SystemExit as e:
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -58,7 +65,7 @@ def _command(module: str, *args: str) -> tuple[int, str, str]:
       if time.monotonic() > deadline:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        pytest.fail(f"{module} {' '.join(args)} still running after {CHILD_DEADLINE_S} s: it got past validation")
+        pytest.fail(f"{name} still running after {CHILD_DEADLINE_S} s: it got past validation")
       time.sleep(0.05)
     wait_status = waited[1]
     out.seek(0)
@@ -94,6 +101,13 @@ CASES = [
   ("main", ["--config=configs/tiny.py", "--config.concept.prompts=('',)"], "config.concept.prompts: needs at least"),
   ("main", ["--config=configs/style.py", "--config.model.pretrained=/nonexistent/dir"], "/nonexistent/dir is no"),
   ("main", ["--config=configs/tiny.py", "--config.train.lrr=1"], "train.lrr"),
+  # non-finite settings: NaN passes every range check, so one rule covers every float setting first
+  ("main", ["--config=configs/tiny.py", "--config.train.lr=nan"], "config.train.lr is nan; expected a finite"),
+  ("main", ["--config=configs/tiny.py", "--config.train.lr=inf"], "config.train.lr is inf; expected a finite"),
+  ("main", ["--config=configs/tiny.py", "--config.diffusion.start_guidance=nan"], "start_guidance is nan"),
+  # paths the kernel would refuse half-way through making them
+  ("main", ["--config=configs/tiny.py", "--workdir={tmp}/" + "a" * 300], "a folder name is 300 bytes long"),
+  ("main", ["--config=configs/tiny.py", "--workdir={tmp}/" + "/".join(["b" * 200] * 21)], "the path is"),
   # evaluate
   ("evaluate", ["--config={tmp}/nope.py", "--out={tmp}/out"], "no such config file"),
   ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
@@ -133,10 +147,13 @@ CASES = [
     "config.evaluation.fid_preprocess is 'clean'; expected one of ['t2ibenchmark', 'pytorch_fid']",
   ),
   ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.utility_steps=0"], "utility_steps"),
+  ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.guidance=inf"], "guidance is inf"),
+  ("evaluate", ["--config=configs/tiny.py", "--out={tmp}/" + "c" * 256], "a folder name is 256 bytes long"),
   # export
   ("export", ["--workdir={tmp}/nothing", "--out={tmp}/out"], "{tmp}/nothing: no checkpoints/ folder"),
   ("export", ["--workdir={tmp}", "--out={tmp}/out", "--format=ref"], "value should be one of <diffusers|reference>"),
   ("export", ["--workdir={tmp}/nothing", "--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  ("export", ["--workdir={tmp}/nothing", "--hub_dir={tmp}/" + "d" * 256], "a folder name is 256 bytes long"),
   ("export", ["--workdir={tmp}/nothing"], "give one of --out (a component and a pipeline) or --hub_dir"),
   ("export", ["--workdir={tmp}", "--out={tmp}/out", "--push_to_hub=a/b"], "--push_to_hub go with --hub_dir"),
   ("export", ["--workdir={tmp}", "--hub_dir={tmp}/hub", "--push_to_hub=nobody"], "expected a model repository id"),
@@ -150,6 +167,7 @@ CASES = [
   ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/out", "--steps=0"], "--steps=0: give at least 1"),
   ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/out", "--steps=-3"], "--steps=-3: give at least 1"),
   ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
+  ("generate", ["--pretrained=tiny", "--prompt=a", "--out={tmp}/o", "--guidance=nan"], "--guidance=nan: expected a"),
   (
     "generate",
     ["--pretrained=tiny", "--prompt=a", "--out={tmp}/out", "--latents={tmp}/missing.npy"],
@@ -183,7 +201,7 @@ CASES = [
 @pytest.mark.parametrize("module, args, message", CASES, ids=[f"{m}:{' '.join(a)[-60:]}" for m, a, _ in CASES])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(module, args, message, tmp_path, evil_pickle):
   (tmp_path / "a_file").write_text("not a folder")
-  before = sorted(os.listdir(tmp_path))
+  before = folder_bytes(tmp_path)
   fill = lambda s: s.format(tmp=tmp_path, evil=evil_pickle)
   status, out, err = _command(module, *map(fill, args))
   lines = err.strip().splitlines()
@@ -191,7 +209,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(module, args, message, 
   assert lines and lines[-1].startswith("error: ") and fill(message) in lines[-1], err[-3000:]
   assert "Traceback" not in err and sum(line.startswith("error: ") for line in lines) == 1
   assert "weights_only=False" not in err  # never the advice to unpickle anyway
-  assert sorted(os.listdir(tmp_path)) == before  # no output folder, no xla_cache, no half-made workdir
+  assert folder_bytes(tmp_path) == before  # no output folder, no xla_cache, no half-made workdir, byte for byte
   assert not os.path.exists(evil_pickle / "pwned")
 
 
@@ -210,6 +228,91 @@ def test_a_second_run_on_a_workdir_in_use_refuses_at_once(tmp_path):
   with workdir_lock.WorkdirLock(str(workdir)), pytest.raises(WorkdirInUse, match="pid"):
     with workdir_lock.WorkdirLock(str(workdir)):  # a second holder in the same process too
       pass
+
+
+def _one_line(status: int, err: str, expected_status: int, message: str) -> None:
+  lines = err.strip().splitlines()
+  assert status == expected_status and lines and message in lines[-1], err[-3000:]
+  assert "Traceback" not in err and len([line for line in lines if line.startswith("error: ")]) <= 1, err[-3000:]
+
+
+@pytest.fixture
+def folders(tmp_path):
+  """What an export must not write over: a workdir (checkpoints, metrics, its lock), a clone of someone's Hub
+  repository, a folder of the user's own, an evaluation's --out, and an earlier export that holds a run."""
+  run = tmp_path / "parent" / "run"
+  (run / "checkpoints" / "2").mkdir(parents=True)
+  (run / "checkpoints" / "2" / "state").write_bytes(b"\x00weights")
+  (run / "metrics.jsonl").write_text('{"step": 2, "loss": 0.5}\n')
+  (run / ".lock").write_text('{"pid": 1, "host": "h", "since": "t"}')
+  (tmp_path / "clone" / ".git").mkdir(parents=True)
+  (tmp_path / "clone" / ".git" / "config").write_text("[core]\n")
+  (tmp_path / "clone" / "README.md").write_text("my own card")
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("mine")
+  (tmp_path / "evaluation").mkdir()
+  (tmp_path / "evaluation" / ".lock").write_text("")
+  (tmp_path / "export" / "old_run" / "checkpoints").mkdir(parents=True)
+  (tmp_path / "export" / exports.MARKER).write_text("{}")
+  return tmp_path
+
+
+EXPORT_TARGETS = [
+  ("--hub_dir={tmp}/parent/run", "--hub_dir={tmp}/parent/run is a training workdir (it holds checkpoints/)"),
+  ("--out={tmp}/parent/run", "--out={tmp}/parent/run is a training workdir (it holds checkpoints/)"),
+  ("--hub_dir={tmp}/parent", "--hub_dir={tmp}/parent holds the workdir being exported ({tmp}/parent/run)"),
+  ("--hub_dir={tmp}/clone", "--hub_dir={tmp}/clone is not empty and no export wrote it (it has no .advunlearn_export)"),
+  ("--out={tmp}/mine", "--out={tmp}/mine is not empty and no export wrote it"),
+  ("--out={tmp}/evaluation", "--out={tmp}/evaluation is a training workdir (it holds .lock)"),
+  ("--hub_dir={tmp}/export", "--hub_dir={tmp}/export holds the training workdir {tmp}/export/old_run"),
+]
+
+
+@pytest.mark.parametrize("target, message", EXPORT_TARGETS, ids=[t.split("}")[1] for t, _ in EXPORT_TARGETS])
+def test_an_export_never_writes_over_what_it_did_not_write(folders, target, message):
+  """`export --hub_dir=WORKDIR` used to replace the workdir with the Hub folder: checkpoints, metrics and lock gone."""
+  before = folder_bytes(folders)
+  status, _, err = _command("export", f"--workdir={folders}/parent/run", target.format(tmp=folders))
+  _one_line(status, err, cli.EXIT_USER_ERROR, "error: " + message.format(tmp=folders))
+  assert folder_bytes(folders) == before
+
+
+def test_one_writer_per_output_folder(folders):
+  """evaluate, population and export hold their output folder as training holds its workdir: a second process
+  refuses at once, naming the holder, and changes nothing."""
+  out, previous_export = folders / "out", folders / "exported"
+  out.mkdir()
+  previous_export.mkdir()
+  (previous_export / exports.MARKER).write_text("{}")
+  commands = [
+    ("evaluate", "--config=configs/tiny.py", f"--out={out}"),
+    ("population", "--config=configs/tiny.py", f"--workdir={out}"),
+    ("export", f"--workdir={folders}/parent/run", f"--out={previous_export}"),
+  ]
+  with workdir_lock.WorkdirLock(str(out)), workdir_lock.WorkdirLock(str(previous_export), remove=True):
+    before = folder_bytes(folders)
+    for module, *args in commands:
+      status, _, err = _command(module, *args)
+      _one_line(status, err, cli.EXIT_USER_ERROR, f"is in use by another run (pid {os.getpid()} on host")
+      assert folder_bytes(folders) == before, module
+  assert not (previous_export / ".lock").exists()  # an export's lock goes with it
+
+
+def _raises(exception):
+  def main(argv):
+    raise exception
+
+  return lambda: cli.run(main)
+
+
+def test_a_diverged_run_and_ctrl_c_end_with_one_line():
+  """A diverged run is no user error (status 1), but its message says all: no traceback. Ctrl-C outside the
+  training loop (which saves first, test_preemption.py) is one line and 130, as a shell reports it."""
+  diverged = TrainingDiverged("training diverged at iteration 3 (loss nan, loss_unlearn nan, loss_retain 0.1); ...")
+  status, _, err = _in_child(_raises(diverged), ["main"], "diverged")
+  _one_line(status, err, 1, "error: training diverged at iteration 3 (loss nan, loss_unlearn nan, loss_retain 0.1)")
+  status, _, err = _in_child(_raises(KeyboardInterrupt()), ["main"], "interrupted")
+  _one_line(status, err, 130, "interrupted (SIGINT); stopping")
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
@@ -302,3 +405,11 @@ def test_generate_takes_tiny_as_main_does(tmp_path):
   )
   assert status == 0, err[-3000:]
   assert "wrote 1 images" in out and (tmp_path / "o" / "p0_s0.png").is_file()
+
+
+def test_no_banner_a_user_cannot_act_on(capfd):
+  """transformers' "PyTorch was not found" advice: torch is optional here, and every command imports cli first."""
+  from transformers.utils import logging as hf_logging
+
+  hf_logging.get_logger("transformers").warning_advice("PyTorch was not found. Models won't be available")
+  assert "PyTorch" not in capfd.readouterr().err

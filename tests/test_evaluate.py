@@ -37,6 +37,14 @@ def test_bad_prompt_csvs_say_where(tmp_path):
     prompt_sets.read_csv(str(tmp_path / "missing.csv"), 0, 7.5)
   with pytest.raises(ConfigError, match="keep one"):
     prompt_sets.from_config(str(bad), ("x",), 0, 7.5, 0, "prompts")
+  empty = tmp_path / "empty.csv"
+  empty.write_text("")
+  with pytest.raises(ConfigError, match="empty.csv: needs a 'prompt' column; the file is empty$"):
+    prompt_sets.read_csv(str(empty), 0, 7.5)
+  from advunlearn_jax.unlearn import retain
+
+  with pytest.raises(ConfigError, match=r"empty.csv has no 'prompt' column \(the file is empty\)"):
+    retain.load_csv(str(empty))
   got = prompt_sets.from_config("", ("a", "b", "c"), 5, 3.0, 2, "prompts")
   assert got == [("0", "a", 5, 3.0), ("1", "b", 6, 3.0)]
 

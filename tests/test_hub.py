@@ -34,7 +34,8 @@ def test_hub_folder_loads_in_transformers_and_its_card_carries_the_report(run_an
   hub_dir = str(tmp_path / "hub")
   hub.write_folder(hub_dir, workdir, report_path=report_path, with_reference=True)
   assert sorted(os.listdir(hub_dir)) == [
-    "README.md", "TextEncoder-text_encoder_full-epoch_1.pt", "text_encoder", "training_config.json"
+    ".advunlearn_export", "README.md", "TextEncoder-text_encoder_full-epoch_1.pt", "text_encoder",
+    "training_config.json",
   ]  # fmt: skip
   # The encoder is the run's own, in safetensors, loadable as the reference's users load theirs.
   assert "model.safetensors" in os.listdir(os.path.join(hub_dir, "text_encoder"))

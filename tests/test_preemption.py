@@ -77,7 +77,7 @@ def test_sigkill_then_resume_is_bit_identical(pipeline_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_sigterm_saves_before_exit(pipeline_dir, tmp_path):
+def test_sigterm_and_ctrl_c_save_before_exit(pipeline_dir, tmp_path):
   workdir = str(tmp_path / "term")
   proc = subprocess.Popen(
     _cmd(pipeline_dir, workdir, iterations=400), cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True
@@ -88,3 +88,16 @@ def test_sigterm_saves_before_exit(pipeline_dir, tmp_path):
   assert proc.returncode == cli.EXIT_PREEMPTED == 75, err[-2000:]  # saved, not finished: a scheduler requeues
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert "SIGTERM: saved step" in err and steps[-1] >= 2 and steps[-1] < 400
+  # Ctrl-C on the resumed run does the same (it used to print a KeyboardInterrupt traceback and save nothing
+  # since the last checkpoint), with the status a shell reports for it.
+  proc = subprocess.Popen(
+    _cmd(pipeline_dir, workdir, iterations=400), cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True
+  )
+  after = steps[-1] - steps[-1] % 2 + 2  # the resumed run's first periodic save (save_every 2)
+  _wait_for_checkpoint(proc, workdir, after)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == cli.EXIT_INTERRUPTED == 130, err[-2000:]
+  saved = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert f"SIGINT: saved step {saved}, stopping; rerun the same command to resume" in err, err[-2000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err and saved >= after

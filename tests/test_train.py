@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from advunlearn_jax import config_lib, runs, train
@@ -104,6 +105,21 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   exported = exports.export_latest(workdir, str(tmp_path / "exported"))
   _, again = clip_convert.load_clip_text(exported["text_encoder"])
   jax.tree.map(np.testing.assert_array_equal, again, trained)
+  # An export replaces an earlier export (it carries the marker), and a Hub export into a clone of a Hub
+  # repository keeps the clone's git data (test_bad_inputs.py: what it refuses to write over).
+  exports.export_latest(workdir, str(tmp_path / "exported"))
+  clone = tmp_path / "clone"
+  (clone / ".git").mkdir(parents=True)
+  (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+  (clone / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+  from advunlearn_jax import hub
+
+  for _ in range(2):  # into the fresh clone, then over its own earlier export
+    hub.write_folder(str(clone), workdir, license_id="mit")
+  assert sorted(os.listdir(clone)) == [
+    exports.MARKER, ".git", ".gitattributes", "README.md", "text_encoder", "training_config.json"
+  ]  # fmt: skip
+  assert (clone / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
   as_reference = exports.export_latest(workdir, str(tmp_path / "reference"), fmt="reference")
   assert as_reference["reference_checkpoint"].endswith("reference/TextEncoder-text_encoder_full-epoch_3.pt")
   again = clip_convert.load_reference_checkpoint(as_reference["reference_checkpoint"], config)
@@ -306,10 +322,91 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
   for step in ("1", "2", "3"):
     for path in _state_files(os.path.join(ckpts, step)):
       os.remove(path)
-  with pytest.raises(CheckpointError, match=r"no checkpoint reads back whole \(step 3: .*step 2: .*step 1: "):
+  whole = r"no checkpoint reads back whole and finite \(step 3: .*step 2: .*step 1: "
+  with pytest.raises(CheckpointError, match=whole) as refused:
     runs.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 4}), workdir)
+  assert "<bound method" not in str(refused.value)
   assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
   assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["2"]
+
+
+def test_a_diverging_run_stops_before_it_saves_or_exports_nan(pipeline_dir, tmp_path):
+  """The loss turns NaN at iteration 3 (the base UNet turns NaN under the run, as train.lr=1e30 turns the trained
+  weights): the run stops at the save that would have written it, naming the iteration and the loss terms, and
+  every file of the run as it was stays byte for byte (the warm-up step of the tests above: nothing compiles)."""
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  from advunlearn_jax.errors import TrainingDiverged
+  from tests.conftest import folder_bytes
+
+  pipe, workdir = str(tmp_path / "pipe"), str(tmp_path / "run")
+  shutil.copytree(pipeline_dir, pipe)
+  overrides = {"train.iterations": 2, "train.warmup_iters": 4, "train.save_every": 1, "train.log_every": 2}
+  runs.run(tiny_config(pipe, **overrides), workdir)
+  unet_file = os.path.join(pipe, "unet", "diffusion_pytorch_model.safetensors")
+  weights = load_file(unet_file)
+  weights = {k: np.full_like(v, np.nan) if k.startswith("conv_in") else v for k, v in weights.items()}
+  save_file(weights, unet_file)
+  before = folder_bytes(workdir)
+  message = r"training diverged at iteration 3 \(loss nan, loss_unlearn nan, loss_retain nan\); nothing after it was"
+  with pytest.raises(TrainingDiverged, match=message + r" saved or exported, and the last checkpoint, step 2, is"):
+    runs.run(tiny_config(pipe, **{**overrides, "train.iterations": 4}), workdir)
+  after = folder_bytes(workdir)
+  redrawn = (".lock", "loss.png")  # the lock names its new holder; the plot is redrawn from the same metrics
+  assert {k: v for k, v in after.items() if k not in redrawn and not k.startswith("tensorboard")} == {
+    k: v for k, v in before.items() if k not in redrawn and not k.startswith("tensorboard")
+  }
+
+
+def _small_state(value: float) -> step_lib.TrainState:
+  """A train state of a few numbers, for checkpoint tests that need no model."""
+  import jax.numpy as jnp
+  import optax
+
+  params = {"w": jnp.full((4,), value, jnp.float32)}
+  has_last = jnp.zeros((), bool)
+  return step_lib.TrainState(
+    jnp.zeros((), jnp.int32), params, optax.adam(1e-3).init(params), jnp.zeros((77, 4)), has_last,
+    *step_lib.finite_so_far(),
+  )  # fmt: skip
+
+
+def test_a_non_finite_checkpoint_is_refused_as_a_damaged_one(tmp_path, capsys):
+  """Checkpoints written with NaN weights (before runs refused to save them) are skipped by export and set aside by
+  a resume, which uses the last finite one; with none finite, both refuse and nothing changes. A checkpoint
+  written before the state carried its finiteness still restores."""
+  from advunlearn_jax import checkpoint
+  from advunlearn_jax.errors import CheckpointError
+  from tests.conftest import folder_bytes
+
+  workdir = str(tmp_path / "run")
+  mngr = checkpoint.manager(workdir, 5)
+  older = {k: v for k, v in _small_state(1.0)._asdict().items() if k not in ("diverged_at", "diverged_losses")}
+  mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(older), meta=ocp.args.JsonSave({"config": {}})))
+  checkpoint.save(mngr, 2, _small_state(float("nan")), {"config": {}})
+  mngr.wait_until_finished()
+  step, _, params = checkpoint.latest_readable(workdir)
+  said = capsys.readouterr().out
+  assert step == 1 and "step 2: not finite: 1 of 1 tensors hold NaN or infinity; skipped" in said
+  np.testing.assert_array_equal(params["w"], np.ones(4))
+  state, _ = checkpoint.restore_latest(mngr, _small_state(0.0), {}, workdir)
+  said = capsys.readouterr().out
+  assert "checkpoint step 2 is damaged (not finite: 1 of 3 tensors" in said and "resuming from step 1" in said
+  assert int(state.diverged_at) == 0 and float(state.params["w"][0]) == 1.0  # the older format, restored
+  assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["2"]
+
+  nothing_finite = str(tmp_path / "nan")
+  mngr = checkpoint.manager(nothing_finite, 5)
+  checkpoint.save(mngr, 1, _small_state(float("inf")), {"config": {}})
+  mngr.wait_until_finished()
+  before = folder_bytes(nothing_finite)
+  with pytest.raises(CheckpointError, match=r"no checkpoint reads back whole and finite \(step 1: not finite"):
+    checkpoint.latest_readable(nothing_finite)
+  with pytest.raises(CheckpointError, match=r"no checkpoint reads back whole and finite \(step 1: not finite"):
+    checkpoint.restore_latest(mngr, _small_state(0.0), {}, nothing_finite)
+  assert folder_bytes(nothing_finite) == before
 
 
 def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout(pipeline_dir, tmp_path, monkeypatch):

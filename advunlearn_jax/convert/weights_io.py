@@ -114,8 +114,10 @@ def read_weights_folder(folder: str, stems: Sequence[str]) -> tuple[dict[str, np
 
 
 @contextlib.contextmanager
-def atomic_folder(out_dir: str, overwrite: bool = True) -> Iterator[str]:
-  """Yields a staging folder that replaces `out_dir` only if the block finishes without error."""
+def atomic_folder(out_dir: str, overwrite: bool = True, keep: tuple[str, ...] = ()) -> Iterator[str]:
+  """Yields a staging folder that replaces `out_dir` only if the block finishes without error. `keep`: entries of
+  the replaced folder that the new one takes over (a clone's `.git`; a lock file, hard-linked before the swap so
+  that its path never names another file while held)."""
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
@@ -125,15 +127,29 @@ def atomic_folder(out_dir: str, overwrite: bool = True) -> Iterator[str]:
   try:
     yield staging
     if os.path.exists(out_dir):
+      _link_files(out_dir, staging, keep)
       backup = staging + ".old"
       os.rename(out_dir, backup)
       os.rename(staging, out_dir)
+      for name in keep:  # folders, and files that could not be linked; a crash here leaves them in the backup
+        if os.path.lexists(os.path.join(backup, name)) and not os.path.lexists(os.path.join(out_dir, name)):
+          os.rename(os.path.join(backup, name), os.path.join(out_dir, name))
       shutil.rmtree(backup)
     else:
       os.rename(staging, out_dir)
   finally:
     if os.path.exists(staging):
       shutil.rmtree(staging)
+
+
+def _link_files(source: str, target: str, names: tuple[str, ...]) -> None:
+  for name in names:
+    path = os.path.join(source, name)
+    if os.path.isfile(path) and not os.path.islink(path):
+      try:
+        os.link(path, os.path.join(target, name))
+      except OSError:  # no hard links here, or the name is taken: moved after the swap instead
+        pass
 
 
 def write_safetensors(path: str, state: dict[str, np.ndarray]) -> None:

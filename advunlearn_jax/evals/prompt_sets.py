@@ -28,7 +28,8 @@ def read_csv(path: str, default_seed: int, default_guidance: float) -> list[Eval
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
     if not reader.fieldnames or "prompt" not in reader.fieldnames:
-      raise ConfigError(f"{path}: needs a 'prompt' column; found {reader.fieldnames}")
+      found = f"columns {reader.fieldnames}" if reader.fieldnames else "the file is empty"
+      raise ConfigError(f"{path}: needs a 'prompt' column; {found}")
     out = []
     for row_number, row in enumerate(reader, start=2):  # line 1 is the header
       prompt = (row["prompt"] or "").strip()

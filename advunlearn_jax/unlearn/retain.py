@@ -59,9 +59,10 @@ def load_csv(path: str) -> list[str]:
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
     if not reader.fieldnames or "prompt" not in reader.fieldnames:
+      found = f"columns: {reader.fieldnames}" if reader.fieldnames else "the file is empty"
       raise ConfigError(
-        f"config.retain.dataset: {path} has no 'prompt' column (columns: {reader.fieldnames}); expected the "
-        "reference format case_num,source,prompt"
+        f"config.retain.dataset: {path} has no 'prompt' column ({found}); expected the reference format "
+        "case_num,source,prompt"
       )
     prompts = [row["prompt"].strip() for row in reader if (row.get("prompt") or "").strip()]
   if not prompts:

@@ -80,6 +80,11 @@ class TrainState(NamedTuple):
   opt_state: Any
   last_sequence: jax.Array  # [77, D] the latest adversarial sequence (for `latest` init)
   has_last: jax.Array  # bool
+  # The first iteration (1-based, as the step count after it) at which a loss term was not finite, 0 while none
+  # was, and the LOSS_TERMS then: carried on the device, so the loop reads it only before it writes a checkpoint
+  # or an export, never once per step.
+  diverged_at: jax.Array  # int32
+  diverged_losses: jax.Array  # [len(LOSS_TERMS)] float32
   bank: bank_lib.Bank | None = None  # xt_source='bank': the trajectories (renewed in place when configured)
 
 
@@ -119,6 +124,9 @@ class IterationPoints(NamedTuple):
 
 
 KEY_NAMES = ("concept", "attack", "init", "t", "noise_c", "noise_r", "iter")
+# The defender's loss terms, whose finiteness the state carries (TrainState.diverged_at). The attack's loss needs
+# no check of its own: a non-finite adversarial prompt makes the defender's loss non-finite in the same step.
+LOSS_TERMS = ("loss", "loss_unlearn", "loss_retain")
 
 
 def optimizer(cfg: StepConfig) -> optax.GradientTransformation:
@@ -130,7 +138,28 @@ def init_state(cfg: StepConfig, models: Models, frozen: Frozen, bank: bank_lib.B
   params = jax.tree.map(jnp.copy, _trained_leaves(cfg, models, frozen))
   d = frozen.concept_emb.shape[-1]
   return TrainState(
-    jnp.zeros((), jnp.int32), params, optimizer(cfg).init(params), jnp.zeros((77, d)), jnp.zeros((), bool), bank
+    jnp.zeros((), jnp.int32),
+    params,
+    optimizer(cfg).init(params),
+    jnp.zeros((77, d)),
+    jnp.zeros((), bool),
+    *finite_so_far(),
+    bank,
+  )
+
+
+def finite_so_far() -> tuple[jax.Array, jax.Array]:
+  """(diverged_at, diverged_losses) of a state in which every loss term so far was finite."""
+  return jnp.zeros((), jnp.int32), jnp.zeros((len(LOSS_TERMS),), jnp.float32)
+
+
+def _track_divergence(state: TrainState, metrics: dict) -> TrainState:
+  """Records the first iteration whose loss terms are not all finite (state.step is still the iteration's index)."""
+  terms = jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in LOSS_TERMS])
+  first = (state.diverged_at == 0) & ~jnp.all(jnp.isfinite(terms))
+  return state._replace(
+    diverged_at=jnp.where(first, state.step + 1, state.diverged_at),
+    diverged_losses=jnp.where(first, terms, state.diverged_losses),
   )
 
 
@@ -500,6 +529,7 @@ def train_step(
     rollout_computed_rows=rollout.computed_rows,
     rollout_useful_rows=rollout.useful_rows,
   )
+  state = _track_divergence(state, metrics)
   # Parameters and Adam state keep their (FSDP) layout; the bank stays replicated.
   state = sharding.constrain_params(state._replace(step=state.step + 1, bank=None), models.mesh)
   return state._replace(bank=bank), metrics
