@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluation.inversion.cce.eps = 1e-8
   c.evaluation.inversion.cce.flip_p = 0.5  # concept_inversion.py:485, RandomHorizontalFlip
   c.evaluation.inversion.prefix = ml_collections.ConfigDict()
-  c.evaluation.inversion.prefix.tokens = 3  # k learned embeddings, placed where UnlearnDiffAtk puts its k tokens
+  c.evaluation.inversion.prefix.tokens = 3  # k learned embeddings, trained and rendered at `placement`
   c.evaluation.inversion.prefix.steps = 300  # Adam steps of the denoising loss
   c.evaluation.inversion.prefix.lr = 5e-3
   c.evaluation.inversion.prefix.batch = 4

@@ -10,9 +10,12 @@ of both on this machine.
       --iterations=20 --budgets=10,20 --speed_steps=20 --quick   # a smoke run
 
 The original is `esd/concept_inversion.py`, unmodified, with `esd/train.sh`'s arguments (their era's packages,
-from their environment.yml: transformers 5 has no `CLIPTextModel.text_model`, which the script freezes by name).
-Three things differ from train.sh: no `--mixed_precision=fp16` and no xformers (this is a CPU), and the tiny
-model's `--resolution=32`. Its one torchvision call, a horizontal flip with probability 0.5
+from their environment.yml: transformers 5 has no `CLIPTextModel.text_model`, which the script freezes by name;
+our own environment needs torch too, to read its saved embeddings). What differs from train.sh: no
+`--mixed_precision=fp16` and no xformers (this is a CPU); the tiny model's `--resolution=32`; the concept's
+templates and initializer as configs/tiny.py sets them for our CCE (object, "shape"); `--seed` set, the
+embedding saved at the budgets (`--save_steps`, no accelerate state, no full pipeline), `--max_train_steps` the
+last budget. Its one torchvision call, a horizontal flip with probability 0.5
 (concept_inversion.py:521), comes from a stand-in module written next to its output (`torch.rand(1) < p`, as
 torchvision's), so torchvision is never installed. It saves the learned embedding every --budgets step
 (`--save_steps`); each saved embedding is rendered by our renderer where the concept's word stood, exactly as
@@ -28,6 +31,7 @@ there (about 5 minutes).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -76,7 +80,7 @@ runpy.run_path(script, run_name="__main__")
 PLACEHOLDER = "<concept>"
 
 
-def original_command(args, cfg, model_dir: str, images_dir: str, out_dir: str) -> list:
+def original_command(args, cfg, model_dir: str, images_dir: str, out_dir: str, seed: int) -> list:
   """esd/train.sh's arguments (lines 6-24), on our model and images."""
   return [
     args.original_python,
@@ -99,16 +103,8 @@ def original_command(args, cfg, model_dir: str, images_dir: str, out_dir: str) -
     f"--checkpointing_steps={10 * max(cfg.checkpoints)}",  # no accelerate state: only the embeddings
     f"--output_dir={out_dir}",
     f"--num_train_images={cfg.max_images}",
-    "--seed=0",
+    f"--seed={seed}",
   ]
-
-
-def prune(out_dir: str, checkpoints) -> None:
-  """Removes the saved embeddings of steps that are no budget (their --save_steps is the budgets' divisor)."""
-  keep = {f"learned_embeds-steps-{b}.bin" for b in checkpoints}
-  for name in os.listdir(out_dir):
-    if name.startswith("learned_embeds-steps-") and name not in keep:
-      os.remove(os.path.join(out_dir, name))
 
 
 class Original:
@@ -116,7 +112,7 @@ class Original:
   embedding it saves at that step; like ours, the attack stops at its first successes, so `close()` ends the
   script once nothing is left to render (or when it is done)."""
 
-  def __init__(self, args, cfg, model_dir: str, images: np.ndarray, out_dir: str, log):
+  def __init__(self, args, cfg, model_dir: str, images: np.ndarray, out_dir: str, log, seed: int = 0):
     from PIL import Image
 
     self.out_dir, self.checkpoints = out_dir, cfg.checkpoints
@@ -127,7 +123,7 @@ class Original:
       Image.fromarray(image).save(os.path.join(images_dir, f"{i:02d}.png"))
     with open(os.path.join(out_dir, "stand_in.py"), "w") as f:
       f.write(STAND_IN)
-    command = original_command(args, cfg, model_dir, images_dir, out_dir)
+    command = original_command(args, cfg, model_dir, images_dir, out_dir, seed)
     log(f"original: {' '.join(command[2:])}")
     self.log_file = open(os.path.join(out_dir, "log.txt"), "w")  # noqa: SIM115 (closed by close())
     self.proc = subprocess.Popen(command, stdout=self.log_file, stderr=self.log_file)
@@ -135,12 +131,16 @@ class Original:
   def saved(self, step: int) -> str:
     return os.path.join(self.out_dir, f"learned_embeds-steps-{step}.bin")
 
+  def _later_saved(self, step: int) -> bool:
+    """Whether the script has saved a step after `step` (every --save_steps), so that file is complete."""
+    head = "learned_embeds-steps-"
+    return any(int(n[len(head) : -4]) > step for n in os.listdir(self.out_dir) if n.startswith(head))
+
   def embedding(self, step: int) -> np.ndarray:
     """[1, D], once the script has saved it (the file complete: a later one exists, or the script ended)."""
     import torch
 
-    later = [self.saved(b) for b in self.checkpoints if b > step]
-    while not (os.path.exists(self.saved(step)) and (self.proc.poll() is not None or any(map(os.path.exists, later)))):
+    while not (os.path.exists(self.saved(step)) and (self.proc.poll() is not None or self._later_saved(step))):
       if self.proc.poll() not in (None, 0):
         raise SystemExit(f"the original exited with status {self.proc.returncode}: {self.out_dir}/log.txt")
       if self.proc.poll() == 0 and not os.path.exists(self.saved(step)):
@@ -192,6 +192,10 @@ def asr_row(outcomes, checkpoints) -> list[dict]:
   return [{**c, "interval": list(intervals.wilson(c["successes"], n))} for c in row]
 
 
+def _span(interval) -> str:
+  return f"{100 * interval[0]:.0f}-{100 * interval[1]:.0f}%"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--original", required=True, help="a clone of NYU-DICE-Lab/circumventing-concept-erasure")
@@ -200,6 +204,7 @@ def main():
   parser.add_argument("--out", default=os.path.join(ROOT, "workdirs", "cce_original_tiny"))
   parser.add_argument("--concept", default="triangle")
   parser.add_argument("--budgets", default="10,25,50,100,250,500,1000,2500,5000", help="CCE steps")
+  parser.add_argument("--seeds", default="0,1,2,3", help="training seeds of both runs (word placement), pooled")
   parser.add_argument("--resolution", type=int, default=32)
   parser.add_argument("--iterations", type=int, default=0, help="training iterations if --workdir is trained here")
   parser.add_argument("--speed_steps", type=int, default=300, help="steps of each in the timing pass; 0: none")
@@ -224,23 +229,32 @@ def main():
   images = inversion.concept_images(ev.inversion.images, word.max_images, args.resolution, seed=config.seed)
   os.makedirs(args.out, exist_ok=True)
 
-  rows = {}
-  for placement in ("word", "prefix"):
-    cfg = word._replace(placement=placement)
-    result = inversion.attack_prompts(target, prompts, images, classifier, cfg, seed=config.seed, log=log)
-    rows[f"ours, {placement}"] = asr_row(result.outcomes, cfg.checkpoints)
-  original = Original(args, word, model_dir, images, os.path.join(args.out, "original"), log)
-  try:
-    result = inversion.attack_prompts(
-      target, prompts, images, classifier, word, seed=config.seed, log=log, learned_at=original.embedding
-    )
-  finally:
-    original.close()
-  rows["original (esd/concept_inversion.py), word"] = asr_row(result.outcomes, word.checkpoints)
+  # Where ASR climbs from none to all within a few dozen steps, when it does depends on the training seed (the
+  # data order, the noise): the word placement's rows pool several seeds of each run (cases of different seeds
+  # counted as independent draws, so the intervals are if anything narrow). The prefix row, which runs to the
+  # last budget, is the first seed's.
+  seeds = [int(s) for s in args.seeds.split(",")]
+  ours, theirs, names = "ours, word", "original (esd/concept_inversion.py), word", {}
+  by_seed: dict[str, list] = {ours: [], theirs: [], "ours, prefix": []}
+  for seed in seeds:
+    attack = functools.partial(inversion.attack_prompts, target, prompts, images, classifier, seed=seed, log=log)
+    by_seed[ours].append(attack(word).outcomes)
+    original = Original(args, word, model_dir, images, os.path.join(args.out, f"original_seed{seed}"), log, seed)
+    try:
+      by_seed[theirs].append(attack(word, learned_at=original.embedding).outcomes)
+    finally:
+      original.close()
+    if seed == seeds[0]:
+      by_seed["ours, prefix"].append(attack(word._replace(placement="prefix")).outcomes)
+  for name, outcomes in by_seed.items():
+    names[name] = f"{name} (seed {seeds[0]})" if len(outcomes) == 1 else f"{name} ({len(outcomes)} seeds, pooled)"
+  rows = {names[k]: asr_row([o for run in v for o in run], word.checkpoints) for k, v in by_seed.items()}
+  per_seed = {k: [asr_row(run, word.checkpoints) for run in v] for k, v in by_seed.items()}
   # Speed: both trainings alone, back to back, on this machine (the ASR runs above stop and render in between).
   speeds = {}
   if args.speed_steps:
-    timed = word._replace(budgets=(10, 10 + args.speed_steps))
+    # Their script saves at multiples of the budgets' divisor: (N, 2N) saves once in the timed stretch, as ours none.
+    timed = word._replace(budgets=(args.speed_steps, 2 * args.speed_steps))
     speeds["ours"] = our_steps_per_second(target, prompts, images, timed, args.speed_steps)
     timing_dir = os.path.join(args.out, "original_timing")
     timing = Original(args, timed, model_dir, images, timing_dir, log)
@@ -252,7 +266,7 @@ def main():
 
   header = "| run | " + " | ".join(str(c["budget"]) for c in next(iter(rows.values()))) + " |"
   lines = [header, "|---" * (header.count("|") - 1) + "|"]
-  cells = lambda row: " | ".join(f"{c['successes']}/{c['cases']}" for c in row)
+  cells = lambda row: " | ".join(f"{c['successes']}/{c['cases']} ({_span(c['interval'])})" for c in row)
   lines += [f"| {name} | {cells(row)} |" for name, row in rows.items()]
   lines += ["", "| run | CCE steps per second (4 x 4 images) |", "|---|---|"]
   lines += [f"| {name} | {s:.2f} |" for name, s in speeds.items()]
@@ -261,7 +275,8 @@ def main():
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"model": model_dir, "prompts": len(prompts), "rows": rows, "steps_per_second": speeds}, f, indent=2)
+    report = {"model": model_dir, "prompts": len(prompts), "seeds": seeds, "rows": rows, "per_seed": per_seed}
+    json.dump({**report, "steps_per_second": speeds}, f, indent=2)
 
 
 if __name__ == "__main__":

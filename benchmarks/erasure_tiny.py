@@ -131,7 +131,15 @@ def measure(original, target, concept: str, args, log) -> dict:
 
 
 def inversion_measure(
-  original, target, concept: str, budgets: list[int], n: int, log, protocol="cce", placement="word", key="cce"
+  original,
+  target,
+  concept: str,
+  budgets: list[int],
+  n: int,
+  log,
+  protocol: str = "cce",
+  placement: str = "word",
+  key: str = "cce",
 ) -> dict:
   """Concept inversion (evals/inversion.py; by default the published CCE, its token where the concept's word
   stood) on the same cases, checkpointed at `budgets`; its fields named `key`_*."""

@@ -92,8 +92,8 @@ def main():
   distinct = len({c.prompt for c in erasure_tiny.cases(args.concept, n)})
   summary = (
     f"CCE ASR on {n} cases of '{args.concept}' ({distinct} prompts, seeds counting up) against optimisation "
-    f"steps (batch 4 x 4). Flat from {chosen} steps: the tiny tables use {chosen}, {chosen / PUBLISHED_STEPS:.0%} "
-    f"of the published {PUBLISHED_STEPS}. CCE training seconds to {steps[-1]} steps: "
+    f"steps (batch 4 x 4), the token in front of each prompt. Flat from {chosen} steps, "
+    f"{chosen / PUBLISHED_STEPS:.0%} of the published {PUBLISHED_STEPS}. CCE training seconds to {steps[-1]} steps: "
     + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
   )
   table = "\n".join(lines)

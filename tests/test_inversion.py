@@ -50,7 +50,7 @@ def _random_token_asr(tiny, prompts, cfg, sampler, is_triangle):
 def test_cce_in_the_words_place_brings_the_concept_back_where_a_random_token_does_not(tiny):
   """The published protocol on the base tiny model: one token initialised from "shape", 25 rendered triangles,
   their object templates, the token rendered where the prompt's shape word stood ("a photo of a striped red
-  <token>"). Measured: 6/8 prompts that name a square show a triangle at 10 steps, 8/8 at 50; one random token
+  <token>"). Measured: 2/8 prompts that name a square show a triangle at 10 steps, 8/8 at 50; one random token
   in the same place: none of 32 images."""
   is_triangle = classifiers.make("judge:shape=triangle")
   prompts = _square_prompts()
@@ -97,6 +97,8 @@ def test_word_placement_puts_the_token_where_the_concept_words_stood():
   assert ids[:n].tolist() == expected and (ids[n:] == ref[-1]).all() and len(vvg) == 3
   assert np.flatnonzero(which >= 0).tolist() == [i for i, t in enumerate(expected) if t == 0] and len(set(which)) == 2
   assert inversion.adversarial_prompt(prompt, word, "tok") == "a photo of a red <tok>, by <tok>, a <tok> again"
+  # a plural, a hyphen or a run of spaces between the words still name the concept; a longer word does not
+  assert inversion.adversarial_prompt("Triangles by van-Gogh, triangular", word, "t") == "<t> by <t>, triangular"
 
   rng = np.random.default_rng(0)
   words, learned = rng.normal(size=(77, 8)).astype(np.float32), rng.normal(size=(1, 8)).astype(np.float32)

@@ -25,6 +25,7 @@ def get_config():
   #   --config.evaluation.prompts_csv=nudity.csv  (UnlearnDiffAtk's 142 prompts; pip install -e .[nudity])
   c.evaluation.classifier = "nudenet"
   c.evaluation.unlearndiff.k = 5
-  # I2P-style prompts name no concept word: CCE's own I2P generator puts its token in front (generate_i2p.py:41-44).
+  # I2P-style prompts name no concept word: the token goes in front, as CCE's I2P generator means to
+  # (generate_i2p.py:41-44); it is still trained on the templates, not on their I2P captions (not reproduced).
   c.evaluation.inversion.placement = "prefix"
   return c

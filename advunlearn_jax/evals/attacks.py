@@ -33,7 +33,7 @@ class UnlearnDiffAtk:
     return unlearndiff.UnlearnDiffConfig.from_config(config.evaluation)
 
   @staticmethod
-  def check_prompts(cfg, prompts: Sequence) -> None:
+  def check_prompts(cfg: unlearndiff.UnlearnDiffConfig, prompts: Sequence) -> None:
     del cfg, prompts  # any prompt: the prefix tokens' room is `unlearndiff.screen`'s to check
 
   @staticmethod
@@ -71,7 +71,7 @@ class ConceptInversion:
     return inversion.InversionConfig.from_config(config)
 
   @staticmethod
-  def check_prompts(cfg, prompts: Sequence) -> None:
+  def check_prompts(cfg: inversion.InversionConfig, prompts: Sequence) -> None:
     inversion.check_prompts(cfg, prompts)
 
   @staticmethod

@@ -3,9 +3,9 @@
 Pham et al. (2023, "Circumventing Concept Erasure Methods for Text-to-Image Generative Models", CCE) showed
 that erased models still hold the concept: a new token embedding learned from images of it with the standard
 denoising loss through the *erased* model (Gal et al.'s textual inversion) brings it back. Text encoder, UNet
-and VAE stay frozen; only the embedding learns; each block of steps is one jitted loop. The learned token is
-then put in front of every evaluation prompt, each prompt is rendered at its own seed and the classifier
-decides. Two protocols (`evaluation.inversion.protocol`):
+and VAE stay frozen; only the embedding learns; each block of steps is one jitted loop. The learned token then
+stands in every evaluation prompt at `evaluation.inversion.placement`, each prompt is rendered at its own seed and
+the classifier decides. Two protocols (`evaluation.inversion.protocol`):
 
 * `cce` (default): the published attack, every setting as NYU-DICE-Lab/circumventing-concept-erasure's
   esd/concept_inversion.py and esd/train.sh (file and line in the comments of `config_lib`'s
@@ -15,9 +15,10 @@ decides. Two protocols (`evaluation.inversion.protocol`):
   drawn from the VAE posterior, timesteps uniform over the 1000 training steps. At test time the learned
   token stands where the concept's words stood (`evaluation.inversion.placement=word`, the default: as CCE
   trains it and as its authors render the concept), or in front of the prompt (`prefix`: their I2P generator's
-  "<token> prompt", for prompt sets that name no concept word).
-* `prefix`: this project's earlier, cheaper variant: k vectors (3) from random vocabulary rows in UnlearnDiffAtk's
-  k prefix positions, trained inside the evaluation prompts themselves with Adam 5e-3 at batch 4.
+  "<token> prompt", for prompt sets that name no concept word; the token is still trained on the templates, not
+  on their I2P captions, which are not reproduced).
+* `prefix`: this project's earlier, cheaper variant: k vectors (3) from random vocabulary rows, trained inside the
+  evaluation prompts themselves (at the placement) with Adam 5e-3 at batch 4.
 
 Either protocol renders (and `prefix` trains) the learned embeddings at `placement`. Budgets: the embedding is
 checkpointed at each budget (optimisation steps); a prompt's attack stops at its first
@@ -277,18 +278,21 @@ def template_ids(tokenizer, templates: Sequence[str], k: int = 1) -> tuple[np.nd
 
 
 def concept_pattern(words: Sequence[str]) -> re.Pattern:
-  """The concept's words as whole words, case-insensitive (CLIP's tokenizer lowercases), the longest first so
+  """The concept's words as whole words, case-insensitive (CLIP's tokenizer lowercases), any run of spaces or a
+  hyphen between them, an English plural ending allowed ("triangles", "churches"); the longest first, so
   "Vincent van Gogh" is replaced whole where "Van Gogh" is also listed."""
-  alternatives = "|".join(re.escape(w.strip()) for w in sorted(words, key=len, reverse=True) if w.strip())
-  return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+  phrase = lambda w: r"[\s-]+".join(map(re.escape, w.split()))
+  alternatives = "|".join(phrase(w) for w in sorted(words, key=len, reverse=True) if w.strip())
+  return re.compile(rf"(?<!\w)(?:{alternatives})(?:e?s)?(?!\w)", re.IGNORECASE)
 
 
 def prompt_pieces(prompt: str, cfg: InversionConfig) -> list[str]:
   """The prompt's text around the learned tokens' slots. `word`: the token stands where the concept's words
   stood, as CCE trains it (the placeholder in "a painting in the style of {}", esd/concept_inversion.py:533-534)
-  and as its authors render the concept with it (esd/generate_images.py:39, a prompt written around the
-  token). `prefix`: in front of the whole prompt, as CCE's I2P generator (esd/generate_i2p.py:41-44, "<token>
-  prompt") for prompts that name no concept word."""
+  and as its authors render the concept with it (esd/README.md, "Inference": generate_images.py with a prompt
+  written around the token). `prefix`: in front of the whole prompt, as CCE's I2P generator means to
+  (esd/generate_i2p.py:41-44, "<token> prompt"; as shipped, its test is inverted and a bracket is missing) for
+  prompts that name no concept word."""
   if cfg.placement == "prefix":
     return ["", prompt]
   pieces = concept_pattern(cfg.words).split(prompt)
@@ -329,7 +333,7 @@ def initializer_id(tokenizer, word: str) -> int:
 
 def cce_schedule(n_images: int, n_templates: int, cfg: InversionConfig, seed: int) -> dict[str, np.ndarray]:
   """Which image, template and flip each of the [steps, accumulation, batch] training examples uses: epochs of
-  n_images x REPEATS examples, each shuffled (their DataLoader's shuffle=True, esd/concept_inversion.py:843),
+  n_images x REPEATS examples, each shuffled (their DataLoader's shuffle=True, esd/concept_inversion.py:840-842),
   a template drawn per example (line 534) and a flip with probability flip_p (line 561). Their epoch of 625
   micro-batches ends in a short accumulation window of 1; here every step has `accumulation` micro-batches."""
   rng = np.random.default_rng(seed)
@@ -361,7 +365,7 @@ def _cce_block_fn(unet_config, text_config, cfg: InversionConfig):
   `accumulation` micro-batches (accelerate divides each micro-batch's loss by their number)."""
   unet, text = UNet2DConditionModel(unet_config), CLIPTextModel(text_config)
   # esd/concept_inversion.py:806-812: torch AdamW over the embedding table, every row but the placeholder's reset
-  # after each step (lines 984-990), so the placeholder's row alone follows AdamW: optax's equals torch's update.
+  # after each step (lines 988-995), so the placeholder's row alone follows AdamW: optax's equals torch's update.
   tx = optax.adamw(cfg.effective_lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
   def micro_loss(embeds, key, params, words, which, moments, alphas, image, template, flip):
@@ -541,14 +545,17 @@ def attack_prompts(
     return Result([done[i] for i in range(len(prompts))], [], {}, 0.0)
 
   table = np.asarray(pipe.text_params["embeddings"]["token_embedding"]["embedding"])
-  embeds, advance = trainer(pipe, tokenizer, words, which, images, cfg, seed)
+  if learned_at is None:
+    embeds, advance = trainer(pipe, tokenizer, words, which, images, cfg, seed)
+  else:
+    embeds, advance = None, lambda _, start, stop: (jnp.asarray(learned_at(stop)), 0.0)
   losses, learned, last_images, previous, train_seconds = [], {}, {}, 0, 0.0
   eta = progress.Eta(cfg.checkpoints[-1])
   for budget in cfg.checkpoints:
     if len(done) == len(prompts):  # every prompt shown: each attack stops at its first success
       break
     t0 = time.perf_counter()
-    embeds, loss = advance(embeds, previous, budget) if learned_at is None else (jnp.asarray(learned_at(budget)), 0.0)
+    embeds, loss = advance(embeds, previous, budget)
     losses.append(float(loss))
     train_seconds += time.perf_counter() - t0
     previous = budget
