@@ -238,6 +238,6 @@ def test_bench_tier_is_left_out_of_the_readme_commands():
     return {line.split("::")[1] for line in out.splitlines() if "::" in line}
 
   fast, slow, bench = collected("not slow"), collected("slow"), collected("bench")
-  assert len(bench) == 5 and all(name.startswith("test_") for name in bench)
+  assert len(bench) == 6 and all(name.startswith("test_") for name in bench)
   assert not bench & (fast | slow)
   assert "test_iteration_benchmark_compiles_for_an_h200_without_one" in slow
