@@ -24,8 +24,8 @@ from advunlearn_jax import (
   sharding,
   workdir_lock,
 )
-from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import TrainingDiverged
 from advunlearn_jax.exports import Snapshot

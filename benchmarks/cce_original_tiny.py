@@ -174,7 +174,7 @@ def our_steps_per_second(target, prompts, images, cfg, steps: int) -> float:
   """Our CCE training alone, `steps` steps after one compiling step."""
   import jax
 
-  from advunlearn_jax import tokenizer as tok_lib
+  from advunlearn_jax.data import tokenizer as tok_lib
 
   tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
   words, which = inversion.placed_words(target, tokenizer, prompts, cfg)

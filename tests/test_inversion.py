@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, budgets, classifiers, inversion, prompt_sets, unlearndiff
 from advunlearn_jax.evals import unlearndiff as ud

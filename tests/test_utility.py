@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from advunlearn_jax import config_lib, settings, sharding, tfds_source
+from advunlearn_jax import config_lib, settings, sharding
+from advunlearn_jax.data import tfds_source
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import caption_images, prompt_sets
 

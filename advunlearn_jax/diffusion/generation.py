@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import sampling
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import encode_ids

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from advunlearn_jax import progress
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import unlearndiff

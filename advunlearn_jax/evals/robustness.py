@@ -8,7 +8,7 @@ from typing import Any
 import ml_collections
 
 from advunlearn_jax import progress as progress_lib
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, budgets, unlearndiff
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from advunlearn_jax import intervals
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import CLIPTextModel, encode_ids

@@ -21,9 +21,9 @@ import numpy as np
 import optax
 
 from advunlearn_jax import progress
-from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_text_convert
 from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models import clip_text
