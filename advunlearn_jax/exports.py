@@ -28,7 +28,7 @@ from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.unlearn import trainable
 
 FORMATS = ("diffusers", "reference")

@@ -12,7 +12,7 @@ import ml_collections
 
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.tiny import report as tiny_report
 
 

@@ -29,7 +29,7 @@ from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import TrainingDiverged
 from advunlearn_jax.exports import Snapshot
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import retain, wiring
 from advunlearn_jax.unlearn import step as step_lib

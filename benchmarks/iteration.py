@@ -60,7 +60,7 @@ from advunlearn_jax.data import tokenizer as tok_lib  # noqa: E402
 from advunlearn_jax.diffusion import ddim  # noqa: E402
 from advunlearn_jax.models import clip_text  # noqa: E402
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
-from advunlearn_jax.pipeline import ScheduleConfig  # noqa: E402
+from advunlearn_jax.models.pipeline_record import ScheduleConfig  # noqa: E402
 from advunlearn_jax.testing import tiny_models  # noqa: E402
 from advunlearn_jax.unlearn import bank as bank_lib  # noqa: E402
 from advunlearn_jax.unlearn import retain, wiring  # noqa: E402

@@ -44,8 +44,8 @@ from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import unlearndiff
 from advunlearn_jax.models.clip_text import CLIPTextModel
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.models.unet import UNet2DConditionModel
-from advunlearn_jax.pipeline import Pipeline
 
 TINY_WORLD = "tiny_world:"
 PROTOCOLS = ("cce", "prefix")

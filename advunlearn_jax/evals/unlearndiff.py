@@ -29,8 +29,8 @@ from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import CLIPTextModel, encode_ids
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.models.unet import UNet2DConditionModel
-from advunlearn_jax.pipeline import Pipeline
 
 Classifier = Callable[[np.ndarray], np.ndarray]  # uint8 images [B, H, W, 3] -> bool [B]: concept present
 

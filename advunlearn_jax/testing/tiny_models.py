@@ -9,7 +9,7 @@ import jax
 
 from advunlearn_jax.models import clip_text, presets
 from advunlearn_jax.models import unet as unet_lib
-from advunlearn_jax.pipeline import ScheduleConfig
+from advunlearn_jax.models.pipeline_record import ScheduleConfig
 
 SIZES = ("micro", "tiny", "small", "sd14", "sd21")
 

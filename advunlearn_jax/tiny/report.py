@@ -17,7 +17,7 @@ from advunlearn_jax import intervals
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import quality, world
 

@@ -29,7 +29,7 @@ from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models import clip_text
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
-from advunlearn_jax.pipeline import ScheduleConfig
+from advunlearn_jax.models.pipeline_record import ScheduleConfig
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import world
 

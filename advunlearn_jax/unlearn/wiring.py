@@ -16,8 +16,8 @@ from jax.sharding import Mesh
 
 from advunlearn_jax import sharding
 from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from advunlearn_jax.models.pipeline_record import ScheduleConfig
 from advunlearn_jax.models.unet import UNet2DConditionModel, UNetConfig
-from advunlearn_jax.pipeline import ScheduleConfig
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import frozen as frozen_lib
