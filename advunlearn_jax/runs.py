@@ -7,7 +7,8 @@ from typing import Any
 
 import ml_collections
 
-from advunlearn_jax import distributed, exports, report_kinds, settings, train
+from advunlearn_jax import distributed, exports, settings, train
+from advunlearn_jax.evals import report_kinds
 
 
 def run(

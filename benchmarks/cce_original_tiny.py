@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 import configs.tiny as tiny_config  # noqa: E402
-from advunlearn_jax import intervals, runs  # noqa: E402
+from advunlearn_jax import rates, runs  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import budgets, classifiers, inversion, prompt_sets  # noqa: E402
 
@@ -189,7 +189,7 @@ def asr_row(outcomes, checkpoints) -> list[dict]:
   """Successes at each budget (0: unattacked), with their 95% Wilson intervals."""
   n = len(outcomes)
   row = [{"budget": b, "successes": round(asr * n), "cases": n} for b, asr in budgets.asr_curve(outcomes, checkpoints)]
-  return [{**c, "interval": list(intervals.wilson(c["successes"], n))} for c in row]
+  return [{**c, "interval": list(rates.wilson(c["successes"], n))} for c in row]
 
 
 def _span(interval) -> str:
