@@ -1,7 +1,7 @@
 """The config schema: every default of an AdvUnlearn run, once, with the reason for it (spec `advunlearn_spec.md`
 sections 2-4), which fields a run may resume under new values of, and every numeric field's range. It stands on
 the ground floor (it imports only `errors`); the checks that need a domain's knowledge are made where the typed
-settings are built (`settings.validate`)."""
+settings are built (`config_validation.validate`, in training/)."""
 
 from __future__ import annotations
 

@@ -46,9 +46,10 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 import configs.tiny as tiny_config  # noqa: E402
-from advunlearn_jax import rates, runs  # noqa: E402
+from advunlearn_jax import rates  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import budgets, classifiers, inversion, prompt_sets  # noqa: E402
+from advunlearn_jax.training import runs  # noqa: E402
 
 # Their one torchvision transform, and the transformers/diffusers availability checks made before it exists, so
 # neither library takes the stand-in for a real torchvision.

@@ -41,13 +41,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import configs.tiny as tiny_config  # noqa: E402
-from advunlearn_jax import config_lib, rates, runs  # noqa: E402
+from advunlearn_jax import config_lib, rates  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import classifiers, prompt_sets, robustness  # noqa: E402
 from advunlearn_jax.tiny import judge as judge_lib  # noqa: E402
 from advunlearn_jax.tiny import quality as tiny_quality  # noqa: E402
 from advunlearn_jax.tiny import training as tiny_training  # noqa: E402
 from advunlearn_jax.tiny import world  # noqa: E402
+from advunlearn_jax.training import runs  # noqa: E402
 
 # row -> (erasure method: "esd" never attacks, "advunlearn" attacks after warm-up; overrides on configs/tiny.py)
 FAITHFUL = ("train.xt_source='online'",)

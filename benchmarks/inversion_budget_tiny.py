@@ -25,9 +25,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from advunlearn_jax import config_lib, rates, runs  # noqa: E402
+from advunlearn_jax import config_lib, rates  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import attacks, budgets  # noqa: E402
+from advunlearn_jax.training import runs  # noqa: E402
 from benchmarks import erasure_tiny  # noqa: E402
 
 # (erasure_tiny method, overrides on configs/tiny.py)

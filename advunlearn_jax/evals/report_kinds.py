@@ -1,5 +1,5 @@
 """The reports `report.kind` names, one object each behind one interface: what a finished training run writes
-beside its exports (`after_run`, runs.py) and what an evaluation adds to its utility numbers (`utility`,
+beside its exports (`after_run`, training/runs.py) and what an evaluation adds to its utility numbers (`utility`,
 evals/utility.py). The tiny world's is the one kind today; "" asks for none. Nothing else compares kind names.
 """
 
