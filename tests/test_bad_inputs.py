@@ -186,16 +186,20 @@ CASES = [
   ("tiny.build", ["--out={tmp}/out", "--continue_from={tmp}/none"], "--continue_from={tmp}/none: no such folder"),
   ("tiny.measure", ["--pipeline=/nonexistent/dir"], "/nonexistent/dir: no such folder"),
   ("tiny.measure", ["--repeats=0", "--out={tmp}/out"], "--repeats=0: expected >= 1"),
-  # fetch_inception: a missing file, and a pickle that would run code
-  ("fetch_inception", ["--pth={tmp}/none.pth", "--out={tmp}/out.safetensors"], "--pth={tmp}/none.pth: no such file"),
+  # tools.fetch_inception: a missing file, and a pickle that would run code
   (
-    "fetch_inception",
+    "tools.fetch_inception",
+    ["--pth={tmp}/none.pth", "--out={tmp}/out.safetensors"],
+    "--pth={tmp}/none.pth: no such file",
+  ),
+  (
+    "tools.fetch_inception",
     ["--pth={evil}/pt_inception.pth", "--out={tmp}/out.safetensors"],
     "{evil}/pt_inception.pth: refused: the pickle calls posix.system",
   ),
-  # plot_budgets: nothing to plot, and a report that is not there
-  ("plot_budgets", [], "give at least one LABEL=REPORT.json"),
-  ("plot_budgets", ["--out={tmp}/asr.png", "ESD={tmp}/none.json"], "{tmp}/none.json: not an evaluate report"),
+  # tools.plot_budgets: nothing to plot, and a report that is not there
+  ("tools.plot_budgets", [], "give at least one LABEL=REPORT.json"),
+  ("tools.plot_budgets", ["--out={tmp}/asr.png", "ESD={tmp}/none.json"], "{tmp}/none.json: not an evaluate report"),
 ]
 
 

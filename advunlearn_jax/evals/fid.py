@@ -168,7 +168,7 @@ def feature_extractor(kind: str, inception_weights: str, clip_scorer=None, log=p
   if inception_weights and not os.path.isfile(inception_weights):
     raise ConfigError(f"config.evaluation.inception_weights: {inception_weights!r} does not exist")
   weights = inception_weights or (convert.cached_path() if os.path.isfile(convert.cached_path()) else "")
-  how_to = f"`python -m advunlearn_jax.fetch_inception` (downloads {convert.FID_WEIGHTS_URL} once)"
+  how_to = f"`python -m advunlearn_jax.tools.fetch_inception` (downloads {convert.FID_WEIGHTS_URL} once)"
   if kind == "inception" and not weights:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
       raise ConfigError(
