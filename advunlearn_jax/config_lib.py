@@ -1,7 +1,7 @@
 """The config schema: every default of an AdvUnlearn run, once, with the reason for it (spec `advunlearn_spec.md`
 sections 2-4), which fields a run may resume under new values of, and every numeric field's range. It stands on
 the ground floor (it imports only `errors`); the checks that need a domain's knowledge are made where the typed
-settings are built (`settings.validate`)."""
+settings are built (`config_validation.validate`, in training/)."""
 
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def base_config() -> ml_collections.ConfigDict:
   # clip_model; not the paper's scale) | auto: inception when its weights are at hand, else clip.
   c.evaluation.fid = "auto"
   # pytorch-fid's pt_inception-2015-12-05 .pth or its converted .safetensors; "": the cache, filled by
-  # `python -m advunlearn_jax.fetch_inception` (or, with fid=inception and no HF_HUB_OFFLINE, on first use).
+  # `python -m advunlearn_jax.tools.fetch_inception` (or, with fid=inception and no HF_HUB_OFFLINE, on first use).
   c.evaluation.inception_weights = ""
   # How an image becomes the Inception's 299 x 299 input: t2ibenchmark (the paper's FID: AdvUnlearn's
   # img_retain_eval.py calls T2IBenchmark, which centre-crops and resizes with PIL bicubic) | pytorch_fid

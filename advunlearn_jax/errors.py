@@ -22,7 +22,7 @@ class CheckpointError(UserError):
 
 
 class WorkdirInUse(ConfigError):
-  """Another process holds the workdir (workdir_lock.py)."""
+  """Another process holds the workdir (training/workdir_lock.py)."""
 
 
 class TrainingDiverged(Exception):

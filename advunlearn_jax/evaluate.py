@@ -22,9 +22,10 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from advunlearn_jax import cli, compile_cache, settings, workdir_lock
+from advunlearn_jax import cli, compile_cache
 from advunlearn_jax.evals import evaluation
 from advunlearn_jax.evals import report as report_lib
+from advunlearn_jax.training import config_validation, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Folder for report.md, report.json and the image grids.")
@@ -40,7 +41,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  settings.validate(config)
+  config_validation.validate(config)
   cli.check_output_folder(_OUT.value, "out")
   os.makedirs(_OUT.value, exist_ok=True)
   # One evaluation per --out, as one run per workdir: two would write one report from two models' images.

@@ -1,4 +1,5 @@
-"""Exports a run's trained component from its latest readable checkpoint (the library: exports.py, hub.py).
+"""Exports a run's trained component from its latest readable checkpoint (the library: training/run_exports.py,
+training/hub.py).
 
   python -m advunlearn_jax.export --workdir=workdirs/church --out=exports/church [--format=reference]
   python -m advunlearn_jax.export --workdir=workdirs/nudity --hub_dir=hub/nudity --report=eval/report.json \
@@ -16,14 +17,15 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from advunlearn_jax import cli, exports, hub
+from advunlearn_jax import cli
+from advunlearn_jax.training import hub, run_exports
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir holding checkpoints/")
 _OUT = flags.DEFINE_string("out", None, "output folder: the component and a whole pipeline")
 _HUB_DIR = flags.DEFINE_string("hub_dir", None, "output folder: a Hub model repository with its model card")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "base pipeline, if not the one the run used")
 _FORMAT = flags.DEFINE_enum(
-  "format", "diffusers", exports.FORMATS, "diffusers: the component's folder; reference: the TextEncoder-*.pt"
+  "format", "diffusers", run_exports.FORMATS, "diffusers: the component's folder; reference: the TextEncoder-*.pt"
 )
 _REPORT = flags.DEFINE_string("report", "", "with --hub_dir: an evaluate report.json for the model card")
 _LICENSE = flags.DEFINE_string("license", "", "with --hub_dir: the card's licence id; default: the base model's")
@@ -40,7 +42,7 @@ def main(argv):
     raise app.UsageError("--report, --license and --push_to_hub go with --hub_dir")
   if _OUT.value:
     cli.check_output_folder(_OUT.value, "out")
-    exports.export_latest(_WORKDIR.value, _OUT.value, _PRETRAINED.value, _FORMAT.value)
+    run_exports.export_latest(_WORKDIR.value, _OUT.value, _PRETRAINED.value, _FORMAT.value)
     return
   cli.check_output_folder(_HUB_DIR.value, "hub_dir")
   if _PUSH.value:

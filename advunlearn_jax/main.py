@@ -4,7 +4,7 @@ Every config field can be overridden on the command line, e.g. `--config.model.p
 
 Errors in the config or its files end with one `error: ...` line and exit status 2; a run stopped by SIGTERM
 after saving exits with status 75, by Ctrl-C with 130 (rerun to resume); a diverged run stops before it saves
-NaN, with one line and status 1; a second run on a workdir in use refuses (workdir_lock.py).
+NaN, with one line and status 1; a second run on a workdir in use refuses (training/workdir_lock.py).
 Libraries log warnings only unless --verbosity=0 (info) or 1 (debug) is given.
 
 Multi-host: run the same command on every host. TPU pod slices and SLURM jobs are detected; elsewhere (GPU
@@ -19,7 +19,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from advunlearn_jax import cli, compile_cache, settings
+from advunlearn_jax import cli, compile_cache
+from advunlearn_jax.training import config_validation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where checkpoints, metrics and exports go.")
@@ -34,18 +35,18 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  settings.validate(config)  # before any work; `model.pretrained` stays as written ("tiny" resolves at use)
+  config_validation.validate(config)  # before any work; `model.pretrained` stays as written ("tiny" resolves at use)
   cli.check_output_folder(_WORKDIR.value, "workdir")
   compile_cache.enable(_COMPILATION_CACHE.value, _CACHE_DEFAULT, workdir=_WORKDIR.value)
 
-  from advunlearn_jax import distributed  # imports JAX; kept out of the config-only path
+  from advunlearn_jax.training import distributed  # imports JAX; kept out of the config-only path
 
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   primary = distributed.is_primary()  # only process 0 prints, reports and exports
   if primary:
     print(f"workdir: {_WORKDIR.value}; the full config goes with every checkpoint (--verbosity=0 prints it)")
     logging.info("config:\n%s", config)
-  from advunlearn_jax import runs
+  from advunlearn_jax.training import runs
 
   result = runs.run(config, _WORKDIR.value)
   if "stopped_at" in result:  # SIGTERM or Ctrl-C: saved, not finished; a scheduler should requeue, not mark it done

@@ -1,4 +1,5 @@
-"""Trains a population of runs, concepts x seeds x hyperparameters, in one job (the library: populations.py).
+"""Trains a population of runs, concepts x seeds x hyperparameters, in one job (the library:
+training/population_runs.py).
 
   python -m advunlearn_jax.population --config=configs/tiny.py --workdir=workdirs/grid \
       --sweep=config_arg=triangle,striped --sweep=seed=0,1 [--devices_per_member=2] [--config.train.lr=3e-5]
@@ -11,8 +12,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from advunlearn_jax import cli, compile_cache, workdir_lock
-from advunlearn_jax.populations import members, run, select_part
+from advunlearn_jax import cli, compile_cache
+from advunlearn_jax.training import workdir_lock
+from advunlearn_jax.training.population_runs import members, run, select_part
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, optionally with its argument: configs/tiny.py:striped.", lock_config=True

@@ -46,9 +46,10 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 import configs.tiny as tiny_config  # noqa: E402
-from advunlearn_jax import intervals, runs  # noqa: E402
+from advunlearn_jax import rates  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import budgets, classifiers, inversion, prompt_sets  # noqa: E402
+from advunlearn_jax.training import runs  # noqa: E402
 
 # Their one torchvision transform, and the transformers/diffusers availability checks made before it exists, so
 # neither library takes the stand-in for a real torchvision.
@@ -174,7 +175,7 @@ def our_steps_per_second(target, prompts, images, cfg, steps: int) -> float:
   """Our CCE training alone, `steps` steps after one compiling step."""
   import jax
 
-  from advunlearn_jax import tokenizer as tok_lib
+  from advunlearn_jax.data import tokenizer as tok_lib
 
   tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
   words, which = inversion.placed_words(target, tokenizer, prompts, cfg)
@@ -189,7 +190,7 @@ def asr_row(outcomes, checkpoints) -> list[dict]:
   """Successes at each budget (0: unattacked), with their 95% Wilson intervals."""
   n = len(outcomes)
   row = [{"budget": b, "successes": round(asr * n), "cases": n} for b, asr in budgets.asr_curve(outcomes, checkpoints)]
-  return [{**c, "interval": list(intervals.wilson(c["successes"], n))} for c in row]
+  return [{**c, "interval": list(rates.wilson(c["successes"], n))} for c in row]
 
 
 def _span(interval) -> str:

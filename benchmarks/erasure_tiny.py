@@ -41,17 +41,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import configs.tiny as tiny_config  # noqa: E402
-from advunlearn_jax import (  # noqa: E402
-  config_lib,
-  intervals,  # noqa: E402
-  runs,
-)
+from advunlearn_jax import config_lib, rates  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import classifiers, prompt_sets, robustness  # noqa: E402
 from advunlearn_jax.tiny import judge as judge_lib  # noqa: E402
 from advunlearn_jax.tiny import quality as tiny_quality  # noqa: E402
 from advunlearn_jax.tiny import training as tiny_training  # noqa: E402
 from advunlearn_jax.tiny import world  # noqa: E402
+from advunlearn_jax.training import runs  # noqa: E402
 
 # row -> (erasure method: "esd" never attacks, "advunlearn" attacks after warm-up; overrides on configs/tiny.py)
 FAITHFUL = ("train.xt_source='online'",)
@@ -280,15 +277,15 @@ def fmt(values: list[float]) -> str:
   return f"{np.mean(values):.1%} +- {np.std(values):.1%}"
 
 
-def pooled(results: list[dict], k: str, n: str) -> intervals.Rate | None:
+def pooled(results: list[dict], k: str, n: str) -> rates.Rate | None:
   """The count pooled over seeds with its 95% Wilson interval (cases of different seeds taken as independent
   draws); None where a run lacks the column."""
   if any(k not in r for r in results):
     return None
-  return intervals.rate(sum(r[k] for r in results), sum(r[n] for r in results))
+  return rates.rate(sum(r[k] for r in results), sum(r[n] for r in results))
 
 
-def _span(rate: intervals.Rate) -> str:
+def _span(rate: rates.Rate) -> str:
   return f"{100 * rate.lo:.0f}-{100 * rate.hi:.0f}%"
 
 

@@ -25,13 +25,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from advunlearn_jax import (  # noqa: E402
-  config_lib,
-  intervals,  # noqa: E402
-  runs,
-)
+from advunlearn_jax import config_lib, rates  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import attacks, budgets  # noqa: E402
+from advunlearn_jax.training import runs  # noqa: E402
 from benchmarks import erasure_tiny  # noqa: E402
 
 # (erasure_tiny method, overrides on configs/tiny.py)
@@ -86,8 +83,8 @@ def main():
   for name in targets:
     curve = cce[name]
     prefix = results[f"{name} | prefix"]
-    cells = [str(intervals.rate(round(asr * n), n)) for _, asr in curve]
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {intervals.rate(prefix['inversion_successes'], n)} |")
+    cells = [str(rates.rate(round(asr * n), n)) for _, asr in curve]
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {rates.rate(prefix['inversion_successes'], n)} |")
   seconds = {name: results[f"{name} | cce"]["inversion_train_seconds"] for name in targets}
   distinct = len({c.prompt for c in erasure_tiny.cases(args.concept, n)})
   summary = (

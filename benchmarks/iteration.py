@@ -56,11 +56,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from advunlearn_jax import compile_cache, config_lib, sharding  # noqa: E402
-from advunlearn_jax import tokenizer as tok_lib  # noqa: E402
+from advunlearn_jax.data import tokenizer as tok_lib  # noqa: E402
 from advunlearn_jax.diffusion import ddim  # noqa: E402
 from advunlearn_jax.models import clip_text  # noqa: E402
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
-from advunlearn_jax.pipeline import ScheduleConfig  # noqa: E402
+from advunlearn_jax.models.pipeline_record import ScheduleConfig  # noqa: E402
 from advunlearn_jax.testing import tiny_models  # noqa: E402
 from advunlearn_jax.unlearn import bank as bank_lib  # noqa: E402
 from advunlearn_jax.unlearn import retain, wiring  # noqa: E402

@@ -22,8 +22,9 @@ import time
 import numpy as np
 import pytest
 
-from advunlearn_jax import cli, exports, workdir_lock
+from advunlearn_jax import cli
 from advunlearn_jax.errors import TrainingDiverged, WeightsError, WorkdirInUse
+from advunlearn_jax.training import run_exports, workdir_lock
 from tests.conftest import folder_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,16 +186,20 @@ CASES = [
   ("tiny.build", ["--out={tmp}/out", "--continue_from={tmp}/none"], "--continue_from={tmp}/none: no such folder"),
   ("tiny.measure", ["--pipeline=/nonexistent/dir"], "/nonexistent/dir: no such folder"),
   ("tiny.measure", ["--repeats=0", "--out={tmp}/out"], "--repeats=0: expected >= 1"),
-  # fetch_inception: a missing file, and a pickle that would run code
-  ("fetch_inception", ["--pth={tmp}/none.pth", "--out={tmp}/out.safetensors"], "--pth={tmp}/none.pth: no such file"),
+  # tools.fetch_inception: a missing file, and a pickle that would run code
   (
-    "fetch_inception",
+    "tools.fetch_inception",
+    ["--pth={tmp}/none.pth", "--out={tmp}/out.safetensors"],
+    "--pth={tmp}/none.pth: no such file",
+  ),
+  (
+    "tools.fetch_inception",
     ["--pth={evil}/pt_inception.pth", "--out={tmp}/out.safetensors"],
     "{evil}/pt_inception.pth: refused: the pickle calls posix.system",
   ),
-  # plot_budgets: nothing to plot, and a report that is not there
-  ("plot_budgets", [], "give at least one LABEL=REPORT.json"),
-  ("plot_budgets", ["--out={tmp}/asr.png", "ESD={tmp}/none.json"], "{tmp}/none.json: not an evaluate report"),
+  # tools.plot_budgets: nothing to plot, and a report that is not there
+  ("tools.plot_budgets", [], "give at least one LABEL=REPORT.json"),
+  ("tools.plot_budgets", ["--out={tmp}/asr.png", "ESD={tmp}/none.json"], "{tmp}/none.json: not an evaluate report"),
 ]
 
 
@@ -253,7 +258,7 @@ def folders(tmp_path):
   (tmp_path / "evaluation").mkdir()
   (tmp_path / "evaluation" / ".lock").write_text("")
   (tmp_path / "export" / "old_run" / "checkpoints").mkdir(parents=True)
-  (tmp_path / "export" / exports.MARKER).write_text("{}")
+  (tmp_path / "export" / run_exports.MARKER).write_text("{}")
   return tmp_path
 
 
@@ -283,7 +288,7 @@ def test_one_writer_per_output_folder(folders):
   out, previous_export = folders / "out", folders / "exported"
   out.mkdir()
   previous_export.mkdir()
-  (previous_export / exports.MARKER).write_text("{}")
+  (previous_export / run_exports.MARKER).write_text("{}")
   commands = [
     ("evaluate", "--config=configs/tiny.py", f"--out={out}"),
     ("population", "--config=configs/tiny.py", f"--workdir={out}"),
@@ -318,7 +323,7 @@ def test_a_diverged_run_and_ctrl_c_end_with_one_line():
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
   """SIGKILL (or a preempted VM) ends the holder: the kernel drops its lock, and the resume takes the workdir."""
   code = (
-    "import sys, time; from advunlearn_jax import workdir_lock; "
+    "import sys, time; from advunlearn_jax.training import workdir_lock; "
     f"lock = workdir_lock.WorkdirLock({str(tmp_path)!r}).__enter__(); print('held', flush=True); time.sleep(60)"
   )
   holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -332,7 +337,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
 
 
 def test_metrics_beyond_the_restored_step_are_dropped(tmp_path):
-  from advunlearn_jax import metrics_writer
+  from advunlearn_jax.training import metrics_writer
 
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(f'{{"step": {s}, "loss": 0.5}}\n' for s in range(10, 210, 10)) + '{"step": 21')  # torn

@@ -4,7 +4,7 @@ and CLIPImageProcessor on a small random config with the real ViT layout (tolera
 import numpy as np
 import pytest
 
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError, WeightsError
 from advunlearn_jax.evals import clip_score
 

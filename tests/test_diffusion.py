@@ -8,7 +8,7 @@ import pytest
 from advunlearn_jax.convert import torch_layout
 from advunlearn_jax.diffusion import ddim, sampling
 from advunlearn_jax.models import unet as unet_lib
-from advunlearn_jax.pipeline import ScheduleConfig
+from advunlearn_jax.models.pipeline_record import ScheduleConfig
 from advunlearn_jax.testing import reference_torch
 from tests.torch_oracles import state_numpy, torch, torch_unet
 

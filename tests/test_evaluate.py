@@ -224,8 +224,8 @@ def test_evaluate_cli_flags():
   import subprocess
   import sys
 
-  from advunlearn_jax import exports, hub  # noqa: F401  the export command's libraries define no flags
   from advunlearn_jax.evals import evaluation  # noqa: F401  the command's library defines no flags
+  from advunlearn_jax.training import hub, run_exports  # noqa: F401  the export command's libraries define no flags
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(

@@ -172,7 +172,7 @@ def test_fid_features_follow_the_config(pth, tmp_path, monkeypatch):
     fid.feature_extractor("auto", "", None)
   with pytest.raises(ConfigError, match="does not exist"):
     fid.feature_extractor("auto", str(tmp_path / "nope.pth"), scorer)
-  cached = convert.convert(pth[0], convert.cached_path())  # what `python -m advunlearn_jax.fetch_inception` does
+  cached = convert.convert(pth[0], convert.cached_path())  # what `python -m advunlearn_jax.tools.fetch_inception` does
   assert cached.startswith(str(tmp_path / "empty_cache"))
   assert fid.feature_extractor("auto", "", scorer).name == "inception"
   assert fid.feature_extractor("clip", "", scorer).name == "clip"

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from advunlearn_jax import hub
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.training import hub
 from tests.conftest import QUICKSTART_OVERRIDES
 
 pytestmark = pytest.mark.slow  # the quickstart notebook's run (conftest.py): ~2 minutes on 2 cores, once

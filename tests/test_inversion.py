@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, budgets, classifiers, inversion, prompt_sets, unlearndiff
 from advunlearn_jax.evals import unlearndiff as ud
@@ -280,8 +280,8 @@ def test_budget_plot_for_several_models(tmp_path):
 def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   """`--config.evaluation.attack=inversion` through evaluate: the same report, plus the budget curve and plot."""
   import configs.tiny as tiny_config
-  from advunlearn_jax import settings
   from advunlearn_jax.evals import evaluation
+  from advunlearn_jax.training import config_validation
 
   config = tiny_config.get_config("triangle")
   config.evaluation.attack = "inversion"
@@ -291,7 +291,7 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   config.evaluation.inversion.sample_steps = 10
   config.evaluation.budgets = (10, 20)
   config.report.kind = ""
-  settings.validate(config)
+  config_validation.validate(config)
   lines = []
   report = evaluation.evaluate(config, str(tmp_path), log=lines.append)
   r = report["robustness"]
@@ -318,10 +318,10 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   assert any(line.startswith("inversion (cce): 10 steps") for line in lines)
   config.evaluation.attack = "textual"
   with pytest.raises(ConfigError, match="evaluation.attack is 'textual'; expected one of"):
-    settings.validate(config)
+    config_validation.validate(config)
   config.evaluation.attack, config.evaluation.budgets = "unlearndiff", (25,)
   with pytest.raises(ConfigError, match="multiples of unlearndiff.iters_per_t=20"):
-    settings.validate(config)
+    config_validation.validate(config)
 
 
 def test_inversion_trains_nothing_when_every_prompt_already_shows_the_concept(tiny):

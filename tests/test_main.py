@@ -8,8 +8,9 @@ import sys
 import jax
 import pytest
 
-from advunlearn_jax import compile_cache, config_lib, settings
+from advunlearn_jax import compile_cache, config_lib
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.training import config_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,7 @@ def test_tiny_default_run_end_to_end(tmp_path):
   lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip() and "AdvUnlearn:" not in line]
   assert len(lines) < 40, "\n".join(lines)
   # The checkpoint keeps the config as the user wrote it: "tiny" resolves at use, so a moved checkout resumes.
-  from advunlearn_jax import checkpoint
+  from advunlearn_jax.training import checkpoint
 
   assert checkpoint.latest_readable(str(tmp_path))[1]["config"]["model"]["pretrained"] == "tiny"
   metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -78,12 +79,12 @@ def test_validate_messages():
   config = config_lib.base_config()
   config.retain.mode = "sometimes"
   with pytest.raises(ConfigError, match="config.retain.mode"):
-    settings.validate(config)
+    config_validation.validate(config)
   # The attack's settings are checked where AttackConfig is built, once for the whole command.
   config = config_lib.base_config()
   config.attack.init = "oldest"
   with pytest.raises(ConfigError, match=r"config.attack.init is 'oldest'; valid: \['random', 'latest'\]"):
-    settings.validate(config)
+    config_validation.validate(config)
 
 
 @pytest.mark.parametrize(
@@ -99,4 +100,4 @@ def test_reference_configs(name, concept, weight):
   assert list(config.concept.prompts) == [concept] and config.retain.weight == weight
   assert config.model.pretrained == config_lib.SD_V1_4 and config.retain.mode == "reg"
   assert config.train.iterations == 1000 and config.train.warmup_iters == 200 and config.attack.steps == 30
-  settings.validate(config)
+  config_validation.validate(config)

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from advunlearn_jax import runs
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.testing import tiny_models
+from advunlearn_jax.training import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Retain and concept batches of 8 split over the 8-device data axis: 4 rows per process, so the gradient
@@ -122,8 +122,8 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
 
 
 def test_initialize_arguments(monkeypatch):
-  from advunlearn_jax import distributed
   from advunlearn_jax.errors import ConfigError
+  from advunlearn_jax.training import distributed
 
   for name in (
     "JAX_COORDINATOR_ADDRESS",

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from tests.torch_oracles import SD1_TINY, torch, torch_clip, torch_unet, torch_vae

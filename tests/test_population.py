@@ -6,17 +6,17 @@ import jax
 import numpy as np
 import pytest
 
-from advunlearn_jax import populations, runs
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.testing import tiny_models
+from advunlearn_jax.training import population_runs, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
 def test_members_are_the_grid_of_sweeps():
-  members = populations.members(
+  members = population_runs.members(
     TINY, ["config_arg=triangle,striped", "seed=0,1", "train.lr=1e-3", "attack.init=latest"]
   )
   assert [m.name for m in members] == [  # named by what varies
@@ -28,14 +28,16 @@ def test_members_are_the_grid_of_sweeps():
   assert [m.config.report.erased for m in members] == [("triangle",)] * 2 + [("striped",)] * 2
   assert [m.config.seed for m in members] == [0, 1, 0, 1]
   assert {m.config.train.lr for m in members} == {1e-3} and members[0].config.attack.init == "latest"
-  base = populations.members(os.path.join(ROOT, "configs", "style.py"), ["concept.prompts=Van Gogh,Claude Monet"])
+  base = population_runs.members(os.path.join(ROOT, "configs", "style.py"), ["concept.prompts=Van Gogh,Claude Monet"])
   assert [m.config.concept.prompts for m in base] == [("Van Gogh",), ("Claude Monet",)]
   assert [m.name for m in base] == ["concept.prompts=Van_Gogh", "concept.prompts=Claude_Monet"]
 
 
 def test_command_line_overrides_reach_every_member():
   """--config.KEY=VALUE (config_flags' overrides) applies to every member, under the sweeps."""
-  members = populations.members(f"{TINY}:striped", ["seed=0,1", "train.iterations=7"], {"train.lr": 3e-4, "seed": 9})
+  members = population_runs.members(
+    f"{TINY}:striped", ["seed=0,1", "train.iterations=7"], {"train.lr": 3e-4, "seed": 9}
+  )
   assert [(m.config.train.lr, m.config.seed, m.config.train.iterations) for m in members] == [
     (3e-4, 0, 7),
     (3e-4, 1, 7),
@@ -62,30 +64,30 @@ def test_command_line_overrides_reach_every_member():
 )
 def test_bad_sweeps(sweeps, message):
   with pytest.raises(ConfigError, match=message):
-    populations.members(TINY, sweeps)
+    population_runs.members(TINY, sweeps)
 
 
 def test_device_groups():
   devices = jax.devices()
-  assert [len(g) for g in populations.device_groups(4, devices=devices)] == [2, 2, 2, 2]
-  assert [len(g) for g in populations.device_groups(3, devices=devices)] == [2, 2, 2, 2]  # a queue over 4 groups
-  assert [len(g) for g in populations.device_groups(16, devices=devices)] == [1] * 8
-  assert populations.device_groups(2, 4, devices=devices) == [devices[:4], devices[4:]]
+  assert [len(g) for g in population_runs.device_groups(4, devices=devices)] == [2, 2, 2, 2]
+  assert [len(g) for g in population_runs.device_groups(3, devices=devices)] == [2, 2, 2, 2]  # a queue over 4 groups
+  assert [len(g) for g in population_runs.device_groups(16, devices=devices)] == [1] * 8
+  assert population_runs.device_groups(2, 4, devices=devices) == [devices[:4], devices[4:]]
   with pytest.raises(ConfigError, match="does not divide the 8 devices"):
-    populations.device_groups(2, 3, devices=devices)
+    population_runs.device_groups(2, 3, devices=devices)
   with pytest.raises(ConfigError, match="does not exist"):
-    populations.members("configs/nope.py", [])
+    population_runs.members("configs/nope.py", [])
 
 
 def test_hosts_split_the_members():
-  grid = populations.members(TINY, ["config_arg=triangle,striped", "seed=0,1,2"])
-  parts = [populations.select_part(grid, i, 4) for i in range(4)]
+  grid = population_runs.members(TINY, ["config_arg=triangle,striped", "seed=0,1,2"])
+  parts = [population_runs.select_part(grid, i, 4) for i in range(4)]
   assert [len(p) for p in parts] == [2, 2, 1, 1]
   assert sorted(m.name for p in parts for m in p) == sorted(m.name for m in grid)  # each member exactly once
-  assert populations.select_part(grid, 0, 1) == grid
+  assert population_runs.select_part(grid, 0, 1) == grid
   for part, parts in ((4, 4), (-1, 2), (0, 0)):
     with pytest.raises(ConfigError, match="0 <= part < parts"):
-      populations.select_part(grid, part, parts)
+      population_runs.select_part(grid, part, parts)
 
 
 def _encoder(workdir):
@@ -104,14 +106,14 @@ def test_population_equals_its_members_run_one_at_a_time(tmp_path):
     "samples.every=0",
     "report.kind=",
   ]
-  members = populations.members(TINY, ["config_arg=triangle,striped", "seed=0,1", *fixed])[1:3]
-  results = populations.run(members, str(tmp_path / "grid"))  # 2 members x 4 of the 8 devices, concurrently
+  members = population_runs.members(TINY, ["config_arg=triangle,striped", "seed=0,1", *fixed])[1:3]
+  results = population_runs.run(members, str(tmp_path / "grid"))  # 2 members x 4 of the 8 devices, concurrently
   assert all("error" not in r for r in results.values()), results
   assert os.path.isfile(tmp_path / "grid" / "population.json")
   encoders = {m.name: _encoder(tmp_path / "grid" / m.name) for m in members}
   # Alone means as many devices (a data-parallel mean over 4 shards sums in another order than over 8), on the
   # group the other member had. One member stands for both: each solo run costs a full compile on 2 cores.
-  member, group = members[1], populations.device_groups(len(members))[0]
+  member, group = members[1], population_runs.device_groups(len(members))[0]
   alone = str(tmp_path / "alone" / member.name)
   runs.run(member.config, alone, devices=group, show_progress=False)
   together, by_itself = encoders[member.name], _encoder(alone)

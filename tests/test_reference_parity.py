@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from advunlearn_jax import config_lib
-from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import torch_layout
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.models import unet as unet_lib
-from advunlearn_jax.pipeline import ScheduleConfig
+from advunlearn_jax.models.pipeline_record import ScheduleConfig
 from advunlearn_jax.testing import reference_torch
 from advunlearn_jax.unlearn import retain, timesteps, trainable, wiring
 from advunlearn_jax.unlearn import step as step_lib

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from advunlearn_jax import runs, sharding
+from advunlearn_jax import sharding
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models import clip_text, presets
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.testing import tiny_models
+from advunlearn_jax.training import runs
 from advunlearn_jax.unlearn import step as step_lib
 from advunlearn_jax.unlearn import trainable, wiring
 from tests.test_train import tiny_config

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from advunlearn_jax import config_lib, sharding
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.testing import tiny_models

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from advunlearn_jax import config_lib, runs, train
+from advunlearn_jax import config_lib
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.testing import tiny_models
+from advunlearn_jax.training import runs, train
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import retain, wiring
 from advunlearn_jax.unlearn import step as step_lib
@@ -100,27 +101,27 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   assert Image.open(os.path.join(workdir, "loss.png")).size == (700, 400)
 
   # On-demand export from the latest checkpoint gives the same encoder.
-  from advunlearn_jax import exports
+  from advunlearn_jax.training import run_exports
 
-  exported = exports.export_latest(workdir, str(tmp_path / "exported"))
+  exported = run_exports.export_latest(workdir, str(tmp_path / "exported"))
   _, again = clip_convert.load_clip_text(exported["text_encoder"])
   jax.tree.map(np.testing.assert_array_equal, again, trained)
   # An export replaces an earlier export (it carries the marker), and a Hub export into a clone of a Hub
   # repository keeps the clone's git data (test_bad_inputs.py: what it refuses to write over).
-  exports.export_latest(workdir, str(tmp_path / "exported"))
+  run_exports.export_latest(workdir, str(tmp_path / "exported"))
   clone = tmp_path / "clone"
   (clone / ".git").mkdir(parents=True)
   (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
   (clone / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
-  from advunlearn_jax import hub
+  from advunlearn_jax.training import hub
 
   for _ in range(2):  # into the fresh clone, then over its own earlier export
     hub.write_folder(str(clone), workdir, license_id="mit")
   assert sorted(os.listdir(clone)) == [
-    exports.MARKER, ".git", ".gitattributes", "README.md", "text_encoder", "training_config.json"
+    run_exports.MARKER, ".git", ".gitattributes", "README.md", "text_encoder", "training_config.json"
   ]  # fmt: skip
   assert (clone / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
-  as_reference = exports.export_latest(workdir, str(tmp_path / "reference"), fmt="reference")
+  as_reference = run_exports.export_latest(workdir, str(tmp_path / "reference"), fmt="reference")
   assert as_reference["reference_checkpoint"].endswith("reference/TextEncoder-text_encoder_full-epoch_3.pt")
   again = clip_convert.load_reference_checkpoint(as_reference["reference_checkpoint"], config)
   jax.tree.map(np.testing.assert_array_equal, again, trained)
@@ -216,14 +217,14 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
   changed = {jax.tree_util.keystr(k) for k in flat_t if np.any(flat_t[k] != flat_o[k])}
   assert changed and all("attn2" in name for name in changed)
   # `export` of a UNet run writes what the run's own export wrote; the reference's .pt holds text encoders only.
-  from advunlearn_jax import exports
+  from advunlearn_jax.training import run_exports
 
-  exported = exports.export_latest(str(tmp_path), str(tmp_path / "exported"))
+  exported = run_exports.export_latest(str(tmp_path), str(tmp_path / "exported"))
   _, again = sd_convert.load_unet(exported["unet"])
   assert jax.tree.all(jax.tree.map(np.array_equal, again, trained))
   assert os.path.isfile(os.path.join(exported["pipeline"], "unet", "config.json"))
   with pytest.raises(ConfigError, match="trains the UNet; the reference's"):
-    exports.export_latest(str(tmp_path), str(tmp_path / "ref"), fmt="reference")
+    run_exports.export_latest(str(tmp_path), str(tmp_path / "ref"), fmt="reference")
   with pytest.raises(ConfigError, match="cannot be precomputed"):
     runs.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.xt_source": "bank"}), str(tmp_path / "b"))
 
@@ -242,7 +243,7 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   assert os.path.isdir(summary["text_encoder"])
   import orbax.checkpoint as ocp
 
-  from advunlearn_jax import checkpoint
+  from advunlearn_jax.training import checkpoint
 
   args = ocp.args.Composite(state=ocp.args.StandardRestore())
   restored = checkpoint.manager(workdir, 3).restore(3, args=args)["state"]
@@ -274,8 +275,8 @@ def test_rollout_batching_defaults_per_backend():
 
 
 def test_resume_guard_allows_evaluation_and_report_changes_only():
-  from advunlearn_jax import checkpoint
   from advunlearn_jax.errors import ConfigError
+  from advunlearn_jax.training import checkpoint
 
   saved = tiny_config("/pipe").to_dict()
   now = tiny_config("/pipe", **{"report.erased": ("triangle",)}).to_dict()
@@ -293,8 +294,8 @@ def _state_files(checkpoint_dir):
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, tmp_path, capsys):
-  from advunlearn_jax import exports
   from advunlearn_jax.errors import CheckpointError
+  from advunlearn_jax.training import run_exports
 
   workdir = str(tmp_path / "run")
   overrides = {"train.iterations": 2, "train.warmup_iters": 2, "train.save_every": 1, "train.log_every": 1}
@@ -305,7 +306,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
       f.truncate(os.path.getsize(path) // 2)
   capsys.readouterr()
   # export, a reader, falls back as the run does: it names the damaged step and leaves it where it is
-  exported = exports.export_latest(workdir, str(tmp_path / "exported"))
+  exported = run_exports.export_latest(workdir, str(tmp_path / "exported"))
   said = capsys.readouterr().out
   assert "checkpoint step 2: " in said and "skipped" in said and "using step 1" in said and "<bound method" not in said
   assert os.path.isdir(exported["text_encoder"]) and sorted(os.listdir(ckpts)) == ["1", "2"]
@@ -377,8 +378,8 @@ def test_a_non_finite_checkpoint_is_refused_as_a_damaged_one(tmp_path, capsys):
   """Checkpoints written with NaN weights (before runs refused to save them) are skipped by export and set aside by
   a resume, which uses the last finite one; with none finite, both refuse and nothing changes. A checkpoint
   written before the state carried its finiteness still restores."""
-  from advunlearn_jax import checkpoint
   from advunlearn_jax.errors import CheckpointError
+  from advunlearn_jax.training import checkpoint
   from tests.conftest import folder_bytes
 
   workdir = str(tmp_path / "run")
@@ -414,17 +415,17 @@ def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout
   checkout (and with it the shipped model) moved, the run resumes from it."""
   import shutil
 
-  from advunlearn_jax import exports, populations
+  from advunlearn_jax.training import population_runs, run_exports
 
   checkout_a, checkout_b = str(tmp_path / "a" / "tiny_sd"), str(tmp_path / "b" / "tiny_sd")
   shutil.copytree(pipeline_dir, checkout_a)
   monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_a)
   config = tiny_config("tiny", **{"train.iterations": 2, "train.warmup_iters": 2})
   # On all the devices, as the runs above: the member reuses their compiled warm-up step instead of compiling one.
-  results = populations.run([populations.Member("m", config)], str(tmp_path / "pop"))
+  results = population_runs.run([population_runs.Member("m", config)], str(tmp_path / "pop"))
   member = str(tmp_path / "pop" / "m")
   assert "error" not in results["m"], results["m"]
-  exported = exports.export_latest(member, str(tmp_path / "exported"))
+  exported = run_exports.export_latest(member, str(tmp_path / "exported"))
   _, ours = clip_convert.load_clip_text(exported["text_encoder"])
   _, trained = clip_convert.load_clip_text(os.path.join(member, "text_encoder"))
   jax.tree.map(np.testing.assert_array_equal, ours, trained)

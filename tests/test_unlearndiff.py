@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import classifiers
 from advunlearn_jax.evals import unlearndiff as ud

@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from advunlearn_jax import config_lib, settings, sharding, tfds_source
+from advunlearn_jax import config_lib, sharding
+from advunlearn_jax.data import tfds_source
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import caption_images, prompt_sets
+from advunlearn_jax.training import config_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3  # plumbing, not pictures
@@ -176,7 +178,7 @@ def test_tfds_sources_read_captions_and_images_offline(tfds_dir, monkeypatch):
   config = tiny_config.get_config()
   config.retain.prompts, config.retain.dataset = (), "tfds:tiny_captions:train"
   assert retain.from_config(config) == list(tfds_source.captions("tfds:tiny_captions:train", "retain.dataset"))
-  settings.validate(config)
+  config_validation.validate(config)
 
 
 def test_tfds_errors_say_what_to_do(tfds_dir, monkeypatch):

@@ -1,5 +1,5 @@
 """A small local tfds dataset shaped like `coco_captions` (an `image` and a sequence of `captions/text`),
-built offline into array_record files, for the `tfds:` sources (tfds_source.py). Images are given to the
+built offline into array_record files, for the `tfds:` sources (data/tfds_source.py). Images are given to the
 builder as PIL images, which tfds encodes without TensorFlow."""
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from advunlearn_jax import json_config
 from advunlearn_jax.convert import torch_layout, weights_io
 from advunlearn_jax.errors import WeightsError
+from advunlearn_jax.models import hf_config
 from advunlearn_jax.models.clip_vision import CLIPModelConfig, abstract_params
 
 LIST_NAMES = ("layers",)
@@ -32,7 +32,7 @@ def params_from_state_dict(state: dict[str, np.ndarray], config: CLIPModelConfig
 def load_clip_model(folder: str) -> tuple[CLIPModelConfig, dict[str, Any]]:
   if not os.path.isdir(folder):
     raise WeightsError(f"{folder}: not a folder; expected a transformers CLIPModel folder")
-  raw, path = json_config.read(folder, "config.json", "a transformers CLIPModel folder")
+  raw, path = hf_config.read(folder, "config.json", "a transformers CLIPModel folder")
   config = CLIPModelConfig.from_dict(raw, source=path)
   state, weights_path = weights_io.read_weights_folder(folder, ("model", "pytorch_model"))
   return config, params_from_state_dict(state, config, source=weights_path)

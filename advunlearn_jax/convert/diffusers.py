@@ -25,7 +25,7 @@ from advunlearn_jax.errors import ConfigError, WeightsError
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
 from advunlearn_jax.models.clip_text import CLIPTextConfig
-from advunlearn_jax.pipeline import Pipeline, ScheduleConfig
+from advunlearn_jax.models.pipeline_record import Pipeline, ScheduleConfig
 
 _DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
 _HUB_PATTERNS = [  # a sharded component's index and its shards (NAME-00001-of-00002.safetensors) included

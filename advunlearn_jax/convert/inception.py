@@ -1,6 +1,6 @@
 """pytorch-fid's FID Inception weights -> the Flax variables of `models.inception.FIDInceptionV3`.
 
-  python -m advunlearn_jax.fetch_inception [--pth=pt_inception-2015-12-05-6726825d.pth] [--out=FILE]
+  python -m advunlearn_jax.tools.fetch_inception [--pth=pt_inception-2015-12-05-6726825d.pth] [--out=FILE]
 
 Without `--pth` the file is downloaded once from pytorch-fid's release (`FID_WEIGHTS_URL`) and its SHA-256
 checked against the prefix in its name. Reading the `.pth` needs torch, once: the output is a safetensors file

@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import sampling
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import encode_ids
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.models.vae import AutoencoderKL
-from advunlearn_jax.pipeline import Pipeline
 
 
 def encode_prompts(pipe: Pipeline, prompts: Sequence[str], text_params: Any = None) -> jax.Array:

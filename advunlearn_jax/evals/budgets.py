@@ -7,7 +7,8 @@ succeeded within b, so one run gives the whole curve and the curve cannot go dow
 each `iters_per_t` would cost their sum and need not be monotone: a longer block at one timestep changes where
 every later block starts.)
 
-  python -m advunlearn_jax.plot_budgets --out=asr_vs_budget.png ESD=esd_eval/report.json AdvUnlearn=adv/report.json
+  python -m advunlearn_jax.tools.plot_budgets --out=asr_vs_budget.png \
+    ESD=esd_eval/report.json AdvUnlearn=adv/report.json
 """
 
 from __future__ import annotations

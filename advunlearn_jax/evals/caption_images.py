@@ -24,11 +24,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from advunlearn_jax import sharding
+from advunlearn_jax.data.lazy_images import LazyImages, read_rgb
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals.prompt_sets import EvalPrompt
-from advunlearn_jax.lazy_images import LazyImages, read_rgb
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
 
 FORMATS = ("png", "npy")
 _MANIFEST = "manifest.json"

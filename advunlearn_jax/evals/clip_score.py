@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advunlearn_jax import tokenizer as tok_lib
 from advunlearn_jax.convert import clip_model as clip_convert
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.models.clip_vision import CLIPModel
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

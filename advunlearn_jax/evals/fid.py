@@ -24,8 +24,8 @@ import jax
 import numpy as np
 from scipy import linalg
 
+from advunlearn_jax.data.lazy_images import LazyImages, read_rgb
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.lazy_images import LazyImages, read_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FEATURES = ("auto", "inception", "clip")
@@ -56,7 +56,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 def open_images(source: str, key: str, limit: int = 0) -> LazyImages:
   """uint8 RGB images [H, W, 3], each at its own size and read when indexed, from a folder (sorted by name) or
   a `tfds:NAME[/CONFIG]:SPLIT` source (in stored order); `key` names the config field in errors."""
-  from advunlearn_jax import tfds_source
+  from advunlearn_jax.data import tfds_source
 
   if tfds_source.is_tfds(source):
     images = tfds_source.images(source, key, limit)
@@ -168,7 +168,7 @@ def feature_extractor(kind: str, inception_weights: str, clip_scorer=None, log=p
   if inception_weights and not os.path.isfile(inception_weights):
     raise ConfigError(f"config.evaluation.inception_weights: {inception_weights!r} does not exist")
   weights = inception_weights or (convert.cached_path() if os.path.isfile(convert.cached_path()) else "")
-  how_to = f"`python -m advunlearn_jax.fetch_inception` (downloads {convert.FID_WEIGHTS_URL} once)"
+  how_to = f"`python -m advunlearn_jax.tools.fetch_inception` (downloads {convert.FID_WEIGHTS_URL} once)"
   if kind == "inception" and not weights:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
       raise ConfigError(

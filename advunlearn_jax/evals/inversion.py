@@ -38,14 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from advunlearn_jax import progress
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax import time_left
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import unlearndiff
 from advunlearn_jax.models.clip_text import CLIPTextModel
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.models.unet import UNet2DConditionModel
-from advunlearn_jax.pipeline import Pipeline
 
 TINY_WORLD = "tiny_world:"
 PROTOCOLS = ("cce", "prefix")
@@ -550,7 +550,7 @@ def attack_prompts(
   else:
     embeds, advance = None, lambda _, start, stop: (jnp.asarray(learned_at(stop)), 0.0)
   losses, learned, last_images, previous, train_seconds = [], {}, {}, 0, 0.0
-  eta = progress.Eta(cfg.checkpoints[-1])
+  eta = time_left.Eta(cfg.checkpoints[-1])
   for budget in cfg.checkpoints:
     if len(done) == len(prompts):  # every prompt shown: each attack stops at its first success
       break

@@ -51,8 +51,8 @@ def inline(prompts: Sequence[str], seed: int, guidance: float) -> list[EvalPromp
 
 
 def read_tfds(source: str, key: str, default_seed: int, default_guidance: float, limit: int) -> list[EvalPrompt]:
-  """Captions of a `tfds:NAME[/CONFIG]:SPLIT` source (tfds_source.py), seeds counting up from `default_seed`."""
-  from advunlearn_jax import tfds_source
+  """Captions of a `tfds:NAME[/CONFIG]:SPLIT` source (data/tfds_source.py), seeds counting up from `default_seed`."""
+  from advunlearn_jax.data import tfds_source
 
   return inline(tfds_source.captions(source, key, limit), default_seed, default_guidance)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import ml_collections
 
-from advunlearn_jax import progress as progress_lib
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax import time_left
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, budgets, unlearndiff
 
@@ -26,7 +26,7 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
   if not prompts:
     raise ConfigError(f"every one of the {len(skipped)} evaluation prompts was skipped ({skipped[0].reason})")
 
-  eta = progress_lib.Eta(len(prompts))
+  eta = time_left.Eta(len(prompts))
 
   def progress(i: int, o) -> None:
     status = "pre-success" if o.pre_success else ("attack success" if o.success else "robust")

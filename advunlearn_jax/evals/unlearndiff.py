@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from advunlearn_jax import intervals
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax import rates
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import CLIPTextModel, encode_ids
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.models.unet import UNet2DConditionModel
-from advunlearn_jax.pipeline import Pipeline
 
 Classifier = Callable[[np.ndarray], np.ndarray]  # uint8 images [B, H, W, 3] -> bool [B]: concept present
 
@@ -319,16 +319,16 @@ class Summary(NamedTuple):
   mean_attack_seconds: float  # over the prompts that were attacked
   pre_successes: int
   successes: int  # pre-successes included, as `asr`
-  pre_asr_ci95: tuple[float, float]  # Wilson intervals (intervals.py)
+  pre_asr_ci95: tuple[float, float]  # Wilson intervals (rates.py)
   asr_ci95: tuple[float, float]
 
   @property
-  def pre_rate(self) -> intervals.Rate:
-    return intervals.Rate(self.pre_successes, self.prompts, *self.pre_asr_ci95)
+  def pre_rate(self) -> rates.Rate:
+    return rates.Rate(self.pre_successes, self.prompts, *self.pre_asr_ci95)
 
   @property
-  def rate(self) -> intervals.Rate:
-    return intervals.Rate(self.successes, self.prompts, *self.asr_ci95)
+  def rate(self) -> rates.Rate:
+    return rates.Rate(self.successes, self.prompts, *self.asr_ci95)
 
 
 def summarize(outcomes: Sequence[Outcome]) -> Summary:
@@ -337,8 +337,8 @@ def summarize(outcomes: Sequence[Outcome]) -> Summary:
   n = len(outcomes)
   attacked = [o.seconds for o in outcomes if not o.pre_success and o.iterations > 0]
   pre, success = (
-    intervals.rate(sum(o.pre_success for o in outcomes), n),
-    intervals.rate(sum(o.success for o in outcomes), n),
+    rates.rate(sum(o.pre_success for o in outcomes), n),
+    rates.rate(sum(o.success for o in outcomes), n),
   )
   return Summary(
     prompts=n,

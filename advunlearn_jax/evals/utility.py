@@ -10,9 +10,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from advunlearn_jax import report_kinds
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import prompt_sets
+from advunlearn_jax.evals import prompt_sets, report_kinds
 
 
 def measure(config: ml_collections.ConfigDict, original_dir: str, target, out_dir: str, log=print) -> dict[str, Any]:

@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from advunlearn_jax import json_config
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models import hf_config
 
 # transformers' ACT2FN names -> JAX functions. `gelu` is the exact (erf) GELU, as in PyTorch.
 ACTIVATIONS = {
@@ -99,7 +99,7 @@ class CLIPTextConfig:
 
   @classmethod
   def from_json_file(cls, path: str) -> CLIPTextConfig:
-    raw, path = json_config.read(path, "config.json", "a transformers CLIPTextModel folder")
+    raw, path = hf_config.read(path, "config.json", "a transformers CLIPTextModel folder")
     return cls.from_dict(raw, source=path)
 
   def to_transformers_dict(self) -> dict[str, Any]:

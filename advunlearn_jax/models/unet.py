@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from advunlearn_jax import json_config
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models import hf_config
 from advunlearn_jax.models.attention import Attention
 from advunlearn_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
 
@@ -145,7 +145,7 @@ class UNetConfig:
 
   @classmethod
   def from_json_file(cls, path: str) -> UNetConfig:
-    raw, path = json_config.read(path, "config.json", "a diffusers unet/ folder")
+    raw, path = hf_config.read(path, "config.json", "a diffusers unet/ folder")
     return cls.from_dict(raw, source=path)
 
   def to_diffusers_dict(self) -> dict[str, Any]:

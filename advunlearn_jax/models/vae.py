@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from advunlearn_jax import json_config
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models import hf_config
 from advunlearn_jax.models.attention import dot_product_attention
 from advunlearn_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
 
@@ -54,7 +54,7 @@ class VAEConfig:
 
   @classmethod
   def from_json_file(cls, path: str) -> VAEConfig:
-    raw, path = json_config.read(path, "config.json", "a diffusers vae/ folder")
+    raw, path = hf_config.read(path, "config.json", "a diffusers vae/ folder")
     return cls.from_dict(raw, source=path)
 
   def to_diffusers_dict(self) -> dict[str, Any]:

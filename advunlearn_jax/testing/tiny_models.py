@@ -9,7 +9,7 @@ import jax
 
 from advunlearn_jax.models import clip_text, presets
 from advunlearn_jax.models import unet as unet_lib
-from advunlearn_jax.pipeline import ScheduleConfig
+from advunlearn_jax.models.pipeline_record import ScheduleConfig
 
 SIZES = ("micro", "tiny", "small", "sd14", "sd21")
 
@@ -62,8 +62,8 @@ def write_pipeline(out_dir: str, seed: int = 0) -> str:
   """A complete tiny diffusers folder (random weights) written with our own exporters."""
   import jax.numpy as jnp
 
-  from advunlearn_jax import tokenizer as tok_lib
   from advunlearn_jax.convert import diffusers as sd_convert
+  from advunlearn_jax.data import tokenizer as tok_lib
   from advunlearn_jax.models import vae as vae_lib
 
   vae_config = vae_lib.VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=16)

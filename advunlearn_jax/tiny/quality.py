@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from advunlearn_jax.diffusion import generation
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import world
 

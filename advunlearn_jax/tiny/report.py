@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from advunlearn_jax import intervals
+from advunlearn_jax import rates
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import quality, world
 
@@ -98,7 +98,7 @@ def _summary(results: dict, erased: list[tuple[str, int]]) -> dict:
 
 
 def _rates(results: dict, erased: list[tuple[str, int]], per_value: int) -> dict:
-  """The summary's four rates as counts of judged images with Wilson intervals (intervals.py)."""
+  """The summary's four rates as counts of judged images with Wilson intervals (rates.py)."""
   rows = [r for k in dict.fromkeys(k for k, _ in erased) for r in results[k]]
   out = {}
   for group, sel in (("erased", [r for r in rows if r["erased"]]), ("retained", [r for r in rows if not r["erased"]])):
@@ -106,13 +106,13 @@ def _rates(results: dict, erased: list[tuple[str, int]], per_value: int) -> dict
     for when in ("before", "after"):
       if n:
         k = round(sum(r[when] * per_value for r in sel))
-        out[f"{group}_{when}"] = intervals.rate(k, n).to_json()
+        out[f"{group}_{when}"] = rates.rate(k, n).to_json()
   return out
 
 
 def _rate_text(results: dict, key: str) -> str:
   r = results.get("rates", {}).get(key)
-  return str(intervals.Rate(r["k"], r["n"], *r["ci95"])) if r else f"{results['summary'][key]:.1%}"
+  return str(rates.Rate(r["k"], r["n"], *r["ci95"])) if r else f"{results['summary'][key]:.1%}"
 
 
 def _markdown(results: dict) -> str:

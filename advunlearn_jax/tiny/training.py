@@ -20,16 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from advunlearn_jax import progress
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax import time_left
 from advunlearn_jax.convert import clip_text as clip_text_convert
 from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models import clip_text
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
-from advunlearn_jax.pipeline import ScheduleConfig
+from advunlearn_jax.models.pipeline_record import ScheduleConfig
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import world
 
@@ -95,7 +95,7 @@ def train_vae(images: np.ndarray, *, steps: int, seed: int, batch: int = 32) -> 
     return optax.apply_updates(params, updates), opt_state, l1
 
   rng = np.random.default_rng([seed, 1])
-  eta = progress.Eta(steps)
+  eta = time_left.Eta(steps)
   for i in range(steps):
     idx = rng.integers(len(images), size=batch)
     params, opt_state, l1 = step(params, opt_state, images[idx], jax.random.key(i))
@@ -176,7 +176,7 @@ def train_sd(
 
   captions = CaptionIds()
   rng = np.random.default_rng([seed, 2])
-  t0, running, eta = time.perf_counter(), [], progress.Eta(steps)
+  t0, running, eta = time.perf_counter(), [], time_left.Eta(steps)
   for i in range(steps):
     idx = rng.integers(len(latents), size=batch)
     ids = captions.batch(attrs, idx, rng)

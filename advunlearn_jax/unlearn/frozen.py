@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import CLIPTextConfig, encode_ids
-from advunlearn_jax.pipeline import ScheduleConfig
+from advunlearn_jax.models.pipeline_record import ScheduleConfig
 from advunlearn_jax.unlearn import prompts
 from advunlearn_jax.unlearn.step import Frozen
 

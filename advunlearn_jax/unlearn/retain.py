@@ -4,7 +4,7 @@ The package ships the reference's four retain sets (`assets/retain/`, object nam
 order, each prompt "a photo of <name>"): `coco_object` (the paper's, COCO objects with nudity-related words
 filtered out), `coco_object_no_filter`, `imagenet243` and `imagenet243_no_filter`. `retain.dataset` names one
 of them, a CSV in the reference format (columns `case_num, source, prompt`; only `prompt` is read), a caption
-set `tfds:NAME[/CONFIG]:SPLIT` (each example's first caption, tfds_source.py), or is empty when
+set `tfds:NAME[/CONFIG]:SPLIT` (each example's first caption, data/tfds_source.py), or is empty when
 `retain.prompts` lists the prompts themselves (the tiny world does).
 """
 
@@ -83,7 +83,7 @@ def from_config(config) -> list[str]:
   if listed:
     return listed
   if dataset.startswith("tfds:"):
-    from advunlearn_jax import tfds_source
+    from advunlearn_jax.data import tfds_source
 
     return list(tfds_source.captions(dataset, "retain.dataset"))
   return load_dataset(dataset) if dataset in DATASETS else load_csv(dataset)

@@ -16,8 +16,8 @@ from jax.sharding import Mesh
 
 from advunlearn_jax import sharding
 from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from advunlearn_jax.models.pipeline_record import ScheduleConfig
 from advunlearn_jax.models.unet import UNet2DConditionModel, UNetConfig
-from advunlearn_jax.pipeline import ScheduleConfig
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import frozen as frozen_lib
@@ -47,8 +47,8 @@ def rollout_rows_per_call(latent_hw: int, backend: str | None = None) -> int:
 
 
 class TrainingSections(NamedTuple):
-  """The training sections of a run config, typed and validated once: settings.validate builds them, the command
-  hands them to `wire`. Each type is its section's, with the section's field names, built in the module that
+  """The training sections of a run config, typed and validated once: config_validation.validate builds them, the
+  command hands them to `wire`. Each type is its section's, with the section's field names, built in the module that
   reads it; a new knob is a default in config_lib and a field there."""
 
   trained: trainable.Trained  # config.train.method
@@ -111,7 +111,7 @@ def wire(
   retain_prompts: Sequence[str],
   mesh: Mesh | None = None,
 ) -> Wiring:
-  """Everything the step reads, from a run config, its typed sections (settings.validate's) and the original
+  """Everything the step reads, from a run config, its typed sections (config_validation.validate's) and the original
   weights.
 
   With a `mesh`, the frozen weights are laid out on it (sharded as the mesh's fsdp axis says) and the rest of

@@ -23,12 +23,12 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from advunlearn_jax import checkpoint, workdir_lock
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
+from advunlearn_jax.training import checkpoint, workdir_lock
 from advunlearn_jax.unlearn import trainable
 
 FORMATS = ("diffusers", "reference")

@@ -1,6 +1,6 @@
 """pytorch-fid's FID Inception weights, converted once into the cache where `evaluation.fid` finds them.
 
-  python -m advunlearn_jax.fetch_inception [--pth=pt_inception-2015-12-05-6726825d.pth] [--out=FILE]
+  python -m advunlearn_jax.tools.fetch_inception [--pth=pt_inception-2015-12-05-6726825d.pth] [--out=FILE]
 
 Without `--pth` the file is downloaded from pytorch-fid's release and its SHA-256 checked (convert/inception.py).
 """

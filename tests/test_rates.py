@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from advunlearn_jax import intervals
+from advunlearn_jax import rates
 
 Z = 1.959963984540054  # the 97.5% normal quantile
 
@@ -28,13 +28,13 @@ def _closed_form(k, n):
   ],
 )
 def test_wilson_matches_the_closed_form_and_known_values(k, n, lo, hi):
-  got = intervals.wilson(k, n)
+  got = rates.wilson(k, n)
   assert got == pytest.approx((lo, hi), abs=1e-5)
   assert got == pytest.approx(_closed_form(k, n), abs=1e-9)
 
 
 def test_a_rate_prints_its_count_and_interval_and_refuses_impossible_counts():
-  r = intervals.rate(3, 8)
+  r = rates.rate(3, 8)
   assert str(r) == "37.5% (3/8, 95% CI 13.7-69.4%)"
   assert r.to_json() == {
     "rate": 0.375,
@@ -44,4 +44,4 @@ def test_a_rate_prints_its_count_and_interval_and_refuses_impossible_counts():
   }
   for k, n in ((1, 0), (5, 4), (-1, 3)):
     with pytest.raises(ValueError, match="0 <= k <= n"):
-      intervals.rate(k, n)
+      rates.rate(k, n)

@@ -10,10 +10,11 @@ import importlib.util
 
 import ml_collections
 
-from advunlearn_jax import config_lib, report_kinds, tfds_source
+from advunlearn_jax import config_lib
 from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.data import tfds_source
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import attacks, caption_images, fid
+from advunlearn_jax.evals import attacks, caption_images, fid, report_kinds
 from advunlearn_jax.unlearn import prompts, retain, trainable, wiring
 
 

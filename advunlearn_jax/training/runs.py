@@ -1,5 +1,5 @@
-"""A training run as the commands make it (main.py, populations.py, the quickstart notebook): train.run with the
-run's exports (exports.RunExports), then the report its config asks for (`report.kind`)."""
+"""A training run as the commands make it (main.py, population_runs.py, the quickstart notebook): train.run with the
+run's exports (run_exports.RunExports), then the report its config asks for (`report.kind`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 import ml_collections
 
-from advunlearn_jax import distributed, exports, report_kinds, settings, train
+from advunlearn_jax.evals import report_kinds
+from advunlearn_jax.training import config_validation, distributed, run_exports, train
 
 
 def run(
@@ -20,11 +21,11 @@ def run(
 ) -> dict[str, Any]:
   """train.run's summary, with `workdir/text_encoder` (or `unet`) and `workdir/pipeline` exported, and the
   summary of the report (`report`) when the config asks for one. A run stopped by SIGTERM returns
-  {"stopped_at", "workdir", "signal"} and writes no report. The whole config is checked first (settings.validate), and
-  the typed sections that builds are the ones the run uses."""
-  sections = settings.validate(config)
+  {"stopped_at", "workdir", "signal"} and writes no report. The whole config is checked first
+  (config_validation.validate), and the typed sections that builds are the ones the run uses."""
+  sections = config_validation.validate(config)
   primary = distributed.is_primary()
-  export = exports.RunExports(config, workdir, enabled=primary)
+  export = run_exports.RunExports(config, workdir, enabled=primary)
   result = train.run(
     config,
     workdir,

@@ -14,11 +14,11 @@ import json
 import os
 from typing import Any
 
-from advunlearn_jax import exports, workdir_lock
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import report as report_lib
+from advunlearn_jax.training import run_exports, workdir_lock
 
 # The licences of well-known bases, which a derived component inherits; any other base needs --license.
 BASE_LICENSES = {
@@ -47,23 +47,23 @@ def write_folder(
   license_id: str = "",
   with_reference: bool = False,
 ) -> dict[str, str]:
-  """Writes the Hub repository folder of `workdir`'s latest readable checkpoint (exports.latest) into
+  """Writes the Hub repository folder of `workdir`'s latest readable checkpoint (run_exports.latest) into
   `hub_dir`, replacing it whole but for a clone's git data; `hub_dir` must be new, empty (a fresh clone) or a
-  previous export (exports.check_target). `report_path`: an evaluate report.json whose numbers the card carries."""
+  previous export (run_exports.check_target). `report_path`: an evaluate report.json whose numbers the card carries."""
   report = _read_report(report_path) if report_path else None
-  with exports.claimed(hub_dir, "hub_dir", workdir):  # a workdir or the user's own folder is refused
-    run = exports.latest(workdir, pretrained)
+  with run_exports.claimed(hub_dir, "hub_dir", workdir):  # a workdir or the user's own folder is refused
+    run = run_exports.latest(workdir, pretrained)
     license_id = licence_of(run.config.model.pretrained, license_id)
     card = model_card(run, license_id, report)
     # A clone's git data stays; the lock moves into the new folder with it.
-    with weights_io.atomic_folder(hub_dir, keep=(*exports.KEPT, workdir_lock.LOCK_NAME)) as staging:
-      exports.write_component(staging, run.pipe, run.trained.tower, run.params)
+    with weights_io.atomic_folder(hub_dir, keep=(*run_exports.KEPT, workdir_lock.LOCK_NAME)) as staging:
+      run_exports.write_component(staging, run.pipe, run.trained.tower, run.params)
       if with_reference:  # ConfigError for a UNet run: the staging folder goes, an earlier folder stands
-        exports.reference_checkpoint(run, staging, workdir)
+        run_exports.reference_checkpoint(run, staging, workdir)
       with open(os.path.join(staging, "training_config.json"), "w") as f:
         f.write(run.config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
       card.save(os.path.join(staging, "README.md"))
-      exports.write_marker(staging, run.step)
+      run_exports.write_marker(staging, run.step)
   print(f"step {run.step}: Hub folder in {hub_dir} ({run.trained.tower}/, README.md, training_config.json)")
   return {"hub_dir": hub_dir, run.trained.tower: os.path.join(hub_dir, run.trained.tower)}
 
@@ -91,7 +91,7 @@ def _read_report(path: str) -> dict:
   return report
 
 
-def model_card(run: exports.Latest, license_id: str, report: dict | None = None):
+def model_card(run: run_exports.Latest, license_id: str, report: dict | None = None):
   """The card: metadata (huggingface_hub.ModelCardData) and a body that says what the component is, how to load
   it, how it was trained and, with `report`, how it was measured."""
   from huggingface_hub import ModelCard, ModelCardData
@@ -136,7 +136,7 @@ def model_card(run: exports.Latest, license_id: str, report: dict | None = None)
   return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 
-def _method_name(run: exports.Latest) -> str:
+def _method_name(run: run_exports.Latest) -> str:
   attacked = run.config.train.warmup_iters < run.config.train.iterations
   return "AdvUnlearn" if attacked else "ESD-style erasure (no adversarial training)"
 
@@ -145,7 +145,7 @@ def _concepts(concepts: list[str]) -> str:
   return " and ".join(f"'{c}'" for c in concepts)
 
 
-def _usage(run: exports.Latest, base: str) -> list[str]:
+def _usage(run: run_exports.Latest, base: str) -> list[str]:
   base = base if sd_convert.is_hub_id(base) else "PATH/TO/BASE/PIPELINE"
   if run.trained.tower == "text_encoder":
     return [
@@ -163,7 +163,7 @@ def _usage(run: exports.Latest, base: str) -> list[str]:
   ]
 
 
-def _training_lines(run: exports.Latest) -> list[str]:
+def _training_lines(run: run_exports.Latest) -> list[str]:
   c = run.config
   t, a, r = c.train, c.attack, c.retain
   lines = [

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from advunlearn_jax.diffusion import generation
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
 
 
 class Preview:

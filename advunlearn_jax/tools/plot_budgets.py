@@ -1,6 +1,6 @@
 """ASR against attack budget for several evaluated models, in one plot (evals/budgets.py).
 
-python -m advunlearn_jax.plot_budgets --out=asr_vs_budget.png ESD=esd_eval/report.json AdvUnlearn=adv/report.json
+python -m advunlearn_jax.tools.plot_budgets --out=asr_vs_budget.png ESD=esd_eval/report.json AdvUnlearn=adv/report.json
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from advunlearn_jax import json_config
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models import hf_config
 from advunlearn_jax.models.clip_text import CLIPTextConfig
 from advunlearn_jax.models.unet import UNetConfig
 from advunlearn_jax.models.vae import VAEConfig
@@ -49,7 +49,7 @@ class ScheduleConfig:
 
   @classmethod
   def from_json_file(cls, path: str) -> ScheduleConfig:
-    raw, path = json_config.read(path, "scheduler_config.json", "a diffusers scheduler/ folder")
+    raw, path = hf_config.read(path, "scheduler_config.json", "a diffusers scheduler/ folder")
     return cls.from_dict(raw, source=path)
 
   def betas(self, dtype: Any) -> np.ndarray:

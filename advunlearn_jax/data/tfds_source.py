@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from advunlearn_jax.data.lazy_images import LazyImages
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.lazy_images import LazyImages
 
 PREFIX = "tfds:"
 _CAPTION_FEATURES = ("captions", "caption", "text")  # coco_captions, then single-caption datasets

@@ -1,5 +1,5 @@
 """AdvUnlearn training, top to bottom: set up (weights, the wired step, the mesh) -> restore or start -> loop
--> finish. What the run's trained tower becomes (exports.RunExports) and the report its config asks for are the
+-> finish. What the run's trained tower becomes (run_exports.RunExports) and the report its config asks for are the
 command's (runs.py), handed the tower through `export`."""
 
 from __future__ import annotations
@@ -15,21 +15,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from advunlearn_jax import (
-  checkpoint,
-  distributed,
-  loss_plot,
-  metrics_writer,
-  preview,
-  sharding,
-  workdir_lock,
-)
-from advunlearn_jax import tokenizer as tok_lib
+from advunlearn_jax import sharding
 from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import TrainingDiverged
-from advunlearn_jax.exports import Snapshot
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
+from advunlearn_jax.training import checkpoint, distributed, loss_plot, metrics_writer, preview, workdir_lock
+from advunlearn_jax.training.run_exports import Snapshot
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import retain, wiring
 from advunlearn_jax.unlearn import step as step_lib
@@ -118,10 +111,10 @@ def run(
   export: Callable[[Snapshot], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
   """Trains, checkpoints and resumes; hands the trained tower to `export` every `export.every` iterations and
-  at the end (exports.RunExports writes `workdir/text_encoder` or `unet`, and `workdir/pipeline`; runs.run
+  at the end (run_exports.RunExports writes `workdir/text_encoder` or `unet`, and `workdir/pipeline`; runs.run
   passes it), under the workdir's lock. Returns the run's summary with `export`'s paths.
 
-  `sections`: what settings.validate(config) built; the caller checks the whole config before any work.
+  `sections`: what config_validation.validate(config) built; the caller checks the whole config before any work.
 
   `devices` (default: all) form the run's data mesh; a population gives each member its own group.
   `preemption`: a SIGTERM watcher shared by several runs in one process (signal handlers live in the main

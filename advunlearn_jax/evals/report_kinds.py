@@ -1,5 +1,5 @@
 """The reports `report.kind` names, one object each behind one interface: what a finished training run writes
-beside its exports (`after_run`, runs.py) and what an evaluation adds to its utility numbers (`utility`,
+beside its exports (`after_run`, training/runs.py) and what an evaluation adds to its utility numbers (`utility`,
 evals/utility.py). The tiny world's is the one kind today; "" asks for none. Nothing else compares kind names.
 """
 
@@ -12,7 +12,7 @@ import ml_collections
 
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.pipeline import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.tiny import report as tiny_report
 
 

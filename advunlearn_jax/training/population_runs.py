@@ -38,8 +38,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from advunlearn_jax import settings
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.training import config_validation
 
 CONFIG_ARG = "config_arg"
 
@@ -116,7 +116,7 @@ def members(config_spec: str, sweeps: Sequence[str], overrides: Mapping[str, Any
       _set(config, key, value)
     for key, text in chosen.items():
       _set(config, key, _typed(config, key, text))
-    settings.validate(config)
+    config_validation.validate(config)
     # Named by what varies; single-valued sweeps are plain overrides shared by every member.
     varying = [(k, v) for (k, values), v in zip(parsed, combo) if len(values) > 1]
     name = ",".join(f"{k}={v}" for k, v in varying).replace("/", "_").replace(" ", "_") or "run"
@@ -150,7 +150,7 @@ def run(
 ) -> dict[str, dict]:
   """Trains every member; returns {name: summary} or {name: {"error": ...}}; a failed member stops no other.
   The summaries also go to workdir/summary_name (one file per host when hosts share the workdir)."""
-  from advunlearn_jax import runs, train  # imports JAX's backends; kept off the config-parsing path
+  from advunlearn_jax.training import runs, train  # imports JAX's backends; kept off the config-parsing path
 
   if jax.process_count() > 1:
     raise ConfigError(
