@@ -46,7 +46,6 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 import configs.tiny as tiny_config  # noqa: E402
-from advunlearn_jax import rates  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import budgets, classifiers, inversion, prompt_sets  # noqa: E402
 from advunlearn_jax.training import runs  # noqa: E402
@@ -187,14 +186,10 @@ def our_steps_per_second(target, prompts, images, cfg, steps: int) -> float:
 
 
 def asr_row(outcomes, checkpoints) -> list[dict]:
-  """Successes at each budget (0: unattacked), with their 95% Wilson intervals."""
+  """Successes at each budget (0: unattacked). No interval: every case of one training run shares its one learned
+  embedding, so the cases are no independent draws; the runs (seeds) are."""
   n = len(outcomes)
-  row = [{"budget": b, "successes": round(asr * n), "cases": n} for b, asr in budgets.asr_curve(outcomes, checkpoints)]
-  return [{**c, "interval": list(rates.wilson(c["successes"], n))} for c in row]
-
-
-def _span(interval) -> str:
-  return f"{100 * interval[0]:.0f}-{100 * interval[1]:.0f}%"
+  return [{"budget": b, "successes": round(asr * n), "cases": n} for b, asr in budgets.asr_curve(outcomes, checkpoints)]
 
 
 def main():
@@ -231,9 +226,8 @@ def main():
   os.makedirs(args.out, exist_ok=True)
 
   # Where ASR climbs from none to all within a few dozen steps, when it does depends on the training seed (the
-  # data order, the noise): the word placement's rows pool several seeds of each run (cases of different seeds
-  # counted as independent draws, so the intervals are if anything narrow). The prefix row, which runs to the
-  # last budget, is the first seed's.
+  # data order, the noise): the word placement's rows sum several seeds of each run, and the table adds each
+  # seed's counts. The prefix row, which runs to the last budget, is the first seed's.
   seeds = [int(s) for s in args.seeds.split(",")]
   ours, theirs, names = "ours, word", "original (esd/concept_inversion.py), word", {}
   by_seed: dict[str, list] = {ours: [], theirs: [], "ours, prefix": []}
@@ -267,8 +261,12 @@ def main():
 
   header = "| run | " + " | ".join(str(c["budget"]) for c in next(iter(rows.values()))) + " |"
   lines = [header, "|---" * (header.count("|") - 1) + "|"]
-  cells = lambda row: " | ".join(f"{c['successes']}/{c['cases']} ({_span(c['interval'])})" for c in row)
-  lines += [f"| {name} | {cells(row)} |" for name, row in rows.items()]
+  cells = lambda row: " | ".join(f"{c['successes']}/{c['cases']}" for c in row)
+  for name, row in rows.items():
+    lines.append(f"| {name} | {cells(row)} |")
+    runs_of = per_seed[next(k for k in by_seed if name.startswith(k))]
+    if len(runs_of) > 1:
+      lines += [f"| seed {seed} | {cells(run)} |" for seed, run in zip(seeds, runs_of, strict=True)]
   lines += ["", "| run | CCE steps per second (4 x 4 images) |", "|---|---|"]
   lines += [f"| {name} | {s:.2f} |" for name, s in speeds.items()]
   table = "\n".join(lines)
