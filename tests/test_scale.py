@@ -81,11 +81,11 @@ def test_fsdp_unet_method_equals_data_parallel(pipeline_dir, tmp_path, monkeypat
   monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 256)
   # No retain term: at step 1 the student equals the original, so its exact gradient is zero and Adam would turn
   # either layout's rounding noise (retain loss 2e-14 vs 0.0, measured) into updates of up to lr everywhere.
-  overrides = {"train.method": "full", "train.iterations": 3, "retain.weight": 0.0, "attack.steps": 2}
+  overrides = ["train.method=full", "train.iterations=3", "retain.weight=0.0", "attack.steps=2"]
   compiled = wiring.train_step._cache_size()
-  fsdp = runs.run(tiny_config(pipeline_dir, **overrides, **{"mesh.fsdp": 4}), str(tmp_path / "fsdp"))
+  fsdp = runs.run(tiny_config(pipeline_dir, *overrides, "mesh.fsdp=4"), str(tmp_path / "fsdp"))
   assert wiring.train_step._cache_size() - compiled <= 2  # sharded state in = sharded state out: no recompiles
-  data = runs.run(tiny_config(pipeline_dir, **overrides, **{"mesh.fsdp": 1}), str(tmp_path / "data"))
+  data = runs.run(tiny_config(pipeline_dir, *overrides, "mesh.fsdp=1"), str(tmp_path / "data"))
   assert fsdp["mesh"] == {"data": 2, "fsdp": 4} and data["mesh"] == {"data": 8, "fsdp": 1}
   assert fsdp["state_fsdp_fraction"] > 0.9 and data["state_fsdp_fraction"] == 0.0
   # The two layouts reduce in different orders. Adam (eps 1e-8) turns the rounding of the few gradient entries
@@ -101,9 +101,7 @@ def test_fsdp_unet_method_equals_data_parallel(pipeline_dir, tmp_path, monkeypat
   assert np.linalg.norm(delta_fsdp - delta_data) < 1e-2 * np.linalg.norm(delta_data)
   assert np.mean(np.abs(delta_fsdp - delta_data) > 1e-5) < 5e-3
   # The FSDP checkpoint resumes data-parallel (mesh.fsdp is a layout, not a hyperparameter).
-  resumed = runs.run(
-    tiny_config(pipeline_dir, **{**overrides, "train.iterations": 4, "mesh.fsdp": 1}), str(tmp_path / "fsdp")
-  )
+  resumed = runs.run(tiny_config(pipeline_dir, *overrides, "train.iterations=4", "mesh.fsdp=1"), str(tmp_path / "fsdp"))
   assert resumed["resumed_from"] == 3
 
 
@@ -117,9 +115,9 @@ def _encoder(workdir):
 
 @pytest.mark.slow
 def test_bf16_compute_fp32_master_weights(pipeline_dir, tmp_path):
-  overrides = {"train.iterations": 4, "train.warmup_iters": 2, "attack.steps": 2}
-  full = runs.run(tiny_config(pipeline_dir, **overrides), str(tmp_path / "fp32"))
-  half = runs.run(tiny_config(pipeline_dir, **overrides, **{"model.dtype": "bfloat16"}), str(tmp_path / "bf16"))
+  overrides = ["train.iterations=4", "train.warmup_iters=2", "attack.steps=2"]
+  full = runs.run(tiny_config(pipeline_dir, *overrides), str(tmp_path / "fp32"))
+  half = runs.run(tiny_config(pipeline_dir, *overrides, "model.dtype=bfloat16"), str(tmp_path / "bf16"))
   a, b = _encoder(tmp_path / "fp32"), _encoder(tmp_path / "bf16")
   assert all(v.dtype == np.float32 for v in b.values())  # master weights and exports stay fp32
   original = weights_io.read_safetensors(os.path.join(pipeline_dir, "text_encoder", "model.safetensors"))
