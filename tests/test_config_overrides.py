@@ -1,6 +1,8 @@
 """One way to set a setting: a "section.field=value" string means the same through the command line, --sweep and
-config_lib.override (ml_collections' own parser behind all three)."""
+config_lib.override (ml_collections' own parser behind all three), and the typed sections built from a config
+carry no default of their own, so config_lib.base_config() is the only place a default lives."""
 
+import dataclasses
 import os
 
 import pytest
@@ -10,7 +12,10 @@ from ml_collections import config_flags
 from advunlearn_jax import cli, config_lib
 from advunlearn_jax.configs import tiny
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals import inversion, unlearndiff
+from advunlearn_jax.models.unet import UNetConfig
 from advunlearn_jax.training import population_runs
+from advunlearn_jax.unlearn import attack, bank, retain, step, trainable, wiring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A float, an int, a bool, one-element tuples (one quoted, as a value with a space must be), an empty string and
@@ -74,3 +79,74 @@ def test_a_bad_override_names_itself_alike_through_the_helper_and_the_command_li
   assert str(swept.value) == f"--sweep={message}"
   _, error = _command_line(["train.lr=3e-5", item], monkeypatch, capsys)
   assert error == f"error: --config.{message}"
+
+
+def _no_defaults(cls) -> bool:
+  if dataclasses.is_dataclass(cls):
+    missing = dataclasses.MISSING
+    return all(f.default is missing and f.default_factory is missing for f in dataclasses.fields(cls))
+  return cls._field_defaults == {}
+
+
+def _fields(settings) -> dict:
+  """A typed section's fields by name (one level: a section inside it stays itself)."""
+  if dataclasses.is_dataclass(settings):
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+  return settings._asdict()
+
+
+def test_typed_sections_have_no_defaults_and_hold_the_base_configs_values():
+  """Each typed section built from config_lib.base_config() holds, field by field, the base config's value of the
+  same name (or of the name the mapping below gives), and none of them has a default that could disagree."""
+  base = config_lib.override(config_lib.base_config(), ["evaluation.inversion.cce.initializer=art"])
+  sections = wiring.TrainingSections.from_config(base)
+  unet = UNetConfig(sample_size=8, in_channels=4)
+  cfg = wiring.step_config(base, sections, 2, unet)
+  for cls in (step.StepConfig, attack.AttackConfig, bank.BankConfig, retain.RetainConfig, trainable.Trained):
+    assert _no_defaults(cls), cls
+  for cls in (unlearndiff.UnlearnDiffConfig, inversion.InversionConfig, wiring.TrainingSections):
+    assert _no_defaults(cls), cls
+
+  for settings, section in (
+    (sections.attack, base.attack),
+    (sections.bank, base.bank),
+    (sections.retain, base.retain),
+    (sections.trained, base.train),
+  ):
+    assert _fields(settings) == {name: section[name] for name in _fields(settings)}, type(settings)
+
+  ev = base.evaluation
+  ud = unlearndiff.UnlearnDiffConfig.from_config(ev)
+  assert _fields(ud) == {
+    **{name: ev.unlearndiff[name] for name in ud._fields if name != "latents"},
+    "latents": ev.latents,
+  }
+
+  for protocol in ("cce", "prefix"):
+    config = config_lib.override(base, [f"evaluation.inversion.protocol={protocol}"])
+    inv, section = inversion.InversionConfig.from_config(config), config.evaluation.inversion
+    own = dict(section[protocol])
+    if protocol == "cce":
+      own.update(max_images=own.pop("num_train_images"), tokens=inversion.CCE_TOKENS)
+    expected = {**dict(section.cce), **own, "protocol": protocol, "placement": section.placement}
+    expected.update(words=tuple(section.words or config.concept.prompts), budgets=tuple(config.evaluation.budgets))
+    expected.update(scheduler=section.scheduler, sample_steps=section.sample_steps, latents=config.evaluation.latents)
+    assert _fields(inv) == {name: expected[name] for name in inv._fields}, protocol
+
+  t = base.train
+  assert _fields(cfg) == {
+    "lr": t.lr,
+    "negative_guidance": base.diffusion.negative_guidance,
+    "start_guidance": base.diffusion.start_guidance,
+    "concept_batch": t.concept_batch,
+    "retain": sections.retain,
+    "attack": sections.attack,
+    "num_tokens": 2,  # the models': the longest concept's token count
+    "latent_hw": 8,
+    "latent_channels": 4,
+    "xt_source": t.xt_source,
+    "rollout_buckets": t.rollout_buckets or wiring.ROLLOUT_BUCKETS,  # 0: the default width
+    "rollout_rows_per_call": wiring.rollout_rows_per_call(8),  # -1: the measured default for these latents
+    "bank": sections.bank,
+  }
+  assert (t.rollout_buckets, t.rollout_rows_per_call) == (0, -1)  # the two sentinels the wiring resolves

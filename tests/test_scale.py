@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from advunlearn_jax import sharding
+from advunlearn_jax import config_lib, sharding
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models import clip_text, presets
@@ -48,12 +48,15 @@ def test_fsdp_layout_at_sd2_size():
   """Sized from shapes alone (nothing allocated): full UNet fine-tuning at SD 2.x size, the frozen UNet and
   OpenCLIP-H text tower plus the trained copy and its Adam state, is 15.2 GB on every device data-parallel and
   about an eighth of it at fsdp = 8, because every large tensor of these layouts has a dimension 8 divides."""
-  unet = unet_lib.abstract_params(unet_lib.UNetConfig.from_dict(presets.SD21_UNET))
+  unet_config = unet_lib.UNetConfig.from_dict(presets.SD21_UNET)
+  unet = unet_lib.abstract_params(unet_config)
   text = clip_text.abstract_params(clip_text.CLIPTextConfig(**presets.SD2_TEXT))
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
   assert 865e6 < count(unet) < 866e6 and 340e6 < count(text) < 341e6  # the published 865.9M and 340.4M
   trained, _ = trainable.split(unet, trainable.unet_mask(unet, "full"))
-  adam = jax.eval_shape(step_lib.optimizer(step_lib.StepConfig()).init, trained)
+  config = config_lib.base_config()
+  cfg = wiring.step_config(config, wiring.TrainingSections.from_config(config), 1, unet_config)
+  adam = jax.eval_shape(step_lib.optimizer(cfg).init, trained)
   state = {"frozen": (unet, text), "trained": trained, "adam": adam}
   data = sharding.bytes_per_device(state, sharding.make_mesh(jax.devices()))
   fsdp = sharding.bytes_per_device(state, sharding.make_mesh(jax.devices(), fsdp=8))

@@ -144,7 +144,8 @@ def test_prompt_updates_and_retain_draws_follow_the_reference_schedule():
   # update_every 3, warm-up 5: the first attacking iteration searches its own prompt, then every multiple of 3.
   assert [train.prompt_update(i, 5, 3) for i in range(11)] == [0, 0, 0, 3, 3, 5, 6, 6, 6, 9, 9]
   config, root = config_lib.base_config(), jax.random.key(0)
-  cfg = step_lib.StepConfig(retain=retain.RetainConfig(mode="iter", steps=3, batch=2))
+  base = wiring.step_config(config, wiring.TrainingSections.from_config(config), 1, tiny_models.UNET)
+  cfg = dataclasses.replace(base, retain=base.retain._replace(mode="iter", steps=3, batch=2))
   start = retain.SamplerState(0, 0)
   batch, sampler = train.iteration_batch(config, cfg, 7, root, start, n_prompts=10)
   assert batch.retain_idx.shape == (0,) and sampler == retain.SamplerState(0, 6)  # 3 draws of 2 prompts
@@ -152,7 +153,7 @@ def test_prompt_updates_and_retain_draws_follow_the_reference_schedule():
   cfg = dataclasses.replace(cfg, retain=cfg.retain._replace(fresh_per_step=False))
   batch, sampler = train.iteration_batch(config, cfg, 7, root, start, n_prompts=10)
   assert len({tuple(row) for row in batch.iter_retain_idx.tolist()}) == 1 and sampler == retain.SamplerState(0, 2)
-  reg = step_lib.StepConfig(retain=retain.RetainConfig(batch=2))
+  reg = dataclasses.replace(base, retain=base.retain._replace(batch=2))
   batch, _ = train.iteration_batch(config, reg, 7, root, start, n_prompts=10)
   assert batch.retain_idx.shape == (2,) and batch.iter_retain_idx is None  # reg mode: the defender's batch
 
