@@ -414,14 +414,15 @@ def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout
   checkout (and with it the shipped model) moved, the run resumes from it."""
   import shutil
 
-  from advunlearn_jax.training import population_runs, run_exports
+  from advunlearn_jax.training import config_validation, population_runs, run_exports
 
   checkout_a, checkout_b = str(tmp_path / "a" / "tiny_sd"), str(tmp_path / "b" / "tiny_sd")
   shutil.copytree(pipeline_dir, checkout_a)
   monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_a)
   config = tiny_config("tiny", "train.iterations=2", "train.warmup_iters=2")
   # On all the devices, as the runs above: the member reuses their compiled warm-up step instead of compiling one.
-  results = population_runs.run([population_runs.Member("m", config)], str(tmp_path / "pop"))
+  grid = [population_runs.Member("m", config, config_validation.validate(config))]
+  results = population_runs.run(grid, str(tmp_path / "pop"))
   member = str(tmp_path / "pop" / "m")
   assert "error" not in results["m"], results["m"]
   exported = run_exports.export_latest(member, str(tmp_path / "exported"))

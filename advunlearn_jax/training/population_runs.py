@@ -42,6 +42,7 @@ from absl import logging
 from advunlearn_jax import config_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.training import config_validation
+from advunlearn_jax.unlearn import wiring
 
 CONFIG_ARG = "config_arg"
 
@@ -50,6 +51,7 @@ CONFIG_ARG = "config_arg"
 class Member:
   name: str  # also the member's workdir under the population's
   config: ml_collections.ConfigDict
+  sections: wiring.TrainingSections  # what config_validation.validate(config) built: the run uses them as they are
 
 
 def load_config(spec: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -87,12 +89,12 @@ def members(config_spec: str, sweeps: Sequence[str], overrides: Mapping[str, Any
     config = load_config(config_spec, chosen.pop(CONFIG_ARG, None))
     config.update_from_flattened_dict(dict(overrides or {}))  # typed already: parsed once, by the command's flags
     config = config_lib.override(config, [f"{k}={v}" for k, v in chosen.items()], where="--sweep=")
-    config_validation.validate(config)
+    sections = config_validation.validate(config)
     # Named by what varies; single-valued sweeps are plain overrides shared by every member.
     varying = [(k, v) for (k, values), v in zip(parsed, combo) if len(values) > 1]
     name = ",".join(f"{k}={v}" for k, v in varying)
     name = name.replace("/", "_").replace(" ", "_").replace("'", "").replace('"', "") or "run"
-    out.append(Member(name, config))
+    out.append(Member(name, config, sections))
   return out
 
 
@@ -149,7 +151,7 @@ def run(
       logging.info("member %s on devices %s", member.name, [d.id for d in group])
       try:
         results[member.name] = runs.run(
-          member.config, member_dir, devices=group, preemption=watcher, show_progress=False
+          member.config, member_dir, sections=member.sections, devices=group, preemption=watcher, show_progress=False
         )
       except Exception as e:  # one diverging or misconfigured member must not take the grid down
         logging.error("member %s failed:\n%s", member.name, traceback.format_exc())
