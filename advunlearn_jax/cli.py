@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
+from advunlearn_jax import config_lib
 from advunlearn_jax.errors import TrainingDiverged, UserError, WorkdirInUse
 
 # transformers' import-time advice ("PyTorch was not found...") names nothing a user of these commands can act on:
@@ -52,25 +53,17 @@ def quiet_libraries() -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag (an unknown value, a missing required flag, a config override that
-  does not apply) reported as every user error is: absl's own parser exits with status 1."""
+  does not apply) reported as every user error is: absl's own parser exits with status 1. A --config override's
+  error reads as `config_lib.override`'s for the same override (config_lib.override_error)."""
   try:
-    argv = shipped_configs(argv)
-    rest = flags.FLAGS(argv)
-    _check_config_files(argv)
-    return rest
+    return flags.FLAGS(config_files(argv))
   except UserError as e:
     message = str(e)
-  except flags.Error as e:
-    message = f"{e} (--helpfull lists the flags)"
-  except (AttributeError, KeyError) as e:  # ml_collections: --config.a.b=... where the config has no a.b
-    while not isinstance(e, KeyError) and e.__context__ is not None:  # its KeyError holds the readable message
-      e = e.__context__
-    key, _, hint = str(e.args[0] if e.args else e).partition("\n")
-    key = key.strip("'\"")
-    named = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
-    message = f"{', '.join(named) or 'a --config override'}: the config has no field {key!r}. {hint}".strip()
-  except TypeError:  # ml_collections: --config.a.b=... where config.a is a value, not a section
-    message = _not_a_section(argv) or "a --config override names a field inside a value that is not a section"
+  except config_lib.OVERRIDE_ERRORS as e:
+    overrides = [a[len("--config.") :] for a in argv[1:] if a.startswith("--config.")]
+    # The command's config is not at hand when its overrides fail; every config file keeps the base's sections.
+    message = config_lib.override_error(e, overrides, "--config.", config_lib.base_config())
+    message = message or f"{e} (--helpfull lists the flags)"
   print(f"error: {message}", file=sys.stderr)
   sys.exit(EXIT_USER_ERROR)
 
@@ -78,10 +71,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
 SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-def shipped_configs(argv: list[str]) -> list[str]:
-  """`--config=configs/NAME.py[:ARG]` where the working folder has no such file names the package's own
-  (advunlearn_jax/configs, which a checkout also links as configs/): the README's commands then run the same
-  from an installed package anywhere. A file that is there is always the one read."""
+def config_files(argv: list[str]) -> list[str]:
+  """`argv` with each `--config=PATH[:ARG]` checked to name a file (ml_collections would fail only when the config is
+  first read), checked before any other flag is parsed. `configs/NAME.py` where the working folder has no such file
+  names the package's own (advunlearn_jax/configs, which a checkout also links as configs/): the README's commands
+  then run the same from an installed package anywhere. A file that is there is always the one read."""
   argv = list(argv)
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):
@@ -93,22 +87,11 @@ def shipped_configs(argv: list[str]) -> list[str]:
     path, sep, rest = value.partition(":")
     shipped = os.path.join(SHIPPED_CONFIGS, path[len("configs/") :])
     if path.startswith("configs/") and not os.path.isfile(path) and os.path.isfile(shipped):
+      path = shipped
       argv[i] = f"{head}{shipped}{sep}{rest}"
-  return argv
-
-
-def _check_config_files(argv: list[str]) -> None:
-  """`--config=PATH[:ARG]` names a file: ml_collections would only fail when the config is first read."""
-  for i, arg in enumerate(argv[1:], start=1):
-    if arg.startswith("--config="):
-      value = arg[len("--config=") :]
-    elif arg == "--config" and i + 1 < len(argv):
-      value = argv[i + 1]
-    else:
-      continue
-    path = value.split(":", 1)[0]
     if not os.path.isfile(path):
       raise UserError(f"--config={value}: no such config file {os.path.abspath(path)!r}")
+  return argv
 
 
 def check_output_folder(path: str, flag: str) -> None:
@@ -153,25 +136,6 @@ def _limit(folder: str, name: str, default: int) -> int:
     return os.pathconf(folder, name)
   except (OSError, ValueError):
     return default
-
-
-def _not_a_section(argv: list[str]) -> str:
-  """'--config.evaluation.attack.k: config.evaluation.attack is 'unlearndiff', not a section', found by walking
-  each override's path through the base config, whose sections every config file keeps ('' if none matches)."""
-  from advunlearn_jax import config_lib
-
-  config = config_lib.base_config()
-  for arg in argv[1:]:
-    if not arg.startswith("--config."):
-      continue
-    flag = arg.split("=", 1)[0]
-    node, path = config, []
-    for part in flag[len("--config.") :].split(".")[:-1]:
-      path.append(part)
-      node = node.get(part) if hasattr(node, "get") else None
-      if node is not None and not hasattr(node, "get"):
-        return f"{flag}: config.{'.'.join(path)} is {node!r}, not a section"
-  return ""
 
 
 def _remove_if_disposable(path: str) -> None:

@@ -1,14 +1,19 @@
 """The config schema: every default of an AdvUnlearn run, once, with the reason for it (spec `advunlearn_spec.md`
-sections 2-4), which fields a run may resume under new values of, and every numeric field's range. It stands on
-the ground floor (it imports only `errors`); the checks that need a domain's knowledge are made where the typed
-settings are built (`config_validation.validate`, in training/)."""
+sections 2-4), which fields a run may resume under new values of, and every numeric field's range; and `override`,
+the one way a "section.field=value" string sets a field. It stands on the ground floor (it imports only `errors`);
+the checks that need a domain's knowledge are made where the typed settings are built (`config_validation.validate`,
+in training/)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from collections.abc import Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from advunlearn_jax.errors import ConfigError
 
@@ -295,3 +300,68 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{key} is {value!r}; expected a number")
     if value < low or (value == low and not inclusive):
       raise ConfigError(f"config.{key} must be {'>=' if inclusive else '>'} {low}, got {value}")
+
+
+# What ml_collections' flag parsing raises for an override it cannot apply: flags.Error for a value the field's parser
+# refuses, KeyError (in an AttributeError) for a field the config lacks, TypeError for a field inside a value that is
+# not a section, ValueError or IndexError for a key that is no dotted path of fields.
+OVERRIDE_ERRORS = (flags.Error, AttributeError, LookupError, TypeError, ValueError)
+
+
+def override(
+  config: ml_collections.ConfigDict, items: Sequence[str], where: str = "config."
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with each "section.field=value" of `items` applied by ml_collections' own flag parsing: the
+  parser `--config.section.field=value` goes through on the command line (config_flags), so a string means the same
+  in a test, the notebook, a benchmark or a --sweep as on the command line. The value is parsed as the field's type
+  (`train.norm_layer=true`, `train.lr=3e-5`); a tuple field takes a Python literal (`evaluation.prompts=('a','b')`)
+  or one element (quoted when it holds a space: `concept.prompts='Van Gogh'`); `report.kind=` is the empty string.
+  The copy is locked, as the command line's config is. A bad item is a ConfigError naming it, with `where` before
+  its key: how the user wrote it ("--config." on the command line, "--sweep=" for a sweep)."""
+  copied = copy.deepcopy(config)
+  argv = ["override", *(f"--config.{item}" for item in items)]
+  # A private FlagValues: the overrides define their flags (one per field) in it, never in the command's own.
+  parsed = flags.FlagValues()
+  try:
+    config_flags.DEFINE_config_dict("config", copied, flag_values=parsed, sys_argv=argv)
+    parsed(argv)
+  except OVERRIDE_ERRORS as e:
+    raise ConfigError(override_error(e, items, where, config) or str(e)) from None
+  return copied
+
+
+def override_error(error: Exception, items: Sequence[str], where: str, config: ml_collections.ConfigDict) -> str:
+  """One line for an `error` (OVERRIDE_ERRORS) that ml_collections raised while it applied the overrides `items` to
+  `config` (or to a config with the same sections), naming the override as the user wrote it: `where` + its key.
+  "" for a flags.Error about no override. The command line (cli.py) and `override` both report through it, so the
+  two say the same."""
+  keys = [item.split("=", 1)[0] for item in items]
+  if isinstance(error, flags.Error):  # absl's "flag --config.seed=zero: invalid literal for int() ..."
+    text, reason = str(error), error.__context__
+    if reason is not None and len(reason.args) > 1:  # absl's bool parser: ('Non-boolean argument ...', 'maybe')
+      text = text.replace(str(reason), str(reason.args[0]))
+    return text.removeprefix("flag ").replace("--config.", where) if "--config." in text else ""
+  if isinstance(error, (AttributeError, KeyError)):  # train.lrr=1
+    while not isinstance(error, KeyError) and error.__context__ is not None:  # its KeyError holds the readable line
+      error = error.__context__
+    missing, _, hint = str(error.args[0] if error.args else error).partition("\n")
+    missing = missing.strip("'\"")
+    named = [where + k for k in keys if missing in k.split(".")]
+    return f"{', '.join(named) or 'an override'}: the config has no field {missing!r}. {hint}".strip()
+  if isinstance(error, TypeError):  # evaluation.attack.k=5, where evaluation.attack is a string
+    return _not_a_section(keys, where, config) or "an override names a field inside a value that is not a section"
+  named = [where + k for k in keys if k in str(error)]  # train..lr=1, train.lr[0]=1
+  return f"{', '.join(named) or 'an override'}: {error}"
+
+
+def _not_a_section(keys: Sequence[str], where: str, config: ml_collections.ConfigDict) -> str:
+  """'--config.evaluation.attack.k: config.evaluation.attack is 'unlearndiff', not a section', found by walking each
+  key's path through `config` ('' if none matches)."""
+  for key in keys:
+    node, path = config, []
+    for part in key.split(".")[:-1]:
+      path.append(part)
+      node = node.get(part) if hasattr(node, "get") else None
+      if node is not None and not hasattr(node, "get"):
+        return f"{where}{key}: config.{'.'.join(path)} is {node!r}, not a section"
+  return ""

@@ -35,7 +35,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  config_validation.validate(config)  # before any work; `model.pretrained` stays as written ("tiny" resolves at use)
+  # Before any work, once: the run uses the typed sections it builds. `model.pretrained` stays as written ("tiny"
+  # resolves at use).
+  sections = config_validation.validate(config)
   cli.check_output_folder(_WORKDIR.value, "workdir")
   compile_cache.enable(_COMPILATION_CACHE.value, _CACHE_DEFAULT, workdir=_WORKDIR.value)
 
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> None:
     logging.info("config:\n%s", config)
   from advunlearn_jax.training import runs
 
-  result = runs.run(config, _WORKDIR.value)
+  result = runs.run(config, _WORKDIR.value, sections=sections)
   if "stopped_at" in result:  # SIGTERM or Ctrl-C: saved, not finished; a scheduler should requeue, not mark it done
     sys.exit(cli.stopped_status(result["signal"]))
 

@@ -41,7 +41,7 @@ from benchmarks import erasure_tiny  # noqa: E402
 
 class Variant(NamedTuple):
   method: str  # erasure_tiny's: "advunlearn" attacks after warm-up, "esd" never attacks
-  overrides: tuple[str, ...]  # section.field=python-literal on configs/tiny.py
+  overrides: tuple[str, ...]  # section.field=value on configs/tiny.py, as --config.section.field=value
   ablation: str  # which of the paper's questions the row answers
   paper: str  # the paper's finding for it
 
@@ -55,27 +55,27 @@ VARIANTS = {
   "advunlearn": Variant("advunlearn", (), "reference", "AdvUnlearn: robust erasure with utility kept: " + PAPER_ESD),
   "unet": Variant(
     "advunlearn",
-    ("train.method='noxattn'",),
+    ("train.method=noxattn",),
     "optimised module",
     "the text encoder is the better module to robustify: AdvUnlearn on the UNet erases less effectively (paper's "
     "UNet-vs-text-encoder ablation; its numbers were not retrievable, spec 6.3)",
   ),
   "esd": Variant(
     "esd",
-    ("train.method='noxattn'", "retain.weight=0.0"),
+    ("train.method=noxattn", "retain.weight=0.0"),
     "no adversarial training",
     "the paper's ESD (UNet, no attack, no retain term) erases, but adversarial prompts bring the concept back: "
     + PAPER_ESD,
   ),
   "esd_retain": Variant(
-    "esd", ("train.method='noxattn'",), "no adversarial training (ours)", "(not in the paper) ESD with the retain term"
+    "esd", ("train.method=noxattn",), "no adversarial training (ours)", "(not in the paper) ESD with the retain term"
   ),
   "no_retain": Variant(
     "advunlearn", ("retain.weight=0.0",), "retain regulariser", "plain AT without the retain set costs image quality"
   ),
   "fast_at": Variant(
     "advunlearn",
-    ("attack.method='fast_at'",),
+    ("attack.method=fast_at",),
     "attack scheme",
     "fast AT is cheaper, slightly less robust (the reference's fast-AT command keeps 30 attack steps, as this row)",
   ),
@@ -89,13 +89,13 @@ VARIANTS = {
   ),
   "layer0": Variant(
     "advunlearn",
-    ("train.method='text_encoder_layer0'",),
+    ("train.method=text_encoder_layer0",),
     "optimised layers",
     "the first layer alone is a cheap alternative that keeps much of the robustness",
   ),
   "bank": Variant(
     "advunlearn",
-    ("train.xt_source='bank'",),
+    ("train.xt_source=bank",),
     "rollouts (ours)",
     "(not in the paper) the renewing trajectory bank should match online rollouts at a fraction of the cost",
   ),

@@ -26,7 +26,6 @@ folder prints its table again without computing anything, and rows or seeds adde
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
 import gc
 import json
@@ -51,12 +50,12 @@ from advunlearn_jax.tiny import world  # noqa: E402
 from advunlearn_jax.training import runs  # noqa: E402
 
 # row -> (erasure method: "esd" never attacks, "advunlearn" attacks after warm-up; overrides on configs/tiny.py)
-FAITHFUL = ("train.xt_source='online'",)
+FAITHFUL = ("train.xt_source=online",)
 METHODS = {
-  "esd": ("esd", (*FAITHFUL, "train.method='noxattn'", "retain.weight=0.0")),
+  "esd": ("esd", (*FAITHFUL, "train.method=noxattn", "retain.weight=0.0")),
   "advunlearn": ("advunlearn", FAITHFUL),
   "esd_text_retain": ("esd", FAITHFUL),
-  "bank": ("advunlearn", ("train.xt_source='bank'",)),
+  "bank": ("advunlearn", ("train.xt_source=bank",)),
 }
 TEXT_ROWS = ("advunlearn", "esd_text_retain", "bank")  # what can be plugged into another UNet
 OUT = os.path.join(ROOT, "benchmarks", "results", "tiny_tables")  # shared with ablations_tiny.py
@@ -70,12 +69,11 @@ def cases(concept: str, n: int) -> list:
 
 
 def run_config(concept: str, method: str, seed: int, iterations: int, overrides: list[str]):
+  """configs/tiny.py for `concept` with `overrides` ("section.field=value", as --config.section.field=value on
+  the command line, config_lib.override), shortened to `iterations` when given."""
   config = tiny_config.get_config(concept)
   config.seed = seed
-  for item in overrides:  # section.field=python-literal, e.g. attack.steps=30
-    key, _, value = item.partition("=")
-    section, field = key.split(".")
-    config[section][field] = ast.literal_eval(value)
+  config = config_lib.override(config, overrides)
   config.samples.every = 0
   config.report.kind = ""
   if iterations:
@@ -334,7 +332,9 @@ def main():
   parser.add_argument("--plug_and_play", default="triangle", help="concepts whose encoders are plugged in; '' skips")
   parser.add_argument("--finetune_steps", type=int, default=300, help="extra UNet steps under the frozen text tower")
   parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--set", action="append", default=[], help="config override for every row, e.g. attack.steps=30")
+  parser.add_argument(
+    "--set", action="append", default=[], help="config override for every row, as --config.X=: attack.steps=30"
+  )
   parser.add_argument("--quick", action="store_true", help="3 cases, a 10-iteration attack (smoke test)")
   args = parser.parse_args()
   unknown = sorted(set(args.methods.split(",")) - set(METHODS))

@@ -33,8 +33,8 @@ from benchmarks import erasure_tiny  # noqa: E402
 
 # (erasure_tiny method, overrides on configs/tiny.py)
 MODELS = {
-  "advunlearn": ("advunlearn", ("train.xt_source='online'",)),
-  "esd": ("esd", ("train.method='noxattn'", "train.xt_source='online'", "retain.weight=0.0")),
+  "advunlearn": ("advunlearn", ("train.xt_source=online",)),
+  "esd": ("esd", ("train.method=noxattn", "train.xt_source=online", "retain.weight=0.0")),
 }
 PUBLISHED_STEPS = 5000  # esd/train.sh --max_train_steps
 

@@ -204,15 +204,13 @@ class Harness:
       self.mesh = sharding.make_mesh(devices, sharding.fsdp_size(config.mesh.fsdp, self.models.trained.tower, devices))
       self.models = self.models._replace(mesh=self.mesh)
     self.k = base.num_tokens
-    self.renewal = bank_lib.BankConfig.from_config(
-      config.bank
-    )  # the run defaults' renewal, over this benchmark's bank size
+    run_bank = bank_lib.BankConfig.from_config(config.bank)
+    # The run defaults' renewal, over this benchmark's bank size; `bank` is the same bank never renewed.
     self.renewal = dataclasses.replace(
-      self.renewal,
-      concept_trajectories=BANK_TRAJECTORIES,
-      refresh_every=args.refresh_every or self.renewal.refresh_every,
+      run_bank, concept_trajectories=BANK_TRAJECTORIES, refresh_every=args.refresh_every or run_bank.refresh_every
     )
-    self.base = dataclasses.replace(base, bank=bank_lib.BankConfig(concept_trajectories=BANK_TRAJECTORIES))
+    fixed = dataclasses.replace(self.renewal, refresh_trajectories=0, refresh_retain=0, refresh_every=1)
+    self.base = dataclasses.replace(base, bank=fixed)
 
   def step_config(self, mode: str) -> step_lib.StepConfig:
     if mode.startswith("bank"):

@@ -55,18 +55,18 @@ def _release_compiled_programs_after_slow_tests(request):
 QUICKSTART = os.path.join(_ROOT, "notebooks", "quickstart.ipynb")
 # The notebook in under two minutes of compute: two iterations of the tiny loop (no warm-up), two prompts
 # attacked on a small budget, small report grids; test_main.py's step settings, so its step can come from the cache.
-QUICKSTART_OVERRIDES = {
-  "train.iterations": 2,
-  "train.warmup_iters": 0,  # one compiled step, the attacking one
-  "train.save_every": 2,
-  "bank.concept_trajectories": 2,
-  "attack.steps": 2,
-  "samples.every": 0,
-  "report.images_per_value": 2,
-  "evaluation.prompts": ("a photo of a plain red triangle", "a photo of a dotted blue triangle"),
-  "evaluation.unlearndiff.iters_per_t": 2,
-  "evaluation.unlearndiff.timesteps": (10, 510),
-}
+QUICKSTART_OVERRIDES = [  # the notebook's OVERRIDES: "section.field=value", as the command line's --config.
+  "train.iterations=2",
+  "train.warmup_iters=0",  # one compiled step, the attacking one
+  "train.save_every=2",
+  "bank.concept_trajectories=2",
+  "attack.steps=2",
+  "samples.every=0",
+  "report.images_per_value=2",
+  "evaluation.prompts=('a photo of a plain red triangle', 'a photo of a dotted blue triangle')",
+  "evaluation.unlearndiff.iters_per_t=2",
+  "evaluation.unlearndiff.timesteps=(10, 510)",
+]
 
 
 @pytest.fixture(scope="session")

@@ -175,7 +175,7 @@ CASES = [
     "--latents={tmp}/missing.npy: no such file",
   ),
   # population
-  ("population", ["--config=configs/tiny.py", "--sweep=seed=zero"], "--sweep: seed='zero' is not a int"),
+  ("population", ["--config=configs/tiny.py", "--sweep=seed=zero"], "--sweep=seed=zero: invalid literal for int()"),
   ("population", ["--config={tmp}/nope.py:striped"], "no such config file"),
   ("population", ["--config=configs/tiny.py", "--config.train.lrr=1"], "--config.train.lrr: the config has no field"),
   ("population", ["--config=configs/tiny.py", "--workdir={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),

@@ -1,5 +1,7 @@
 """The trajectory bank: entries equal online rollouts from the same noise; UNet methods refuse it."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,7 @@ from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.diffusion.sampling import cfg_eps
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.unlearn import bank as bank_lib
-from advunlearn_jax.unlearn import trainable
-from tests.test_step import setup
+from tests.test_step import DEFAULTS, FIXED_BANK, setup
 
 
 def test_bank_entries_equal_online_rollouts():
@@ -22,7 +23,7 @@ def test_bank_entries_equal_online_rollouts():
     frozen.unet,
     frozen,
     key,
-    bank_lib.BankConfig(concept_trajectories=2),
+    dataclasses.replace(FIXED_BANK, concept_trajectories=2),
     latent_shape=(8, 8, 4),
     guidance=3.0,
   )
@@ -49,12 +50,13 @@ def test_bank_entries_equal_online_rollouts():
 
 
 def test_unet_methods_refuse_the_bank():
+  xattn = dataclasses.replace(DEFAULTS.trained, method="xattn")
   with pytest.raises(ConfigError, match="cannot be precomputed"):
-    bank_lib.check_source("bank", trainable.Trained("xattn"))
+    bank_lib.check_source("bank", xattn)
   with pytest.raises(ConfigError, match="xt_source is 'cached'"):
-    bank_lib.check_source("cached", trainable.Trained("text_encoder_full"))
-  bank_lib.check_source("online", trainable.Trained("xattn"))
-  bank_lib.check_source("online_sequential", trainable.Trained("xattn"))
+    bank_lib.check_source("cached", dataclasses.replace(DEFAULTS.trained, method="text_encoder_full"))
+  bank_lib.check_source("online", xattn)
+  bank_lib.check_source("online_sequential", xattn)
 
 
 @pytest.mark.parametrize(
@@ -67,4 +69,4 @@ def test_unet_methods_refuse_the_bank():
 )
 def test_bank_config_errors(changes, message):
   with pytest.raises(ConfigError, match=message):
-    bank_lib.validate(bank_lib.BankConfig(**changes))
+    bank_lib.validate(dataclasses.replace(FIXED_BANK, **changes))

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from advunlearn_jax import config_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.training import hub
 from tests.conftest import QUICKSTART_OVERRIDES
@@ -20,8 +21,7 @@ def run_and_report(quickstart):
   import configs.tiny as tiny_config
 
   _, workdir = quickstart
-  config = tiny_config.get_config("triangle")
-  config.update_from_flattened_dict(QUICKSTART_OVERRIDES)
+  config = config_lib.override(tiny_config.get_config("triangle"), QUICKSTART_OVERRIDES)
   return config, workdir, os.path.join(workdir, "evaluation", "report.json")
 
 

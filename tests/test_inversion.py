@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from advunlearn_jax import config_lib
 from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, budgets, classifiers, inversion, prompt_sets, unlearndiff
@@ -18,6 +19,13 @@ def tiny():
   from advunlearn_jax.tiny import quality
 
   return sd_convert.load_pipeline(quality.TINY_SD_DIR)
+
+
+def _settings(*overrides: str) -> inversion.InversionConfig:
+  """Inversion's settings at config_lib's defaults (InversionConfig has none of its own) with `overrides`
+  ("section.field=value"), CCE's initializer "shape" unless they name another."""
+  items = ["evaluation.inversion.cce.initializer=shape", *overrides]
+  return inversion.InversionConfig.from_config(config_lib.override(config_lib.base_config(), items))
 
 
 def _shapeless_prompts():
@@ -54,15 +62,14 @@ def test_cce_in_the_words_place_brings_the_concept_back_where_a_random_token_doe
   in the same place: none of 32 images."""
   is_triangle = classifiers.make("judge:shape=triangle")
   prompts = _square_prompts()
-  cfg = inversion.InversionConfig(
-    protocol="cce",
-    words=("square",),
-    initializer="shape",
-    templates="object",
-    steps=50,
-    budgets=(10, 50),
-    scheduler="ddim",
-    sample_steps=25,
+  cfg = _settings(
+    "evaluation.inversion.protocol=cce",
+    "evaluation.inversion.words=('square',)",
+    "evaluation.inversion.cce.templates=object",
+    "evaluation.inversion.cce.steps=50",
+    "evaluation.budgets=(10, 50)",
+    "evaluation.inversion.scheduler=ddim",
+    "evaluation.inversion.sample_steps=25",
   )
   images = inversion.concept_images("tiny_world:triangle", cfg.max_images, 32)
   result = inversion.attack_prompts(tiny, prompts, images, is_triangle, cfg, seed=0, log=lambda _: None)
@@ -79,7 +86,7 @@ def test_word_placement_puts_the_token_where_the_concept_words_stood():
   from advunlearn_jax.tiny import quality
 
   tokenizer = tok_lib.load_tokenizer(quality.TINY_SD_DIR + "/tokenizer")
-  word = inversion.InversionConfig(words=("triangle", "Van Gogh", "Vincent van Gogh"))
+  word = _settings("evaluation.inversion.words=('triangle', 'Van Gogh', 'Vincent van Gogh')")
   prompt = "a photo of a red Triangle, by Vincent van Gogh, a triangle again"
   ids, which = inversion.slotted_ids(tokenizer, inversion.prompt_pieces(prompt, word), 1)
   ref = tok_lib.tokenize(tokenizer, [prompt])[0]
@@ -121,15 +128,15 @@ def test_prefix_inversion_learns_a_prefix_that_random_tokens_are_not(tiny):
   prompts at 25 steps and 8/8 at 50 (random prefixes: 0 of 32 images)."""
   is_triangle = classifiers.make("judge:shape=triangle")
   prompts = _shapeless_prompts()
-  cfg = inversion.InversionConfig(
-    protocol="prefix",
-    placement="prefix",
-    tokens=3,
-    lr=5e-3,
-    batch=4,
-    budgets=(25, 50),
-    scheduler="ddim",
-    sample_steps=25,
+  cfg = _settings(
+    "evaluation.inversion.protocol=prefix",
+    "evaluation.inversion.placement=prefix",
+    "evaluation.inversion.prefix.tokens=3",
+    "evaluation.inversion.prefix.lr=5e-3",
+    "evaluation.inversion.prefix.batch=4",
+    "evaluation.budgets=(25, 50)",
+    "evaluation.inversion.scheduler=ddim",
+    "evaluation.inversion.sample_steps=25",
   )
   images = inversion.concept_images("tiny_world:triangle", 64, 32)
   assert is_triangle(images).mean() > 0.9  # the training images show the concept
@@ -173,8 +180,6 @@ PUBLISHED_CCE = [
 
 @pytest.mark.parametrize("field, value", PUBLISHED_CCE)
 def test_cce_defaults_are_the_published_settings(field, value):
-  from advunlearn_jax import config_lib
-
   config = config_lib.base_config()
   config.evaluation.attack = "inversion"
   config.evaluation.inversion.cce.initializer = "art"
@@ -199,7 +204,7 @@ def test_cce_templates_schedule_and_optimiser_follow_their_code():
   with pytest.raises(ConfigError, match="is 2 tokens; CCE needs a single-token word"):
     inversion.initializer_id(tokenizer, "van gogh")
 
-  cfg = inversion.InversionConfig(steps=400)
+  cfg = _settings("evaluation.inversion.cce.steps=400")
   data = inversion.cce_schedule(25, 27, cfg, seed=0)
   first_epoch = data["image"].reshape(-1)[: 25 * inversion.REPEATS]
   assert data["image"].shape == (400, 4, 4) and np.bincount(first_epoch).tolist() == [100] * 25
@@ -253,7 +258,8 @@ def test_asr_curve_counts_pre_successes_and_first_successes_within_each_budget()
     _outcome(False, False, 200),
   ]
   assert budgets.asr_curve(outcomes, (200, 40, 80)) == [[0, 0.25], [40, 0.5], [80, 0.5], [200, 0.75]]
-  blocks = unlearndiff.UnlearnDiffConfig(iters_per_t=20, timesteps=tuple(range(10)))
+  ev = config_lib.override(config_lib.base_config(), ["evaluation.unlearndiff.iters_per_t=20"]).evaluation
+  blocks = unlearndiff.UnlearnDiffConfig.from_config(ev)._replace(timesteps=tuple(range(10)))
   unlearndiff.check_budgets((20, 200), blocks)
   with pytest.raises(ConfigError, match=r"\[30, 220\]: UnlearnDiffAtk budgets are attack iterations, multiples"):
     unlearndiff.check_budgets((20, 30, 220), blocks)
@@ -329,8 +335,11 @@ def test_inversion_trains_nothing_when_every_prompt_already_shows_the_concept(ti
   prompts = prompt_sets.inline(
     ["a photo of a red triangle", "a photo of a striped blue triangle"], seed=3, guidance=5.0
   )
-  cfg = inversion.InversionConfig(
-    words=("triangle",), initializer="shape", steps=5000, scheduler="ddim", sample_steps=10
+  cfg = _settings(
+    "evaluation.inversion.words=('triangle',)",
+    "evaluation.inversion.cce.steps=5000",
+    "evaluation.inversion.scheduler=ddim",
+    "evaluation.inversion.sample_steps=10",
   )
   images = inversion.concept_images("tiny_world:triangle", cfg.max_images, 32)
   result = inversion.attack_prompts(tiny, prompts, images, classifiers.make("judge:shape=triangle"), cfg)

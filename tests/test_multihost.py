@@ -9,25 +9,27 @@ import sys
 import numpy as np
 import pytest
 
+from advunlearn_jax import config_lib
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.testing import tiny_models
 from advunlearn_jax.training import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Retain and concept batches of 8 split over the 8-device data axis: 4 rows per process, so the gradient
-# all-reduce really crosses processes.
-OVERRIDES = {
-  "train.iterations": 3,
-  "train.warmup_iters": 1,
-  "train.save_every": 2,
-  "train.log_every": 1,
-  "train.concept_batch": 8,
-  "train.xt_source": "online",
-  "attack.steps": 3,
-  "retain.batch": 8,
-  "samples.every": 0,
-  "report.kind": "",
-}
+# all-reduce really crosses processes. The same strings are the subprocesses' --config. flags and, through
+# config_lib.override (the same parser), the in-process run's config.
+OVERRIDES = [
+  "train.iterations=3",
+  "train.warmup_iters=1",
+  "train.save_every=2",
+  "train.log_every=1",
+  "train.concept_batch=8",
+  "train.xt_source=online",
+  "attack.steps=3",
+  "retain.batch=8",
+  "samples.every=0",
+  "report.kind=",
+]
 
 
 def _free_port() -> int:
@@ -42,17 +44,13 @@ def _config(pipeline_dir, iterations=3):
     import tiny as tiny_config
   finally:
     sys.path.pop(0)
-  c = tiny_config.get_config()
-  c.model.pretrained = pipeline_dir
-  for key, value in {**OVERRIDES, "train.iterations": iterations}.items():
-    section, name = key.split(".")
-    c[section][name] = value
-  return c
+  overrides = [f"model.pretrained={pipeline_dir}", *OVERRIDES, f"train.iterations={iterations}"]
+  return config_lib.override(tiny_config.get_config(), overrides)
 
 
 def _two_process_run(pipeline_dir, workdir):
   port = _free_port()
-  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  flags = [f"--config.{item}" for item in OVERRIDES]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4", "PYTHONPATH": ROOT}
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
   procs = [

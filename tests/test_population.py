@@ -28,9 +28,13 @@ def test_members_are_the_grid_of_sweeps():
   assert [m.config.report.erased for m in members] == [("triangle",)] * 2 + [("striped",)] * 2
   assert [m.config.seed for m in members] == [0, 1, 0, 1]
   assert {m.config.train.lr for m in members} == {1e-3} and members[0].config.attack.init == "latest"
-  base = population_runs.members(os.path.join(ROOT, "configs", "style.py"), ["concept.prompts=Van Gogh,Claude Monet"])
+  # A tuple field takes one element per member, quoted when it holds a space, as on the command line.
+  style = os.path.join(ROOT, "configs", "style.py")
+  base = population_runs.members(style, ["concept.prompts='Van Gogh','Claude Monet'"])
   assert [m.config.concept.prompts for m in base] == [("Van Gogh",), ("Claude Monet",)]
   assert [m.name for m in base] == ["concept.prompts=Van_Gogh", "concept.prompts=Claude_Monet"]
+  with pytest.raises(ConfigError, match="--sweep=concept.prompts=Van Gogh: .* use quotes"):
+    population_runs.members(style, ["concept.prompts=Van Gogh,Claude Monet"])
 
 
 def test_command_line_overrides_reach_every_member():
@@ -51,10 +55,10 @@ def test_command_line_overrides_reach_every_member():
     (["seed"], "expected KEY=V1,V2"),
     (["seed=0,,1"], "expected KEY=V1,V2"),
     (["seed=0", "seed=1"], "appears twice"),
-    (["train.lrr=1e-3"], "no field 'train.lrr'"),
-    (["trian.lr=1e-3"], "no section 'trian'"),
-    (["seed=zero"], "'zero' is not a int"),
-    (["train.prefix_bug=maybe"], "is not a bool"),
+    (["train.lrr=1e-3"], "--sweep=train.lrr: the config has no field 'lrr'"),
+    (["trian.lr=1e-3"], "--sweep=trian.lr: the config has no field 'trian'"),
+    (["seed=zero"], "--sweep=seed=zero: invalid literal for int"),
+    (["train.prefix_bug=maybe"], "--sweep=train.prefix_bug=maybe: Non-boolean argument to boolean flag$"),
     (["retain.mode=sometimes"], "config.retain.mode"),
     # The whole validation runs for every member before any trains: a bad value in the second member stops the
     # population at once, not after the first member has trained.

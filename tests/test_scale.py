@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from advunlearn_jax import sharding
+from advunlearn_jax import config_lib, sharding
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models import clip_text, presets
@@ -48,12 +48,15 @@ def test_fsdp_layout_at_sd2_size():
   """Sized from shapes alone (nothing allocated): full UNet fine-tuning at SD 2.x size, the frozen UNet and
   OpenCLIP-H text tower plus the trained copy and its Adam state, is 15.2 GB on every device data-parallel and
   about an eighth of it at fsdp = 8, because every large tensor of these layouts has a dimension 8 divides."""
-  unet = unet_lib.abstract_params(unet_lib.UNetConfig.from_dict(presets.SD21_UNET))
+  unet_config = unet_lib.UNetConfig.from_dict(presets.SD21_UNET)
+  unet = unet_lib.abstract_params(unet_config)
   text = clip_text.abstract_params(clip_text.CLIPTextConfig(**presets.SD2_TEXT))
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
   assert 865e6 < count(unet) < 866e6 and 340e6 < count(text) < 341e6  # the published 865.9M and 340.4M
   trained, _ = trainable.split(unet, trainable.unet_mask(unet, "full"))
-  adam = jax.eval_shape(step_lib.optimizer(step_lib.StepConfig()).init, trained)
+  config = config_lib.base_config()
+  cfg = wiring.step_config(config, wiring.TrainingSections.from_config(config), 1, unet_config)
+  adam = jax.eval_shape(step_lib.optimizer(cfg).init, trained)
   state = {"frozen": (unet, text), "trained": trained, "adam": adam}
   data = sharding.bytes_per_device(state, sharding.make_mesh(jax.devices()))
   fsdp = sharding.bytes_per_device(state, sharding.make_mesh(jax.devices(), fsdp=8))
@@ -81,11 +84,11 @@ def test_fsdp_unet_method_equals_data_parallel(pipeline_dir, tmp_path, monkeypat
   monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 256)
   # No retain term: at step 1 the student equals the original, so its exact gradient is zero and Adam would turn
   # either layout's rounding noise (retain loss 2e-14 vs 0.0, measured) into updates of up to lr everywhere.
-  overrides = {"train.method": "full", "train.iterations": 3, "retain.weight": 0.0, "attack.steps": 2}
+  overrides = ["train.method=full", "train.iterations=3", "retain.weight=0.0", "attack.steps=2"]
   compiled = wiring.train_step._cache_size()
-  fsdp = runs.run(tiny_config(pipeline_dir, **overrides, **{"mesh.fsdp": 4}), str(tmp_path / "fsdp"))
+  fsdp = runs.run(tiny_config(pipeline_dir, *overrides, "mesh.fsdp=4"), str(tmp_path / "fsdp"))
   assert wiring.train_step._cache_size() - compiled <= 2  # sharded state in = sharded state out: no recompiles
-  data = runs.run(tiny_config(pipeline_dir, **overrides, **{"mesh.fsdp": 1}), str(tmp_path / "data"))
+  data = runs.run(tiny_config(pipeline_dir, *overrides, "mesh.fsdp=1"), str(tmp_path / "data"))
   assert fsdp["mesh"] == {"data": 2, "fsdp": 4} and data["mesh"] == {"data": 8, "fsdp": 1}
   assert fsdp["state_fsdp_fraction"] > 0.9 and data["state_fsdp_fraction"] == 0.0
   # The two layouts reduce in different orders. Adam (eps 1e-8) turns the rounding of the few gradient entries
@@ -101,9 +104,7 @@ def test_fsdp_unet_method_equals_data_parallel(pipeline_dir, tmp_path, monkeypat
   assert np.linalg.norm(delta_fsdp - delta_data) < 1e-2 * np.linalg.norm(delta_data)
   assert np.mean(np.abs(delta_fsdp - delta_data) > 1e-5) < 5e-3
   # The FSDP checkpoint resumes data-parallel (mesh.fsdp is a layout, not a hyperparameter).
-  resumed = runs.run(
-    tiny_config(pipeline_dir, **{**overrides, "train.iterations": 4, "mesh.fsdp": 1}), str(tmp_path / "fsdp")
-  )
+  resumed = runs.run(tiny_config(pipeline_dir, *overrides, "train.iterations=4", "mesh.fsdp=1"), str(tmp_path / "fsdp"))
   assert resumed["resumed_from"] == 3
 
 
@@ -117,9 +118,9 @@ def _encoder(workdir):
 
 @pytest.mark.slow
 def test_bf16_compute_fp32_master_weights(pipeline_dir, tmp_path):
-  overrides = {"train.iterations": 4, "train.warmup_iters": 2, "attack.steps": 2}
-  full = runs.run(tiny_config(pipeline_dir, **overrides), str(tmp_path / "fp32"))
-  half = runs.run(tiny_config(pipeline_dir, **overrides, **{"model.dtype": "bfloat16"}), str(tmp_path / "bf16"))
+  overrides = ["train.iterations=4", "train.warmup_iters=2", "attack.steps=2"]
+  full = runs.run(tiny_config(pipeline_dir, *overrides), str(tmp_path / "fp32"))
+  half = runs.run(tiny_config(pipeline_dir, *overrides, "model.dtype=bfloat16"), str(tmp_path / "bf16"))
   a, b = _encoder(tmp_path / "fp32"), _encoder(tmp_path / "bf16")
   assert all(v.dtype == np.float32 for v in b.values())  # master weights and exports stay fp32
   original = weights_io.read_safetensors(os.path.join(pipeline_dir, "text_encoder", "model.safetensors"))

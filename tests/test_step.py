@@ -13,12 +13,15 @@ from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.models.unet import UNet2DConditionModel
 from advunlearn_jax.testing import tiny_models
-from advunlearn_jax.unlearn import attack, prompts, retain, trainable, wiring
+from advunlearn_jax.unlearn import attack, prompts, retain, wiring
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import frozen as frozen_lib
 from advunlearn_jax.unlearn import step as step_lib
 
 STEP = wiring.train_step  # donates its state: a test that needs the input state afterwards passes a copy
+# The typed sections at config_lib's defaults (they have none of their own), for the tests that vary one of them.
+DEFAULTS = wiring.TrainingSections.from_config(config_lib.base_config())
+FIXED_BANK = dataclasses.replace(DEFAULTS.bank, refresh_trajectories=0, refresh_retain=0, refresh_every=1)
 
 
 def step_run_config():
@@ -89,16 +92,16 @@ def test_attack_lowers_its_loss_on_a_fixed_draw():
   )
   delta0 = words[:2]
   for method in ("pgd", "fast_at"):
-    cfg = attack.AttackConfig(method=method, steps=20, lr=0.05)
+    cfg = DEFAULTS.attack._replace(method=method, steps=20, lr=0.05)
     res = run(cfg, delta0)
     assert float(res.last_loss) < float(res.first_loss)
   # Faithful: the returned sequence is the one built before the final update; clean: after it.
-  faithful = run(attack.AttackConfig(steps=3, lr=0.05), delta0)
-  clean = run(attack.AttackConfig(steps=3, lr=0.05, return_pre_final=False), delta0)
+  faithful = run(DEFAULTS.attack._replace(steps=3, lr=0.05), delta0)
+  clean = run(DEFAULTS.attack._replace(steps=3, lr=0.05, return_pre_final=False), delta0)
   np.testing.assert_allclose(clean.sequence[1:3], clean.delta)
   assert not np.allclose(faithful.sequence[1:3], faithful.delta)
   # An eps-ball projection keeps delta within eps of its init.
-  ball = run(attack.AttackConfig(steps=20, lr=0.5, eps=0.1, norm="linf"), delta0)
+  ball = run(DEFAULTS.attack._replace(steps=20, lr=0.5, eps=0.1, norm="linf"), delta0)
   assert float(jnp.abs(ball.delta - delta0).max()) <= 0.1 + 1e-6
 
 
@@ -108,7 +111,7 @@ def _bank(models, frozen, trajectories=2):
     frozen.unet,
     frozen,
     jax.random.key(1),
-    bank_lib.BankConfig(concept_trajectories=trajectories),
+    dataclasses.replace(FIXED_BANK, concept_trajectories=trajectories),
     latent_shape=(8, 8, 4),
     guidance=3.0,
   )
@@ -117,7 +120,7 @@ def _bank(models, frozen, trajectories=2):
 def test_step_with_attack_from_the_bank_records_the_sequence():
   cfg, models, frozen = setup()
   cfg = _replace(cfg, retain=cfg.retain._replace(weight=0.5))  # a retain term: the retain group is rolled out
-  bank_cfg = _replace(cfg, xt_source="bank", bank=bank_lib.BankConfig(concept_trajectories=2))
+  bank_cfg = _replace(cfg, xt_source="bank", bank=dataclasses.replace(FIXED_BANK, concept_trajectories=2))
   # The rollouts are the step's only while_loops (the attack's loop is a scan): none from the bank, one per
   # point group in the reference's order (none for retain rows when the loss has no retain term), batched one for
   # the slots (the default) or one per bucket width.
@@ -206,7 +209,8 @@ def test_batched_points_equal_sequential_points(attack_t, defender_t, retain_bat
 
 def test_one_iteration_equals_the_sequential_modes():
   cfg, models, frozen = setup()
-  cfg = _replace(cfg, retain=cfg.retain._replace(weight=0.5), attack=attack.AttackConfig(steps=3), rollout_buckets=3)
+  attack_cfg = DEFAULTS.attack._replace(steps=3)
+  cfg = _replace(cfg, retain=cfg.retain._replace(weight=0.5), attack=attack_cfg, rollout_buckets=3)
   results = {}
   for source in ("online", "online_sequential"):
     c = _replace(cfg, xt_source=source)
@@ -228,8 +232,10 @@ def test_one_iteration_equals_the_sequential_modes():
 
 def test_renewing_bank_replaces_its_oldest_trajectories():
   cfg, models, frozen = setup()
-  bank_cfg = bank_lib.BankConfig(concept_trajectories=3, refresh_trajectories=1, refresh_retain=2, refresh_every=2)
-  cfg = _replace(cfg, xt_source="bank", bank=bank_cfg, attack=attack.AttackConfig(steps=1))
+  bank_cfg = dataclasses.replace(
+    DEFAULTS.bank, concept_trajectories=3, refresh_trajectories=1, refresh_retain=2, refresh_every=2
+  )
+  cfg = _replace(cfg, xt_source="bank", bank=bank_cfg, attack=DEFAULTS.attack._replace(steps=1))
   bank = _bank(models, frozen, trajectories=3)
   state = step_lib.init_state(cfg, models, frozen, bank)
   fingerprint = lambda latents: {float(v) for v in np.asarray(latents[..., 0, 0, 0, 0]).ravel()}  # first step
@@ -280,8 +286,8 @@ def test_condition_embd_attack_and_retain_iter_mode():
   base_cfg, models, frozen = setup()
   cfg = _replace(
     base_cfg,
-    attack=attack.AttackConfig(steps=2, embedding="condition_embd"),
-    retain=retain.RetainConfig(mode="iter", steps=2),
+    attack=DEFAULTS.attack._replace(steps=2, embedding="condition_embd"),
+    retain=DEFAULTS.retain._replace(mode="iter", steps=2),
   )
   state = step_lib.init_state(cfg, models, frozen)
   new_state, metrics = STEP(cfg, models, _copy(state), frozen, _batch(4), True)
@@ -307,7 +313,8 @@ def test_frozen_unet_stored_in_bf16_changes_nothing():
   frozen_lib.store_for_compute(frozen, half)
   assert frozen_lib._kernels_cast._cache_size() <= compiled_before + 1
   assert frozen_lib.store_for_compute(frozen, models) is frozen  # fp32 compute: nothing to gain
-  trains_unet = half._replace(trained=trainable.Trained("full"), mask=frozenset({("conv_in", "kernel")}))
+  trained = dataclasses.replace(DEFAULTS.trained, method="full")
+  trains_unet = half._replace(trained=trained, mask=frozenset({("conv_in", "kernel")}))
   assert frozen_lib.store_for_compute(frozen, trains_unet) is frozen  # master weights start from these leaves
   model = half.unet
   rng = np.random.default_rng(0)

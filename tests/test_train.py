@@ -19,7 +19,8 @@ from advunlearn_jax.unlearn import retain, wiring
 from advunlearn_jax.unlearn import step as step_lib
 
 
-def tiny_config(pipeline_dir, **overrides):
+def tiny_config(pipeline_dir, *overrides: str):
+  """The tiny run on `pipeline_dir`, with `overrides` ("section.field=value", as the command line's --config.)."""
   c = config_lib.base_config()
   c.model.pretrained = pipeline_dir
   c.concept.prompts = ("nudity", "church")
@@ -33,10 +34,7 @@ def tiny_config(pipeline_dir, **overrides):
   c.attack.steps = 2
   c.attack.lr = 1e-2
   c.samples.every = 0
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    c[section][name] = value
-  return c
+  return config_lib.override(c, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +45,10 @@ def pipeline_dir(tmp_path_factory):
 def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   # A new concept and adversarial prompt every 2 iterations (the reference's --adv_prompt_update_step), and
   # numbered exports every 2, with the reference's .pt beside each.
-  updates = {"attack.update_every": 2, "export.every": 2, "export.reference_checkpoint": True}
+  updates = ("attack.update_every=2", "export.every=2", "export.reference_checkpoint=true")
   workdir = str(tmp_path / "run")
   compiled_before = wiring.train_step._cache_size()
-  summary = runs.run(tiny_config(pipeline_dir, **{"samples.every": 2, "samples.steps": 3, **updates}), workdir)
+  summary = runs.run(tiny_config(pipeline_dir, "samples.every=2", "samples.steps=3", *updates), workdir)
   compiled = wiring.train_step._cache_size()
   assert compiled - compiled_before <= 3  # warm-up, attacking, reusing steps: never one per iteration
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -127,9 +125,9 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, trained)
 
   # Resuming with more iterations continues from step 4, and equals an uninterrupted 6-step run.
-  runs.run(tiny_config(pipeline_dir, **{"train.iterations": 6, **updates}), workdir)
+  runs.run(tiny_config(pipeline_dir, "train.iterations=6", *updates), workdir)
   straight = str(tmp_path / "straight")
-  runs.run(tiny_config(pipeline_dir, **{"train.iterations": 6, **updates}), straight)
+  runs.run(tiny_config(pipeline_dir, "train.iterations=6", *updates), straight)
   assert wiring.train_step._cache_size() == compiled  # two more runs, more iterations: nothing recompiled
   _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
   _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
@@ -146,7 +144,8 @@ def test_prompt_updates_and_retain_draws_follow_the_reference_schedule():
   # update_every 3, warm-up 5: the first attacking iteration searches its own prompt, then every multiple of 3.
   assert [train.prompt_update(i, 5, 3) for i in range(11)] == [0, 0, 0, 3, 3, 5, 6, 6, 6, 9, 9]
   config, root = config_lib.base_config(), jax.random.key(0)
-  cfg = step_lib.StepConfig(retain=retain.RetainConfig(mode="iter", steps=3, batch=2))
+  base = wiring.step_config(config, wiring.TrainingSections.from_config(config), 1, tiny_models.UNET)
+  cfg = dataclasses.replace(base, retain=base.retain._replace(mode="iter", steps=3, batch=2))
   start = retain.SamplerState(0, 0)
   batch, sampler = train.iteration_batch(config, cfg, 7, root, start, n_prompts=10)
   assert batch.retain_idx.shape == (0,) and sampler == retain.SamplerState(0, 6)  # 3 draws of 2 prompts
@@ -154,45 +153,45 @@ def test_prompt_updates_and_retain_draws_follow_the_reference_schedule():
   cfg = dataclasses.replace(cfg, retain=cfg.retain._replace(fresh_per_step=False))
   batch, sampler = train.iteration_batch(config, cfg, 7, root, start, n_prompts=10)
   assert len({tuple(row) for row in batch.iter_retain_idx.tolist()}) == 1 and sampler == retain.SamplerState(0, 2)
-  reg = step_lib.StepConfig(retain=retain.RetainConfig(batch=2))
+  reg = dataclasses.replace(base, retain=base.retain._replace(batch=2))
   batch, _ = train.iteration_batch(config, reg, 7, root, start, n_prompts=10)
   assert batch.retain_idx.shape == (2,) and batch.iter_retain_idx is None  # reg mode: the defender's batch
 
 
 def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  runs.run(tiny_config(pipeline_dir, **{"train.iterations": 2, "train.warmup_iters": 2}), workdir)
+  runs.run(tiny_config(pipeline_dir, "train.iterations=2", "train.warmup_iters=2"), workdir)
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   with pytest.raises(ConfigError, match=r"different config \(retain.weight: 0.5 -> 0.3\)"):
-    runs.run(tiny_config(pipeline_dir, **{"retain.weight": 0.3, "train.warmup_iters": 2}), workdir)
+    runs.run(tiny_config(pipeline_dir, "retain.weight=0.3", "train.warmup_iters=2"), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
 @pytest.mark.parametrize(
   "overrides,message",
   [
-    ({"train.method": "text_encoder_half"}, "config.train.method is 'text_encoder_half'; valid"),
-    ({"attack.type": "prepend"}, r"config.attack.type is 'prepend'; valid: \['prefix_k'"),
-    ({"attack.method": "free_at"}, "config.attack.method is 'free_at'"),
-    ({"train.xt_source": "batched"}, r"config.train.xt_source is 'batched'; valid: \['online', 'online_sequential'"),
-    ({"train.rollout_buckets": -2}, "rollout_buckets must be >= 0 .* got -2"),
-    ({"bank.refresh_every": 0}, "config.bank.refresh_every must be >= 1"),
-    ({"attack.update_every": 0}, "config.attack.update_every must be >= 1, got 0"),
-    ({"retain.dataset": "coco"}, r"config.retain.dataset: coco not found \(expected one of \['coco_object'"),
-    ({"retain.prompts": ("a photo of a dog",)}, "config.retain.prompts lists 1 prompts and config.retain.dataset"),
-    ({"export.every": -1}, "config.export.every must be >= 0"),
-    ({"train.method": "xattn", "export.reference_checkpoint": True}, "trains the UNet; the reference's"),
-    ({"evaluation.latents": "numpy"}, r"config.evaluation.latents is 'numpy'; expected one of \['jax', 'torch'\]"),
-    ({"report.kind": "tiny"}, r"config.report.kind is 'tiny'; valid: \['', 'tiny_world'\]"),
+    (["train.method=text_encoder_half"], "config.train.method is 'text_encoder_half'; valid"),
+    (["attack.type=prepend"], r"config.attack.type is 'prepend'; valid: \['prefix_k'"),
+    (["attack.method=free_at"], "config.attack.method is 'free_at'"),
+    (["train.xt_source=batched"], r"config.train.xt_source is 'batched'; valid: \['online', 'online_sequential'"),
+    (["train.rollout_buckets=-2"], "rollout_buckets must be >= 0 .* got -2"),
+    (["bank.refresh_every=0"], "config.bank.refresh_every must be >= 1"),
+    (["attack.update_every=0"], "config.attack.update_every must be >= 1, got 0"),
+    (["retain.dataset=coco"], r"config.retain.dataset: coco not found \(expected one of \['coco_object'"),
+    (["retain.prompts=('a photo of a dog',)"], "config.retain.prompts lists 1 prompts and config.retain.dataset"),
+    (["export.every=-1"], "config.export.every must be >= 0"),
+    (["train.method=xattn", "export.reference_checkpoint=true"], "trains the UNet; the reference's"),
+    (["evaluation.latents=numpy"], r"config.evaluation.latents is 'numpy'; expected one of \['jax', 'torch'\]"),
+    (["report.kind=tiny"], r"config.report.kind is 'tiny'; valid: \['', 'tiny_world'\]"),
     (
-      {"retain.dataset": "", "retain.prompts": ("a photo of a dog",), "retain.batch": 1, "bank.refresh_retain": 2},
+      ["retain.dataset=", "retain.prompts=('a photo of a dog',)", "retain.batch=1", "bank.refresh_retain=2"],
       "refresh_retain \\(2\\) exceeds",
     ),
   ],
 )
 def test_bad_config_values(pipeline_dir, tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
-    runs.run(tiny_config(pipeline_dir, **overrides), str(tmp_path / "w"))
+    runs.run(tiny_config(pipeline_dir, *overrides), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
@@ -200,9 +199,9 @@ def test_bad_retain_csv_and_concepts(pipeline_dir, tmp_path):
   csv = tmp_path / "retain.csv"
   csv.write_text("case_num,source,text\n0,coco,a photo of a dog\n")
   with pytest.raises(ConfigError, match=r"retain.dataset: .*retain.csv has no 'prompt' column"):
-    runs.run(tiny_config(pipeline_dir, **{"retain.dataset": str(csv)}), str(tmp_path / "w"))
+    runs.run(tiny_config(pipeline_dir, f"retain.dataset={csv}"), str(tmp_path / "w"))
   with pytest.raises(ConfigError, match="at most 75 fit"):
-    runs.run(tiny_config(pipeline_dir, **{"concept.prompts": ("word " * 80,)}), str(tmp_path / "w"))
+    runs.run(tiny_config(pipeline_dir, f"concept.prompts={('word ' * 80,)!r}"), str(tmp_path / "w"))
 
 
 @pytest.mark.slow
@@ -210,7 +209,7 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
   """ESD-x style baseline: cross-attention of the UNet trained online, the text encoder untouched."""
   from advunlearn_jax.convert import diffusers as sd_convert
 
-  summary = runs.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.iterations": 3}), str(tmp_path))
+  summary = runs.run(tiny_config(pipeline_dir, "train.method=xattn", "train.iterations=3"), str(tmp_path))
   _, trained = sd_convert.load_unet(summary["unet"])
   _, original = sd_convert.load_unet(os.path.join(pipeline_dir, "unet"))
   flat_t, flat_o = (dict(jax.tree_util.tree_leaves_with_path(p)) for p in (trained, original))
@@ -226,7 +225,7 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
   with pytest.raises(ConfigError, match="trains the UNet; the reference's"):
     run_exports.export_latest(str(tmp_path), str(tmp_path / "ref"), fmt="reference")
   with pytest.raises(ConfigError, match="cannot be precomputed"):
-    runs.run(tiny_config(pipeline_dir, **{"train.method": "xattn", "train.xt_source": "bank"}), str(tmp_path / "b"))
+    runs.run(tiny_config(pipeline_dir, "train.method=xattn", "train.xt_source=bank"), str(tmp_path / "b"))
 
 
 @pytest.mark.slow
@@ -234,10 +233,10 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   """The bank (renewed every iteration here) is part of the checkpoint: a resumed run goes on with the same
   trajectories instead of building them again, and ends where an uninterrupted run ends."""
   retain_prompts = tuple(retain.load_dataset("coco_object")[:16])  # the bank rolls out every one at set-up
-  overrides = {"train.xt_source": "bank", "bank.refresh_every": 1, "bank.refresh_retain": 2, "train.iterations": 3}
-  overrides.update({"retain.dataset": "", "retain.prompts": retain_prompts})
+  overrides = ["train.xt_source=bank", "bank.refresh_every=1", "bank.refresh_retain=2", "train.iterations=3"]
+  overrides += ["retain.dataset=", f"retain.prompts={retain_prompts!r}"]
   workdir = str(tmp_path / "run")
-  summary = runs.run(tiny_config(pipeline_dir, **overrides), workdir)
+  summary = runs.run(tiny_config(pipeline_dir, *overrides), workdir)
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert len(lines) == 3 and all(np.isfinite(m["loss"]) for m in lines)
   assert os.path.isdir(summary["text_encoder"])
@@ -248,9 +247,9 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   args = ocp.args.Composite(state=ocp.args.StandardRestore())
   restored = checkpoint.manager(workdir, 3).restore(3, args=args)["state"]
   assert restored["bank"]["retain"].shape[:3] == (len(retain_prompts), 1, 49)  # the checkpoint holds it
-  runs.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 5}), workdir)
+  runs.run(tiny_config(pipeline_dir, *overrides, "train.iterations=5"), workdir)
   straight = str(tmp_path / "straight")
-  runs.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 5}), straight)
+  runs.run(tiny_config(pipeline_dir, *overrides, "train.iterations=5"), straight)
   _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
   _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
@@ -279,12 +278,12 @@ def test_resume_guard_allows_evaluation_and_report_changes_only():
   from advunlearn_jax.training import checkpoint
 
   saved = tiny_config("/pipe").to_dict()
-  now = tiny_config("/pipe", **{"report.erased": ("triangle",)}).to_dict()
+  now = tiny_config("/pipe", "report.erased=('triangle',)").to_dict()
   now["evaluation"]["classifier"] = "judge:shape=star"
   now["evaluation"]["unlearndiff"]["k"] = 5
   checkpoint.check_compatible(saved, now, "/w")  # evaluation.* and report.* do not change what is trained
   with pytest.raises(ConfigError, match="attack.num_tokens"):
-    checkpoint.check_compatible(saved, tiny_config("/pipe", **{"attack.num_tokens": 3}).to_dict(), "/w")
+    checkpoint.check_compatible(saved, tiny_config("/pipe", "attack.num_tokens=3").to_dict(), "/w")
 
 
 def _state_files(checkpoint_dir):
@@ -298,8 +297,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
   from advunlearn_jax.training import run_exports
 
   workdir = str(tmp_path / "run")
-  overrides = {"train.iterations": 2, "train.warmup_iters": 2, "train.save_every": 1, "train.log_every": 1}
-  runs.run(tiny_config(pipeline_dir, **overrides), workdir)
+  overrides = ["train.iterations=2", "train.warmup_iters=2", "train.save_every=1", "train.log_every=1"]
+  runs.run(tiny_config(pipeline_dir, *overrides), workdir)
   ckpts = os.path.join(workdir, "checkpoints")
   for path in _state_files(os.path.join(ckpts, "2")):  # a copy cut short
     with open(path, "r+b") as f:
@@ -310,7 +309,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
   said = capsys.readouterr().out
   assert "checkpoint step 2: " in said and "skipped" in said and "using step 1" in said and "<bound method" not in said
   assert os.path.isdir(exported["text_encoder"]) and sorted(os.listdir(ckpts)) == ["1", "2"]
-  summary = runs.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 3}), workdir)
+  summary = runs.run(tiny_config(pipeline_dir, *overrides, "train.iterations=3"), workdir)
   said = capsys.readouterr().out
   assert "checkpoint step 2 is damaged" in said and "resuming from step 1" in said and "<bound method" not in said
   assert summary["resumed_from"] == 1
@@ -325,7 +324,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
       os.remove(path)
   whole = r"no checkpoint reads back whole and finite \(step 3: .*step 2: .*step 1: "
   with pytest.raises(CheckpointError, match=whole) as refused:
-    runs.run(tiny_config(pipeline_dir, **{**overrides, "train.iterations": 4}), workdir)
+    runs.run(tiny_config(pipeline_dir, *overrides, "train.iterations=4"), workdir)
   assert "<bound method" not in str(refused.value)
   assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
   assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["2"]
@@ -344,8 +343,8 @@ def test_a_diverging_run_stops_before_it_saves_or_exports_nan(pipeline_dir, tmp_
 
   pipe, workdir = str(tmp_path / "pipe"), str(tmp_path / "run")
   shutil.copytree(pipeline_dir, pipe)
-  overrides = {"train.iterations": 2, "train.warmup_iters": 4, "train.save_every": 1, "train.log_every": 2}
-  runs.run(tiny_config(pipe, **overrides), workdir)
+  overrides = ["train.iterations=2", "train.warmup_iters=4", "train.save_every=1", "train.log_every=2"]
+  runs.run(tiny_config(pipe, *overrides), workdir)
   unet_file = os.path.join(pipe, "unet", "diffusion_pytorch_model.safetensors")
   weights = load_file(unet_file)
   weights = {k: np.full_like(v, np.nan) if k.startswith("conv_in") else v for k, v in weights.items()}
@@ -353,7 +352,7 @@ def test_a_diverging_run_stops_before_it_saves_or_exports_nan(pipeline_dir, tmp_
   before = folder_bytes(workdir)
   message = r"training diverged at iteration 3 \(loss nan, loss_unlearn nan, loss_retain nan\); nothing after it was"
   with pytest.raises(TrainingDiverged, match=message + r" saved or exported, and the last checkpoint, step 2, is"):
-    runs.run(tiny_config(pipe, **{**overrides, "train.iterations": 4}), workdir)
+    runs.run(tiny_config(pipe, *overrides, "train.iterations=4"), workdir)
   after = folder_bytes(workdir)
   redrawn = (".lock", "loss.png")  # the lock names its new holder; the plot is redrawn from the same metrics
   assert {k: v for k, v in after.items() if k not in redrawn and not k.startswith("tensorboard")} == {
@@ -415,14 +414,15 @@ def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout
   checkout (and with it the shipped model) moved, the run resumes from it."""
   import shutil
 
-  from advunlearn_jax.training import population_runs, run_exports
+  from advunlearn_jax.training import config_validation, population_runs, run_exports
 
   checkout_a, checkout_b = str(tmp_path / "a" / "tiny_sd"), str(tmp_path / "b" / "tiny_sd")
   shutil.copytree(pipeline_dir, checkout_a)
   monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_a)
-  config = tiny_config("tiny", **{"train.iterations": 2, "train.warmup_iters": 2})
+  config = tiny_config("tiny", "train.iterations=2", "train.warmup_iters=2")
   # On all the devices, as the runs above: the member reuses their compiled warm-up step instead of compiling one.
-  results = population_runs.run([population_runs.Member("m", config)], str(tmp_path / "pop"))
+  grid = [population_runs.Member("m", config, config_validation.validate(config))]
+  results = population_runs.run(grid, str(tmp_path / "pop"))
   member = str(tmp_path / "pop" / "m")
   assert "error" not in results["m"], results["m"]
   exported = run_exports.export_latest(member, str(tmp_path / "exported"))
@@ -432,5 +432,5 @@ def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout
 
   shutil.move(os.path.dirname(checkout_a), os.path.dirname(checkout_b))
   monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_b)
-  summary = runs.run(tiny_config("tiny", **{"train.iterations": 3, "train.warmup_iters": 2}), member)
+  summary = runs.run(tiny_config("tiny", "train.iterations=3", "train.warmup_iters=2"), member)
   assert summary["resumed_from"] == 2

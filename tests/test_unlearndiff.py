@@ -6,10 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from advunlearn_jax import config_lib
 from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import classifiers
 from advunlearn_jax.evals import unlearndiff as ud
+
+# The attack at config_lib's defaults (UnlearnDiffConfig has none of its own), for the tests that change a few.
+DEFAULTS = ud.UnlearnDiffConfig.from_config(config_lib.base_config().evaluation)
 
 
 def _sort_projection(v: np.ndarray) -> np.ndarray:
@@ -80,7 +84,7 @@ def test_attack_finds_what_random_prefixes_do_not(tiny):
   against this budget (400 iterations): 8 of 8 shape and 4 of 4 colour probes held, and 3 of 4 style probes, so
   this is the one probe (seed 1) it gives up."""
   is_striped = classifiers.make("judge:style=striped")
-  cfg = ud.UnlearnDiffConfig(k=3, iters_per_t=20, timesteps=tuple(range(10, 400, 20)), scheduler="ddim", steps=25)
+  cfg = DEFAULTS._replace(k=3, iters_per_t=20, timesteps=tuple(range(10, 400, 20)), scheduler="ddim", steps=25)
   tokenizer = tok_lib.load_tokenizer(tiny.tokenizer_dir)
   seed, prompt = 1, "a photo of a plain red square"
   target = ud.render_ids(
@@ -98,7 +102,7 @@ def test_attack_finds_what_random_prefixes_do_not(tiny):
 
 def test_no_attack_pass_and_long_prompt_error(tiny):
   never = lambda images: np.zeros(len(images), bool)
-  cfg = ud.UnlearnDiffConfig(k=3, scheduler="ddim", steps=5)
+  cfg = DEFAULTS._replace(k=3, scheduler="ddim", steps=5)
   target = np.zeros((32, 32, 3), np.uint8)
   out = ud.attack_prompt(tiny, "a photo of a red star", target, never, cfg, seed=0, guidance=5.0, attack=False)
   assert not out.pre_success and not out.success and out.iterations == 0 and out.image.shape == (32, 32, 3)
@@ -150,7 +154,6 @@ def test_torch_latents_are_the_official_draws(tiny):
 def test_every_knob_of_its_section_reaches_the_settings():
   """A knob is a default in config_lib and a field of the settings that use it, nothing else: each field of
   evaluation.unlearndiff, changed, arrives in UnlearnDiffConfig; each of AttackConfig's is config.attack's."""
-  from advunlearn_jax import config_lib
   from advunlearn_jax.unlearn import attack
 
   ev = config_lib.base_config().evaluation

@@ -109,30 +109,39 @@ TEMPLATES = {
 REPEATS = 100  # esd/concept_inversion.py:211, --repeats: each epoch shows every image 100 times
 
 
+# The settings only the cce protocol reads, from config.evaluation.inversion.cce whichever the protocol.
+CCE_FIELDS = ("initializer", "templates", "accumulation", "scale_lr", "weight_decay", "beta1", "beta2", "eps", "flip_p")
+CCE_TOKENS = 1  # CCE learns one placeholder token (concept_inversion.py's --num_vectors default; train.sh sets none)
+
+
 class InversionConfig(NamedTuple):
-  protocol: str = "cce"
-  placement: str = "word"  # where the learned token(s) stand in an evaluation prompt (`prompt_pieces`)
-  words: tuple[str, ...] = ()  # the concept's words, which `word` placement replaces
-  steps: int = 5000  # optimisation steps; the last checkpoint when `budgets` is empty
-  lr: float = 5e-3  # before cce's scaling (`effective_lr`)
-  batch: int = 4  # images per micro-batch
-  max_images: int = 25  # training images (cce: --num_train_images)
-  tokens: int = 1  # learned embeddings (cce: one placeholder token)
-  # cce only
-  initializer: str = ""
-  templates: str = "object"
-  accumulation: int = 4
-  scale_lr: bool = True
-  weight_decay: float = 1e-2
-  beta1: float = 0.9
-  beta2: float = 0.999
-  eps: float = 1e-8
-  flip_p: float = 0.5
+  """config.evaluation.inversion under its protocol, with the shared evaluation.budgets and latents (`from_config`;
+  the defaults are config_lib's, none here)."""
+
+  protocol: str
+  placement: str  # where the learned token(s) stand in an evaluation prompt (`prompt_pieces`)
+  words: tuple[str, ...]  # the concept's words, which `word` placement replaces
+  # the protocol's own section (cce, prefix)
+  steps: int  # optimisation steps; the last checkpoint when `budgets` is empty
+  lr: float  # before cce's scaling (`effective_lr`)
+  batch: int  # images per micro-batch
+  max_images: int  # training images (cce: num_train_images)
+  tokens: int  # learned embeddings (cce: CCE_TOKENS)
+  # cce's section, whichever the protocol (only cce reads them)
+  initializer: str
+  templates: str
+  accumulation: int
+  scale_lr: bool
+  weight_decay: float
+  beta1: float
+  beta2: float
+  eps: float
+  flip_p: float
   # the classified images, and the checkpoints at which they are rendered
-  budgets: tuple[int, ...] = ()
-  scheduler: str = "lms"
-  sample_steps: int = 50
-  latents: str = "jax"
+  budgets: tuple[int, ...]
+  scheduler: str
+  sample_steps: int
+  latents: str
 
   @property
   def checkpoints(self) -> tuple[int, ...]:
@@ -166,11 +175,12 @@ class InversionConfig(NamedTuple):
       raise ConfigError(
         f"config.evaluation.inversion.protocol is {section.protocol!r}; expected one of {list(PROTOCOLS)}"
       )
+    cce = {name: section.cce[name] for name in CCE_FIELDS}
     own = section[section.protocol]  # each protocol's own section, under the settings' field names
     given = {name: own[name] for name in cls._fields if name in own}
     if section.protocol == "cce":
-      given["max_images"] = own.num_train_images  # train.sh's name for it
-    cfg = cls(protocol=section.protocol, **given, **common)
+      given.update(max_images=own.num_train_images, tokens=CCE_TOKENS)  # train.sh's name for it; one token
+    cfg = cls(protocol=section.protocol, **{**cce, **given}, **common)
     validate(cfg)
     return cfg
 
@@ -184,14 +194,15 @@ class InversionConfig(NamedTuple):
     """The settings that matter to this protocol (report.json)."""
     shared = ("protocol", "placement", "steps", "batch", "max_images", "tokens", "budgets", "scheduler")
     shared += ("sample_steps", "latents") + (("words",) if self.placement == "word" else ())
-    own = ("initializer", "templates", "accumulation", "scale_lr", "weight_decay", "beta1", "beta2", "eps", "flip_p")
-    keys = shared + (own if self.protocol == "cce" else ())
+    keys = shared + (CCE_FIELDS if self.protocol == "cce" else ())
     return {**{k: getattr(self, k) for k in keys}, "lr": self.lr, "effective_lr": self.effective_lr}
 
 
 def validate(cfg: InversionConfig) -> None:
   key = f"evaluation.inversion.{cfg.protocol}"
-  if cfg.tokens < 1 or cfg.steps < 1 or cfg.batch < 1 or cfg.max_images < 1 or cfg.accumulation < 1:
+  # accumulation is cce's: under prefix it is read from a section the protocol does not use, so it is not checked
+  accumulation = cfg.accumulation if cfg.protocol == "cce" else 1
+  if cfg.tokens < 1 or cfg.steps < 1 or cfg.batch < 1 or cfg.max_images < 1 or accumulation < 1:
     raise ConfigError(f"config.{key} needs tokens, steps, batch, images and accumulation >= 1")
   if cfg.lr <= 0:
     raise ConfigError(f"config.{key}.lr must be > 0, got {cfg.lr}")

@@ -36,24 +36,27 @@ Classifier = Callable[[np.ndarray], np.ndarray]  # uint8 images [B, H, W, 3] -> 
 
 
 class UnlearnDiffConfig(NamedTuple):
-  k: int = 3  # prefix tokens: 5 for nudity, 3 for styles and objects in the reference configs
-  iters_per_t: int = 40
-  timesteps: tuple[int, ...] = tuple(range(10, 1000, 20))
-  lr: float = 0.01
-  weight_decay: float = 0.1  # torch Adam's L2 term, added to the gradient before the moments
-  bisection_iters: int = 40  # the simplex projection's bisection steps
+  """config.evaluation.unlearndiff under its field names, and the shared evaluation.latents (their defaults
+  config_lib's)."""
+
+  k: int  # prefix tokens: 5 for nudity, 3 for styles and objects in the reference configs
+  iters_per_t: int
+  timesteps: tuple[int, ...]
+  lr: float
+  weight_decay: float  # torch Adam's L2 term, added to the gradient before the moments
+  bisection_iters: int  # the simplex projection's bisection steps
   # The images that are classified (the reference: LMS, 50 steps, the CSV's guidance and seed).
-  scheduler: str = "lms"
-  steps: int = 50
-  retokenize: bool = True  # render the decoded-then-re-tokenised prompt (official); False: the attacked ids
-  latents: str = "jax"  # start latents: generation.LATENT_SOURCES (torch: the official torch.randn per seed)
+  scheduler: str
+  steps: int
+  retokenize: bool  # render the decoded-then-re-tokenised prompt (official); False: the attacked ids
+  latents: str  # start latents: generation.LATENT_SOURCES (torch: the official torch.randn per seed)
 
   @classmethod
   def from_config(cls, evaluation) -> UnlearnDiffConfig:
     """`config.evaluation.unlearndiff` (and the shared `evaluation.latents`), validated, with
     `evaluation.budgets` checked against it."""
     section = evaluation.unlearndiff
-    given = {name: section[name] for name in cls._fields if name in section}
+    given = {name: section[name] for name in cls._fields if name != "latents"}
     cfg = cls(**{**given, "timesteps": tuple(int(t) for t in section.timesteps), "latents": evaluation.latents})
     validate(cfg)
     check_budgets(evaluation.budgets, cfg)

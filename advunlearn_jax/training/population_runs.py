@@ -3,9 +3,10 @@
   python -m advunlearn_jax.population --config=configs/tiny.py --workdir=workdirs/grid \
       --sweep=config_arg=triangle,striped --sweep=seed=0,1 [--devices_per_member=2] [--config.train.lr=3e-5]
 
-Members are the cartesian product of the sweeps, `KEY=V1,V2,...`, where KEY is a config field (values parsed as
-that field's type; a tuple field such as concept.prompts takes one element per member) or `config_arg`, the
-argument after ':' of the config file (configs/tiny.py:striped picks the erased concept). A single-valued sweep
+Members are the cartesian product of the sweeps, `KEY=V1,V2,...`, where KEY is a config field (each value parsed
+as `--config.KEY=V1` would be, config_lib.override; a tuple field such as concept.prompts takes one element per
+member, quoted when it holds a space: 'Van Gogh','Claude Monet') or `config_arg`, the argument after ':' of the
+config file (configs/tiny.py:striped picks the erased concept). A single-valued sweep
 is an override shared by all members, as is every `--config.KEY=VALUE` (main's overrides, applied before the
 sweeps); members are named by what varies. The devices are split into equal
 groups, one member training on each group at a time (a thread per group keeps every group busy; JAX releases
@@ -38,8 +39,10 @@ import jax
 import ml_collections
 from absl import logging
 
+from advunlearn_jax import config_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.training import config_validation
+from advunlearn_jax.unlearn import wiring
 
 CONFIG_ARG = "config_arg"
 
@@ -48,6 +51,7 @@ CONFIG_ARG = "config_arg"
 class Member:
   name: str  # also the member's workdir under the population's
   config: ml_collections.ConfigDict
+  sections: wiring.TrainingSections  # what config_validation.validate(config) built: the run uses them as they are
 
 
 def load_config(spec: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -71,39 +75,10 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
   return key.strip(), options
 
 
-def _typed(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
-  node = config
-  *sections, name = key.split(".")
-  for section in sections:
-    if section not in node or not isinstance(node[section], ml_collections.ConfigDict):
-      raise ConfigError(f"--sweep: config has no section {section!r} (key {key!r})")
-    node = node[section]
-  if name not in node or isinstance(node[name], ml_collections.ConfigDict):
-    raise ConfigError(f"--sweep: config has no field {key!r}")
-  current = node[name]
-  try:
-    if isinstance(current, bool):
-      if text.lower() not in ("true", "false"):
-        raise ValueError(text)
-      return text.lower() == "true"
-    if isinstance(current, (tuple, list)):
-      return (text,)
-    return type(current)(text)
-  except ValueError:
-    raise ConfigError(f"--sweep: {key}={text!r} is not a {type(current).__name__}") from None
-
-
-def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  *sections, name = key.split(".")
-  node = config
-  for section in sections:
-    node = node[section]
-  node[name] = value
-
-
 def members(config_spec: str, sweeps: Sequence[str], overrides: Mapping[str, Any] | None = None) -> list[Member]:
-  """The grid of `sweeps` over the config file `config_spec`, each member with `overrides` ({"train.lr": 3e-5},
-  the command's --config.KEY=VALUE) applied first; every member validated before any trains."""
+  """The grid of `sweeps` over the config file `config_spec`, each member with `overrides` ({"train.lr": 3e-5}: the
+  command's --config.KEY=VALUE, as config_flags parsed them) applied first; every member validated before any
+  trains. A sweep's values are parsed as the command line's are (config_lib.override)."""
   parsed = [parse_sweep(s) for s in sweeps]
   keys = [k for k, _ in parsed]
   if len(set(keys)) != len(keys):
@@ -112,15 +87,14 @@ def members(config_spec: str, sweeps: Sequence[str], overrides: Mapping[str, Any
   for combo in itertools.product(*(values for _, values in parsed)):
     chosen = dict(zip(keys, combo))
     config = load_config(config_spec, chosen.pop(CONFIG_ARG, None))
-    for key, value in (overrides or {}).items():
-      _set(config, key, value)
-    for key, text in chosen.items():
-      _set(config, key, _typed(config, key, text))
-    config_validation.validate(config)
+    config.update_from_flattened_dict(dict(overrides or {}))  # typed already: parsed once, by the command's flags
+    config = config_lib.override(config, [f"{k}={v}" for k, v in chosen.items()], where="--sweep=")
+    sections = config_validation.validate(config)
     # Named by what varies; single-valued sweeps are plain overrides shared by every member.
     varying = [(k, v) for (k, values), v in zip(parsed, combo) if len(values) > 1]
-    name = ",".join(f"{k}={v}" for k, v in varying).replace("/", "_").replace(" ", "_") or "run"
-    out.append(Member(name, config))
+    name = ",".join(f"{k}={v}" for k, v in varying)
+    name = name.replace("/", "_").replace(" ", "_").replace("'", "").replace('"', "") or "run"
+    out.append(Member(name, config, sections))
   return out
 
 
@@ -177,7 +151,7 @@ def run(
       logging.info("member %s on devices %s", member.name, [d.id for d in group])
       try:
         results[member.name] = runs.run(
-          member.config, member_dir, devices=group, preemption=watcher, show_progress=False
+          member.config, member_dir, sections=member.sections, devices=group, preemption=watcher, show_progress=False
         )
       except Exception as e:  # one diverging or misconfigured member must not take the grid down
         logging.error("member %s failed:\n%s", member.name, traceback.format_exc())

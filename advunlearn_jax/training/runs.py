@@ -9,21 +9,25 @@ import ml_collections
 
 from advunlearn_jax.evals import report_kinds
 from advunlearn_jax.training import config_validation, distributed, run_exports, train
+from advunlearn_jax.unlearn import wiring
 
 
 def run(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
+  sections: wiring.TrainingSections | None = None,
   devices: list | None = None,
   preemption: train.PreemptionWatcher | None = None,
   show_progress: bool = True,
 ) -> dict[str, Any]:
   """train.run's summary, with `workdir/text_encoder` (or `unet`) and `workdir/pipeline` exported, and the
   summary of the report (`report`) when the config asks for one. A run stopped by SIGTERM returns
-  {"stopped_at", "workdir", "signal"} and writes no report. The whole config is checked first
-  (config_validation.validate), and the typed sections that builds are the ones the run uses."""
-  sections = config_validation.validate(config)
+  {"stopped_at", "workdir", "signal"} and writes no report. The run uses the typed `sections` that
+  config_validation.validate(config) built: a caller that checked the config before any work (main, population,
+  the notebook) hands them over; without them the whole config is checked here, once either way."""
+  if sections is None:
+    sections = config_validation.validate(config)
   primary = distributed.is_primary()
   export = run_exports.RunExports(config, workdir, enabled=primary)
   result = train.run(

@@ -30,18 +30,18 @@ EMBEDDINGS = ("word_embd", "condition_embd")
 
 class AttackConfig(NamedTuple):
   """The inner attack's settings, under config.attack's field names: a new knob is a field here and a default in
-  config_lib, nothing else."""
+  config_lib, nothing else (no defaults here: config_lib's are the only ones)."""
 
-  method: str = "pgd"
-  steps: int = 30
-  lr: float = 1e-3
-  embedding: str = "word_embd"
-  accumulate_grad: bool = True
-  return_pre_final: bool = True
-  eps: float = 0.0  # 0: no projection (the reference)
-  norm: str = "l2"  # l2 | linf
-  init: str = "random"  # delta's start: random vocabulary rows, or `latest` (the previous round's rows)
-  latest_init_quirk: bool = True  # reference quirk: spec 3.1 - `latest` slices positions 1..k
+  method: str  # METHODS
+  steps: int
+  lr: float
+  embedding: str  # EMBEDDINGS
+  accumulate_grad: bool
+  return_pre_final: bool
+  eps: float  # 0: no projection (the reference)
+  norm: str  # l2 | linf
+  init: str  # delta's start: random vocabulary rows, or `latest` (the previous round's rows)
+  latest_init_quirk: bool  # reference quirk: spec 3.1 - `latest` slices positions 1..k
 
   @classmethod
   def from_config(cls, section) -> AttackConfig:

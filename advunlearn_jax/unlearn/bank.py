@@ -38,11 +38,13 @@ SOURCES = ("online", "online_sequential", "bank")
 
 @dataclasses.dataclass(frozen=True)
 class BankConfig:
-  concept_trajectories: int = 16  # T: rollouts kept per concept (each serves all 50 t_enc)
-  retain_trajectories: int = 1  # T_r: rollouts kept per retain prompt
-  refresh_trajectories: int = 0  # fresh rollouts per concept written over the oldest per renewal; 0: fixed bank
-  refresh_retain: int = 0  # retain prompts (round robin) whose oldest rollout is replaced per renewal
-  refresh_every: int = 1  # iterations between renewals
+  """config.bank under its field names (its defaults config_lib's)."""
+
+  concept_trajectories: int  # T: rollouts kept per concept (each serves all 50 t_enc)
+  retain_trajectories: int  # T_r: rollouts kept per retain prompt
+  refresh_trajectories: int  # fresh rollouts per concept written over the oldest per renewal; 0: fixed bank
+  refresh_retain: int  # retain prompts (round robin) whose oldest rollout is replaced per renewal
+  refresh_every: int  # iterations between renewals
 
   @classmethod
   def from_config(cls, section) -> BankConfig:

@@ -27,13 +27,14 @@ MODES = ("reg", "iter")
 
 
 class RetainConfig(NamedTuple):
-  """The retain term's settings, under config.retain's field names (its prompts are `from_config`'s)."""
+  """The retain term's settings, under config.retain's field names (its prompts are `from_config`'s; its defaults
+  config_lib's)."""
 
-  mode: str = "reg"  # reg: L_u + weight * L_r; iter: `steps` extra Adam steps on L_r
-  weight: float = 1.0
-  batch: int = 5
-  steps: int = 1
-  fresh_per_step: bool = True  # iter: each extra step draws its own prompts
+  mode: str  # reg: L_u + weight * L_r; iter: `steps` extra Adam steps on L_r
+  weight: float
+  batch: int
+  steps: int
+  fresh_per_step: bool  # iter: each extra step draws its own prompts
 
   @classmethod
   def from_config(cls, section) -> RetainConfig:

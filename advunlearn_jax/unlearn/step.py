@@ -44,21 +44,22 @@ from advunlearn_jax.unlearn import retain as retain_lib
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Everything static about a step (hashable: part of the jit cache key)."""
+  """Everything static about a step (hashable: part of the jit cache key), as wiring.step_config builds it from a
+  run config and the models (no defaults here: config_lib's are the only ones)."""
 
-  lr: float = 1e-5
-  negative_guidance: float = 1.0
-  start_guidance: float = 3.0
-  concept_batch: int = 1
-  retain: retain_lib.RetainConfig = retain_lib.RetainConfig()
-  attack: attack_lib.AttackConfig = attack_lib.AttackConfig()
-  num_tokens: int = 1  # k; for `add`, the longest concept's token count
-  latent_hw: int = 64
-  latent_channels: int = 4
-  xt_source: str = "online"  # bank.SOURCES
-  rollout_buckets: int = 8  # online: batch widths of the batched rollout (ddim.bucket_widths)
-  rollout_rows_per_call: int = 0  # online: > 0 that many slots of continuous batching instead of buckets
-  bank: bank_lib.BankConfig = bank_lib.BankConfig()
+  lr: float
+  negative_guidance: float
+  start_guidance: float
+  concept_batch: int
+  retain: retain_lib.RetainConfig
+  attack: attack_lib.AttackConfig
+  num_tokens: int  # k; for `add`, the longest concept's token count
+  latent_hw: int
+  latent_channels: int
+  xt_source: str  # bank.SOURCES
+  rollout_buckets: int  # online: batch widths of the batched rollout (ddim.bucket_widths)
+  rollout_rows_per_call: int  # online: > 0 that many slots of continuous batching instead of buckets
+  bank: bank_lib.BankConfig
 
 
 class Frozen(NamedTuple):

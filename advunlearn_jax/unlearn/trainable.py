@@ -48,10 +48,10 @@ class Trained:
   """Which tower a run trains (`tower`: "text_encoder" or "unet") and which of its leaves: the one value the
   wiring, the step, the exports and the previews ask (hashable: part of the jit cache key)."""
 
-  method: str = "text_encoder_full"
-  component: str = "all"
-  norm_layer: bool = False
-  prefix_bug: bool = False
+  method: str  # config.train's fields (their defaults config_lib's)
+  component: str
+  norm_layer: bool
+  prefix_bug: bool
 
   @classmethod
   def from_config(cls, train) -> Trained:
