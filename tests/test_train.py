@@ -429,6 +429,9 @@ def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout
   _, ours = clip_convert.load_clip_text(exported["text_encoder"])
   _, trained = clip_convert.load_clip_text(os.path.join(member, "text_encoder"))
   jax.tree.map(np.testing.assert_array_equal, ours, trained)
+  # "tiny" meant the (patched) checkout's model, not the package's shipped one: the same shapes as its copy.
+  _, copied = clip_convert.load_clip_text(os.path.join(checkout_a, "text_encoder"))
+  assert jax.tree.map(np.shape, trained) == jax.tree.map(np.shape, copied)
 
   shutil.move(os.path.dirname(checkout_a), os.path.dirname(checkout_b))
   monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_b)

@@ -19,7 +19,7 @@ import os
 import shutil
 from typing import Any
 
-from advunlearn_jax.config_lib import TINY_MODEL_DIR
+from advunlearn_jax import config_lib
 from advunlearn_jax.convert import clip_text, torch_layout, weights_io
 from advunlearn_jax.errors import ConfigError, WeightsError
 from advunlearn_jax.models import unet as unet_lib
@@ -65,12 +65,13 @@ def resolve_pretrained(path_or_id: str) -> str:
   """The folder `path_or_id` names: "tiny" (the shipped tiny model), a local diffusers folder (`~` expanded), or
   the snapshot folder of a hub id (fetched, or read from the cache under HF_HUB_OFFLINE=1)."""
   if path_or_id == "tiny":
-    if not os.path.isdir(TINY_MODEL_DIR):
+    tiny = config_lib.TINY_MODEL_DIR  # read at use: a test moves the checkout under a run that stored "tiny"
+    if not os.path.isdir(tiny):
       raise ConfigError(
-        f"{TINY_MODEL_DIR} is missing (a partial checkout?); rebuild it with "
+        f"{tiny} is missing (a partial checkout?); rebuild it with "
         "`python -m advunlearn_jax.tiny.build --out=advunlearn_jax/assets` (README, 'The tiny world')"
       )
-    return TINY_MODEL_DIR
+    return tiny
   if os.path.isdir(os.path.expanduser(path_or_id)):
     return os.path.expanduser(path_or_id)
   if not is_hub_id(path_or_id):
