@@ -1,10 +1,13 @@
 """Test setup: 8 simulated CPU devices, exact matmuls for parity tests, an isolated tokenizer cache, one
 compilation cache kept between sessions; the quickstart notebook executed once for the tests that read its run."""
 
+import fcntl
 import os
 
-# Must happen before JAX initialises its backends.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Must happen before JAX initialises its backends. Once: xdist's workers inherit the controller's environment.
+EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
+if EIGHT_DEVICES not in os.environ.get("XLA_FLAGS", "").split():
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + EIGHT_DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,6 +23,34 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# What one xdist worker may hold at its peak (the slow suite's largest programs, its subprocesses aside).
+WORKER_BYTES = 6 << 30
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pyproject.toml): a worker per core, as many as the free memory holds. Compiling is mostly one
+  thread, so on 2 cores two workers run the suites in about 0.7 of one's time (README, "Run the tests");
+  PYTEST_XDIST_AUTO_NUM_WORKERS (xdist's own) still decides where it is set."""
+  if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+    return None
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  free = _available_memory()
+  return max(1, min(cores, free // WORKER_BYTES)) if free else cores
+
+
+def _available_memory() -> int:
+  """Linux's MemAvailable in bytes; 0 where /proc/meminfo does not say."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) << 10
+  except OSError:
+    pass
+  return 0
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,19 +103,29 @@ QUICKSTART_OVERRIDES = [  # the notebook's OVERRIDES: "section.field=value", as 
 @pytest.fixture(scope="session")
 def quickstart(tmp_path_factory):
   """notebooks/quickstart.ipynb executed (nbclient) as Jupyter runs it when opened from a checkout: in notebooks/,
-  the package not installed, one CPU device; (the executed notebook, its workdir)."""
+  the package not installed, one CPU device; (the executed notebook, its workdir). Executed once per test run:
+  under xdist the first worker to ask runs it in the run's shared temporary folder and the others read it there."""
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
   pytest.importorskip("ipykernel")
-  nb = nbformat.read(QUICKSTART, as_version=4)
-  params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-  assert len(params) == 1, "the notebook's first code cell holds its parameters, tagged 'parameters'"
-  workdir = str(tmp_path_factory.mktemp("quickstart") / "run")
-  params[0].source += f"\nWORKDIR = {workdir!r}\nOVERRIDES = {QUICKSTART_OVERRIDES!r}\n"
-  with pytest.MonkeyPatch.context() as env:
-    env.setenv("XLA_FLAGS", "")
-    nbclient.NotebookClient(nb, timeout=900, resources={"metadata": {"path": os.path.dirname(QUICKSTART)}}).execute()
-  return nb, workdir
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # popen-gwN's parent: this run's
+  workdir, executed = shared / "quickstart" / "run", shared / "quickstart" / "executed.ipynb"
+  executed.parent.mkdir(exist_ok=True)
+  with open(shared / "quickstart.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not executed.exists():
+      nb = nbformat.read(QUICKSTART, as_version=4)
+      params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+      assert len(params) == 1, "the notebook's first code cell holds its parameters, tagged 'parameters'"
+      params[0].source += f"\nWORKDIR = {str(workdir)!r}\nOVERRIDES = {QUICKSTART_OVERRIDES!r}\n"
+      with pytest.MonkeyPatch.context() as env:
+        env.setenv("XLA_FLAGS", "")
+        resources = {"metadata": {"path": os.path.dirname(QUICKSTART)}}
+        nbclient.NotebookClient(nb, timeout=900, resources=resources).execute()
+      nbformat.write(nb, str(executed) + ".part")
+      os.replace(str(executed) + ".part", executed)  # whole or absent: a failed execution leaves none
+  return nbformat.read(str(executed), as_version=4), str(workdir)
 
 
 def folder_bytes(root) -> dict[str, bytes | None]:

@@ -13,6 +13,7 @@ from advunlearn_jax import config_lib
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.testing import tiny_models
 from advunlearn_jax.training import runs
+from tests.conftest import EIGHT_DEVICES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Retain and concept batches of 8 split over the 8-device data axis: 4 rows per process, so the gradient
@@ -52,7 +53,7 @@ def _two_process_run(pipeline_dir, workdir):
   port = _free_port()
   flags = [f"--config.{item}" for item in OVERRIDES]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4", "PYTHONPATH": ROOT}
-  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != EIGHT_DEVICES)
   procs = [
     subprocess.Popen(
       [
