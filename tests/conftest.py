@@ -36,21 +36,10 @@ def pytest_xdist_auto_num_workers(config):
   PYTEST_XDIST_AUTO_NUM_WORKERS (xdist's own) still decides where it is set."""
   if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
     return None
+  import psutil
+
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-  free = _available_memory()
-  return max(1, min(cores, free // WORKER_BYTES)) if free else cores
-
-
-def _available_memory() -> int:
-  """Linux's MemAvailable in bytes; 0 where /proc/meminfo does not say."""
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) << 10
-  except OSError:
-    pass
-  return 0
+  return max(1, min(cores, psutil.virtual_memory().available // WORKER_BYTES))
 
 
 def pytest_collection_modifyitems(config, items):

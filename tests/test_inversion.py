@@ -178,6 +178,20 @@ PUBLISHED_CCE = [
 ]
 
 
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (["evaluation.inversion.cce.steps=0"], r"config.evaluation.inversion.cce needs tokens, steps, batch and images"),
+    (["evaluation.inversion.protocol=prefix", "evaluation.inversion.prefix.tokens=0"], r"inversion.prefix needs"),
+    # cce's own knob names cce's section, whichever protocol reads the settings
+    (["evaluation.inversion.protocol=prefix", "evaluation.inversion.cce.accumulation=0"], r"cce.accumulation must"),
+  ],
+)
+def test_bad_inversion_settings_name_their_section(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    _settings(*overrides)
+
+
 @pytest.mark.parametrize("field, value", PUBLISHED_CCE)
 def test_cce_defaults_are_the_published_settings(field, value):
   config = config_lib.base_config()

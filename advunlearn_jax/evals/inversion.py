@@ -200,10 +200,10 @@ class InversionConfig(NamedTuple):
 
 def validate(cfg: InversionConfig) -> None:
   key = f"evaluation.inversion.{cfg.protocol}"
-  # accumulation is cce's: under prefix it is read from a section the protocol does not use, so it is not checked
-  accumulation = cfg.accumulation if cfg.protocol == "cce" else 1
-  if cfg.tokens < 1 or cfg.steps < 1 or cfg.batch < 1 or cfg.max_images < 1 or accumulation < 1:
-    raise ConfigError(f"config.{key} needs tokens, steps, batch, images and accumulation >= 1")
+  if cfg.tokens < 1 or cfg.steps < 1 or cfg.batch < 1 or cfg.max_images < 1:
+    raise ConfigError(f"config.{key} needs tokens, steps, batch and images >= 1")
+  if cfg.accumulation < 1:  # always cce's section, whichever the protocol
+    raise ConfigError(f"config.evaluation.inversion.cce.accumulation must be >= 1, got {cfg.accumulation}")
   if cfg.lr <= 0:
     raise ConfigError(f"config.{key}.lr must be > 0, got {cfg.lr}")
   if cfg.placement not in PLACEMENTS:
