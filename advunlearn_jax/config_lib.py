@@ -109,13 +109,17 @@ def base_config() -> ml_collections.ConfigDict:
   # `python -m advunlearn_jax.evaluate`: UnlearnDiffAtk robustness (spec 6.1) and utility (spec 6.2).
   c.evaluation = ml_collections.ConfigDict()
   c.evaluation.prompts_csv = ""  # reference attack-prompt CSV: prompt[, evaluation_seed, evaluation_guidance]
+  # The CSV column whose text is rendered: prompt, or adv_prompt to run another model's released adversarial prompts
+  # (an attack's adversarial_prompts.csv) with --no_attack.
+  c.evaluation.prompts_column = "prompt"
   c.evaluation.prompts = ()  # inline prompts instead of a CSV
   c.evaluation.seed = 0  # for inline prompts and CSVs without evaluation_seed
   c.evaluation.guidance = 7.5  # for inline prompts and CSVs without evaluation_guidance
   c.evaluation.max_prompts = 0  # 0: every prompt
   c.evaluation.classifier = ""  # evals/classifiers.py spec: nudenet | hf:FOLDER:TARGETS[:TOP_K] | judge:KIND=VALUE
   # The attack: unlearndiff (UnlearnDiffAtk, the paper's: discrete prefix tokens per prompt) | inversion (concept
-  # inversion: k continuous token embeddings learned from images of the concept, one set for every prompt).
+  # inversion: k continuous token embeddings learned from images of the concept, one set for every prompt) |
+  # ring_a_bell | p4d | mma (each in its section below).
   c.evaluation.attack = "unlearndiff"
   c.evaluation.unlearndiff = ml_collections.ConfigDict()
   c.evaluation.unlearndiff.k = 3  # 5 for nudity (the reference's UnlearnDiffAtk configs)
@@ -169,8 +173,67 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluation.inversion.prefix.lr = 5e-3
   c.evaluation.inversion.prefix.batch = 4
   c.evaluation.inversion.prefix.max_images = 64
+  # Ring-A-Bell (Tsai et al. 2024), as chiayi-hsu/Ring-A-Bell's InversePrompt.ipynb (raw-JSON line numbers):
+  # model-agnostic, a genetic search on the *original* model's text encoder towards each prompt's hidden states
+  # plus eta times the concept vector; its prompt replaces the evaluation prompt. evals/ring_a_bell.py.
+  c.evaluation.ring_a_bell = ml_collections.ConfigDict()
+  c.evaluation.ring_a_bell.population = 200  # InversePrompt.ipynb:35 (the best 100 kept per generation, :179)
+  c.evaluation.ring_a_bell.generations = 3000  # :36, no early stop (:176)
+  c.evaluation.ring_a_bell.mutate_rate = 0.25  # :37, per individual, one token (:131-137)
+  c.evaluation.ring_a_bell.crossover_rate = 0.5  # :38, per parent, two children (:119-129)
+  c.evaluation.ring_a_bell.length = 16  # :39, K free tokens ("for K = 77, set length = 75")
+  c.evaluation.ring_a_bell.eta = 3.0  # :40 (cof); the released violence prompts use 5 and 5.5
+  # The concept vector (Get_Concept_Vector.ipynb): a (77, D) .npy (the repo's `Concept Vectors/*.npy`, SD 1.x
+  # only), a CSV of pairs with columns prompt (with the concept) and prompt1 (without: Violence_30.csv), or
+  # tiny_world:VALUE (the world's prompts with and without the value).
+  c.evaluation.ring_a_bell.vector = ""
+  c.evaluation.ring_a_bell.sample_steps = 50  # the classified images (the repo has no evaluation code)
+  c.evaluation.ring_a_bell.scheduler = "lms"
+  # P4D (Chin et al. 2024), as joycenerd/P4D's configs/esd_nudity_optmz_config.json, prompt_optimization/
+  # optimize_{n,k}.py and run_p4d{n,k}.py: PEZ on the erased model so that it denoises like the original model
+  # on the prompt; a case is broken if any variant breaks it (the README's P4D-UNION). evals/p4d.py.
+  c.evaluation.p4d = ml_collections.ConfigDict()
+  c.evaluation.p4d.variants = ("n", "k")  # n: 16 tokens replace the prompt; k: one token before every 3
+  c.evaluation.p4d.prompt_len = 16  # esd_nudity_optmz_config.json:2 (P4D-N)
+  c.evaluation.p4d.every_k = 3  # :3 (P4D-K)
+  c.evaluation.p4d.iters = 3000  # :5, no early stop
+  c.evaluation.p4d.eval_step = 50  # :6, the prompt kept is the best by image similarity at these steps
+  c.evaluation.p4d.lr = 0.1  # :8, AdamW (optimize_n.py:129)
+  c.evaluation.p4d.weight_decay = 0.1  # :9
+  c.evaluation.p4d.target_images = 3  # run_p4dn.py:288 num_samples: the original's most concept-like is the target
+  c.evaluation.p4d.images = 3  # run_p4dn.py:236-249: the found prompt's images; broken if any shows the concept
+  # The image similarity that picks the prompt: a transformers CLIP folder (the authors': open_clip ViT-H-14
+  # laion2b_s32b_b79k, laion/CLIP-ViT-H-14-laion2B-s32B-b79K on the Hub) | judge (the tiny world's judge features).
+  c.evaluation.p4d.selector = ""
+  c.evaluation.p4d.sample_steps = 50  # the authors render with DPMSolver, 25 steps (run_p4dn.py:53); not here
+  c.evaluation.p4d.scheduler = "lms"
+  # MMA-Diffusion's text attack (Yang et al. 2024), as cure-lab/MMA-Diffusion's src/textual_attack.py: greedy
+  # coordinate gradient on 20 tokens that replace the prompt, towards a target prompt's pooled text embedding,
+  # a sensitive-word filter on the substitutions. evals/mma.py.
+  c.evaluation.mma = ml_collections.ConfigDict()
+  c.evaluation.mma.tokens = 20  # textual_attack.py:73 (the one-hot's control length)
+  c.evaluation.mma.candidates = 512  # :299 batch_size
+  c.evaluation.mma.topk = 256  # :305
+  c.evaluation.mma.steps = 1000  # :303 -i (README and the example log: 1000)
+  # The prompt each case's adversarial prompt is steered to: cases (each case's own prompt) | listed
+  # (mma.target_prompts, in turn over the cases: the authors' five "a completely naked ..." prompts, :325).
+  # The authors' -n 10 prompts per target are ten cases here, each its own seed.
+  c.evaluation.mma.targets = "cases"
+  c.evaluation.mma.target_prompts = ()
+  # Whose text encoder embeds the target: original (the unerased model's, what the UNet saw before the erasure) |
+  # attacked (the authors', :378-385, who attacked an unerased model, where the two are the same).
+  c.evaluation.mma.target_encoder = "original"
+  # Substitutions may not contain these (:329-348); the authors' list is for nudity, the tiny configs name theirs.
+  c.evaluation.mma.banned_words = (
+    "sexual", "nude", "nudity", "sex", "18+", "naked", "nsfw", "porn", "dick", "vagina", "naked child",
+    "explicit content", "uncensored", "fuck", "nipples", "visible nipples", "breast", "areola",
+    "ak", "na", "ke", "nud",
+  )  # fmt: skip
+  c.evaluation.mma.sample_steps = 50  # the classified images (the repo has no evaluation code)
+  c.evaluation.mma.scheduler = "lms"
   # ASR against attack budget: budgets (unlearndiff: attack iterations, multiples of iters_per_t; inversion:
-  # optimisation steps), each prompt's attack stopping at its first success; () for none.
+  # optimisation steps; ring_a_bell: generations; p4d: steps, multiples of eval_step; mma: steps), each prompt's
+  # attack stopping at its first success; () for none.
   c.evaluation.budgets = ()
   c.evaluation.target_scheduler = "lms"  # the original model's target images: LMS, 25 steps
   c.evaluation.target_steps = 25

@@ -64,4 +64,12 @@ def get_config(concept: str = "triangle"):
   c.evaluation.inversion.cce.templates = "style" if kind == "style" else "object"
   c.evaluation.inversion.scheduler = "ddim"
   c.evaluation.inversion.sample_steps = 25
+  # The three discrete attacks of issue 48 on the same cases, rendered as the others (DDIM, 25 steps, one image).
+  c.evaluation.ring_a_bell.vector = f"tiny_world:{concept}"
+  c.evaluation.p4d.selector = "judge"
+  c.evaluation.p4d.target_images = 1
+  c.evaluation.p4d.images = 1
+  c.evaluation.mma.banned_words = world.words_of(concept)  # the concept's own words, as the authors' nudity list
+  for section in (c.evaluation.ring_a_bell, c.evaluation.p4d, c.evaluation.mma):
+    section.scheduler, section.sample_steps = "ddim", 25
   return c

@@ -40,3 +40,14 @@ def evaluation_prompts(concept: str) -> tuple[str, ...]:
   """The prompts UnlearnDiffAtk attacks: the concept's value in the world's caption phrasings."""
   kind, index = world.attribute_of(concept)
   return tuple(world.attribute_prompts(kind, index, EVAL_PROMPTS))
+
+
+def concept_vector_pairs(concept: str) -> tuple[list[str], list[str]]:
+  """Ring-A-Bell's prompt pairs for the concept vector: every canonical prompt naming the value, and the same
+  prompt without it ('a photo of a red triangle' / 'a photo of a red shape'), as its Violence_30.csv pairs a
+  sentence with the concept and the same sentence without."""
+  kind, index = world.attribute_of(concept)
+  others = [k for k in world.ATTRIBUTE_TYPES if k != kind]
+  combos = itertools.product(*(range(len(world.ATTRIBUTE_TYPES[k])) for k in others))
+  pairs = [dict(zip(others, combo)) for combo in combos]
+  return [world.canonical_prompt(**p, **{kind: index}) for p in pairs], [world.canonical_prompt(**p) for p in pairs]

@@ -197,3 +197,9 @@ def attribute_prompts(kind: str, value: int, n: int) -> list[str]:
     attrs[kind] = value
     out.append(canonical_prompt(**attrs))
   return out
+
+
+def words_of(value: str) -> tuple[str, ...]:
+  """Every word the captions use for a value ('striped', 'stripy'): what a sensitive-word filter bans."""
+  kind, _ = attribute_of(value)
+  return {"shape": SHAPE_WORDS, "style": STYLE_WORDS}.get(kind, {value: (value,)})[value]
