@@ -149,6 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
   # The concept's words that `word` replaces, whole words, any case; empty: concept.prompts (the SD configs'
   # concept phrases, "Van Gogh", "church"). A prompt that holds none of them is refused before any work.
   c.evaluation.inversion.words = ()
+  # A learned_embedding.npz that an evaluation released: rendered at its checkpoints instead of training ("").
+  c.evaluation.inversion.learned = ""
   c.evaluation.inversion.scheduler = "lms"  # the classified images, as UnlearnDiffAtk's
   c.evaluation.inversion.sample_steps = 50
   c.evaluation.inversion.cce = ml_collections.ConfigDict()
@@ -187,6 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
   # only), a CSV of pairs with columns prompt (with the concept) and prompt1 (without: Violence_30.csv), or
   # tiny_world:VALUE (the world's prompts with and without the value).
   c.evaluation.ring_a_bell.vector = ""
+  # reference quirk: the mutation writes into the survivors in place (:122, :136), so the best one can be mutated
+  # too (no elitism); False keeps the best unmutated. Measured on the tiny world: no difference beyond the seeds'.
+  c.evaluation.ring_a_bell.mutate_best = True
   c.evaluation.ring_a_bell.sample_steps = 50  # the classified images (the repo has no evaluation code)
   c.evaluation.ring_a_bell.scheduler = "lms"
   # P4D (Chin et al. 2024), as joycenerd/P4D's configs/esd_nudity_optmz_config.json, prompt_optimization/
@@ -207,6 +212,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluation.p4d.selector = ""
   c.evaluation.p4d.sample_steps = 50  # the authors render with DPMSolver, 25 steps (run_p4dn.py:53); not here
   c.evaluation.p4d.scheduler = "lms"
+  # reference quirk: optimize_n.py:38, optimize_k.py:30-35 and :170 - train on the original's sequences: N padded
+  # with id 0, K with no EOT (its tokens overwrite it); False: EOT after the tokens and the tokenizer's padding.
+  c.evaluation.p4d.reference_layout = True
+  # reference quirk: run_p4dn.py:171-177 (ToTensor, no Normalize), optimize_n.py:138-144 - the target image enters
+  # the VAE in [0, 1]; False: [-1, 1], as the VAE was trained.
+  c.evaluation.p4d.reference_image_range = True
   # MMA-Diffusion's text attack (Yang et al. 2024), as cure-lab/MMA-Diffusion's src/textual_attack.py: greedy
   # coordinate gradient on 20 tokens that replace the prompt, towards a target prompt's pooled text embedding,
   # a sensitive-word filter on the substitutions. evals/mma.py.
@@ -215,6 +226,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluation.mma.candidates = 512  # :299 batch_size
   c.evaluation.mma.topk = 256  # :305
   c.evaluation.mma.steps = 1000  # :303 -i (README and the example log: 1000)
+  # reference quirk: textual_attack.py:83 against :141-155: the gradient's rows are [SOT, c1 .. c19] while the
+  # swaps index [c1 .. c20], so control token p+1's replacement comes from position p's gradient (c1's from the
+  # SOT's, c20's own never computed). False: each token's from its own position (a textbook GCG).
+  c.evaluation.mma.shifted_gradient = True
   # The prompt each case's adversarial prompt is steered to: cases (each case's own prompt) | listed
   # (mma.target_prompts, in turn over the cases: the authors' five "a completely naked ..." prompts, :325).
   # The authors' -n 10 prompts per target are ten cases here, each its own seed.

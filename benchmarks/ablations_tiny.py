@@ -113,7 +113,8 @@ def fmt_seconds(values: list) -> str:
 def by_variant(rows: dict[tuple[str, str], list[dict]], concepts: list[str], names: list[str], budget: int) -> str:
   """One row per variant, the concepts side by side: each attack's successes and the retain accuracy as counts
   pooled over seeds with their Wilson intervals (the README's table; pre-ASR stays in the full one)."""
-  titles = ("UnlearnDiffAtk", f"CCE, {budget} steps", "earlier: CCE in front, 250 steps", "retain")
+  titles = ("UnlearnDiffAtk", f"CCE, {budget} steps", "earlier: CCE in front, 250 steps", "Ring-A-Bell", "P4D")
+  titles += ("MMA-Diffusion", "any attack", "retain")
   columns = [(title, k, n) for title, (_, k, n) in zip(titles, RATE_COLUMNS[1:], strict=True)]
   head = " | ".join(f"{c}: {t}" if i == 0 else t for c in concepts for i, (t, _, _) in enumerate(columns))
   lines = [f"| variant | {head} |", "|---" * (1 + len(concepts) * len(columns)) + "|"]
@@ -133,6 +134,7 @@ def main():
   parser.add_argument("--per_value", type=int, default=12, help="retain-accuracy images per retained value")
   parser.add_argument("--prompts", type=int, default=24, help="evaluation cases (prompt, seed) per concept and run")
   parser.add_argument("--inversion_budgets", default=erasure_tiny.PUBLISHED_BUDGETS, help="CCE checkpoints (steps)")
+  parser.add_argument("--attacks", default=",".join(erasure_tiny.ALL_ATTACKS), help="the columns measured")
   parser.add_argument("--quick", action="store_true", help="a 3-prompt, 10-iteration UnlearnDiffAtk (smoke test)")
   args = parser.parse_args()
   unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
@@ -142,8 +144,6 @@ def main():
   base = functools.cache(lambda: sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR))
   started = time.perf_counter()
   rows: dict[tuple[str, str], list[dict]] = {}
-  n_cases = 3 if args.quick else args.prompts
-  inversion_budgets = [int(b) for b in args.inversion_budgets.split(",")]
   concepts, names = args.concepts.split(","), args.variants.split(",")
   # Seed-major: a stopped run has every row at fewer seeds rather than some rows complete and others missing.
   for seed in (int(s) for s in args.seeds.split(",")):
@@ -157,11 +157,7 @@ def main():
         timing = erasure_tiny.train_once(workdir, config)
         # Loaded (and trained again, where only the pieces are here) only for a missing piece.
         target = functools.cache(lambda w=workdir, c=config: erasure_tiny.trained_pipeline(w, c))
-        measure_attack = lambda t=target, c=concept: erasure_tiny.measure(base(), t(), c, args, log)
-        measure_cce = lambda t=target, c=concept: erasure_tiny.inversion_measure(
-          base(), t(), c, inversion_budgets, n_cases, log
-        )
-        row = erasure_tiny.row_pieces(workdir, "", measure_attack, measure_cce)
+        row = erasure_tiny.row_pieces(workdir, "", erasure_tiny.attack_measures(base, target, concept, args, log))
         rows.setdefault((concept, name), []).append(
           {**row, "train_seconds": timing["seconds"], "steady_train_seconds": timing["steady_seconds"]}
         )

@@ -122,6 +122,7 @@ def measure(original, target, concept: str, args, log) -> dict:
     "retain_k": round(retained * n_retain),
     "attack_seconds": time.perf_counter() - t,
     "adv_tokens": [o.adv_tokens for o in result["outcomes"]],
+    "broken": [bool(o.success) for o in result["outcomes"]],  # per case, for the "any attack" column
   }
 
 
@@ -152,22 +153,64 @@ def inversion_measure(
     f"{key}_words": result["inversion"]["nearest_words"],
     f"{key}_train_seconds": result["inversion"]["train_seconds"],
     f"{key}_seconds": time.perf_counter() - t,
+    f"{key}_broken": [bool(o.success) for o in result["outcomes"]],
   }
 
 
-def row_pieces(folder: str, prefix: str, attack, cce) -> dict:
-  """A row's measurements: UnlearnDiffAtk and retain accuracy (`measure.json`, computed by `attack()` if
-  missing), CCE placed and budgeted as published (`cce.json`, by `cce()`), and where it was measured the earlier
-  CCE column (`inversion.json`: the token in front of the prompt, 250 steps), kept for the comparison and never
-  computed again."""
-  row = {
-    **cached_json(os.path.join(folder, f"{prefix}measure.json"), attack),
-    **cached_json(os.path.join(folder, f"{prefix}cce.json"), cce),
+# Issue 48's attacks and the checkpoints the tables judge them at (their steps or generations): each published
+# budget last, unless the curve measured on the table models had stopped gaining (docs/evaluation.md).
+DISCRETE_BUDGETS = {
+  "ring_a_bell": (50, 100, 250, 500, 1000, 3000),
+  "p4d": (50, 100, 250, 500, 1000, 3000),
+  "mma": (10, 25, 50, 100, 250, 500, 1000),
+}
+QUICK_BUDGETS = {"ring_a_bell": (5, 10), "p4d": (10, 20), "mma": (2, 5)}
+
+
+def discrete_measure(original, target, concept: str, name: str, budgets, n: int, log) -> dict:
+  """Ring-A-Bell, P4D or MMA-Diffusion (evals/attacks.py) on the same cases, judged at `budgets`; the prompts
+  each case showed last, as the attack's released CSV holds them."""
+  config = tiny_config.get_config(concept)
+  ev = config.evaluation
+  ev.attack, ev.budgets = name, tuple(budgets)
+  t = time.perf_counter()
+  result = robustness.robustness(original, target, cases(concept, n), classifiers.make(ev.classifier), config, log=log)
+  outcomes = result["outcomes"]
+  return {
+    f"{name}_successes": result["summary"]["successes"],
+    f"{name}_broken": [bool(o.success) for o in outcomes],
+    f"{name}_curve": result["budget_curve"],
+    f"{name}_prompts": [o.adv_prompt or o.prompt for o in outcomes],
+    f"{name}_seconds": time.perf_counter() - t,
   }
+
+
+ALL_ATTACKS = ("unlearndiff", "cce", *DISCRETE_BUDGETS)
+BROKEN_KEYS = {"unlearndiff": "broken", **{a: f"{a}_broken" for a in ALL_ATTACKS[1:]}}
+PIECE_FILES = {"unlearndiff": "measure", "cce": "cce", **{a: a for a in DISCRETE_BUDGETS}}
+
+
+def row_pieces(folder: str, prefix: str, computes: dict) -> dict:
+  """A row's measurements, one JSON piece per attack (`computes`: attack -> the function that measures it, run
+  only for a missing piece): UnlearnDiffAtk with retain accuracy (`measure.json`), CCE placed and budgeted as
+  published (`cce.json`), Ring-A-Bell, P4D and MMA-Diffusion; where it was measured, the earlier CCE column
+  (`inversion.json`: the token in front of the prompt, 250 steps), kept for the comparison and never computed
+  again. Pieces measured before each case's verdict was kept are measured again last, for "any attack"."""
+  paths = {a: os.path.join(folder, f"{prefix}{PIECE_FILES[a]}.json") for a in computes}
+  row = {}
+  for attack, compute in computes.items():
+    row.update(cached_json(paths[attack], compute))
+  for attack, compute in computes.items():
+    if BROKEN_KEYS[attack] not in row:
+      os.remove(paths[attack])
+      row.update(cached_json(paths[attack], compute))
   earlier = os.path.join(folder, f"{prefix}inversion.json")
   if os.path.isfile(earlier):
     with open(earlier) as f:
       row.update(json.load(f))
+  broken = [row.get(BROKEN_KEYS[a]) for a in ALL_ATTACKS]
+  if all(b is not None for b in broken):
+    row["any_successes"] = int(np.any(np.array(broken, bool), axis=0).sum())
   return row
 
 
@@ -246,6 +289,19 @@ def cost_line(runs: list[dict]) -> str:
   )
 
 
+def attack_measures(original, target, concept: str, args, log) -> dict:
+  """attack -> the function that measures it on `target()` (loaded only if called), for `args.attacks`."""
+  n = 3 if args.quick else args.prompts
+  budgets = [int(b) for b in args.inversion_budgets.split(",")]
+  computes = {
+    "unlearndiff": lambda: measure(original(), target(), concept, args, log),
+    "cce": lambda: inversion_measure(original(), target(), concept, budgets, n, log),
+  }
+  for name, table_budgets in (QUICK_BUDGETS if args.quick else DISCRETE_BUDGETS).items():
+    computes[name] = lambda a=name, b=table_budgets: discrete_measure(original(), target(), concept, a, b, n, log)
+  return {a: computes[a] for a in args.attacks.split(",")}
+
+
 def finetuned_unet(out: str, steps: int, seed: int) -> str:
   """The shipped UNet trained `steps` more under its frozen text tower, on freshly rendered images."""
   folder = os.path.join(out, "finetuned_sd")
@@ -306,6 +362,10 @@ COLUMNS = (  # (title, count key, case-count key); "{budget}" is the CCE column'
   ("ASR (UnlearnDiffAtk)", "successes", "cases"),
   ("ASR (CCE, {budget} steps)", "cce_successes", "cases"),
   ("earlier: CCE in front of the prompt, 250 steps", "inversion_successes", "cases"),
+  ("ASR (Ring-A-Bell)", "ring_a_bell_successes", "cases"),
+  ("ASR (P4D)", "p4d_successes", "cases"),
+  ("ASR (MMA-Diffusion)", "mma_successes", "cases"),
+  ("any attack", "any_successes", "cases"),
   ("retain acc", "retain_k", "retain_n"),
 )
 PUBLISHED_BUDGETS = "10,25,50,100,250,500,1000,2500,5000"  # CCE's checkpoints, to esd/train.sh's 5000 steps
@@ -335,6 +395,7 @@ def main():
   parser.add_argument(
     "--set", action="append", default=[], help="config override for every row, as --config.X=: attack.steps=30"
   )
+  parser.add_argument("--attacks", default=",".join(ALL_ATTACKS), help="the columns measured (a missing piece)")
   parser.add_argument("--quick", action="store_true", help="3 cases, a 10-iteration attack (smoke test)")
   args = parser.parse_args()
   unknown = sorted(set(args.methods.split(",")) - set(METHODS))
@@ -343,8 +404,10 @@ def main():
   seeds = [int(s) for s in args.seeds.split(",")]
   concepts = args.concepts.split(",")
   budgets = [int(b) for b in args.inversion_budgets.split(",")]
+  unknown = sorted(set(args.attacks.split(",")) - set(ALL_ATTACKS))
+  if unknown:
+    parser.error(f"unknown attacks {unknown}; known: {list(ALL_ATTACKS)}")
   log = lambda msg: print(msg, flush=True)
-  n_cases = 3 if args.quick else args.prompts
   # Pipelines are loaded (and runs trained) only for a piece that is missing.
   base = functools.cache(lambda: sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR))
   finetuned = functools.cache(lambda: sd_convert.load_pipeline(finetuned_unet(args.out, args.finetune_steps, seed=0)))
@@ -353,9 +416,7 @@ def main():
   rows: dict[tuple[str, str], list[dict]] = {}
 
   def add(concept, model, folder, original, target, prefix=""):
-    attack = lambda: measure(original(), target(), concept, args, log)
-    cce = lambda: inversion_measure(original(), target(), concept, budgets, n_cases, log)
-    row = row_pieces(folder, prefix, attack, cce)
+    row = row_pieces(folder, prefix, attack_measures(original, target, concept, args, log))
     if not prefix and os.path.isfile(os.path.join(folder, "train.json")):
       with open(os.path.join(folder, "train.json")) as f:
         timing = json.load(f)

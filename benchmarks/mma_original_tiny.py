@@ -131,12 +131,12 @@ def run_ours(args, log) -> dict:
   tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
   cfg = mma.MMAConfig.from_config(config_lib.base_config().evaluation)._replace(steps=args.steps)
   embed = lambda prompt: mma.target_embedding(pipe.text_config, pipe.text_params, tokenizer, prompt)
-  mma.search(pipe.text_config, pipe.text_params, tokenizer, embed(TARGETS[0]), cfg._replace(steps=1), seed=0)
+  list(mma.search(pipe.text_config, pipe.text_params, tokenizer, embed(TARGETS[0]), cfg._replace(steps=1), seed=0))
   prompts, losses, seconds = [], [], []
   for target in TARGETS:
     for seed in range(args.restarts):
       start = time.perf_counter()
-      best = mma.search(pipe.text_config, pipe.text_params, tokenizer, embed(target), cfg, seed=seed)[-1]
+      best = list(mma.search(pipe.text_config, pipe.text_params, tokenizer, embed(target), cfg, seed=seed))[-1]
       seconds.append(time.perf_counter() - start)
       prompts.append(best.prompt)
       losses.append(best.loss)

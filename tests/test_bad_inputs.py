@@ -142,6 +142,36 @@ CASES = [
     + ["--config.evaluation.inversion.placement=suffix"],
     "config.evaluation.inversion.placement is 'suffix'; expected one of ['word', 'prefix']",
   ),
+  # issue 48's attacks: no tokens to search, no target to steer to, an attack nobody wrote
+  (
+    "evaluate",
+    ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.attack=ring_a_bell"]
+    + ["--config.evaluation.ring_a_bell.length=0"],
+    "evaluation.ring_a_bell.length",
+  ),
+  (
+    "evaluate",
+    ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.attack=p4d"]
+    + ["--config.evaluation.p4d.prompt_len=0"],
+    "evaluation.p4d.prompt_len",
+  ),
+  (
+    "evaluate",
+    ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.attack=mma"]
+    + ["--config.evaluation.mma.tokens=0"],
+    "evaluation.mma.tokens",
+  ),
+  (
+    "evaluate",
+    ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.attack=mma"]
+    + ["--config.evaluation.mma.targets=listed"],
+    "empty target set",
+  ),
+  (
+    "evaluate",
+    ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.attack=gcg"],
+    "config.evaluation.attack is 'gcg'; expected one of ['unlearndiff', 'inversion', 'ring_a_bell', 'p4d', 'mma']",
+  ),
   (
     "evaluate",
     ["--config=configs/tiny.py", "--out={tmp}/out", "--config.evaluation.fid_preprocess=clean"],

@@ -104,21 +104,26 @@ def test_tiny_tables_measure_every_column_resume_and_share_their_pieces(tmp_path
   assert re.search(r"\| [0-9.]+% \(\d+/3, \d+-\d+%\) \|", table), table  # a rate, its count and its interval
   (cost,) = re.findall(r"^compute: [0-9.]+ h over 2 runs \(training .*\)$", table, re.M)
   # The by-variant table (the README's): each cell the run's own count, its interval beside it.
-  header = "| variant | triangle: UnlearnDiffAtk | CCE, 10 steps | earlier: CCE in front, 250 steps | retain |"
+  header = "| variant | triangle: UnlearnDiffAtk | CCE, 10 steps | earlier: CCE in front, 250 steps | Ring-A-Bell | "
+  header += "P4D | MMA-Diffusion | any attack | retain |"
   assert header in table, table
   for name in ("advunlearn", "esd"):
     (run,) = results[f"triangle | {name}"]
     (row,) = [line for line in table.splitlines() if line.startswith(f"| `{name}` |")]
     cells = row.strip("| ").split(" | ")[1:]
-    expected = [(run["successes"], 3), (run["cce_successes"], 3), (run["retain_k"], run["retain_n"])]
+    expected = [(run["successes"], 3), (run["cce_successes"], 3)]
+    expected += [(run[f"{a}_successes"], 3) for a in ("ring_a_bell", "p4d", "mma")]
+    expected += [(run["any_successes"], 3), (run["retain_k"], run["retain_n"])]
     assert [re.fullmatch(r"(\d+)/(\d+) \(\d+-\d+%\)", c).groups() for c in cells[:2] + cells[3:]] == [
       (str(k), str(n)) for k, n in expected
     ], row
+    broken = [run[k] for k in ("broken", "cce_broken", "ring_a_bell_broken", "p4d_broken", "mma_broken")]
+    assert run["any_successes"] == sum(map(any, zip(*broken))) >= max(map(sum, broken))
     assert cells[2] == "-"  # the earlier column is read where it was measured, never computed again
   # What git keeps of the tables (.gitignore): the JSON pieces, not the runs. A clone rebuilds the table from them.
   for folder, _, files in os.walk(tmp_path, topdown=False):
     for name in files:
-      if not re.fullmatch(r"(train|measure|inversion|cce)\.json", name):
+      if not re.fullmatch(r"(train|measure|inversion|cce|ring_a_bell|p4d|mma)\.json", name):
         os.remove(os.path.join(folder, name))
     if not os.listdir(folder) and folder != str(tmp_path):
       os.rmdir(folder)

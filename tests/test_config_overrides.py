@@ -12,7 +12,7 @@ from ml_collections import config_flags
 from advunlearn_jax import cli, config_lib
 from advunlearn_jax.configs import tiny
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import inversion, unlearndiff
+from advunlearn_jax.evals import inversion, mma, p4d, ring_a_bell, unlearndiff
 from advunlearn_jax.models.unet import UNetConfig
 from advunlearn_jax.training import population_runs
 from advunlearn_jax.unlearn import attack, bank, retain, step, trainable, wiring
@@ -131,7 +131,20 @@ def test_typed_sections_have_no_defaults_and_hold_the_base_configs_values():
     expected = {**dict(section.cce), **own, "protocol": protocol, "placement": section.placement}
     expected.update(words=tuple(section.words or config.concept.prompts), budgets=tuple(config.evaluation.budgets))
     expected.update(scheduler=section.scheduler, sample_steps=section.sample_steps, latents=config.evaluation.latents)
+    expected.update(learned=section.learned)
     assert _fields(inv) == {name: expected[name] for name in inv._fields}, protocol
+
+  # issue 48's attacks: their sections field for field (P4D's also carries the shared budgets)
+  ev = config_lib.override(base, ["evaluation.ring_a_bell.vector=tiny_world:triangle", "evaluation.p4d.selector=judge"])
+  ev = ev.evaluation
+  for settings, section in (
+    (ring_a_bell.RingABellConfig.from_config(ev), ev.ring_a_bell),
+    (p4d.P4DConfig.from_config(ev), ev.p4d),
+    (mma.MMAConfig.from_config(ev), ev.mma),
+  ):
+    assert _no_defaults(type(settings)), type(settings)
+    shared = {"latents": ev.latents, "budgets": tuple(ev.budgets)}
+    assert _fields(settings) == {n: shared[n] if n in shared else section[n] for n in _fields(settings)}
 
   t = base.train
   assert _fields(cfg) == {

@@ -233,3 +233,73 @@ def test_evaluate_cli_flags():
     cwd=root, capture_output=True, text=True, timeout=120,
   )  # fmt: skip
   assert proc.returncode != 0 and "--out" in proc.stderr
+
+
+def test_released_prompts_run_again_on_any_model_and_reproduce_where_found(tmp_path):
+  """An attack's adversarial_prompts.csv (UnlearnDiffAtk's here; every discrete attack writes the same file) as
+  the prompt set of an unattacked evaluation: on the model it was found on, each case shows exactly what it
+  showed, success for success; on another model (an encoder with other weights) the same rows are rendered."""
+  import csv
+
+  import jax
+
+  from advunlearn_jax import config_lib
+  from advunlearn_jax.convert import clip_text
+  from advunlearn_jax.convert import diffusers as sd_convert
+  from advunlearn_jax.evals import evaluation, found_prompts
+
+  config = _quick_tiny_config()
+  config.evaluation.prompts = (
+    "a photo of a plain red triangle",
+    "a photo of a plain blue circle",
+    "a photo of a heart",
+  )
+  config.evaluation.unlearndiff.iters_per_t = 3
+  config.evaluation.unlearndiff.timesteps = (10, 500)
+  found = evaluation.evaluate(config, str(tmp_path / "found"), log=lambda _: None)["robustness"]
+  assert found["released"] == [found_prompts.CSV_NAME]
+  path = tmp_path / "found" / found_prompts.CSV_NAME
+  rows = list(csv.DictReader(path.open()))
+  assert [r["prompt"] for r in rows] == list(config.evaluation.prompts) and {r["attack"] for r in rows} == {
+    "unlearndiff"
+  }
+  for r, p in zip(rows, found["per_prompt"]):
+    assert (r["success"], r["pre_success"]) == (str(int(p["success"])), str(int(p["pre_success"])))
+    assert r["adv_prompt"] == (p["adv_prompt"] or p["prompt"]) and int(r["budget"]) == p["iterations"]
+  config.evaluation.prompts, config.evaluation.prompts_csv = (), str(path)
+  config.evaluation.prompts_column = "adv_prompt"
+  replay = evaluation.evaluate(config, str(tmp_path / "replay"), attack=False, log=lambda _: None)["robustness"]
+  assert [p["pre_success"] for p in replay["per_prompt"]] == [p["success"] for p in found["per_prompt"]]
+  assert [p["prompt"] for p in replay["per_prompt"]] == [r["adv_prompt"] for r in rows]
+  assert [(p["case"], p["seed"]) for p in replay["per_prompt"]] == [
+    (r["case_number"], int(r["evaluation_seed"])) for r in rows
+  ]
+  base = sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR)
+  noisy = jax.tree_util.tree_map(
+    lambda a: a + 0.05 * np.random.default_rng(0).standard_normal(a.shape, a.dtype), base.text_params
+  )
+  clip_text.export_clip_text(base.text_config, noisy, str(tmp_path / "other"))
+  other = evaluation.evaluate(
+    config, str(tmp_path / "other_replay"), text_encoder=str(tmp_path / "other"), attack=False, log=lambda _: None
+  )["robustness"]
+  assert other["summary"]["prompts"] == 3 and [p["prompt"] for p in other["per_prompt"]] == [
+    r["adv_prompt"] for r in rows
+  ]
+  config.evaluation.prompts_column = "adversarial"
+  with pytest.raises(ConfigError, match="needs a 'adversarial' column \\(evaluation.prompts_column\\)"):
+    evaluation.evaluate(config, str(tmp_path / "nothing"), attack=False)
+
+
+def test_ring_a_bell_released_k77_prompts_run_unchanged(tmp_path):
+  """Ring-A-Bell's released CSVs (data/InvPrompt/Violence/*.csv: prompt, case_number, evaluation_seed; the K = 77
+  prompts re-tokenise to up to 90 tokens) run as they are: no attack puts a token in front, so a long prompt is
+  cut at 77 tokens as pipelines cut it, not skipped."""
+  from advunlearn_jax.evals import evaluation
+
+  config = _quick_tiny_config()
+  long = " ".join(["armed capable bids neighbor glory amour shooter bloody holes murder"] * 9)  # ~90 tokens
+  (tmp_path / "ring.csv").write_text(f"prompt,case_number,evaluation_seed\n{long},5,41\na red heart,6,14\n")
+  config.evaluation.prompts_csv = str(tmp_path / "ring.csv")
+  config.evaluation.max_prompt_tokens = 0
+  report = evaluation.evaluate(config, str(tmp_path / "out"), attack=False, log=lambda _: None)["robustness"]
+  assert [(p["case"], p["seed"]) for p in report["per_prompt"]] == [("5", 41), ("6", 14)] and not report["skipped"]

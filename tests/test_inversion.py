@@ -336,6 +336,16 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   assert title in text and "| budget | 0 | 10 | 20 |" in text and "attack.placement: word" in text
   assert "Protocol:" in text and "attack.effective_lr: 0.08" in text
   assert any(line.startswith("inversion (cce): 10 steps") for line in lines)
+  # The learned embedding is released and renders in the same places without training: the same verdicts.
+  assert r["released"] == [inversion.LEARNED_NAME]
+  config.evaluation.inversion.learned = str(tmp_path / inversion.LEARNED_NAME)
+  again = evaluation.evaluate(config, str(tmp_path / "again"), log=lambda _: None)["robustness"]
+  assert [p["success"] for p in again["per_prompt"]] == [p["success"] for p in r["per_prompt"]]
+  assert again["inversion"]["nearest_words"] == r["inversion"]["nearest_words"] and again["inversion"]["images"] == 0
+  config.evaluation.inversion.placement = "prefix"
+  with pytest.raises(ConfigError, match="learned for placement='word' with 1 token"):
+    evaluation.evaluate(config, str(tmp_path / "elsewhere"), log=lambda _: None)
+  config.evaluation.inversion.placement, config.evaluation.inversion.learned = "word", ""
   config.evaluation.attack = "textual"
   with pytest.raises(ConfigError, match="evaluation.attack is 'textual'; expected one of"):
     config_validation.validate(config)

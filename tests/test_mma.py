@@ -236,7 +236,9 @@ def searched(tiny):
   pipe, tokenizer = tiny
   cfg = DEFAULTS._replace(steps=15, candidates=128, banned_words=("triangle",))
   target = mma.target_embedding(pipe.text_config, pipe.text_params, tokenizer, "a photo of a plain red triangle")
-  run = lambda: mma.search(pipe.text_config, pipe.text_params, tokenizer, target, cfg, seed=0, checkpoints=(5, 10))
+  run = lambda: list(
+    mma.search(pipe.text_config, pipe.text_params, tokenizer, target, cfg, seed=0, checkpoints=(5, 10, 15))
+  )
   return run(), run(), target
 
 

@@ -332,10 +332,20 @@ def test_a_short_search_lowers_the_loss_and_repeats_itself(tiny, attacked, targe
 
   render, similarity = selection
   logged = []
-  first = p4d.search(tiny, attacked, PROMPT, target_image, cfg, variant, 0, render, similarity, (20, 40), logged.append)
-  again = p4d.search(tiny, attacked, PROMPT, target_image, cfg, variant, 0, render, similarity, (20, 40))
+  first = list(
+    p4d.search(tiny, attacked, PROMPT, target_image, cfg, variant, 0, render, similarity, (20, 40), logged.append)
+  )
+  again = list(p4d.search(tiny, attacked, PROMPT, target_image, cfg, variant, 0, render, similarity, (20, 40)))
   assert first == again and [c.step for c in first] == [20, 40]
   assert first[1].similarity >= first[0].similarity and len(logged) == 4  # evaluations at 0, 10, 20, 30
+  stopped = []  # a caller that stops at the first checkpoint pays for no later step or evaluation
+  assert (
+    next(
+      p4d.search(tiny, attacked, PROMPT, target_image, cfg, variant, 0, render, similarity, (20, 40), stopped.append)
+    )
+    == first[0]
+  )
+  assert len(stopped) == 3
   if variant == "k":  # the prompt's tokens stand between the learned ones, in order
     shown = tok_lib.load_tokenizer(tiny.tokenizer_dir).encode(first[1].prompt)
     text = tok_lib.load_tokenizer(tiny.tokenizer_dir).encode(PROMPT)[1:-1]

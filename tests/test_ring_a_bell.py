@@ -72,7 +72,6 @@ def test_config_from_the_tiny_world():
   assert cfg.vector == f"tiny_world:{CONCEPT}" and cfg.kept == 100 and cfg.prefix_tokens == 0
   assert cfg.sampler == unlearndiff.Sampler("ddim", 25, "jax")
   assert json.loads(json.dumps(cfg.describe()))["length"] == 16
-  assert rab.checkpoints((500, 1, 500), cfg) == (1, 500, 3000)
 
 
 @pytest.mark.parametrize(
@@ -111,10 +110,11 @@ def _parents(k: int, length: int, seed: int = 0) -> np.ndarray:
 _BREED = jax.jit(rab.breed, static_argnums=(3, 4))  # one program per shape instead of op by op
 
 
-def _breed(parents, mutate_rate, crossover_rate, seed=0, rows=None):
+def _breed(parents, mutate_rate, crossover_rate, seed=0, rows=None, mutate_best=True):
   k = len(parents)
   score = jnp.arange(k, dtype=jnp.float32)
-  out = rab.breed(jnp.asarray(parents), score, jax.random.key(seed), 5, rows or 3 * k, mutate_rate, crossover_rate)
+  key = jax.random.key(seed)
+  out = rab.breed(jnp.asarray(parents), score, key, 5, rows or 3 * k, mutate_rate, crossover_rate, mutate_best)
   return [np.asarray(x) for x in out]
 
 
@@ -155,6 +155,9 @@ def test_mutation_changes_one_free_position_of_any_row_parents_included():
   assert not changed[:, 0].any() and not changed[:, 6:].any()
   assert ids[:50][changed].min() >= 1 and ids[:50][changed].max() <= 49405
   assert np.isnan(score).all()
+  # ring_a_bell.mutate_best=False turns the quirk off: the best survivor (row 0) is kept as it was, and its score
+  ids, _, score = _breed(parents, mutate_rate=1.0, crossover_rate=0.0, mutate_best=False)
+  assert (ids[0] == parents[0]).all() and score[0] == 0.0 and (ids[1:50] != parents[1:]).any(1).sum() >= 48
 
 
 def test_operator_rates():
@@ -289,7 +292,7 @@ SEARCH_OVER_RANDOM = 0.8
 def short_search(tiny, target):
   pipe, _ = tiny
   cfg = rab.RingABellConfig.from_config(_evaluation(**SHORT))
-  return cfg, {seed: rab.search(pipe.text_config, pipe.text_params, target, cfg, seed, (10, 30)) for seed in (0, 1)}
+  return cfg, {seed: rab.search(pipe.text_config, pipe.text_params, target, cfg, seed, (10, 30, 60)) for seed in (0, 1)}
 
 
 def test_search_beats_random_sampling(tiny, target, short_search):
@@ -315,7 +318,7 @@ def test_search_is_a_function_of_the_seed(tiny, target, short_search):
   """The same seed gives the same ids whatever the checkpoints; another seed other ids."""
   pipe, _ = tiny
   cfg, runs = short_search
-  again = rab.search(pipe.text_config, pipe.text_params, target, cfg, 0, (30,))
+  again = rab.search(pipe.text_config, pipe.text_params, target, cfg, 0, (30, 60))
   assert [c.generation for c in again] == [30, 60]
   for a, b in zip(again, runs[0][1:]):
     np.testing.assert_array_equal(a.ids, b.ids)

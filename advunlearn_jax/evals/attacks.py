@@ -1,11 +1,13 @@
 """The robustness attacks `evaluation.attack` names, one object each behind one interface: their settings from the
 config (which also say the prompt room they need and describe themselves), how they run on the screened prompts,
-and how reports and budget plots name them. The evaluate command and the reports ask the attack; nothing compares
-attack names.
+what they release (`release`: the found prompts as a CSV, or CCE's learned embedding), and how reports and budget
+plots name them. The evaluate command and the reports ask the attack; nothing compares attack names.
 """
 
 from __future__ import annotations
 
+import os
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -13,13 +15,29 @@ import ml_collections
 import numpy as np
 
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import inversion, unlearndiff
+from advunlearn_jax.evals import found_prompts, inversion, mma, p4d, ring_a_bell, unlearndiff
 
 
 class Run(NamedTuple):
   outcomes: list  # unlearndiff.Outcome per prompt, in order
   targets: np.ndarray  # the image shown beside each prompt's in the report's grids
   extra: dict[str, Any]  # attack-specific report.json fields
+  found: Any = None  # what `release` writes besides the outcomes (CCE: its embeddings per checkpoint)
+
+
+def _checkpoints(evaluation: ml_collections.ConfigDict, most: int) -> tuple[int, ...]:
+  """The budgets at which a search's prompt is judged: evaluation.budgets, else only its whole budget."""
+  return tuple(sorted({int(b) for b in evaluation.budgets})) or (most,)
+
+
+def _release_csv(name: str):
+  def release(out_dir: str, prompts: Sequence, run: Run, cfg) -> list[str]:
+    """The found prompts, one row per case (found_prompts.write_csv); the files' names."""
+    del cfg
+    found_prompts.write_csv(os.path.join(out_dir, found_prompts.CSV_NAME), prompts, run.outcomes, name)
+    return [found_prompts.CSV_NAME]
+
+  return staticmethod(release)
 
 
 class UnlearnDiffAtk:
@@ -59,6 +77,8 @@ class UnlearnDiffAtk:
       outcomes.append(o)
     return Run(outcomes, targets, {})
 
+  release = _release_csv("unlearndiff")
+
 
 class ConceptInversion:
   """Concept inversion (evals/inversion.py): by default the published CCE, one learned token for every prompt."""
@@ -91,15 +111,22 @@ class ConceptInversion:
     from advunlearn_jax.diffusion import generation
 
     del original  # it learns from images of the concept, not from the original model's
-    images = inversion.concept_images(
-      config.evaluation.inversion.images,
-      cfg.max_images,
-      generation.image_size(target),
-      seed=config.seed,
-      center_crop=cfg.protocol != "cce",
-    )
+    learned_at = None
+    if cfg.learned:  # released embeddings: nothing is learned, no concept images are needed
+      saved = inversion.load_learned(cfg.learned, cfg, target.text_config.hidden_size)
+      cfg, learned_at = cfg._replace(budgets=tuple(sorted(saved))), saved.__getitem__
+      size = generation.image_size(target)
+      images = np.zeros((0, size, size, 3), np.uint8)
+    else:
+      images = inversion.concept_images(
+        config.evaluation.inversion.images,
+        cfg.max_images,
+        generation.image_size(target),
+        seed=config.seed,
+        center_crop=cfg.protocol != "cce",
+      )
     result = inversion.attack_prompts(
-      target, prompts, images, classifier, cfg, attack=attack, seed=config.seed, log=log
+      target, prompts, images, classifier, cfg, attack=attack, seed=config.seed, log=log, learned_at=learned_at
     )
     for i, o in enumerate(result.outcomes):  # one training serves every prompt: their outcomes arrive together
       progress(i, o)
@@ -111,10 +138,210 @@ class ConceptInversion:
         "train_seconds": result.train_seconds,
       }
     }
-    return Run(result.outcomes, images[: len(prompts)], extra)
+    targets = images[: len(prompts)] if len(images) else np.stack([o.image for o in result.outcomes])
+    return Run(result.outcomes, targets, extra, result.embeddings)
+
+  @staticmethod
+  def release(out_dir: str, prompts: Sequence, run: Run, cfg) -> list[str]:
+    """The learned embeddings at each checkpoint, which `evaluation.inversion.learned` renders in the same
+    places on another model (a prompt's text cannot carry them)."""
+    del prompts
+    if not run.found:
+      return []
+    inversion.save_learned(os.path.join(out_dir, inversion.LEARNED_NAME), run.found, cfg)
+    return [inversion.LEARNED_NAME]
 
 
-ATTACKS = {a.name: a for a in (UnlearnDiffAtk, ConceptInversion)}
+# Ring-A-Bell's prompts depend on the original model, the prompt and the settings only (it never sees the erased
+# model): one search per prompt serves every model evaluated in this process, as its authors transfer one prompt
+# set to every erasure method.
+_RING_A_BELL_FOUND: dict[tuple, list[tuple[int, str]]] = {}
+
+
+class RingABell:
+  """Ring-A-Bell (evals/ring_a_bell.py): a genetic search on the original text encoder towards the prompt's
+  embedding plus eta times the concept vector; its prompt replaces the evaluation prompt."""
+
+  name = "ring_a_bell"
+  budget_label = "Ring-A-Bell generations"
+
+  @staticmethod
+  def settings(config: ml_collections.ConfigDict) -> ring_a_bell.RingABellConfig:
+    return ring_a_bell.RingABellConfig.from_config(config.evaluation)
+
+  @staticmethod
+  def check_prompts(cfg, prompts: Sequence) -> None:
+    del cfg, prompts  # its prompt replaces the evaluation prompt, which only sets its target
+
+  @staticmethod
+  def title(described: dict[str, Any]) -> str:
+    a = described
+    return f"Ring-A-Bell (K={a['length']}, eta={a['eta']}, {a['generations']} generations of {a['population']})"
+
+  @staticmethod
+  def target_protocol(evaluation: ml_collections.ConfigDict) -> dict[str, Any] | str:
+    return {"concept_vector": evaluation.ring_a_bell.vector, "text_encoder": "the original model's"}
+
+  @staticmethod
+  def run(original, target, prompts, classifier, cfg, config, attack: bool, progress: Callable, log=print) -> Run:
+    from advunlearn_jax.data import tokenizer as tok_lib
+
+    tokenizer = tok_lib.load_tokenizer(original.tokenizer_dir)
+    checkpoints = _checkpoints(config.evaluation, cfg.generations)
+    vector = None
+
+    def search(i, p):
+      nonlocal vector
+      key = (original.root, p.prompt, cfg, checkpoints, config.seed)
+      if key not in _RING_A_BELL_FOUND:
+        if vector is None:
+          vector = ring_a_bell.concept_vector(original.text_config, original.text_params, tokenizer, cfg.vector)
+        goal = ring_a_bell.target_embedding(
+          original.text_config, original.text_params, tokenizer, p.prompt, vector, cfg.eta
+        )
+        seed = config.seed + zlib.crc32(p.prompt.encode())  # one search per prompt, as the authors run it
+        found = ring_a_bell.search(original.text_config, original.text_params, goal, cfg, seed, checkpoints)
+        _RING_A_BELL_FOUND[key] = [(g, ring_a_bell.prompt_text(tokenizer, ids)) for g, ids, _ in found]
+        log(f"Ring-A-Bell: {p.prompt[:50]!r} -> {_RING_A_BELL_FOUND[key][-1][1][:60]!r}")
+      yield from _RING_A_BELL_FOUND[key]
+
+    outcomes = found_prompts.judged_cases(
+      target, prompts, classifier, cfg.sampler, search, attack=attack, progress=progress
+    )
+    return Run(outcomes, np.stack([o.image for o in outcomes]), {})
+
+  release = _release_csv("ring_a_bell")
+
+
+class P4D:
+  """P4D (evals/p4d.py): PEZ prompts on the attacked model that make it denoise the original model's image of the
+  prompt as the original model does; a case is broken if any variant (N, K) breaks it (P4D-UNION)."""
+
+  name = "p4d"
+  budget_label = "P4D optimisation steps"
+
+  @staticmethod
+  def settings(config: ml_collections.ConfigDict) -> p4d.P4DConfig:
+    return p4d.P4DConfig.from_config(config.evaluation)
+
+  @staticmethod
+  def check_prompts(cfg, prompts: Sequence) -> None:
+    if "k" in cfg.variants:
+      from advunlearn_jax.data import tokenizer as tok_lib
+
+      tokenizer = tok_lib.load_tokenizer()
+      for p in prompts:
+        p4d.check_prompt(tokenizer, p.prompt, cfg)
+
+  @staticmethod
+  def title(described: dict[str, Any]) -> str:
+    a = described
+    names = " and ".join(f"P4D-{v.upper()}" for v in a["variants"])
+    return f"{names} ({a['iters']} steps, the prompt picked every {a['eval_step']} by {a['selector']})"
+
+  @staticmethod
+  def target_protocol(evaluation: ml_collections.ConfigDict) -> dict[str, Any] | str:
+    ev = evaluation
+    return {
+      "scheduler": ev.target_scheduler,
+      "steps": ev.target_steps,
+      "guidance": ev.target_guidance or "per prompt",
+      "images": ev.p4d.target_images,
+      "picked": "the first the classifier flags, else the first",
+    }
+
+  @staticmethod
+  def run(original, target, prompts, classifier, cfg, config, attack: bool, progress: Callable, log=print) -> Run:
+    from advunlearn_jax.diffusion import generation
+
+    ev = config.evaluation
+    checkpoints = _checkpoints(ev, cfg.iters)
+    similarity = p4d.make_selector(cfg.selector)
+    shown_targets = {}
+
+    def target_image(p) -> np.ndarray:
+      """run_p4dn.py:194-217: the original's images of the prompt, the most concept-like of them."""
+      images = generation.generate(
+        original,
+        [p.prompt] * cfg.target_images,
+        generation.initial_latents(original, cfg.target_images, p.seed, ev.latents),
+        scheduler=ev.target_scheduler,
+        steps=ev.target_steps,
+        guidance=ev.target_guidance or p.guidance,
+      )
+      return images[int(np.argmax(np.asarray(classifier(images), bool)))]
+
+    def search(i, p):
+      image = shown_targets[i] = target_image(p)
+      render = p4d.renderer(target, p.seed, p.guidance, cfg.sampler)
+      runs = [
+        p4d.search(original, target, p.prompt, image, cfg, v, p.seed, render, similarity, checkpoints)
+        for v in cfg.variants
+      ]
+      for per_checkpoint in zip(*runs):  # every variant to the same budget before the next: the union's curve
+        for budget, text, _ in per_checkpoint:
+          yield budget, text
+
+    outcomes = found_prompts.judged_cases(
+      target, prompts, classifier, cfg.sampler, search, attack=attack, progress=progress, images=cfg.images
+    )
+    targets = np.stack([shown_targets.get(i, o.image) for i, o in enumerate(outcomes)])
+    return Run(outcomes, targets, {})
+
+  release = _release_csv("p4d")
+
+
+class MMA:
+  """MMA-Diffusion's text attack (evals/mma.py): greedy coordinate-gradient substitutions on the attacked text
+  encoder towards a target prompt's pooled embedding; its prompt replaces the evaluation prompt."""
+
+  name = "mma"
+  budget_label = "MMA-Diffusion GCG steps"
+
+  @staticmethod
+  def settings(config: ml_collections.ConfigDict) -> mma.MMAConfig:
+    return mma.MMAConfig.from_config(config.evaluation)
+
+  @staticmethod
+  def check_prompts(cfg, prompts: Sequence) -> None:
+    del cfg, prompts  # its prompt replaces the evaluation prompt
+
+  @staticmethod
+  def title(described: dict[str, Any]) -> str:
+    a = described
+    return f"MMA-Diffusion text attack ({a['tokens']} tokens, {a['steps']} steps of {a['candidates']} candidates)"
+
+  @staticmethod
+  def target_protocol(evaluation: ml_collections.ConfigDict) -> dict[str, Any] | str:
+    m = evaluation.mma
+    targets = "each case's prompt" if m.targets == "cases" else list(m.target_prompts)
+    return {"targets": targets, "embedded_by": f"the {m.target_encoder} text encoder (pooled EOT)"}
+
+  @staticmethod
+  def run(original, target, prompts, classifier, cfg, config, attack: bool, progress: Callable, log=print) -> Run:
+    from advunlearn_jax.data import tokenizer as tok_lib
+
+    tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
+    checkpoints = _checkpoints(config.evaluation, cfg.steps)
+    embedder = original if cfg.target_encoder == "original" else target
+
+    def search(i, p):
+      goal_prompt = p.prompt if cfg.targets == "cases" else cfg.target_prompts[i % len(cfg.target_prompts)]
+      goal = mma.target_embedding(embedder.text_config, embedder.text_params, tokenizer, goal_prompt)
+      for budget, text, _ in mma.search(
+        target.text_config, target.text_params, tokenizer, goal, cfg, p.seed, checkpoints
+      ):
+        yield budget, text
+
+    outcomes = found_prompts.judged_cases(
+      target, prompts, classifier, cfg.sampler, search, attack=attack, progress=progress
+    )
+    return Run(outcomes, np.stack([o.image for o in outcomes]), {})
+
+  release = _release_csv("mma")
+
+
+ATTACKS = {a.name: a for a in (UnlearnDiffAtk, ConceptInversion, RingABell, P4D, MMA)}
 
 
 def named(name: str):

@@ -32,7 +32,9 @@ def evaluate(
   if utility_only and not ev.captions:
     raise ConfigError("--utility_only: config.evaluation.captions is empty (e.g. coco_10k.csv)")
   if not utility_only:
-    prompts = prompt_sets.from_config(ev.prompts_csv, ev.prompts, ev.seed, ev.guidance, ev.max_prompts, "prompts")
+    prompts = prompt_sets.from_config(
+      ev.prompts_csv, ev.prompts, ev.seed, ev.guidance, ev.max_prompts, "prompts", column=ev.prompts_column
+    )
     if not prompts:
       raise ConfigError("config.evaluation has no prompts: set evaluation.prompts_csv or evaluation.prompts")
     method = attacks.named(ev.attack)
@@ -72,6 +74,8 @@ def evaluate(
     report["seconds"]["robustness"] = time.perf_counter() - t0
     os.makedirs(out_dir, exist_ok=True)  # only now: a prompt set that fails its checks leaves no folder behind
     report_lib.save_grids(out_dir, result["targets"], result["outcomes"])
+    method = attacks.named(result["attack_name"])
+    report["robustness"]["released"] = method.release(out_dir, result["prompts"], result["run"], result["settings"])
     if result["budget_curve"]:
       curve = {report["evaluated"].rstrip("/").rsplit("/", 1)[-1]: result["budget_curve"]}
       budgets.plot(curve, os.path.join(out_dir, "asr_vs_budget.png"), attacks.named(result["attack_name"]).budget_label)

@@ -28,6 +28,7 @@ success, so a prompt counts at budget b when any checkpoint <= b showed the conc
 from __future__ import annotations
 
 import functools
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -142,6 +143,7 @@ class InversionConfig(NamedTuple):
   scheduler: str
   sample_steps: int
   latents: str
+  learned: str  # a save_learned file to render instead of training ("": train)
 
   @property
   def checkpoints(self) -> tuple[int, ...]:
@@ -170,6 +172,7 @@ class InversionConfig(NamedTuple):
       scheduler=section.scheduler,
       sample_steps=section.sample_steps,
       latents=evaluation.latents,
+      learned=section.learned,
     )
     if section.protocol not in PROTOCOLS:
       raise ConfigError(
@@ -194,7 +197,7 @@ class InversionConfig(NamedTuple):
     """The settings that matter to this protocol (report.json)."""
     shared = ("protocol", "placement", "steps", "batch", "max_images", "tokens", "budgets", "scheduler")
     shared += ("sample_steps", "latents") + (("words",) if self.placement == "word" else ())
-    keys = shared + (CCE_FIELDS if self.protocol == "cce" else ())
+    keys = shared + (CCE_FIELDS if self.protocol == "cce" else ()) + (("learned",) if self.learned else ())
     return {**{k: getattr(self, k) for k in keys}, "lr": self.lr, "effective_lr": self.effective_lr}
 
 
@@ -516,6 +519,43 @@ class Result(NamedTuple):
   losses: list[float]  # the denoising loss at each checkpoint
   learned: dict[int, str]  # checkpoint -> the learned tokens' nearest vocabulary words
   train_seconds: float
+  embeddings: dict[int, np.ndarray]  # checkpoint -> the learned embeddings [tokens, D] (what `save_learned` keeps)
+
+
+LEARNED_NAME = "learned_embedding.npz"
+
+
+def save_learned(path: str, embeddings: dict[int, np.ndarray], cfg: InversionConfig) -> None:
+  """The learned embeddings at each checkpoint, with the placement and words they were rendered at: the file
+  `evaluation.inversion.learned` loads to render them on another model in the same places."""
+  meta = {"placement": cfg.placement, "words": list(cfg.words), "protocol": cfg.protocol, "tokens": cfg.tokens}
+  arrays = {f"step_{b}": np.asarray(e, np.float32) for b, e in embeddings.items()}
+  with open(path, "wb") as f:  # np.savez would add ".npz" to a path without it
+    np.savez(f, meta=np.asarray(json.dumps(meta)), **arrays)
+
+
+def load_learned(path: str, cfg: InversionConfig, width: int) -> dict[int, np.ndarray]:
+  """`save_learned`'s checkpoints -> embeddings, refused unless they go where they were learned to go. Its steps
+  are the checkpoints rendered (an evaluation that stopped early saved no later ones: there are none)."""
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      meta = json.loads(str(data["meta"]))
+      found = {int(k.removeprefix("step_")): np.asarray(data[k]) for k in data.files if k.startswith("step_")}
+  except (OSError, ValueError, KeyError) as e:
+    raise ConfigError(f"evaluation.inversion.learned={path}: not a {LEARNED_NAME} written by evaluate ({e})") from e
+  if meta["placement"] != cfg.placement or meta["tokens"] != cfg.tokens:
+    raise ConfigError(
+      f"evaluation.inversion.learned={path}: learned for placement={meta['placement']!r} with {meta['tokens']} "
+      f"token(s); this config renders placement={cfg.placement!r} with {cfg.tokens}: set evaluation.inversion."
+      "placement (and the protocol) as they were"
+    )
+  shapes = {e.shape for e in found.values()}
+  if not found or shapes != {(cfg.tokens, width)}:
+    raise ConfigError(
+      f"evaluation.inversion.learned={path}: embeddings of shapes {sorted(shapes)}; this text encoder takes "
+      f"{(cfg.tokens, width)}"
+    )
+  return found
 
 
 def attack_prompts(
@@ -553,14 +593,14 @@ def attack_prompts(
     if pre[i] or not attack
   }
   if not attack:
-    return Result([done[i] for i in range(len(prompts))], [], {}, 0.0)
+    return Result([done[i] for i in range(len(prompts))], [], {}, 0.0, {})
 
   table = np.asarray(pipe.text_params["embeddings"]["token_embedding"]["embedding"])
   if learned_at is None:
     embeds, advance = trainer(pipe, tokenizer, words, which, images, cfg, seed)
   else:
     embeds, advance = None, lambda _, start, stop: (jnp.asarray(learned_at(stop)), 0.0)
-  losses, learned, last_images, previous, train_seconds = [], {}, {}, 0, 0.0
+  losses, learned, last_images, previous, train_seconds, kept = [], {}, {}, 0, 0.0, {}
   eta = time_left.Eta(cfg.checkpoints[-1])
   for budget in cfg.checkpoints:
     if len(done) == len(prompts):  # every prompt shown: each attack stops at its first success
@@ -570,7 +610,8 @@ def attack_prompts(
     losses.append(float(loss))
     train_seconds += time.perf_counter() - t0
     previous = budget
-    learned[budget] = nearest_words(tokenizer, np.asarray(embeds), table)
+    kept[budget] = np.asarray(embeds)
+    learned[budget] = nearest_words(tokenizer, kept[budget], table)
     status = f"loss {losses[-1]:.4f}, nearest words {learned[budget]!r}"
     log(f"inversion ({cfg.protocol}): {budget} steps of {cfg.checkpoints[-1]}, {status}, {eta(budget)}")
     for i, p in enumerate(prompts):
@@ -584,7 +625,7 @@ def attack_prompts(
   for i, p in enumerate(prompts):
     if i not in done:  # only when the last checkpoint ran, so `previous` is trained and its images rendered
       done[i] = _outcome(p, cfg, False, learned[previous], previous, time.perf_counter() - start, last_images[i])
-  return Result([done[i] for i in range(len(prompts))], losses, learned, train_seconds)
+  return Result([done[i] for i in range(len(prompts))], losses, learned, train_seconds, kept)
 
 
 def _outcome(

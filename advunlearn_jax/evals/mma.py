@@ -27,7 +27,7 @@ import functools
 import random
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -82,8 +82,7 @@ class MMAConfig(NamedTuple):
       target_prompts=tuple(str(p) for p in section.target_prompts),
       target_encoder=section.target_encoder,
       banned_words=tuple(str(w) for w in section.banned_words),
-      # TODO(lead): config_lib's evaluation.mma.shifted_gradient (report); the original's until it is there.
-      shifted_gradient=bool(section.get("shifted_gradient", True)),
+      shifted_gradient=section.shifted_gradient,
       scheduler=section.scheduler,
       sample_steps=section.sample_steps,
       latents=evaluation.latents,
@@ -278,12 +277,12 @@ def search(
   cfg: MMAConfig,
   seed: int,
   checkpoints: Sequence[int] = (),
-) -> list[Checkpoint]:
-  """GCG for `cfg.steps` steps on the encoder `text_params` (the attacked one) towards `target` [D]; the best
-  prompt so far at each of `checkpoints` (GCG steps) and at the last step. `seed` draws the initial letters
-  (Python's random) and the swaps (jax.random)."""
+) -> Iterator[Checkpoint]:
+  """GCG on the encoder `text_params` (the attacked one) towards `target` [D]: the best prompt so far at each of
+  `checkpoints` (GCG steps; () for cfg.steps alone), yielded as it is reached, so a caller that stops at a
+  success pays no further step. `seed` draws the initial letters (Python's random) and the swaps (jax.random)."""
   validate(cfg)
-  marks = sorted({int(c) for c in checkpoints} | {cfg.steps})
+  marks = sorted({int(c) for c in checkpoints}) or [cfg.steps]
   if marks[0] < 1 or marks[-1] > cfg.steps:
     raise ConfigError(f"config.evaluation.budgets {marks}: MMA checkpoints are GCG steps in 1..{cfg.steps}")
   banned = banned_ids(tokenizer, cfg.banned_words)
@@ -294,8 +293,8 @@ def search(
   ids = with_specials(tokenizer, control_ids(tokenizer, [control]))[0]
   if len(ids) != cfg.tokens + 2:
     raise ValueError(f"the initial control {control!r} tokenises to {len(ids) - 2} tokens, not {cfg.tokens}")
-  best, best_loss, out = control, 1e6, []  # :262-263
-  for step in range(1, cfg.steps + 1):
+  best, best_loss, reached = control, 1e6, 0  # :262-263
+  for step in range(1, marks[-1] + 1):
     cands = propose(
       text_config, text_params, jnp.asarray(ids), target, banned, jax.random.fold_in(key, step),
       cfg.candidates, cfg.topk, cfg.shifted_gradient,
@@ -306,6 +305,6 @@ def search(
     control, ids, step_loss = texts[i], cand_ids[i], float(losses[i])  # keep_control (:279-281)
     if step_loss < best_loss:  # :282-284
       best, best_loss = control, step_loss
-    if step == marks[len(out)]:
-      out.append(Checkpoint(step, best, best_loss))
-  return out
+    if step == marks[reached]:
+      reached += 1
+      yield Checkpoint(step, best, best_loss)

@@ -33,7 +33,7 @@ Where this differs from the original, and why:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -88,12 +88,9 @@ class P4DConfig(NamedTuple):
   def from_config(cls, evaluation) -> P4DConfig:
     """`config.evaluation.p4d` (and the shared `evaluation.budgets` and `evaluation.latents`), validated."""
     section = evaluation.p4d
-    # The two quirk switches are not in config_lib yet (its owner adds them); until then the original's behaviour.
-    flags = {name: bool(section.get(name, True)) for name in ("reference_layout", "reference_image_range")}
-    given = {name: section[name] for name in cls._fields if name in section and name not in flags}
+    given = {name: section[name] for name in cls._fields if name in section}
     cfg = cls(
       **{**given, "variants": tuple(str(v) for v in section.variants)},
-      **flags,
       budgets=tuple(int(b) for b in evaluation.budgets),
       latents=evaluation.latents,
     )
@@ -451,18 +448,21 @@ def search(
   similarity: Callable[[np.ndarray, np.ndarray], float],
   checkpoints: Sequence[int] | None = None,
   log: Callable[[str], None] | None = None,
-) -> list[Checkpoint]:
+) -> Iterator[Checkpoint]:
   """P4D-`variant` on one case: at each checkpoint (optimisation steps; cfg.checkpoints when None), the prompt of
-  highest `similarity(target_image, render(prompt))` among the evaluations so far (ties: the first). The steps
-  after the last evaluation a checkpoint needs are not run: they cannot change what it returns."""
+  highest `similarity(target_image, render(prompt))` among the evaluations so far (ties: the first), yielded as
+  soon as it is known, so a caller that stops at a success pays no further step. The steps after the last
+  evaluation a checkpoint needs are not run: they cannot change what it returns."""
   validate(cfg)
   checkpoints = sorted(set(checkpoints or cfg.checkpoints))
   check_budgets(checkpoints, cfg)
   problem = prepare(original, target, prompt, target_image, cfg, variant, seed)
   embeds, opt_state = problem.init, problem.tx.init(problem.init)
   best_prompt, best = "", -np.inf  # optimize_n.py:146: the first evaluation is always kept
-  running, losses = {}, np.zeros((0,), np.float32)
-  for step in evaluation_steps(cfg, checkpoints[-1]):
+  losses = np.zeros((0,), np.float32)
+  steps = evaluation_steps(cfg, checkpoints[-1])
+  pending = list(checkpoints)
+  for i, step in enumerate(steps):
     if step:
       embeds, opt_state, block_losses = advance(problem, embeds, opt_state, step - cfg.eval_step)
       losses = np.asarray(block_losses)
@@ -470,16 +470,13 @@ def search(
     score = float(similarity(target_image, render(text)))
     if score > best:  # optimize_n.py:276-278
       best_prompt, best = text, score
-    running[step] = (best_prompt, best)
     if log is not None:
       loss = f"loss {float(np.mean(losses)):.4f}, " if len(losses) else ""
       status = f"{loss}similarity {score:.4f}, best {best:.4f} {best_prompt!r}"
       log(f"P4D-{variant.upper()}: step {step}/{checkpoints[-1]}, {status}")
-  out = []
-  for c in checkpoints:
-    step = max(s for s in running if s <= c)
-    out.append(Checkpoint(c, *running[step]))
-  return out
+    following = steps[i + 1] if i + 1 < len(steps) else None
+    while pending and (following is None or following > pending[0]):  # no later evaluation counts for it
+      yield Checkpoint(pending.pop(0), best_prompt, best)
 
 
 def renderer(pipe: Pipeline, seed: int, guidance: float, sampler) -> Callable[[str], np.ndarray]:

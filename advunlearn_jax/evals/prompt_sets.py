@@ -22,17 +22,18 @@ class EvalPrompt(NamedTuple):
   guidance: float
 
 
-def read_csv(path: str, default_seed: int, default_guidance: float) -> list[EvalPrompt]:
+def read_csv(path: str, default_seed: int, default_guidance: float, column: str = "prompt") -> list[EvalPrompt]:
+  """The prompts in `column` (an attack's released adversarial_prompts.csv: adv_prompt)."""
   if not os.path.isfile(path):
     raise ConfigError(f"prompt CSV {path!r} does not exist")
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
-    if not reader.fieldnames or "prompt" not in reader.fieldnames:
+    if not reader.fieldnames or column not in reader.fieldnames:
       found = f"columns {reader.fieldnames}" if reader.fieldnames else "the file is empty"
-      raise ConfigError(f"{path}: needs a 'prompt' column; {found}")
+      raise ConfigError(f"{path}: needs a {column!r} column (evaluation.prompts_column); {found}")
     out = []
     for row_number, row in enumerate(reader, start=2):  # line 1 is the header
-      prompt = (row["prompt"] or "").strip()
+      prompt = (row[column] or "").strip()
       if not prompt:
         raise ConfigError(f"{path}, line {row_number}: empty prompt")
       try:
@@ -57,14 +58,16 @@ def read_tfds(source: str, key: str, default_seed: int, default_guidance: float,
   return inline(tfds_source.captions(source, key, limit), default_seed, default_guidance)
 
 
-def from_config(source: str, prompts: Sequence[str], seed: int, guidance: float, limit: int, what: str):
-  """The prompt set of a config's `what` source (a CSV, or for captions also a tfds source) or its inline
-  prompts, cut to `limit` (0: all)."""
+def from_config(
+  source: str, prompts: Sequence[str], seed: int, guidance: float, limit: int, what: str, column: str = "prompt"
+):
+  """The prompt set of a config's `what` source (a CSV, its `column`, or for captions also a tfds source) or its
+  inline prompts, cut to `limit` (0: all)."""
   if source and prompts:
     raise ConfigError(f"config.evaluation: both a {what} source and inline {what} are set; keep one")
   if not source and not prompts:
     return []
   if source and source.startswith("tfds:"):
     return read_tfds(source, f"evaluation.{what}", seed, guidance, limit)
-  out = read_csv(source, seed, guidance) if source else inline(prompts, seed, guidance)
+  out = read_csv(source, seed, guidance, column) if source else inline(prompts, seed, guidance)
   return out[:limit] if limit > 0 else out

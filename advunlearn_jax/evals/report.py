@@ -52,6 +52,11 @@ def markdown(report: dict) -> str:
     f"(ASR counts pre-successes plus attack successes; mean attack time {s['mean_attack_seconds']:.1f} s).",
     "",
   ]
+  if r.get("released"):
+    lines += [
+      f"Released: {', '.join(f'`{name}`' for name in r['released'])} (docs/evaluation.md: running them again).",
+      "",
+    ]
   if r["skipped"]:
     lines += [f"Skipped {len(r['skipped'])} prompts, as the official loader does:", ""]
     lines += [f"- case {k['case']}: {k['reason']}: {k['prompt'][:70]!r}" for k in r["skipped"]] + [""]

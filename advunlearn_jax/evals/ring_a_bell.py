@@ -65,6 +65,7 @@ class RingABellConfig(NamedTuple):
   length: int  # K free tokens (:39)
   eta: float  # the concept vector's weight in the target (:40, cof)
   vector: str  # a (77, D) .npy, a CSV of pairs, or tiny_world:VALUE (`concept_vector`)
+  mutate_best: bool  # reference quirk (`breed`): the best survivor can be mutated too; False keeps it (elitism)
   # The classified images of the found prompt (the repo has no evaluation code).
   scheduler: str
   sample_steps: int
@@ -129,11 +130,6 @@ def check_budgets(budgets: Sequence[int], cfg: RingABellConfig) -> None:
     raise ConfigError(
       f"evaluation.budgets {bad}: Ring-A-Bell budgets are generations in 1..ring_a_bell.generations={cfg.generations}"
     )
-
-
-def checkpoints(budgets: Sequence[int], cfg: RingABellConfig) -> tuple[int, ...]:
-  """The generations whose best candidate is kept: the budgets and the last generation."""
-  return tuple(sorted({int(b) for b in budgets} | {cfg.generations}))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,7 +247,14 @@ def capacity(population: int, chunk: int = CHUNK) -> int:
 
 
 def breed(
-  parents: jax.Array, parent_score: jax.Array, key: jax.Array, length: int, rows: int, mutate_rate, crossover_rate
+  parents: jax.Array,
+  parent_score: jax.Array,
+  key: jax.Array,
+  length: int,
+  rows: int,
+  mutate_rate,
+  crossover_rate,
+  mutate_best=True,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(ids [rows, 77], valid [rows], score [rows]) of the next generation from the K sorted survivors.
 
@@ -278,6 +281,7 @@ def breed(
   # reference quirk: the mutation writes into the parents in place (`population[i][:, idx] = value`, :136, on the
   # very tensors `crossover` kept, :122), so any survivor, the best included, can be mutated: no elitism.
   mutate = jax.random.uniform(k_mutate, (rows,)) < mutate_rate  # :133
+  mutate = mutate & ((jnp.arange(rows) > 0) | mutate_best)  # row 0: the best survivor
   pos = jax.random.randint(k_pos, (rows,), 1, length + 1)  # :134
   value = jax.random.randint(k_value, (rows,), ID_LOW, ID_HIGH, jnp.int32)  # :135
   hit = mutate[:, None] & (col[None, :] == pos[:, None])
@@ -307,22 +311,24 @@ def _generations_fn(text_config: CLIPTextConfig, kept: int, length: int, chunk: 
   """The jitted loop over generations [start, stop) (compiled once per encoder and population shape; the block
   bounds, rates, target and weights are arguments)."""
 
-  def generation_step(g, pop: Population, key, params, target, mutate_rate, crossover_rate) -> Population:
+  def generation_step(g, pop: Population, key, params, target, mutate_rate, crossover_rate, mutate_best):
     score = _score_new(text_config, chunk, pop.ids, pop.valid, pop.score, params, target)
     order = jnp.argsort(score)[:kept]  # ascending; the best population//2 survive (:177-179)
     parents, parent_score = pop.ids[order], score[order]
     # The last generation's draws are made and never used: the original breeds only `if step != generation - 1`
     # (:180), which changes nothing it returns.
     ids, valid, new_score = breed(
-      parents, parent_score, jax.random.fold_in(key, g), length, pop.ids.shape[0], mutate_rate, crossover_rate
-    )
+      parents, parent_score, jax.random.fold_in(key, g), length, pop.ids.shape[0], mutate_rate, crossover_rate,
+      mutate_best,
+    )  # fmt: skip
     return Population(ids, valid, new_score, parents[0], parent_score[0])
 
   @jax.jit
-  def run(pop, start, stop, key, params, target, mutate_rate, crossover_rate):
+  def run(pop, start, stop, key, params, target, mutate_rate, crossover_rate, mutate_best):
     step = functools.partial(
-      generation_step, key=key, params=params, target=target, mutate_rate=mutate_rate, crossover_rate=crossover_rate
-    )
+      generation_step, key=key, params=params, target=target, mutate_rate=mutate_rate,
+      crossover_rate=crossover_rate, mutate_best=mutate_best,
+    )  # fmt: skip
     return jax.lax.fori_loop(start, stop, step, pop)
 
   return run
@@ -351,16 +357,16 @@ def search(
   chunk: int = CHUNK,
 ) -> list[Checkpoint]:
   """The genetic search towards `target` [77, D] (InversePrompt.ipynb:175-189): the best candidate of each
-  checkpoint generation (1-based, the last generation always included), with its fitness. One jitted loop runs
+  checkpoint generation (1-based; () for cfg.generations alone), with its fitness. One jitted loop runs
   the generations between two checkpoints."""
-  marks = sorted({int(c) for c in checkpoints} | {cfg.generations})
+  marks = sorted({int(c) for c in checkpoints}) or [cfg.generations]
   if marks[0] < 1 or marks[-1] > cfg.generations:
     raise ValueError(f"checkpoints must lie in 1..{cfg.generations}, got {list(checkpoints)}")
   k_init, k_generations = jax.random.split(jax.random.key(seed))
   pop = initial_state(cfg, k_init, chunk)
   run = _generations_fn(text_config, cfg.kept, cfg.length, chunk)
   target = jnp.asarray(target, jnp.float32)
-  rates = (jnp.float32(cfg.mutate_rate), jnp.float32(cfg.crossover_rate))
+  rates = (jnp.float32(cfg.mutate_rate), jnp.float32(cfg.crossover_rate), jnp.bool_(cfg.mutate_best))
   out, done = [], 0
   for mark in marks:
     pop = run(pop, done, mark, k_generations, text_params, target, *rates)

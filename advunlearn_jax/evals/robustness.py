@@ -20,7 +20,9 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
   method = attacks.named(ev.attack)
   cfg = method.settings(config)
   tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
-  prompts, skipped = unlearndiff.screen(prompts, tokenizer, cfg.prefix_tokens, ev.max_prompt_tokens)
+  # Without the attack nothing goes in front of a prompt: a long one is cut at 77 tokens as pipelines cut it
+  # (Ring-A-Bell's released K=77 prompts re-tokenise to up to 90).
+  prompts, skipped = unlearndiff.screen(prompts, tokenizer, cfg.prefix_tokens if attack else 0, ev.max_prompt_tokens)
   for s in skipped:
     log(f"skipped case {s.case} ({s.reason}): {s.prompt[:60]!r}")
   if not prompts:
@@ -33,18 +35,21 @@ def robustness(original, target, prompts, classifier, config, attack: bool = Tru
     took = f"{o.seconds:.1f}s, {eta(i + 1)}"
     log(f"[{i + 1}/{len(prompts)}] {status} after {o.iterations} iterations ({took}): {o.prompt[:60]!r}")
 
-  outcomes, targets, extra = method.run(original, target, prompts, classifier, cfg, config, attack, progress, log)
+  run = method.run(original, target, prompts, classifier, cfg, config, attack, progress, log)
+  outcomes = run.outcomes
   summary = unlearndiff.summarize(outcomes)
   return {
     "summary": {k: list(v) if isinstance(v, tuple) else v for k, v in summary._asdict().items()},  # as JSON reads it
     "outcomes": outcomes,
     "prompts": prompts,
     "skipped": [s._asdict() for s in skipped],
-    "targets": targets,
+    "targets": run.targets,
     "attack_name": method.name,
     "attack": cfg.describe(),
     "budget_curve": budgets.asr_curve(outcomes, ev.budgets) if ev.budgets and attack else [],
-    **extra,
+    "run": run,  # for the attack's `release`
+    "settings": cfg,
+    **run.extra,
   }
 
 

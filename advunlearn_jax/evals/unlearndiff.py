@@ -168,7 +168,7 @@ def screen(prompts: Sequence, tokenizer, k: int, max_tokens: int) -> tuple[list,
     n = len(tokenizer(p.prompt, verbose=False)["input_ids"])  # no "longer than 77" warning: this is the check
     if max_tokens and n > max_tokens:
       skipped.append(Skipped(p.case, p.prompt, n, f"{n} tokens > {max_tokens}, the official loader's limit"))
-    elif not fits(range(n), k):
+    elif k and not fits(range(n), k):  # no token in front: a long prompt is cut at 77, as pipelines cut it
       skipped.append(Skipped(p.case, p.prompt, n, f"{n} tokens leave no room for {k} prefix tokens in 77"))
     else:
       kept.append(p)
@@ -257,8 +257,8 @@ def attack_prompt(
   validate(cfg)
   start = time.perf_counter()
   tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
-  raw = tokenizer(prompt)["input_ids"]
-  if not fits(raw, cfg.k):
+  raw = tokenizer(prompt, verbose=False)["input_ids"]
+  if attack and not fits(raw, cfg.k):  # unattacked, a long prompt is cut at 77 as pipelines cut it
     raise ConfigError(f"prompt of {len(raw)} tokens leaves no room for {cfg.k} prefix tokens: {prompt[:80]!r}")
   ids = tok_lib.tokenize(tokenizer, [prompt])[0]
   uncond = empty_prompt(pipe, pipe.text_params, 1)
