@@ -135,6 +135,7 @@ def main():
   parser.add_argument("--prompts", type=int, default=24, help="evaluation cases (prompt, seed) per concept and run")
   parser.add_argument("--inversion_budgets", default=erasure_tiny.PUBLISHED_BUDGETS, help="CCE checkpoints (steps)")
   parser.add_argument("--attacks", default=",".join(erasure_tiny.ALL_ATTACKS), help="the columns measured")
+  parser.add_argument("--refresh_verdicts", action="store_true", help="measure again pieces without per-case verdicts")
   parser.add_argument("--quick", action="store_true", help="a 3-prompt, 10-iteration UnlearnDiffAtk (smoke test)")
   args = parser.parse_args()
   unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
@@ -157,7 +158,8 @@ def main():
         timing = erasure_tiny.train_once(workdir, config)
         # Loaded (and trained again, where only the pieces are here) only for a missing piece.
         target = functools.cache(lambda w=workdir, c=config: erasure_tiny.trained_pipeline(w, c))
-        row = erasure_tiny.row_pieces(workdir, "", erasure_tiny.attack_measures(base, target, concept, args, log))
+        computes = erasure_tiny.attack_measures(base, target, concept, args, log)
+        row = erasure_tiny.row_pieces(workdir, "", computes, args.refresh_verdicts)
         rows.setdefault((concept, name), []).append(
           {**row, "train_seconds": timing["seconds"], "steady_train_seconds": timing["steady_seconds"]}
         )

@@ -190,18 +190,19 @@ BROKEN_KEYS = {"unlearndiff": "broken", **{a: f"{a}_broken" for a in ALL_ATTACKS
 PIECE_FILES = {"unlearndiff": "measure", "cce": "cce", **{a: a for a in DISCRETE_BUDGETS}}
 
 
-def row_pieces(folder: str, prefix: str, computes: dict) -> dict:
+def row_pieces(folder: str, prefix: str, computes: dict, refresh: bool = False) -> dict:
   """A row's measurements, one JSON piece per attack (`computes`: attack -> the function that measures it, run
   only for a missing piece): UnlearnDiffAtk with retain accuracy (`measure.json`), CCE placed and budgeted as
   published (`cce.json`), Ring-A-Bell, P4D and MMA-Diffusion; where it was measured, the earlier CCE column
   (`inversion.json`: the token in front of the prompt, 250 steps), kept for the comparison and never computed
-  again. Pieces measured before each case's verdict was kept are measured again last, for "any attack"."""
+  again. With `refresh`, pieces measured before each case's verdict was kept are measured again, last, for the
+  "any attack" column."""
   paths = {a: os.path.join(folder, f"{prefix}{PIECE_FILES[a]}.json") for a in computes}
   row = {}
   for attack, compute in computes.items():
     row.update(cached_json(paths[attack], compute))
   for attack, compute in computes.items():
-    if BROKEN_KEYS[attack] not in row:
+    if refresh and BROKEN_KEYS[attack] not in row:
       os.remove(paths[attack])
       row.update(cached_json(paths[attack], compute))
   earlier = os.path.join(folder, f"{prefix}inversion.json")
@@ -396,6 +397,9 @@ def main():
     "--set", action="append", default=[], help="config override for every row, as --config.X=: attack.steps=30"
   )
   parser.add_argument("--attacks", default=",".join(ALL_ATTACKS), help="the columns measured (a missing piece)")
+  parser.add_argument(
+    "--refresh_verdicts", action="store_true", help="measure again the pieces that kept no per-case verdicts"
+  )
   parser.add_argument("--quick", action="store_true", help="3 cases, a 10-iteration attack (smoke test)")
   args = parser.parse_args()
   unknown = sorted(set(args.methods.split(",")) - set(METHODS))
@@ -416,7 +420,7 @@ def main():
   rows: dict[tuple[str, str], list[dict]] = {}
 
   def add(concept, model, folder, original, target, prefix=""):
-    row = row_pieces(folder, prefix, attack_measures(original, target, concept, args, log))
+    row = row_pieces(folder, prefix, attack_measures(original, target, concept, args, log), args.refresh_verdicts)
     if not prefix and os.path.isfile(os.path.join(folder, "train.json")):
       with open(os.path.join(folder, "train.json")) as f:
         timing = json.load(f)
