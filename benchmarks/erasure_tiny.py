@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 import configs.tiny as tiny_config  # noqa: E402
 from advunlearn_jax import config_lib, rates  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
-from advunlearn_jax.evals import classifiers, prompt_sets, robustness  # noqa: E402
+from advunlearn_jax.evals import classifiers, found_prompts, prompt_sets, robustness  # noqa: E402
 from advunlearn_jax.tiny import judge as judge_lib  # noqa: E402
 from advunlearn_jax.tiny import quality as tiny_quality  # noqa: E402
 from advunlearn_jax.tiny import training as tiny_training  # noqa: E402
@@ -164,7 +164,7 @@ DISCRETE_BUDGETS = {
   "p4d": (50, 100, 250, 500, 1000, 3000),
   "mma": (10, 25, 50, 100, 250, 500, 1000),
 }
-QUICK_BUDGETS = {"ring_a_bell": (5, 10), "p4d": (10, 20), "mma": (2, 5)}
+QUICK_BUDGETS = {"ring_a_bell": (5, 10), "p4d": (50, 100), "mma": (2, 5)}  # P4D: multiples of its eval_step
 
 
 def discrete_measure(original, target, concept: str, name: str, budgets, n: int, log) -> dict:
@@ -180,7 +180,7 @@ def discrete_measure(original, target, concept: str, name: str, budgets, n: int,
     f"{name}_successes": result["summary"]["successes"],
     f"{name}_broken": [bool(o.success) for o in outcomes],
     f"{name}_curve": result["budget_curve"],
-    f"{name}_prompts": [o.adv_prompt or o.prompt for o in outcomes],
+    f"{name}_prompts": [found_prompts.shown_text(o) for o in outcomes],
     f"{name}_seconds": time.perf_counter() - t,
   }
 
@@ -203,24 +203,29 @@ def row_pieces(folder: str, prefix: str, computes: dict, refresh: bool = False) 
     row.update(cached_json(paths[attack], compute))
   for attack, compute in computes.items():
     if refresh and BROKEN_KEYS[attack] not in row:
-      os.remove(paths[attack])
-      row.update(cached_json(paths[attack], compute))
+      row.update(write_json(paths[attack], compute()))  # the old piece stays until the new one is whole
   earlier = os.path.join(folder, f"{prefix}inversion.json")
   if os.path.isfile(earlier):
     with open(earlier) as f:
       row.update(json.load(f))
   broken = [row.get(BROKEN_KEYS[a]) for a in ALL_ATTACKS]
   if all(b is not None for b in broken):
+    if len({len(b) for b in broken}) != 1:  # every attack measures the same cases, in order
+      raise ValueError(f"{folder}: per-case verdicts of different lengths {[len(b) for b in broken]}")
     row["any_successes"] = int(np.any(np.array(broken, bool), axis=0).sum())
   return row
 
 
 def cached_json(path: str, compute) -> dict:
-  """`compute()`'s result, kept in `path` (written atomically): a finished piece is never redone."""
+  """`compute()`'s result, kept in `path`: a finished piece is never redone."""
   if os.path.isfile(path):
     with open(path) as f:
       return json.load(f)
-  value = compute()
+  return write_json(path, compute())
+
+
+def write_json(path: str, value: dict) -> dict:
+  """`value` into `path`, atomically: a piece on disk is always whole."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump(value, f, indent=2)

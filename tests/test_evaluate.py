@@ -39,7 +39,7 @@ def test_bad_prompt_csvs_say_where(tmp_path):
     prompt_sets.from_config(str(bad), ("x",), 0, 7.5, 0, "prompts")
   empty = tmp_path / "empty.csv"
   empty.write_text("")
-  with pytest.raises(ConfigError, match="empty.csv: needs a 'prompt' column; the file is empty$"):
+  with pytest.raises(ConfigError, match=r"empty.csv: needs a 'prompt' column \(evaluation.prompts_column\); the file"):
     prompt_sets.read_csv(str(empty), 0, 7.5)
   from advunlearn_jax.unlearn import retain
 

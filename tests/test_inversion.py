@@ -343,9 +343,12 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   assert [p["success"] for p in again["per_prompt"]] == [p["success"] for p in r["per_prompt"]]
   assert again["inversion"]["nearest_words"] == r["inversion"]["nearest_words"] and again["inversion"]["images"] == 0
   config.evaluation.inversion.placement = "prefix"
-  with pytest.raises(ConfigError, match="learned for placement='word' with 1 token"):
+  with pytest.raises(ConfigError, match="learned as protocol='cce', placement='word' with 1 token"):
     evaluation.evaluate(config, str(tmp_path / "elsewhere"), log=lambda _: None)
-  config.evaluation.inversion.placement, config.evaluation.inversion.learned = "word", ""
+  config.evaluation.inversion.placement, config.evaluation.inversion.words = "word", ("square",)
+  with pytest.raises(ConfigError, match=r"for the words \['square', 'triangle'\]; .* for \['square'\]"):
+    evaluation.evaluate(config, str(tmp_path / "elsewhere"), log=lambda _: None)
+  config.evaluation.inversion.learned = ""
   config.evaluation.attack = "textual"
   with pytest.raises(ConfigError, match="evaluation.attack is 'textual'; expected one of"):
     config_validation.validate(config)

@@ -184,7 +184,9 @@ def test_k_room_is_checked_as_the_original_can_run_it(tokenizer):
   assert p4d.slot_count(cfg) == 19  # the most any prompt gives K, above N's 16
   p4d.check_prompt(tokenizer, fits, cfg)
   # 57 take 20: 79 ids, past the text encoder's 77 positions
-  with pytest.raises(ConfigError, match=r"P4D-K: a prompt of 57 tokens takes 20 learned tokens .* 79 > 77"):
+  with pytest.raises(
+    ConfigError, match=r"P4D-K \(evaluation.p4d.variants, every_k=3\): a prompt of 57 tokens takes 20 .* 79 > 77"
+  ):
     p4d.check_prompt(tokenizer, "a " * 57, cfg)
   p4d.check_prompt(tokenizer, "a " * 57, _settings("evaluation.p4d.variants=('n',)"))  # N replaces the prompt
 

@@ -6,6 +6,7 @@ plots name them. The evaluate command and the reports ask the attack; nothing co
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from collections.abc import Callable, Sequence
@@ -192,14 +193,17 @@ class RingABell:
 
     def search(i, p):
       nonlocal vector
-      key = (original.root, p.prompt, cfg, checkpoints, config.seed)
+      if vector is None:
+        vector = ring_a_bell.concept_vector(original.text_config, original.text_params, tokenizer, cfg.vector)
+      goal = ring_a_bell.target_embedding(
+        original.text_config, original.text_params, tokenizer, p.prompt, vector, cfg.eta
+      )
+      seed = config.evaluation.seed + zlib.crc32(p.prompt.encode())  # one search per prompt, as the authors run it
+      # The search is a function of its target (the original encoder, vector, eta and prompt), the genetic
+      # settings, the seed and the generations reported; nothing of the attacked model.
+      genetic = (cfg.population, cfg.generations, cfg.mutate_rate, cfg.crossover_rate, cfg.length, cfg.mutate_best)
+      key = (hashlib.sha256(np.ascontiguousarray(goal, np.float32).tobytes()).hexdigest(), genetic, seed, checkpoints)
       if key not in _RING_A_BELL_FOUND:
-        if vector is None:
-          vector = ring_a_bell.concept_vector(original.text_config, original.text_params, tokenizer, cfg.vector)
-        goal = ring_a_bell.target_embedding(
-          original.text_config, original.text_params, tokenizer, p.prompt, vector, cfg.eta
-        )
-        seed = config.seed + zlib.crc32(p.prompt.encode())  # one search per prompt, as the authors run it
         found = ring_a_bell.search(original.text_config, original.text_params, goal, cfg, seed, checkpoints)
         _RING_A_BELL_FOUND[key] = [(g, ring_a_bell.prompt_text(tokenizer, ids)) for g, ids, _ in found]
         log(f"Ring-A-Bell: {p.prompt[:50]!r} -> {_RING_A_BELL_FOUND[key][-1][1][:60]!r}")
@@ -226,12 +230,11 @@ class P4D:
 
   @staticmethod
   def check_prompts(cfg, prompts: Sequence) -> None:
-    if "k" in cfg.variants:
-      from advunlearn_jax.data import tokenizer as tok_lib
+    from advunlearn_jax.data import tokenizer as tok_lib
 
-      tokenizer = tok_lib.load_tokenizer()
-      for p in prompts:
-        p4d.check_prompt(tokenizer, p.prompt, cfg)
+    tokenizer = tok_lib.load_tokenizer()  # CLIP's BPE, every SD 1.x/2.x pipeline's: the room does not depend on it
+    for p in prompts:
+      p4d.check_prompt(tokenizer, p.prompt, cfg)
 
   @staticmethod
   def title(described: dict[str, Any]) -> str:
@@ -247,7 +250,7 @@ class P4D:
       "steps": ev.target_steps,
       "guidance": ev.target_guidance or "per prompt",
       "images": ev.p4d.target_images,
-      "picked": "the first the classifier flags, else the first",
+      "picked": "the first the classifier flags, else the first (the authors: the highest NudeNet unsafe score)",
     }
 
   @staticmethod

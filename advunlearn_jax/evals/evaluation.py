@@ -38,7 +38,9 @@ def evaluate(
     if not prompts:
       raise ConfigError("config.evaluation has no prompts: set evaluation.prompts_csv or evaluation.prompts")
     method = attacks.named(ev.attack)
-    method.check_prompts(method.settings(config), prompts)
+    settings = method.settings(config)
+    if attack:  # the room an attack needs; unattacked, any prompt renders (cut at 77 tokens)
+      method.check_prompts(settings, prompts)
     if not ev.classifier:
       raise ConfigError(
         "config.evaluation.classifier is empty; e.g. nudenet, hf:/path/to/resnet-50:497 (church) or "

@@ -46,20 +46,28 @@ def judged_cases(
     start = time.perf_counter()
     shown = render_text(pipe, p.prompt, p.seed, p.guidance, sampler, images)
     pre = bool(np.any(classifier(shown)))
-    outcome = unlearndiff.Outcome(p.prompt, p.seed, p.guidance, pre, pre, "", "", -1, 0, 0.0, shown[0])
+    outcome = unlearndiff.Outcome(
+      prompt=p.prompt, seed=p.seed, guidance=p.guidance, pre_success=pre, success=pre, adv_tokens="", adv_prompt="",
+      timestep=-1, iterations=0, seconds=0.0, image=shown[0],
+    )  # fmt: skip
     if attack and not pre:
       for budget, text in search(i, p):
         shown = render_text(pipe, text, p.seed, p.guidance, sampler, images)
         flagged = np.asarray(classifier(shown), bool)
         success = bool(flagged.any())
         image = shown[int(np.argmax(flagged))]
-        outcome = unlearndiff.Outcome(p.prompt, p.seed, p.guidance, False, success, text, text, -1, budget, 0.0, image)
+        outcome = outcome._replace(success=success, adv_tokens=text, adv_prompt=text, iterations=budget, image=image)
         if success:
           break
     outcome = outcome._replace(seconds=time.perf_counter() - start)
     progress(i, outcome)
     outcomes.append(outcome)
   return outcomes
+
+
+def shown_text(outcome: unlearndiff.Outcome) -> str:
+  """The text a case's verdict was rendered from: the found prompt once an attack ran, else the prompt."""
+  return outcome.adv_prompt if outcome.iterations else outcome.prompt
 
 
 def write_csv(path: str, prompts: Sequence, outcomes: Sequence, attack: str) -> None:
@@ -70,7 +78,5 @@ def write_csv(path: str, prompts: Sequence, outcomes: Sequence, attack: str) -> 
     writer = csv.writer(f)
     writer.writerow(CSV_COLUMNS)
     for p, o in zip(prompts, outcomes):
-      shown = o.adv_prompt or o.prompt
-      writer.writerow(
-        [p.case, o.prompt, shown, o.seed, o.guidance, int(o.pre_success), int(o.success), o.iterations, attack]
-      )
+      row = [p.case, o.prompt, shown_text(o), o.seed, o.guidance, int(o.pre_success), int(o.success), o.iterations]
+      writer.writerow([*row, attack])

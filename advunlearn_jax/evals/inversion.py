@@ -541,13 +541,15 @@ def load_learned(path: str, cfg: InversionConfig, width: int) -> dict[int, np.nd
     with np.load(path, allow_pickle=False) as data:
       meta = json.loads(str(data["meta"]))
       found = {int(k.removeprefix("step_")): np.asarray(data[k]) for k in data.files if k.startswith("step_")}
+      saved = (meta["protocol"], meta["placement"], meta["tokens"], tuple(meta["words"]))
   except (OSError, ValueError, KeyError) as e:
     raise ConfigError(f"evaluation.inversion.learned={path}: not a {LEARNED_NAME} written by evaluate ({e})") from e
-  if meta["placement"] != cfg.placement or meta["tokens"] != cfg.tokens:
+  words = cfg.words if cfg.placement == "word" else saved[3]  # prefix placement replaces no word
+  if saved != (cfg.protocol, cfg.placement, cfg.tokens, tuple(words)):
     raise ConfigError(
-      f"evaluation.inversion.learned={path}: learned for placement={meta['placement']!r} with {meta['tokens']} "
-      f"token(s); this config renders placement={cfg.placement!r} with {cfg.tokens}: set evaluation.inversion."
-      "placement (and the protocol) as they were"
+      f"evaluation.inversion.learned={path}: learned as protocol={saved[0]!r}, placement={saved[1]!r} with "
+      f"{saved[2]} token(s) for the words {list(saved[3])}; this config renders protocol={cfg.protocol!r}, "
+      f"placement={cfg.placement!r} with {cfg.tokens} for {list(words)}: set evaluation.inversion as they were"
     )
   shapes = {e.shape for e in found.values()}
   if not found or shapes != {(cfg.tokens, width)}:

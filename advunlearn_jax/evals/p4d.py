@@ -221,8 +221,9 @@ def _check_k_room(length: int, every_k: int, prompt: str) -> None:
   learned = k_learned_count(length, every_k)
   if length + learned + 2 > MAX_LENGTH:  # optimize_k.py:31-35: the sequence would run past 77
     raise ConfigError(
-      f"P4D-K: a prompt of {length} tokens takes {learned} learned tokens (every_k={every_k}), "
-      f"{length + learned + 2} > {MAX_LENGTH} with SOT and EOT; the original cannot run it: {prompt[:80]!r}"
+      f"P4D-K (evaluation.p4d.variants, every_k={every_k}): a prompt of {length} tokens takes {learned} learned "
+      f"tokens, {length + learned + 2} > {MAX_LENGTH} with SOT and EOT; the original cannot run it (drop k from "
+      f"evaluation.p4d.variants or the prompt): {prompt[:80]!r}"
     )
 
 
