@@ -345,8 +345,8 @@ def test_evaluate_with_inversion_writes_the_usual_report(tmp_path):
   config.evaluation.inversion.placement = "prefix"
   with pytest.raises(ConfigError, match="learned as protocol='cce', placement='word' with 1 token"):
     evaluation.evaluate(config, str(tmp_path / "elsewhere"), log=lambda _: None)
-  config.evaluation.inversion.placement, config.evaluation.inversion.words = "word", ("square",)
-  with pytest.raises(ConfigError, match=r"for the words \['square', 'triangle'\]; .* for \['square'\]"):
+  config.evaluation.inversion.placement, config.evaluation.inversion.words = "word", ("triangle", "square")
+  with pytest.raises(ConfigError, match=r"for the words \['square', 'triangle'\]; .* for \['triangle', 'square'\]"):
     evaluation.evaluate(config, str(tmp_path / "elsewhere"), log=lambda _: None)
   config.evaluation.inversion.learned = ""
   config.evaluation.attack = "textual"
