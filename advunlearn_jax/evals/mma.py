@@ -35,8 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from advunlearn_jax.data import tokenizer as tok_lib
-from advunlearn_jax.diffusion import generation
-from advunlearn_jax.diffusion.sampling import SCHEDULERS
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import unlearndiff
 from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -123,11 +121,7 @@ def validate(cfg: MMAConfig) -> None:
     )
   if cfg.target_encoder not in TARGET_ENCODERS:
     raise ConfigError(f"config.{KEY}.target_encoder is {cfg.target_encoder!r}; expected one of {list(TARGET_ENCODERS)}")
-  if cfg.scheduler not in SCHEDULERS:
-    raise ConfigError(f"config.{KEY}.scheduler is {cfg.scheduler!r}; expected one of {list(SCHEDULERS)}")
-  if cfg.sample_steps < 1:
-    raise ConfigError(f"config.{KEY}.sample_steps must be >= 1, got {cfg.sample_steps}")
-  generation.check_latent_source(cfg.latents, "evaluation.latents")
+  cfg.sampler.check(f"config.{KEY}")
 
 
 def check_budgets(budgets: Sequence[int], cfg: MMAConfig) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from advunlearn_jax.data import tokenizer as tok_lib
-from advunlearn_jax.diffusion import generation, sampling
+from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import unlearndiff
 from advunlearn_jax.models.clip_text import CLIPTextModel, encode_ids
@@ -139,10 +139,8 @@ def validate(cfg: P4DConfig) -> None:
       f"{key}.selector is empty: judge (the tiny world's judge features) or a transformers CLIP folder (the "
       "authors' open_clip ViT-H-14 laion2b_s32b_b79k is laion/CLIP-ViT-H-14-laion2B-s32B-b79K on the Hub)"
     )
-  if cfg.scheduler not in sampling.SCHEDULERS:
-    raise ConfigError(f"{key}.scheduler is {cfg.scheduler!r}; expected one of {list(sampling.SCHEDULERS)}")
+  cfg.sampler.check(key)
   check_budgets(cfg.budgets, cfg)
-  generation.check_latent_source(cfg.latents, "evaluation.latents")
 
 
 def check_budgets(budgets: Sequence[int], cfg: P4DConfig) -> None:

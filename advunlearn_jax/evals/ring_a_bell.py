@@ -37,8 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from advunlearn_jax.data import tokenizer as tok_lib
-from advunlearn_jax.diffusion import generation
-from advunlearn_jax.diffusion.sampling import SCHEDULERS
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import unlearndiff
 from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, encode_ids
@@ -116,11 +114,7 @@ def validate(cfg: RingABellConfig) -> None:
       f"{key}.vector is empty: a (77, D) .npy concept vector, a CSV with columns prompt and prompt1 "
       "(Ring-A-Bell's Violence_30.csv) or tiny_world:VALUE"
     )
-  if cfg.scheduler not in SCHEDULERS:
-    raise ConfigError(f"{key}.scheduler is {cfg.scheduler!r}; expected one of {list(SCHEDULERS)}")
-  if cfg.sample_steps < 1:
-    raise ConfigError(f"{key}.sample_steps must be >= 1, got {cfg.sample_steps}")
-  generation.check_latent_source(cfg.latents, "evaluation.latents")
+  cfg.sampler.check(key)
 
 
 def check_budgets(budgets: Sequence[int], cfg: RingABellConfig) -> None:

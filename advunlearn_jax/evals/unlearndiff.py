@@ -214,6 +214,16 @@ class Sampler(NamedTuple):
   steps: int
   latents: str
 
+  def check(self, section: str) -> None:
+    """ConfigError naming `section`'s scheduler or sample_steps, or evaluation.latents, when one is unusable."""
+    from advunlearn_jax.diffusion.sampling import SCHEDULERS
+
+    if self.scheduler not in SCHEDULERS:
+      raise ConfigError(f"{section}.scheduler is {self.scheduler!r}; expected one of {list(SCHEDULERS)}")
+    if self.steps < 1:
+      raise ConfigError(f"{section}.sample_steps must be >= 1, got {self.steps}")
+    generation.check_latent_source(self.latents, "evaluation.latents")
+
 
 def render_context(
   pipe: Pipeline, cond: jax.Array, uncond: jax.Array, seed: int, guidance: float, sampler
