@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # config_lib.override (the same parser), the in-process run's config.
 OVERRIDES = [
   "train.iterations=3",
-  "train.warmup_iters=1",
+  "train.warmup_iters=0",  # every iteration attacks: one compiled step per run
   "train.save_every=2",
   "train.log_every=1",
   "train.concept_batch=8",

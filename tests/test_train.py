@@ -18,6 +18,15 @@ from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import retain, wiring
 from advunlearn_jax.unlearn import step as step_lib
 
+# One device, as on a user's laptop: these tests are about the run, not its layout (test_scale.py, test_multihost.py
+# and test_population.py are). On 2 cores, 8 simulated devices each compute the replicated tiny batch: 2-4x slower.
+ONE_DEVICE = jax.devices()[:1]
+
+
+def run(config, workdir, **kwargs):
+  """runs.run on ONE_DEVICE."""
+  return runs.run(config, workdir, devices=ONE_DEVICE, **kwargs)
+
 
 def tiny_config(pipeline_dir, *overrides: str):
   """The tiny run on `pipeline_dir`, with `overrides` ("section.field=value", as the command line's --config.)."""
@@ -48,7 +57,7 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   updates = ("attack.update_every=2", "export.every=2", "export.reference_checkpoint=true")
   workdir = str(tmp_path / "run")
   compiled_before = wiring.train_step._cache_size()
-  summary = runs.run(tiny_config(pipeline_dir, "samples.every=2", "samples.steps=3", *updates), workdir)
+  summary = run(tiny_config(pipeline_dir, "samples.every=2", "samples.steps=3", *updates), workdir)
   compiled = wiring.train_step._cache_size()
   assert compiled - compiled_before <= 3  # warm-up, attacking, reusing steps: never one per iteration
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -125,9 +134,9 @@ def test_run_trains_exports_and_resumes(pipeline_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, trained)
 
   # Resuming with more iterations continues from step 4, and equals an uninterrupted 6-step run.
-  runs.run(tiny_config(pipeline_dir, "train.iterations=6", *updates), workdir)
+  run(tiny_config(pipeline_dir, "train.iterations=6", *updates), workdir)
   straight = str(tmp_path / "straight")
-  runs.run(tiny_config(pipeline_dir, "train.iterations=6", *updates), straight)
+  run(tiny_config(pipeline_dir, "train.iterations=6", *updates), straight)
   assert wiring.train_step._cache_size() == compiled  # two more runs, more iterations: nothing recompiled
   _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
   _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
@@ -160,10 +169,10 @@ def test_prompt_updates_and_retain_draws_follow_the_reference_schedule():
 
 def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  runs.run(tiny_config(pipeline_dir, "train.iterations=2", "train.warmup_iters=2"), workdir)
+  run(tiny_config(pipeline_dir, "train.iterations=2", "train.warmup_iters=2"), workdir)
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   with pytest.raises(ConfigError, match=r"different config \(retain.weight: 0.5 -> 0.3\)"):
-    runs.run(tiny_config(pipeline_dir, "retain.weight=0.3", "train.warmup_iters=2"), workdir)
+    run(tiny_config(pipeline_dir, "retain.weight=0.3", "train.warmup_iters=2"), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
@@ -191,7 +200,7 @@ def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
 )
 def test_bad_config_values(pipeline_dir, tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
-    runs.run(tiny_config(pipeline_dir, *overrides), str(tmp_path / "w"))
+    run(tiny_config(pipeline_dir, *overrides), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
@@ -199,9 +208,9 @@ def test_bad_retain_csv_and_concepts(pipeline_dir, tmp_path):
   csv = tmp_path / "retain.csv"
   csv.write_text("case_num,source,text\n0,coco,a photo of a dog\n")
   with pytest.raises(ConfigError, match=r"retain.dataset: .*retain.csv has no 'prompt' column"):
-    runs.run(tiny_config(pipeline_dir, f"retain.dataset={csv}"), str(tmp_path / "w"))
+    run(tiny_config(pipeline_dir, f"retain.dataset={csv}"), str(tmp_path / "w"))
   with pytest.raises(ConfigError, match="at most 75 fit"):
-    runs.run(tiny_config(pipeline_dir, f"concept.prompts={('word ' * 80,)!r}"), str(tmp_path / "w"))
+    run(tiny_config(pipeline_dir, f"concept.prompts={('word ' * 80,)!r}"), str(tmp_path / "w"))
 
 
 @pytest.mark.slow
@@ -209,7 +218,7 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
   """ESD-x style baseline: cross-attention of the UNet trained online, the text encoder untouched."""
   from advunlearn_jax.convert import diffusers as sd_convert
 
-  summary = runs.run(tiny_config(pipeline_dir, "train.method=xattn", "train.iterations=3"), str(tmp_path))
+  summary = run(tiny_config(pipeline_dir, "train.method=xattn", "train.iterations=3"), str(tmp_path))
   _, trained = sd_convert.load_unet(summary["unet"])
   _, original = sd_convert.load_unet(os.path.join(pipeline_dir, "unet"))
   flat_t, flat_o = (dict(jax.tree_util.tree_leaves_with_path(p)) for p in (trained, original))
@@ -225,7 +234,7 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
   with pytest.raises(ConfigError, match="trains the UNet; the reference's"):
     run_exports.export_latest(str(tmp_path), str(tmp_path / "ref"), fmt="reference")
   with pytest.raises(ConfigError, match="cannot be precomputed"):
-    runs.run(tiny_config(pipeline_dir, "train.method=xattn", "train.xt_source=bank"), str(tmp_path / "b"))
+    run(tiny_config(pipeline_dir, "train.method=xattn", "train.xt_source=bank"), str(tmp_path / "b"))
 
 
 @pytest.mark.slow
@@ -236,7 +245,7 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   overrides = ["train.xt_source=bank", "bank.refresh_every=1", "bank.refresh_retain=2", "train.iterations=3"]
   overrides += ["retain.dataset=", f"retain.prompts={retain_prompts!r}"]
   workdir = str(tmp_path / "run")
-  summary = runs.run(tiny_config(pipeline_dir, *overrides), workdir)
+  summary = run(tiny_config(pipeline_dir, *overrides), workdir)
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert len(lines) == 3 and all(np.isfinite(m["loss"]) for m in lines)
   assert os.path.isdir(summary["text_encoder"])
@@ -247,9 +256,9 @@ def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   args = ocp.args.Composite(state=ocp.args.StandardRestore())
   restored = checkpoint.manager(workdir, 3).restore(3, args=args)["state"]
   assert restored["bank"]["retain"].shape[:3] == (len(retain_prompts), 1, 49)  # the checkpoint holds it
-  runs.run(tiny_config(pipeline_dir, *overrides, "train.iterations=5"), workdir)
+  run(tiny_config(pipeline_dir, *overrides, "train.iterations=5"), workdir)
   straight = str(tmp_path / "straight")
-  runs.run(tiny_config(pipeline_dir, *overrides, "train.iterations=5"), straight)
+  run(tiny_config(pipeline_dir, *overrides, "train.iterations=5"), straight)
   _, resumed = clip_convert.load_clip_text(os.path.join(workdir, "text_encoder"))
   _, uninterrupted = clip_convert.load_clip_text(os.path.join(straight, "text_encoder"))
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
@@ -298,7 +307,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
 
   workdir = str(tmp_path / "run")
   overrides = ["train.iterations=2", "train.warmup_iters=2", "train.save_every=1", "train.log_every=1"]
-  runs.run(tiny_config(pipeline_dir, *overrides), workdir)
+  run(tiny_config(pipeline_dir, *overrides), workdir)
   ckpts = os.path.join(workdir, "checkpoints")
   for path in _state_files(os.path.join(ckpts, "2")):  # a copy cut short
     with open(path, "r+b") as f:
@@ -309,7 +318,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
   said = capsys.readouterr().out
   assert "checkpoint step 2: " in said and "skipped" in said and "using step 1" in said and "<bound method" not in said
   assert os.path.isdir(exported["text_encoder"]) and sorted(os.listdir(ckpts)) == ["1", "2"]
-  summary = runs.run(tiny_config(pipeline_dir, *overrides, "train.iterations=3"), workdir)
+  summary = run(tiny_config(pipeline_dir, *overrides, "train.iterations=3"), workdir)
   said = capsys.readouterr().out
   assert "checkpoint step 2 is damaged" in said and "resuming from step 1" in said and "<bound method" not in said
   assert summary["resumed_from"] == 1
@@ -324,7 +333,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(pipeline_dir, 
       os.remove(path)
   whole = r"no checkpoint reads back whole and finite \(step 3: .*step 2: .*step 1: "
   with pytest.raises(CheckpointError, match=whole) as refused:
-    runs.run(tiny_config(pipeline_dir, *overrides, "train.iterations=4"), workdir)
+    run(tiny_config(pipeline_dir, *overrides, "train.iterations=4"), workdir)
   assert "<bound method" not in str(refused.value)
   assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
   assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["2"]
@@ -344,7 +353,7 @@ def test_a_diverging_run_stops_before_it_saves_or_exports_nan(pipeline_dir, tmp_
   pipe, workdir = str(tmp_path / "pipe"), str(tmp_path / "run")
   shutil.copytree(pipeline_dir, pipe)
   overrides = ["train.iterations=2", "train.warmup_iters=4", "train.save_every=1", "train.log_every=2"]
-  runs.run(tiny_config(pipe, *overrides), workdir)
+  run(tiny_config(pipe, *overrides), workdir)
   unet_file = os.path.join(pipe, "unet", "diffusion_pytorch_model.safetensors")
   weights = load_file(unet_file)
   weights = {k: np.full_like(v, np.nan) if k.startswith("conv_in") else v for k, v in weights.items()}
@@ -352,7 +361,7 @@ def test_a_diverging_run_stops_before_it_saves_or_exports_nan(pipeline_dir, tmp_
   before = folder_bytes(workdir)
   message = r"training diverged at iteration 3 \(loss nan, loss_unlearn nan, loss_retain nan\); nothing after it was"
   with pytest.raises(TrainingDiverged, match=message + r" saved or exported, and the last checkpoint, step 2, is"):
-    runs.run(tiny_config(pipe, *overrides, "train.iterations=4"), workdir)
+    run(tiny_config(pipe, *overrides, "train.iterations=4"), workdir)
   after = folder_bytes(workdir)
   redrawn = (".lock", "loss.png")  # the lock names its new holder; the plot is redrawn from the same metrics
   assert {k: v for k, v in after.items() if k not in redrawn and not k.startswith("tensorboard")} == {
@@ -420,9 +429,9 @@ def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout
   shutil.copytree(pipeline_dir, checkout_a)
   monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_a)
   config = tiny_config("tiny", "train.iterations=2", "train.warmup_iters=2")
-  # On all the devices, as the runs above: the member reuses their compiled warm-up step instead of compiling one.
+  # On one device, as the runs above: the member reuses their compiled warm-up step instead of compiling one.
   grid = [population_runs.Member("m", config, config_validation.validate(config))]
-  results = population_runs.run(grid, str(tmp_path / "pop"))
+  results = population_runs.run(grid, str(tmp_path / "pop"), devices=ONE_DEVICE)
   member = str(tmp_path / "pop" / "m")
   assert "error" not in results["m"], results["m"]
   exported = run_exports.export_latest(member, str(tmp_path / "exported"))
@@ -435,5 +444,5 @@ def test_tiny_resolves_at_use_for_population_members_export_and_a_moved_checkout
 
   shutil.move(os.path.dirname(checkout_a), os.path.dirname(checkout_b))
   monkeypatch.setattr(config_lib, "TINY_MODEL_DIR", checkout_b)
-  summary = runs.run(tiny_config("tiny", "train.iterations=3", "train.warmup_iters=2"), member)
+  summary = run(tiny_config("tiny", "train.iterations=3", "train.warmup_iters=2"), member)
   assert summary["resumed_from"] == 2
