@@ -281,13 +281,35 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.attack = ml_collections.ConfigDict()
   c.attack.method = "pgd"  # pgd (Adam on the embedding, as the reference) | fast_at (sign)
+  # prefix_k (the reference's default) | suffix_k | replace_k | add | mid_k | insert_k | per_k_words (the reference's
+  # other layouts) | word_k: the k tokens where the concept's words stand in each concept prompt, as CCE's token
+  # stands at test time (not the reference's; unlearn/prompts.py).
   c.attack.type = "prefix_k"
+  # word_k: the concept's words, whole words, any case; empty: evaluation.inversion.words (where CCE's token goes),
+  # else concept.prompts themselves (the SD configs' concept phrases, where word_k replaces the whole prompt as
+  # replace_k does). Checked against every concept prompt.
+  c.attack.words = ()
   c.attack.num_tokens = 1  # k
   c.attack.steps = 30
   c.attack.lr = 1e-3
   # A new concept and adversarial prompt every N iterations, reused in between (--adv_prompt_update_step)
   c.attack.update_every = 1
   c.attack.init = "random"  # the README runs use random; the reference CLI default is latest
+  # With init=latest, a persistent attack: the rows carry over from round to round (whichever concept prompt each
+  # round draws), and every restart_every-th round starts from random rows again (0: never, as the reference).
+  c.attack.restart_every = 0
+  # What the inner attack minimises: esd (the reference's) | inversion (CCE's textual-inversion loss on images of
+  # the concept, one image per attack step at a uniform t) | both (their sum). Not the reference's but `esd`.
+  c.attack.objective = "esd"
+  # inversion/both: the concept's images, as evaluation.inversion.images (tiny_world:VALUE, a folder, tfds:...; on
+  # SD, images the unerased model generated with advunlearn_jax.generate); "": evaluation.inversion.images. At most
+  # max_images, VAE-encoded once before training.
+  c.attack.images = ""
+  c.attack.max_images = 16
+  # Several threat models in one run: each attack round draws one of these, uniformly. A member overrides fields of
+  # this section (type, objective, method, steps, lr) as the command line writes them, "type=word_k
+  # objective=inversion"; "" is this section as it stands. (): this section alone (unlearn/threats.py).
+  c.attack.mix = ()
   c.attack.embedding = "word_embd"  # word_embd | condition_embd
   c.attack.faithful_word_split = False  # reference quirk: spec 3.3 - split by words, dropping sub-tokens
   c.attack.accumulate_grad = True  # reference quirk: spec 3.1 - gradients never zeroed
@@ -334,6 +356,8 @@ NUMERIC_RANGES = (
   ("attack.num_tokens", 1, True),
   ("attack.lr", 0, False),
   ("attack.update_every", 1, True),
+  ("attack.restart_every", 0, True),
+  ("attack.max_images", 1, True),
   ("attack.eps", 0, True),
   ("retain.weight", 0, True),
   ("retain.batch", 0, True),

@@ -16,12 +16,15 @@ def tokenizer():
   return tok_lib.load_tokenizer()
 
 
-def _layout_rows(tokenizer, concept, attack_type, k, faithful):
+REFERENCE_TYPES = [t for t in prompts.ATTACK_TYPES if t != "word_k"]  # word_k also needs the concept's words
+
+
+def _layout_rows(tokenizer, concept, attack_type, k, faithful, words=()):
   """Builds the sequence from symbolic embeddings: row r of the word table is the vector r * e0, and
   adversarial row j is (1000 + j) * e1, so every position reads back as ('w', r), ('d', j) or both."""
   ids = tok_lib.tokenize(tokenizer, concept)[0]
   length = prompts.concept_length(ids, concept, EOT, faithful)
-  lay = prompts.layout(attack_type, length, k)
+  lay = prompts.layout(attack_type, length, k, prompts.word_spans(tokenizer, concept, words) if words else ())
   words = jnp.stack([jnp.arange(77.0), jnp.zeros(77)], 1)
   delta = jnp.stack([jnp.zeros(lay.num_tokens), 1000.0 + jnp.arange(lay.num_tokens)], 1)
   seq = prompts.build_sequence(words, delta, jnp.asarray(lay.word_index), jnp.asarray(lay.delta_index))
@@ -74,7 +77,7 @@ def test_spec_worked_table(tokenizer):
 
 
 @pytest.mark.parametrize("faithful", [True, False])
-@pytest.mark.parametrize("attack_type", prompts.ATTACK_TYPES)
+@pytest.mark.parametrize("attack_type", REFERENCE_TYPES)
 def test_every_layout_keeps_77_rows_and_all_deltas(tokenizer, attack_type, faithful):
   concept = "a painting of a starry night by Vincent van Gogh"
   ids, rows, lay = _layout_rows(tokenizer, concept, attack_type, 3, faithful)
@@ -128,6 +131,30 @@ def test_mid_insert_and_per_k_words_positions(tokenizer):
   # per_k_words with k = 1 (a crash in the reference) is a prefix.
   _, rows, _ = _layout_rows(tokenizer, concept, "per_k_words", 1, True)
   assert _names(tokenizer, rows[1:3]) == ["d1", "one</w>"]
+
+
+def test_word_k_puts_the_tokens_where_the_concepts_words_stand(tokenizer):
+  """The k rows replace each occurrence of the concept's words (whole words, plural, any case) inside the prompt;
+  the prompt's other tokens keep their order, then its EOT and padding rows."""
+  _, rows, lay = _layout_rows(tokenizer, "a photo of a striped red triangle", "word_k", 3, False, ("triangle",))
+  assert lay.num_tokens == 3 and lay.concept_len == 7
+  assert _names(tokenizer, rows[:12]) == [
+    "<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "striped</w>", "red</w>", "d1", "d2", "d3",
+    "<|endoftext|>", "<|endoftext|>",
+  ]  # fmt: skip
+  # A multi-token phrase named twice, once in the plural and capitalised: each occurrence gets the same k rows.
+  prompt = "Van Gogh painted like van goghs"
+  assert prompts.word_spans(tokenizer, prompt, ("van gogh",)) == [(0, 2), (4, 3)]
+  _, rows, lay = _layout_rows(tokenizer, prompt, "word_k", 2, False, ("van gogh",))
+  assert _names(tokenizer, rows[:8]) == [
+    "<|startoftext|>", "d1", "d2", "painted</w>", "like</w>", "d1", "d2", "<|endoftext|>",
+  ]  # fmt: skip
+  # A word split into sub-tokens is replaced whole.
+  assert prompts.word_spans(tokenizer, "a photo of nudity", ("nudity",)) == [(3, 2)]
+  with pytest.raises(ConfigError, match="needs the concept's words"):
+    prompts.layout("word_k", 4, 1)
+  with pytest.raises(ConfigError, match="needs 78 of 77 positions"):
+    prompts.layout("word_k", 74, 3, ((0, 1),))
 
 
 def test_delta_recovery_and_latest_quirk(tokenizer):

@@ -99,7 +99,8 @@ def test_attack_lowers_its_loss_on_a_fixed_draw():
   faithful = run(DEFAULTS.attack._replace(steps=3, lr=0.05), delta0)
   clean = run(DEFAULTS.attack._replace(steps=3, lr=0.05, return_pre_final=False), delta0)
   np.testing.assert_allclose(clean.sequence[1:3], clean.delta)
-  assert not np.allclose(faithful.sequence[1:3], faithful.delta)
+  np.testing.assert_allclose(faithful.sequence[1:3], faithful.delta)  # delta: the rows that built the sequence
+  assert not np.allclose(faithful.delta, clean.delta)
   # An eps-ball projection keeps delta within eps of its init.
   ball = run(DEFAULTS.attack._replace(steps=20, lr=0.5, eps=0.1, norm="linf"), delta0)
   assert float(jnp.abs(ball.delta - delta0).max()) <= 0.1 + 1e-6
@@ -158,6 +159,54 @@ def test_between_prompt_updates_the_defender_reuses_the_latest_adversarial_promp
 
 def _replace(cfg, **changes):
   return dataclasses.replace(cfg, **changes)
+
+
+def test_inversion_objective_is_textual_inversions_loss_and_both_adds_the_two():
+  """attack.objective=inversion: the attack's loss at its start is CCE's denoising loss on the step's noised image of
+  the concept through the student at the initial rows (computed here by hand); `both` is that plus the reference's."""
+  cfg, models, frozen = setup()
+  side, channels, steps = cfg.latent_hw, cfg.latent_channels, cfg.attack.steps
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  alphas = jnp.linspace(0.999, 0.01, 1000)
+  frozen = frozen._replace(concept_latents=normal(3, side, side, channels), alphas_cumprod=alphas)
+  point = (normal(steps, side, side, channels), jnp.full((steps,), 500, jnp.int32), normal(steps, side, side, channels))
+  state = step_lib.init_state(cfg, models, frozen)
+  keys = step_lib.iteration_keys(jax.random.key(1))
+
+  def first_loss(objective):
+    c = _replace(cfg, attack=cfg.attack._replace(objective=objective))
+    attack = lambda s, f, p: step_lib.attack(c, models, s, f, keys, 0, f.clip, f.unet, p).first_loss  # noqa: E731
+    return float(jax.jit(attack)(state, frozen, point))
+
+  esd, inversion, both = map(first_loss, ("esd", "inversion", "both"))
+  assert both == pytest.approx(esd + inversion, rel=1e-5) and inversion != pytest.approx(esd, rel=1e-2)
+  inv = _replace(cfg, attack=cfg.attack._replace(objective="inversion"))
+  drawn = step_lib.inversion_points(inv, frozen, keys)
+  assert drawn.x_t.shape == (steps, side, side, channels) and 0 <= int(drawn.t.min()) <= int(drawn.t.max()) < 1000
+  delta0 = step_lib._initial_delta(inv, models, state, frozen, keys, 0, None, None)
+  words = frozen.clip["embeddings"]["token_embedding"]["embedding"][frozen.concept_ids[0]]
+  sequence = prompts.build_sequence(words, delta0, frozen.word_index[0], frozen.delta_index[0])
+  cond = step_lib._encode(models)(frozen.clip, sequence[None])
+  eps = step_lib._unet(models)(frozen.unet, drawn.x_t[:1], drawn.t[:1], cond)
+  assert inversion == pytest.approx(float(step_lib.mse(eps, drawn.noise[:1])), rel=1e-5)
+
+
+def test_persistent_attack_starts_from_the_carried_rows_unless_it_restarts():
+  """`latest` init without the reference's slicing quirk starts from the rows that built the last sequence,
+  whichever layout built it; a round that restarts (attack.restart_every, decided by the host) draws random rows."""
+  cfg, models, frozen = setup()
+  cfg = _replace(cfg, attack=cfg.attack._replace(init="latest", latest_init_quirk=False))
+  fresh = step_lib.init_state(cfg, models, frozen)
+  rows = jnp.arange(fresh.last_delta.size, dtype=jnp.float32).reshape(fresh.last_delta.shape)
+  carried = fresh._replace(last_delta=rows, has_last=jnp.ones((), bool))
+  keys = step_lib.iteration_keys(jax.random.key(0))
+  start = lambda state, restart: step_lib._initial_delta(cfg, models, state, frozen, keys, 0, None, restart)  # noqa: E731
+  random_rows = start(fresh, None)
+  assert not np.allclose(random_rows, rows)
+  np.testing.assert_array_equal(start(carried, None), rows)
+  np.testing.assert_array_equal(start(carried, jnp.zeros((), bool)), rows)
+  np.testing.assert_array_equal(start(carried, jnp.ones((), bool)), random_rows)
 
 
 def _points(cfg, frozen, attack_t, defender_t, retain_batch, seed=0):

@@ -11,6 +11,7 @@ import pytest
 
 from advunlearn_jax import config_lib
 from advunlearn_jax.convert import clip_text as clip_convert
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.testing import tiny_models
 from advunlearn_jax.training import runs, train
@@ -165,6 +166,62 @@ def test_prompt_updates_and_retain_draws_follow_the_reference_schedule():
   reg = dataclasses.replace(base, retain=base.retain._replace(batch=2))
   batch, _ = train.iteration_batch(config, reg, 7, root, start, n_prompts=10)
   assert batch.retain_idx.shape == (2,) and batch.iter_retain_idx is None  # reg mode: the defender's batch
+  assert batch.restart is None  # attack.restart_every = 0: the attack never restarts
+  # A persistent attack restarting every 2nd round; rounds at 5 (the first), 6 and 9; iterations between reuse theirs.
+  config.train.warmup_iters, config.attack.update_every, config.attack.restart_every = 5, 3, 2
+  assert [train.attack_round(i, 5, 3) for i in range(5, 13)] == [0, 1, 1, 1, 2, 2, 2, 3]
+  restarts = [bool(train.iteration_batch(config, reg, i, root, start, 10)[0].restart) for i in range(5, 13)]
+  assert restarts == [True, False, False, False, True, True, True, False]
+
+
+def test_issue_49s_threat_models_lay_out_their_tokens_and_resume_bit_identical(pipeline_dir, tmp_path):
+  """Issue 49's threat models at once: the adversarial rows stand where the concept's words stood in each concept
+  prompt (attack.type=word_k), carry over from round to round with a restart every 2nd (attack.restart_every),
+  minimise both the reference's loss and CCE's on images of the concept (attack.objective=both), and each round
+  draws that threat model or the reference's prefix (attack.mix). A run stopped after 3 iterations and resumed to 5
+  equals one that ran straight, bit for bit: the carried rows go through the checkpoint, the draws follow the
+  round."""
+  from PIL import Image
+
+  images = tmp_path / "concept_images"  # the random pipeline draws 16 px; any size is resized to it
+  images.mkdir()
+  for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)):
+    Image.fromarray(pixels).save(images / f"{i}.png")
+  overrides = [
+    "concept.prompts=('a photo of nudity', 'a church at night')",
+    "attack.words=('nudity', 'church')",
+    "attack.type=word_k",
+    "attack.init=latest",
+    "attack.latest_init_quirk=false",
+    "attack.restart_every=2",
+    "train.warmup_iters=0",
+    "train.save_every=1",
+    "attack.objective=both",
+    f"attack.images={images}",
+    "attack.mix=('', 'type=prefix_k objective=esd')",
+  ]
+  config = tiny_config(pipeline_dir, *overrides)
+  clip, unet = tiny_models.params()
+  wired = wiring.wire(
+    config, wiring.TrainingSections.from_config(config), clip_config=tiny_models.CLIP, clip_params=clip,
+    unet_config=tiny_models.UNET, unet_params=unet, schedule=tiny_models.SCHEDULE,
+    tokenizer=tok_lib.load_tokenizer(), retain_prompts=("a photo of a dog",),
+  )  # fmt: skip
+  # 'a photo of nu dity' -> [SOT, a, photo, of, d1, EOT...]; 'a church at night' -> [SOT, a, d1, at, night, EOT...]:
+  # each row of word_index is the clean prompt's position it copies.
+  word_index, delta_index = np.asarray(wired.frozen.word_index)[:, :7], np.asarray(wired.frozen.delta_index)[:, :7]
+  assert word_index.tolist() == [[0, 1, 2, 3, -1, 6, 7], [0, 1, -1, 3, 4, 5, 6]]
+  assert delta_index.tolist() == [[-1, -1, -1, -1, 0, -1, -1], [-1, -1, 0, -1, -1, -1, -1]]
+
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  run(tiny_config(pipeline_dir, *overrides, "train.iterations=5"), straight)
+  run(tiny_config(pipeline_dir, *overrides, "train.iterations=3"), resumed)
+  assert run(tiny_config(pipeline_dir, *overrides, "train.iterations=5"), resumed)["resumed_from"] == 3
+  logs = [[json.loads(line) for line in open(f"{w}/metrics.jsonl")] for w in (straight, resumed)]
+  assert [m["attack_loss_first"] for m in logs[0]] == [m["attack_loss_first"] for m in logs[1]] and len(logs[0]) == 5
+  assert [m["threat"] for m in logs[0]] == [m["threat"] for m in logs[1]] == [1, 1, 1, 1, 0]  # seed 0's draws
+  a, b = (clip_convert.load_clip_text(os.path.join(w, "text_encoder"))[1] for w in (straight, resumed))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
@@ -192,6 +249,20 @@ def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
     (["train.method=xattn", "export.reference_checkpoint=true"], "trains the UNet; the reference's"),
     (["evaluation.latents=numpy"], r"config.evaluation.latents is 'numpy'; expected one of \['jax', 'torch'\]"),
     (["report.kind=tiny"], r"config.report.kind is 'tiny'; valid: \['', 'tiny_world'\]"),
+    (
+      ["attack.type=word_k", "attack.words=('nudity',)"],
+      r"config.concept.prompts: 'church' holds none of config.attack.words \['nudity'\], where attack.type=word_k",
+    ),
+    (["attack.restart_every=2"], "restart_every=2 restarts a persistent attack; it needs config.attack.init='latest'"),
+    (["attack.restart_every=-1"], "config.attack.restart_every must be >= 0, got -1"),
+    (["attack.objective=cce"], r"config.attack.objective is 'cce'; valid: \['esd', 'inversion', 'both'\]"),
+    (["attack.objective=inversion"], "objective='inversion' attacks with images of the concept; name them in"),
+    (["attack.objective=both", "attack.images=/no/such"], "config.attack.images: image folder '/no/such' does not"),
+    (["attack.mix=('', 'num_tokens=3')"], r"config.attack.mix\[1\] = 'num_tokens=3': 'num_tokens' cannot differ"),
+    (["attack.mix=('type=add',)"], "type=add sets k to the concept's length"),
+    (["attack.mix=('type=prepend',)"], r"config.attack.type is 'prepend'; valid: \['prefix_k'"),
+    (["attack.mix=('objective=inversion',)"], "objective='inversion' attacks with images of the concept"),
+    (["attack.mix=('steps=zero',)"], r"config.attack.mix\[0\]: attack.steps"),
     (
       ["retain.dataset=", "retain.prompts=('a photo of a dog',)", "retain.batch=1", "bank.refresh_retain=2"],
       "refresh_retain \\(2\\) exceeds",
@@ -293,6 +364,11 @@ def test_resume_guard_allows_evaluation_and_report_changes_only():
   checkpoint.check_compatible(saved, now, "/w")  # evaluation.* and report.* do not change what is trained
   with pytest.raises(ConfigError, match="attack.num_tokens"):
     checkpoint.check_compatible(saved, tiny_config("/pipe", "attack.num_tokens=3").to_dict(), "/w")
+  # A field added since the checkpoint was written (absent from it) is no change at its default, a change otherwise.
+  del saved["attack"]["restart_every"], saved["attack"]["words"]
+  checkpoint.check_compatible(saved, now, "/w")
+  with pytest.raises(ConfigError, match=r"attack.words: None -> \('church',\)"):
+    checkpoint.check_compatible(saved, tiny_config("/pipe", "attack.words=('church',)").to_dict(), "/w")
 
 
 def _state_files(checkpoint_dir):
@@ -378,8 +454,29 @@ def _small_state(value: float) -> step_lib.TrainState:
   has_last = jnp.zeros((), bool)
   return step_lib.TrainState(
     jnp.zeros((), jnp.int32), params, optax.adam(1e-3).init(params), jnp.zeros((77, 4)), has_last,
-    *step_lib.finite_so_far(),
+    jnp.zeros((1, 4)), *step_lib.finite_so_far(),
   )  # fmt: skip
+
+
+def test_a_checkpoint_from_before_the_carried_rows_resumes_with_a_fresh_attack(tmp_path):
+  """Format 2 predates TrainState.last_delta: it restores with the initial state's rows and `has_last` cleared, so
+  a persistent attack's next round starts from random rows, not from rows it never found."""
+  import jax.numpy as jnp
+
+  from advunlearn_jax.training import checkpoint
+
+  workdir = str(tmp_path / "run")
+  mngr = checkpoint.manager(workdir, 5)
+  older = {k: v for k, v in _small_state(1.0)._replace(has_last=jnp.ones((), bool))._asdict().items()}
+  del older["last_delta"]
+  meta = ocp.args.JsonSave({"config": {}, "state_format": 2})
+  mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(older), meta=meta))
+  mngr.wait_until_finished()
+  initial = _small_state(0.0)._replace(last_delta=jnp.full((1, 4), 7.0))
+  state, _ = checkpoint.restore_latest(mngr, initial, {}, workdir)
+  assert not bool(state.has_last)
+  np.testing.assert_array_equal(state.last_delta, np.full((1, 4), 7.0))
+  np.testing.assert_array_equal(state.params["w"], np.ones(4))  # the rest is the checkpoint's
 
 
 def test_a_non_finite_checkpoint_is_refused_as_a_damaged_one(tmp_path, capsys):
@@ -392,7 +489,8 @@ def test_a_non_finite_checkpoint_is_refused_as_a_damaged_one(tmp_path, capsys):
 
   workdir = str(tmp_path / "run")
   mngr = checkpoint.manager(workdir, 5)
-  older = {k: v for k, v in _small_state(1.0)._asdict().items() if k not in ("diverged_at", "diverged_losses")}
+  lacking = ("diverged_at", "diverged_losses", "last_delta")  # format 1
+  older = {k: v for k, v in _small_state(1.0)._asdict().items() if k not in lacking}
   mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(older), meta=ocp.args.JsonSave({"config": {}})))
   checkpoint.save(mngr, 2, _small_state(float("nan")), {"config": {}})
   mngr.wait_until_finished()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -40,6 +39,7 @@ import numpy as np
 import optax
 
 from advunlearn_jax import time_left
+from advunlearn_jax.data import concept_words
 from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
@@ -231,16 +231,17 @@ def validate(cfg: InversionConfig) -> None:
   generation.check_latent_source(cfg.latents, "evaluation.latents")
 
 
-def concept_images(source: str, limit: int, size: int, seed: int = 0, center_crop: bool = True) -> np.ndarray:
+def concept_images(
+  source: str, limit: int, size: int, seed: int = 0, center_crop: bool = True, key: str = "evaluation.inversion.images"
+) -> np.ndarray:
   """uint8 [N, size, size, 3] images of the concept: `tiny_world:VALUE` renders VALUE with the other attributes
   random; otherwise a folder or tfds source (evals/fid.open_images), resized to `size` with PIL bicubic after a
-  centre crop, or squashed whole (`center_crop=False`: CCE's default, esd/concept_inversion.py:546-559)."""
+  centre crop, or squashed whole (`center_crop=False`: CCE's default, esd/concept_inversion.py:546-559). `key`:
+  the config field that named `source` (under config.), for the messages."""
   from PIL import Image
 
   if not source:
-    raise ConfigError(
-      "evaluation.attack=inversion needs evaluation.inversion.images (a folder, tfds:..., tiny_world:VALUE)"
-    )
+    raise ConfigError(f"config.{key} is empty: images of the concept are needed (a folder, tfds:..., tiny_world:VALUE)")
   n = limit if limit > 0 else 64
   if source.startswith(TINY_WORLD):
     from advunlearn_jax.tiny import world
@@ -248,17 +249,17 @@ def concept_images(source: str, limit: int, size: int, seed: int = 0, center_cro
     try:
       kind, index = world.attribute_of(source[len(TINY_WORLD) :])
     except ValueError as e:
-      raise ConfigError(f"evaluation.inversion.images={source!r}: {e}") from e
+      raise ConfigError(f"config.{key}={source!r}: {e}") from e
     rng = np.random.default_rng(seed)
     attrs = world.sample_attributes(rng, n)._replace(**{kind: np.full(n, index)})
     images = world.render(attrs, rng)
     if images.shape[1] != size:
-      raise ConfigError(f"evaluation.inversion.images={source!r} renders {images.shape[1]} px; the model draws {size}")
+      raise ConfigError(f"config.{key}={source!r} renders {images.shape[1]} px; the model draws {size}")
     return (images * 255).round().astype(np.uint8)
   from advunlearn_jax.evals import fid
 
   out = []
-  for image in fid.open_images(source, "evaluation.inversion.images", n):
+  for image in fid.open_images(source, key, n):
     square = Image.fromarray(fid.crop_center(image) if center_crop else image)
     out.append(np.asarray(square.resize((size, size), Image.BICUBIC)))
   return np.stack(out)
@@ -291,15 +292,6 @@ def template_ids(tokenizer, templates: Sequence[str], k: int = 1) -> tuple[np.nd
   return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
-def concept_pattern(words: Sequence[str]) -> re.Pattern:
-  """The concept's words as whole words, case-insensitive (CLIP's tokenizer lowercases), any run of spaces or a
-  hyphen between them, an English plural ending allowed ("triangles", "churches"); the longest first, so
-  "Vincent van Gogh" is replaced whole where "Van Gogh" is also listed."""
-  phrase = lambda w: r"[\s-]+".join(map(re.escape, w.split()))
-  alternatives = "|".join(phrase(w) for w in sorted(words, key=len, reverse=True) if w.strip())
-  return re.compile(rf"(?<!\w)(?:{alternatives})(?:e?s)?(?!\w)", re.IGNORECASE)
-
-
 def prompt_pieces(prompt: str, cfg: InversionConfig) -> list[str]:
   """The prompt's text around the learned tokens' slots. `word`: the token stands where the concept's words
   stood, as CCE trains it (the placeholder in "a painting in the style of {}", esd/concept_inversion.py:533-534)
@@ -309,7 +301,7 @@ def prompt_pieces(prompt: str, cfg: InversionConfig) -> list[str]:
   prompts that name no concept word."""
   if cfg.placement == "prefix":
     return ["", prompt]
-  pieces = concept_pattern(cfg.words).split(prompt)
+  pieces, _ = concept_words.split(prompt, cfg.words)
   if len(pieces) == 1:
     raise ConfigError(
       f"evaluation prompt {prompt[:80]!r} holds none of the concept's words {list(cfg.words)}, where "

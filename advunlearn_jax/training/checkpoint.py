@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from advunlearn_jax import config_lib
 from advunlearn_jax.config_lib import RESUMABLE_FIELDS
 from advunlearn_jax.errors import CheckpointError, ConfigError
 
@@ -26,10 +27,13 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
-# 2: the state carries `diverged_at` and `diverged_losses` (step.TrainState). A checkpoint without the field in its
-# meta predates them; it restores with both as "finite so far", and its tensors are checked instead.
-STATE_FORMAT = 2
-_ADDED_IN_FORMAT_2 = ("diverged_at", "diverged_losses")
+# The state's fields each format added (step.TrainState); a checkpoint says its format in its meta (none: 1). An
+# older one restores with the fields it lacks at the initial state's values:
+#   2: `diverged_at`, `diverged_losses`: "finite so far" (its tensors are checked instead);
+#   3: `last_delta`, the rows `latest` init carries: an older run resumed carries none, so its attack's next round
+#      starts from random rows (`has_last` is cleared with it).
+_ADDED_IN_FORMAT = {2: ("diverged_at", "diverged_losses"), 3: ("last_delta",)}
+STATE_FORMAT = max(_ADDED_IN_FORMAT)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
@@ -67,11 +71,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def check_compatible(saved_config: dict, config: dict, workdir: str) -> None:
+  """Refuses a checkpoint whose config trains something else. A field added to the config since the checkpoint
+  was written (absent from it) is no change while it holds its default, which is what older runs did."""
   saved, now = _flat(saved_config), _flat(config)
+  defaults = _flat(config_dict(config_lib.base_config()))
+  as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731  tuples compare as the JSON lists they become
+  added_at_default = lambda k: k not in saved and k in defaults and as_json(now.get(k)) == defaults[k]  # noqa: E731
   differing = sorted(
     k
     for k in set(saved) | set(now)
-    if k not in RESUMABLE_FIELDS and not k.startswith("evaluation.") and saved.get(k) != now.get(k)
+    if k not in RESUMABLE_FIELDS
+    and not k.startswith("evaluation.")
+    and saved.get(k) != now.get(k)
+    and not added_at_default(k)
   )
   if differing:
     details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differing[:6])
@@ -125,10 +137,14 @@ def _restore_state(mngr: ocp.CheckpointManager, step: int, initial: Any, meta: d
   """Checkpoint `step`'s state laid out as `initial`; a checkpoint of an older format gets `initial`'s values for
   the fields it lacks."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, initial)
-  if meta.get("state_format", 1) >= STATE_FORMAT:
+  saved_format = meta.get("state_format", 1)
+  if saved_format >= STATE_FORMAT:
     return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-  older = {k: v for k, v in abstract._asdict().items() if k not in _ADDED_IN_FORMAT_2}
+  lacking = {name for f, names in _ADDED_IN_FORMAT.items() if f > saved_format for name in names}
+  older = {k: v for k, v in abstract._asdict().items() if k not in lacking}
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(older)))["state"]
+  if "last_delta" in lacking:
+    restored["has_last"] = initial.has_last
   return initial._replace(**restored)
 
 

@@ -12,10 +12,11 @@ import ml_collections
 
 from advunlearn_jax import config_lib
 from advunlearn_jax.convert import diffusers as sd_convert
-from advunlearn_jax.data import tfds_source
+from advunlearn_jax.data import concept_words, tfds_source
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, caption_images, fid, report_kinds
-from advunlearn_jax.unlearn import prompts, retain, trainable, wiring
+from advunlearn_jax.unlearn import attack as attack_lib
+from advunlearn_jax.unlearn import prompts, retain, threats, trainable, wiring
 
 
 def validate(config: ml_collections.ConfigDict) -> wiring.TrainingSections:
@@ -36,13 +37,45 @@ def validate(config: ml_collections.ConfigDict) -> wiring.TrainingSections:
       "config.train.rollout_buckets must be >= 0 (0: 8) and config.train.rollout_rows_per_call >= -1 (0: buckets, "
       f"-1: the measured default), got {t.rollout_buckets} and {t.rollout_rows_per_call}"
     )
-  if config.attack.type not in prompts.ATTACK_TYPES:
-    raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
+  for threat in (config, *threats.member_configs(config)):
+    attack_lib.AttackConfig.from_config(threat.attack)
+    _check_threat_model(threat)
+  if config.attack.restart_every and config.attack.init != "latest":
+    raise ConfigError(
+      f"config.attack.restart_every={config.attack.restart_every} restarts a persistent attack; it needs "
+      f"config.attack.init='latest' (got {config.attack.init!r}), else every round starts from random rows already"
+    )
   _check_retain(config)
   _check_export(config, sections.trained)
   report_kinds.named(config.report.kind)
   _check_utility(config.evaluation)
   return sections
+
+
+def _check_threat_model(config: ml_collections.ConfigDict) -> None:
+  """What the attack section (or an attack.mix member) needs beyond its values: the concept's words in every concept
+  prompt for word_k, the concept's images for the inversion objective."""
+  if config.attack.type not in prompts.ATTACK_TYPES:
+    raise ConfigError(f"config.attack.type is {config.attack.type!r}; valid: {list(prompts.ATTACK_TYPES)}")
+  if config.attack.type == "word_k":
+    _check_word_place(config)
+  if config.attack.objective != "esd" and not (config.attack.images or config.evaluation.inversion.images):
+    raise ConfigError(
+      f"config.attack.objective={config.attack.objective!r} attacks with images of the concept; name them in "
+      "config.attack.images (tiny_world:VALUE, a folder, tfds:...; on SD, images the unerased model generated with "
+      "advunlearn_jax.generate)"
+    )
+
+
+def _check_word_place(config: ml_collections.ConfigDict) -> None:
+  """attack.type=word_k: every concept prompt names the concept, where the adversarial tokens go."""
+  words = wiring.attack_words(config)
+  for prompt in config.concept.prompts:
+    if len(concept_words.split(str(prompt), words)[0]) == 1:
+      raise ConfigError(
+        f"config.concept.prompts: {str(prompt)[:80]!r} holds none of config.attack.words {list(words)}, where "
+        "attack.type=word_k puts the adversarial tokens"
+      )
 
 
 def _check_retain(config: ml_collections.ConfigDict) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -24,7 +25,7 @@ from advunlearn_jax.models.pipeline_record import Pipeline
 from advunlearn_jax.training import checkpoint, distributed, loss_plot, metrics_writer, preview, workdir_lock
 from advunlearn_jax.training.run_exports import Snapshot
 from advunlearn_jax.unlearn import bank as bank_lib
-from advunlearn_jax.unlearn import retain, wiring
+from advunlearn_jax.unlearn import retain, threats, wiring
 from advunlearn_jax.unlearn import step as step_lib
 
 
@@ -91,6 +92,7 @@ class Setup(NamedTuple):
   mesh: jax.sharding.Mesh
   primary: bool  # the one process that writes metrics, grids and exports
   with_previews: bool
+  threats: tuple = ()  # attack.mix: (StepConfig, Frozen) per member (wiring.threat); (): wired's alone
 
 
 class Progress(NamedTuple):
@@ -139,7 +141,10 @@ def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections,
   retain_prompts = retain.from_config(config)
   root = sd_convert.resolve_pretrained(config.model.pretrained)
   with_previews = config.samples.every > 0 and os.path.isdir(os.path.join(root, "vae"))
-  pipe = sd_convert.load_pipeline(root, with_vae=with_previews)
+  members = threats.member_configs(config)
+  with_images = any(c.attack.objective != "esd" for c in (config, *members))
+  pipe = sd_convert.load_pipeline(root, with_vae=with_previews or with_images)
+  tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
   mesh = sharding.make_mesh(devices, sharding.fsdp_size(config.mesh.fsdp, sections.trained.tower, devices))
   wired = wiring.wire(
     config,
@@ -149,16 +154,36 @@ def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections,
     unet_config=pipe.unet_config,
     unet_params=pipe.unet_params,
     schedule=pipe.schedule,
-    tokenizer=tok_lib.load_tokenizer(pipe.tokenizer_dir),
+    tokenizer=tokenizer,
     retain_prompts=retain_prompts,
     mesh=mesh,
+    concept_latents=concept_latents(config, pipe) if with_images else None,
   )
   primary = distributed.is_primary()
   distributed.announce(
     f"training {config.train.method}: {wired.trained_parameters:,} parameters on mesh {dict(mesh.shape)}, "
     f"x_t from {config.train.xt_source}",
   )
-  return Setup(pipe, retain_prompts, wired, mesh, primary, with_previews)
+  members = tuple(wiring.threat(member, wired, tokenizer, mesh) for member in members)
+  return Setup(pipe, retain_prompts, wired, mesh, primary, with_previews, members)
+
+
+def concept_latents(config: ml_collections.ConfigDict, pipe) -> np.ndarray | None:
+  """attack.objective inversion/both (of the run or an attack.mix member): the concept's images (attack.images,
+  else evaluation.inversion.images) as scaled VAE posterior means, encoded once. Means, not CCE's sampled and
+  flipped posteriors: the inner attack sees a fresh t and noise every step, and its images stay the same each
+  round, so a resumed run draws what an uninterrupted one does."""
+  from advunlearn_jax.evals import inversion
+
+  key = "attack.images" if config.attack.images else "evaluation.inversion.images"
+  source = config.attack.images or config.evaluation.inversion.images
+  size = generation.image_size(pipe)
+  images = inversion.concept_images(source, config.attack.max_images, size, seed=config.seed, key=key)
+  means = [
+    generation.encode_means(pipe.vae_config, pipe.vae_params, jnp.asarray(chunk, jnp.float32) / 127.5 - 1.0)
+    for chunk in np.array_split(images, max(1, len(images) // 16))
+  ]
+  return np.asarray(jnp.concatenate(means)) * pipe.vae_config.scaling_factor
 
 
 def restore_or_start(config: ml_collections.ConfigDict, setup: Setup, mngr, workdir: str) -> Progress:
@@ -215,10 +240,16 @@ def loop(
       with_attack = i >= config.train.warmup_iters
       # Warm-up has no adversarial prompt to reuse: one compiled warm-up step whatever the period.
       new_prompt = not with_attack or prompt_update(i, config.train.warmup_iters, config.attack.update_every) == i
-      state, metrics = wiring.train_step(cfg, models, state, frozen, batch, with_attack, new_prompt=new_prompt)
+      threat = threat_of(config, setup, i) if with_attack else None
+      step_cfg, step_frozen = setup.threats[threat] if threat is not None else (cfg, frozen)
+      state, metrics = wiring.train_step(
+        step_cfg, models, state, step_frozen, batch, with_attack, new_prompt=new_prompt
+      )
       done = i + 1
       if done % config.train.log_every == 0 or done == iterations:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if threat is not None:
+          values["threat"] = threat
         if not all(np.isfinite(values[k]) for k in step_lib.LOSS_TERMS):
           ensure_finite(config, mngr, state)  # raises, naming the first non-finite iteration
         now = time.perf_counter()
@@ -282,21 +313,38 @@ def prompt_update(i: int, warmup_iters: int, update_every: int) -> int:
   return warmup_iters if latest < warmup_iters <= i else latest
 
 
+def threat_of(config: ml_collections.ConfigDict, setup: Setup, i: int) -> int | None:
+  """The attack.mix member iteration i (past warm-up) attacks with; None without a mix."""
+  if not setup.threats:
+    return None
+  attack_round_i = attack_round(i, config.train.warmup_iters, config.attack.update_every)
+  return threats.draw(config.seed, attack_round_i, len(setup.threats))
+
+
+def attack_round(i: int, warmup_iters: int, update_every: int) -> int:
+  """Which attack round (0: the first, right after warm-up) iteration i >= warmup_iters uses."""
+  return prompt_update(i, warmup_iters, update_every) // update_every - warmup_iters // update_every
+
+
 def iteration_batch(config, cfg, i: int, root_key, sampler: retain.SamplerState, n_prompts: int):
   """Iteration i's keys and retain prompts, and the sampler after them. Retain mode iter draws a batch for each
   extra step (retain.fresh_per_step, as the reference) or one batch for all of them."""
   draw = lambda sampler: retain.sample(sampler, n_prompts, cfg.retain.batch, config.seed)
   key = jax.random.fold_in(root_key, i)
-  prompt_key = jax.random.fold_in(root_key, prompt_update(i, config.train.warmup_iters, config.attack.update_every))
+  t, a = config.train, config.attack
+  prompt_key = jax.random.fold_in(root_key, prompt_update(i, t.warmup_iters, a.update_every))
+  restart = None
+  if a.restart_every:  # decided here from i alone, so a resumed run restarts where an uninterrupted one does
+    restart = np.asarray(i >= t.warmup_iters and attack_round(i, t.warmup_iters, a.update_every) % a.restart_every == 0)
   if cfg.retain.mode == "reg":
     idx, sampler = draw(sampler)
-    return step_lib.Batch(np.asarray(idx, np.int32), key, prompt_key), sampler
+    return step_lib.Batch(np.asarray(idx, np.int32), key, prompt_key, restart=restart), sampler
   draws = []
   for _ in range(cfg.retain.steps if cfg.retain.fresh_per_step else 1):
     idx, sampler = draw(sampler)
     draws.append(idx)
   iter_idx = np.stack(draws) if len(draws) == cfg.retain.steps else np.repeat(draws[0][None], cfg.retain.steps, 0)
-  return step_lib.Batch(np.zeros((0,), np.int32), key, prompt_key, iter_idx.astype(np.int32)), sampler
+  return step_lib.Batch(np.zeros((0,), np.int32), key, prompt_key, iter_idx.astype(np.int32), restart), sampler
 
 
 def finish(

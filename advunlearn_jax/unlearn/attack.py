@@ -24,6 +24,11 @@ from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.unlearn import prompts
 
 METHODS = ("pgd", "fast_at")
+# What the attack minimises: `esd`, the reference's (the student's noise on the adversarial prompt against the
+# original model's on the concept prompt, at x_t the original rolled out); `inversion`, CCE's (textual inversion's
+# denoising loss on images of the concept, esd/concept_inversion.py:951-980 of NYU-DICE-Lab/circumventing-concept-
+# erasure); `both`, their sum.
+OBJECTIVES = ("esd", "inversion", "both")
 INITS = ("random", "latest")
 EMBEDDINGS = ("word_embd", "condition_embd")
 
@@ -42,6 +47,7 @@ class AttackConfig(NamedTuple):
   norm: str  # l2 | linf
   init: str  # delta's start: random vocabulary rows, or `latest` (the previous round's rows)
   latest_init_quirk: bool  # reference quirk: spec 3.1 - `latest` slices positions 1..k
+  objective: str  # OBJECTIVES
 
   @classmethod
   def from_config(cls, section) -> AttackConfig:
@@ -53,7 +59,7 @@ class AttackConfig(NamedTuple):
 
 class AttackResult(NamedTuple):
   sequence: jax.Array  # [77, D] the adversarial sequence (word embeddings, or conditioning for condition_embd)
-  delta: jax.Array  # [k, D] the final adversarial rows
+  delta: jax.Array  # [k, D] the adversarial rows that built `sequence`
   first_loss: jax.Array
   last_loss: jax.Array
 
@@ -63,6 +69,8 @@ def validate(cfg: AttackConfig) -> None:
     raise ConfigError(f"config.attack.method is {cfg.method!r}; valid: {list(METHODS)}")
   if cfg.embedding not in EMBEDDINGS:
     raise ConfigError(f"config.attack.embedding is {cfg.embedding!r}; valid: {list(EMBEDDINGS)}")
+  if cfg.objective not in OBJECTIVES:
+    raise ConfigError(f"config.attack.objective is {cfg.objective!r}; valid: {list(OBJECTIVES)}")
   if cfg.init not in INITS:
     raise ConfigError(f"config.attack.init is {cfg.init!r}; valid: {list(INITS)}")
   if cfg.norm not in ("l2", "linf"):
@@ -104,7 +112,6 @@ def run(
 
   def body(i, carry):
     delta, opt_state, acc, _, first, _ = carry
-    seq = build(delta)
     point = jax.tree.map(lambda a: a[i], points)
     loss, grad = jax.value_and_grad(lambda d: attack_loss(build(d), point))(delta)
     acc = acc + grad if cfg.accumulate_grad else grad
@@ -115,10 +122,11 @@ def run(
     if cfg.eps > 0:
       new_delta = project(new_delta, delta0, cfg.eps, cfg.norm)
     first = jnp.where(i == 0, loss, first)
-    return new_delta, opt_state, acc, seq, first, loss
+    return new_delta, opt_state, acc, delta, first, loss
 
   zeros = jnp.zeros_like(delta0)
-  init = (delta0, opt.init(delta0), zeros, build(delta0), jnp.zeros(()), jnp.zeros(()))
-  delta, _, _, seq_at_last_step, first, last = jax.lax.fori_loop(0, cfg.steps, body, init)
-  sequence = seq_at_last_step if cfg.return_pre_final else build(delta)
-  return AttackResult(jax.lax.stop_gradient(sequence), jax.lax.stop_gradient(delta), first, last)
+  init = (delta0, opt.init(delta0), zeros, delta0, jnp.zeros(()), jnp.zeros(()))
+  delta, _, _, delta_at_last_step, first, last = jax.lax.fori_loop(0, cfg.steps, body, init)
+  if cfg.return_pre_final:
+    delta = delta_at_last_step
+  return AttackResult(jax.lax.stop_gradient(build(delta)), jax.lax.stop_gradient(delta), first, last)

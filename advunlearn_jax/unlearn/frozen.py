@@ -38,7 +38,9 @@ def build(
   num_tokens: int,
   faithful_word_split: bool,
   schedule: ScheduleConfig,
+  words: Sequence[str] = (),
   ddim_steps: int = 50,
+  concept_latents: np.ndarray | None = None,
 ) -> tuple[Frozen, int]:
   """The Frozen pytree and k (for `add`, the longest concept's length, so one delta shape serves all)."""
   concepts = [str(c).strip() for c in concepts]
@@ -50,11 +52,7 @@ def build(
       raise ConfigError(f"config.concept.prompts: {concept[:40]!r}... has {full} tokens; at most 75 fit in CLIP's 77")
   concept_ids = tok_lib.tokenize(tokenizer, concepts)
   retain_ids = tok_lib.tokenize(tokenizer, list(retain_prompts))
-  lengths = []
-  for concept, ids in zip(concepts, concept_ids):
-    lengths.append(prompts.concept_length(ids, concept, tok_lib.EOT_ID, faithful_word_split))
-  k = max(lengths) if attack_type == "add" else num_tokens
-  layouts = [prompts.layout(attack_type, n, k) for n in lengths]
+  word_index, delta_index, k = layout_maps(tokenizer, concepts, attack_type, num_tokens, faithful_word_split, words)
   uncond_ids = tok_lib.tokenize(tokenizer, [""])
   frozen = Frozen(
     unet=unet_params,
@@ -62,13 +60,30 @@ def build(
     emb_uncond=encode_in_chunks(clip_config, clip_params, uncond_ids)[0],
     concept_ids=jnp.asarray(concept_ids),
     concept_emb=encode_in_chunks(clip_config, clip_params, concept_ids),
-    word_index=jnp.asarray(np.stack([lay.word_index for lay in layouts])),
-    delta_index=jnp.asarray(np.stack([lay.delta_index for lay in layouts])),
+    word_index=jnp.asarray(word_index),
+    delta_index=jnp.asarray(delta_index),
     retain_ids=jnp.asarray(retain_ids),
     retain_emb=encode_in_chunks(clip_config, clip_params, retain_ids),
     tables=ddim.ldm_tables(schedule.alphas_cumprod_ldm(), ddim_steps),
   )
+  if concept_latents is not None:  # attack.objective inversion/both: noised as CCE's diffusers scheduler does
+    alphas = jnp.asarray(schedule.alphas_cumprod_diffusers(), jnp.float32)
+    frozen = frozen._replace(concept_latents=jnp.asarray(concept_latents, jnp.float32), alphas_cumprod=alphas)
   return frozen, k
+
+
+def layout_maps(
+  tokenizer, concepts: Sequence[str], attack_type: str, num_tokens: int, faithful_word_split: bool, words: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, int]:
+  """(word_index [C, 77], delta_index [C, 77], k): each concept prompt's layout (unlearn/prompts.py)."""
+  word_place = attack_type == "word_k"  # in the words' place: BPE tokens, the reference's word split is no layout's
+  lengths, spans = [], []
+  for concept, ids in zip(concepts, tok_lib.tokenize(tokenizer, list(concepts))):
+    lengths.append(prompts.concept_length(ids, concept, tok_lib.EOT_ID, faithful_word_split and not word_place))
+    spans.append(prompts.word_spans(tokenizer, concept, words) if word_place else [])  # checked: config_validation
+  k = max(lengths) if attack_type == "add" else num_tokens
+  layouts = [prompts.layout(attack_type, n, k, s) for n, s in zip(lengths, spans)]
+  return np.stack([lay.word_index for lay in layouts]), np.stack([lay.delta_index for lay in layouts]), k
 
 
 def store_for_compute(frozen: Frozen, models) -> Frozen:

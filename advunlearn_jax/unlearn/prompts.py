@@ -10,6 +10,11 @@ stays 77 long. We compile each layout once, on the host, into two index maps
 so that building a sequence is one gather, jittable, and the same code serves every concept of a run (their
 maps are stacked and chosen by a traced concept index).
 
+`word_k` is not the reference's: it puts the k rows where the concept's words stand inside a longer concept prompt
+("a photo of a <d1..dk>" from "a photo of a triangle"), which is where CCE's learned token stands at test time
+(evals/inversion.py). The reference's `replace_k` drops the whole prompt instead. Its layout needs the words'
+token spans (`spans`), which unlearn/frozen.py finds with the config's `attack.words`.
+
 L is the number of BPE tokens of the concept by default. `faithful_word_split=True` reproduces the reference's
 `len(concept.split())`, which for 'nudity' (nu + dity) and 'tench' (ten + ch) is 1, so the last sub-token
 falls into the dropped slot and the adversarial prompt loses it (spec 8.6).
@@ -17,15 +22,17 @@ falls into the dropped slot and the adversarial prompt loses it (spec 8.6).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from advunlearn_jax.data import concept_words
 from advunlearn_jax.errors import ConfigError
 
-ATTACK_TYPES = ("prefix_k", "suffix_k", "replace_k", "add", "mid_k", "insert_k", "per_k_words")
+ATTACK_TYPES = ("prefix_k", "suffix_k", "replace_k", "add", "mid_k", "insert_k", "per_k_words", "word_k")
 SEQ_LEN = 77
 
 
@@ -43,8 +50,9 @@ def concept_length(ids: np.ndarray, concept: str, eot_id: int, faithful_word_spl
   return int(np.argmax(np.asarray(ids)[1:] == eot_id))
 
 
-def layout(attack_type: str, concept_len: int, k: int) -> Layout:
-  """Index maps for one attack type, concept length L and k adversarial tokens."""
+def layout(attack_type: str, concept_len: int, k: int, spans: Sequence[tuple[int, int]] = ()) -> Layout:
+  """Index maps for one attack type, concept length L and k adversarial tokens. `spans` (word_k only): (start,
+  length) of each occurrence of the concept's words among the prompt's L tokens, in order."""
   if attack_type not in ATTACK_TYPES:
     raise ConfigError(f"config.attack.type is {attack_type!r}; valid: {list(ATTACK_TYPES)}")
   big_l = concept_len
@@ -52,6 +60,8 @@ def layout(attack_type: str, concept_len: int, k: int) -> Layout:
     k = big_l  # additive: one delta per concept token
   if big_l < 1:
     raise ConfigError("the concept tokenizes to nothing; give a non-empty concept")
+  if attack_type == "word_k":
+    return _word_layout(big_l, k, spans)
   if 1 + big_l + k > SEQ_LEN:
     raise ConfigError(
       f"concept of {big_l} tokens plus {k} adversarial tokens does not fit in {SEQ_LEN} positions; "
@@ -83,8 +93,33 @@ def layout(attack_type: str, concept_len: int, k: int) -> Layout:
     for j in range(k - 1):
       body += [("d", j)] + w(mid[3 * j : 3 * j + 3])
     body += [("d", k - 1)] + w(mid[3 * (k - 1) :])
-  entries = [("w", 0)] + body + w(eot)
-  assert len(entries) == SEQ_LEN, (attack_type, len(entries))
+  return _maps([("w", 0)] + body + w(eot), k, big_l)
+
+
+def _word_layout(big_l: int, k: int, spans: Sequence[tuple[int, int]]) -> Layout:
+  """word_k: the prompt's own tokens, each occurrence of the concept's words replaced by the k rows, then the
+  prompt's EOT and padding rows (the last one repeated where the prompt got longer)."""
+  if not spans:
+    raise ConfigError("attack.type=word_k needs the concept's words in every concept prompt (config.attack.words)")
+  body, pos = [("w", 0)], 0
+  for start, n in spans:
+    if start < pos or n < 1 or start + n > big_l:
+      raise ValueError(f"word spans must be ordered, disjoint and inside the prompt's {big_l} tokens: {spans}")
+    body += [("w", r) for r in range(1 + pos, 1 + start)] + [("d", j) for j in range(k)]
+    pos = start + n
+  body += [("w", r) for r in range(1 + pos, 1 + big_l)]
+  if len(body) + 1 > SEQ_LEN:
+    raise ConfigError(
+      f"a concept prompt of {big_l} tokens with {k} adversarial tokens in place of each of its {len(spans)} "
+      f"occurrences of the concept's words needs {len(body) + 1} of {SEQ_LEN} positions; use a smaller "
+      "attack.num_tokens or a shorter prompt"
+    )
+  tail = [("w", min(1 + big_l + j, SEQ_LEN - 1)) for j in range(SEQ_LEN - len(body))]
+  return _maps(body + tail, k, big_l)
+
+
+def _maps(entries: list, k: int, big_l: int) -> Layout:
+  assert len(entries) == SEQ_LEN, len(entries)
   word_index = np.full(SEQ_LEN, -1, np.int32)
   delta_index = np.full(SEQ_LEN, -1, np.int32)
   for p, (kind, value) in enumerate(entries):
@@ -95,6 +130,19 @@ def layout(attack_type: str, concept_len: int, k: int) -> Layout:
     else:
       word_index[p], delta_index[p] = value
   return Layout(word_index, delta_index, k, big_l)
+
+
+def word_spans(tokenizer, prompt: str, words: Sequence[str]) -> list[tuple[int, int]]:
+  """(start, length) among the prompt's BPE tokens of each occurrence of the concept's `words` (word_k's
+  `spans`). CLIP's tokenizer splits words before BPE, so each piece tokenises as it does inside the prompt."""
+  pieces, found = concept_words.split(prompt, words)
+  count = lambda text: len(tokenizer(text.strip(), add_special_tokens=False)["input_ids"]) if text.strip() else 0
+  spans, pos = [], 0
+  for piece, occurrence in zip(pieces, found):
+    pos += count(piece)
+    spans.append((pos, count(occurrence)))
+    pos += count(occurrence)
+  return spans
 
 
 def build_sequence(word_embeds: jax.Array, delta: jax.Array, word_index: jax.Array, delta_index: jax.Array):

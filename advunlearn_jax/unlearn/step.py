@@ -73,14 +73,21 @@ class Frozen(NamedTuple):
   retain_ids: jax.Array  # [N, 77]
   retain_emb: jax.Array  # [N, 77, D] E_o(c_r)
   tables: ddim.DDIMTables
+  # attack.objective inversion/both: the concept's images as scaled VAE latents [M, h, w, c], and the training
+  # schedule's alphas_cumprod [T] that noises them; None: the reference's objective alone.
+  concept_latents: jax.Array | None = None
+  alphas_cumprod: jax.Array | None = None
 
 
 class TrainState(NamedTuple):
   step: jax.Array
   params: dict  # flat {path: leaf}: the trained leaves only
   opt_state: Any
-  last_sequence: jax.Array  # [77, D] the latest adversarial sequence (for `latest` init)
+  last_sequence: jax.Array  # [77, D] the latest adversarial sequence (the defender's between updates)
   has_last: jax.Array  # bool
+  # [k, D] the adversarial rows that built last_sequence: `latest` init carries them to the next round, whichever
+  # concept prompt (and so which layout) that round draws.
+  last_delta: jax.Array
   # The first iteration (1-based, as the step count after it) at which a loss term was not finite, 0 while none
   # was, and the LOSS_TERMS then: carried on the device, so the loop reads it only before it writes a checkpoint
   # or an export, never once per step.
@@ -97,6 +104,8 @@ class Batch(NamedTuple):
   prompt_key: jax.Array | None = None
   # retain mode iter: [retain.steps, retain.batch] each extra step's prompts; None: `retain_idx` for every step.
   iter_retain_idx: jax.Array | None = None
+  # attack.restart_every > 0: whether this round's attack starts from random rows again (a bool); None: never.
+  restart: jax.Array | None = None
 
 
 class Models(NamedTuple):
@@ -125,6 +134,9 @@ class IterationPoints(NamedTuple):
 
 
 KEY_NAMES = ("concept", "attack", "init", "t", "noise_c", "noise_r", "iter")
+# The inversion objective's draws come from keys['attack'] folded with this, not from a new name in KEY_NAMES,
+# which would move every other key (and every run measured so far).
+INVERSION_STREAM = 2**31 - 1
 # The defender's loss terms, whose finiteness the state carries (TrainState.diverged_at). The attack's loss needs
 # no check of its own: a non-finite adversarial prompt makes the defender's loss non-finite in the same step.
 LOSS_TERMS = ("loss", "loss_unlearn", "loss_retain")
@@ -144,6 +156,7 @@ def init_state(cfg: StepConfig, models: Models, frozen: Frozen, bank: bank_lib.B
     optimizer(cfg).init(params),
     jnp.zeros((77, d)),
     jnp.zeros((), bool),
+    jnp.zeros((cfg.num_tokens, d)),
     *finite_so_far(),
     bank,
   )
@@ -347,9 +360,9 @@ def frozen_predictions(cfg: StepConfig, models: Models, frozen: Frozen, points, 
 # ---------------------------------------------------------------------------------------------- 4. attack
 
 
-def _initial_delta(cfg, models, state, frozen, keys, c, text_p, base, layout) -> jax.Array:
+def _initial_delta(cfg, models, state, frozen, keys, c, text_p, restart) -> jax.Array:
   """delta's start: k random vocabulary rows (their conditioning rows for condition_embd), or with `latest` the
-  previous round's adversarial rows once there is one."""
+  previous round's adversarial rows once there is one, unless this round `restart`s (attack.restart_every)."""
   encode = _encode(models)
   token_table = _token_table(frozen)
   k = cfg.num_tokens
@@ -364,12 +377,42 @@ def _initial_delta(cfg, models, state, frozen, keys, c, text_p, base, layout) ->
   if cfg.attack.latest_init_quirk:
     latest = prompts.initial_rows_from_sequence(state.last_sequence, k)
   else:
-    latest = prompts.delta_from_sequence(state.last_sequence, base, *layout, k)
-  return jnp.where(state.has_last, latest, random_init)
+    latest = state.last_delta
+  carry = state.has_last if restart is None else state.has_last & ~restart
+  return jnp.where(carry, latest, random_init)
+
+
+class InversionPoints(NamedTuple):
+  """One row per attack step: textual inversion's noised image of the concept, its t and its noise (the target)."""
+
+  x_t: jax.Array  # [steps, h, w, c]
+  t: jax.Array  # [steps] int32, uniform over the training schedule
+  noise: jax.Array  # [steps, h, w, c]
+
+
+def inversion_points(cfg: StepConfig, frozen: Frozen, keys: dict) -> InversionPoints:
+  """Step i's image (uniform over the concept's), t and noise, from fold_in(keys['attack'], INVERSION_STREAM): as
+  CCE's loss draws them (esd/concept_inversion.py:951-980), one image per step."""
+  k_image, k_t, k_noise = jax.random.split(jax.random.fold_in(keys["attack"], INVERSION_STREAM), 3)
+  steps, latents, alphas = cfg.attack.steps, frozen.concept_latents, frozen.alphas_cumprod
+  x_0 = latents[jax.random.randint(k_image, (steps,), 0, latents.shape[0])]
+  t = jax.random.randint(k_t, (steps,), 0, alphas.shape[0])
+  noise = jax.random.normal(k_noise, x_0.shape)
+  a = alphas[t][:, None, None, None]
+  return InversionPoints(jnp.sqrt(a) * x_0 + jnp.sqrt(1 - a) * noise, t, noise)
 
 
 def attack(
-  cfg: StepConfig, models: Models, state: TrainState, frozen: Frozen, keys: dict, c, text_theta, unet_theta, point
+  cfg: StepConfig,
+  models: Models,
+  state: TrainState,
+  frozen: Frozen,
+  keys: dict,
+  c,
+  text_theta,
+  unet_theta,
+  point,
+  restart: jax.Array | None = None,
 ) -> attack_lib.AttackResult:
   """The adversarial sequence against the current student (frozen during the attack). Step i sees `point`'s
   i-th (x_t, t_ddpm, e_p)."""
@@ -382,12 +425,22 @@ def attack(
   # rebuilds it (spec 3.3), here it follows the current encoder, so the defender still trains through the clean rows.
   in_condition = cfg.attack.embedding == "condition_embd"
   base = encode(text_p, words_c[None])[0] if in_condition else words_c
-  delta0 = _initial_delta(cfg, models, state, frozen, keys, c, text_p, base, layout)
+  delta0 = _initial_delta(cfg, models, state, frozen, keys, c, text_p, restart)
+
+  objective = cfg.attack.objective
+  if objective != "esd":
+    point = (*point, inversion_points(cfg, frozen, keys))
 
   def loss(seq, p):
-    x_t, t_ddpm, e_p = p
     cond = seq[None] if in_condition else encode(text_p, seq[None])
-    return mse(unet(unet_p, x_t[None], t_ddpm[None], cond), e_p[None])
+    total = jnp.zeros(())
+    if objective != "inversion":  # the reference's: the original's noise on the concept at x_t it rolled out
+      x_t, t_ddpm, e_p = p[:3]
+      total += mse(unet(unet_p, x_t[None], t_ddpm[None], cond), e_p[None])
+    if objective != "esd":  # CCE's: the noise that made the concept's image x_t
+      x_t, t, noise = p[3]
+      total += mse(unet(unet_p, x_t[None], t[None], cond), noise[None])
+    return total
 
   return attack_lib.run(cfg.attack, delta0, base, *layout, loss, point)
 
@@ -501,9 +554,9 @@ def train_step(
   adv_delta = None
   if attacking:
     point = (xs[0], points.attack.t_ddpm, targets.attack_e_p)
-    result = attack(cfg, models, state, frozen, keys, c, text_theta, unet_theta, point)
+    result = attack(cfg, models, state, frozen, keys, c, text_theta, unet_theta, point, batch.restart)
     metrics.update(attack_loss_first=result.first_loss, attack_loss_last=result.last_loss)
-    state = state._replace(last_sequence=result.sequence, has_last=jnp.ones((), bool))
+    state = state._replace(last_sequence=result.sequence, has_last=jnp.ones((), bool), last_delta=result.delta)
   if with_attack:  # the sequence just searched, or between updates the latest one
     prompt_seq = state.last_sequence
     if cfg.attack.embedding == "condition_embd":

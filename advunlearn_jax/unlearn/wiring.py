@@ -6,6 +6,7 @@ Models, its Frozen inputs, and the one jitted step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -91,6 +92,15 @@ def step_config(
   )
 
 
+def attack_words(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The concept's words where attack.type=word_k puts the adversarial tokens: attack.words, else the words CCE's
+  token replaces at test time (evaluation.inversion.words), else the concept prompts themselves."""
+  for words in (config.attack.words, config.evaluation.inversion.words, config.concept.prompts):
+    if any(str(w).strip() for w in words):
+      return tuple(str(w) for w in words if str(w).strip())
+  return ()
+
+
 class Wiring(NamedTuple):
   cfg: step_lib.StepConfig
   models: step_lib.Models
@@ -110,12 +120,14 @@ def wire(
   tokenizer,
   retain_prompts: Sequence[str],
   mesh: Mesh | None = None,
+  concept_latents=None,
 ) -> Wiring:
   """Everything the step reads, from a run config, its typed sections (config_validation.validate's) and the original
   weights.
 
   With a `mesh`, the frozen weights are laid out on it (sharded as the mesh's fsdp axis says) and the rest of
-  Frozen replicated; without one they stay where they are (one device)."""
+  Frozen replicated; without one they stay where they are (one device). `concept_latents`: the concept's images
+  as scaled VAE latents, for attack.objective inversion/both (train.concept_latents)."""
   frozen, num_tokens = frozen_lib.build(
     clip_config=clip_config,
     clip_params=clip_params,
@@ -127,6 +139,8 @@ def wire(
     num_tokens=config.attack.num_tokens,
     faithful_word_split=config.attack.faithful_word_split,
     schedule=schedule,
+    words=attack_words(config),
+    concept_latents=concept_latents,
     ddim_steps=config.diffusion.ddim_steps,
   )
   trained = sections.trained
@@ -146,6 +160,23 @@ def wire(
   return Wiring(
     step_config(config, sections, num_tokens, unet_config), models, frozen, trainable.count(tower_params, mask)
   )
+
+
+def threat(member: ml_collections.ConfigDict, wired: Wiring, tokenizer, mesh: Mesh | None = None) -> tuple:
+  """(StepConfig, Frozen) of one attack.mix member (unlearn/threats.py): the run's, with the member's attack
+  settings and its concept prompts' layouts; the frozen weights and encodings are the run's own arrays."""
+  a = member.attack
+  concepts = [str(c).strip() for c in member.concept.prompts]
+  words = attack_words(member)
+  word_index, delta_index, k = frozen_lib.layout_maps(
+    tokenizer, concepts, a.type, a.num_tokens, a.faithful_word_split, words
+  )
+  assert k == wired.cfg.num_tokens, (k, wired.cfg.num_tokens)  # threats.MIXABLE keeps k the run's
+  maps = {"word_index": jnp.asarray(word_index), "delta_index": jnp.asarray(delta_index)}
+  if mesh is not None:
+    maps = sharding.replicate(maps, mesh)
+  cfg = dataclasses.replace(wired.cfg, attack=attack_lib.AttackConfig.from_config(a))
+  return cfg, wired.frozen._replace(**maps)
 
 
 def _placed(tree: Any, mesh: Mesh, sharded: bool, abstract: bool) -> Any:
