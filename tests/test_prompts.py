@@ -151,6 +151,12 @@ def test_word_k_puts_the_tokens_where_the_concepts_words_stand(tokenizer):
   ]  # fmt: skip
   # A word split into sub-tokens is replaced whole.
   assert prompts.word_spans(tokenizer, "a photo of nudity", ("nudity",)) == [(3, 2)]
+  # Punctuation beside the word keeps the pieces' tokens the prompt's own; a quote that CLIP's pre-tokenizer reads as
+  # a contraction ("'t" + "riangle") leaves no tokens of the word to replace, and is refused rather than misplaced.
+  assert prompts.word_spans(tokenizer, "a triangle's (triangle)-shaped corner", ("triangle",)) == [(1, 1), (4, 1)]
+  for quoted in ("a 'triangle' on paper", "the 'scream' by munch", "a 'dog' running"):
+    with pytest.raises(ConfigError, match="joins the concept's words"):
+      prompts.word_spans(tokenizer, quoted, ("triangle", "scream", "dog"))
   with pytest.raises(ConfigError, match="needs the concept's words"):
     prompts.layout("word_k", 4, 1)
   with pytest.raises(ConfigError, match="needs 78 of 77 positions"):

@@ -263,6 +263,13 @@ def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
     (["attack.mix=('type=prepend',)"], r"config.attack.type is 'prepend'; valid: \['prefix_k'"),
     (["attack.mix=('objective=inversion',)"], "objective='inversion' attacks with images of the concept"),
     (["attack.mix=('steps=zero',)"], r"config.attack.mix\[0\]: attack.steps"),
+    (["attack.mix=('lr=-1',)"], r"config.attack.mix\[0\] = 'lr=-1': config.attack.lr must be > 0, got -1"),
+    (["attack.type=add", "attack.mix=('type=prefix_k',)"], "type=add sets k to the concept's length"),
+    (["attack.mix=('objective = inversion',)"], r"'objective' is no field=value \(no spaces around '='\)"),
+    (
+      ["attack.mix=('', 'type=word_k')", "attack.words=('nudity', 'church')", "attack.init=latest"],
+      r"latest_init_quirk=True starts each round from positions 1..k of the last sequence, which attack types",
+    ),
     (
       ["retain.dataset=", "retain.prompts=('a photo of a dog',)", "retain.batch=1", "bank.refresh_retain=2"],
       "refresh_retain \\(2\\) exceeds",
@@ -273,6 +280,20 @@ def test_bad_config_values(pipeline_dir, tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
     run(tiny_config(pipeline_dir, *overrides), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_issue_49s_image_sources_are_checked_before_any_weights_load(pipeline_dir):
+  """The inversion objective's images are read after the pipeline loads (train.concept_latents); what a source can
+  fail without reading it, validation says first."""
+  from advunlearn_jax.training import config_validation
+
+  for source, message in (
+    ("/no/such", "config.attack.images: image folder '/no/such' does not exist"),
+    ("tiny_world:hexagon", "config.attack.images='tiny_world:hexagon': 'hexagon' is not a tiny-world value"),
+    ("tfds:coco", "config.attack.images is 'tfds:coco': expected tfds:NAME"),
+  ):
+    with pytest.raises(ConfigError, match=message):
+      config_validation.validate(tiny_config(pipeline_dir, "attack.mix=('objective=both',)", f"attack.images={source}"))
 
 
 def test_bad_retain_csv_and_concepts(pipeline_dir, tmp_path):
@@ -369,6 +390,15 @@ def test_resume_guard_allows_evaluation_and_report_changes_only():
   checkpoint.check_compatible(saved, now, "/w")
   with pytest.raises(ConfigError, match=r"attack.words: None -> \('church',\)"):
     checkpoint.check_compatible(saved, tiny_config("/pipe", "attack.words=('church',)").to_dict(), "/w")
+  # With attack.words (attack.images) empty, word_k (the inversion objective) trains on evaluation.inversion.words
+  # (images): a change there is a change of what is trained; a run that reads neither may still change them.
+  words, images = "evaluation.inversion.words=('nudity',)", "evaluation.inversion.images=tiny_world:star"
+  for attack, changed in ((("attack.type=word_k",), words), (("attack.mix=('objective=both',)",), images)):
+    with pytest.raises(ConfigError, match=changed.split("=")[0]):
+      checkpoint.check_compatible(
+        tiny_config("/pipe", *attack).to_dict(), tiny_config("/pipe", *attack, changed).to_dict(), "/w"
+      )
+    checkpoint.check_compatible(tiny_config("/pipe").to_dict(), tiny_config("/pipe", changed).to_dict(), "/w")
 
 
 def _state_files(checkpoint_dir):
@@ -477,6 +507,17 @@ def test_a_checkpoint_from_before_the_carried_rows_resumes_with_a_fresh_attack(t
   assert not bool(state.has_last)
   np.testing.assert_array_equal(state.last_delta, np.full((1, 4), 7.0))
   np.testing.assert_array_equal(state.params["w"], np.ones(4))  # the rest is the checkpoint's
+  # A run whose `latest` init slices last_sequence (the reference's quirk) never read the rows: it carries on as before.
+  quirky = {"attack": {"latest_init_quirk": True}}
+  mngr.save(
+    2,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(older), meta=ocp.args.JsonSave({"config": quirky, "state_format": 2})
+    ),
+  )
+  mngr.wait_until_finished()
+  state, _ = checkpoint.restore_latest(mngr, initial, quirky, workdir)
+  assert bool(state.has_last)
 
 
 def test_a_non_finite_checkpoint_is_refused_as_a_damaged_one(tmp_path, capsys):

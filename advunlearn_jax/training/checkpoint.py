@@ -31,7 +31,7 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 # older one restores with the fields it lacks at the initial state's values:
 #   2: `diverged_at`, `diverged_losses`: "finite so far" (its tensors are checked instead);
 #   3: `last_delta`, the rows `latest` init carries: an older run resumed carries none, so its attack's next round
-#      starts from random rows (`has_last` is cleared with it).
+#      starts from random rows (`has_last` is cleared with it), unless its latest_init_quirk reads last_sequence.
 _ADDED_IN_FORMAT = {2: ("diverged_at", "diverged_losses"), 3: ("last_delta",)}
 STATE_FORMAT = max(_ADDED_IN_FORMAT)
 
@@ -70,6 +70,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _evaluation_fields_trained_on(flat: dict) -> set[str]:
+  """The evaluation fields the attack reads in place of its own empty ones: evaluation.inversion.words for word_k
+  (wiring.attack_words), evaluation.inversion.images for the inversion objective (train.concept_latents)."""
+  attack = " ".join(str(flat.get(f"attack.{k}", "")) for k in ("type", "objective", "mix"))
+  out = set()
+  if "word_k" in attack and not flat.get("attack.words"):
+    out.add("evaluation.inversion.words")
+  if ("inversion" in attack or "both" in attack) and not flat.get("attack.images"):
+    out.add("evaluation.inversion.images")
+  return out
+
+
 def check_compatible(saved_config: dict, config: dict, workdir: str) -> None:
   """Refuses a checkpoint whose config trains something else. A field added to the config since the checkpoint
   was written (absent from it) is no change while it holds its default, which is what older runs did."""
@@ -77,11 +89,12 @@ def check_compatible(saved_config: dict, config: dict, workdir: str) -> None:
   defaults = _flat(config_dict(config_lib.base_config()))
   as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731  tuples compare as the JSON lists they become
   added_at_default = lambda k: k not in saved and k in defaults and as_json(now.get(k)) == defaults[k]  # noqa: E731
+  trained_on = _evaluation_fields_trained_on(now)
   differing = sorted(
     k
     for k in set(saved) | set(now)
     if k not in RESUMABLE_FIELDS
-    and not k.startswith("evaluation.")
+    and (not k.startswith("evaluation.") or k in trained_on)
     and saved.get(k) != now.get(k)
     and not added_at_default(k)
   )
@@ -143,7 +156,10 @@ def _restore_state(mngr: ocp.CheckpointManager, step: int, initial: Any, meta: d
   lacking = {name for f, names in _ADDED_IN_FORMAT.items() if f > saved_format for name in names}
   older = {k: v for k, v in abstract._asdict().items() if k not in lacking}
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(older)))["state"]
-  if "last_delta" in lacking:
+  # Without the rows, `latest` init has nothing to carry, unless the run slices them from last_sequence (the
+  # reference's quirk, which the checkpoint holds): that run resumes as it would have before format 3.
+  quirk = meta.get("config", {}).get("attack", {}).get("latest_init_quirk", False)
+  if "last_delta" in lacking and not quirk:
     restored["has_last"] = initial.has_last
   return initial._replace(**restored)
 

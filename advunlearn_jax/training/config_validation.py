@@ -7,6 +7,7 @@ weights load or anything compiles (main, population for every member before the 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import ml_collections
 
@@ -14,7 +15,8 @@ from advunlearn_jax import config_lib
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.data import concept_words, tfds_source
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import attacks, caption_images, fid, report_kinds
+from advunlearn_jax.evals import attacks, caption_images, fid, inversion, report_kinds
+from advunlearn_jax.tiny import world
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import prompts, retain, threats, trainable, wiring
 
@@ -37,9 +39,19 @@ def validate(config: ml_collections.ConfigDict) -> wiring.TrainingSections:
       "config.train.rollout_buckets must be >= 0 (0: 8) and config.train.rollout_rows_per_call >= -1 (0: buckets, "
       f"-1: the measured default), got {t.rollout_buckets} and {t.rollout_rows_per_call}"
     )
-  for threat in (config, *threats.member_configs(config)):
+  members = threats.member_configs(config)
+  for threat in (config, *members):
     attack_lib.AttackConfig.from_config(threat.attack)
     _check_threat_model(threat)
+  types = {threat.attack.type for threat in members or [config]}  # with a mix, its members alone attack
+  mixed_places = len(types) > 1 and not types <= {"prefix_k", "replace_k"}  # the layouts that hold delta at 1..k
+  if config.attack.init == "latest" and config.attack.latest_init_quirk and ("word_k" in types or mixed_places):
+    # The reference's quirk is kept for its own layouts alone; on word_k, or across a mix, it would carry words.
+    raise ConfigError(
+      f"config.attack.init='latest' with config.attack.latest_init_quirk=True starts each round from positions 1..k "
+      f"of the last sequence, which attack types {sorted(types)} do not all hold the adversarial rows in; set "
+      "config.attack.latest_init_quirk=False to carry the rows themselves"
+    )
   if config.attack.restart_every and config.attack.init != "latest":
     raise ConfigError(
       f"config.attack.restart_every={config.attack.restart_every} restarts a persistent attack; it needs "
@@ -65,6 +77,22 @@ def _check_threat_model(config: ml_collections.ConfigDict) -> None:
       "config.attack.images (tiny_world:VALUE, a folder, tfds:...; on SD, images the unerased model generated with "
       "advunlearn_jax.generate)"
     )
+  if config.attack.objective != "esd":
+    key = "attack.images" if config.attack.images else "evaluation.inversion.images"
+    _check_image_source(config.attack.images or config.evaluation.inversion.images, key)
+
+
+def _check_image_source(source: str, key: str) -> None:
+  """What a source of images can fail without reading it (train.concept_latents reads it after the weights)."""
+  if source.startswith(inversion.TINY_WORLD):
+    try:
+      world.attribute_of(source[len(inversion.TINY_WORLD) :])
+    except ValueError as e:
+      raise ConfigError(f"config.{key}={source!r}: {e}") from None
+  elif tfds_source.is_tfds(source):
+    tfds_source.parse(source, key)
+  elif not os.path.isdir(source):
+    raise ConfigError(f"config.{key}: image folder {source!r} does not exist")
 
 
 def _check_word_place(config: ml_collections.ConfigDict) -> None:

@@ -134,14 +134,22 @@ def _maps(entries: list, k: int, big_l: int) -> Layout:
 
 def word_spans(tokenizer, prompt: str, words: Sequence[str]) -> list[tuple[int, int]]:
   """(start, length) among the prompt's BPE tokens of each occurrence of the concept's `words` (word_k's
-  `spans`). CLIP's tokenizer splits words before BPE, so each piece tokenises as it does inside the prompt."""
+  `spans`). CLIP's tokenizer splits words before BPE, so each piece tokenises as it does inside the prompt, except
+  where its pre-tokenizer joins a word to the text beside it: "'t" + "riangle" in "a 'triangle'" (its contractions
+  's 't 'd 'm 're 've 'll), refused, since no span of the prompt's tokens is the word there."""
   pieces, found = concept_words.split(prompt, words)
-  count = lambda text: len(tokenizer(text.strip(), add_special_tokens=False)["input_ids"]) if text.strip() else 0
-  spans, pos = [], 0
-  for piece, occurrence in zip(pieces, found):
-    pos += count(piece)
-    spans.append((pos, count(occurrence)))
-    pos += count(occurrence)
+  ids = lambda text: list(tokenizer(text.strip(), add_special_tokens=False)["input_ids"]) if text.strip() else []
+  piece_ids, word_ids = [ids(p) for p in pieces], [ids(w) for w in found]
+  spans, joined = [], []
+  for piece, word in zip(piece_ids, word_ids):
+    spans.append((len(joined) + len(piece), len(word)))
+    joined += piece + word
+  if found and joined + piece_ids[-1] != ids(prompt):
+    raise ConfigError(
+      f"config.concept.prompts: in {prompt[:80]!r} CLIP's tokenizer joins the concept's words {found} to the text "
+      "beside them (a quote before a word that starts as 's 't 'd 'm 're 've 'll do reads as that contraction), so "
+      "attack.type=word_k has no tokens of its own to replace; write the prompt without the quote"
+    )
   return spans
 
 

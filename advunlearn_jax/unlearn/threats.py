@@ -26,15 +26,22 @@ def member_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Con
   for i, text in enumerate(config.attack.mix):
     items = str(text).split()
     for item in items:
-      name = item.partition("=")[0]
+      name, equals, _ = item.partition("=")
+      if not equals or not name:  # "objective = inversion" splits into three items
+        raise ConfigError(f"config.attack.mix[{i}] = {text!r}: {item!r} is no field=value (no spaces around '=')")
       if name not in MIXABLE:
         raise ConfigError(
           f"config.attack.mix[{i}] = {text!r}: {name!r} cannot differ between threat models; a member sets "
           f"{list(MIXABLE)}, each as field=value"
         )
     member = config_lib.override(config, [f"attack.{item}" for item in items], where=f"config.attack.mix[{i}]: ")
-    if member.attack.type == "add":
+    if "add" in (member.attack.type, config.attack.type):  # the run's k would be add's, not attack.num_tokens
       raise ConfigError(f"config.attack.mix[{i}] = {text!r}: type=add sets k to the concept's length; mix it alone")
+    try:  # the ranges the run's own section is held to (a member's lr=-1 would climb its loss)
+      config_lib.check_finite(member)
+      config_lib.check_ranges(member)
+    except ConfigError as e:
+      raise ConfigError(f"config.attack.mix[{i}] = {text!r}: {e}") from None
     out.append(member)
   return out
 
