@@ -168,6 +168,9 @@ def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections,
   return Setup(pipe, retain_prompts, wired, mesh, primary, with_previews, members)
 
 
+TRAINING_IMAGES_STREAM = 2**20
+
+
 def concept_latents(config: ml_collections.ConfigDict, pipe) -> np.ndarray | None:
   """attack.objective inversion/both (of the run or an attack.mix member): the concept's images (attack.images,
   else evaluation.inversion.images) as scaled VAE posterior means, encoded once. Means, not CCE's sampled and
@@ -178,7 +181,10 @@ def concept_latents(config: ml_collections.ConfigDict, pipe) -> np.ndarray | Non
   key = "attack.images" if config.attack.images else "evaluation.inversion.images"
   source = config.attack.images or config.evaluation.inversion.images
   size = generation.image_size(pipe)
-  images = inversion.concept_images(source, config.attack.max_images, size, seed=config.seed, key=key)
+  # Squashed whole, as CCE loads its images (center_crop=False), and rendered from a stream of their own: the tiny
+  # world's renders at the run's seed are the ones the evaluation's CCE trains on.
+  seed = TRAINING_IMAGES_STREAM + config.seed
+  images = inversion.concept_images(source, config.attack.max_images, size, seed=seed, center_crop=False, key=key)
   means = [
     generation.encode_means(pipe.vae_config, pipe.vae_params, jnp.asarray(chunk, jnp.float32) / 127.5 - 1.0)
     for chunk in np.array_split(images, max(1, len(images) // 16))
