@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -231,6 +232,26 @@ def validate(cfg: InversionConfig) -> None:
   generation.check_latent_source(cfg.latents, "evaluation.latents")
 
 
+def check_image_source(source: str, key: str = "evaluation.inversion.images") -> None:
+  """What a source of concept images can fail without reading one: empty, a value the tiny world lacks, a malformed
+  tfds: name, a folder that does not exist. Validation calls it before any weights load; concept_images again."""
+  from advunlearn_jax.data import tfds_source
+
+  if not source:
+    raise ConfigError(f"config.{key} is empty: images of the concept are needed (a folder, tfds:..., tiny_world:VALUE)")
+  if source.startswith(TINY_WORLD):
+    from advunlearn_jax.tiny import world
+
+    try:
+      world.attribute_of(source[len(TINY_WORLD) :])
+    except ValueError as e:
+      raise ConfigError(f"config.{key}={source!r}: {e}") from None
+  elif tfds_source.is_tfds(source):
+    tfds_source.parse(source, key)
+  elif not os.path.isdir(source):
+    raise ConfigError(f"config.{key}: image folder {source!r} does not exist")
+
+
 def concept_images(
   source: str, limit: int, size: int, seed: int = 0, center_crop: bool = True, key: str = "evaluation.inversion.images"
 ) -> np.ndarray:
@@ -240,16 +261,12 @@ def concept_images(
   the config field that named `source` (under config.), for the messages."""
   from PIL import Image
 
-  if not source:
-    raise ConfigError(f"config.{key} is empty: images of the concept are needed (a folder, tfds:..., tiny_world:VALUE)")
+  check_image_source(source, key)
   n = limit if limit > 0 else 64
   if source.startswith(TINY_WORLD):
     from advunlearn_jax.tiny import world
 
-    try:
-      kind, index = world.attribute_of(source[len(TINY_WORLD) :])
-    except ValueError as e:
-      raise ConfigError(f"config.{key}={source!r}: {e}") from e
+    kind, index = world.attribute_of(source[len(TINY_WORLD) :])
     rng = np.random.default_rng(seed)
     attrs = world.sample_attributes(rng, n)._replace(**{kind: np.full(n, index)})
     images = world.render(attrs, rng)

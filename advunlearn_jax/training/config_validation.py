@@ -7,7 +7,6 @@ weights load or anything compiles (main, population for every member before the 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import ml_collections
 
@@ -16,7 +15,6 @@ from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.data import concept_words, tfds_source
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, caption_images, fid, inversion, report_kinds
-from advunlearn_jax.tiny import world
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import prompts, retain, threats, trainable, wiring
 
@@ -79,20 +77,7 @@ def _check_threat_model(config: ml_collections.ConfigDict) -> None:
     )
   if config.attack.objective != "esd":
     key = "attack.images" if config.attack.images else "evaluation.inversion.images"
-    _check_image_source(config.attack.images or config.evaluation.inversion.images, key)
-
-
-def _check_image_source(source: str, key: str) -> None:
-  """What a source of images can fail without reading it (train.concept_latents reads it after the weights)."""
-  if source.startswith(inversion.TINY_WORLD):
-    try:
-      world.attribute_of(source[len(inversion.TINY_WORLD) :])
-    except ValueError as e:
-      raise ConfigError(f"config.{key}={source!r}: {e}") from None
-  elif tfds_source.is_tfds(source):
-    tfds_source.parse(source, key)
-  elif not os.path.isdir(source):
-    raise ConfigError(f"config.{key}: image folder {source!r} does not exist")
+    inversion.check_image_source(config.attack.images or config.evaluation.inversion.images, key)
 
 
 def _check_word_place(config: ml_collections.ConfigDict) -> None:

@@ -433,14 +433,14 @@ def attack(
 
   def loss(seq, p):
     cond = seq[None] if in_condition else encode(text_p, seq[None])
-    total = jnp.zeros(())
+    rows = []  # (x_t, t, target) of each term, through one UNet call
     if objective != "inversion":  # the reference's: the original's noise on the concept at x_t it rolled out
-      x_t, t_ddpm, e_p = p[:3]
-      total += mse(unet(unet_p, x_t[None], t_ddpm[None], cond), e_p[None])
+      rows.append(p[:3])
     if objective != "esd":  # CCE's: the noise that made the concept's image x_t
-      x_t, t, noise = p[3]
-      total += mse(unet(unet_p, x_t[None], t[None], cond), noise[None])
-    return total
+      rows.append(tuple(p[3]))
+    x_t, t, target = (jnp.stack(parts) for parts in zip(*rows))
+    eps = unet(unet_p, x_t, t, jnp.broadcast_to(cond, (len(rows), *cond.shape[1:])))
+    return sum(mse(eps[i], target[i]) for i in range(len(rows)))
 
   return attack_lib.run(cfg.attack, delta0, base, *layout, loss, point)
 
