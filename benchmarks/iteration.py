@@ -33,9 +33,11 @@ runs (the GPU check times each mode in its own process) and prints the ratios.
 `--no_torch` skips the PyTorch baseline (it needs torch + diffusers + transformers). On GPUs its fp32 matmuls
 run in TF32, the arithmetic of JAX's default precision there, so the ratio compares like with like
 (`--torch_matmul_precision=highest`: PyTorch's own default, as the reference runs). Bank build time is reported
-separately: it is paid once per run, not per iteration. MFU counts the UNet rows computed times one UNet
-forward's FLOPs from XLA's cost analysis (a backward pass as two forwards; the text encoder, under 3% of the UNet
-at SD size, left out); peak: `--peak_tflops`, default the H200's dense 989 (bf16) and 494 (fp32 as TF32) on GPUs.
+separately: it is paid once per run, not per iteration. TFLOP/s and MFU count the step's own matmuls and
+convolutions from its jaxpr (benchmarks/flops.py: both towers, every backward pass as differentiation writes it),
+the rollout's loop at the UNet calls the step measured and the bank's renewal once per period; not XLA's cost
+analysis of the compiled program, which on GPUs leaves out what runs in cuBLAS and cuDNN (docs/scaling.md); peak:
+`--peak_tflops`, default the H200's dense 989 (bf16) and 494 (fp32 as TF32) on GPUs.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from advunlearn_jax.testing import tiny_models  # noqa: E402
 from advunlearn_jax.unlearn import bank as bank_lib  # noqa: E402
 from advunlearn_jax.unlearn import retain, wiring  # noqa: E402
 from advunlearn_jax.unlearn import step as step_lib  # noqa: E402
-from benchmarks import setups, torch_unet  # noqa: E402
+from benchmarks import flops, setups, torch_unet  # noqa: E402
 
 JAX_MODES = ("online_sequential", "online", "bank", "bank_renewing")
 MODES = ("pytorch", *JAX_MODES)
@@ -76,7 +78,8 @@ BANK_TRAJECTORIES = 8
 @dataclasses.dataclass
 class Cost:
   """One iteration's UNet work: calls in sequence, rows computed and rows needed (batch-1 forward = 1 row; CFG
-  steps count both halves; a backward pass counts as two forwards)."""
+  steps count both halves; a backward pass counts as two forwards), for the calls and the FLOP efficiency (a
+  ratio); the FLOPs themselves are counted from the step (`step_flops`)."""
 
   calls: float
   computed: float
@@ -240,7 +243,7 @@ class Harness:
 STEP = wiring.train_step
 
 
-def time_jax(s: Harness, mode: str, fwd_flops: float, peak: float | None) -> dict:
+def time_jax(s: Harness, mode: str, peak: float | None) -> dict:
   args, cfg = s.args, s.step_config(mode)
   bank = None
   if cfg.xt_source == "bank":
@@ -270,7 +273,7 @@ def time_jax(s: Harness, mode: str, fwd_flops: float, peak: float | None) -> dic
   calls, computed, useful = np.mean(rollouts, axis=0)
   rest = loss_cost(args.attack_steps, cfg.concept_batch, args.retain_batch, *s.renewal_cost(cfg))
   cost = Cost(calls + rest.calls, 2 * computed + rest.computed, 2 * useful + rest.useful)  # CFG: two rows a step
-  tflops = cost.computed * fwd_flops / per_it / 1e12
+  tflops = step_flops(s, cfg, state, batch(0), 2 * computed) / per_it / 1e12  # CFG: two rows
   stats = jax.devices()[0].memory_stats() or {}
   peak_gib = stats.get("peak_bytes_in_use", 0) / 2**30
   mfu = f"MFU {tflops / peak:.1%}" if peak else "MFU n/a (no peak for this backend)"
@@ -284,17 +287,26 @@ def time_jax(s: Harness, mode: str, fwd_flops: float, peak: float | None) -> dic
   return {"s_per_iter": per_it, "sequential_unet_calls": cost.calls, "flop_efficiency": cost.useful / cost.computed}
 
 
-def unet_forward_flops(s: Harness) -> float:
+def step_flops(s: Harness, cfg: step_lib.StepConfig, state, batch, rollout_rows: float) -> float:
+  """One iteration's FLOPs, counted from the step's jaxpr (benchmarks/flops.py): what runs every iteration; the
+  rollout's loops as the UNet rows they computed (`rollout_rows`, counted in the step), each one UNet forward; and
+  the bank's renewal (the step's one cond) once every `refresh_every` iterations."""
+  parts = flops.jaxpr_parts(STEP.trace(cfg, s.models, state, s.frozen, batch, True).jaxpr.jaxpr)
+  if len(parts.branches) > (cfg.xt_source == "bank"):
+    raise ValueError(f"the step holds {len(parts.branches)} conds with matmuls; only the bank's renewal was expected")
+  renewal = max(parts.branches[0]) / cfg.bank.refresh_every if parts.branches else 0.0
+  return parts.fixed + rollout_rows * unet_row_flops(s) + renewal
+
+
+def unet_row_flops(s: Harness) -> float:
+  """One UNet forward at batch 1, from its jaxpr."""
   unet = unet_lib.UNet2DConditionModel(s.unet_cfg)
   args = (
-    jnp.zeros((1, s.hw, s.hw, 4)),
-    jnp.zeros((1,), jnp.int32),
-    jnp.zeros((1, 77, s.unet_cfg.cross_attention_dim)),
+    jax.ShapeDtypeStruct((1, s.hw, s.hw, 4), jnp.float32),
+    jax.ShapeDtypeStruct((1,), jnp.int32),
+    jax.ShapeDtypeStruct((1, 77, s.unet_cfg.cross_attention_dim), jnp.float32),
   )
-  compiled = jax.jit(lambda p, *a: unet.apply({"params": p}, *a)).lower(s.unet_params, *args).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
-  return float(cost.get("flops", 0.0)) if cost else 0.0
+  return flops.count(lambda p, *a: unet.apply({"params": p}, *a), s.unet_params, *args)
 
 
 def main(argv=None):
@@ -343,14 +355,13 @@ def main(argv=None):
           {"target": args.target, "size": args.size, "method": args.method, "dtype": args.dtype, **memory}, f, indent=1
         )
     return memory
-  fwd_flops = unet_forward_flops(s) if set(args.modes) & set(JAX_MODES) else 0.0
   peak = args.peak_tflops or (setups.H200_PEAK_TFLOPS[args.dtype] if jax.default_backend() == "gpu" else None)
   results = {}
   for mode in args.modes:
     if mode == "pytorch":
       results[mode] = time_torch(s)
     else:
-      results[mode] = time_jax(s, mode, fwd_flops, peak)
+      results[mode] = time_jax(s, mode, peak)
   return report(results, args.json)
 
 

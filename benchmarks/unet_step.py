@@ -17,8 +17,10 @@ default precision does, unless `--torch_matmul_precision=highest`) and prints th
 every JAX row.
 
 Peak memory: XLA's compiled memory analysis (arguments + outputs + temporaries) on every backend, and the
-allocator's peak on GPUs. MFU: XLA's FLOP count over time, against the chip's dense peak for the dtype
-(`--peak_tflops`, default H200: 989 bf16, 494 fp32-as-TF32).
+allocator's peak on GPUs. MFU: the step's matmul and convolution FLOPs counted from its jaxpr (benchmarks/flops.py;
+with remat, the recomputed forward included), over time, against the chip's dense peak for the dtype
+(`--peak_tflops`, default H200: 989 bf16, 494 fp32-as-TF32). Not XLA's cost analysis: on GPUs it leaves out what
+runs in cuBLAS and cuDNN.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
 from advunlearn_jax.testing import tiny_models  # noqa: E402
+from benchmarks import flops as flop_count  # noqa: E402
 from benchmarks import setups, torch_unet  # noqa: E402
 
 
@@ -76,9 +79,7 @@ def measure(config, params, batch, dtype, remat, wrt, iters, latent):
   compiled_bytes = None
   if mem is not None:
     compiled_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  flops = flop_count.count(jax.value_and_grad(loss, argnums=argnum), params, ctx)
   loss = float(jax.block_until_ready(compiled(params, ctx))[0])  # warm-up
   times = []
   for _ in range(iters):
