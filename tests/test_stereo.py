@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from advunlearn_jax import config_lib
 from advunlearn_jax.configs import tiny_stereo
+from advunlearn_jax.convert import clip_text as clip_convert
+from advunlearn_jax.convert import torch_layout
+from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.evals import inversion
+from advunlearn_jax.models import unet as unet_lib
+from advunlearn_jax.testing import tiny_models
 from advunlearn_jax.training import stereo_runs
 from advunlearn_jax.unlearn import stereo, trainable
 
@@ -59,6 +68,119 @@ def test_noxattn_linear_is_their_rule():
   assert not trainable.unet_selects(cross, "noxattn_linear")
   assert not trainable.unet_selects("down_blocks.0.resnets.0.norm1.weight", "noxattn_linear")
   assert not trainable.unet_selects("conv_norm_out.bias", "noxattn_linear")
+
+
+# ---------------------------------------------------------------------------------------------- vs the original
+
+_LR = 1e-3
+# STE at g = 3, not their 2: at 2 the target is e_0 and e_p would go untested; REO at their 2.
+_GUIDANCE = {"ste": 3.0, "reo": 2.0}
+
+
+@pytest.fixture(scope="module")
+def micro_pair():
+  """The tests' micro UNet and CLIP (testing/tiny_models.py configs), random in diffusers/transformers
+  (tests/torch_oracles.py) and converted to Flax; the row of one learned token (REO's second erase concept)
+  appended to the torch table as `stereo_runs.Encoder.token` places it."""
+  from tests import torch_oracles
+
+  torch = torch_oracles.torch
+  diffusers = pytest.importorskip("diffusers")
+  torch.manual_seed(0)
+  t_unet = diffusers.UNet2DConditionModel.from_config(tiny_models.UNET.to_diffusers_dict()).eval()
+  torch_oracles._perturb(t_unet)
+  unet_params = torch_layout.torch_to_flax(
+    torch_oracles.state_numpy(t_unet), unet_lib.abstract_params(tiny_models.UNET), list_names=unet_lib.LIST_NAMES,
+    source="micro",
+  )  # fmt: skip
+  t_clip = torch_oracles.torch_clip(tiny_models.CLIP, seed=1)
+  clip_params = clip_convert.params_from_state_dict(torch_oracles.state_numpy(t_clip), tiny_models.CLIP, "micro")
+  token = np.random.default_rng(7).normal(size=tiny_models.CLIP.hidden_size).astype(np.float32)
+  vocab = tiny_models.CLIP.vocab_size
+  t_clip.resize_token_embeddings(vocab + 1, mean_resizing=False)
+  with torch.no_grad():
+    t_clip.get_input_embeddings().weight[vocab] = torch.from_numpy(token)
+  return clip_params, unet_params, t_unet, t_clip, token
+
+
+# The draws' key: i = 8 DDIM steps of rollout (a longer one costs the oracle ~0.3 s a step on 2 busy cores).
+_KEY = 15
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("stage", stereo.STAGES)
+def test_erase_step_matches_a_transcription_of_the_original(stage, micro_pair):
+  """One step of each stage on the same micro model, x_T, i and prompts: our jitted erase_step against
+  tests/stereo_torch.py (utils/stereo.py's loop body, apg.py's targets, FineTunedModel's noxattn, torch AdamW),
+  fp32, matmuls at `highest` (conftest). Tolerances:
+  * loss rtol 1e-4: it is the mean square of differences of near-equal predictions (~1e-4 on this random
+    model), so fp32 rounding reaches 2e-5 of it on some seeds;
+  * gradients (Adam's first moment, 0.1 g in both) atol 1e-4 x the leaf's largest |g|;
+  * weights after the step atol 1e-3 lr where |g| >= 1e-6 (100 eps: there the first AdamW step moves a weight by
+    lr g / (|g| + eps), lr to 1e-2). Where |g| < 1e-6 (~6% of the entries) that ratio turns the gradients'
+    rounding (~1e-9) into a good part of lr: only the first step's bound, 2 lr apart, is checked there."""
+  import torch
+
+  from tests import stereo_torch
+
+  clip_params, unet_params, t_unet, t_clip, token = micro_pair
+  tokenizer = tok_lib.load_tokenizer()
+  words = {"uncond": "", "concept": "triangle", "anchor": "a photo of a circle"}
+  ids = {k: tok_lib.tokenize(tokenizer, [v])[0] for k, v in words.items()}
+  ids["token"], which = inversion.slotted_ids(tokenizer, ["", ""], 1, placeholder=tiny_models.CLIP.vocab_size)
+  assert list(which[:3]) == [-1, 0, -1]  # BOS, the learned row, EOS: the token alone as the prompt
+
+  # ---- ours
+  encoder = stereo_runs.Encoder(types.SimpleNamespace(text_config=tiny_models.CLIP, text_params=clip_params), tokenizer)
+  uncond, concept, anchor = (encoder.prompt(words[k]) for k in ("uncond", "concept", "anchor"))
+  learned = encoder.token(token)
+  if stage == "ste":
+    conds = {"uncond": uncond, "erase": concept}
+  else:  # REO's erase concepts: the concept, then the token; this step samples the token (stereo.py:403)
+    conds = {"uncond": uncond, "erase": learned, "negatives": jnp.stack([concept, learned]), "anchor": anchor}
+  cfg = stereo.EraseConfig(stage, _LR, 1e-2, _GUIDANCE[stage], 3.0, 50, (8, 8, 4))
+  before, rest = trainable.split(unet_params, trainable.unet_mask(unet_params, "noxattn_linear"))
+  params = jax.tree.map(jnp.copy, before)  # erase_step donates them
+  alphas = jnp.asarray(tiny_models.SCHEDULE.alphas_cumprod_diffusers(), jnp.float32)
+  key = jax.random.key(_KEY)
+  unet = unet_lib.UNet2DConditionModel(tiny_models.UNET)
+  opt_state = stereo.optimizer(cfg).init(params)
+  new, opt_state, metrics = stereo.erase_step(cfg, unet, params, opt_state, rest, unet_params, conds, alphas, key)
+  first_moment = optax.tree_utils.tree_get(opt_state, "mu")
+
+  # ---- theirs, fed the draws our step made (erase_step: split, randint, normal)
+  k_i, k_x = jax.random.split(key)
+  i = int(jax.random.randint(k_i, (), 1, 49))
+  assert int(metrics["i"]) == i == 8 and int(metrics["t"]) == 1000 - 20 * i
+  noise = torch.from_numpy(np.asarray(jax.random.normal(k_x, (1, 8, 8, 4))).transpose(0, 3, 1, 2).copy())
+  tids = {k: torch.from_numpy(np.asarray(v, np.int64))[None] for k, v in ids.items()}
+  diffuser = stereo_torch.StableDiffuser(t_unet, t_clip)
+  finetuner = stereo_torch.FineTunedModel(diffuser)
+  opt = stereo_torch.optimizer(finetuner, _LR)
+  if stage == "ste":
+    loss = stereo_torch.ste_step(diffuser, finetuner, opt, tids["concept"], tids["uncond"], i, noise, 3.0)
+  else:
+    erase_ids = [tids["concept"], tids["token"]]
+    loss = stereo_torch.reo_step(
+      diffuser, finetuner, opt, erase_ids, 1, tids["anchor"], tids["uncond"], i, noise, _GUIDANCE[stage]
+    )
+  np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-4)
+
+  # ---- the trained leaves, gradients and weights, leaf by leaf in diffusers' names
+  to_torch = lambda flat: torch_layout.flax_to_torch(trainable.merge(flat, rest), list_names=unet_lib.LIST_NAMES)
+  ours_g, ours_w, ours_w0 = to_torch(first_moment), to_torch(new), to_torch(before)
+  modules = finetuner.ft_modules.items()
+  theirs = {f"{name.removeprefix('unet.')}.{leaf}": p for name, m in modules for leaf, p in m.named_parameters()}
+  assert set(theirs) == {torch_layout.torch_key(tuple(k.split("/")), unet_lib.LIST_NAMES) for k in before}
+  for k, p in theirs.items():
+    g = opt.state[p]["exp_avg"].numpy()
+    np.testing.assert_allclose(ours_g[k], g, atol=1e-4 * np.abs(g).max(), rtol=0, err_msg=k)
+    small = np.abs(g) < 1e-7  # 0.1 |grad| < 1e-7
+    w = p.detach().numpy()
+    np.testing.assert_allclose(ours_w[k][~small], w[~small], atol=1e-3 * _LR, rtol=0, err_msg=k)
+    np.testing.assert_allclose(ours_w[k][small], w[small], atol=2 * _LR, rtol=0, err_msg=k)
+  moved = max(float(np.abs(ours_w[k] - ours_w0[k]).max()) for k in theirs)
+  assert moved > 0.5 * _LR  # the step moved the weights far beyond the tolerance
 
 
 def _config(*items):
