@@ -234,7 +234,7 @@ class _Fakes:
     if r == self.fail_at_round:
       raise KeyboardInterrupt(f"interrupted in round {r}")
     d = pipe.text_params["embeddings"]["token_embedding"]["embedding"].shape[-1]
-    return jnp.zeros((1, d)), lambda e, a, b: (e + r + 1.0, jnp.float32(0.1))
+    return jnp.zeros((1, d)), lambda e, a, b: (e + (r + 1.0) * (a == 0), jnp.float32(0.1))  # once a round
 
 
 def _leaf(params):
@@ -256,6 +256,7 @@ def test_rounds_carry_the_unet_and_collect_one_token_each(tmp_path, monkeypatch)
     np.testing.assert_allclose(token, r + 1.0)
     np.testing.assert_array_equal(_leaf(params), _leaf(original) + r + 1.0)
   assert os.path.isdir(result["unet"]) and os.path.isdir(result["pipeline"])
+  assert stereo_runs.steady_seconds(str(tmp_path), _config()) > 0  # every stage timed
   # a finished run, rerun: nothing is trained again
   fakes.calls.clear()
   stereo_runs.run(_config(), str(tmp_path), show_progress=False)
@@ -274,4 +275,7 @@ def test_interrupted_round_resumes_from_the_last_finished_one(tmp_path, monkeypa
   fakes = _Fakes(monkeypatch)
   stereo_runs.run(_config(), str(tmp_path), show_progress=False)
   assert [c[0] for c in fakes.calls] == ["ste", "reo"]  # round 0 not run again
+  with open(tmp_path / "stereo" / stereo_runs.TIMING) as f:  # each stage timed once, the resumed ones included
+    stages = [json.loads(line)["stage"] for line in f]
+  assert stages == ["ste_erase_0", "ste_inversion_0", "ste_erase_1", "ste_inversion_1", "reo"]
   np.testing.assert_array_equal(_leaf(fakes.calls[0][1]), _leaf(original) + 1.0)  # round 1 from round 0's UNet

@@ -11,13 +11,16 @@ first `adv_concepts` tokens together, one anchor sentence per step (both stratif
 State: workdir/stereo/state.json (written atomically after each round and after REO) names what is done; a rerun
 resumes after the last finished round (an interrupted round runs again from the previous round's weights) and
 refuses a workdir whose state was written under another config. The final UNet: workdir/unet and
-workdir/pipeline (run_exports.write), as an ESD-style run writes them.
+workdir/pipeline (run_exports.write), as an ESD-style run writes them. Each finished stage (a round's erase, its
+inversion, REO) appends its wall seconds and its first step's to workdir/stereo/timing.jsonl, whence
+`steady_seconds`, the training time without compilation that the benchmarks compare.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -36,6 +39,7 @@ from advunlearn_jax.training import checkpoint, run_exports, workdir_lock
 from advunlearn_jax.unlearn import stereo, trainable
 
 STATE = "state.json"
+TIMING = "timing.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -203,6 +207,45 @@ def load_round(workdir: str, r: int) -> tuple[dict, np.ndarray]:
   return params, token
 
 
+class StageClock:
+  """A stage's wall seconds and its first step's (which compiles, when the program is new to the process)."""
+
+  def __init__(self, name: str, steps: int):
+    self.name, self.steps, self.t0, self.first, self.seconds = name, steps, time.perf_counter(), None, None
+
+  def step(self, i: int, metrics: dict) -> None:
+    """erase's log callback: waits for step 0 to finish (dispatch is asynchronous) to time it."""
+    if i == 0:
+      jax.block_until_ready(metrics)
+      self.first = time.perf_counter() - self.t0
+
+  def stop(self, result: Any) -> None:
+    jax.block_until_ready(result)
+    self.seconds = time.perf_counter() - self.t0
+
+  def record(self, workdir: str) -> None:
+    """After the stage's state is written: a stage recorded is never run again, one in progress never recorded."""
+    line = {"stage": self.name, "steps": self.steps, "seconds": self.seconds, "first_step_seconds": self.first}
+    with open(os.path.join(workdir, "stereo", TIMING), "a") as f:
+      f.write(json.dumps(line) + "\n")
+
+
+def steady_seconds(workdir: str, config: ml_collections.ConfigDict) -> float:
+  """The run's training seconds without compilation: per stage, the mean seconds of its steps after the first,
+  times its steps (a one-step stage counts whole). Raises if a stage of a finished run has no record."""
+  with open(os.path.join(workdir, "stereo", TIMING)) as f:
+    records = {r["stage"]: r for r in map(json.loads, f)}
+  expected = [f"{k}_{r}" for r in range(config.stereo.rounds) for k in ("ste_erase", "ste_inversion")] + ["reo"]
+  missing = [name for name in expected if name not in records]
+  if missing:
+    raise ValueError(f"{workdir}/stereo/{TIMING} has no record of {missing}")
+  total = 0.0
+  for r in map(records.get, expected):
+    rest = r["seconds"] - r["first_step_seconds"]
+    total += rest / (r["steps"] - 1) * r["steps"] if r["steps"] > 1 else r["seconds"]
+  return total
+
+
 # ---------------------------------------------------------------------------------------------- stages
 
 
@@ -274,20 +317,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
       rng = np.random.default_rng(s.seed)
       picks = rng.integers(0, len(erased), s.iterations)
       schedule = [{"uncond": uncond, "erase": erased[j]} for j in picks]
-      params = erase(ste_cfg, unet, params, rest, pipe.unet_params, schedule, key, alphas)
+      erase_clock = StageClock(f"ste_erase_{r}", s.iterations)
+      params = erase(ste_cfg, unet, params, rest, pipe.unet_params, schedule, key, alphas, log=erase_clock.step)
+      erase_clock.stop(params)
       # dataset.py: round r trains on images [r * N // R, (r + 1) * N // R)
       per = max(1, len(images) // s.rounds)
       start = (r * per) % len(images)
       share = np.concatenate([images, images])[start : start + per]
       attacked = pipe._replace(unet_params=trainable.merge(params, rest))
+      ti_clock = StageClock(f"ste_inversion_{r}", s.ti_steps)
       embeds, advance = inversion.trainer(attacked, tokenizer, None, None, share, inversion_config(config), s.seed)
-      embeds, loss = advance(embeds, 0, s.ti_steps)
+      embeds, loss = advance(embeds, 0, 1)  # the first step alone, timed: it compiles
+      ti_clock.step(0, embeds)
+      if s.ti_steps > 1:
+        embeds, loss = advance(embeds, 1, s.ti_steps)
+      ti_clock.stop(embeds)
       token = np.asarray(embeds[0])
       tokens.append(token)
       os.makedirs(_round_dir(workdir, r), exist_ok=True)
       _save_npz(os.path.join(_round_dir(workdir, r), "unet.npz"), params)
       _save_npz(os.path.join(_round_dir(workdir, r), "token.npz"), {"token": token})
       write_state(workdir, config, r + 1, False)
+      erase_clock.record(workdir)
+      ti_clock.record(workdir)
       losses[f"ti_round_{r}"] = float(loss)
       say(f"STEREO round {r}: token learned (denoising loss {float(loss):.4f})")
 
@@ -304,14 +356,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
         {"uncond": uncond, "erase": negatives[e], "negatives": stacked, "anchor": encoded_anchors[a]}
         for e, a in zip(erase_idx, anchor_idx)
       ]
-      last = {}
+      last, clock = {}, StageClock("reo", s.iterations)
       params = erase(
         erase_config(config, pipe, "reo"), unet, original_params, rest, pipe.unet_params, schedule, key, alphas,
-        log=lambda i, m: last.update(loss=m["loss"]),
+        log=lambda i, m: (clock.step(i, m), last.update(loss=m["loss"])),
       )  # fmt: skip
+      clock.stop(params)
       losses["reo_last"] = float(last["loss"])
       run_exports.write(outputs_dir, pipe, "unet", trainable.merge(params, rest))
       write_state(workdir, config, s.rounds, True)
+      clock.record(workdir)
     table = pipe.text_params["embeddings"]["token_embedding"]["embedding"]
     learned = [inversion.nearest_words(tokenizer, t[None], np.asarray(table)) for t in tokens]
   return {
