@@ -7,7 +7,9 @@ Budgets scaled to the tiny world, as configs/tiny.py scales AdvUnlearn's (its lr
 learning rates x100 (ste 5e-4, reo 2e-3; their ratio 1:4 kept), 200 iterations per erase as theirs, 500 inversion
 steps a round (the tiny world's CCE converges within 500, benchmarks/inversion_budget_tiny.py) on 32 rendered
 images. The rest is theirs (config_lib's stereo section). Anchors: the tiny world has no anchor file; REO anchors
-on the retain prompts (the world's prompts that do not name the concept).
+on the retain prompts (the world's prompts that do not name the concept). The `stereo` row of the tiny table,
+`python benchmarks/erasure_tiny.py --methods=stereo`, is this config (docs/training.md, "STEREO, as its authors
+run it").
 """
 
 from advunlearn_jax.configs import tiny
