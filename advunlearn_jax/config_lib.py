@@ -317,6 +317,35 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.latest_init_quirk = True  # reference quirk: spec 3.1 - `latest` slices positions 1..k
   c.attack.eps = 0.0  # > 0: project delta onto an eps-ball around its init (true PGD)
   c.attack.norm = "l2"  # l2 | linf, for eps > 0
+
+  # STEREO (Srivatsan et al., CVPR 2025) as koushiksrivats/robust-concept-erasing at 86f124f runs it
+  # (training/stereo_runs.py): enabled, `main` runs its two stages instead of AdvUnlearn, on concept.prompts.
+  c.stereo = ml_collections.ConfigDict()
+  c.stereo.enabled = False
+  # README's --train_method noxattn as their utils/utils.py FineTunedModel reads it: every Linear/Conv2d outside
+  # cross-attention, no norms (our `noxattn` is the CompVis ESD rule; trainable.py)
+  c.stereo.method = "noxattn_linear"
+  c.stereo.rounds = 2  # --n_iterations: the README's command (train.py:24 defaults to 4)
+  c.stereo.iterations = 200  # --iterations, train.py:14: each STE round's erase and REO alike (stereo.py:518, :569)
+  c.stereo.ste_lr = 0.5e-5  # train.py:16
+  c.stereo.reo_lr = 2e-5  # train.py:17
+  c.stereo.weight_decay = 1e-2  # torch AdamW's default (stereo.py:31, :371)
+  c.stereo.negative_guidance = 2.0  # train.py:15; with APG's eta 1 the STE target is then e_0 (unlearn/stereo.py)
+  c.stereo.compositional_guidance = 2.0  # train.py:28 and the README's command
+  c.stereo.start_guidance = 3.0  # the x_t rollout's CFG, stereo.py:68, :431
+  c.stereo.sample_steps = 50  # nsteps, stereo.py:24, :361
+  c.stereo.adv_concepts = 2  # --num_of_adv_concepts: the README's command (train.py:33 defaults to 4); 0: none
+  c.stereo.anchors = ()  # REO's anchor prompts; (): anchor_file[concept.prompts[0]]
+  c.stereo.anchor_file = ""  # their utils/anchor_prompts.json ({concept: [sentences]}; nudity only)
+  # The gallery textual inversion learns from (folder, tfds:..., tiny_world:VALUE): README, 500 images SD 1.4
+  # drew of "A photo of a nude person" (generate_images.py); split between the rounds (utils/dataset.py).
+  c.stereo.images = ""
+  c.stereo.max_images = 500
+  c.stereo.ti_steps = 3000  # --ti_max_train_steps, train.py:19
+  c.stereo.ti_lr = 5e-3  # --ci_lr, train.py:18 (scale_lr x batch 1, stereo.py:192-195)
+  c.stereo.initializer = ""  # --initializer_token, required (README: person)
+  c.stereo.templates = "object"  # --learnable_property (README: object)
+  c.stereo.seed = 42  # train.py:40; stereo.py:19-22 reseeds every stage with it
   return c
 
 

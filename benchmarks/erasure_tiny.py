@@ -3,11 +3,12 @@
   python benchmarks/erasure_tiny.py                  # triangle + striped, 3 seeds, in benchmarks/results/tiny_tables
   python benchmarks/erasure_tiny.py --out=/tmp/smoke --seeds=0 --concepts=triangle --iterations=20 --quick
 
-For each concept and seed, the rows of METHODS, each configs/tiny.py with one change, on the faithful path
-(online rollouts): `esd` is the paper's ESD (the UNet without cross-attention, no attack, no retain term);
-`advunlearn` is AdvUnlearn on the text encoder; `esd_text_retain` is the same text-encoder run as AdvUnlearn
-without its attack (warm-up covers every iteration), the controlled comparison this table used to make, and
-`bank` AdvUnlearn on the renewing trajectory bank. Every model is attacked on the same cases (the
+For each concept and seed, the rows of METHODS, each its config file (configs/tiny.py unless it names another)
+with one change, on the faithful path (online rollouts): `esd` is the paper's ESD (the UNet without
+cross-attention, no attack, no retain term); `advunlearn` is AdvUnlearn on the text encoder; `esd_text_retain` is
+the same text-encoder run as AdvUnlearn without its attack (warm-up covers every iteration), the controlled
+comparison this table used to make; `bank` AdvUnlearn on the renewing trajectory bank; `stereo` STEREO as its
+authors run it (configs/tiny_stereo.py, docs/training.md). Every model is attacked on the same cases (the
 concept's evaluation prompts, each at as many seeds as --prompts needs) by UnlearnDiffAtk and by the published
 concept inversion (CCE) checkpointed at --inversion_budgets steps; retain accuracy is the judge's recognition of
 the other values of the concept's attribute. Then the plug-and-play check: the tiny UNet is fine-tuned further with its
@@ -32,6 +33,8 @@ import json
 import os
 import sys
 import time
+from types import ModuleType
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -40,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import configs.tiny as tiny_config  # noqa: E402
+import configs.tiny_stereo as tiny_stereo_config  # noqa: E402
 from advunlearn_jax import config_lib, rates  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import classifiers, found_prompts, prompt_sets, robustness  # noqa: E402
@@ -47,15 +51,22 @@ from advunlearn_jax.tiny import judge as judge_lib  # noqa: E402
 from advunlearn_jax.tiny import quality as tiny_quality  # noqa: E402
 from advunlearn_jax.tiny import training as tiny_training  # noqa: E402
 from advunlearn_jax.tiny import world  # noqa: E402
-from advunlearn_jax.training import runs  # noqa: E402
+from advunlearn_jax.training import runs, stereo_runs  # noqa: E402
 
-# row -> (erasure method: "esd" never attacks, "advunlearn" attacks after warm-up; overrides on configs/tiny.py)
+
+class Row(NamedTuple):
+  method: str  # "esd" never attacks, "advunlearn" attacks after warm-up, "stereo" runs its own two stages
+  overrides: tuple[str, ...]  # on the base config
+  base: ModuleType = tiny_config  # the config file: its get_config(concept)
+
+
 FAITHFUL = ("train.xt_source=online",)
 METHODS = {
-  "esd": ("esd", (*FAITHFUL, "train.method=noxattn", "retain.weight=0.0")),
-  "advunlearn": ("advunlearn", FAITHFUL),
-  "esd_text_retain": ("esd", FAITHFUL),
-  "bank": ("advunlearn", ("train.xt_source=bank",)),
+  "esd": Row("esd", (*FAITHFUL, "train.method=noxattn", "retain.weight=0.0")),
+  "advunlearn": Row("advunlearn", FAITHFUL),
+  "esd_text_retain": Row("esd", FAITHFUL),
+  "bank": Row("advunlearn", ("train.xt_source=bank",)),
+  "stereo": Row("stereo", (), tiny_stereo_config),
 }
 TEXT_ROWS = ("advunlearn", "esd_text_retain", "bank")  # what can be plugged into another UNet
 OUT = os.path.join(ROOT, "benchmarks", "results", "tiny_tables")  # shared with ablations_tiny.py
@@ -68,14 +79,22 @@ def cases(concept: str, n: int) -> list:
   return prompt_sets.inline(prompts[:n], ev.seed, ev.guidance)
 
 
-def run_config(concept: str, method: str, seed: int, iterations: int, overrides: list[str]):
-  """configs/tiny.py for `concept` with `overrides` ("section.field=value", as --config.section.field=value on
-  the command line, config_lib.override), shortened to `iterations` when given."""
-  config = tiny_config.get_config(concept)
+def run_config(concept: str, method: str, seed: int, iterations: int, overrides: list[str], base=tiny_config):
+  """`base`'s config (configs/tiny.py by default) for `concept` with `overrides` ("section.field=value", as
+  --config.section.field=value on the command line, config_lib.override), shortened to `iterations` when given:
+  AdvUnlearn's iterations, or STEREO's erase steps per stage and inversion steps per round. STEREO reseeds
+  every stage with stereo.seed (their 42, stereo.py:19-22): seed k runs it at 42 + k, so seed 0 is theirs."""
+  config = base.get_config(concept)
   config.seed = seed
   config = config_lib.override(config, overrides)
   config.samples.every = 0
   config.report.kind = ""
+  if method == "stereo":
+    config.stereo.seed += seed
+    if iterations:
+      config.stereo.iterations = iterations
+      config.stereo.ti_steps = min(config.stereo.ti_steps, iterations)
+    return config
   if iterations:
     config.train.iterations = iterations
     config.train.warmup_iters = min(config.train.warmup_iters, iterations // 5)
@@ -257,12 +276,16 @@ def train_once(workdir: str, config) -> dict:
   """Trains (or resumes) the run and keeps its record, `train.json`: the wall seconds (only when one call
   trained it start to finish) and the steady seconds without compilation."""
 
+  stereo = config.stereo.enabled  # its own stages, state and timing (training/stereo_runs.py)
+
   def timed():
-    resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    progress = os.path.join(workdir, "stereo", stereo_runs.STATE) if stereo else os.path.join(workdir, "checkpoints")
+    resumed = os.path.exists(progress)
     t0 = time.perf_counter()
     runs.run(config, workdir, show_progress=False)
     seconds = None if resumed else time.perf_counter() - t0
-    return {"seconds": seconds, "steady_seconds": steady_train_seconds(workdir, config)}
+    steady = stereo_runs.steady_seconds(workdir, config) if stereo else steady_train_seconds(workdir, config)
+    return {"seconds": seconds, "steady_seconds": steady}
 
   return cached_json(os.path.join(workdir, "train.json"), timed)
 
@@ -391,7 +414,7 @@ def main():
   parser.add_argument("--out", default=OUT, help="where runs and their JSON pieces are kept (shared with ablations)")
   parser.add_argument("--concepts", default="triangle,striped")
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--iterations", type=int, default=0, help="0: configs/tiny.py's")
+  parser.add_argument("--iterations", type=int, default=0, help="0: each row config's")
   parser.add_argument("--per_value", type=int, default=12, help="retain-accuracy images per retained value")
   parser.add_argument("--prompts", type=int, default=24, help="evaluation cases (prompt, seed) per concept and run")
   parser.add_argument("--inversion_budgets", default=PUBLISHED_BUDGETS, help="CCE checkpoints (steps)")
@@ -440,10 +463,10 @@ def main():
   for seed in seeds:
     for concept in concepts:
       for name in args.methods.split(","):
-        method, overrides = METHODS[name]
+        spec = METHODS[name]
         workdir = os.path.join(args.out, concept, f"{name}_seed{seed}")
         log(f"== {concept} {name} seed {seed}")
-        config = run_config(concept, method, seed, args.iterations, [*overrides, *args.set])
+        config = run_config(concept, spec.method, seed, args.iterations, [*spec.overrides, *args.set], spec.base)
         target = functools.cache(lambda w=workdir, c=config: trained_pipeline(w, c))
         add(concept, name, workdir, base, target)
         if concept in plug and name in TEXT_ROWS:

@@ -26,6 +26,12 @@ def run(
   {"stopped_at", "workdir", "signal"} and writes no report. The run uses the typed `sections` that
   config_validation.validate(config) built: a caller that checked the config before any work (main, population,
   the notebook) hands them over; without them the whole config is checked here, once either way."""
+  if config.stereo.enabled:  # STEREO's own two stages (training/stereo_runs.py), then the same report
+    from advunlearn_jax.training import stereo_runs
+
+    result = stereo_runs.run(config, workdir, show_progress=show_progress)
+    report = report_kinds.named(config.report.kind).after_run(config, workdir, result["pipeline"])
+    return {**result, "report": report["summary"]} if report else result
   if sections is None:
     sections = config_validation.validate(config)
   primary = distributed.is_primary()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from flax import traverse_util
@@ -32,7 +33,9 @@ TEXT_LAYER_METHODS = {
   "text_encoder_layer012_91011": [0, 1, 2, 9, 10, 11],
 }
 TEXT_METHODS = ("text_encoder_full", *TEXT_LAYER_METHODS)
-UNET_METHODS = ("noxattn", "selfattn", "xattn", "full", "notime", "xlayer", "selflayer")
+UNET_METHODS = ("noxattn", "selfattn", "xattn", "full", "notime", "xlayer", "selflayer", "noxattn_linear")
+# Norm layers of the diffusers UNet (GroupNorm, LayerNorm): what `noxattn_linear` leaves out.
+_NORM = re.compile(r"(^|\.)(norm\d*|conv_norm_out)\.(weight|bias)$")
 COMPONENTS = ("all", "ffn", "attn")
 
 _CLIP_LISTS = clip_convert.LIST_NAMES
@@ -121,6 +124,10 @@ def unet_selects(name: str, method: str) -> bool:
     return True
   if method == "noxattn":
     return not (is_out or "attn2" in name or is_time)
+  if method == "noxattn_linear":
+    # STEREO's and ESD-diffusers' `noxattn` (robust-concept-erasing utils/utils.py FineTunedModel): every Linear
+    # and Conv2d of the UNet outside cross-attention, time embedding and conv_out included, no norm layer.
+    return "attn2" not in name and not _NORM.search(name)
   if method == "notime":
     return not (is_out or is_time)
   if method == "selfattn":
