@@ -1,0 +1,167 @@
+"""SDXL's models in our Flax code vs diffusers and transformers, on a micro SDXL layout; strict converters.
+
+One random diffusers UNet and one compiled UNet call serve the UNet tests (module fixtures), so the file stays
+fast on 2 cores.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.convert import torch_layout
+from advunlearn_jax.errors import ConfigError, WeightsError
+from advunlearn_jax.models import presets
+from advunlearn_jax.models import unet as unet_lib
+from tests.torch_oracles import state_numpy, torch, torch_unet
+
+pytestmark = pytest.mark.torch
+UNET_TOL = 1e-4  # fp32, matmul precision "highest": tests/test_unet_vae.py's
+TEXT_EMBEDS, N_IDS, ID_DIM = 32, 6, 8  # pooled text width, SDXL base's six micro-conditioning ids, their channels
+
+# SDXL's layout at micro size: no attention at the top level, per-block transformer depth (the mid block takes
+# the last), linear projections, per-block head counts, the text_time embedding.
+MICRO_SDXL_UNET = dict(
+  sample_size=16,
+  block_out_channels=(32, 64),
+  layers_per_block=1,
+  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+  transformer_layers_per_block=(1, 2),
+  attention_head_dim=(2, 4),
+  cross_attention_dim=64,
+  use_linear_projection=True,
+  addition_embed_type="text_time",
+  addition_time_embed_dim=ID_DIM,
+  projection_class_embeddings_input_dim=TEXT_EMBEDS + N_IDS * ID_DIM,
+  norm_num_groups=8,
+)
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet():
+  """(torch model, our config, our params, our jitted apply)."""
+  model = torch_unet(**MICRO_SDXL_UNET)
+  config = unet_lib.UNetConfig.from_dict(dict(model.config), source="test")
+  params = torch_layout.torch_to_flax(
+    state_numpy(model), unet_lib.abstract_params(config), list_names=unet_lib.LIST_NAMES, source="test"
+  )
+  return model, config, params, jax.jit(unet_lib.UNet2DConditionModel(config).apply)
+
+
+def _inputs(batch, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, 4, 16, 16)).astype(np.float32)
+  ctx = rng.normal(size=(batch, 77, 64)).astype(np.float32)
+  text_embeds = rng.normal(size=(batch, TEXT_EMBEDS)).astype(np.float32)
+  # What the SDXL pipeline passes: original size, crop top-left, target size.
+  time_ids = np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32), (batch, 1))
+  time_ids[-1] = [512, 768, 32, 64, 1024, 1024]
+  return x, ctx, text_embeds, time_ids
+
+
+def test_unet_matches_diffusers(sdxl_unet):
+  model, config, params, apply = sdxl_unet
+  assert config.transformer_depths == (1, 2) and config.use_linear_projection
+  assert config.num_attention_heads == (2, 4)
+  assert params["mid_block"]["attentions_0"]["transformer_blocks_1"]  # the mid block takes the last depth
+  assert "attentions_0" not in params["down_blocks_0"] and "attentions_0" not in params["up_blocks_1"]
+  for batch, timesteps, seed in [(1, [999], 0), (2, [0, 500], 1)]:
+    x, ctx, text_embeds, time_ids = _inputs(batch, seed)
+    with torch.no_grad():
+      ref = model(
+        torch.from_numpy(x),
+        torch.tensor(timesteps),
+        torch.from_numpy(ctx),
+        added_cond_kwargs={"text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)},
+      ).sample.numpy()
+    added = unet_lib.AddedCond(jnp.asarray(text_embeds), jnp.asarray(time_ids))
+    out = apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(timesteps), ctx, added)
+    np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref, atol=UNET_TOL, rtol=0)
+    # The added conditioning acts: other ids give another output.
+    other = unet_lib.AddedCond(added.text_embeds, added.time_ids * 0.5)
+    moved = apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(timesteps), ctx, other)
+    assert float(jnp.abs(moved - out).max()) > 100 * UNET_TOL
+
+
+def test_added_cond_is_checked(sdxl_unet):
+  _, config, params, _ = sdxl_unet
+  x, ctx, text_embeds, time_ids = _inputs(1, 0)
+  unet = unet_lib.UNet2DConditionModel(config)
+  sample, t = jnp.zeros((1, 16, 16, 4)), jnp.array([1])
+  with pytest.raises(ValueError, match="pass added_cond"):
+    unet.apply({"params": params}, sample, t, ctx)
+  with pytest.raises(ValueError, match="make rows 72 wide; the config's projection_class_embeddings_input_dim is 80"):
+    unet.apply({"params": params}, sample, t, ctx, unet_lib.AddedCond(text_embeds, time_ids[:, :5]))
+
+
+def test_unet_export_round_trip_loads_in_diffusers(sdxl_unet, tmp_path):
+  model, config, params, _ = sdxl_unet
+  out = str(tmp_path / "unet")
+  sd_convert.export_unet(config, params, out)
+  with open(os.path.join(out, "config.json")) as f:
+    raw = json.load(f)
+  assert raw["transformer_layers_per_block"] == [1, 2] and raw["addition_embed_type"] == "text_time"
+  config2, params2 = sd_convert.load_unet(out)
+  assert config2 == config
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+  diffusers = pytest.importorskip("diffusers")
+  loaded = diffusers.UNet2DConditionModel.from_pretrained(out)
+  for key, value in model.state_dict().items():
+    np.testing.assert_array_equal(loaded.state_dict()[key].numpy(), value.numpy(), err_msg=key)
+  for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim", "transformer_layers_per_block"):
+    as_json = lambda v: json.loads(json.dumps(v))  # the model built here holds tuples, the loaded one lists
+    assert as_json(loaded.config[key]) == as_json(model.config[key]), key
+
+
+def test_unet_converter_is_strict(sdxl_unet):
+  model, config, _, _ = sdxl_unet
+  abstract = unet_lib.abstract_params(config)
+  state = state_numpy(model)
+  del state["add_embedding.linear_1.weight"]
+  state["add_embedding.linear_3.weight"] = state["add_embedding.linear_2.weight"]
+  with pytest.raises(WeightsError) as err:
+    torch_layout.torch_to_flax(state, abstract, list_names=unet_lib.LIST_NAMES, source="unet.safetensors")
+  assert r"missing 1 key(s): add_embedding.linear_1.weight" in str(err.value)
+  assert r"unexpected 1 key(s): add_embedding.linear_3.weight" in str(err.value)
+  # An SD 1.x/2.x state dict with add_embedding keys is refused under an SD config, naming them.
+  sd_config = unet_lib.UNetConfig.from_dict({**dict(model.config), "addition_embed_type": None})
+  with pytest.raises(WeightsError, match=r"unexpected 4 key\(s\): add_embedding\.linear_1\.bias"):
+    torch_layout.torch_to_flax(
+      state_numpy(model), unet_lib.abstract_params(sd_config), list_names=unet_lib.LIST_NAMES, source="x"
+    )
+  # A missing second-layer transformer block of the mid block (the per-block depth) is named.
+  state = state_numpy(model)
+  del state["mid_block.attentions.0.transformer_blocks.1.ff.net.2.bias"]
+  with pytest.raises(WeightsError, match=r"missing 1 key\(s\): mid_block\.attentions\.0\.transformer_blocks\.1\."):
+    torch_layout.torch_to_flax(state, abstract, list_names=unet_lib.LIST_NAMES, source="x")
+
+
+def test_full_size_sdxl_unet_key_coverage():
+  meta = torch_unet(device="meta", **{k: v for k, v in presets.SDXL_UNET.items() if not k.startswith("_")})
+  shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+  config = unet_lib.UNetConfig.from_dict(presets.SDXL_UNET)
+  table = torch_layout.key_table(unet_lib.abstract_params(config), unet_lib.LIST_NAMES)
+  assert set(table) == set(shapes), set(table) ^ set(shapes)
+  for key, (_, shape) in table.items():
+    assert shape == shapes[key], key
+  assert sum(int(np.prod(s)) for s in shapes.values()) == 2_567_463_684  # SDXL 1.0 base's UNet
+
+
+def test_sdxl_unet_config_errors_name_the_key():
+  raw = dict(presets.SDXL_UNET)
+  with pytest.raises(ConfigError, match=r"u\.json: key 'addition_embed_type' = 'text_image' is not supported"):
+    unet_lib.UNetConfig.from_dict({**raw, "addition_embed_type": "text_image"}, source="u.json")
+  with pytest.raises(ConfigError, match="key 'transformer_layers_per_block' = \\[1, 2\\] must hold one"):
+    unet_lib.UNetConfig.from_dict({**raw, "transformer_layers_per_block": [1, 2]})
+  with pytest.raises(ConfigError, match="key 'addition_time_embed_dim' = None must be a positive even int"):
+    unet_lib.UNetConfig.from_dict({**raw, "addition_time_embed_dim": None})
+  with pytest.raises(ConfigError, match="key 'reverse_transformer_layers_per_block'"):
+    unet_lib.UNetConfig.from_dict({**raw, "reverse_transformer_layers_per_block": [[1], [2], [10]]})
+  # SD 1.x configs export as before: none of SDXL's keys.
+  sd14 = unet_lib.UNetConfig.from_dict(presets.SD14_UNET).to_diffusers_dict()
+  assert "addition_embed_type" not in sd14 and sd14["transformer_layers_per_block"] == 1
