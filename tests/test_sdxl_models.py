@@ -12,15 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import torch_layout
 from advunlearn_jax.errors import ConfigError, WeightsError
 from advunlearn_jax.models import presets
 from advunlearn_jax.models import unet as unet_lib
-from tests.torch_oracles import state_numpy, torch, torch_unet
+from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from tests.torch_oracles import state_numpy, torch, torch_clip, torch_unet, transformers
 
 pytestmark = pytest.mark.torch
 UNET_TOL = 1e-4  # fp32, matmul precision "highest": tests/test_unet_vae.py's
+TEXT_TOL = 1e-5  # fp32, matmul precision "highest": tests/test_clip_text.py's
 TEXT_EMBEDS, N_IDS, ID_DIM = 32, 6, 8  # pooled text width, SDXL base's six micro-conditioning ids, their channels
 
 # SDXL's layout at micro size: no attention at the top level, per-block transformer depth (the mid block takes
@@ -165,3 +168,115 @@ def test_sdxl_unet_config_errors_name_the_key():
   # SD 1.x configs export as before: none of SDXL's keys.
   sd14 = unet_lib.UNetConfig.from_dict(presets.SD14_UNET).to_diffusers_dict()
   assert "addition_embed_type" not in sd14 and sd14["transformer_layers_per_block"] == 1
+
+
+# SDXL's towers at micro size, with their real configs' activations and token ids: CLIP-L (quick_gelu) and
+# OpenCLIP bigG (gelu, bos 0, pad 1, a projection); both carry the legacy eos_token_id 2 (pooling by argmax).
+SDXL_TEXT_1 = CLIPTextConfig(
+  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32, eos_token_id=2
+)
+SDXL_TEXT_2 = CLIPTextConfig(
+  **{
+    **presets.SDXL_TEXT_2,
+    **dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3),
+    "projection_dim": TEXT_EMBEDS,
+  }
+)
+
+
+def _ids(pad_id, batch=3, seed=0):
+  """SOT, random tokens, EOT, then padding: EOT for tokenizer/ (CLIP-L's), "!" (id 0) for tokenizer_2/."""
+  rng = np.random.default_rng(seed)
+  ids = np.full((batch, 77), pad_id, np.int32)
+  ids[:, 0] = 49406
+  for b in range(batch):
+    n = int(rng.integers(1, 20))
+    ids[b, 1 : 1 + n] = rng.integers(1, 49406, n)
+    ids[b, 1 + n] = 49407
+  return ids
+
+
+def _torch_tower(config, seed, with_projection):
+  if not with_projection:
+    return torch_clip(config, seed=seed)
+  torch.manual_seed(seed)
+  hf = transformers.CLIPTextConfig(**config.to_transformers_dict(clip_convert.WITH_PROJECTION))
+  model = transformers.CLIPTextModelWithProjection(hf).eval()
+  with torch.no_grad():  # random LayerNorm affine params, as torch_clip's
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+@pytest.mark.parametrize(
+  "config, with_projection, pad_id",
+  [
+    (SDXL_TEXT_1, False, 49407),
+    (SDXL_TEXT_2, True, 0),
+    (CLIPTextConfig(**{**SDXL_TEXT_2.__dict__, "eos_token_id": 49407}), True, 0),  # the modern pooling rule
+  ],
+  ids=["tower1", "tower2", "tower2-modern-eos"],
+)
+def test_towers_match_transformers(config, with_projection, pad_id):
+  """Penultimate states (what SDXL's pipeline reads from both towers), last states, pooled and text_embeds."""
+  model = _torch_tower(config, seed=1, with_projection=with_projection)
+  params = clip_convert.params_from_state_dict(state_numpy(model), config, "test", with_projection=with_projection)
+  ids = _ids(pad_id)
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(ids).long(), output_hidden_states=True)
+  flax_model = CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+  out = flax_model.apply({"params": params}, jnp.asarray(ids))
+  np.testing.assert_allclose(out.penultimate_hidden_state, ref.hidden_states[-2].numpy(), atol=TEXT_TOL, rtol=0)
+  np.testing.assert_allclose(out.last_hidden_state, ref.last_hidden_state.numpy(), atol=TEXT_TOL, rtol=0)
+  assert not np.allclose(out.penultimate_hidden_state, out.last_hidden_state, atol=1e-2)
+  if with_projection:
+    np.testing.assert_allclose(out.text_embeds, ref.text_embeds.numpy(), atol=TEXT_TOL, rtol=0)
+    assert out.text_embeds.shape == (3, TEXT_EMBEDS)
+    # The attack's path: word embeddings in, ids only choosing the pooled row; the same outputs.
+    embeds = flax_model.apply({"params": params}, jnp.asarray(ids), method=flax_model.word_embeddings)
+    via_embeds = flax_model.apply({"params": params}, jnp.asarray(ids), inputs_embeds=embeds)
+    np.testing.assert_allclose(via_embeds.text_embeds, out.text_embeds, atol=TEXT_TOL, rtol=0)
+  else:
+    np.testing.assert_allclose(out.pooled_output, ref.pooler_output.numpy(), atol=TEXT_TOL, rtol=0)
+    assert out.text_embeds is None
+
+
+def test_tower2_export_round_trip_and_strictness(tmp_path):
+  model = _torch_tower(SDXL_TEXT_2, seed=2, with_projection=True)
+  model.save_pretrained(tmp_path / "text_encoder_2")
+  config, params = clip_convert.load_clip_text(str(tmp_path / "text_encoder_2"))  # architectures decide
+  assert config == SDXL_TEXT_2 and clip_convert.has_projection(params)
+
+  out = clip_convert.export_clip_text(config, params, str(tmp_path / "export"))
+  loaded, info = transformers.CLIPTextModelWithProjection.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+  for key, value in model.state_dict().items():
+    np.testing.assert_array_equal(loaded.state_dict()[key].numpy(), value.numpy(), err_msg=key)
+  _, params2 = clip_convert.load_clip_text(out)
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+  state = state_numpy(model)
+  del state["text_projection.weight"]
+  with pytest.raises(WeightsError, match=r"missing 1 key\(s\): text_projection\.weight"):
+    clip_convert.params_from_state_dict(state, config, "x", with_projection=True)
+  # A plain CLIPTextModel folder read as tower 2 names the projection it lacks.
+  torch_clip(SDXL_TEXT_2).save_pretrained(tmp_path / "plain")
+  with pytest.raises(WeightsError, match=r"missing 1 key\(s\): text_projection\.weight"):
+    clip_convert.load_clip_text(str(tmp_path / "plain"), with_projection=True)
+  # And tower 2's weights read as a plain tower name the projection as unexpected.
+  with pytest.raises(WeightsError, match=r"unexpected 1 key\(s\): text_projection\.weight"):
+    clip_convert.load_clip_text(str(tmp_path / "text_encoder_2"), with_projection=False)
+
+
+def test_full_size_sdxl_tower2_key_coverage():
+  config = CLIPTextConfig(**presets.SDXL_TEXT_2)
+  hf = transformers.CLIPTextConfig(**config.to_transformers_dict(clip_convert.WITH_PROJECTION))
+  with torch.device("meta"):
+    meta = transformers.CLIPTextModelWithProjection(hf)
+  shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items() if not k.endswith("position_ids")}
+  table = torch_layout.key_table(clip_convert.abstract_params(config, with_projection=True), clip_convert.LIST_NAMES)
+  assert set(table) == set(shapes), set(table) ^ set(shapes)
+  for key, (_, shape) in table.items():
+    assert shape == shapes[key], key
+  assert sum(int(np.prod(s)) for s in shapes.values()) == 694_659_840  # SDXL's OpenCLIP bigG text tower
