@@ -6,6 +6,7 @@ fast on 2 cores.
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from advunlearn_jax.convert import torch_layout
 from advunlearn_jax.errors import ConfigError, WeightsError
 from advunlearn_jax.models import presets
 from advunlearn_jax.models import unet as unet_lib
+from advunlearn_jax.models import vae as vae_lib
 from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from tests.torch_oracles import state_numpy, torch, torch_clip, torch_unet, transformers
 
@@ -280,3 +282,59 @@ def test_full_size_sdxl_tower2_key_coverage():
   for key, (_, shape) in table.items():
     assert shape == shapes[key], key
   assert sum(int(np.prod(s)) for s in shapes.values()) == 694_659_840  # SDXL's OpenCLIP bigG text tower
+
+
+def test_sdxl_folder_loads_and_conditions_as_diffusers(tmp_path):
+  """A tiny random StableDiffusionXLPipeline saved by diffusers loads strictly; our towers, composed as SDXL's
+  pipeline composes them, give its prompt embeddings and pooled embeddings."""
+  diffusers = pytest.importorskip("diffusers")
+  from advunlearn_jax.data import tokenizer as tok_lib
+  from tests.torch_oracles import torch_vae
+
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_lib.offline_tokenizer_folder())
+  unet = torch_unet(**{**MICRO_SDXL_UNET, "cross_attention_dim": SDXL_TEXT_1.hidden_size + SDXL_TEXT_2.hidden_size})
+  pipe = diffusers.StableDiffusionXLPipeline(
+    vae=torch_vae(),
+    text_encoder=torch_clip(SDXL_TEXT_1, seed=3),
+    text_encoder_2=_torch_tower(SDXL_TEXT_2, seed=4, with_projection=True),
+    tokenizer=tokenizer,
+    tokenizer_2=tokenizer,
+    unet=unet,
+    scheduler=diffusers.EulerDiscreteScheduler(),
+  )
+  pipe.save_pretrained(tmp_path / "sdxl")
+  loaded = sd_convert.load_sdxl_pipeline(str(tmp_path / "sdxl"))
+  assert loaded.text_config == SDXL_TEXT_1 and loaded.text_config_2 == SDXL_TEXT_2
+  assert loaded.unet_config.transformer_depths == (1, 2) and loaded.schedule.beta_schedule == "linear"
+  for ours, list_names, module in [
+    (loaded.unet_params, unet_lib.LIST_NAMES, pipe.unet),
+    (loaded.vae_params, vae_lib.LIST_NAMES, pipe.vae),
+    (loaded.text_params, clip_convert.LIST_NAMES, pipe.text_encoder),
+    (loaded.text_params_2, clip_convert.LIST_NAMES, pipe.text_encoder_2),
+  ]:
+    theirs = {k: v for k, v in state_numpy(module).items() if not k.endswith("position_ids")}
+    mine = torch_layout.flax_to_torch(ours, list_names=list_names)
+    if module is pipe.text_encoder:  # transformers 5 saves CLIPTextModel without `text_model.`
+      theirs = {k.removeprefix("text_model."): v for k, v in theirs.items()}
+    assert set(mine) == set(theirs)
+    for key, value in theirs.items():
+      np.testing.assert_array_equal(mine[key], value, err_msg=key)
+
+  prompts = ["a photo of a cat", "an oil painting of a lighthouse at night"]
+  with torch.no_grad():
+    ref_embeds, _, ref_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+  tok = lambda t: jnp.asarray(t(prompts, padding="max_length", max_length=77, truncation=True).input_ids)
+  out_1 = CLIPTextModel(loaded.text_config).apply({"params": loaded.text_params}, tok(pipe.tokenizer))
+  out_2 = CLIPTextModelWithProjection(loaded.text_config_2).apply(
+    {"params": loaded.text_params_2}, tok(pipe.tokenizer_2)
+  )
+  embeds = jnp.concatenate([out_1.penultimate_hidden_state, out_2.penultimate_hidden_state], axis=-1)
+  np.testing.assert_allclose(embeds, ref_embeds.numpy(), atol=TEXT_TOL, rtol=0)
+  np.testing.assert_allclose(out_2.text_embeds, ref_pooled.numpy(), atol=TEXT_TOL, rtol=0)
+
+  # The SD 1.x/2.x loader refuses the folder by name; a folder without tokenizer_2 is named.
+  with pytest.raises(ConfigError, match="an SDXL folder"):
+    sd_convert.load_pipeline(str(tmp_path / "sdxl"))
+  shutil.rmtree(tmp_path / "sdxl" / "tokenizer_2")
+  with pytest.raises(ConfigError, match="no tokenizer_2/ folder"):
+    sd_convert.load_sdxl_pipeline(str(tmp_path / "sdxl"), with_vae=False)

@@ -25,7 +25,7 @@ from advunlearn_jax.errors import ConfigError, WeightsError
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
 from advunlearn_jax.models.clip_text import CLIPTextConfig
-from advunlearn_jax.models.pipeline_record import Pipeline, ScheduleConfig
+from advunlearn_jax.models.pipeline_record import Pipeline, ScheduleConfig, SDXLPipeline
 
 _DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
 _HUB_PATTERNS = [  # a sharded component's index and its shards (NAME-00001-of-00002.safetensors) included
@@ -42,6 +42,11 @@ _HUB_PATTERNS = [  # a sharded component's index and its shards (NAME-00001-of-0
   "text_encoder/model.safetensors",
   "text_encoder/model.safetensors.index.json",
   "text_encoder/model-*.safetensors",
+  "text_encoder_2/config.json",  # SDXL's second tower and tokenizer
+  "text_encoder_2/model.safetensors",
+  "text_encoder_2/model.safetensors.index.json",
+  "text_encoder_2/model-*.safetensors",
+  "tokenizer_2/*",
   "tokenizer/*",
   "scheduler/*",
 ]
@@ -130,6 +135,8 @@ def load_pipeline(path_or_id: str, text_encoder: str | None = None, with_vae: bo
   if not os.path.isfile(os.path.join(root, "model_index.json")):
     raise ConfigError(f"{root}: no model_index.json; expected a diffusers Stable Diffusion pipeline folder")
   unet_config, unet_params = load_unet(_component(root, "unet"))
+  if unet_config.addition_embed_type is not None:
+    raise ConfigError(f"{root}: an SDXL folder (its UNet takes added conditioning); read it with load_sdxl_pipeline")
   vae_config, vae_params = load_vae(_component(root, "vae")) if with_vae else (None, None)
   text_config, text_params = clip_text.load_clip_text(text_encoder or _component(root, "text_encoder"))
   if text_config.hidden_size != unet_config.cross_attention_dim:
@@ -148,6 +155,49 @@ def load_pipeline(path_or_id: str, text_encoder: str | None = None, with_vae: bo
     text_params,
     _component(root, "tokenizer"),
     schedule,
+  )
+
+
+def load_sdxl_pipeline(path_or_id: str, with_vae: bool = True) -> SDXLPipeline:
+  """Configs and params of an SDXL base folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
+  tokenizer_2/, scheduler/), every component read strictly, and their widths checked against each other."""
+  root = resolve_pretrained(path_or_id)
+  if not os.path.isfile(os.path.join(root, "model_index.json")):
+    raise ConfigError(f"{root}: no model_index.json; expected a diffusers Stable Diffusion XL pipeline folder")
+  unet_config, unet_params = load_unet(_component(root, "unet"))
+  if unet_config.addition_embed_type != "text_time":
+    raise ConfigError(f"{root}/unet/config.json: addition_embed_type is not 'text_time'; this is no SDXL UNet")
+  vae_config, vae_params = load_vae(_component(root, "vae")) if with_vae else (None, None)
+  text_config, text_params = clip_text.load_clip_text(_component(root, "text_encoder"), with_projection=False)
+  text_config_2, text_params_2 = clip_text.load_clip_text(_component(root, "text_encoder_2"), with_projection=True)
+  # The pipeline concatenates the towers' states (pipeline_stable_diffusion_xl.py, `encode_prompt`), and puts
+  # tower 2's text_embeds before the embedded micro-conditioning ids (`_get_add_time_ids`).
+  width = text_config.hidden_size + text_config_2.hidden_size
+  if width != unet_config.cross_attention_dim:
+    raise ConfigError(
+      f"{root}: text encoder widths {text_config.hidden_size} + {text_config_2.hidden_size} do not make the "
+      f"UNet's cross_attention_dim {unet_config.cross_attention_dim}"
+    )
+  ids_width = unet_config.projection_class_embeddings_input_dim - text_config_2.projection_dim
+  if ids_width <= 0 or ids_width % unet_config.addition_time_embed_dim:
+    raise ConfigError(
+      f"{root}: text_encoder_2's projection_dim {text_config_2.projection_dim} leaves {ids_width} of the UNet's "
+      f"projection_class_embeddings_input_dim {unet_config.projection_class_embeddings_input_dim}, not a "
+      f"multiple of addition_time_embed_dim {unet_config.addition_time_embed_dim}"
+    )
+  return SDXLPipeline(
+    root,
+    unet_config,
+    unet_params,
+    vae_config,
+    vae_params,
+    text_config,
+    text_params,
+    text_config_2,
+    text_params_2,
+    _component(root, "tokenizer"),
+    _component(root, "tokenizer_2"),
+    ScheduleConfig.from_json_file(_component(root, "scheduler")),
   )
 
 
