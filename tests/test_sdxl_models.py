@@ -21,30 +21,16 @@ from advunlearn_jax.models import presets
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
 from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from advunlearn_jax.testing import tiny_models
 from tests.torch_oracles import state_numpy, torch, torch_clip, torch_unet, transformers
 
 pytestmark = pytest.mark.torch
 UNET_TOL = 1e-4  # fp32, matmul precision "highest": tests/test_unet_vae.py's
 TEXT_TOL = 1e-5  # fp32, matmul precision "highest": tests/test_clip_text.py's
-TEXT_EMBEDS, N_IDS, ID_DIM = 32, 6, 8  # pooled text width, SDXL base's six micro-conditioning ids, their channels
-
-# SDXL's layout at micro size: no attention at the top level, per-block transformer depth (the mid block takes
-# the last), linear projections, per-block head counts, the text_time embedding.
-MICRO_SDXL_UNET = dict(
-  sample_size=16,
-  block_out_channels=(32, 64),
-  layers_per_block=1,
-  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-  transformer_layers_per_block=(1, 2),
-  attention_head_dim=(2, 4),
-  cross_attention_dim=64,
-  use_linear_projection=True,
-  addition_embed_type="text_time",
-  addition_time_embed_dim=ID_DIM,
-  projection_class_embeddings_input_dim=TEXT_EMBEDS + N_IDS * ID_DIM,
-  norm_num_groups=8,
-)
+TEXT_EMBEDS, N_IDS = tiny_models.MICRO_SDXL_TEXT_2.projection_dim, tiny_models.MICRO_SDXL_IDS
+SDXL_TEXT_1, SDXL_TEXT_2 = tiny_models.MICRO_SDXL_TEXT, tiny_models.MICRO_SDXL_TEXT_2
+# testing/tiny_models.py's micro SDXL UNet, on 64-wide random contexts unless a test pairs it with the towers.
+MICRO_SDXL_UNET = {**tiny_models.MICRO_SDXL_UNET, "cross_attention_dim": 64}
 
 
 @pytest.fixture(scope="module")
@@ -172,20 +158,6 @@ def test_sdxl_unet_config_errors_name_the_key():
   assert "addition_embed_type" not in sd14 and sd14["transformer_layers_per_block"] == 1
 
 
-# SDXL's towers at micro size, with their real configs' activations and token ids: CLIP-L (quick_gelu) and
-# OpenCLIP bigG (gelu, bos 0, pad 1, a projection); both carry the legacy eos_token_id 2 (pooling by argmax).
-SDXL_TEXT_1 = CLIPTextConfig(
-  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32, eos_token_id=2
-)
-SDXL_TEXT_2 = CLIPTextConfig(
-  **{
-    **presets.SDXL_TEXT_2,
-    **dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3),
-    "projection_dim": TEXT_EMBEDS,
-  }
-)
-
-
 def _ids(pad_id, batch=3, seed=0):
   """SOT, random tokens, EOT, then padding: EOT for tokenizer/ (CLIP-L's), "!" (id 0) for tokenizer_2/."""
   rng = np.random.default_rng(seed)
@@ -196,19 +168,6 @@ def _ids(pad_id, batch=3, seed=0):
     ids[b, 1 : 1 + n] = rng.integers(1, 49406, n)
     ids[b, 1 + n] = 49407
   return ids
-
-
-def _torch_tower(config, seed, with_projection):
-  if not with_projection:
-    return torch_clip(config, seed=seed)
-  torch.manual_seed(seed)
-  hf = transformers.CLIPTextConfig(**config.to_transformers_dict(clip_convert.WITH_PROJECTION))
-  model = transformers.CLIPTextModelWithProjection(hf).eval()
-  with torch.no_grad():  # random LayerNorm affine params, as torch_clip's
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.add_(0.1 * torch.randn_like(p))
-  return model
 
 
 @pytest.mark.parametrize(
@@ -222,7 +181,7 @@ def _torch_tower(config, seed, with_projection):
 )
 def test_towers_match_transformers(config, with_projection, pad_id):
   """Penultimate states (what SDXL's pipeline reads from both towers), last states, pooled and text_embeds."""
-  model = _torch_tower(config, seed=1, with_projection=with_projection)
+  model = torch_clip(config, seed=1, with_projection=with_projection)
   params = clip_convert.params_from_state_dict(state_numpy(model), config, "test", with_projection=with_projection)
   ids = _ids(pad_id)
   with torch.no_grad():
@@ -245,7 +204,7 @@ def test_towers_match_transformers(config, with_projection, pad_id):
 
 
 def test_tower2_export_round_trip_and_strictness(tmp_path):
-  model = _torch_tower(SDXL_TEXT_2, seed=2, with_projection=True)
+  model = torch_clip(SDXL_TEXT_2, seed=2, with_projection=True)
   model.save_pretrained(tmp_path / "text_encoder_2")
   config, params = clip_convert.load_clip_text(str(tmp_path / "text_encoder_2"))  # architectures decide
   assert config == SDXL_TEXT_2 and clip_convert.has_projection(params)
@@ -296,7 +255,7 @@ def test_sdxl_folder_loads_and_conditions_as_diffusers(tmp_path):
   pipe = diffusers.StableDiffusionXLPipeline(
     vae=torch_vae(),
     text_encoder=torch_clip(SDXL_TEXT_1, seed=3),
-    text_encoder_2=_torch_tower(SDXL_TEXT_2, seed=4, with_projection=True),
+    text_encoder_2=torch_clip(SDXL_TEXT_2, seed=4, with_projection=True),
     tokenizer=tokenizer,
     tokenizer_2=tokenizer,
     unet=unet,

@@ -185,6 +185,10 @@ def load_sdxl_pipeline(path_or_id: str, with_vae: bool = True) -> SDXLPipeline:
       f"projection_class_embeddings_input_dim {unet_config.projection_class_embeddings_input_dim}, not a "
       f"multiple of addition_time_embed_dim {unet_config.addition_time_embed_dim}"
     )
+  with open(os.path.join(root, "model_index.json")) as f:
+    force_zeros = json.load(f).get("force_zeros_for_empty_prompt", True)  # diffusers' default when absent
+  if not isinstance(force_zeros, bool):
+    raise ConfigError(f"{root}/model_index.json: key 'force_zeros_for_empty_prompt' = {force_zeros!r}; expected a bool")
   return SDXLPipeline(
     root,
     unet_config,
@@ -198,6 +202,7 @@ def load_sdxl_pipeline(path_or_id: str, with_vae: bool = True) -> SDXLPipeline:
     _component(root, "tokenizer"),
     _component(root, "tokenizer_2"),
     ScheduleConfig.from_json_file(_component(root, "scheduler")),
+    force_zeros,
   )
 
 
@@ -255,4 +260,58 @@ def write_pipeline(
     weights_io.write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler)
     with open(os.path.join(staging, "model_index.json"), "w") as f:
       json.dump(MODEL_INDEX, f, indent=2)
+  return out_dir
+
+
+SDXL_MODEL_INDEX = {
+  "_class_name": "StableDiffusionXLPipeline",
+  "feature_extractor": [None, None],
+  "image_encoder": [None, None],
+  "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"],
+  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+  "tokenizer": ["transformers", "CLIPTokenizer"],
+  "tokenizer_2": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"],
+}
+# SDXL base's scheduler/scheduler_config.json beyond the fields our samplers read: Euler, as SDXL ships it, with
+# 'leading' spacing, which our DDIM tables assume too (diffusers' DDIMScheduler.from_config keeps it).
+_SDXL_SCHEDULER = {
+  "_class_name": "EulerDiscreteScheduler",
+  "timestep_spacing": "leading",
+  "interpolation_type": "linear",
+  "use_karras_sigmas": False,
+}
+
+
+def write_sdxl_pipeline(
+  out_dir: str,
+  *,
+  unet: tuple[unet_lib.UNetConfig, Any],
+  vae: tuple[vae_lib.VAEConfig, Any],
+  text_encoder: tuple[CLIPTextConfig, Any],
+  text_encoder_2: tuple[CLIPTextConfig, Any],
+  tokenizer_dir: str,
+  tokenizer_2_dir: str,
+  schedule: ScheduleConfig,
+  force_zeros_for_empty_prompt: bool = True,
+) -> str:
+  """A complete diffusers folder that `StableDiffusionXLPipeline.from_pretrained` and `load_sdxl_pipeline` load.
+  `text_encoder_2`'s params must hold the projection (a CLIPTextModelWithProjection)."""
+  if not clip_text.has_projection(text_encoder_2[1]):
+    raise WeightsError(f"export to {out_dir}: text_encoder_2's params have no text_projection (SDXL pools through it)")
+  with weights_io.atomic_folder(out_dir) as staging:
+    export_unet(*unet, os.path.join(staging, "unet"))
+    export_vae(*vae, os.path.join(staging, "vae"))
+    clip_text.export_clip_text(*text_encoder, os.path.join(staging, "text_encoder"))
+    clip_text.export_clip_text(*text_encoder_2, os.path.join(staging, "text_encoder_2"))
+    shutil.copytree(tokenizer_dir, os.path.join(staging, "tokenizer"))
+    shutil.copytree(tokenizer_2_dir, os.path.join(staging, "tokenizer_2"))
+    os.makedirs(os.path.join(staging, "scheduler"))
+    weights_io.write_json(
+      os.path.join(staging, "scheduler", "scheduler_config.json"), {**_SDXL_SCHEDULER, **schedule.__dict__}
+    )
+    index = {**SDXL_MODEL_INDEX, "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt}
+    weights_io.write_json(os.path.join(staging, "model_index.json"), index)
   return out_dir

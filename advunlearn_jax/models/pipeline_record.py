@@ -110,3 +110,6 @@ class SDXLPipeline(NamedTuple):
   tokenizer_dir: str
   tokenizer_2_dir: str
   schedule: ScheduleConfig
+  # model_index.json's `force_zeros_for_empty_prompt` (diffusers' default True, as SDXL base says): CFG's
+  # unconditional branch is all zeros (context and pooled embeddings) instead of the towers' encoding of "".
+  force_zeros_for_empty_prompt: bool = True

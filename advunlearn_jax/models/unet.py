@@ -393,6 +393,22 @@ class AddedCond(NamedTuple):
   time_ids: jax.Array  # [B, N]: micro-conditioning (SDXL base: original h, w, crop top, left, target h, w)
 
 
+class SDXLCond(NamedTuple):
+  """An SDXL UNet's whole conditioning as one pytree whose leaves all lead with the batch axis, so CFG's
+  [uncond; cond] concatenation and the partial DDIM's row sorting and slicing treat it as they treat SD's context
+  array."""
+
+  context: jax.Array  # [B, T, D1 + D2]: both towers' penultimate states, concatenated
+  added: AddedCond
+
+
+def apply_conditioned(unet: nn.Module, params: Any, sample: jax.Array, timesteps: jax.Array, cond: Any) -> jax.Array:
+  """`unet.apply` on a conditioning pytree: SD's context array [B, T, D], or an `SDXLCond`."""
+  if isinstance(cond, SDXLCond):
+    return unet.apply({"params": params}, sample, timesteps, cond.context, cond.added)
+  return unet.apply({"params": params}, sample, timesteps, cond)
+
+
 class UNet2DConditionModel(nn.Module):
   config: UNetConfig
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
