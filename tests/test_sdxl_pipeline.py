@@ -7,11 +7,16 @@ same UNet config and guidance, so the compiled step is shared.
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.data import tokenizer as tok_lib
@@ -23,6 +28,7 @@ from tests.torch_oracles import torch, torch_clip, torch_unet, torch_vae, transf
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.torch
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXT_TOL = 1e-5  # fp32, matmul precision "highest": tests/test_clip_text.py's
 LATENT_TOL = 1e-4  # fp32, after every DDIM step at guidance 5: tests/test_diffusion.py's DDIM tolerance
 STEPS, GUIDANCE = 4, 5.0
@@ -157,26 +163,48 @@ def test_partial_ddim_with_sdxl_conditioning(sdxl):
   np.testing.assert_allclose(batched[1], outs[40][1], atol=1e-5, rtol=0)
 
 
-def test_write_sdxl_pipeline_loads_in_diffusers(tmp_path):
-  """Our exporter's micro SDXL folder: diffusers loads it (DDIM from its scheduler config) and draws our latents;
-  we read back the params we wrote, bit for bit. Without force_zeros_for_empty_prompt the negatives are ""."""
-  folder = tiny_models.write_sdxl_pipeline(str(tmp_path / "pipe"), seed=1, force_zeros_for_empty_prompt=False)
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """(our exporter's micro SDXL folder without force_zeros_for_empty_prompt, ours loaded from it, diffusers'
+  pipeline loaded from it with DDIM from its scheduler config, start latents NCHW)."""
+  folder = tmp_path_factory.mktemp("exported") / "pipe"
+  tiny_models.write_sdxl_pipeline(str(folder), seed=1, force_zeros_for_empty_prompt=False)
+  pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+  assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # as SDXL base ships
+  pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+  latents = np.random.default_rng(1).normal(size=(len(PROMPTS), 4, 16, 16)).astype(np.float32)
+  return str(folder), sd_convert.load_sdxl_pipeline(str(folder)), pipe, latents
+
+
+def test_write_sdxl_pipeline_loads_in_diffusers(exported):
+  """Our exporter's micro SDXL folder: diffusers loads it and draws our latents; we read back the params we
+  wrote, bit for bit. Without force_zeros_for_empty_prompt the negatives are "" through both towers."""
+  folder, ours, pipe, latents = exported
   assert json.load(open(f"{folder}/model_index.json"))["_class_name"] == "StableDiffusionXLPipeline"
-  ours = sd_convert.load_sdxl_pipeline(folder)
-  assert not ours.force_zeros_for_empty_prompt
+  assert not ours.force_zeros_for_empty_prompt and not pipe.config.force_zeros_for_empty_prompt
   written = (ours.text_params, ours.text_params_2, ours.unet_params, ours.vae_params)
   for mine, original in zip(written, tiny_models.sdxl_params(1)):
     jax.tree.map(np.testing.assert_array_equal, mine, original)
   assert tok_lib.load_tokenizer(ours.tokenizer_2_dir).pad_token_id == 0  # "!", as SDXL base's tokenizer_2
 
-  pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
-  assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
-  pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-  assert not pipe.config.force_zeros_for_empty_prompt
   cond, uncond = _check_conditioning(pipe, ours)
   assert np.abs(np.asarray(uncond.context)).mean() > 0.1  # "" through both towers, not zeros
-
-  latents = np.random.default_rng(1).normal(size=(len(PROMPTS), 4, 16, 16)).astype(np.float32)
   ref = _diffusers_run(pipe, latents, "latent")
   out = generation.denoise_latents(ours, cond, uncond, _nhwc(latents), scheduler="ddim", steps=STEPS, guidance=GUIDANCE)
   np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref, atol=LATENT_TOL, rtol=0)
+
+
+def test_generate_command_reads_sdxl_folders(exported, tmp_path):
+  """`python -m advunlearn_jax.generate` on an SDXL folder draws diffusers' images from the same latents (one
+  uint8 level)."""
+  folder, _, pipe, latents = exported
+  np.save(tmp_path / "latents.npy", latents)
+  flags = [f"--steps={STEPS}", f"--guidance={GUIDANCE}", "--scheduler=ddim", f"--latents={tmp_path / 'latents.npy'}"]
+  cmd = [sys.executable, "-m", "advunlearn_jax.generate", f"--pretrained={folder}", f"--out={tmp_path / 'out'}"]
+  cmd += flags + [f"--prompt={p}" for p in PROMPTS]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  images = np.stack([np.asarray(Image.open(tmp_path / "out" / f"p{i}_slatents.png")) for i in range(len(PROMPTS))])
+  ref_images = np.round(_diffusers_run(pipe, latents, "np") * 255)
+  assert images.shape == ref_images.shape and np.abs(images.astype(np.float64) - ref_images).max() <= 1

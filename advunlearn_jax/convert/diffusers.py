@@ -22,6 +22,7 @@ from typing import Any
 from advunlearn_jax import config_lib
 from advunlearn_jax.convert import clip_text, torch_layout, weights_io
 from advunlearn_jax.errors import ConfigError, WeightsError
+from advunlearn_jax.models import hf_config
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
 from advunlearn_jax.models.clip_text import CLIPTextConfig
@@ -127,6 +128,13 @@ def load_vae(folder: str) -> tuple[vae_lib.VAEConfig, Any]:
     _modernise_vae_keys(state), vae_lib.abstract_params(config), list_names=vae_lib.LIST_NAMES, source=path
   )
   return config, params
+
+
+def is_sdxl_folder(root: str) -> bool:
+  """Whether a pipeline folder's UNet takes SDXL's added conditioning (read `load_sdxl_pipeline`, not
+  `load_pipeline`)."""
+  raw, _ = hf_config.read(_component(root, "unet"), "config.json", "a diffusers unet/ folder")
+  return raw.get("addition_embed_type") == "text_time"
 
 
 def load_pipeline(path_or_id: str, text_encoder: str | None = None, with_vae: bool = True) -> Pipeline:

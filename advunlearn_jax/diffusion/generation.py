@@ -53,7 +53,7 @@ def check_latent_source(source: str, key: str) -> None:
     raise ConfigError(f"config.{key}=torch draws the start latents with torch: pip install torch==2.13.0")
 
 
-def initial_latents(pipe: Pipeline, n: int, seed: int, source: str = "jax") -> jax.Array:
+def initial_latents(pipe: Pipeline | SDXLPipeline, n: int, seed: int, source: str = "jax") -> jax.Array:
   """[n, h, w, c] start latents from `seed`. `source="torch"`: `torch.manual_seed(seed); torch.randn(n, c, h, w)`
   on the CPU generator, as the official UnlearnDiffAtk and AdvUnlearn scripts draw them, so outcomes can be
   compared prompt by prompt (the pipeline then scales them by the scheduler's initial sigma, as theirs does)."""
@@ -117,7 +117,7 @@ def encode_posteriors(config, params, images: jax.Array) -> tuple[jax.Array, jax
   return mean, jnp.exp(0.5 * logvar)
 
 
-def encode_images(pipe: Pipeline, images: np.ndarray) -> jax.Array:
+def encode_images(pipe: Pipeline | SDXLPipeline, images: np.ndarray) -> jax.Array:
   """uint8 images [B, H, W, 3] -> latents scaled as the UNet sees them (the inverse of `decode_images`)."""
   x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
   return encode_means(pipe.vae_config, pipe.vae_params, x) * pipe.vae_config.scaling_factor
@@ -130,12 +130,12 @@ def decode_uint8(config, params, latents: jax.Array) -> jax.Array:
   return (images * 255).round().astype(jnp.uint8)
 
 
-def image_size(pipe: Pipeline) -> int:
+def image_size(pipe: Pipeline | SDXLPipeline) -> int:
   """The side of decoded images: the UNet's latent side times the VAE's downsampling (SD 1.x: 64 * 8)."""
   return pipe.unet_config.sample_size * 2 ** (len(pipe.vae_config.block_out_channels) - 1)
 
 
-def decode_images(pipe: Pipeline, latents: jax.Array) -> np.ndarray:
+def decode_images(pipe: Pipeline | SDXLPipeline, latents: jax.Array) -> np.ndarray:
   return np.asarray(decode_uint8(pipe.vae_config, pipe.vae_params, latents))
 
 
