@@ -60,7 +60,9 @@ def encode_ids(
 
 def _params(pipe: SDXLPipeline, text_params: tuple[Any, Any] | None) -> tuple[Any, Any]:
   """The towers' params: the pipeline's, or (tower 1, tower 2) given, either None for the pipeline's."""
-  given = text_params or (None, None)
+  given = (None, None) if text_params is None else text_params
+  if not isinstance(given, tuple | list) or len(given) != 2:
+    raise ValueError("an SDXL pipeline's text_params are a pair (tower 1's, tower 2's), either None for the pipeline's")
   return (
     pipe.text_params if given[0] is None else given[0],
     pipe.text_params_2 if given[1] is None else given[1],
