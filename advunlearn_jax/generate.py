@@ -1,4 +1,5 @@
-"""Generate images with a (possibly unlearned) Stable Diffusion pipeline.
+"""Generate images with a (possibly unlearned) Stable Diffusion pipeline: SD 1.x/2.x, or SDXL (a folder whose UNet
+takes SDXL's added conditioning, sampled as diffusers' StableDiffusionXLPipeline samples it).
 
   python -m advunlearn_jax.generate --pretrained=DIR_OR_ID_OR_tiny --prompt="a photo of a church" \
       [--text_encoder=DIR] [--seed=0 --seed=1] [--steps=50] [--guidance=7.5] [--scheduler=lms|ddim] \
@@ -6,7 +7,7 @@
 
 Writes one PNG per prompt and seed (`p{prompt}_s{seed}.png`), `grid.png` and `prompts.json`.
 `--text_encoder` swaps in another encoder for both the conditional and the unconditional branch, as the
-reference's evaluation does. `--latents` holds initial latents in diffusers' layout, [B, 4, h, w] or
+reference's evaluation does (SD 1.x/2.x only). `--latents` holds initial latents in diffusers' layout, [B, 4, h, w] or
 [4, h, w] (shared by every prompt), so results can be compared with other implementations.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from advunlearn_jax import cli
-from advunlearn_jax.convert.diffusers import load_pipeline
+from advunlearn_jax.convert.diffusers import is_sdxl_folder, load_pipeline, load_sdxl_pipeline, resolve_pretrained
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.diffusion.sampling import SCHEDULERS
 
@@ -63,7 +64,13 @@ def main(argv):
   cli.check_output_folder(_OUT.value, "out")
   if _LATENTS.value and not os.path.isfile(_LATENTS.value):
     raise app.UsageError(f"--latents={_LATENTS.value}: no such file")
-  pipe = load_pipeline(_PRETRAINED.value, text_encoder=_TEXT_ENCODER.value)
+  root = resolve_pretrained(_PRETRAINED.value)
+  if is_sdxl_folder(root):
+    if _TEXT_ENCODER.value:
+      raise app.UsageError("--text_encoder swaps SD's one text encoder; an SDXL pipeline conditions on two")
+    pipe = load_sdxl_pipeline(root)
+  else:
+    pipe = load_pipeline(root, text_encoder=_TEXT_ENCODER.value)
   prompts = list(_PROMPT.value)
   hw, c = pipe.unet_config.sample_size, pipe.unet_config.in_channels
   if _LATENTS.value:  # checked before the first image is drawn

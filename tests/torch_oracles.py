@@ -45,13 +45,16 @@ SD2_OPENCLIP_H = CLIPTextConfig(
 )
 
 
-def torch_clip(config: CLIPTextConfig, seed: int = 0, device: str | None = None):
+def torch_clip(config: CLIPTextConfig, seed: int = 0, device: str | None = None, with_projection: bool = False):
+  """A random transformers CLIPTextModel, or (`with_projection`, SDXL's tower 2) CLIPTextModelWithProjection."""
   torch.manual_seed(seed)
-  hf_config = transformers.CLIPTextConfig(**config.to_transformers_dict())
+  architecture = "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
+  hf_config = transformers.CLIPTextConfig(**config.to_transformers_dict(architecture))
+  cls = getattr(transformers, architecture)
   if device == "meta":
     with torch.device("meta"):
-      return transformers.CLIPTextModel(hf_config).eval()
-  model = transformers.CLIPTextModel(hf_config).eval()
+      return cls(hf_config).eval()
+  model = cls(hf_config).eval()
   with torch.no_grad():  # random LayerNorm affine params, so a transposed scale/bias would show
     for name, p in model.named_parameters():
       if "norm" in name:

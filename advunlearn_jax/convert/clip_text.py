@@ -4,6 +4,9 @@ Key layouts met in the wild:
   * `text_model.encoder.layers.0...`: Stable Diffusion's `text_encoder/`, the released AdvUnlearn encoders,
     transformers 4.x. We export this one, because transformers 4.x and 5.x both read it.
   * `encoder.layers.0...`: what transformers 5.x saves.
+  * `text_model.*` and `text_projection.weight`: a `CLIPTextModelWithProjection` (SDXL's `text_encoder_2/`),
+    in transformers 4.x and 5.x alike. Its folder's config.json names the architecture, which decides whether
+    the projection is expected, so a missing `text_projection.weight` is an error naming it.
   * reference AdvUnlearn `.pt` (spec section 5): every tensor twice, as `text_encoder.text_model.*` and as the
     aliases `embedding.*`, `encoder.*`, `final_layer_norm.*` of its `CustomTextEncoder` wrapper.
 """
@@ -18,6 +21,7 @@ import numpy as np
 
 from advunlearn_jax.convert import torch_layout, weights_io
 from advunlearn_jax.errors import WeightsError
+from advunlearn_jax.models import hf_config
 from advunlearn_jax.models.clip_text import CLIPTextConfig, abstract_params
 
 LIST_NAMES = ("layers",)
@@ -30,21 +34,36 @@ _REFERENCE_ALIASES = {
   "final_layer_norm.": "final_layer_norm.",
 }
 _WEIGHT_STEMS = ("model", "pytorch_model")
+WITH_PROJECTION = "CLIPTextModelWithProjection"
 
 
 def _is_buffer(key: str) -> bool:
   return key.endswith("position_ids")  # a non-persistent buffer that older transformers saved
 
 
+def has_projection(params: Any) -> bool:
+  """Whether `params` are a CLIPTextModelWithProjection's (text_model + text_projection)."""
+  return "text_projection" in params
+
+
 def params_from_state_dict(
-  state: dict[str, np.ndarray], config: CLIPTextConfig, source: str, display_prefix: str = ""
+  state: dict[str, np.ndarray],
+  config: CLIPTextConfig,
+  source: str,
+  display_prefix: str = "",
+  with_projection: bool = False,
 ) -> dict[str, Any]:
-  """Flax params from a flat CLIPTextModel state dict with or without the `text_model.` prefix."""
-  if any(k.startswith(TEXT_MODEL_PREFIX) for k in state):
+  """Flax params from a flat CLIPTextModel state dict with or without the `text_model.` prefix, or (with
+  `with_projection`) a CLIPTextModelWithProjection's: `text_projection.weight` and the tower's keys, which carry
+  `text_model.` (a plain tower's transformers 5.x keys gain it, so that only the projection is named missing)."""
+  if with_projection:
+    keep = lambda k: k.startswith((TEXT_MODEL_PREFIX, "text_projection."))
+    state = {k if keep(k) else TEXT_MODEL_PREFIX + k: v for k, v in state.items()}
+  elif any(k.startswith(TEXT_MODEL_PREFIX) for k in state):
     state = {k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in state.items()}
   return torch_layout.torch_to_flax(
     state,
-    abstract_params(config),
+    abstract_params(config, with_projection=with_projection),
     list_names=LIST_NAMES,
     source=source,
     ignore=_is_buffer,
@@ -52,13 +71,17 @@ def params_from_state_dict(
   )
 
 
-def load_clip_text(folder: str) -> tuple[CLIPTextConfig, dict[str, Any]]:
-  """A transformers `CLIPTextModel` folder (config.json + model.safetensors, or pytorch_model.bin)."""
+def load_clip_text(folder: str, with_projection: bool | None = None) -> tuple[CLIPTextConfig, dict[str, Any]]:
+  """A transformers `CLIPTextModel` or `CLIPTextModelWithProjection` folder (config.json + model.safetensors,
+  or pytorch_model.bin). `with_projection` None: as config.json's `architectures` say."""
   if not os.path.isdir(folder):
     raise WeightsError(f"{folder}: not a folder; expected a transformers CLIPTextModel folder")
-  config = CLIPTextConfig.from_json_file(folder)
+  raw, config_path = hf_config.read(folder, "config.json", "a transformers CLIPTextModel folder")
+  config = CLIPTextConfig.from_dict(raw, source=config_path)
+  if with_projection is None:
+    with_projection = WITH_PROJECTION in (raw.get("architectures") or ())
   state, path = weights_io.read_weights_folder(folder, _WEIGHT_STEMS)
-  return config, params_from_state_dict(state, config, source=path)
+  return config, params_from_state_dict(state, config, source=path, with_projection=with_projection)
 
 
 def state_dict(params: Any, prefix: str = TEXT_MODEL_PREFIX) -> dict[str, np.ndarray]:
@@ -67,7 +90,7 @@ def state_dict(params: Any, prefix: str = TEXT_MODEL_PREFIX) -> dict[str, np.nda
 
 def _checked_state(config: CLIPTextConfig, params: Any, out: str) -> dict[str, np.ndarray]:
   """The state dict without prefix, every key the config implies present at its shape, and no other."""
-  table = torch_layout.key_table(abstract_params(config), LIST_NAMES)
+  table = torch_layout.key_table(abstract_params(config, with_projection=has_projection(params)), LIST_NAMES)
   state = state_dict(params, prefix="")
   for key, (_, shape) in table.items():
     if key not in state or state[key].shape != shape:
@@ -79,16 +102,19 @@ def _checked_state(config: CLIPTextConfig, params: Any, out: str) -> dict[str, n
 
 
 def export_clip_text(config: CLIPTextConfig, params: Any, out_dir: str) -> str:
-  """Writes config.json + model.safetensors that `transformers.CLIPTextModel.from_pretrained` loads.
+  """Writes config.json + model.safetensors that `transformers.CLIPTextModel.from_pretrained` loads, or
+  `CLIPTextModelWithProjection.from_pretrained` for params with a projection.
 
   The folder appears only once complete; an existing folder is replaced atomically.
   """
   state = _checked_state(config, params, out_dir)
+  if has_projection(params):  # its keys already carry `text_model.`
+    architecture = WITH_PROJECTION
+  else:
+    architecture, state = "CLIPTextModel", {TEXT_MODEL_PREFIX + k: v for k, v in state.items()}
   with weights_io.atomic_folder(out_dir) as staging:
-    weights_io.write_json(os.path.join(staging, "config.json"), config.to_transformers_dict())
-    weights_io.write_safetensors(
-      os.path.join(staging, "model.safetensors"), {TEXT_MODEL_PREFIX + k: v for k, v in state.items()}
-    )
+    weights_io.write_json(os.path.join(staging, "config.json"), config.to_transformers_dict(architecture))
+    weights_io.write_safetensors(os.path.join(staging, "model.safetensors"), state)
   return out_dir
 
 
@@ -99,6 +125,8 @@ def reference_state_dict(config: CLIPTextConfig, params: Any, out: str = "a refe
   tensors: writing them needs torch."""
   import torch
 
+  if has_projection(params):
+    raise WeightsError(f"{out}: the reference's checkpoints hold a CLIPTextModel; these params have a projection")
   state = {k: torch.from_numpy(np.array(v)) for k, v in _checked_state(config, params, out).items()}
   state["embeddings.position_ids"] = torch.arange(config.max_position_embeddings, dtype=torch.int64)[None]
   out_state = {REFERENCE_PREFIX + k: v for k, v in state.items()}

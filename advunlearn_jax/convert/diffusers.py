@@ -22,10 +22,11 @@ from typing import Any
 from advunlearn_jax import config_lib
 from advunlearn_jax.convert import clip_text, torch_layout, weights_io
 from advunlearn_jax.errors import ConfigError, WeightsError
+from advunlearn_jax.models import hf_config
 from advunlearn_jax.models import unet as unet_lib
 from advunlearn_jax.models import vae as vae_lib
 from advunlearn_jax.models.clip_text import CLIPTextConfig
-from advunlearn_jax.models.pipeline_record import Pipeline, ScheduleConfig
+from advunlearn_jax.models.pipeline_record import Pipeline, ScheduleConfig, SDXLPipeline
 
 _DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
 _HUB_PATTERNS = [  # a sharded component's index and its shards (NAME-00001-of-00002.safetensors) included
@@ -42,6 +43,11 @@ _HUB_PATTERNS = [  # a sharded component's index and its shards (NAME-00001-of-0
   "text_encoder/model.safetensors",
   "text_encoder/model.safetensors.index.json",
   "text_encoder/model-*.safetensors",
+  "text_encoder_2/config.json",  # SDXL's second tower and tokenizer
+  "text_encoder_2/model.safetensors",
+  "text_encoder_2/model.safetensors.index.json",
+  "text_encoder_2/model-*.safetensors",
+  "tokenizer_2/*",
   "tokenizer/*",
   "scheduler/*",
 ]
@@ -124,12 +130,21 @@ def load_vae(folder: str) -> tuple[vae_lib.VAEConfig, Any]:
   return config, params
 
 
+def is_sdxl_folder(root: str) -> bool:
+  """Whether a pipeline folder's UNet takes SDXL's added conditioning (read `load_sdxl_pipeline`, not
+  `load_pipeline`)."""
+  raw, _ = hf_config.read(_component(root, "unet"), "config.json", "a diffusers unet/ folder")
+  return raw.get("addition_embed_type") == "text_time"
+
+
 def load_pipeline(path_or_id: str, text_encoder: str | None = None, with_vae: bool = True) -> Pipeline:
   """Configs and params of every component we use. `text_encoder` swaps in another encoder folder."""
   root = resolve_pretrained(path_or_id)
   if not os.path.isfile(os.path.join(root, "model_index.json")):
     raise ConfigError(f"{root}: no model_index.json; expected a diffusers Stable Diffusion pipeline folder")
   unet_config, unet_params = load_unet(_component(root, "unet"))
+  if unet_config.addition_embed_type is not None:
+    raise ConfigError(f"{root}: an SDXL folder (its UNet takes added conditioning); read it with load_sdxl_pipeline")
   vae_config, vae_params = load_vae(_component(root, "vae")) if with_vae else (None, None)
   text_config, text_params = clip_text.load_clip_text(text_encoder or _component(root, "text_encoder"))
   if text_config.hidden_size != unet_config.cross_attention_dim:
@@ -148,6 +163,54 @@ def load_pipeline(path_or_id: str, text_encoder: str | None = None, with_vae: bo
     text_params,
     _component(root, "tokenizer"),
     schedule,
+  )
+
+
+def load_sdxl_pipeline(path_or_id: str, with_vae: bool = True) -> SDXLPipeline:
+  """Configs and params of an SDXL base folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
+  tokenizer_2/, scheduler/), every component read strictly, and their widths checked against each other."""
+  root = resolve_pretrained(path_or_id)
+  if not os.path.isfile(os.path.join(root, "model_index.json")):
+    raise ConfigError(f"{root}: no model_index.json; expected a diffusers Stable Diffusion XL pipeline folder")
+  unet_config, unet_params = load_unet(_component(root, "unet"))
+  if unet_config.addition_embed_type != "text_time":
+    raise ConfigError(f"{root}/unet/config.json: addition_embed_type is not 'text_time'; this is no SDXL UNet")
+  vae_config, vae_params = load_vae(_component(root, "vae")) if with_vae else (None, None)
+  text_config, text_params = clip_text.load_clip_text(_component(root, "text_encoder"), with_projection=False)
+  text_config_2, text_params_2 = clip_text.load_clip_text(_component(root, "text_encoder_2"), with_projection=True)
+  # The pipeline concatenates the towers' states (pipeline_stable_diffusion_xl.py, `encode_prompt`), and puts
+  # tower 2's text_embeds before the embedded micro-conditioning ids (`_get_add_time_ids`).
+  width = text_config.hidden_size + text_config_2.hidden_size
+  if width != unet_config.cross_attention_dim:
+    raise ConfigError(
+      f"{root}: text encoder widths {text_config.hidden_size} + {text_config_2.hidden_size} do not make the "
+      f"UNet's cross_attention_dim {unet_config.cross_attention_dim}"
+    )
+  ids_width = unet_config.projection_class_embeddings_input_dim - text_config_2.projection_dim
+  if ids_width <= 0 or ids_width % unet_config.addition_time_embed_dim:
+    raise ConfigError(
+      f"{root}: text_encoder_2's projection_dim {text_config_2.projection_dim} leaves {ids_width} of the UNet's "
+      f"projection_class_embeddings_input_dim {unet_config.projection_class_embeddings_input_dim}, not a "
+      f"multiple of addition_time_embed_dim {unet_config.addition_time_embed_dim}"
+    )
+  with open(os.path.join(root, "model_index.json")) as f:
+    force_zeros = json.load(f).get("force_zeros_for_empty_prompt", True)  # diffusers' default when absent
+  if not isinstance(force_zeros, bool):
+    raise ConfigError(f"{root}/model_index.json: key 'force_zeros_for_empty_prompt' = {force_zeros!r}; expected a bool")
+  return SDXLPipeline(
+    root,
+    unet_config,
+    unet_params,
+    vae_config,
+    vae_params,
+    text_config,
+    text_params,
+    text_config_2,
+    text_params_2,
+    _component(root, "tokenizer"),
+    _component(root, "tokenizer_2"),
+    ScheduleConfig.from_json_file(_component(root, "scheduler")),
+    force_zeros,
   )
 
 
@@ -205,4 +268,58 @@ def write_pipeline(
     weights_io.write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler)
     with open(os.path.join(staging, "model_index.json"), "w") as f:
       json.dump(MODEL_INDEX, f, indent=2)
+  return out_dir
+
+
+SDXL_MODEL_INDEX = {
+  "_class_name": "StableDiffusionXLPipeline",
+  "feature_extractor": [None, None],
+  "image_encoder": [None, None],
+  "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"],
+  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+  "tokenizer": ["transformers", "CLIPTokenizer"],
+  "tokenizer_2": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"],
+}
+# SDXL base's scheduler/scheduler_config.json beyond the fields our samplers read: Euler, as SDXL ships it, with
+# 'leading' spacing, which our DDIM tables assume too (diffusers' DDIMScheduler.from_config keeps it).
+_SDXL_SCHEDULER = {
+  "_class_name": "EulerDiscreteScheduler",
+  "timestep_spacing": "leading",
+  "interpolation_type": "linear",
+  "use_karras_sigmas": False,
+}
+
+
+def write_sdxl_pipeline(
+  out_dir: str,
+  *,
+  unet: tuple[unet_lib.UNetConfig, Any],
+  vae: tuple[vae_lib.VAEConfig, Any],
+  text_encoder: tuple[CLIPTextConfig, Any],
+  text_encoder_2: tuple[CLIPTextConfig, Any],
+  tokenizer_dir: str,
+  tokenizer_2_dir: str,
+  schedule: ScheduleConfig,
+  force_zeros_for_empty_prompt: bool = True,
+) -> str:
+  """A complete diffusers folder that `StableDiffusionXLPipeline.from_pretrained` and `load_sdxl_pipeline` load.
+  `text_encoder_2`'s params must hold the projection (a CLIPTextModelWithProjection)."""
+  if not clip_text.has_projection(text_encoder_2[1]):
+    raise WeightsError(f"export to {out_dir}: text_encoder_2's params have no text_projection (SDXL pools through it)")
+  with weights_io.atomic_folder(out_dir) as staging:
+    export_unet(*unet, os.path.join(staging, "unet"))
+    export_vae(*vae, os.path.join(staging, "vae"))
+    clip_text.export_clip_text(*text_encoder, os.path.join(staging, "text_encoder"))
+    clip_text.export_clip_text(*text_encoder_2, os.path.join(staging, "text_encoder_2"))
+    shutil.copytree(tokenizer_dir, os.path.join(staging, "tokenizer"))
+    shutil.copytree(tokenizer_2_dir, os.path.join(staging, "tokenizer_2"))
+    os.makedirs(os.path.join(staging, "scheduler"))
+    weights_io.write_json(
+      os.path.join(staging, "scheduler", "scheduler_config.json"), {**_SDXL_SCHEDULER, **schedule.__dict__}
+    )
+    index = {**SDXL_MODEL_INDEX, "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt}
+    weights_io.write_json(os.path.join(staging, "model_index.json"), index)
   return out_dir

@@ -67,14 +67,15 @@ def default_cache_dir() -> str:
   return cache_dir("clip_tokenizer")
 
 
-def write_clip_tokenizer_folder(out_dir: str, bpe_path: str | None = None) -> str:
-  """Writes vocab.json, merges.txt and the configs of SD 1.x's tokenizer (pad = `<|endoftext|>`)."""
+def write_clip_tokenizer_folder(out_dir: str, bpe_path: str | None = None, pad_token: str = "<|endoftext|>") -> str:
+  """Writes vocab.json, merges.txt and the configs of SD 1.x's tokenizer (pad = `<|endoftext|>`); SDXL's
+  tokenizer_2/ is the same with pad_token "!" (id 0)."""
   vocab, merges = build_vocab_and_merges(bpe_path or openai_bpe_path())
   special = {
     "bos_token": "<|startoftext|>",
     "eos_token": "<|endoftext|>",
     "unk_token": "<|endoftext|>",
-    "pad_token": "<|endoftext|>",
+    "pad_token": pad_token,
   }
   with atomic_folder(out_dir) as staging:
     with open(os.path.join(staging, "vocab.json"), "w", encoding="utf-8") as f:

@@ -1,4 +1,7 @@
-"""Text-to-image generation with our Flax pipeline: encode prompts, denoise with CFG, decode, save PNGs."""
+"""Text-to-image generation with our Flax pipelines: encode prompts, denoise with CFG, decode, save PNGs.
+
+An SD 1.x/2.x `Pipeline` conditions on one array, an `SDXLPipeline` on an `SDXLCond` pytree
+(diffusion/sdxl_conditioning.py); past the encoding both take the same path."""
 
 from __future__ import annotations
 
@@ -14,19 +17,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from advunlearn_jax.data import tokenizer as tok_lib
-from advunlearn_jax.diffusion import sampling
+from advunlearn_jax.diffusion import sampling, sdxl_conditioning
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import encode_ids
-from advunlearn_jax.models.pipeline_record import Pipeline
-from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.models.pipeline_record import Pipeline, SDXLPipeline
+from advunlearn_jax.models.unet import UNet2DConditionModel, apply_conditioned
 from advunlearn_jax.models.vae import AutoencoderKL
 
 
-def encode_prompts(pipe: Pipeline, prompts: Sequence[str], text_params: Any = None) -> jax.Array:
-  """Last hidden states [B, 77, D] of `prompts` under the pipeline's (or the given) text encoder."""
+def encode_prompts(pipe: Pipeline | SDXLPipeline, prompts: Sequence[str], text_params: Any = None) -> Any:
+  """The UNet's conditioning for `prompts` under the pipeline's (or the given) text encoder: last hidden states
+  [B, 77, D]; for SDXL an `SDXLCond` (`text_params` then a pair, tower 1's and tower 2's, either None)."""
+  if isinstance(pipe, SDXLPipeline):
+    return sdxl_conditioning.encode_prompts(pipe, prompts, text_params)
   ids = tok_lib.tokenize(tok_lib.load_tokenizer(pipe.tokenizer_dir), prompts)
   params = pipe.text_params if text_params is None else text_params
   return encode_ids(pipe.text_config, params, jnp.asarray(ids))
+
+
+def unconditional(pipe: Pipeline | SDXLPipeline, n: int, text_params: Any = None) -> Any:
+  """CFG's unconditional branch for `n` rows: "" under the prompts' encoder (the reference's evaluation uses the
+  unlearned encoder for both), or SDXL's zeros where its folder forces them."""
+  if isinstance(pipe, SDXLPipeline):
+    return sdxl_conditioning.unconditional(pipe, n, text_params)
+  return encode_prompts(pipe, [""] * n, text_params)
 
 
 LATENT_SOURCES = ("jax", "torch")
@@ -39,7 +53,7 @@ def check_latent_source(source: str, key: str) -> None:
     raise ConfigError(f"config.{key}=torch draws the start latents with torch: pip install torch==2.13.0")
 
 
-def initial_latents(pipe: Pipeline, n: int, seed: int, source: str = "jax") -> jax.Array:
+def initial_latents(pipe: Pipeline | SDXLPipeline, n: int, seed: int, source: str = "jax") -> jax.Array:
   """[n, h, w, c] start latents from `seed`. `source="torch"`: `torch.manual_seed(seed); torch.randn(n, c, h, w)`
   on the CPU generator, as the official UnlearnDiffAtk and AdvUnlearn scripts draw them, so outcomes can be
   compared prompt by prompt (the pipeline then scales them by the scheduler's initial sigma, as theirs does)."""
@@ -53,9 +67,9 @@ def initial_latents(pipe: Pipeline, n: int, seed: int, source: str = "jax") -> j
 
 
 def denoise_latents(
-  pipe: Pipeline,
-  cond: jax.Array,
-  uncond: jax.Array,
+  pipe: Pipeline | SDXLPipeline,
+  cond: Any,
+  uncond: Any,
   latents: jax.Array,
   *,
   scheduler: str = "lms",
@@ -74,7 +88,7 @@ def _denoiser(unet_config, guidance: float):
   unet = UNet2DConditionModel(unet_config)
 
   def denoise(args, x, t):
-    unet_fn = lambda xx, tt, cc: unet.apply({"params": args["unet"]}, xx, tt, cc)
+    unet_fn = lambda xx, tt, cc: apply_conditioned(unet, args["unet"], xx, tt, cc)
     if guidance <= 1.0:  # diffusers skips the unconditional branch then
       return unet_fn(x, jnp.broadcast_to(t, (x.shape[0],)), args["cond"])
     return sampling.cfg_eps(unet_fn, x, t, args["cond"], args["uncond"], guidance)
@@ -103,7 +117,7 @@ def encode_posteriors(config, params, images: jax.Array) -> tuple[jax.Array, jax
   return mean, jnp.exp(0.5 * logvar)
 
 
-def encode_images(pipe: Pipeline, images: np.ndarray) -> jax.Array:
+def encode_images(pipe: Pipeline | SDXLPipeline, images: np.ndarray) -> jax.Array:
   """uint8 images [B, H, W, 3] -> latents scaled as the UNet sees them (the inverse of `decode_images`)."""
   x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
   return encode_means(pipe.vae_config, pipe.vae_params, x) * pipe.vae_config.scaling_factor
@@ -116,17 +130,17 @@ def decode_uint8(config, params, latents: jax.Array) -> jax.Array:
   return (images * 255).round().astype(jnp.uint8)
 
 
-def image_size(pipe: Pipeline) -> int:
+def image_size(pipe: Pipeline | SDXLPipeline) -> int:
   """The side of decoded images: the UNet's latent side times the VAE's downsampling (SD 1.x: 64 * 8)."""
   return pipe.unet_config.sample_size * 2 ** (len(pipe.vae_config.block_out_channels) - 1)
 
 
-def decode_images(pipe: Pipeline, latents: jax.Array) -> np.ndarray:
+def decode_images(pipe: Pipeline | SDXLPipeline, latents: jax.Array) -> np.ndarray:
   return np.asarray(decode_uint8(pipe.vae_config, pipe.vae_params, latents))
 
 
 def generate(
-  pipe: Pipeline,
+  pipe: Pipeline | SDXLPipeline,
   prompts: Sequence[str],
   latents: jax.Array,
   *,
@@ -136,10 +150,9 @@ def generate(
   guidance: float = 7.5,
   progress: bool = False,
 ) -> np.ndarray:
-  """Images for `prompts` from NHWC `latents`. The unconditional "" branch uses the same encoder as the
-  prompts (the reference's evaluation does this with the unlearned encoder)."""
+  """Images for `prompts` from NHWC `latents`, with `unconditional`'s branch for CFG."""
   cond = encode_prompts(pipe, prompts, text_params)
-  uncond = encode_prompts(pipe, [""] * len(prompts), text_params)
+  uncond = unconditional(pipe, len(prompts), text_params)
   out = denoise_latents(
     pipe, cond, uncond, latents, scheduler=scheduler, steps=steps, guidance=guidance, progress=progress
   )

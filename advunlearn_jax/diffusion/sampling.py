@@ -22,14 +22,18 @@ def cfg_eps(
   unet_fn: Callable[..., jax.Array],
   x: jax.Array,
   t: jax.Array,
-  cond: jax.Array,
-  uncond: jax.Array,
+  cond: Any,
+  uncond: Any,
   scale: float | jax.Array,
 ) -> jax.Array:
-  """eps_u + s * (eps_c - eps_u), with one batched UNet call on [uncond; cond] as the reference does."""
+  """eps_u + s * (eps_c - eps_u), with one batched UNet call on [uncond; cond] as the reference does.
+
+  `cond` and `uncond` are the UNet's conditioning: SD's context array, or a pytree of batch-leading arrays (SDXL's
+  `SDXLCond`, whose pooled embeddings and time ids are stacked the same way, as diffusers' SDXL pipeline does)."""
   n = x.shape[0]
   t = jnp.broadcast_to(t, (n,))  # one timestep for all rows, or one per row
-  eps = unet_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([uncond, cond]))
+  both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+  eps = unet_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
   eps_u, eps_c = eps[:n], eps[n:]
   return eps_u + scale * (eps_c - eps_u)
 

@@ -2,7 +2,8 @@
 
 This is the module AdvUnlearn trains. Parameter names mirror transformers' `CLIPTextModel`
 (`encoder.layers.3.self_attn.q_proj` becomes `encoder/layers_3/self_attn/q_proj`), so conversion is a
-mechanical rule (see `convert/clip_text.py`).
+mechanical rule (see `convert/clip_text.py`). SDXL conditions on two towers: each one's penultimate hidden state
+(before the final layer norm), and the second's projected pooled output (`CLIPTextModelWithProjection`).
 
 Two entry points, because the attacker and the defender both feed word embeddings:
   * `model.apply(params, input_ids)`;
@@ -102,10 +103,10 @@ class CLIPTextConfig:
     raw, path = hf_config.read(path, "config.json", "a transformers CLIPTextModel folder")
     return cls.from_dict(raw, source=path)
 
-  def to_transformers_dict(self) -> dict[str, Any]:
-    """The config.json that `transformers.CLIPTextModel.from_pretrained` reads (4.x and 5.x)."""
+  def to_transformers_dict(self, architecture: str = "CLIPTextModel") -> dict[str, Any]:
+    """The config.json that `transformers.<architecture>.from_pretrained` reads (4.x and 5.x)."""
     return {
-      "architectures": ["CLIPTextModel"],
+      "architectures": [architecture],
       "model_type": "clip_text_model",
       **dataclasses.asdict(self),
       "attention_dropout": 0.0,
@@ -117,8 +118,12 @@ class CLIPTextConfig:
 
 
 class CLIPTextOutput(NamedTuple):
-  last_hidden_state: jax.Array  # [B, T, D], the UNet conditioning.
+  last_hidden_state: jax.Array  # [B, T, D], the UNet conditioning of SD 1.x/2.x.
   pooled_output: jax.Array | None  # [B, D] at the EOT position; None when no ids were given.
+  # [B, T, D]: transformers' `hidden_states[-2]`, the output of the last layer but one, without the final layer
+  # norm: what SDXL's pipeline takes from both towers. Free under jit when unused.
+  penultimate_hidden_state: jax.Array | None = None
+  text_embeds: jax.Array | None = None  # [B, P]: pooled_output @ text_projection (CLIPTextModelWithProjection)
 
 
 class CLIPAttention(nn.Module):
@@ -172,9 +177,14 @@ class CLIPEncoder(nn.Module):
     self.layers = [CLIPEncoderLayer(self.config, self.dtype, self.causal) for _ in range(n)]
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    return self.hidden_states(x)[-1]
+
+  def hidden_states(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    """transformers' `hidden_states`: the input, then every layer's output."""
+    states = (x,)
     for layer in self.layers:
-      x = layer(x)
-    return x
+      states += (layer(states[-1]),)
+    return states
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -218,12 +228,12 @@ class CLIPTextModel(nn.Module):
       if input_ids is None:
         raise ValueError("CLIPTextModel needs input_ids or inputs_embeds")
       inputs_embeds = self.embeddings.word_embeddings(input_ids)
-    x = self.embeddings(inputs_embeds).astype(self.dtype)
-    x = self.final_layer_norm(self.encoder(x))
+    states = self.encoder.hidden_states(self.embeddings(inputs_embeds).astype(self.dtype))
+    x = self.final_layer_norm(states[-1])
     pooled = None
     if input_ids is not None:
       pooled = jnp.take_along_axis(x, self.eot_positions(input_ids)[:, None, None], axis=1)[:, 0]
-    return CLIPTextOutput(last_hidden_state=x, pooled_output=pooled)
+    return CLIPTextOutput(last_hidden_state=x, pooled_output=pooled, penultimate_hidden_state=states[-2])
 
   def word_embeddings(self, input_ids: jax.Array) -> jax.Array:
     """Token-embedding rows (before position embeddings): the space the attack optimises in."""
@@ -235,19 +245,49 @@ class CLIPTextModel(nn.Module):
     return jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
 
 
+class CLIPTextModelWithProjection(nn.Module):
+  """transformers' `CLIPTextModelWithProjection`: SDXL's second tower (OpenCLIP bigG). Same calls as
+  CLIPTextModel; `text_embeds` is set where ids give the pooled position."""
+
+  config: CLIPTextConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.text_model = CLIPTextModel(self.config, self.dtype)
+    self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype)
+
+  def __call__(
+    self,
+    input_ids: jax.Array | None = None,
+    *,
+    inputs_embeds: jax.Array | None = None,
+  ) -> CLIPTextOutput:
+    out = self.text_model(input_ids, inputs_embeds=inputs_embeds)
+    if out.pooled_output is None:
+      return out
+    return out._replace(text_embeds=self.text_projection(out.pooled_output))
+
+  def word_embeddings(self, input_ids: jax.Array) -> jax.Array:
+    return self.text_model.word_embeddings(input_ids)
+
+
+def text_tower(config: CLIPTextConfig, with_projection: bool = False, dtype: Any = jnp.float32) -> nn.Module:
+  return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config, dtype)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def encode_ids(config: CLIPTextConfig, params: Any, ids: jax.Array) -> jax.Array:
   """Last hidden states [B, T, D] of token ids: the UNet conditioning of whole prompts."""
   return CLIPTextModel(config).apply({"params": params}, ids).last_hidden_state
 
 
-def abstract_params(config: CLIPTextConfig, seq_len: int | None = None) -> Any:
+def abstract_params(config: CLIPTextConfig, seq_len: int | None = None, with_projection: bool = False) -> Any:
   """Parameter shapes and dtypes without allocating them (`jax.eval_shape`)."""
   seq_len = seq_len or config.max_position_embeddings
   ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-  return jax.eval_shape(CLIPTextModel(config).init, jax.random.key(0), ids)["params"]
+  return jax.eval_shape(text_tower(config, with_projection).init, jax.random.key(0), ids)["params"]
 
 
-def init_params(config: CLIPTextConfig, rng: jax.Array) -> Any:
+def init_params(config: CLIPTextConfig, rng: jax.Array, with_projection: bool = False) -> Any:
   ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
-  return jax.jit(CLIPTextModel(config).init)(rng, ids)["params"]
+  return jax.jit(text_tower(config, with_projection).init)(rng, ids)["params"]

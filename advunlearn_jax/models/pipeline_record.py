@@ -92,3 +92,24 @@ class Pipeline(NamedTuple):
   text_params: Any
   tokenizer_dir: str
   schedule: ScheduleConfig
+
+
+class SDXLPipeline(NamedTuple):
+  """A diffusers SDXL folder's weights and configs (convert/diffusers.load_sdxl_pipeline): the UNet conditions on
+  both towers' penultimate states, concatenated, and on tower 2's `text_embeds` with the micro-conditioning ids."""
+
+  root: str
+  unet_config: UNetConfig
+  unet_params: Any
+  vae_config: VAEConfig | None
+  vae_params: Any
+  text_config: CLIPTextConfig  # text_encoder/: CLIP-L, a CLIPTextModel
+  text_params: Any
+  text_config_2: CLIPTextConfig  # text_encoder_2/: OpenCLIP bigG, a CLIPTextModelWithProjection
+  text_params_2: Any
+  tokenizer_dir: str
+  tokenizer_2_dir: str
+  schedule: ScheduleConfig
+  # model_index.json's `force_zeros_for_empty_prompt` (diffusers' default True, as SDXL base says): CFG's
+  # unconditional branch is all zeros (context and pooled embeddings) instead of the towers' encoding of "".
+  force_zeros_for_empty_prompt: bool = True

@@ -1,7 +1,9 @@
 """Stable Diffusion's UNet2DConditionModel in Flax Linen, configured from a diffusers `unet/config.json`.
 
-Covers the SD 1.x layout (conv projections, one head count for every block) and the SD 2.x variants (linear
-projections, per-block head counts). Parameter names mirror diffusers (`down_blocks.1.attentions.0.
+Covers the SD 1.x layout (conv projections, one head count for every block), the SD 2.x variants (linear
+projections, per-block head counts) and SDXL's (no attention at the top level, per-block transformer depth, and
+the `text_time` added embedding: pooled text embeddings and micro-conditioning ids added to the time embedding,
+passed as `AddedCond`). Parameter names mirror diffusers (`down_blocks.1.attentions.0.
 transformer_blocks.0.attn2.to_k` becomes `down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k`).
 Layout is NHWC: `sample` [B, H, W, C_in], `encoder_hidden_states` [B, T, D] -> [B, H, W, C_out].
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,6 +30,7 @@ from advunlearn_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn",)
+ADDITION_EMBED_TYPES = (None, "text_time")
 REMAT_POLICIES = {
   "none": None,
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -40,7 +43,6 @@ _FIXED_OPTIONS = {
   "only_cross_attention": False,
   "dual_cross_attention": False,
   "class_embed_type": None,
-  "addition_embed_type": None,
   "num_class_embeds": None,
   "encoder_hid_dim": None,
   "encoder_hid_dim_type": None,
@@ -82,13 +84,26 @@ class UNetConfig:
   layers_per_block: int = 2
   num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)  # per down block; resolved from attention_head_dim
   cross_attention_dim: int = 768
-  transformer_layers_per_block: int = 1
+  transformer_layers_per_block: int | tuple[int, ...] = 1  # one depth, or one per down block (SDXL)
   use_linear_projection: bool = False
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   flip_sin_to_cos: bool = True
   freq_shift: int = 0
   sample_size: int = 64
+  # SDXL's added conditioning: `text_time` embeds each micro-conditioning id like a timestep (this many
+  # channels), concatenates them after the pooled text embeddings, and maps that row (this wide) to the time
+  # embedding's width.
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
+
+  @property
+  def transformer_depths(self) -> tuple[int, ...]:
+    """Transformer layers per down block; up blocks take them reversed, the mid block the last (diffusers'
+    unet_2d_condition.py: `reversed_transformer_layers_per_block`, `transformer_layers_per_block[-1]`)."""
+    depth = self.transformer_layers_per_block
+    return tuple(depth) if isinstance(depth, tuple) else (depth,) * len(self.down_block_types)
 
   @classmethod
   def from_dict(cls, raw: dict[str, Any], source: str = "unet config") -> UNetConfig:
@@ -117,9 +132,28 @@ class UNetConfig:
     heads = tuple(heads) if isinstance(heads, list | tuple) else (heads,) * len(down)
     if len(heads) != len(down):
       raise bad("attention_head_dim", f"has {len(heads)} entries for {len(down)} blocks")
-    for key in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block"):
+    for key in ("layers_per_block", "cross_attention_dim"):
       if isinstance(raw.get(key), list | tuple):
-        raise bad(key, "per-block lists are not supported (SD 1.x/2.x use one value)")
+        raise bad(key, "per-block lists are not supported (SD 1.x/2.x/XL use one value)")
+    depth = raw.get("transformer_layers_per_block", 1)
+    if isinstance(depth, list | tuple):
+      depth = tuple(depth)
+      if len(depth) != len(down) or not all(isinstance(d, int) and d > 0 for d in depth):
+        raise bad("transformer_layers_per_block", f"= {list(depth)} must hold one positive int per down block")
+    elif not (isinstance(depth, int) and depth > 0):
+      raise bad("transformer_layers_per_block", f"= {depth!r} must be a positive int or one per down block")
+    added = raw.get("addition_embed_type")
+    if added not in ADDITION_EMBED_TYPES:
+      raise bad("addition_embed_type", f"= {added!r} is not supported; supported: {list(ADDITION_EMBED_TYPES)}")
+    time_dim, added_width = raw.get("addition_time_embed_dim"), raw.get("projection_class_embeddings_input_dim")
+    if added == "text_time":
+      # diffusers zero-pads an odd timestep embedding; no SDXL checkpoint has one, so we refuse it.
+      if not (isinstance(time_dim, int) and time_dim > 0 and time_dim % 2 == 0):
+        raise bad("addition_time_embed_dim", f"= {time_dim!r} must be a positive even int for 'text_time'")
+      if not (isinstance(added_width, int) and added_width > 0):
+        raise bad("projection_class_embeddings_input_dim", f"= {added_width!r} must be a positive int for 'text_time'")
+    else:
+      time_dim = added_width = None  # read only by the added embeddings we build
     groups = raw.get("norm_num_groups", 32)
     for c in channels:
       if groups is None or c % groups:
@@ -134,13 +168,16 @@ class UNetConfig:
       layers_per_block=raw.get("layers_per_block", 2),
       num_attention_heads=heads,
       cross_attention_dim=raw.get("cross_attention_dim", 1280),
-      transformer_layers_per_block=raw.get("transformer_layers_per_block", 1),
+      transformer_layers_per_block=depth,
       use_linear_projection=bool(raw.get("use_linear_projection", False)),
       norm_num_groups=groups,
       norm_eps=raw.get("norm_eps", 1e-5),
       flip_sin_to_cos=raw.get("flip_sin_to_cos", True),
       freq_shift=raw.get("freq_shift", 0),
       sample_size=raw.get("sample_size", 64),
+      addition_embed_type=added,
+      addition_time_embed_dim=time_dim,
+      projection_class_embeddings_input_dim=added_width,
     )
 
   @classmethod
@@ -151,6 +188,9 @@ class UNetConfig:
   def to_diffusers_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     heads = d.pop("num_attention_heads")
+    if self.addition_embed_type is None:  # SD 1.x/2.x folders keep the config they always had
+      for key in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        del d[key]
     return {
       "_class_name": "UNet2DConditionModel",
       **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()},
@@ -255,7 +295,7 @@ class DownBlock(nn.Module):
         Transformer2DModel(
           out,
           cfg.num_attention_heads[i],
-          cfg.transformer_layers_per_block,
+          cfg.transformer_depths[i],
           cfg.use_linear_projection,
           cfg.norm_num_groups,
           self.dtype,
@@ -294,7 +334,7 @@ class UpBlock(nn.Module):
     if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
       self.attentions = [
         Transformer2DModel(
-          out, heads, cfg.transformer_layers_per_block, cfg.use_linear_projection, cfg.norm_num_groups, self.dtype
+          out, heads, cfg.transformer_depths[::-1][i], cfg.use_linear_projection, cfg.norm_num_groups, self.dtype
         )
         for _ in range(n)
       ]
@@ -323,7 +363,7 @@ class MidBlock(nn.Module):
       Transformer2DModel(
         c,
         cfg.num_attention_heads[-1],
-        cfg.transformer_layers_per_block,
+        cfg.transformer_depths[-1],
         cfg.use_linear_projection,
         cfg.norm_num_groups,
         self.dtype,
@@ -346,6 +386,29 @@ class TimestepEmbedding(nn.Module):
     return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
 
 
+class AddedCond(NamedTuple):
+  """SDXL's `added_cond_kwargs` for `addition_embed_type="text_time"`."""
+
+  text_embeds: jax.Array  # [B, P]: the second text tower's projected pooled output
+  time_ids: jax.Array  # [B, N]: micro-conditioning (SDXL base: original h, w, crop top, left, target h, w)
+
+
+class SDXLCond(NamedTuple):
+  """An SDXL UNet's whole conditioning as one pytree whose leaves all lead with the batch axis, so CFG's
+  [uncond; cond] concatenation and the partial DDIM's row sorting and slicing treat it as they treat SD's context
+  array."""
+
+  context: jax.Array  # [B, T, D1 + D2]: both towers' penultimate states, concatenated
+  added: AddedCond
+
+
+def apply_conditioned(unet: nn.Module, params: Any, sample: jax.Array, timesteps: jax.Array, cond: Any) -> jax.Array:
+  """`unet.apply` on a conditioning pytree: SD's context array [B, T, D], or an `SDXLCond`."""
+  if isinstance(cond, SDXLCond):
+    return unet.apply({"params": params}, sample, timesteps, cond.context, cond.added)
+  return unet.apply({"params": params}, sample, timesteps, cond)
+
+
 class UNet2DConditionModel(nn.Module):
   config: UNetConfig
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
@@ -362,13 +425,21 @@ class UNet2DConditionModel(nn.Module):
     )
     self.conv_in = conv(cfg.block_out_channels[0], dtype=self.dtype)
     self.time_embedding = TimestepEmbedding(cfg.block_out_channels[0] * 4, self.dtype)
+    if cfg.addition_embed_type == "text_time":
+      self.add_embedding = TimestepEmbedding(cfg.block_out_channels[0] * 4, self.dtype)
     self.down_blocks = [wrap(DownBlock)(cfg, i, self.dtype) for i in range(len(cfg.down_block_types))]
     self.mid_block = wrap(MidBlock)(cfg, self.dtype)
     self.up_blocks = [wrap(UpBlock)(cfg, i, self.dtype) for i in range(len(cfg.up_block_types))]
     self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype)
     self.conv_out = conv(cfg.out_channels, dtype=self.dtype)
 
-  def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
+  def __call__(
+    self,
+    sample: jax.Array,
+    timesteps: jax.Array,
+    encoder_hidden_states: jax.Array,
+    added_cond: AddedCond | None = None,
+  ) -> jax.Array:
     cfg = self.config
     factor = 2 ** (len(cfg.block_out_channels) - 1)
     if sample.shape[1] % factor or sample.shape[2] % factor:
@@ -376,6 +447,10 @@ class UNet2DConditionModel(nn.Module):
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
     temb = self.time_embedding(t_emb.astype(self.dtype))
+    if cfg.addition_embed_type == "text_time":
+      temb = temb + self._text_time_embedding(added_cond)
+    elif added_cond is not None:
+      raise ValueError("added_cond given, but the UNet config has no addition_embed_type")
     context = encoder_hidden_states.astype(self.dtype)
 
     x = self.conv_in(sample.astype(self.dtype))
@@ -390,6 +465,23 @@ class UNet2DConditionModel(nn.Module):
       skips = skips[:-n]
     x = self.conv_out(nn.silu(self.conv_norm_out(x)))
     return x.astype(jnp.float32)
+
+  def _text_time_embedding(self, added_cond: AddedCond | None) -> jax.Array:
+    """diffusers' `get_aug_embed` for "text_time": every id embedded as a timestep, flattened per row after the
+    text embeddings, then the add_embedding MLP (unet_2d_condition.py, `addition_embed_type == "text_time"`)."""
+    cfg = self.config
+    if added_cond is None:
+      raise ValueError("this UNet's config has addition_embed_type 'text_time': pass added_cond=AddedCond(...)")
+    text_embeds, time_ids = added_cond
+    width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+    if width != cfg.projection_class_embeddings_input_dim:
+      raise ValueError(
+        f"text_embeds {text_embeds.shape} and time_ids {time_ids.shape} make rows {width} wide; the config's "
+        f"projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}"
+      )
+    ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+    ids = ids.reshape(time_ids.shape[0], -1)
+    return self.add_embedding(jnp.concatenate([text_embeds.astype(jnp.float32), ids], axis=-1).astype(self.dtype))
 
 
 LIST_NAMES = (
@@ -411,4 +503,11 @@ def abstract_params(config: UNetConfig, latent_hw: int = 8) -> Any:
   sample = jax.ShapeDtypeStruct((1, hw, hw, config.in_channels), jnp.float32)
   context = jax.ShapeDtypeStruct((1, 77, config.cross_attention_dim), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  return jax.eval_shape(UNet2DConditionModel(config).init, jax.random.key(0), sample, t, context)["params"]
+  added = None
+  if config.addition_embed_type == "text_time":
+    # Only the concatenated width shapes add_embedding, and the UNet config does not say how it splits
+    # (SDXL base: 1280 + 6 ids, the refiner: 1280 + 5), so the abstract row is all text embeddings.
+    width = config.projection_class_embeddings_input_dim
+    added = AddedCond(jax.ShapeDtypeStruct((1, width), jnp.float32), jax.ShapeDtypeStruct((1, 0), jnp.float32))
+  init = UNet2DConditionModel(config).init
+  return jax.eval_shape(init, jax.random.key(0), sample, t, context, added)["params"]
