@@ -27,7 +27,7 @@ from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.models.pipeline_record import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline, SDXLPipeline
 from advunlearn_jax.training import checkpoint, workdir_lock
 from advunlearn_jax.unlearn import trainable
 
@@ -124,6 +124,29 @@ def write(
     shutil.copytree(pipe.root, staging, ignore=shutil.ignore_patterns(tower, ".cache"), copy_function=_link_or_copy)
     shutil.copytree(component_dir, os.path.join(staging, tower))
   return {**outputs, tower: component_dir, "pipeline": pipeline_dir}
+
+
+def write_sdxl(out: str, pipe: SDXLPipeline, text_params: dict, enabled: bool = True) -> dict[str, str]:
+  """SDXL text-encoder methods: both towers, `text_params` as the step holds them ({"text_encoder": ...,
+  "text_encoder_2": ...}, an untrained tower as loaded), as `out/text_encoder` (CLIPTextModel.from_pretrained) and
+  `out/text_encoder_2` (CLIPTextModelWithProjection.from_pretrained), and `out/pipeline`, the source SDXL folder with
+  the pair in place: a drop-in for StableDiffusionXLPipeline.from_pretrained. Both towers always: the pair is what
+  the UNet was conditioned by in training, and a loader that mixes one trained tower with another folder's second
+  gets what it asked for only when that tower is the original."""
+  towers = {"text_encoder": pipe.text_config, "text_encoder_2": pipe.text_config_2}
+  paths = {name: os.path.join(out, name) for name in towers}
+  pipeline_dir = os.path.join(out, "pipeline")
+  if not enabled:
+    return {**paths, "pipeline": pipeline_dir}
+  for name, config in towers.items():
+    clip_convert.export_clip_text(config, text_params[name], paths[name])
+  with weights_io.atomic_folder(pipeline_dir) as staging:
+    os.rmdir(staging)
+    ignore = shutil.ignore_patterns(*towers, ".cache")
+    shutil.copytree(pipe.root, staging, ignore=ignore, copy_function=_link_or_copy)
+    for name in towers:
+      shutil.copytree(paths[name], os.path.join(staging, name))
+  return {**paths, "pipeline": pipeline_dir}
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -58,8 +58,8 @@ class AttackConfig(NamedTuple):
 
 
 class AttackResult(NamedTuple):
-  sequence: jax.Array  # [77, D] the adversarial sequence (word embeddings, or conditioning for condition_embd)
-  delta: jax.Array  # [k, D] the adversarial rows that built `sequence`
+  sequence: Any  # [77, D] the adversarial sequence (word embeddings, or conditioning for condition_embd)
+  delta: Any  # [k, D] the adversarial rows that built `sequence` (SDXL: both a pair, one per text tower)
   first_loss: jax.Array
   last_loss: jax.Array
 
@@ -104,27 +104,31 @@ def run(
 ) -> AttackResult:
   """Minimises `attack_loss(sequence, point)` over delta, the sequence being `word_embeds` (word embeddings, or
   the clean prompt's conditioning for condition_embd) with delta placed by the layout. Step i sees training
-  point i of `points` (a pytree with a leading axis of `cfg.steps`): fresh t and noise per step (spec 3.2)."""
+  point i of `points` (a pytree with a leading axis of `cfg.steps`): fresh t and noise per step (spec 3.2).
+
+  `delta0` and `word_embeds` may be matching pytrees (SDXL's pair of towers): one layout places every leaf's rows,
+  the sign, accumulation and projection act per leaf, and Adam's moments are per leaf as they are per element."""
   opt = optax.adam(cfg.lr)
+  tree = jax.tree.map
 
   def build(delta):
-    return prompts.build_sequence(word_embeds, delta, word_index, delta_index)
+    return tree(lambda w, d: prompts.build_sequence(w, d, word_index, delta_index), word_embeds, delta)
 
   def body(i, carry):
     delta, opt_state, acc, _, first, _ = carry
     point = jax.tree.map(lambda a: a[i], points)
     loss, grad = jax.value_and_grad(lambda d: attack_loss(build(d), point))(delta)
-    acc = acc + grad if cfg.accumulate_grad else grad
+    acc = tree(jnp.add, acc, grad) if cfg.accumulate_grad else grad
     if cfg.method == "fast_at":
-      acc = jnp.sign(acc)  # the reference overwrites .grad with its sign, so the sign is what accumulates
+      acc = tree(jnp.sign, acc)  # the reference overwrites .grad with its sign, so the sign is what accumulates
     updates, opt_state = opt.update(acc, opt_state, delta)
     new_delta = optax.apply_updates(delta, updates)
     if cfg.eps > 0:
-      new_delta = project(new_delta, delta0, cfg.eps, cfg.norm)
+      new_delta = tree(lambda d, d0: project(d, d0, cfg.eps, cfg.norm), new_delta, delta0)
     first = jnp.where(i == 0, loss, first)
     return new_delta, opt_state, acc, delta, first, loss
 
-  zeros = jnp.zeros_like(delta0)
+  zeros = tree(jnp.zeros_like, delta0)
   init = (delta0, opt.init(delta0), zeros, delta0, jnp.zeros(()), jnp.zeros(()))
   delta, _, _, delta_at_last_step, first, last = jax.lax.fori_loop(0, cfg.steps, body, init)
   if cfg.return_pre_final:

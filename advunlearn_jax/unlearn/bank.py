@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.diffusion.sampling import cfg_eps
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.models.unet import UNet2DConditionModel
-from advunlearn_jax.unlearn import trainable
+from advunlearn_jax.models.unet import UNet2DConditionModel, apply_conditioned
+from advunlearn_jax.unlearn import cond_tree, trainable
 
 SOURCES = ("online", "online_sequential", "bank")
 
@@ -72,7 +72,7 @@ def check_source(source: str, trained: trainable.Trained) -> None:
 
 
 def _trajectories(unet, unet_params, noise, cond, uncond, tables, guidance):
-  unet_fn = lambda x, t, ctx: unet.apply({"params": unet_params}, x, t, ctx)
+  unet_fn = lambda x, t, ctx: apply_conditioned(unet, unet_params, x, t, ctx)
   eps_fn = lambda x, t: cfg_eps(unet_fn, x, t, cond, uncond, guidance)
   return jnp.moveaxis(ddim.ddim_trajectory(eps_fn, noise, tables), 0, 1)  # [B, S - 1, ...]
 
@@ -92,19 +92,19 @@ def build(
   times."""
   run = jax.jit(_trajectories, static_argnums=(0, 6))
 
-  def rollouts(key, conds):  # conds [M, 77, D] -> [M, ...], in chunks of `chunk` rollouts
+  def rollouts(key, conds):  # conds [M, 77, D] (or an SDXLCond) -> [M, ...], in chunks of `chunk` rollouts
     outs = []
-    for start in range(0, conds.shape[0], chunk):
-      c = conds[start : start + chunk]
-      noise = jax.random.normal(jax.random.fold_in(key, start), (c.shape[0], *latent_shape))
-      uncond = jnp.broadcast_to(frozen.emb_uncond, c.shape)
+    for start in range(0, cond_tree.rows(conds), chunk):
+      c = cond_tree.take(conds, slice(start, start + chunk))
+      noise = jax.random.normal(jax.random.fold_in(key, start), (cond_tree.rows(c), *latent_shape))
+      uncond = cond_tree.broadcast_like(frozen.emb_uncond, c)
       outs.append(run(unet, unet_params, noise, c, uncond, frozen.tables, guidance))
     return jnp.concatenate(outs)
 
   k_c, k_r = jax.random.split(key)
-  n_c, n_r = frozen.concept_emb.shape[0], frozen.retain_emb.shape[0]
-  concept = rollouts(k_c, jnp.repeat(frozen.concept_emb, cfg.concept_trajectories, axis=0))
-  retain = rollouts(k_r, jnp.repeat(frozen.retain_emb, cfg.retain_trajectories, axis=0))
+  n_c, n_r = cond_tree.rows(frozen.concept_emb), cond_tree.rows(frozen.retain_emb)
+  concept = rollouts(k_c, cond_tree.repeat(frozen.concept_emb, cfg.concept_trajectories))
+  retain = rollouts(k_r, cond_tree.repeat(frozen.retain_emb, cfg.retain_trajectories))
   return Bank(
     concept.reshape(n_c, cfg.concept_trajectories, *concept.shape[1:]),
     retain.reshape(n_r, cfg.retain_trajectories, *retain.shape[1:]),
@@ -156,9 +156,9 @@ def renew(
     r = step // cfg.refresh_every
     retain_slot = r * per_r + jnp.arange(per_r)
     prompts = retain_slot % n_r
-    conds = jnp.concatenate([jnp.repeat(frozen.concept_emb, per_c, axis=0), frozen.retain_emb[prompts]])
-    noise = jax.random.normal(key, (conds.shape[0], *bank.concept.shape[3:]), bank.concept.dtype)
-    uncond = jnp.broadcast_to(frozen.emb_uncond, conds.shape)
+    conds = cond_tree.concat([cond_tree.repeat(frozen.concept_emb, per_c), cond_tree.take(frozen.retain_emb, prompts)])
+    noise = jax.random.normal(key, (cond_tree.rows(conds), *bank.concept.shape[3:]), bank.concept.dtype)
+    uncond = cond_tree.broadcast_like(frozen.emb_uncond, conds)
     fresh = jax.lax.stop_gradient(_trajectories(unet, frozen.unet, noise, conds, uncond, frozen.tables, guidance))
     concept_slots = (r * per_c + jnp.arange(per_c)) % t_c
     concept = bank.concept.at[:, concept_slots].set(fresh[: n_c * per_c].reshape(n_c, per_c, *fresh.shape[1:]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from advunlearn_jax.data import tokenizer as tok_lib
-from advunlearn_jax.diffusion import ddim
+from advunlearn_jax.diffusion import ddim, sdxl_conditioning
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import CLIPTextConfig, encode_ids
-from advunlearn_jax.models.pipeline_record import ScheduleConfig
-from advunlearn_jax.unlearn import prompts
+from advunlearn_jax.models.pipeline_record import ScheduleConfig, SDXLPipeline
+from advunlearn_jax.models.unet import AddedCond, SDXLCond
+from advunlearn_jax.unlearn import cond_tree, prompts
 from advunlearn_jax.unlearn.step import Frozen
 
 
@@ -41,8 +42,15 @@ def build(
   words: Sequence[str] = (),
   ddim_steps: int = 50,
   concept_latents: np.ndarray | None = None,
+  encode: Callable[[np.ndarray], Any] | None = None,
+  uncond: Any = None,
 ) -> tuple[Frozen, int]:
-  """The Frozen pytree and k (for `add`, the longest concept's length, so one delta shape serves all)."""
+  """The Frozen pytree and k (for `add`, the longest concept's length, so one delta shape serves all).
+
+  `encode(ids) -> conditioning` of tokenizer 1's ids, and `uncond` (E_o(""), unbatched): SDXL's (`sdxl_encoder`);
+  None: the text encoder's last hidden state, of "" for uncond."""
+  if encode is None:
+    encode = functools.partial(encode_in_chunks, clip_config, clip_params)
   concepts = [str(c).strip() for c in concepts]
   if not concepts or any(not c for c in concepts):
     raise ConfigError("config.concept.prompts: needs at least one non-empty concept")
@@ -53,23 +61,68 @@ def build(
   concept_ids = tok_lib.tokenize(tokenizer, concepts)
   retain_ids = tok_lib.tokenize(tokenizer, list(retain_prompts))
   word_index, delta_index, k = layout_maps(tokenizer, concepts, attack_type, num_tokens, faithful_word_split, words)
-  uncond_ids = tok_lib.tokenize(tokenizer, [""])
+  if uncond is None:
+    uncond = encode(tok_lib.tokenize(tokenizer, [""]))[0]
   frozen = Frozen(
     unet=unet_params,
     clip=clip_params,
-    emb_uncond=encode_in_chunks(clip_config, clip_params, uncond_ids)[0],
+    emb_uncond=uncond,
     concept_ids=jnp.asarray(concept_ids),
-    concept_emb=encode_in_chunks(clip_config, clip_params, concept_ids),
+    concept_emb=encode(concept_ids),
     word_index=jnp.asarray(word_index),
     delta_index=jnp.asarray(delta_index),
     retain_ids=jnp.asarray(retain_ids),
-    retain_emb=encode_in_chunks(clip_config, clip_params, retain_ids),
+    retain_emb=encode(retain_ids),
     tables=ddim.ldm_tables(schedule.alphas_cumprod_ldm(), ddim_steps),
   )
   if concept_latents is not None:  # attack.objective inversion/both: noised as CCE's diffusers scheduler does
     alphas = jnp.asarray(schedule.alphas_cumprod_diffusers(), jnp.float32)
     frozen = frozen._replace(concept_latents=jnp.asarray(concept_latents, jnp.float32), alphas_cumprod=alphas)
   return frozen, k
+
+
+def tower_2_ids(ids: np.ndarray, pad_id_2: int) -> np.ndarray:
+  """Tokenizer 2's ids from tokenizer 1's: the same tokens, `pad_id_2` after the first EOT (SDXL base's tokenizer_2
+  pads with "!"); the step builds tower 2's sequences the same way (step._encode)."""
+  ids = np.asarray(ids)
+  after = np.arange(ids.shape[-1])[None] > np.argmax(ids == tok_lib.EOT_ID, axis=-1)[:, None]
+  return np.where(after, pad_id_2, ids)
+
+
+def sdxl_encoder(pipe: SDXLPipeline, tokenizer_2, pad_id_2: int, chunk: int = 32):
+  """(encode, uncond) for `build` on an SDXL pipeline: the conditioning sdxl_conditioning builds (both towers'
+  penultimate states, tower 2's text_embeds, the pipeline's default time ids), from tokenizer 1's ids, checked
+  against tokenizer 2's own ids so that the step's tower-2 sequences are the pipeline's."""
+
+  def encode(ids: np.ndarray) -> SDXLCond:
+    ids_2 = tower_2_ids(ids, pad_id_2)
+    parts = []
+    for i in range(0, len(ids), chunk):
+      parts.append(
+        sdxl_conditioning.encode_ids(
+          pipe.text_config,
+          pipe.text_config_2,
+          pipe.text_params,
+          pipe.text_params_2,
+          jnp.asarray(ids[i : i + chunk]),
+          jnp.asarray(ids_2[i : i + chunk]),
+        )
+      )
+    context, pooled = (jnp.concatenate(p) for p in zip(*parts))
+    return SDXLCond(context, AddedCond(pooled, sdxl_conditioning.time_ids(pipe, len(ids))))
+
+  return encode, cond_tree.take(sdxl_conditioning.unconditional(pipe, 1), 0)
+
+
+def check_tower_2_ids(tokenizer, tokenizer_2, prompts: Sequence[str], pad_id_2: int) -> None:
+  """Tokenizer 2 must read every prompt as tokenizer 1 does but for its padding: one adversarial layout then
+  serves both towers."""
+  ids = tok_lib.tokenize(tokenizer, list(prompts))
+  if not np.array_equal(tower_2_ids(ids, pad_id_2), tok_lib.tokenize(tokenizer_2, list(prompts))):
+    raise ConfigError(
+      "model.pretrained: the SDXL folder's tokenizer_2 splits the concept or retain prompts differently from "
+      "tokenizer/ (beyond its padding), so one adversarial prompt cannot lay out on both towers"
+    )
 
 
 def layout_maps(

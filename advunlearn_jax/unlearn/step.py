@@ -31,14 +31,15 @@ import optax
 from jax.sharding import Mesh
 
 from advunlearn_jax import sharding
+from advunlearn_jax.data.tokenizer import EOT_ID
 from advunlearn_jax.diffusion import ddim
 from advunlearn_jax.diffusion.sampling import cfg_eps
-from advunlearn_jax.models.clip_text import CLIPTextModel
-from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+from advunlearn_jax.models.unet import AddedCond, SDXLCond, UNet2DConditionModel, apply_conditioned
 from advunlearn_jax.sharding import constrain_batch
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import bank as bank_lib
-from advunlearn_jax.unlearn import prompts, timesteps, trainable
+from advunlearn_jax.unlearn import cond_tree, prompts, timesteps, trainable
 from advunlearn_jax.unlearn import retain as retain_lib
 
 
@@ -63,15 +64,18 @@ class StepConfig:
 
 
 class Frozen(NamedTuple):
+  """SDXL: `clip` is {"text_encoder": tower 1, "text_encoder_2": tower 2}, the ids are tokenizer 1's (EOT padding:
+  tower 2's "!" padding is put in by `_encode`), and the embeddings are `SDXLCond`s (see SDXLText)."""
+
   unet: Any  # U_o: also U_theta's non-trained leaves
   clip: Any  # E_o: also E_theta's non-trained leaves
-  emb_uncond: jax.Array  # [77, D] E_o("")
+  emb_uncond: Any  # [77, D] E_o(""); SDXL: the pipeline's unconditional branch (zeros where it forces them)
   concept_ids: jax.Array  # [C, 77]
-  concept_emb: jax.Array  # [C, 77, D] E_o(c)
+  concept_emb: Any  # [C, 77, D] E_o(c)
   word_index: jax.Array  # [C, 77] layout maps
   delta_index: jax.Array  # [C, 77]
   retain_ids: jax.Array  # [N, 77]
-  retain_emb: jax.Array  # [N, 77, D] E_o(c_r)
+  retain_emb: Any  # [N, 77, D] E_o(c_r)
   tables: ddim.DDIMTables
   # attack.objective inversion/both: the concept's images as scaled VAE latents [M, h, w, c], and the training
   # schedule's alphas_cumprod [T] that noises them; None: the reference's objective alone.
@@ -83,11 +87,12 @@ class TrainState(NamedTuple):
   step: jax.Array
   params: dict  # flat {path: leaf}: the trained leaves only
   opt_state: Any
-  last_sequence: jax.Array  # [77, D] the latest adversarial sequence (the defender's between updates)
+  # [77, D] the latest adversarial sequence (the defender's between updates); SDXL: one per tower, a pair.
+  last_sequence: Any
   has_last: jax.Array  # bool
   # [k, D] the adversarial rows that built last_sequence: `latest` init carries them to the next round, whichever
-  # concept prompt (and so which layout) that round draws.
-  last_delta: jax.Array
+  # concept prompt (and so which layout) that round draws. SDXL: a pair.
+  last_delta: Any
   # The first iteration (1-based, as the step count after it) at which a loss term was not finite, 0 while none
   # was, and the LOSS_TERMS then: carried on the device, so the loop reads it only before it writes a checkpoint
   # or an export, never once per step.
@@ -108,12 +113,32 @@ class Batch(NamedTuple):
   restart: jax.Array | None = None
 
 
+class SDXLText(NamedTuple):
+  """What the step needs to condition an SDXL UNet beyond tower 1 (hashable: part of Models).
+
+  One adversarial prompt, two embedding spaces: the attacker's k soft tokens sit at the layout's positions in
+  both towers, one row per tower per token (a [k, 768] and a [k, 1280] delta for SDXL base), optimised jointly on
+  the one attack loss, from the same random token ids. Why: a text-prompt attacker of SDXL types one prompt, and
+  the pipeline feeds the same token positions (the two tokenizers share their vocabulary and BPE, only the padding
+  differs) to both towers; the soft relaxation of a token is its row in each table. Attacking one tower alone
+  would leave the other tower's half of the context and the pooled embedding clean, a weaker attacker than the
+  discrete one it stands for, and a defender trained against it would not be robust to the real one.
+
+  Tower 2 reads the same sequence as tower 1 up to the sequence's first EOT and tokenizer 2's pad row ("!" for
+  SDXL base) after it, as the pipeline's ids do; its pooled output (text_embeds) is taken at that EOT."""
+
+  tower_2: CLIPTextModelWithProjection
+  time_ids: tuple[float, ...]  # the micro-conditioning row of every image (sdxl_conditioning.time_ids)
+  pad_id_2: int  # tokenizer 2's padding id
+
+
 class Models(NamedTuple):
   clip: CLIPTextModel
   unet: UNet2DConditionModel
   trained: trainable.Trained  # which tower, which leaves
   mask: frozenset  # the trained tower's selected leaves (trainable.selected_paths)
   mesh: Mesh | None = None  # batches split over its `data` axis
+  sdxl: SDXLText | None = None  # an SDXL pipeline: its second tower and micro-conditioning
 
 
 class Points(NamedTuple):
@@ -149,14 +174,14 @@ def optimizer(cfg: StepConfig) -> optax.GradientTransformation:
 def init_state(cfg: StepConfig, models: Models, frozen: Frozen, bank: bank_lib.Bank | None = None) -> TrainState:
   # Copies: the state is donated to every step, and must never alias the frozen originals.
   params = jax.tree.map(jnp.copy, _trained_leaves(cfg, models, frozen))
-  d = frozen.concept_emb.shape[-1]
+  rows = lambda n: jax.tree.map(lambda table: jnp.zeros((n, table.shape[-1])), _token_table(models, frozen))
   return TrainState(
     jnp.zeros((), jnp.int32),
     params,
     optimizer(cfg).init(params),
-    jnp.zeros((77, d)),
+    rows(77),
     jnp.zeros((), bool),
-    jnp.zeros((cfg.num_tokens, d)),
+    rows(cfg.num_tokens),
     *finite_so_far(),
     bank,
   )
@@ -188,9 +213,9 @@ def student_params(cfg: StepConfig, models: Models, frozen: Frozen, params: dict
   return models.trained.replace(merged, frozen.clip, frozen.unet)
 
 
-def _broadcast_batch(context: jax.Array, n: int) -> jax.Array:
-  """[77, D] -> [n, 77, D]."""
-  return jnp.broadcast_to(context, (n, *context.shape))
+def _broadcast_batch(context: Any, n: int) -> Any:
+  """[77, D] -> [n, 77, D] (each of SDXL's pair)."""
+  return cond_tree.broadcast(context, n)
 
 
 def mse(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -203,17 +228,61 @@ def esd_target(e_0: jax.Array, e_p: jax.Array, eta: float) -> jax.Array:
 
 
 def _unet(models: Models):
-  """U(params, x, t, context), its batch split over the mesh."""
-  return lambda p, x, t, ctx: models.unet.apply({"params": p}, constrain_batch(x, models.mesh), t, ctx)
+  """U(params, x, t, cond), its batch split over the mesh; cond a context array or an SDXLCond."""
+  return lambda p, x, t, ctx: apply_conditioned(models.unet, p, constrain_batch(x, models.mesh), t, ctx)
 
 
 def _encode(models: Models):
-  return lambda p, embeds: models.clip.apply({"params": p}, inputs_embeds=embeds).last_hidden_state
+  """E(params, word embeddings [B, 77, D], eot [B]) -> the UNet's conditioning. SD: the last hidden state (`eot`
+  unused). SDXL (SDXLText): words are a pair (tower 1's, tower 2's) of the same EOT-padded ids, `eot` is each row's
+  first EOT position; the conditioning is what sdxl_conditioning.encode_ids makes of the pipeline's ids."""
+  if models.sdxl is None:
+    return lambda p, embeds, eot=None: models.clip.apply({"params": p}, inputs_embeds=embeds).last_hidden_state
+  sdxl = models.sdxl
+
+  def encode(p, embeds, eot):
+    words, words_2 = embeds
+    pos = jnp.arange(words_2.shape[-2])[None]
+    after = (pos > eot[:, None])[..., None]
+    pad = p["text_encoder_2"]["text_model"]["embeddings"]["token_embedding"]["embedding"][sdxl.pad_id_2]
+    # Ids whose only EOT is at `eot`: they choose tower 2's pooled position, as the pipeline's ids do.
+    eos = max(sdxl.tower_2.config.eos_token_id, 1)
+    ids = jnp.where(pos == eot[:, None], eos, 0).astype(jnp.int32)
+    out = models.clip.apply({"params": p["text_encoder"]}, inputs_embeds=words)
+    out_2 = sdxl.tower_2.apply({"params": p["text_encoder_2"]}, ids, inputs_embeds=jnp.where(after, pad, words_2))
+    context = jnp.concatenate([out.penultimate_hidden_state, out_2.penultimate_hidden_state], axis=-1)
+    time_ids = jnp.broadcast_to(jnp.asarray(sdxl.time_ids, jnp.float32), (eot.shape[0], len(sdxl.time_ids)))
+    return SDXLCond(context, AddedCond(out_2.text_embeds, time_ids))
+
+  return encode
 
 
-def _token_table(frozen: Frozen) -> jax.Array:
-  """[V, D] CLIP's token embeddings: word embeddings are one_hot(ids) @ this table (never trained)."""
-  return frozen.clip["embeddings"]["token_embedding"]["embedding"]
+def _token_table(models: Models, frozen: Frozen) -> Any:
+  """[V, D] CLIP's token embeddings: word embeddings are one_hot(ids) @ this table (never trained). SDXL: the pair
+  of both towers' tables."""
+  if models.sdxl is None:
+    return frozen.clip["embeddings"]["token_embedding"]["embedding"]
+  return (
+    frozen.clip["text_encoder"]["embeddings"]["token_embedding"]["embedding"],
+    frozen.clip["text_encoder_2"]["text_model"]["embeddings"]["token_embedding"]["embedding"],
+  )
+
+
+def _words(models: Models, frozen: Frozen, ids: jax.Array) -> Any:
+  """Word embeddings of token ids: [..., 77, D], SDXL a pair."""
+  return jax.tree.map(lambda table: table[ids], _token_table(models, frozen))
+
+
+def _plain_eot(ids: jax.Array) -> jax.Array:
+  """The first EOT position of each row of token ids [..., 77]."""
+  return jnp.argmax(ids == EOT_ID, axis=-1)
+
+
+def _layout_eot(ids: jax.Array, word_index: jax.Array, delta_index: jax.Array) -> jax.Array:
+  """The first position of a laid-out adversarial sequence that copies an EOT row of the clean ids: where the
+  typed prompt's EOT stands (prefix_k moves it k places on)."""
+  copies_eot = (word_index >= 0) & (delta_index < 0) & (ids[jnp.maximum(word_index, 0)] == EOT_ID)
+  return jnp.argmax(copies_eot)
 
 
 def iteration_keys(key: jax.Array) -> dict[str, jax.Array]:
@@ -270,12 +339,12 @@ def _split(flat: jax.Array, groups: list[Points]) -> list[jax.Array]:
 # ---------------------------------------------------------------------------------------------- 2. roll out
 
 
-def _conditions(frozen: Frozen, points: IterationPoints) -> list[jax.Array]:
+def _conditions(frozen: Frozen, points: IterationPoints) -> list[Any]:
   """The frozen encoder's embedding each group's rollout (and its target) is conditioned on."""
   return [
-    frozen.concept_emb[points.attack.prompt],
-    frozen.concept_emb[points.concept.prompt],
-    frozen.retain_emb[points.retain.prompt],
+    cond_tree.take(frozen.concept_emb, points.attack.prompt),
+    cond_tree.take(frozen.concept_emb, points.concept.prompt),
+    cond_tree.take(frozen.retain_emb, points.retain.prompt),
   ]
 
 
@@ -298,7 +367,7 @@ def roll_out(
   uncond = frozen.emb_uncond
 
   def eps_fn(x, t, cond):
-    u = jnp.broadcast_to(uncond, cond.shape)
+    u = cond_tree.broadcast_like(uncond, cond)
     return cfg_eps(lambda a, b, ctx: unet(unet_params, a, b, ctx), x, t, cond, u, cfg.start_guidance)
 
   if cfg.xt_source == "online":
@@ -310,7 +379,7 @@ def roll_out(
     widths = ddim.bucket_widths(rows, cfg.rollout_buckets if walks_differ else 1, multiple)
     slots = -(-cfg.rollout_rows_per_call // multiple) * multiple if walks_differ else 0  # each device as many
     x, stats = ddim.partial_ddim_batched(
-      eps_fn, flat.noise, flat.t_enc, jnp.concatenate(conds), frozen.tables, widths, slots
+      eps_fn, flat.noise, flat.t_enc, cond_tree.concat(conds), frozen.tables, widths, slots
     )
     return _split(jax.lax.stop_gradient(x), groups), stats
   # online_sequential: the reference's shape, one rollout per attack step, then the concept and retain batches.
@@ -331,7 +400,8 @@ def _sequential(eps_fn, group: Points, cond, tables, per_row: bool):
   rollout = lambda x, t_enc, c: jax.lax.stop_gradient(ddim.partial_ddim(lambda a, t: eps_fn(a, t, c), x, t_enc, tables))
   if not per_row:  # one batch at its shared t
     return rollout(group.noise, group.t_enc[0], cond), ddim.RolloutStats(steps[0], steps[0] * n, jnp.sum(steps))
-  x = jax.lax.map(lambda a: rollout(a[0][None], a[1], a[2][None])[0], (group.noise, group.t_enc, cond))
+  one = lambda a: rollout(a[0][None], a[1], cond_tree.broadcast(a[2], 1))[0]
+  x = jax.lax.map(one, (group.noise, group.t_enc, cond))
   return x, ddim.RolloutStats(jnp.sum(steps), jnp.sum(steps), jnp.sum(steps))
 
 
@@ -349,10 +419,10 @@ def frozen_predictions(cfg: StepConfig, models: Models, frozen: Frozen, points, 
   the retain targets. Always the original UNet U_o, never the one being trained (spec 2.3)."""
   conds = _conditions(frozen, points)
   x_c, n_c = xs[1], xs[1].shape[0]
-  uncond = jnp.broadcast_to(frozen.emb_uncond, (n_c, *frozen.emb_uncond.shape))
+  uncond = cond_tree.broadcast(frozen.emb_uncond, n_c)
   x = jnp.concatenate([*xs, x_c])
   t = jnp.concatenate([points.attack.t_ddpm, points.concept.t_ddpm, points.retain.t_ddpm, points.concept.t_ddpm])
-  eps = jax.lax.stop_gradient(_unet(models)(frozen.unet, x, t, jnp.concatenate([*conds, uncond])))
+  eps = jax.lax.stop_gradient(_unet(models)(frozen.unet, x, t, cond_tree.concat([*conds, uncond])))
   e_attack, e_p, r_p, e_0 = _split(eps, [*points, points.concept])
   return Targets(e_attack, esd_target(e_0, e_p, cfg.negative_guidance), r_p)
 
@@ -364,22 +434,23 @@ def _initial_delta(cfg, models, state, frozen, keys, c, text_p, restart) -> jax.
   """delta's start: k random vocabulary rows (their conditioning rows for condition_embd), or with `latest` the
   previous round's adversarial rows once there is one, unless this round `restart`s (attack.restart_every)."""
   encode = _encode(models)
-  token_table = _token_table(frozen)
+  token_table = _token_table(models, frozen)
   k = cfg.num_tokens
-  if cfg.attack.embedding == "condition_embd":  # the conditioning rows of k random tokens after SOT
+  if cfg.attack.embedding == "condition_embd":  # the conditioning rows of k random tokens after SOT (SD only)
     ids = jax.random.randint(keys["init"], (k,), 0, token_table.shape[0])
     rand_ids = jnp.concatenate([frozen.concept_ids[c][:1], ids, jnp.full((77 - 1 - k,), frozen.concept_ids[c][-1])])
     random_init = encode(text_p, token_table[rand_ids][None])[0, 1 : 1 + k]
   else:
-    random_init = attack_lib.random_rows(keys["init"], token_table, k)
+    # SDXL: the same key draws the same token ids in both towers' tables (one typed prompt, spec'd in SDXLText).
+    random_init = jax.tree.map(lambda table: attack_lib.random_rows(keys["init"], table, k), token_table)
   if cfg.attack.init != "latest":
     return random_init
   if cfg.attack.latest_init_quirk:
-    latest = prompts.initial_rows_from_sequence(state.last_sequence, k)
+    latest = jax.tree.map(lambda seq: prompts.initial_rows_from_sequence(seq, k), state.last_sequence)
   else:
     latest = state.last_delta
   carry = state.has_last if restart is None else state.has_last & ~restart
-  return jnp.where(carry, latest, random_init)
+  return jax.tree.map(lambda a, b: jnp.where(carry, a, b), latest, random_init)
 
 
 class InversionPoints(NamedTuple):
@@ -418,8 +489,9 @@ def attack(
   i-th (x_t, t_ddpm, e_p)."""
   encode, unet = _encode(models), _unet(models)
   text_p, unet_p = jax.lax.stop_gradient((text_theta, unet_theta))
-  words_c = _token_table(frozen)[frozen.concept_ids[c]]
+  words_c = _words(models, frozen, frozen.concept_ids[c])
   layout = (frozen.word_index[c], frozen.delta_index[c])
+  eot = _layout_eot(frozen.concept_ids[c], *layout)[None]
   # word_embd: delta lives among the word embeddings, before CLIP. condition_embd: delta rows are placed into the
   # encoder's output (the UNet conditioning) of the clean prompt; the reference builds that tensor once and never
   # rebuilds it (spec 3.3), here it follows the current encoder, so the defender still trains through the clean rows.
@@ -432,14 +504,14 @@ def attack(
     point = (*point, inversion_points(cfg, frozen, keys))
 
   def loss(seq, p):
-    cond = seq[None] if in_condition else encode(text_p, seq[None])
+    cond = seq[None] if in_condition else encode(text_p, cond_tree.broadcast(seq, 1), eot)
     rows = []  # (x_t, t, target) of each term, through one UNet call
     if objective != "inversion":  # the reference's: the original's noise on the concept at x_t it rolled out
       rows.append(p[:3])
     if objective != "esd":  # CCE's: the noise that made the concept's image x_t
       rows.append(tuple(p[3]))
     x_t, t, target = (jnp.stack(parts) for parts in zip(*rows))
-    eps = unet(unet_p, x_t, t, jnp.broadcast_to(cond, (len(rows), *cond.shape[1:])))
+    eps = unet(unet_p, x_t, t, cond_tree.broadcast(cond_tree.take(cond, 0), len(rows)))
     return sum(mse(eps[i], target[i]) for i in range(len(rows)))
 
   return attack_lib.run(cfg.attack, delta0, base, *layout, loss, point)
@@ -449,7 +521,7 @@ def condition_delta(cfg: StepConfig, models: Models, frozen: Frozen, c, text_the
   """condition_embd: the adversarial rows of a conditioning `sequence`, which the defender places onto its own
   encoding of the clean prompt (exact for every layout but `add`, whose rows are taken against the current
   encoding)."""
-  words_c = _token_table(frozen)[frozen.concept_ids[c]]
+  words_c = _words(models, frozen, frozen.concept_ids[c])
   base = _encode(models)(jax.lax.stop_gradient(text_theta), words_c[None])[0]
   return prompts.delta_from_sequence(sequence, base, frozen.word_index[c], frozen.delta_index[c], cfg.num_tokens)
 
@@ -457,8 +529,9 @@ def condition_delta(cfg: StepConfig, models: Models, frozen: Frozen, c, text_the
 # ---------------------------------------------------------------------------------------------- 5. defender
 
 
-def _retain_loss(models, text_p, unet_p, words, x_r, r_p, t_ddpm):
-  return mse(_unet(models)(unet_p, x_r, t_ddpm, _encode(models)(text_p, words)), r_p)
+def _retain_loss(models, text_p, unet_p, ids, frozen, x_r, r_p, t_ddpm):
+  words = _words(models, frozen, ids)
+  return mse(_unet(models)(unet_p, x_r, t_ddpm, _encode(models)(text_p, words, _plain_eot(ids))), r_p)
 
 
 def uses_retain_term(cfg: StepConfig) -> bool:
@@ -466,12 +539,12 @@ def uses_retain_term(cfg: StepConfig) -> bool:
   return cfg.retain.mode == "reg" and cfg.retain.weight > 0 and cfg.retain.batch > 0
 
 
-def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points, xs, targets):
-  """One Adam step on L_u + w L_r at the defender's shared (t_enc, t_ddpm) (spec 2.3)."""
+def defender_update(cfg, models, state, frozen, c, prompt_seq, prompt_eot, adv_delta, points, xs, targets):
+  """One Adam step on L_u + w L_r at the defender's shared (t_enc, t_ddpm) (spec 2.3). `prompt_eot`: the first EOT
+  position of `prompt_seq` (SDXL's pooled position)."""
   encode, unet = _encode(models), _unet(models)
-  token_table = _token_table(frozen)
-  words_c = token_table[frozen.concept_ids[c]]
-  retain_words = token_table[frozen.retain_ids[points.retain.prompt]]
+  words_c = _words(models, frozen, frozen.concept_ids[c])
+  retain_ids = frozen.retain_ids[points.retain.prompt]
   layout = (frozen.word_index[c], frozen.delta_index[c])
   use_reg = uses_retain_term(cfg)
   _, x_c, x_r = xs
@@ -480,14 +553,15 @@ def defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points
     if adv_delta is not None:
       clean = encode(text_p, words_c[None])[0]
       return _broadcast_batch(prompts.build_sequence(clean, adv_delta, *layout), cfg.concept_batch)
-    return encode(text_p, _broadcast_batch(prompt_seq, cfg.concept_batch))
+    eot = jnp.broadcast_to(prompt_eot, (cfg.concept_batch,))
+    return encode(text_p, _broadcast_batch(prompt_seq, cfg.concept_batch), eot)
 
   def loss_fn(params):
     text_p, unet_p = student_params(cfg, models, frozen, params)
     loss_u = mse(unet(unet_p, x_c, points.concept.t_ddpm, concept_condition(text_p)), targets.esd)
     loss_r = jnp.zeros(())
     if use_reg:
-      loss_r = _retain_loss(models, text_p, unet_p, retain_words, x_r, targets.retain, points.retain.t_ddpm)
+      loss_r = _retain_loss(models, text_p, unet_p, retain_ids, frozen, x_r, targets.retain, points.retain.t_ddpm)
     return loss_u + cfg.retain.weight * loss_r, (loss_u, loss_r)
 
   (loss, (loss_u, loss_r)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -500,12 +574,11 @@ def retain_iter_steps(cfg, models, state, frozen, key, retain_idx):
   """retain mode `iter`: `retain.steps` extra Adam steps on the unweighted retain loss, step i on the prompts
   `retain_idx[i]`, each at fresh points rolled out by the UNet as it now stands (for UNet methods it just
   changed)."""
-  token_table = _token_table(frozen)
   opt = optimizer(cfg)
 
   def body(i, carry):
     params, opt_state, bank, _ = carry
-    retain_words = token_table[frozen.retain_ids[retain_idx[i]]]
+    retain_ids = frozen.retain_ids[retain_idx[i]]
     k_t, k_n = jax.random.split(jax.random.fold_in(key, i))
     t = timesteps.draw_timesteps(k_t, ddim_steps=frozen.tables.timesteps.shape[0])
     empty = _rows(cfg, k_t, t, jnp.zeros((0,), jnp.int32), 1)
@@ -514,7 +587,7 @@ def retain_iter_steps(cfg, models, state, frozen, key, retain_idx):
     xs, _ = roll_out(cfg, models, frozen, jax.lax.stop_gradient(unet_p), bank, points)
     r_p = frozen_predictions(cfg, models, frozen, points, xs).retain
     loss = lambda p: _retain_loss(
-      models, *student_params(cfg, models, frozen, p), retain_words, xs[2], r_p, points.retain.t_ddpm
+      models, *student_params(cfg, models, frozen, p), retain_ids, frozen, xs[2], r_p, points.retain.t_ddpm
     )
     value, g = jax.value_and_grad(loss)(params)
     u, opt_state = opt.update(g, opt_state, params)
@@ -559,12 +632,14 @@ def train_step(
     state = state._replace(last_sequence=result.sequence, has_last=jnp.ones((), bool), last_delta=result.delta)
   if with_attack:  # the sequence just searched, or between updates the latest one
     prompt_seq = state.last_sequence
+    prompt_eot = _layout_eot(frozen.concept_ids[c], frozen.word_index[c], frozen.delta_index[c])
     if cfg.attack.embedding == "condition_embd":
       adv_delta = condition_delta(cfg, models, frozen, c, text_theta, prompt_seq)
   else:  # warm-up: the clean concept, all 77 original ids
-    prompt_seq = _token_table(frozen)[frozen.concept_ids[c]]
+    prompt_seq = _words(models, frozen, frozen.concept_ids[c])
+    prompt_eot = _plain_eot(frozen.concept_ids[c])
 
-  state, losses = defender_update(cfg, models, state, frozen, c, prompt_seq, adv_delta, points, xs, targets)
+  state, losses = defender_update(cfg, models, state, frozen, c, prompt_seq, prompt_eot, adv_delta, points, xs, targets)
   metrics.update(losses)
   if cfg.retain.mode == "iter":
     iter_idx = batch.iter_retain_idx

@@ -8,6 +8,13 @@ leaves by the reference's CompVis name rules, translated to diffusers names:
 
 Gradients are taken with respect to the selected leaves only (`split` / `merge`), and Adam state exists only
 for them.
+
+SDXL has two text towers, named as diffusers names their folders: `text_encoder` (CLIP-L) and `text_encoder_2`
+(OpenCLIP bigG with its projection). The SD methods train tower 1 (`text_encoder_full`, and the layer-wise ones,
+whose layer numbers are CLIP-L's 12 as in the reference); `text_encoder_2_full` trains tower 2 and
+`text_encoders_full` both, each tower as `text_encoder_full` selects it, tower 2's `text_projection` with its
+final layer norm (both shape only the pooled embedding). SDXL conditions on each tower's penultimate hidden
+state, so tower 1's last layer and final norm get no gradient and stay as they are.
 """
 
 from __future__ import annotations
@@ -32,7 +39,13 @@ TEXT_LAYER_METHODS = {
   "text_encoder_layer01_1011": [0, 1, 10, 11],
   "text_encoder_layer012_91011": [0, 1, 2, 9, 10, 11],
 }
-TEXT_METHODS = ("text_encoder_full", *TEXT_LAYER_METHODS)
+# SDXL only: which towers each trains (the SD methods above train "text_encoder", SDXL's tower 1).
+SDXL_TEXT_METHODS = {
+  "text_encoder_2_full": ("text_encoder_2",),
+  "text_encoders_full": ("text_encoder", "text_encoder_2"),
+}
+SDXL_TOWERS = ("text_encoder", "text_encoder_2")
+TEXT_METHODS = ("text_encoder_full", *TEXT_LAYER_METHODS, *SDXL_TEXT_METHODS)
 UNET_METHODS = ("noxattn", "selfattn", "xattn", "full", "notime", "xlayer", "selflayer", "noxattn_linear")
 # Norm layers of the diffusers UNet (GroupNorm, LayerNorm): what `noxattn_linear` leaves out.
 _NORM = re.compile(r"(^|\.)(norm\d*|conv_norm_out)\.(weight|bias)$")
@@ -75,10 +88,25 @@ class Trained:
     return (tower, unet) if self.tower == "text_encoder" else (text, tower)
 
   def mask(self, tower_params: Any) -> dict[tuple[str, ...], bool]:
-    """The selected leaves of the trained tower's parameters."""
+    """The selected leaves of the trained tower's parameters (SDXL's text: {"text_encoder": ..., "text_encoder_2":
+    ...}, paths led by the tower's name)."""
     if self.tower == "text_encoder":
-      return text_encoder_mask(tower_params, self.method, self.component, self.norm_layer, self.prefix_bug)
+      options = (self.component, self.norm_layer, self.prefix_bug)
+      if is_sdxl_text(tower_params):
+        return sdxl_text_mask(tower_params, self.method, *options)
+      if self.method in SDXL_TEXT_METHODS:
+        raise ConfigError(
+          f"config.train.method is {self.method!r}, an SDXL method (a second text tower); this pipeline has one "
+          "text encoder: use text_encoder_full or a text_encoder_layer<L> method"
+        )
+      return text_encoder_mask(tower_params, self.method, *options)
     return unet_mask(tower_params, self.method)
+
+  def towers(self) -> tuple[str, ...]:
+    """SDXL: the text towers this method trains (none for UNet methods)."""
+    if self.tower != "text_encoder":
+      return ()
+    return SDXL_TEXT_METHODS.get(self.method, ("text_encoder",))
 
 
 def validate_method(method: str, component: str) -> None:
@@ -86,7 +114,8 @@ def validate_method(method: str, component: str) -> None:
     layers = sorted((m.removeprefix("text_encoder_layer") for m in TEXT_LAYER_METHODS), key=len)
     raise ConfigError(
       f"config.train.method is {method!r}; valid: text_encoder_full, text_encoder_layer<L> with L one of "
-      f"{{{', '.join(layers)}}}, or a UNet method: {', '.join(UNET_METHODS)}"
+      f"{{{', '.join(layers)}}}, for SDXL {' or '.join(SDXL_TEXT_METHODS)}, or a UNet method: "
+      f"{', '.join(UNET_METHODS)}"
     )
   if component not in COMPONENTS:
     raise ConfigError(f"config.train.component is {component!r}; valid: {list(COMPONENTS)}")
@@ -152,6 +181,34 @@ def text_encoder_mask(params, method, component="all", norm_layer=False, prefix_
   if not is_text_method(method):
     return mask(params, lambda name: False, _CLIP_LISTS)
   return mask(params, lambda n: text_encoder_selects(n, method, component, norm_layer, prefix_bug), _CLIP_LISTS)
+
+
+def is_sdxl_text(params: Any) -> bool:
+  """Whether a text tower's params are SDXL's pair ({"text_encoder": ..., "text_encoder_2": ...})."""
+  return isinstance(params, dict) and set(params) == set(SDXL_TOWERS)
+
+
+def sdxl_text_mask(params, method, component="all", norm_layer=False, prefix_bug=False):
+  """Both towers' leaves, paths led by the tower's name; an unchosen tower selects nothing."""
+  validate_method(method, component)
+  towers = SDXL_TEXT_METHODS.get(method, ("text_encoder",)) if is_text_method(method) else ()
+  tower_method = "text_encoder_full" if method in SDXL_TEXT_METHODS else method
+  head = norm_layer or (tower_method == "text_encoder_full" and component == "all")
+
+  def select_2(name):  # CLIPTextModelWithProjection: transformers' keys keep their `text_model.` prefix
+    if name.startswith("text_projection."):
+      return head
+    return text_encoder_selects(name.removeprefix("text_model."), tower_method, component, norm_layer, prefix_bug)
+
+  selects = {
+    "text_encoder": lambda n: text_encoder_selects(n, tower_method, component, norm_layer, prefix_bug),
+    "text_encoder_2": select_2,
+  }
+  out = {}
+  for tower in SDXL_TOWERS:
+    chosen = selects[tower] if tower in towers else (lambda name: False)
+    out.update({(tower, *path): on for path, on in mask(params[tower], chosen, _CLIP_LISTS).items()})
+  return out
 
 
 def unet_mask(params, method):

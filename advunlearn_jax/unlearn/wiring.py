@@ -13,11 +13,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from advunlearn_jax import sharding
-from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from advunlearn_jax.models.pipeline_record import ScheduleConfig
+from advunlearn_jax.diffusion import sdxl_conditioning
+from advunlearn_jax.errors import ConfigError
+from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from advunlearn_jax.models.pipeline_record import ScheduleConfig, SDXLPipeline
 from advunlearn_jax.models.unet import UNet2DConditionModel, UNetConfig
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import bank as bank_lib
@@ -121,13 +124,17 @@ def wire(
   retain_prompts: Sequence[str],
   mesh: Mesh | None = None,
   concept_latents=None,
+  sdxl: step_lib.SDXLText | None = None,
+  encoder: tuple | None = None,
 ) -> Wiring:
   """Everything the step reads, from a run config, its typed sections (config_validation.validate's) and the original
   weights.
 
   With a `mesh`, the frozen weights are laid out on it (sharded as the mesh's fsdp axis says) and the rest of
   Frozen replicated; without one they stay where they are (one device). `concept_latents`: the concept's images
-  as scaled VAE latents, for attack.objective inversion/both (train.concept_latents)."""
+  as scaled VAE latents, for attack.objective inversion/both (train.concept_latents). `sdxl` and `encoder` ((encode,
+  uncond) for frozen.build): SDXL's, given by `wire_sdxl`."""
+  encode, uncond = encoder or (None, None)
   frozen, num_tokens = frozen_lib.build(
     clip_config=clip_config,
     clip_params=clip_params,
@@ -142,6 +149,8 @@ def wire(
     words=attack_words(config),
     concept_latents=concept_latents,
     ddim_steps=config.diffusion.ddim_steps,
+    encode=encode,
+    uncond=uncond,
   )
   trained = sections.trained
   tower_params = trained.of(clip_params, unet_params)
@@ -153,12 +162,54 @@ def wire(
     trained,
     trainable.selected_paths(mask),
     mesh,
+    sdxl,
   )
   frozen = frozen_lib.store_for_compute(frozen, models)
   if mesh is not None:
     frozen = lay_out_frozen(frozen, mesh)
   return Wiring(
     step_config(config, sections, num_tokens, unet_config), models, frozen, trainable.count(tower_params, mask)
+  )
+
+
+def wire_sdxl(
+  config: ml_collections.ConfigDict,
+  sections: TrainingSections,
+  pipe: SDXLPipeline,
+  *,
+  tokenizer,
+  tokenizer_2,
+  retain_prompts: Sequence[str],
+  mesh: Mesh | None = None,
+  concept_latents=None,
+) -> Wiring:
+  """`wire` for an SDXL pipeline (convert/diffusers.load_sdxl_pipeline's): both text towers in the step, the
+  conditioning an SDXLCond wherever SD's is a context array (step.SDXLText says how one adversarial prompt drives
+  both towers), train.method choosing tower 1, tower 2 or both (trainable.SDXL_TEXT_METHODS)."""
+  if config.attack.embedding != "word_embd":
+    raise ConfigError(
+      "config.attack.embedding: SDXL supports 'word_embd' only (condition_embd's rows would live in the "
+      "concatenated context of two towers and leave the pooled embedding clean)"
+    )
+  pad_id_2 = int(tokenizer_2.pad_token_id)
+  prompts = [str(c).strip() for c in config.concept.prompts] + list(retain_prompts)
+  frozen_lib.check_tower_2_ids(tokenizer, tokenizer_2, prompts, pad_id_2)
+  time_ids = tuple(float(v) for v in np.asarray(sdxl_conditioning.time_ids(pipe, 1))[0])
+  dtype = jnp.dtype(config.model.dtype)
+  return wire(
+    config,
+    sections,
+    clip_config=pipe.text_config,
+    clip_params={"text_encoder": pipe.text_params, "text_encoder_2": pipe.text_params_2},
+    unet_config=pipe.unet_config,
+    unet_params=pipe.unet_params,
+    schedule=pipe.schedule,
+    tokenizer=tokenizer,
+    retain_prompts=retain_prompts,
+    mesh=mesh,
+    concept_latents=concept_latents,
+    sdxl=step_lib.SDXLText(CLIPTextModelWithProjection(pipe.text_config_2, dtype=dtype), time_ids, pad_id_2),
+    encoder=frozen_lib.sdxl_encoder(pipe, tokenizer_2, pad_id_2),
   )
 
 
