@@ -2,36 +2,46 @@
 conditioning the step builds against the pipeline's (sdxl_conditioning)."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from advunlearn_jax import config_lib
+from advunlearn_jax import config_lib, sharding
 from advunlearn_jax.convert import clip_text as clip_convert
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.data import tokenizer as tok_lib
-from advunlearn_jax.diffusion import sdxl_conditioning
+from advunlearn_jax.diffusion import generation, sdxl_conditioning
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.testing import tiny_models
-from advunlearn_jax.training import run_exports
+from advunlearn_jax.training import checkpoint, config_validation, run_exports, runs, train
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import prompts, retain, trainable, wiring
 from advunlearn_jax.unlearn import step as step_lib
 
 STEP = wiring.train_step
 K = 2  # adversarial tokens
+ONE_DEVICE = jax.devices()[:1]  # as tests/test_train.py: the run, not its layout
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-  folder = tiny_models.write_sdxl_pipeline(str(tmp_path_factory.mktemp("sdxl") / "micro_sdxl"), seed=3)
-  return sd_convert.load_sdxl_pipeline(folder, with_vae=False)
+def folder(tmp_path_factory):
+  return tiny_models.write_sdxl_pipeline(str(tmp_path_factory.mktemp("sdxl") / "micro_sdxl"), seed=3)
 
 
-def run_config(method="text_encoders_full", xt_source="online"):
+@pytest.fixture(scope="module")
+def pipe(folder):
+  """As a user samples it: with its VAE, whose scale sets the micro-conditioning's image size (the run's time ids
+  equal these whether or not it loads the VAE's weights)."""
+  return sd_convert.load_sdxl_pipeline(folder)
+
+
+def run_config(folder="", method="text_encoders_full", xt_source="online"):
   c = config_lib.base_config()
+  c.model.pretrained = folder
   c.concept.prompts = ("nudity",)
   c.retain.dataset, c.retain.prompts = "", tuple(retain.load_dataset("coco_object")[:4])
   c.retain.batch = 2
@@ -39,9 +49,14 @@ def run_config(method="text_encoders_full", xt_source="online"):
   c.train.lr = 1e-3
   c.train.method = method
   c.train.xt_source = xt_source
+  c.train.warmup_iters = 0
+  c.train.iterations = 2
+  c.train.save_every = 1
+  c.train.log_every = 1
   c.attack.steps = 2
   c.attack.num_tokens = K
   c.diffusion.ddim_steps = 4
+  c.samples.every = 0
   return c
 
 
@@ -56,16 +71,20 @@ def wire(pipe, config):
   )
 
 
-def _batch(seed=0):
-  return step_lib.Batch(jnp.arange(2, dtype=jnp.int32), jax.random.key(seed))
-
-
 @pytest.fixture(scope="module")
-def both(pipe):
-  """One attacked iteration training both towers (online x_t): the compiled step several tests read."""
-  wired = wire(pipe, run_config())
-  state = step_lib.init_state(wired.cfg, wired.models, wired.frozen)
-  out, metrics = STEP(wired.cfg, wired.models, state, wired.frozen, _batch(), True)
+def both(folder, tmp_path_factory):
+  """The first iteration of `main`'s run on the micro SDXL folder (attacked, both towers, online x_t), set up and
+  stepped as train.run does: the compiled step several tests read, and the one the end-to-end run reuses."""
+  config = run_config(folder)
+  setup = train.set_up(config, config_validation.validate(config), ONE_DEVICE)
+  workdir = str(tmp_path_factory.mktemp("sdxl_first_step"))
+  progress = train.restore_or_start(config, setup, checkpoint.manager(workdir, 1), workdir)
+  root_key = sharding.replicate(jax.random.key(config.seed), setup.mesh)
+  batch, _ = train.iteration_batch(config, setup.wired.cfg, 0, root_key, progress.sampler, len(setup.retain_prompts))
+  wired = setup.wired
+  out, metrics = STEP(
+    wired.cfg, wired.models, progress.state, wired.frozen, sharding.replicate(batch, setup.mesh), True, new_prompt=True
+  )
   return wired, out, jax.device_get(metrics)
 
 
@@ -146,7 +165,7 @@ def test_only_the_chosen_towers_change(pipe, both, method, towers):
   if method == "text_encoders_full":
     wired, state, metrics = both
   else:
-    wired = wire(pipe, run_config(method, "bank"))
+    wired = wire(pipe, run_config(method=method, xt_source="bank"))
     fixed = dict(refresh_trajectories=0, refresh_retain=0)
     cfg = dataclasses.replace(wired.cfg, bank=dataclasses.replace(wired.cfg.bank, concept_trajectories=2, **fixed))
     hw, ch = cfg.latent_hw, cfg.latent_channels
@@ -161,7 +180,8 @@ def test_only_the_chosen_towers_change(pipe, both, method, towers):
     )
     assert np.all(np.isfinite(bank.concept)) and bank.concept.shape[:2] == (1, 2)
     state0 = step_lib.init_state(cfg, wired.models, wired.frozen, bank)
-    state, metrics = STEP(cfg, wired.models, state0, wired.frozen, _batch(1), False)
+    batch = step_lib.Batch(jnp.arange(2, dtype=jnp.int32), jax.random.key(1))
+    state, metrics = STEP(cfg, wired.models, state0, wired.frozen, batch, False)
   assert np.isfinite(float(metrics["loss"]))
   assert {k.split("/")[0] for k in state.params} == set(towers)
   text = _student(wired, state.params)
@@ -207,7 +227,7 @@ def test_the_trained_pair_exports_as_a_drop_in(pipe, both, tmp_path):
   diffusers = pytest.importorskip("diffusers")
   wired, state, _ = both
   text = jax.device_get(_student(wired, state.params))
-  out = run_exports.write_sdxl(str(tmp_path / "export"), pipe, text)
+  out = run_exports.write(str(tmp_path / "export"), pipe, "text_encoder", text)
   back = sd_convert.load_sdxl_pipeline(out["pipeline"], with_vae=False)
   for tower, params in (("text_encoder", back.text_params), ("text_encoder_2", back.text_params_2)):
     jax.tree.map(np.testing.assert_array_equal, params, text[tower])
@@ -228,3 +248,44 @@ def test_sdxl_nudity_config_builds():
   assert sections.trained.towers() == ("text_encoder", "text_encoder_2")
   assert (config.attack.steps, config.attack.num_tokens, config.attack.type) == (30, 1, "prefix_k")
   assert (config.retain.weight, config.retain.dataset, config.train.lr) == (0.3, "coco_object", 1e-5)
+
+
+def test_main_trains_exports_and_resumes_on_an_sdxl_folder(folder, both, tmp_path):
+  """`main`'s run (runs.run) on the SDXL folder: two iterations with a preview grid, both towers exported into the
+  workdir and its pipeline/, a resumed third iteration, and the `export` command's read of the latest checkpoint
+  equal to the run's own export. Its attacked step is the `both` fixture's, compiled once."""
+  config = run_config(folder)
+  config.samples.every, config.samples.steps, config.samples.retain_prompts = 2, 1, 1
+  workdir = str(tmp_path / "run")
+  compiled = STEP._cache_size()
+  result = runs.run(config, workdir, devices=ONE_DEVICE, show_progress=False)
+  assert STEP._cache_size() == compiled  # the fixture's step: set_up builds what it built
+  assert set(result) >= {"text_encoder", "text_encoder_2", "pipeline"}
+  grid = np.asarray(Image.open(os.path.join(workdir, "samples", "step_000002.png")))
+  size = generation.image_size(sd_convert.load_sdxl_pipeline(folder))
+  assert grid.shape == (2 * size, 2 * size, 3)  # original over current, concept + one retain prompt
+  assert np.any(grid[:size] != grid[size:])  # the current towers drew the bottom row
+  exported = sd_convert.load_sdxl_pipeline(result["pipeline"], with_vae=False)
+  config.train.iterations = 3
+  resumed = runs.run(config, workdir, devices=ONE_DEVICE, show_progress=False)
+  assert resumed["resumed_from"] == 2
+  out = run_exports.export_latest(workdir, str(tmp_path / "export"))
+  latest = sd_convert.load_sdxl_pipeline(out["pipeline"], with_vae=False)
+  again = sd_convert.load_sdxl_pipeline(resumed["pipeline"], with_vae=False)
+  for tower in ("text_params", "text_params_2"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(latest, tower), getattr(again, tower))
+    assert any(_changed(getattr(again, tower), getattr(exported, tower))), tower  # the third iteration trained it
+  with pytest.raises(ConfigError, match="TextEncoder"):
+    run_exports.export_latest(workdir, str(tmp_path / "ref"), fmt="reference")
+
+
+@pytest.mark.parametrize(
+  "key,value,match",
+  [("export.reference_checkpoint", True, "one text encoder"), ("report.kind", "tiny_world", "SD 1.x")],
+)
+def test_sd_only_settings_are_refused_before_any_work(folder, tmp_path, key, value, match):
+  config = run_config(folder)
+  section, field = key.split(".")
+  setattr(getattr(config, section), field, value)
+  with pytest.raises(ConfigError, match=match):
+    train.set_up(config, config_validation.validate(config), ONE_DEVICE)

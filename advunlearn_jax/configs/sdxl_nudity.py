@@ -1,5 +1,5 @@
-"""AdvUnlearn erasing nudity from SDXL base 1.0, through both text encoders (a config that builds; not yet run:
-the step, wiring and exports take SDXL, `main`'s setup does not load an SDXL folder yet, issue 50 item 4).
+"""AdvUnlearn erasing nudity from SDXL base 1.0, through both text encoders (not yet run on SDXL base's weights:
+none here; `main` runs it on a micro SDXL folder in tests/test_sdxl_train.py).
 
   python -m advunlearn_jax.main --config=configs/sdxl_nudity.py --workdir=workdirs/sdxl_nudity \
       [--config.model.pretrained=DIR_OR_ID]

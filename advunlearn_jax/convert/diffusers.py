@@ -176,6 +176,10 @@ def load_sdxl_pipeline(path_or_id: str, with_vae: bool = True) -> SDXLPipeline:
   if unet_config.addition_embed_type != "text_time":
     raise ConfigError(f"{root}/unet/config.json: addition_embed_type is not 'text_time'; this is no SDXL UNet")
   vae_config, vae_params = load_vae(_component(root, "vae")) if with_vae else (None, None)
+  if vae_config is None and os.path.isdir(os.path.join(root, "vae")):
+    # Its config without its weights: the micro-conditioning's image size is the VAE's scale times the UNet's
+    # side (sdxl_conditioning.image_size), so a run's time ids must not depend on whether it loaded the weights.
+    vae_config = vae_lib.VAEConfig.from_json_file(os.path.join(root, "vae"))
   text_config, text_params = clip_text.load_clip_text(_component(root, "text_encoder"), with_projection=False)
   text_config_2, text_params_2 = clip_text.load_clip_text(_component(root, "text_encoder_2"), with_projection=True)
   # The pipeline concatenates the towers' states (pipeline_stable_diffusion_xl.py, `encode_prompt`), and puts
@@ -212,6 +216,16 @@ def load_sdxl_pipeline(path_or_id: str, with_vae: bool = True) -> SDXLPipeline:
     ScheduleConfig.from_json_file(_component(root, "scheduler")),
     force_zeros,
   )
+
+
+def load_either(path_or_id: str, with_vae: bool = True) -> Pipeline | SDXLPipeline:
+  """`load_sdxl_pipeline` for an SDXL folder (is_sdxl_folder), else `load_pipeline`: what a command that takes
+  either kind of folder (train, generate, export) reads."""
+  root = resolve_pretrained(path_or_id)
+  if not os.path.isfile(os.path.join(root, "model_index.json")):
+    raise ConfigError(f"{root}: no model_index.json; expected a diffusers Stable Diffusion pipeline folder")
+  loader = load_sdxl_pipeline if is_sdxl_folder(root) else load_pipeline
+  return loader(root, with_vae=with_vae)
 
 
 def _export(out_dir: str, config: dict, state: dict, abstract: Any, list_names: tuple[str, ...]) -> None:

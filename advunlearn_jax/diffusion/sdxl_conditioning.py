@@ -42,9 +42,19 @@ def time_ids(
   target_size: tuple[int, int] | None = None,
 ) -> jax.Array:
   """[n, 6] float32 micro-conditioning ids, one identical row per image."""
-  size = image_size(pipe)
-  row = [*(original_size or size), *crops_coords_top_left, *(target_size or size)]
+  row = time_id_row(pipe, original_size, crops_coords_top_left, target_size)
   return jnp.tile(jnp.asarray([row], jnp.float32), (n, 1))
+
+
+def time_id_row(
+  pipe: SDXLPipeline,
+  original_size: tuple[int, int] | None = None,
+  crops_coords_top_left: tuple[int, int] = (0, 0),
+  target_size: tuple[int, int] | None = None,
+) -> tuple[float, ...]:
+  """`time_ids`' row on the host: (original h, w, crop top, left, target h, w), diffusers' defaults."""
+  size = image_size(pipe)
+  return tuple(float(v) for v in (*(original_size or size), *crops_coords_top_left, *(target_size or size)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -58,8 +68,11 @@ def encode_ids(
   return context, out_2.text_embeds
 
 
-def _params(pipe: SDXLPipeline, text_params: tuple[Any, Any] | None) -> tuple[Any, Any]:
-  """The towers' params: the pipeline's, or (tower 1, tower 2) given, either None for the pipeline's."""
+def _params(pipe: SDXLPipeline, text_params: tuple[Any, Any] | dict | None) -> tuple[Any, Any]:
+  """The towers' params: the pipeline's, or (tower 1, tower 2) given, either None for the pipeline's, or the
+  training step's tree ({"text_encoder": ..., "text_encoder_2": ...}, SDXLPipeline.text_tree)."""
+  if isinstance(text_params, dict) and set(text_params) == {"text_encoder", "text_encoder_2"}:
+    text_params = (text_params["text_encoder"], text_params["text_encoder_2"])
   given = (None, None) if text_params is None else text_params
   if not isinstance(given, tuple | list) or len(given) != 2:
     raise ValueError("an SDXL pipeline's text_params are a pair (tower 1's, tower 2's), either None for the pipeline's")

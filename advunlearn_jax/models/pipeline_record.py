@@ -93,6 +93,11 @@ class Pipeline(NamedTuple):
   tokenizer_dir: str
   schedule: ScheduleConfig
 
+  @property
+  def text_tree(self) -> Any:
+    """The text encoder's params as the training step holds them."""
+    return self.text_params
+
 
 class SDXLPipeline(NamedTuple):
   """A diffusers SDXL folder's weights and configs (convert/diffusers.load_sdxl_pipeline): the UNet conditions on
@@ -113,3 +118,8 @@ class SDXLPipeline(NamedTuple):
   # model_index.json's `force_zeros_for_empty_prompt` (diffusers' default True, as SDXL base says): CFG's
   # unconditional branch is all zeros (context and pooled embeddings) instead of the towers' encoding of "".
   force_zeros_for_empty_prompt: bool = True
+
+  @property
+  def text_tree(self) -> dict[str, Any]:
+    """Both towers' params as the training step holds them (trainable.is_sdxl_text's tree)."""
+    return {"text_encoder": self.text_params, "text_encoder_2": self.text_params_2}

@@ -94,13 +94,30 @@ def write_marker(folder: str, step: int | None = None) -> None:
   weights_io.write_json(os.path.join(folder, MARKER), {"written_by": "advunlearn-jax export", "step": step})
 
 
-def write_component(out: str, pipe: Pipeline, tower: str, params: Any, reference_name: str = "") -> dict[str, str]:
-  """The trained `tower` (trainable.Trained.tower) with its `params`: `out/text_encoder` for
-  CLIPTextModel.from_pretrained, or `out/unet` for the ESD-style UNet methods; with `reference_name` also
-  `out/<reference_name>`, the reference's .pt (text encoders only)."""
+def components(pipe: Pipeline | SDXLPipeline, tower: str) -> tuple[str, ...]:
+  """The folders a trained `tower` (trainable.Trained.tower) writes: an SDXL text method writes both towers,
+  always: the pair is what the UNet was conditioned by in training, and a loader that mixes one trained tower with
+  another folder's second gets what it asked for only when that tower is the original."""
+  if tower == "text_encoder" and isinstance(pipe, SDXLPipeline):
+    return ("text_encoder", "text_encoder_2")
+  return (tower,)
+
+
+def write_component(
+  out: str, pipe: Pipeline | SDXLPipeline, tower: str, params: Any, reference_name: str = ""
+) -> dict[str, str]:
+  """The trained `tower` with its `params`: `out/text_encoder` for CLIPTextModel.from_pretrained (SDXL: and
+  `out/text_encoder_2` for CLIPTextModelWithProjection, `params` the step's {"text_encoder": ..., "text_encoder_2":
+  ...}), or `out/unet` for the ESD-style UNet methods; with `reference_name` also `out/<reference_name>`, the
+  reference's .pt (SD text encoders only)."""
   if tower == "unet":
     sd_convert.export_unet(pipe.unet_config, params, os.path.join(out, "unet"))
     return {"unet": os.path.join(out, "unet")}
+  if isinstance(pipe, SDXLPipeline):
+    return {
+      name: clip_convert.export_clip_text(config, params[name], os.path.join(out, name))
+      for name, config in (("text_encoder", pipe.text_config), ("text_encoder_2", pipe.text_config_2))
+    }
   text_dir = os.path.join(out, "text_encoder")
   outputs = {"text_encoder": clip_convert.export_clip_text(pipe.text_config, params, text_dir)}
   if reference_name:
@@ -110,43 +127,24 @@ def write_component(out: str, pipe: Pipeline, tower: str, params: Any, reference
 
 
 def write(
-  out: str, pipe: Pipeline, tower: str, params: Any, enabled: bool = True, reference_name: str = ""
+  out: str, pipe: Pipeline | SDXLPipeline, tower: str, params: Any, enabled: bool = True, reference_name: str = ""
 ) -> dict[str, str]:
-  """`write_component`, and `out/pipeline`, the source pipeline with it, for
-  StableDiffusionPipeline.from_pretrained (other components hard-linked where possible). `enabled=False` (the
+  """`write_component`, and `out/pipeline`, the source pipeline with it, for StableDiffusionPipeline (or
+  StableDiffusionXLPipeline).from_pretrained (other components hard-linked where possible). `enabled=False` (the
   non-primary processes of a multi-host run) only returns the paths."""
-  component_dir, pipeline_dir = os.path.join(out, tower), os.path.join(out, "pipeline")
-  if not enabled:
-    return {tower: component_dir, "pipeline": pipeline_dir}
-  outputs = write_component(out, pipe, tower, params, reference_name)
-  with weights_io.atomic_folder(pipeline_dir) as staging:
-    os.rmdir(staging)
-    shutil.copytree(pipe.root, staging, ignore=shutil.ignore_patterns(tower, ".cache"), copy_function=_link_or_copy)
-    shutil.copytree(component_dir, os.path.join(staging, tower))
-  return {**outputs, tower: component_dir, "pipeline": pipeline_dir}
-
-
-def write_sdxl(out: str, pipe: SDXLPipeline, text_params: dict, enabled: bool = True) -> dict[str, str]:
-  """SDXL text-encoder methods: both towers, `text_params` as the step holds them ({"text_encoder": ...,
-  "text_encoder_2": ...}, an untrained tower as loaded), as `out/text_encoder` (CLIPTextModel.from_pretrained) and
-  `out/text_encoder_2` (CLIPTextModelWithProjection.from_pretrained), and `out/pipeline`, the source SDXL folder with
-  the pair in place: a drop-in for StableDiffusionXLPipeline.from_pretrained. Both towers always: the pair is what
-  the UNet was conditioned by in training, and a loader that mixes one trained tower with another folder's second
-  gets what it asked for only when that tower is the original."""
-  towers = {"text_encoder": pipe.text_config, "text_encoder_2": pipe.text_config_2}
-  paths = {name: os.path.join(out, name) for name in towers}
+  written = components(pipe, tower)
+  paths = {name: os.path.join(out, name) for name in written}
   pipeline_dir = os.path.join(out, "pipeline")
   if not enabled:
     return {**paths, "pipeline": pipeline_dir}
-  for name, config in towers.items():
-    clip_convert.export_clip_text(config, text_params[name], paths[name])
+  outputs = write_component(out, pipe, tower, params, reference_name)
   with weights_io.atomic_folder(pipeline_dir) as staging:
     os.rmdir(staging)
-    ignore = shutil.ignore_patterns(*towers, ".cache")
+    ignore = shutil.ignore_patterns(*written, ".cache")
     shutil.copytree(pipe.root, staging, ignore=ignore, copy_function=_link_or_copy)
-    for name in towers:
+    for name in written:
       shutil.copytree(paths[name], os.path.join(staging, name))
-  return {**paths, "pipeline": pipeline_dir}
+  return {**outputs, **paths, "pipeline": pipeline_dir}
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -165,7 +163,7 @@ class Snapshot(NamedTuple):
   """A run's trained tower after `step` iterations, with the base pipeline it goes into."""
 
   step: int
-  pipe: Pipeline
+  pipe: Pipeline | SDXLPipeline
   tower: str  # trainable.Trained.tower
   params: Any  # the tower's whole parameters, on the host
   final: bool  # the run's end (workdir/<tower>, workdir/pipeline) or a numbered export along the way
@@ -194,7 +192,7 @@ class Latest(NamedTuple):
   step: int
   config: ml_collections.ConfigDict  # the run's, as stored with the checkpoint
   trained: trainable.Trained
-  pipe: Pipeline  # the base pipeline (without its VAE)
+  pipe: Pipeline | SDXLPipeline  # the base pipeline (without its VAE)
   params: Any  # the trained tower's whole parameters
 
 
@@ -205,8 +203,8 @@ def latest(workdir: str, pretrained: str | None = None) -> Latest:
   config = ml_collections.ConfigDict(meta["config"])
   method = trainable.Trained.from_config(config.train)
   root = sd_convert.resolve_pretrained(pretrained or config.model.pretrained)
-  pipe = sd_convert.load_pipeline(root, with_vae=False)
-  original = method.of(pipe.text_params, pipe.unet_params)
+  pipe = sd_convert.load_either(root, with_vae=False)
+  original = method.of(pipe.text_tree, pipe.unet_params)
   params = trainable.merge(trained_leaves, trainable.split(original, method.mask(original))[1])
   return Latest(step, config, method, pipe, params)
 
@@ -231,6 +229,11 @@ def export_latest(workdir: str, out: str, pretrained: str | None = None, fmt: st
 
 def reference_checkpoint(run: Latest, out: str, workdir: str) -> str:
   """OUT/TextEncoder-<method>-epoch_<i>.pt of `run` (text encoders only: ConfigError for a UNet run)."""
+  if isinstance(run.pipe, SDXLPipeline):
+    raise ConfigError(
+      f"{workdir}: --format=reference: the run trained SDXL's text towers; the reference's TextEncoder-*.pt holds "
+      "SD 1.x's one text encoder (--format=diffusers writes OUT/text_encoder, OUT/text_encoder_2 and OUT/pipeline)"
+    )
   if run.trained.tower != "text_encoder":
     raise ConfigError(
       f"{workdir}: --format=reference: train.method={run.trained.method!r} trains the UNet; the reference's "

@@ -20,8 +20,8 @@ from advunlearn_jax import sharding
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
-from advunlearn_jax.errors import TrainingDiverged
-from advunlearn_jax.models.pipeline_record import Pipeline
+from advunlearn_jax.errors import ConfigError, TrainingDiverged
+from advunlearn_jax.models.pipeline_record import Pipeline, SDXLPipeline
 from advunlearn_jax.training import checkpoint, distributed, loss_plot, metrics_writer, preview, workdir_lock
 from advunlearn_jax.training.run_exports import Snapshot
 from advunlearn_jax.unlearn import bank as bank_lib
@@ -57,7 +57,7 @@ def _current_params(setup: Setup, state) -> tuple[Any, Any]:
   own local fp32 copies (frozen.clip/unet on the mesh hold the same values, possibly sharded across hosts and
   with the UNet's kernels in the compute dtype)."""
   cfg, models, frozen, _ = setup.wired
-  local = frozen._replace(unet=setup.pipe.unet_params, clip=setup.pipe.text_params)
+  local = frozen._replace(unet=setup.pipe.unet_params, clip=setup.pipe.text_tree)
   return step_lib.student_params(cfg, models, local, distributed.to_host(state.params))
 
 
@@ -86,7 +86,7 @@ class PreemptionWatcher:
 class Setup(NamedTuple):
   """What the run reads and never changes."""
 
-  pipe: Pipeline
+  pipe: Pipeline | SDXLPipeline
   retain_prompts: list[str]
   wired: wiring.Wiring
   mesh: jax.sharding.Mesh
@@ -143,22 +143,20 @@ def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections,
   with_previews = config.samples.every > 0 and os.path.isdir(os.path.join(root, "vae"))
   members = threats.member_configs(config)
   with_images = any(c.attack.objective != "esd" for c in (config, *members))
-  pipe = sd_convert.load_pipeline(root, with_vae=with_previews or with_images)
+  pipe = sd_convert.load_either(root, with_vae=with_previews or with_images)
   tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
   mesh = sharding.make_mesh(devices, sharding.fsdp_size(config.mesh.fsdp, sections.trained.tower, devices))
-  wired = wiring.wire(
-    config,
-    sections,
-    clip_config=pipe.text_config,
-    clip_params=pipe.text_params,
-    unet_config=pipe.unet_config,
-    unet_params=pipe.unet_params,
-    schedule=pipe.schedule,
+  inputs = dict(
     tokenizer=tokenizer,
     retain_prompts=retain_prompts,
     mesh=mesh,
     concept_latents=concept_latents(config, pipe) if with_images else None,
   )
+  if isinstance(pipe, SDXLPipeline):
+    check_sdxl_run(config, root)
+    wired = wiring.wire_sdxl(config, sections, pipe, tokenizer_2=tok_lib.load_tokenizer(pipe.tokenizer_2_dir), **inputs)
+  else:
+    wired = wiring.wire_pipeline(config, sections, pipe, **inputs)
   primary = distributed.is_primary()
   distributed.announce(
     f"training {config.train.method}: {wired.trained_parameters:,} parameters on mesh {dict(mesh.shape)}, "
@@ -166,6 +164,20 @@ def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections,
   )
   members = tuple(wiring.threat(member, wired, tokenizer, mesh) for member in members)
   return Setup(pipe, retain_prompts, wired, mesh, primary, with_previews, members)
+
+
+def check_sdxl_run(config: ml_collections.ConfigDict, root: str) -> None:
+  """What an SDXL folder cannot give, refused before the weights are laid out (ConfigError names the key)."""
+  if config.export.reference_checkpoint:
+    raise ConfigError(
+      f"config.export.reference_checkpoint: {root} is an SDXL folder; the reference's TextEncoder-*.pt holds SD "
+      "1.x's one text encoder. An SDXL run exports both towers as diffusers folders (set it to False)"
+    )
+  if config.report.kind:
+    raise ConfigError(
+      f"config.report.kind={config.report.kind!r}: {root} is an SDXL folder and the {config.report.kind!r} report "
+      "reads SD 1.x pipelines; set report.kind='' and evaluate the exported pipeline/ yourself"
+    )
 
 
 TRAINING_IMAGES_STREAM = 2**20

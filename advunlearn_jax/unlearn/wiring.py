@@ -13,14 +13,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
 from advunlearn_jax import sharding
 from advunlearn_jax.diffusion import sdxl_conditioning
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-from advunlearn_jax.models.pipeline_record import ScheduleConfig, SDXLPipeline
+from advunlearn_jax.models.pipeline_record import Pipeline, ScheduleConfig, SDXLPipeline
 from advunlearn_jax.models.unet import UNet2DConditionModel, UNetConfig
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import bank as bank_lib
@@ -172,6 +171,23 @@ def wire(
   )
 
 
+def wire_pipeline(
+  config: ml_collections.ConfigDict, sections: TrainingSections, pipe: Pipeline | SDXLPipeline, **inputs
+) -> Wiring:
+  """`wire` from a pipeline's weights (convert/diffusers' records; an SDXL one through `wire_sdxl`); `inputs` are
+  wire's keyword arguments past the weights (tokenizer, retain_prompts, mesh, ...)."""
+  return wire(
+    config,
+    sections,
+    clip_config=pipe.text_config,
+    clip_params=pipe.text_tree,
+    unet_config=pipe.unet_config,
+    unet_params=pipe.unet_params,
+    schedule=pipe.schedule,
+    **inputs,
+  )
+
+
 def wire_sdxl(
   config: ml_collections.ConfigDict,
   sections: TrainingSections,
@@ -194,16 +210,12 @@ def wire_sdxl(
   pad_id_2 = int(tokenizer_2.pad_token_id)
   prompts = [str(c).strip() for c in config.concept.prompts] + list(retain_prompts)
   frozen_lib.check_tower_2_ids(tokenizer, tokenizer_2, prompts, pad_id_2)
-  time_ids = tuple(float(v) for v in np.asarray(sdxl_conditioning.time_ids(pipe, 1))[0])
+  time_ids = sdxl_conditioning.time_id_row(pipe)
   dtype = jnp.dtype(config.model.dtype)
-  return wire(
+  return wire_pipeline(
     config,
     sections,
-    clip_config=pipe.text_config,
-    clip_params={"text_encoder": pipe.text_params, "text_encoder_2": pipe.text_params_2},
-    unet_config=pipe.unet_config,
-    unet_params=pipe.unet_params,
-    schedule=pipe.schedule,
+    pipe,
     tokenizer=tokenizer,
     retain_prompts=retain_prompts,
     mesh=mesh,
