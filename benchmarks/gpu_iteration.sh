@@ -12,6 +12,9 @@
 # its cache the same way between its two step variants and across resumes.
 #   MODES="online_sequential bank"   a subset, in this order (default: all, the cheapest to compile first)
 #   DTYPES="bfloat16 float32"        adds fp32
+#   SIZE=sdxl                        SDXL base through both text towers, remat "dots" (configs/sdxl_nudity.py's
+#                                    setting), modes "bank online" by default: no PyTorch transcription exists for
+#                                    it; files named iteration_h200_sdxl_<dtype>_<mode>.json
 # Carry the wheels that gpu_env.sh names, or leave pytorch out of MODES. The image's pytest runs the attention check.
 set -uo pipefail
 # shellcheck source=SCRIPTDIR/gpu_env.sh
@@ -19,14 +22,19 @@ set -uo pipefail
 # cuDNN's fused attention against XLA's on this GPU first (seconds): every mode below runs SD's self-attention in it.
 JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/test_attention.py 2>&1 | tail -4 |
   tee -a "$out/iteration_h200.log"
+size="${SIZE:-sd14}"
+modes="bank bank_renewing online_sequential pytorch online" tag="" extra=()
+if [ "$size" = sdxl ]; then
+  modes="bank online" tag="sdxl_" extra=(--remat=dots)
+fi
 for dtype in ${DTYPES:-bfloat16}; do
-  for mode in ${MODES:-bank bank_renewing online_sequential pytorch online}; do
-    echo "== $mode $dtype ($(date -u +%T))" | tee -a "$out/iteration_h200.log"
-    timeout "${MODE_TIMEOUT:-240}" python3 benchmarks/iteration.py --size=sd14 --iters=2 --dtype="$dtype" \
-      --modes="$mode" --json="$out/iteration_h200_${dtype}_$mode.json" \
+  for mode in ${MODES:-$modes}; do
+    echo "== $size $mode $dtype ($(date -u +%T))" | tee -a "$out/iteration_h200.log"
+    timeout "${MODE_TIMEOUT:-240}" python3 benchmarks/iteration.py --size="$size" --iters=2 --dtype="$dtype" \
+      --modes="$mode" --json="$out/iteration_h200_${tag}${dtype}_$mode.json" "${extra[@]}" \
       --compilation_cache="${XLA_CACHE:-/tmp/advunlearn_xla_cache}" "$@" 2>&1 | tee -a "$out/iteration_h200.log"
   done
-  finished=("$out"/iteration_h200_"${dtype}"_*.json)
+  finished=("$out/iteration_h200_${tag}${dtype}"_*.json)
   [ -e "${finished[0]}" ] && python3 benchmarks/iteration.py --merge "${finished[@]}" \
-    --json="$out/iteration_h200_$dtype.json" 2>&1 | tee -a "$out/iteration_h200.log"
+    --json="$out/iteration_h200_${tag}$dtype.json" 2>&1 | tee -a "$out/iteration_h200.log"
 done

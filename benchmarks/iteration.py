@@ -10,6 +10,7 @@ one (bank_renewing). Prints ratios against the transcription and against online_
   python benchmarks/iteration.py --size=sd14 --memory_only --dtype=bfloat16 --target=h200  # XLA:GPU's, no GPU
   python benchmarks/iteration.py --size=sd14 --memory_only --dtype=bfloat16 --target=v5e-8  # libtpu's, no TPU
   python benchmarks/iteration.py --size=sd21 --memory_only --dtype=bfloat16 --target=v4-32 --method=noxattn
+  python benchmarks/iteration.py --size=sdxl --memory_only --dtype=bfloat16 --remat=dots --target=h200  # SDXL base
 
 With --target, the step is compiled as the trainer would run it on that machine: its mesh (sharding.fsdp_size's
 rule over the target's devices: data parallel for text-encoder methods, FSDP within a host for UNet methods),
@@ -59,10 +60,10 @@ sys.path.insert(0, ROOT)
 
 from advunlearn_jax import compile_cache, config_lib, sharding  # noqa: E402
 from advunlearn_jax.data import tokenizer as tok_lib  # noqa: E402
-from advunlearn_jax.diffusion import ddim  # noqa: E402
-from advunlearn_jax.models import clip_text  # noqa: E402
+from advunlearn_jax.diffusion import ddim, sdxl_conditioning  # noqa: E402
+from advunlearn_jax.models import clip_text, presets  # noqa: E402
 from advunlearn_jax.models import unet as unet_lib  # noqa: E402
-from advunlearn_jax.models.pipeline_record import ScheduleConfig  # noqa: E402
+from advunlearn_jax.models.pipeline_record import ScheduleConfig, SDXLPipeline  # noqa: E402
 from advunlearn_jax.testing import tiny_models  # noqa: E402
 from advunlearn_jax.unlearn import bank as bank_lib  # noqa: E402
 from advunlearn_jax.unlearn import retain, wiring  # noqa: E402
@@ -70,6 +71,7 @@ from advunlearn_jax.unlearn import step as step_lib  # noqa: E402
 from benchmarks import flops, setups, torch_unet  # noqa: E402
 
 JAX_MODES = ("online_sequential", "online", "bank", "bank_renewing")
+SDXL_SIZES = ("sdxl", "micro_sdxl")  # SDXL base's layout; the tests' micro one
 MODES = ("pytorch", *JAX_MODES)
 DDIM_STEPS = 50
 BANK_TRAJECTORIES = 8
@@ -99,12 +101,14 @@ def loss_cost(attack_steps: int, concept_batch: int, retain_batch: int, renewals
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--size", default="tiny", choices=tiny_models.SIZES)
+  p.add_argument("--size", default="tiny", choices=(*tiny_models.SIZES, *SDXL_SIZES))
   p.add_argument("--iters", type=int, default=3, help="timed iterations per mode (after one warm-up)")
   p.add_argument("--attack_steps", type=int, default=30)
   p.add_argument("--retain_batch", type=int, default=5)
   p.add_argument("--dtype", default="float32")
-  p.add_argument("--method", default="text_encoder_full", help="train.method: the tower and layers trained")
+  p.add_argument(
+    "--method", default="", help="train.method: the tower and layers trained (default text_encoder_full; SDXL: both)"
+  )
   p.add_argument("--remat", default="none")
   p.add_argument("--rollout_buckets", type=int, default=0, help="with --rows_per_call=0; 0: wiring.ROLLOUT_BUCKETS")
   p.add_argument(
@@ -142,7 +146,11 @@ def parse_args(argv=None):
   )
   torch_unet.add_matmul_precision_flag(p)
   args = p.parse_args(argv)
-  args.modes = [m for m in args.modes.split(",") if m and not (m == "pytorch" and args.no_torch)]
+  sdxl = args.size in SDXL_SIZES
+  args.method = args.method or ("text_encoders_full" if sdxl else "text_encoder_full")
+  # The PyTorch transcription is the reference's, SD v1.x's: SDXL has none to compare against.
+  no_torch = args.no_torch or sdxl
+  args.modes = [m for m in args.modes.split(",") if m and not (m == "pytorch" and no_torch)]
   unknown = set(args.modes) - set(MODES)
   if unknown:
     p.error(f"unknown modes {sorted(unknown)}; valid: {list(MODES)}")
@@ -161,18 +169,22 @@ class Harness:
 
   def __init__(self, args, devices: list | None = None):
     self.args = args
-    self.clip_cfg, self.unet_cfg = tiny_models.configs(args.size)
+    self.sdxl = sdxl_pipeline(args.size) if args.size in SDXL_SIZES else None
+    if self.sdxl is not None:
+      self.clip_cfg, self.unet_cfg = self.sdxl.text_config, self.sdxl.unet_config
+    else:
+      self.clip_cfg, self.unet_cfg = tiny_models.configs(args.size)
     self.hw = self.unet_cfg.sample_size
     k1, k2 = jax.random.split(jax.random.key(0))
-    self.clip_params = clip_text.init_params(self.clip_cfg, k1)
+    if self.sdxl is not None:
+      self.clip_params = self.sdxl.text_tree
+    else:
+      self.clip_params = clip_text.init_params(self.clip_cfg, k1)
     init = jax.eval_shape if args.memory_only else lambda f, *a: jax.jit(f)(*a)  # no 3.4 GB on the host
-    self.unet_params = init(
-      unet_lib.UNet2DConditionModel(self.unet_cfg).init,
-      k2,
-      jnp.zeros((1, self.hw, self.hw, 4)),
-      jnp.zeros((1,), jnp.int32),
-      jnp.zeros((1, 77, self.unet_cfg.cross_attention_dim)),
-    )["params"]
+    x, t, cond = unet_row_inputs(self)
+    flat = (cond.context, cond.added) if isinstance(cond, unet_lib.SDXLCond) else (cond,)
+    unet = unet_lib.UNet2DConditionModel(self.unet_cfg)
+    self.unet_params = init(lambda key: unet.init(key, x, t, *flat)["params"], k2)
     self.retain_prompts = retain.load_dataset("coco_object")[:16]
     config = config_lib.base_config()
     config.concept.prompts = ("nudity",)
@@ -185,17 +197,25 @@ class Harness:
     if slots < 0 and devices:  # the target's default, not the compiling host's
       slots = wiring.rollout_rows_per_call(self.hw, backend=devices[0].platform)
     config.train.rollout_buckets, config.train.rollout_rows_per_call = args.rollout_buckets, slots
-    wire = lambda unet_params: wiring.wire(
-      config,
-      wiring.TrainingSections.from_config(config),
-      clip_config=self.clip_cfg,
-      clip_params=self.clip_params,
-      unet_config=self.unet_cfg,
-      unet_params=unet_params,
-      schedule=ScheduleConfig(),
-      tokenizer=tok_lib.load_tokenizer(),
-      retain_prompts=self.retain_prompts,
-    )
+    sections = wiring.TrainingSections.from_config(config)
+    if self.sdxl is not None:
+      tokenizer_2 = tok_lib.load_tokenizer(self.sdxl.tokenizer_2_dir)
+      tokenizers = {"tokenizer": tok_lib.load_tokenizer(), "tokenizer_2": tokenizer_2}
+      wire = lambda unet_params: wiring.wire_sdxl(
+        config, sections, self.sdxl._replace(unet_params=unet_params), retain_prompts=self.retain_prompts, **tokenizers
+      )
+    else:
+      wire = lambda unet_params: wiring.wire(
+        config,
+        sections,
+        clip_config=self.clip_cfg,
+        clip_params=self.clip_params,
+        unet_config=self.unet_cfg,
+        unet_params=unet_params,
+        schedule=ScheduleConfig(),
+        tokenizer=tok_lib.load_tokenizer(),
+        retain_prompts=self.retain_prompts,
+      )
     if args.memory_only:  # wired around abstract UNet weights: shapes only, no 3.4 GB on the host
       wired = {}
       self.frozen = jax.eval_shape(lambda u: wired.setdefault("w", wire(u)).frozen, self.unet_params)
@@ -298,15 +318,40 @@ def step_flops(s: Harness, cfg: step_lib.StepConfig, state, batch, rollout_rows:
   return parts.fixed + rollout_rows * unet_row_flops(s) + renewal
 
 
+def unet_row_inputs(s: Harness) -> tuple:
+  """(latents, timesteps, conditioning) of one UNet row, zeros: SD's context array, or SDXL's SDXLCond."""
+  cond = jnp.zeros((1, 77, s.unet_cfg.cross_attention_dim))
+  if s.sdxl is not None:
+    ids = sdxl_conditioning.time_ids(s.sdxl, 1)
+    cond = unet_lib.SDXLCond(cond, unet_lib.AddedCond(jnp.zeros((1, s.sdxl.text_config_2.projection_dim)), ids))
+  return jnp.zeros((1, s.hw, s.hw, s.unet_cfg.in_channels)), jnp.zeros((1,), jnp.int32), cond
+
+
 def unet_row_flops(s: Harness) -> float:
   """One UNet forward at batch 1, from its jaxpr."""
   unet = unet_lib.UNet2DConditionModel(s.unet_cfg)
-  args = (
-    jax.ShapeDtypeStruct((1, s.hw, s.hw, 4), jnp.float32),
-    jax.ShapeDtypeStruct((1,), jnp.int32),
-    jax.ShapeDtypeStruct((1, 77, s.unet_cfg.cross_attention_dim), jnp.float32),
+  args = jax.eval_shape(lambda: unet_row_inputs(s))
+  return flops.count(lambda p, *a: unet_lib.apply_conditioned(unet, p, *a), s.unet_params, *args)
+
+
+def sdxl_pipeline(size: str) -> SDXLPipeline:
+  """SDXL base's layout (models/presets.py; `micro_sdxl`: the tests' micro SDXL layout) with random text towers
+  drawn on the host (the step encodes the concept and retain prompts with them: real arrays, 3.3 GB in fp32 for
+  SDXL base) and no UNet weights (the harness' own, abstract with --memory_only), no VAE: the micro-conditioning's
+  1024 px are the UNet's 128 latents times diffusers' default 8. tokenizer_2 pads with "!", as SDXL base's does."""
+  import tempfile
+
+  if size == "sdxl":
+    text, text_2 = clip_text.CLIPTextConfig(**presets.SDXL_TEXT), clip_text.CLIPTextConfig(**presets.SDXL_TEXT_2)
+    unet = unet_lib.UNetConfig.from_dict(presets.SDXL_UNET, source="presets.SDXL_UNET")
+  else:
+    text, text_2, unet, _ = tiny_models.micro_sdxl()
+  params = clip_text.abstract_params(text), clip_text.abstract_params(text_2, with_projection=True)
+  params = [tiny_models.random_params(a, seed) for seed, a in enumerate(params)]
+  tokenizer_2 = tok_lib.write_clip_tokenizer_folder(os.path.join(tempfile.mkdtemp(), "tokenizer_2"), pad_token="!")
+  return SDXLPipeline(
+    "", unet, None, None, None, text, params[0], text_2, params[1], "", tokenizer_2, tiny_models.SDXL_SCHEDULE
   )
-  return flops.count(lambda p, *a: unet.apply({"params": p}, *a), s.unet_params, *args)
 
 
 def main(argv=None):

@@ -180,9 +180,15 @@ def _memory_lines(stdout, modes, per_chip="", effort=""):
 
 
 @pytest.mark.bench
-def test_iteration_benchmark_memory_only_compiles_without_running():
+def test_iteration_benchmark_memory_only_compiles_without_running(tmp_path):
   args = ["--size=small", "--memory_only", "--attack_steps=3", "--retain_batch=2", "--modes=online,bank_renewing"]
   _memory_lines(_benchmark("iteration.py", *args).stdout, ("online", "bank_renewing"))
+  # SDXL's layout (--size=sdxl's path at the tests' micro size): both towers trained by default.
+  report = tmp_path / "sdxl.json"
+  out = _benchmark("iteration.py", "--size=micro_sdxl", *args[1:4], "--modes=bank", f"--json={report}")
+  assert "size=micro_sdxl latents 16x16" in out.stdout, out.stdout
+  _memory_lines(out.stdout, ("bank",))
+  assert json.loads(report.read_text())["method"] == "text_encoders_full"
 
 
 @pytest.mark.slow
