@@ -17,7 +17,7 @@ from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation, sdxl_conditioning
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.testing import tiny_models
-from advunlearn_jax.training import checkpoint, config_validation, run_exports, runs, train
+from advunlearn_jax.training import checkpoint, config_validation, hub, run_exports, runs, train
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import prompts, retain, trainable, wiring
 from advunlearn_jax.unlearn import step as step_lib
@@ -277,15 +277,30 @@ def test_main_trains_exports_and_resumes_on_an_sdxl_folder(folder, both, tmp_pat
     assert any(_changed(getattr(again, tower), getattr(exported, tower))), tower  # the third iteration trained it
   with pytest.raises(ConfigError, match="TextEncoder"):
     run_exports.export_latest(workdir, str(tmp_path / "ref"), fmt="reference")
+  with pytest.raises(ConfigError, match="--hub_dir: the run trained SDXL"):
+    hub.write_folder(str(tmp_path / "hub"), workdir)
 
 
 @pytest.mark.parametrize(
   "key,value,match",
-  [("export.reference_checkpoint", True, "one text encoder"), ("report.kind", "tiny_world", "SD 1.x")],
+  [
+    ("export.reference_checkpoint", True, "one text encoder"),
+    ("report.kind", "tiny_world", "SD 1.x"),
+    ("stereo.enabled", True, "STEREO"),
+    ("attack.embedding", "condition_embd", "word_embd"),
+  ],
 )
-def test_sd_only_settings_are_refused_before_any_work(folder, tmp_path, key, value, match):
+def test_sd_only_settings_are_refused_before_any_work(folder, tmp_path, monkeypatch, key, value, match):
+  """Refused from the UNet's config alone, by `main`'s own entry (runs.run, which STEREO's branch leaves before
+  set_up), before a weight is read."""
   config = run_config(folder)
   section, field = key.split(".")
   setattr(getattr(config, section), field, value)
+
+  def no_weights(*args, **kwargs):
+    raise AssertionError("weights read before the refusal")
+
+  for loader in ("load_either", "load_pipeline", "load_sdxl_pipeline"):
+    monkeypatch.setattr(sd_convert, loader, no_weights)
   with pytest.raises(ConfigError, match=match):
-    train.set_up(config, config_validation.validate(config), ONE_DEVICE)
+    runs.run(config, str(tmp_path / "run"), devices=ONE_DEVICE, show_progress=False)

@@ -219,8 +219,8 @@ def load_sdxl_pipeline(path_or_id: str, with_vae: bool = True) -> SDXLPipeline:
 
 
 def load_either(path_or_id: str, with_vae: bool = True) -> Pipeline | SDXLPipeline:
-  """`load_sdxl_pipeline` for an SDXL folder (is_sdxl_folder), else `load_pipeline`: what a command that takes
-  either kind of folder (train, generate, export) reads."""
+  """`load_sdxl_pipeline` for an SDXL folder (is_sdxl_folder), else `load_pipeline`: what the training run and
+  the export command read."""
   root = resolve_pretrained(path_or_id)
   if not os.path.isfile(os.path.join(root, "model_index.json")):
     raise ConfigError(f"{root}: no model_index.json; expected a diffusers Stable Diffusion pipeline folder")

@@ -18,6 +18,7 @@ from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import report as report_lib
+from advunlearn_jax.models.pipeline_record import SDXLPipeline
 from advunlearn_jax.training import run_exports, workdir_lock
 
 # The licences of well-known bases, which a derived component inherits; any other base needs --license.
@@ -53,6 +54,11 @@ def write_folder(
   report = _read_report(report_path) if report_path else None
   with run_exports.claimed(hub_dir, "hub_dir", workdir):  # a workdir or the user's own folder is refused
     run = run_exports.latest(workdir, pretrained)
+    if isinstance(run.pipe, SDXLPipeline):  # the card's loading code and licence table are SD 1.x/2.x's
+      raise ConfigError(
+        f"{workdir}: --hub_dir: the run trained SDXL's text towers; the Hub card is written for SD pipelines. "
+        "Export with --out (both towers and a StableDiffusionXLPipeline folder)"
+      )
     license_id = licence_of(run.config.model.pretrained, license_id)
     card = model_card(run, license_id, report)
     # A clone's git data stays; the lock moves into the new folder with it.

@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_collections
 
+from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.evals import report_kinds
 from advunlearn_jax.training import config_validation, distributed, run_exports, train
 from advunlearn_jax.unlearn import wiring
@@ -27,6 +28,7 @@ def run(
   config_validation.validate(config) built: a caller that checked the config before any work (main, population,
   the notebook) hands them over; without them the whole config is checked here, once either way."""
   if config.stereo.enabled:  # STEREO's own two stages (training/stereo_runs.py), then the same report
+    train.check_sdxl_run(config, sd_convert.resolve_pretrained(config.model.pretrained))
     from advunlearn_jax.training import stereo_runs
 
     result = stereo_runs.run(config, workdir, show_progress=show_progress)

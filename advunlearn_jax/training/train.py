@@ -140,6 +140,7 @@ def run(
 def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections, devices: list | None = None) -> Setup:
   retain_prompts = retain.from_config(config)
   root = sd_convert.resolve_pretrained(config.model.pretrained)
+  check_sdxl_run(config, root)  # before any weights are read
   with_previews = config.samples.every > 0 and os.path.isdir(os.path.join(root, "vae"))
   members = threats.member_configs(config)
   with_images = any(c.attack.objective != "esd" for c in (config, *members))
@@ -153,7 +154,6 @@ def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections,
     concept_latents=concept_latents(config, pipe) if with_images else None,
   )
   if isinstance(pipe, SDXLPipeline):
-    check_sdxl_run(config, root)
     wired = wiring.wire_sdxl(config, sections, pipe, tokenizer_2=tok_lib.load_tokenizer(pipe.tokenizer_2_dir), **inputs)
   else:
     wired = wiring.wire_pipeline(config, sections, pipe, **inputs)
@@ -167,7 +167,20 @@ def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections,
 
 
 def check_sdxl_run(config: ml_collections.ConfigDict, root: str) -> None:
-  """What an SDXL folder cannot give, refused before the weights are laid out (ConfigError names the key)."""
+  """What an SDXL folder (`root`) cannot give, refused before any weights are read (ConfigError names the key);
+  nothing for an SD folder. Reads only the UNet's config."""
+  if not os.path.isfile(os.path.join(root, "model_index.json")) or not sd_convert.is_sdxl_folder(root):
+    return  # not a pipeline folder: the loader says what it lacks
+  if config.stereo.enabled:
+    raise ConfigError(
+      f"config.stereo.enabled: {root} is an SDXL folder; STEREO runs here as its authors run it, on SD 1.x "
+      "UNets only (set it to False to train AdvUnlearn on SDXL's text towers)"
+    )
+  if config.attack.embedding != "word_embd":
+    raise ConfigError(
+      f"config.attack.embedding={config.attack.embedding!r}: {root} is an SDXL folder, which supports 'word_embd' "
+      "only (condition_embd's rows would live in the concatenated context of two towers)"
+    )
   if config.export.reference_checkpoint:
     raise ConfigError(
       f"config.export.reference_checkpoint: {root} is an SDXL folder; the reference's TextEncoder-*.pt holds SD "

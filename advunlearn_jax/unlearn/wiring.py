@@ -174,8 +174,10 @@ def wire(
 def wire_pipeline(
   config: ml_collections.ConfigDict, sections: TrainingSections, pipe: Pipeline | SDXLPipeline, **inputs
 ) -> Wiring:
-  """`wire` from a pipeline's weights (convert/diffusers' records; an SDXL one through `wire_sdxl`); `inputs` are
-  wire's keyword arguments past the weights (tokenizer, retain_prompts, mesh, ...)."""
+  """`wire` from a pipeline's weights (convert/diffusers' records); `inputs` are wire's keyword arguments past the
+  weights (tokenizer, retain_prompts, mesh, ...). An SDXL record only through `wire_sdxl`, which adds its own."""
+  if isinstance(pipe, SDXLPipeline) and "sdxl" not in inputs:
+    raise TypeError("wire_pipeline: an SDXL pipeline is wired by wire_sdxl (it adds tower 2 and the encoder)")
   return wire(
     config,
     sections,
