@@ -176,11 +176,7 @@ def check_sdxl_run(config: ml_collections.ConfigDict, root: str) -> None:
       f"config.stereo.enabled: {root} is an SDXL folder; STEREO runs here as its authors run it, on SD 1.x "
       "UNets only (set it to False to train AdvUnlearn on SDXL's text towers)"
     )
-  if config.attack.embedding != "word_embd":
-    raise ConfigError(
-      f"config.attack.embedding={config.attack.embedding!r}: {root} is an SDXL folder, which supports 'word_embd' "
-      "only (condition_embd's rows would live in the concatenated context of two towers)"
-    )
+  wiring.check_sdxl_attack(config)
   if config.export.reference_checkpoint:
     raise ConfigError(
       f"config.export.reference_checkpoint: {root} is an SDXL folder; the reference's TextEncoder-*.pt holds SD "

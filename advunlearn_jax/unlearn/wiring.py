@@ -190,6 +190,15 @@ def wire_pipeline(
   )
 
 
+def check_sdxl_attack(config: ml_collections.ConfigDict) -> None:
+  """The attack settings SDXL cannot take (ConfigError names the key)."""
+  if config.attack.embedding != "word_embd":
+    raise ConfigError(
+      f"config.attack.embedding={config.attack.embedding!r}: SDXL supports 'word_embd' only (condition_embd's rows "
+      "would live in the concatenated context of two towers and leave the pooled embedding clean)"
+    )
+
+
 def wire_sdxl(
   config: ml_collections.ConfigDict,
   sections: TrainingSections,
@@ -204,11 +213,7 @@ def wire_sdxl(
   """`wire` for an SDXL pipeline (convert/diffusers.load_sdxl_pipeline's): both text towers in the step, the
   conditioning an SDXLCond wherever SD's is a context array (step.SDXLText says how one adversarial prompt drives
   both towers), train.method choosing tower 1, tower 2 or both (trainable.SDXL_TEXT_METHODS)."""
-  if config.attack.embedding != "word_embd":
-    raise ConfigError(
-      "config.attack.embedding: SDXL supports 'word_embd' only (condition_embd's rows would live in the "
-      "concatenated context of two towers and leave the pooled embedding clean)"
-    )
+  check_sdxl_attack(config)
   pad_id_2 = int(tokenizer_2.pad_token_id)
   prompts = [str(c).strip() for c in config.concept.prompts] + list(retain_prompts)
   frozen_lib.check_tower_2_ids(tokenizer, tokenizer_2, prompts, pad_id_2)
