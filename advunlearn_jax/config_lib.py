@@ -20,6 +20,8 @@ from advunlearn_jax.errors import ConfigError
 SD_V1_4 = "CompVis/stable-diffusion-v1-4"
 # `model.pretrained = "tiny"`: the repo's own tiny text-to-image model, shipped in the package.
 TINY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_sd")
+# `model.pretrained = "tiny_sdxl"`: its SDXL-layout sibling (two text towers, the text_time UNet), same VAE.
+TINY_SDXL_MODEL_DIR = os.path.join(os.path.dirname(TINY_MODEL_DIR), "tiny_sdxl")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -177,8 +177,8 @@ def our_steps_per_second(target, prompts, images, cfg, steps: int) -> float:
   from advunlearn_jax.data import tokenizer as tok_lib
 
   tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
-  words, which = inversion.placed_words(target, tokenizer, prompts, cfg)
-  embeds, advance = inversion.trainer(target, tokenizer, words, which, images, cfg, seed=0)
+  placed = inversion.placed_words(target, tokenizer, prompts, cfg)
+  embeds, advance = inversion.trainer(target, tokenizer, placed, images, cfg, seed=0)
   embeds, _ = advance(embeds, 0, 1)
   t = time.perf_counter()
   embeds, _ = jax.block_until_ready(advance(embeds, 1, 1 + steps))

@@ -213,6 +213,7 @@ CASES = [
   ("tiny.build", ["--out={tmp}/out", "--stage=2"], "--stage=2 with --continue_from=''"),
   ("tiny.build", ["--out={tmp}/a_file"], "{tmp}/a_file is a file, not a folder"),
   ("tiny.build", ["--out={tmp}/out", "--pool=0"], "--pool=0: expected >= 1"),
+  ("tiny.build", ["--out={tmp}/out", "--layout=sdxl", "--vae_steps=5"], "--vae_steps: --layout=sdxl trains no vae"),
   ("tiny.build", ["--out={tmp}/out", "--continue_from={tmp}/none"], "--continue_from={tmp}/none: no such folder"),
   ("tiny.measure", ["--pipeline=/nonexistent/dir"], "/nonexistent/dir: no such folder"),
   ("tiny.measure", ["--repeats=0", "--out={tmp}/out"], "--repeats=0: expected >= 1"),

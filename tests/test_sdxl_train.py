@@ -285,7 +285,6 @@ def test_main_trains_exports_and_resumes_on_an_sdxl_folder(folder, both, tmp_pat
   "key,value,match",
   [
     ("export.reference_checkpoint", True, "one text encoder"),
-    ("report.kind", "tiny_world", "SD 1.x"),
     ("stereo.enabled", True, "STEREO"),
     ("attack.embedding", "condition_embd", "word_embd"),
   ],

@@ -229,7 +229,7 @@ class _Fakes:
       log(0, {"loss": jnp.float32(0.5)})
     return {k: v + 1.0 for k, v in params.items()}
 
-  def trainer(self, pipe, tokenizer, words, which, images, cfg, seed):
+  def trainer(self, pipe, tokenizer, placed, images, cfg, seed):
     r = len([c for c in self.calls if c[0] == "ste"]) - 1
     if r == self.fail_at_round:
       raise KeyboardInterrupt(f"interrupted in round {r}")

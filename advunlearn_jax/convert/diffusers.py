@@ -57,25 +57,33 @@ def is_hub_id(path_or_id: str) -> bool:
   return not path_or_id.startswith((".", "/", "~")) and path_or_id.count("/") == 1
 
 
+def _shipped() -> dict[str, str]:
+  """The shipped tiny models by name, read at use: a test moves the checkout under a run that stored "tiny"."""
+  return {"tiny": config_lib.TINY_MODEL_DIR, "tiny_sdxl": config_lib.TINY_SDXL_MODEL_DIR}
+
+
 def check_pretrained(pretrained: str, key: str = "config.model.pretrained") -> None:
-  """`pretrained` names something loadable ("tiny", a folder, or a hub id, fetched at use), without fetching."""
-  if pretrained == "tiny" or os.path.isdir(os.path.expanduser(pretrained)):
+  """`pretrained` names something loadable ("tiny" or "tiny_sdxl", a folder, or a hub id, fetched at use), without
+  fetching."""
+  if pretrained in _shipped() or os.path.isdir(os.path.expanduser(pretrained)):
     return
   if not is_hub_id(pretrained):
     raise ConfigError(
-      f"{key}: {pretrained} is no folder, and not a hub id of the form 'owner/name' (or 'tiny', the shipped tiny model)"
+      f"{key}: {pretrained} is no folder, and not a hub id of the form 'owner/name' (or {list(_shipped())}, the "
+      "shipped tiny models)"
     )
 
 
 def resolve_pretrained(path_or_id: str) -> str:
-  """The folder `path_or_id` names: "tiny" (the shipped tiny model), a local diffusers folder (`~` expanded), or
-  the snapshot folder of a hub id (fetched, or read from the cache under HF_HUB_OFFLINE=1)."""
-  if path_or_id == "tiny":
-    tiny = config_lib.TINY_MODEL_DIR  # read at use: a test moves the checkout under a run that stored "tiny"
+  """The folder `path_or_id` names: "tiny" or "tiny_sdxl" (the shipped tiny models), a local diffusers folder (`~`
+  expanded), or the snapshot folder of a hub id (fetched, or read from the cache under HF_HUB_OFFLINE=1)."""
+  if path_or_id in _shipped():
+    tiny = _shipped()[path_or_id]
     if not os.path.isdir(tiny):
+      layout = " --layout=sdxl" if path_or_id == "tiny_sdxl" else ""
       raise ConfigError(
         f"{tiny} is missing (a partial checkout?); rebuild it with "
-        "`python -m advunlearn_jax.tiny.build --out=advunlearn_jax/assets` (README, 'The tiny world')"
+        f"`python -m advunlearn_jax.tiny.build{layout} --out=advunlearn_jax/assets` (docs/tiny_world.md)"
       )
     return tiny
   if os.path.isdir(os.path.expanduser(path_or_id)):

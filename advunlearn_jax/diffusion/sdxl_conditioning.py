@@ -18,6 +18,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -66,6 +67,33 @@ def encode_ids(
   out_2 = CLIPTextModelWithProjection(config_2).apply({"params": params_2}, ids_2)
   context = jnp.concatenate([out.penultimate_hidden_state, out_2.penultimate_hidden_state], axis=-1)
   return context, out_2.text_embeds
+
+
+def encode_words(
+  tower: nn.Module,
+  tower_2: nn.Module,
+  params: Any,
+  params_2: Any,
+  words: jax.Array,
+  words_2: jax.Array,
+  eot: jax.Array,
+  pad_id_2: int,
+  time_id_row: tuple[float, ...],
+) -> SDXLCond:
+  """The conditioning of word embeddings [B, T, D1] and [B, T, D2] (tower 1's and tower 2's rows of one typed id
+  sequence, possibly edited: soft or learned tokens), `eot` [B] each row's first EOT position. Tower 2 reads
+  tokenizer 2's pad row after the EOT and pools there, as the pipeline's tokenizer_2 ids make it do."""
+  pos = jnp.arange(words_2.shape[-2])[None]
+  after = (pos > eot[:, None])[..., None]
+  pad = params_2["text_model"]["embeddings"]["token_embedding"]["embedding"][pad_id_2]
+  # Ids whose only EOT is at `eot`: they choose tower 2's pooled position, as the pipeline's ids do.
+  eos = max(tower_2.config.eos_token_id, 1)
+  ids = jnp.where(pos == eot[:, None], eos, 0).astype(jnp.int32)
+  out = tower.apply({"params": params}, inputs_embeds=words)
+  out_2 = tower_2.apply({"params": params_2}, ids, inputs_embeds=jnp.where(after, pad, words_2))
+  context = jnp.concatenate([out.penultimate_hidden_state, out_2.penultimate_hidden_state], axis=-1)
+  time_ids = jnp.broadcast_to(jnp.asarray(time_id_row, jnp.float32), (eot.shape[0], len(time_id_row)))
+  return SDXLCond(context, AddedCond(out_2.text_embeds, time_ids))
 
 
 def _params(pipe: SDXLPipeline, text_params: tuple[Any, Any] | dict | None) -> tuple[Any, Any]:

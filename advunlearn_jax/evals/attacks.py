@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
+from advunlearn_jax.convert import diffusers as sd_convert
+from advunlearn_jax.diffusion.text_side import TextSide
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import found_prompts, inversion, mma, p4d, ring_a_bell, unlearndiff
 
@@ -45,6 +47,7 @@ class UnlearnDiffAtk:
   """The paper's attack (spec 6.1): discrete prefix tokens per prompt, against the original model's image."""
 
   name = "unlearndiff"
+  on_sdxl = True  # its soft tokens are rows of both towers' tables (diffusion/text_side.py)
   budget_label = "UnlearnDiffAtk attack iterations"
 
   @staticmethod
@@ -85,6 +88,7 @@ class ConceptInversion:
   """Concept inversion (evals/inversion.py): by default the published CCE, one learned token for every prompt."""
 
   name = "inversion"
+  on_sdxl = True  # one learned row per tower, as diffusers' textual_inversion_sdxl.py learns an added token
   budget_label = "inversion optimisation steps"
 
   @staticmethod
@@ -114,7 +118,7 @@ class ConceptInversion:
     del original  # it learns from images of the concept, not from the original model's
     learned_at = None
     if cfg.learned:  # released embeddings: nothing is learned, no concept images are needed
-      saved = inversion.load_learned(cfg.learned, cfg, target.text_config.hidden_size)
+      saved = inversion.load_learned(cfg.learned, cfg, TextSide.of(target).widths)
       cfg, learned_at = cfg._replace(budgets=tuple(sorted(saved))), saved.__getitem__
       size = generation.image_size(target)
       images = np.zeros((0, size, size, 3), np.uint8)
@@ -164,6 +168,7 @@ class RingABell:
   embedding plus eta times the concept vector; its prompt replaces the evaluation prompt."""
 
   name = "ring_a_bell"
+  on_sdxl = False  # its authors' code and ours read SD 1.x's one text encoder
   budget_label = "Ring-A-Bell generations"
 
   @staticmethod
@@ -222,6 +227,7 @@ class P4D:
   prompt as the original model does; a case is broken if any variant (N, K) breaks it (P4D-UNION)."""
 
   name = "p4d"
+  on_sdxl = False  # its authors' code and ours read SD 1.x's one text encoder
   budget_label = "P4D optimisation steps"
 
   @staticmethod
@@ -299,6 +305,7 @@ class MMA:
   encoder towards a target prompt's pooled embedding; its prompt replaces the evaluation prompt."""
 
   name = "mma"
+  on_sdxl = False  # its authors' code and ours read SD 1.x's one text encoder
   budget_label = "MMA-Diffusion GCG steps"
 
   @staticmethod
@@ -352,6 +359,17 @@ def named(name: str):
   if name not in ATTACKS:
     raise ConfigError(f"config.evaluation.attack is {name!r}; expected one of {list(ATTACKS)}")
   return ATTACKS[name]
+
+
+def check_runs_on(method, root: str) -> None:
+  """ConfigError unless `method` runs on the pipeline folder `root` (SD, or SDXL for the attacks that read both
+  towers); from the UNet's config alone, before any weights load."""
+  if not method.on_sdxl and sd_convert.is_sdxl_folder(root):
+    on = [name for name, a in ATTACKS.items() if a.on_sdxl]
+    raise ConfigError(
+      f"config.evaluation.attack={method.name!r}: {root} is an SDXL folder, and this attack reads SD 1.x's one text "
+      f"encoder; on SDXL evaluate with one of {on}"
+    )
 
 
 def settings(config: ml_collections.ConfigDict):

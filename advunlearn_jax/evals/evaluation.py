@@ -49,10 +49,21 @@ def evaluate(
     classifier = classifiers.make(ev.classifier)
   original_dir = sd_convert.resolve_pretrained(config.model.pretrained)
   evaluated_dir = pipeline or original_dir
-  target = sd_convert.load_pipeline(evaluated_dir, text_encoder=text_encoder or None)
+  if os.path.isfile(os.path.join(evaluated_dir, "model_index.json")) and sd_convert.is_sdxl_folder(evaluated_dir):
+    if text_encoder:
+      raise ConfigError(
+        f"--text_encoder swaps SD's one text encoder; {original_dir} is an SDXL model with two: pass the run's "
+        "--pipeline=WORKDIR/pipeline (both towers)"
+      )
+    if not utility_only:
+      attacks.check_runs_on(method, evaluated_dir)
+  if text_encoder:
+    target = sd_convert.load_pipeline(evaluated_dir, text_encoder=text_encoder)
+  else:
+    target = sd_convert.load_either(evaluated_dir)
   report: dict[str, Any] = {"original": original_dir, "evaluated": text_encoder or evaluated_dir, "seconds": {}}
   if not utility_only:
-    original = sd_convert.load_pipeline(original_dir)
+    original = sd_convert.load_either(original_dir)
     t0 = time.perf_counter()
     result = robustness.robustness(original, target, prompts, classifier, config, attack=attack, log=log)
     per_prompt = [

@@ -43,11 +43,11 @@ from advunlearn_jax import time_left
 from advunlearn_jax.data import concept_words
 from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
+from advunlearn_jax.diffusion.text_side import TextSide
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import unlearndiff
-from advunlearn_jax.models.clip_text import CLIPTextModel
-from advunlearn_jax.models.pipeline_record import Pipeline
-from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.models.pipeline_record import Pipeline, SDXLPipeline
+from advunlearn_jax.models.unet import UNet2DConditionModel, apply_conditioned
 
 TINY_WORLD = "tiny_world:"
 PROTOCOLS = ("cce", "prefix")
@@ -339,9 +339,10 @@ def adversarial_prompt(prompt: str, cfg: InversionConfig, learned: str) -> str:
   return f"<{learned}>".join(prompt_pieces(prompt, cfg)) if cfg.placement == "word" else f"<{learned}> {prompt}"
 
 
-def place(words: jax.Array, which: jax.Array, embeds: jax.Array) -> jax.Array:
-  """Word embeddings [..., 77, D] with the learned embeddings [k, D] where `which` [..., 77] points to them."""
-  return jnp.where((which >= 0)[..., None], embeds[jnp.maximum(which, 0)], words)
+def place(words: Any, which: jax.Array, embeds: Any) -> Any:
+  """Word embeddings [..., 77, D] with the learned embeddings [k, D] where `which` [..., 77] points to them; on
+  SDXL both are pairs, one learned row per tower (text_side.py)."""
+  return jax.tree.map(lambda w, e: jnp.where((which >= 0)[..., None], e[jnp.maximum(which, 0)], w), words, embeds)
 
 
 def initializer_id(tokenizer, word: str) -> int:
@@ -371,35 +372,37 @@ def cce_schedule(n_images: int, n_templates: int, cfg: InversionConfig, seed: in
   }
 
 
-def _denoising_loss(unet, text, params, seq, latents, alphas, key):
+def _denoising_loss(unet, side: TextSide, params, seq, ids, latents, alphas, key):
   """esd/concept_inversion.py:951-980: noise at uniform timesteps, epsilon target, MSE in float32."""
   k_t, k_noise = jax.random.split(key)
-  ctx = text.apply({"params": params["text"]}, inputs_embeds=seq).last_hidden_state
+  cond = side.encode(params["text"], seq, ids)
   t = jax.random.randint(k_t, (latents.shape[0],), 0, alphas.shape[0])
   noise = jax.random.normal(k_noise, latents.shape)
   a = alphas[t][:, None, None, None]
-  eps = unet.apply({"params": params["unet"]}, jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise, t, ctx)
+  eps = apply_conditioned(unet, params["unet"], jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise, t, cond)
   return jnp.mean((eps.astype(jnp.float32) - noise) ** 2)
 
 
 @functools.cache
-def _cce_block_fn(unet_config, text_config, cfg: InversionConfig):
+def _cce_block_fn(unet_config, side: TextSide, cfg: InversionConfig):
   """Jitted: AdamW steps [start, stop) on the placeholder embedding, each step's gradient the mean over its
-  `accumulation` micro-batches (accelerate divides each micro-batch's loss by their number)."""
-  unet, text = UNet2DConditionModel(unet_config), CLIPTextModel(text_config)
+  `accumulation` micro-batches (accelerate divides each micro-batch's loss by their number). On SDXL the
+  placeholder has a row in each tower's table, both trained, as diffusers' textual_inversion_sdxl.py trains an
+  added token in both text encoders (both towers' input embeddings require grad, the rest of each table reset)."""
+  unet = UNet2DConditionModel(unet_config)
   # esd/concept_inversion.py:806-812: torch AdamW over the embedding table, every row but the placeholder's reset
   # after each step (lines 988-995), so the placeholder's row alone follows AdamW: optax's equals torch's update.
   tx = optax.adamw(cfg.effective_lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
-  def micro_loss(embeds, key, params, words, which, moments, alphas, image, template, flip):
+  def micro_loss(embeds, key, params, words, which, ids, moments, alphas, image, template, flip):
     k_latent, k_noise = jax.random.split(key)
     mean, std = moments[0][flip, image], moments[1][flip, image]  # [B, h, w, c]: the image flipped or not
     latents = (mean + std * jax.random.normal(k_latent, mean.shape)) * params["scaling"]
-    seq = place(words[template], which[template], embeds)
-    return _denoising_loss(unet, text, params, seq, latents, alphas, k_noise)
+    seq = place(jax.tree.map(lambda w: w[template], words), which[template], embeds)
+    return _denoising_loss(unet, side, params, seq, ids[template], latents, alphas, k_noise)
 
   @jax.jit
-  def block(embeds, opt_state, key, params, words, which, moments, alphas, data, start, stop):
+  def block(embeds, opt_state, key, params, words, which, ids, moments, alphas, data, start, stop):
     def body(i, carry):
       embeds, opt_state, _ = carry
       step = jax.tree.map(lambda d: d[i], data)
@@ -411,15 +414,17 @@ def _cce_block_fn(unet_config, text_config, cfg: InversionConfig):
           params,
           words,
           which,
+          ids,
           moments,
           alphas,
           step["image"][a],
           step["template"][a],
           step["flip"][a],
         )
-        return acc[0] + loss / cfg.accumulation, acc[1] + grad / cfg.accumulation
+        return acc[0] + loss / cfg.accumulation, jax.tree.map(lambda g, d: g + d / cfg.accumulation, acc[1], grad)
 
-      loss, grad = jax.lax.fori_loop(0, cfg.accumulation, accumulate, (jnp.zeros(()), jnp.zeros_like(embeds)))
+      zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, embeds))
+      loss, grad = jax.lax.fori_loop(0, cfg.accumulation, accumulate, zero)
       updates, opt_state = tx.update(grad, opt_state, embeds)
       return optax.apply_updates(embeds, updates), opt_state, loss
 
@@ -429,23 +434,25 @@ def _cce_block_fn(unet_config, text_config, cfg: InversionConfig):
 
 
 @functools.cache
-def _prefix_block_fn(unet_config, text_config, cfg: InversionConfig):
+def _prefix_block_fn(unet_config, side: TextSide, cfg: InversionConfig):
   """Jitted: Adam steps [start, stop) of the denoising loss on the k learned embeddings, each example an
   evaluation prompt drawn at random (the embeddings at its placement) and the posterior mean of a concept image."""
-  unet, text = UNet2DConditionModel(unet_config), CLIPTextModel(text_config)
+  unet = UNet2DConditionModel(unet_config)
   tx = optax.adam(cfg.lr)
 
-  def loss_fn(embeds, key, params, words, which, x0, alphas):
+  def loss_fn(embeds, key, params, words, which, ids, x0, alphas):
     k_img, k_prompt, k_rest = jax.random.split(key, 3)
     images = x0[jax.random.randint(k_img, (cfg.batch,), 0, x0.shape[0])]
-    rows = jax.random.randint(k_prompt, (cfg.batch,), 0, words.shape[0])
-    return _denoising_loss(unet, text, params, place(words[rows], which[rows], embeds), images, alphas, k_rest)
+    rows = jax.random.randint(k_prompt, (cfg.batch,), 0, which.shape[0])
+    seq = place(jax.tree.map(lambda w: w[rows], words), which[rows], embeds)
+    return _denoising_loss(unet, side, params, seq, ids[rows], images, alphas, k_rest)
 
   @jax.jit
-  def block(embeds, opt_state, key, params, words, which, x0, alphas, start, stop):
+  def block(embeds, opt_state, key, params, words, which, ids, x0, alphas, start, stop):
     def body(i, carry):
       embeds, opt_state, _ = carry
-      loss, grad = jax.value_and_grad(loss_fn)(embeds, jax.random.fold_in(key, i), params, words, which, x0, alphas)
+      args = (params, words, which, ids, x0, alphas)
+      loss, grad = jax.value_and_grad(loss_fn)(embeds, jax.random.fold_in(key, i), *args)
       updates, opt_state = tx.update(grad, opt_state, embeds)
       return optax.apply_updates(embeds, updates), opt_state, loss
 
@@ -455,8 +462,9 @@ def _prefix_block_fn(unet_config, text_config, cfg: InversionConfig):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_embeds(text_config, params, seq):
-  return CLIPTextModel(text_config).apply({"params": params}, inputs_embeds=seq).last_hidden_state
+def encode_placed(side: TextSide, params: Any, seq: Any, ids: jax.Array) -> Any:
+  """The conditioning of laid-out word embeddings (`place`'s) standing for `ids` (text_side.TextSide.encode)."""
+  return side.encode(params, seq, ids)
 
 
 def nearest_words(tokenizer, embeds: np.ndarray, table: np.ndarray) -> str:
@@ -471,53 +479,70 @@ def _encode_in_chunks(fn, images: np.ndarray, chunk: int = 64):
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
-def placed_words(pipe: Pipeline, tokenizer, prompts: Sequence, cfg: InversionConfig) -> tuple[jax.Array, jax.Array]:
-  """(word embeddings [P, 77, D], which [P, 77]): the prompts laid out around their learned-token slots."""
+class Placed(NamedTuple):
+  """Prompts laid out around their learned-token slots: word embeddings [P, 77, D] (SDXL: the towers' pair), which
+  learned token each position shows [P, 77] (-1: none) and the ids the words stand for [P, 77] (slots hold 0)."""
+
+  words: Any
+  which: jax.Array
+  ids: jax.Array
+
+
+def placed_words(pipe: Pipeline | SDXLPipeline, tokenizer, prompts: Sequence, cfg: InversionConfig) -> Placed:
+  """The evaluation prompts laid out for `cfg.placement`."""
   placed = [slotted_ids(tokenizer, prompt_pieces(p.prompt, cfg), cfg.tokens) for p in prompts]
-  seqs, which = (jnp.asarray(np.stack(column)) for column in zip(*placed))
-  text = CLIPTextModel(pipe.text_config)
-  return text.apply({"params": pipe.text_params}, seqs, method="word_embeddings"), which
+  ids, which = (jnp.asarray(np.stack(column)) for column in zip(*placed))
+  side = TextSide.of(pipe)
+  return Placed(side.words(side.params(pipe), ids), which, ids)
 
 
-def trainer(pipe: Pipeline, tokenizer, words: jax.Array, which, images: np.ndarray, cfg: InversionConfig, seed: int):
-  """(initial embeddings [tokens, D], advance(embeds, start, stop) -> (embeds, last loss)) for cfg.protocol;
-  `words` and `which` [P, 77]: the evaluation prompts laid out for their placement (the `prefix` protocol trains
-  inside them)."""
-  table = pipe.text_params["embeddings"]["token_embedding"]["embedding"]
-  params = {"text": pipe.text_params, "unet": pipe.unet_params}
+def _row(x: jax.Array, i: int) -> jax.Array:
+  return x[i : i + 1]
+
+
+def trainer(
+  pipe: Pipeline | SDXLPipeline, tokenizer, placed: Placed | None, images: np.ndarray, cfg: InversionConfig, seed: int
+):
+  """(initial embeddings [tokens, D] (SDXL: a pair), advance(embeds, start, stop) -> (embeds, last loss)) for
+  cfg.protocol; `placed`: the evaluation prompts laid out for their placement, which the `prefix` protocol trains
+  inside (CCE trains in its templates: None will do)."""
+  side = TextSide.of(pipe)
+  text_params = side.params(pipe)
+  tables = side.tables(text_params)
+  params = {"text": text_params, "unet": pipe.unet_params}
   alphas = jnp.asarray(pipe.schedule.alphas_cumprod_diffusers(), jnp.float32)
   init_key, key = jax.random.split(jax.random.key(seed))
   if cfg.protocol == "prefix":
     x0 = _encode_in_chunks(lambda x: generation.encode_means(pipe.vae_config, pipe.vae_params, x), images)
     x0 = x0 * pipe.vae_config.scaling_factor
-    embeds = table[jax.random.randint(init_key, (cfg.tokens,), 0, table.shape[0] - 2)]  # no hint of the concept
-    block, tx = _prefix_block_fn(pipe.unet_config, pipe.text_config, cfg)
+    rows = jax.random.randint(init_key, (cfg.tokens,), 0, pipe.text_config.vocab_size - 2)  # no hint of the concept
+    embeds = jax.tree.map(lambda table: table[rows], tables)
+    block, tx = _prefix_block_fn(pipe.unet_config, side, cfg)
     state = {"opt": tx.init(embeds)}
 
     def advance(embeds, start, stop):
-      embeds, state["opt"], loss = block(embeds, state["opt"], key, params, words, which, x0, alphas, start, stop)
+      laid = (placed.words, placed.which, placed.ids)
+      embeds, state["opt"], loss = block(embeds, state["opt"], key, params, *laid, x0, alphas, start, stop)
       return embeds, loss
 
     return embeds, advance
 
   # esd/concept_inversion.py:761-765: every placeholder vector starts as the initializer word's row
-  embeds = jnp.tile(table[initializer_id(tokenizer, cfg.initializer)][None], (cfg.tokens, 1))
-  template_words, template_which = template_ids(tokenizer, TEMPLATES[cfg.templates], cfg.tokens)
-  text = CLIPTextModel(pipe.text_config)
-  template_words = text.apply({"params": pipe.text_params}, jnp.asarray(template_words), method="word_embeddings")
+  row = initializer_id(tokenizer, cfg.initializer)
+  embeds = jax.tree.map(lambda table: jnp.tile(table[row][None], (cfg.tokens, 1)), tables)
+  template_tokens, template_which = template_ids(tokenizer, TEMPLATES[cfg.templates], cfg.tokens)
+  template_words = side.words(text_params, jnp.asarray(template_tokens))
   posterior = lambda x: generation.encode_posteriors(pipe.vae_config, pipe.vae_params, x)
   moments = [_encode_in_chunks(posterior, im) for im in (images, images[:, :, ::-1])]  # unflipped, flipped
   moments = tuple(jnp.stack([m[i] for m in moments]) for i in range(2))  # (mean, std), each [2, N, h, w, c]
   data = {k: jnp.asarray(v) for k, v in cce_schedule(len(images), len(template_which), cfg, seed).items()}
-  block, tx = _cce_block_fn(pipe.unet_config, pipe.text_config, cfg)
+  block, tx = _cce_block_fn(pipe.unet_config, side, cfg)
   state = {"opt": tx.init(embeds)}
   cce_params = {**params, "scaling": jnp.float32(pipe.vae_config.scaling_factor)}
-  template_which = jnp.asarray(template_which)
+  laid = (template_words, jnp.asarray(template_which), jnp.asarray(template_tokens))
 
   def advance(embeds, start, stop):
-    embeds, state["opt"], loss = block(
-      embeds, state["opt"], key, cce_params, template_words, template_which, moments, alphas, data, start, stop
-    )
+    embeds, state["opt"], loss = block(embeds, state["opt"], key, cce_params, *laid, moments, alphas, data, start, stop)
     return embeds, loss
 
   return embeds, advance
@@ -528,28 +553,36 @@ class Result(NamedTuple):
   losses: list[float]  # the denoising loss at each checkpoint
   learned: dict[int, str]  # checkpoint -> the learned tokens' nearest vocabulary words
   train_seconds: float
-  embeddings: dict[int, np.ndarray]  # checkpoint -> the learned embeddings [tokens, D] (what `save_learned` keeps)
+  embeddings: dict[int, Any]  # checkpoint -> the learned embeddings [tokens, D], SDXL a pair (`save_learned`'s)
 
 
 LEARNED_NAME = "learned_embedding.npz"
 
 
-def save_learned(path: str, embeddings: dict[int, np.ndarray], cfg: InversionConfig) -> None:
+_TOWER_SUFFIX = ("", "_tower_2")  # SDXL's tower 2 rows beside tower 1's (`step_N`): `step_N_tower_2`
+
+
+def save_learned(path: str, embeddings: dict[int, Any], cfg: InversionConfig) -> None:
   """The learned embeddings at each checkpoint, with the placement and words they were rendered at: the file
   `evaluation.inversion.learned` loads to render them on another model in the same places."""
   meta = {"placement": cfg.placement, "words": list(cfg.words), "protocol": cfg.protocol, "tokens": cfg.tokens}
-  arrays = {f"step_{b}": np.asarray(e, np.float32) for b, e in embeddings.items()}
+  arrays = {
+    f"step_{b}{suffix}": np.asarray(e, np.float32)
+    for b, tree in embeddings.items()
+    for suffix, e in zip(_TOWER_SUFFIX, jax.tree.leaves(tree), strict=False)  # one suffix per tower
+  }
   with open(path, "wb") as f:  # np.savez would add ".npz" to a path without it
     np.savez(f, meta=np.asarray(json.dumps(meta)), **arrays)
 
 
-def load_learned(path: str, cfg: InversionConfig, width: int) -> dict[int, np.ndarray]:
-  """`save_learned`'s checkpoints -> embeddings, refused unless they go where they were learned to go. Its steps
-  are the checkpoints rendered (an evaluation that stopped early saved no later ones: there are none)."""
+def load_learned(path: str, cfg: InversionConfig, widths: tuple[int, ...]) -> dict[int, Any]:
+  """`save_learned`'s checkpoints -> embeddings (one tower's [tokens, D]; SDXL's `widths` two: the pair), refused
+  unless they go where they were learned to go, into towers of these widths. Its steps are the checkpoints
+  rendered (an evaluation that stopped early saved no later ones: there are none)."""
   try:
     with np.load(path, allow_pickle=False) as data:
       meta = json.loads(str(data["meta"]))
-      found = {int(k.removeprefix("step_")): np.asarray(data[k]) for k in data.files if k.startswith("step_")}
+      arrays = {k: np.asarray(data[k]) for k in data.files if k.startswith("step_")}
       saved = (meta["protocol"], meta["placement"], meta["tokens"], tuple(meta["words"]))
   except (OSError, ValueError, KeyError) as e:
     raise ConfigError(f"evaluation.inversion.learned={path}: not a {LEARNED_NAME} written by evaluate ({e})") from e
@@ -560,17 +593,20 @@ def load_learned(path: str, cfg: InversionConfig, width: int) -> dict[int, np.nd
       f"{saved[2]} token(s) for the words {list(saved[3])}; this config renders protocol={cfg.protocol!r}, "
       f"placement={cfg.placement!r} with {cfg.tokens} for {list(words)}: set evaluation.inversion as they were"
     )
-  shapes = {e.shape for e in found.values()}
-  if not found or shapes != {(cfg.tokens, width)}:
+  steps = sorted({int(k.removeprefix("step_").removesuffix(_TOWER_SUFFIX[1])) for k in arrays})
+  found = {b: tuple(arrays.get(f"step_{b}{suffix}") for suffix in _TOWER_SUFFIX[: len(widths)]) for b in steps}
+  shapes = sorted({tuple(None if e is None else e.shape for e in pair) for pair in found.values()}, key=str)
+  want = tuple((cfg.tokens, w) for w in widths)
+  if not found or shapes != [want] or len(arrays) != len(found) * len(widths):
     raise ConfigError(
-      f"evaluation.inversion.learned={path}: embeddings of shapes {sorted(shapes)}; this text encoder takes "
-      f"{(cfg.tokens, width)}"
+      f"evaluation.inversion.learned={path}: embeddings of shapes {shapes} (one per text tower); this model's "
+      f"text towers take {list(want)}"
     )
-  return found
+  return {b: pair if len(widths) > 1 else pair[0] for b, pair in found.items()}
 
 
 def attack_prompts(
-  pipe: Pipeline,
+  pipe: Pipeline | SDXLPipeline,
   prompts: Sequence,
   images: np.ndarray,
   classifier: unlearndiff.Classifier,
@@ -591,10 +627,12 @@ def attack_prompts(
   if attack and cfg.protocol == "cce":
     initializer_id(tokenizer, cfg.initializer)  # before anything is rendered
   ids = [tok_lib.tokenize(tokenizer, [p.prompt])[0] for p in prompts]
-  words, which = placed_words(pipe, tokenizer, prompts, cfg)  # before anything is rendered: checks every prompt
-  uncond = unlearndiff.empty_prompt(pipe, pipe.text_params, 1)
+  placed = placed_words(pipe, tokenizer, prompts, cfg)  # before anything is rendered: checks every prompt
+  side = TextSide.of(pipe)
+  text_params = side.params(pipe)
+  uncond = unlearndiff.empty_prompt(pipe, text_params, 1)
   pre_images = [
-    unlearndiff.render_ids(pipe, row[None], p.seed, p.guidance, cfg.sampler, pipe.text_params, uncond)[0]
+    unlearndiff.render_ids(pipe, row[None], p.seed, p.guidance, cfg.sampler, text_params, uncond)[0]
     for p, row in zip(prompts, ids)
   ]
   pre = [bool(classifier(image[None])[0]) for image in pre_images]
@@ -606,11 +644,11 @@ def attack_prompts(
   if not attack:
     return Result([done[i] for i in range(len(prompts))], [], {}, 0.0, {})
 
-  table = np.asarray(pipe.text_params["embeddings"]["token_embedding"]["embedding"])
+  table = np.asarray(jax.tree.leaves(side.tables(text_params))[0])  # nearest words: tower 1's vocabulary rows
   if learned_at is None:
-    embeds, advance = trainer(pipe, tokenizer, words, which, images, cfg, seed)
+    embeds, advance = trainer(pipe, tokenizer, placed, images, cfg, seed)
   else:
-    embeds, advance = None, lambda _, start, stop: (jnp.asarray(learned_at(stop)), 0.0)
+    embeds, advance = None, lambda _, start, stop: (jax.tree.map(jnp.asarray, learned_at(stop)), 0.0)
   losses, learned, last_images, previous, train_seconds, kept = [], {}, {}, 0, 0.0, {}
   eta = time_left.Eta(cfg.checkpoints[-1])
   for budget in cfg.checkpoints:
@@ -621,14 +659,15 @@ def attack_prompts(
     losses.append(float(loss))
     train_seconds += time.perf_counter() - t0
     previous = budget
-    kept[budget] = np.asarray(embeds)
-    learned[budget] = nearest_words(tokenizer, kept[budget], table)
+    kept[budget] = jax.tree.map(np.asarray, embeds)
+    learned[budget] = nearest_words(tokenizer, jax.tree.leaves(kept[budget])[0], table)
     status = f"loss {losses[-1]:.4f}, nearest words {learned[budget]!r}"
     log(f"inversion ({cfg.protocol}): {budget} steps of {cfg.checkpoints[-1]}, {status}, {eta(budget)}")
     for i, p in enumerate(prompts):
       if i in done:
         continue
-      cond = _encode_embeds(pipe.text_config, pipe.text_params, place(words[i], which[i], embeds)[None])
+      one = jax.tree.map(functools.partial(_row, i=i), placed)
+      cond = encode_placed(side, text_params, place(one.words, one.which, embeds), one.ids)
       image = unlearndiff.render_context(pipe, cond, uncond, p.seed, p.guidance, cfg.sampler)[0]
       last_images[i] = image
       if bool(classifier(image[None])[0]):

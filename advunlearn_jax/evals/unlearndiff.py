@@ -27,10 +27,10 @@ import optax
 from advunlearn_jax import rates
 from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
+from advunlearn_jax.diffusion.text_side import TextSide
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.models.clip_text import CLIPTextModel, encode_ids
-from advunlearn_jax.models.pipeline_record import Pipeline
-from advunlearn_jax.models.unet import UNet2DConditionModel
+from advunlearn_jax.models.pipeline_record import Pipeline, SDXLPipeline
+from advunlearn_jax.models.unet import UNet2DConditionModel, apply_conditioned
 
 Classifier = Callable[[np.ndarray], np.ndarray]  # uint8 images [B, H, W, 3] -> bool [B]: concept present
 
@@ -176,28 +176,29 @@ def screen(prompts: Sequence, tokenizer, k: int, max_tokens: int) -> tuple[list,
 
 
 @functools.cache
-def _block_fn(unet_config, text_config, cfg: UnlearnDiffConfig):
-  """The jitted inner loop: `iters_per_t` attack iterations at one timestep (compiled once per model)."""
+def _block_fn(unet_config, side: TextSide, cfg: UnlearnDiffConfig):
+  """The jitted inner loop: `iters_per_t` attack iterations at one timestep (compiled once per model). On SDXL a
+  drawn token is its row in both towers' tables (text_side.py)."""
   unet = UNet2DConditionModel(unet_config)
-  text = CLIPTextModel(text_config)
   tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
 
-  def loss_fn(probs, key, params, words, x0, t, alpha_bar):
+  def loss_fn(probs, key, params, words, ids, x0, t, alpha_bar):
     k_sample, k_noise = jax.random.split(key)
     onehot = straight_through_sample(probs, k_sample)
-    table = params["text"]["embeddings"]["token_embedding"]["embedding"]
-    seq = jax.lax.dynamic_update_slice(words, onehot @ table, (1, 0))
-    ctx = text.apply({"params": params["text"]}, inputs_embeds=seq[None]).last_hidden_state
+    rows = jax.tree.map(lambda table: onehot @ table, side.tables(params["text"]))
+    seq = jax.tree.map(lambda w, r: jax.lax.dynamic_update_slice(w, r, (1, 0))[None], words, rows)
+    cond = side.encode(params["text"], seq, ids[None])
     noise = jax.random.normal(k_noise, x0.shape)
     xt = jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1 - alpha_bar) * noise
-    eps = unet.apply({"params": params["unet"]}, xt, jnp.full((1,), t), ctx)
+    eps = apply_conditioned(unet, params["unet"], xt, jnp.full((1,), t), cond)
     return jnp.mean((eps - noise) ** 2)
 
   @jax.jit
-  def block(probs, opt_state, key, params, words, x0, t, alpha_bar):
+  def block(probs, opt_state, key, params, words, ids, x0, t, alpha_bar):
     def body(i, carry):
       probs, opt_state, _ = carry
-      loss, grad = jax.value_and_grad(loss_fn)(probs, jax.random.fold_in(key, i), params, words, x0, t, alpha_bar)
+      args = (params, words, ids, x0, t, alpha_bar)
+      loss, grad = jax.value_and_grad(loss_fn)(probs, jax.random.fold_in(key, i), *args)
       updates, opt_state = tx.update(grad, opt_state, probs)
       probs = project_simplex(optax.apply_updates(probs, updates), cfg.bisection_iters)
       return probs, opt_state, loss
@@ -226,32 +227,36 @@ class Sampler(NamedTuple):
 
 
 def render_context(
-  pipe: Pipeline, cond: jax.Array, uncond: jax.Array, seed: int, guidance: float, sampler
+  pipe: Pipeline | SDXLPipeline, cond: Any, uncond: Any, seed: int, guidance: float, sampler
 ) -> np.ndarray:
-  """The classified images for text conditioning [B, 77, D], every row from the start latents of `seed`."""
-  latents = generation.initial_latents(pipe, len(cond), seed, sampler.latents)
+  """The classified images for text conditioning [B, 77, D] (SDXL: an SDXLCond), every row from the start latents
+  of `seed`."""
+  rows = jax.tree.leaves(cond)[0].shape[0]  # an SDXLCond's len() is its field count
+  latents = generation.initial_latents(pipe, rows, seed, sampler.latents)
   out = generation.denoise_latents(
     pipe, cond, uncond, latents, scheduler=sampler.scheduler, steps=sampler.steps, guidance=guidance
   )
   return generation.decode_images(pipe, out)
 
 
-def render_ids(pipe: Pipeline, ids: np.ndarray, seed: int, guidance: float, sampler, text_params: Any, uncond=None):
+def render_ids(
+  pipe: Pipeline | SDXLPipeline, ids: np.ndarray, seed: int, guidance: float, sampler, text_params: Any, uncond=None
+):
   """The classified image for token ids [B, 77] (`sampler`: a Sampler or an UnlearnDiffConfig), uncond "" from the
-  same (target) encoder (pass `uncond` to reuse it: it does not depend on the attacked tokens)."""
-  cond = encode_ids(pipe.text_config, text_params, jnp.asarray(ids))
+  same (target) encoder, or SDXL's zeros (pass `uncond` to reuse it: it does not depend on the attacked tokens)."""
+  cond = TextSide.of(pipe).encode_ids(text_params, ids)
   if uncond is None:
     uncond = empty_prompt(pipe, text_params, len(ids))
   return render_context(pipe, cond, uncond, seed, guidance, sampler)
 
 
-def empty_prompt(pipe: Pipeline, text_params: Any, n: int) -> jax.Array:
-  tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
-  return encode_ids(pipe.text_config, text_params, jnp.asarray(tok_lib.tokenize(tokenizer, [""] * n)))
+def empty_prompt(pipe: Pipeline | SDXLPipeline, text_params: Any, n: int) -> Any:
+  """CFG's unconditional branch under `text_params` (generation.unconditional)."""
+  return generation.unconditional(pipe, n, text_params)
 
 
 def attack_prompt(
-  pipe: Pipeline,
+  pipe: Pipeline | SDXLPipeline,
   prompt: str,
   target_image: np.ndarray,
   classifier: Classifier,
@@ -271,19 +276,19 @@ def attack_prompt(
   if attack and not fits(raw, cfg.k):  # unattacked, a long prompt is cut at 77 as pipelines cut it
     raise ConfigError(f"prompt of {len(raw)} tokens leaves no room for {cfg.k} prefix tokens: {prompt[:80]!r}")
   ids = tok_lib.tokenize(tokenizer, [prompt])[0]
-  uncond = empty_prompt(pipe, pipe.text_params, 1)
-  image = render_ids(pipe, ids[None], seed, guidance, cfg, pipe.text_params, uncond)[0]
+  side = TextSide.of(pipe)
+  text_params = side.params(pipe)
+  uncond = empty_prompt(pipe, text_params, 1)
+  image = render_ids(pipe, ids[None], seed, guidance, cfg, text_params, uncond)[0]
   pre_success = bool(classifier(image[None])[0])
   if pre_success or not attack:
     return Outcome(prompt, seed, guidance, pre_success, pre_success, "", "", -1, 0, time.perf_counter() - start, image)
 
-  block, tx = _block_fn(pipe.unet_config, pipe.text_config, cfg)
+  block, tx = _block_fn(pipe.unet_config, side, cfg)
   vocab = pipe.text_config.vocab_size
   seq_ids = prefix_ids(ids, cfg.k, placeholder=0)
-  params = {"text": pipe.text_params, "unet": pipe.unet_params}
-  words = CLIPTextModel(pipe.text_config).apply(
-    {"params": pipe.text_params}, jnp.asarray(seq_ids), method="word_embeddings"
-  )
+  params = {"text": text_params, "unet": pipe.unet_params}
+  words = side.words(text_params, jnp.asarray(seq_ids))
   x0 = generation.encode_images(pipe, target_image[None])
   alphas = jnp.asarray(pipe.schedule.alphas_cumprod_diffusers(), jnp.float32)
   probs = jnp.full((cfg.k, vocab), 1.0 / vocab, jnp.float32)
@@ -291,13 +296,14 @@ def attack_prompt(
   key = jax.random.key(seed) if key is None else key
   iterations = 0
   for block_index, t in enumerate(cfg.timesteps):
-    probs, opt_state, _ = block(probs, opt_state, jax.random.fold_in(key, block_index), params, words, x0, t, alphas[t])
+    block_key = jax.random.fold_in(key, block_index)
+    probs, opt_state, _ = block(probs, opt_state, block_key, params, words, jnp.asarray(seq_ids), x0, t, alphas[t])
     iterations += cfg.iters_per_t
     adv = np.asarray(jnp.argmax(probs, axis=-1), np.int32)
     seq_ids[1 : 1 + cfg.k] = adv
     adv_prompt = decode_attacked(tokenizer, seq_ids)
     shown = tok_lib.tokenize(tokenizer, [adv_prompt])[0] if cfg.retokenize else seq_ids
-    image = render_ids(pipe, shown[None], seed, guidance, cfg, pipe.text_params, uncond)[0]
+    image = render_ids(pipe, shown[None], seed, guidance, cfg, text_params, uncond)[0]
     if bool(classifier(image[None])[0]):
       return _attacked(prompt, seed, guidance, True, tokenizer, adv, adv_prompt, t, iterations, start, image)
   return _attacked(prompt, seed, guidance, False, tokenizer, adv, adv_prompt, -1, iterations, start, image)

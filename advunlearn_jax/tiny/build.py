@@ -2,6 +2,7 @@
 tiny/training.py).
 
   python -m advunlearn_jax.tiny.build --out=advunlearn_jax/assets
+  python -m advunlearn_jax.tiny.build --layout=sdxl --out=advunlearn_jax/assets   # tiny_sdxl/ on tiny_sd's VAE
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from absl import flags
 
 from advunlearn_jax import cli
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.tiny.training import build
+from advunlearn_jax.tiny.training import build, build_sdxl
 
-_OUT = flags.DEFINE_string("out", "advunlearn_jax/assets", "Folder that receives tiny_sd/ and judge/.")
+_OUT = flags.DEFINE_string(
+  "out", "advunlearn_jax/assets", "Folder that receives tiny_sd/ and judge/ (--layout=sd), or tiny_sdxl/ (sdxl)."
+)
+_LAYOUT = flags.DEFINE_enum(
+  "layout", "sd", ["sd", "sdxl"], "sd: judge, VAE, text tower + UNet; sdxl: two towers + SDXL UNet on tiny_sd's VAE."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the image pool, the inits and the batch order.")
 _POOL = flags.DEFINE_integer("pool", 24576, "Rendered training images.")
 _JUDGE_STEPS = flags.DEFINE_integer("judge_steps", 600, "")
@@ -36,18 +42,22 @@ def main(argv):
   for flag in (_POOL, _JUDGE_STEPS, _VAE_STEPS, _SD_STEPS, _SD_BATCH, _STAGE):
     if flag.value < 1:
       raise ConfigError(f"--{flag.name}={flag.value}: expected >= 1")
-  build(
-    _OUT.value,
+  common = dict(
     seed=_SEED.value,
     pool=_POOL.value,
-    judge_steps=_JUDGE_STEPS.value,
-    vae_steps=_VAE_STEPS.value,
     sd_steps=_SD_STEPS.value,
     sd_batch=_SD_BATCH.value,
     sd_lr=_SD_LR.value,
     continue_from=_CONTINUE_FROM.value,
     stage=_STAGE.value,
   )
+  if _LAYOUT.value == "sdxl":
+    for flag in (_JUDGE_STEPS, _VAE_STEPS):
+      if flag.present:
+        raise ConfigError(f"--{flag.name}: --layout=sdxl trains no {flag.name.split('_')[0]}; it reuses tiny_sd's")
+    build_sdxl(_OUT.value, **common)
+  else:
+    build(_OUT.value, judge_steps=_JUDGE_STEPS.value, vae_steps=_VAE_STEPS.value, **common)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny.quality import JUDGE_DIR, SAMPLING, TINY_SD_DIR, base_quality
 
-_PIPELINE = flags.DEFINE_string("pipeline", TINY_SD_DIR, "Tiny-world diffusers folder.")
+_PIPELINE = flags.DEFINE_string("pipeline", TINY_SD_DIR, "Tiny-world diffusers folder (SD or SDXL layout).")
 _JUDGE = flags.DEFINE_string("judge", JUDGE_DIR, "Judge folder; a rebuild's own judge sees its own world.")
 _OUT = flags.DEFINE_string("out", "", "If set: write quality.json and samples.png here.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Images per (shape, colour, style) combination.")
@@ -32,7 +32,7 @@ def main(argv):
     cli.check_output_folder(_OUT.value, "out")
   if _REPEATS.value < 1:
     raise ConfigError(f"--repeats={_REPEATS.value}: expected >= 1")
-  pipe = sd_convert.load_pipeline(_PIPELINE.value)
+  pipe = sd_convert.load_either(_PIPELINE.value)
   judge = judge_lib.load(_JUDGE.value)
   rates, by_value, images = base_quality(pipe, judge, repeats=_REPEATS.value)
   result = {

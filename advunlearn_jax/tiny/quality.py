@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from advunlearn_jax.diffusion import generation
-from advunlearn_jax.models.pipeline_record import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline, SDXLPipeline
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import world
 
@@ -22,7 +22,9 @@ JUDGE_DIR = os.path.join(ASSETS, "judge")
 SAMPLING = {"scheduler": "ddim", "steps": 25, "guidance": 5.0}
 
 
-def generate(pipe: Pipeline, prompts: Sequence[str], seed: int, text_params: Any = None, chunk: int = 96):
+def generate(
+  pipe: Pipeline | SDXLPipeline, prompts: Sequence[str], seed: int, text_params: Any = None, chunk: int = 96
+):
   latents = generation.initial_latents(pipe, len(prompts), seed)
   out = [
     generation.generate(pipe, prompts[i : i + chunk], latents[i : i + chunk], text_params=text_params, **SAMPLING)

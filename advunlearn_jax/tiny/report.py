@@ -17,7 +17,7 @@ from advunlearn_jax import rates
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.models.pipeline_record import Pipeline
+from advunlearn_jax.models.pipeline_record import Pipeline, SDXLPipeline
 from advunlearn_jax.tiny import judge as judge_lib
 from advunlearn_jax.tiny import quality, world
 
@@ -37,8 +37,8 @@ def erased_attributes(concepts: Sequence[str]) -> list[tuple[str, int]]:
 
 def write(
   out_dir: str,
-  original: str | Pipeline,
-  unlearned: str | Pipeline,
+  original: str | Pipeline | SDXLPipeline,
+  unlearned: str | Pipeline | SDXLPipeline,
   concepts: Sequence[str],
   per_value: int = 24,
   seed: int = 1,
@@ -47,7 +47,7 @@ def write(
   """`erased_values` names the erased tiny-world values; empty: every value a concept prompt names."""
   erased = [world.attribute_of(v) for v in erased_values] if erased_values else erased_attributes(concepts)
   judge = judge_lib.load(quality.JUDGE_DIR)
-  load = lambda p: p if isinstance(p, Pipeline) else sd_convert.load_pipeline(p)
+  load = lambda p: p if isinstance(p, Pipeline | SDXLPipeline) else sd_convert.load_either(p)
   pipes = {"before": load(original), "after": load(unlearned)}
   results: dict = {"concepts": list(concepts), "sampling": quality.SAMPLING, "images_per_value": per_value}
   grids: dict[str, list[np.ndarray]] = {"erased": [], "retained": []}

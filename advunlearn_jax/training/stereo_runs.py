@@ -31,6 +31,7 @@ import numpy as np
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
+from advunlearn_jax.diffusion.text_side import TextSide
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import inversion
 from advunlearn_jax.models.clip_text import CLIPTextModel
@@ -143,7 +144,7 @@ class Encoder:
   def _encode(self, ids: np.ndarray, which: np.ndarray, rows: np.ndarray) -> jax.Array:
     words = self.text.apply({"params": self.pipe.text_params}, jnp.asarray(ids)[None], method="word_embeddings")
     seq = inversion.place(words, jnp.asarray(which)[None], jnp.asarray(rows))
-    return inversion._encode_embeds(self.pipe.text_config, self.pipe.text_params, seq)[0]
+    return inversion.encode_placed(TextSide.of(self.pipe), self.pipe.text_params, seq, jnp.asarray(ids)[None])[0]
 
   def prompt(self, text: str) -> jax.Array:
     ids = tok_lib.tokenize(self.tokenizer, [text])[0]
@@ -326,7 +327,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
       share = np.concatenate([images, images])[start : start + per]
       attacked = pipe._replace(unet_params=trainable.merge(params, rest))
       ti_clock = StageClock(f"ste_inversion_{r}", s.ti_steps)
-      embeds, advance = inversion.trainer(attacked, tokenizer, None, None, share, inversion_config(config), s.seed)
+      embeds, advance = inversion.trainer(attacked, tokenizer, None, share, inversion_config(config), s.seed)
       embeds, loss = advance(embeds, 0, 1)  # the first step alone, timed: it compiles
       ti_clock.step(0, embeds)
       if s.ti_steps > 1:

@@ -182,11 +182,6 @@ def check_sdxl_run(config: ml_collections.ConfigDict, root: str) -> None:
       f"config.export.reference_checkpoint: {root} is an SDXL folder; the reference's TextEncoder-*.pt holds SD "
       "1.x's one text encoder. An SDXL run exports both towers as diffusers folders (set it to False)"
     )
-  if config.report.kind:
-    raise ConfigError(
-      f"config.report.kind={config.report.kind!r}: {root} is an SDXL folder and the {config.report.kind!r} report "
-      "reads SD 1.x pipelines; set report.kind='' and evaluate the exported pipeline/ yourself"
-    )
 
 
 TRAINING_IMAGES_STREAM = 2**20

@@ -32,10 +32,10 @@ from jax.sharding import Mesh
 
 from advunlearn_jax import sharding
 from advunlearn_jax.data.tokenizer import EOT_ID
-from advunlearn_jax.diffusion import ddim
+from advunlearn_jax.diffusion import ddim, sdxl_conditioning
 from advunlearn_jax.diffusion.sampling import cfg_eps
 from advunlearn_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
-from advunlearn_jax.models.unet import AddedCond, SDXLCond, UNet2DConditionModel, apply_conditioned
+from advunlearn_jax.models.unet import UNet2DConditionModel, apply_conditioned
 from advunlearn_jax.sharding import constrain_batch
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import bank as bank_lib
@@ -241,18 +241,10 @@ def _encode(models: Models):
   sdxl = models.sdxl
 
   def encode(p, embeds, eot):
-    words, words_2 = embeds
-    pos = jnp.arange(words_2.shape[-2])[None]
-    after = (pos > eot[:, None])[..., None]
-    pad = p["text_encoder_2"]["text_model"]["embeddings"]["token_embedding"]["embedding"][sdxl.pad_id_2]
-    # Ids whose only EOT is at `eot`: they choose tower 2's pooled position, as the pipeline's ids do.
-    eos = max(sdxl.tower_2.config.eos_token_id, 1)
-    ids = jnp.where(pos == eot[:, None], eos, 0).astype(jnp.int32)
-    out = models.clip.apply({"params": p["text_encoder"]}, inputs_embeds=words)
-    out_2 = sdxl.tower_2.apply({"params": p["text_encoder_2"]}, ids, inputs_embeds=jnp.where(after, pad, words_2))
-    context = jnp.concatenate([out.penultimate_hidden_state, out_2.penultimate_hidden_state], axis=-1)
-    time_ids = jnp.broadcast_to(jnp.asarray(sdxl.time_ids, jnp.float32), (eot.shape[0], len(sdxl.time_ids)))
-    return SDXLCond(context, AddedCond(out_2.text_embeds, time_ids))
+    tower, tower_2 = models.clip, sdxl.tower_2
+    return sdxl_conditioning.encode_words(
+      tower, tower_2, p["text_encoder"], p["text_encoder_2"], *embeds, eot, sdxl.pad_id_2, sdxl.time_ids
+    )
 
   return encode
 
