@@ -1,7 +1,7 @@
 """The robustness attacks on an SDXL pipeline (diffusion/text_side.py): one typed prompt read by both towers, an
 edited position a row in each tower's table. On the micro SDXL layout (random weights): the soft tokens'
 conditioning is the pipeline's conditioning of the prompt they decode to, and UnlearnDiffAtk's image of its found
-prompt is the SDXL sampler's. What the attacks find on a trained SDXL-layout model: tests/test_tiny_sdxl.py."""
+prompt is the SDXL sampler's. What UnlearnDiffAtk finds on the trained SDXL-layout tiny model: docs/tiny_world.md."""
 
 import jax
 import numpy as np
@@ -130,8 +130,10 @@ def test_cce_trains_both_towers_rows_and_its_release_renders_the_same_images(pip
     pipe, prompts, images[:0], never, cfg._replace(learned=path), log=lambda *_: None, learned_at=saved.__getitem__
   )
   np.testing.assert_array_equal(again.outcomes[0].image, result.outcomes[0].image)
-  with pytest.raises(Exception, match=r"text towers take \[\(1, 32\)\]"):
+  with pytest.raises(Exception, match=r"learned for 2 text tower\(s\) \(SDXL has two, SD one\); this model has 1"):
     inversion.load_learned(path, cfg, (32,))  # an SD encoder cannot take a pair
+  with pytest.raises(Exception, match=r"text towers take \[\(1, 32\), \(1, 64\)\]"):
+    inversion.load_learned(path, cfg, (32, 64))
 
 
 @pytest.mark.parametrize(
@@ -159,3 +161,17 @@ def test_evaluate_refuses_what_an_sdxl_model_cannot_take_before_any_weights(
   with pytest.raises(ConfigError, match=match):
     evaluation.evaluate(c, str(tmp_path / "out"), text_encoder=text_encoder)
   assert not (tmp_path / "out").exists()
+
+
+def test_utility_images_of_an_sdxl_model_are_the_pipeline_s(pipe, tmp_path):
+  """The utility protocol's caption images (sharded over the 8 test devices) of an SDXL model: the SDXL sampler's
+  images, the unconditional branch SDXL's zeros (not "" through both towers)."""
+  from advunlearn_jax.evals import caption_images, prompt_sets
+
+  captions = prompt_sets.inline(["a red triangle", "a blue circle"], seed=10, guidance=5.0)
+  manifest = caption_images.manifest(captions, "ddim", 3, "jax")
+  store = caption_images.ImageStore(str(tmp_path / "images"), manifest, (32, 32, 3), "png")
+  assert caption_images.generate(pipe, captions, store, scheduler="ddim", steps=3, per_device_batch=1, progress=False)
+  latents = np.concatenate([np.asarray(generation.initial_latents(pipe, 1, c.seed)) for c in captions])
+  want = generation.generate(pipe, [c.prompt for c in captions], latents, **_S)
+  np.testing.assert_allclose(np.stack(store.images()).astype(int), np.asarray(want).astype(int), atol=1)

@@ -136,12 +136,14 @@ def generate(
     return 0
   batch_size = per_device_batch * mesh.size
   rows = NamedSharding(mesh, PartitionSpec(mesh.axis_names))  # the batch axis over every device
+  fields = [f for f in ("text_params", "text_params_2") if f in pipe._fields]  # SDXL: both towers
+  towers = {f: sharding.replicate(getattr(pipe, f), mesh) for f in fields}
   replicated = pipe._replace(
     unet_params=sharding.replicate(pipe.unet_params, mesh),
     vae_params=sharding.replicate(pipe.vae_params, mesh),
-    text_params=sharding.replicate(pipe.text_params, mesh),
+    **towers,
   )
-  uncond = jax.device_put(generation.encode_prompts(replicated, [""] * batch_size), rows)
+  uncond = jax.device_put(generation.unconditional(replicated, batch_size), rows)  # SDXL: its zeros where forced
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm.auto import tqdm

@@ -48,7 +48,7 @@ def evaluate(
       )
     classifier = classifiers.make(ev.classifier)
   original_dir = sd_convert.resolve_pretrained(config.model.pretrained)
-  evaluated_dir = pipeline or original_dir
+  evaluated_dir = sd_convert.resolve_pretrained(pipeline) if pipeline else original_dir
   if os.path.isfile(os.path.join(evaluated_dir, "model_index.json")) and sd_convert.is_sdxl_folder(evaluated_dir):
     if text_encoder:
       raise ConfigError(

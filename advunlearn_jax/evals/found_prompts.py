@@ -14,6 +14,7 @@ import csv
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import jax
 import numpy as np
 
 from advunlearn_jax.data import tokenizer as tok_lib
@@ -31,7 +32,7 @@ def render_text(pipe, text: str, seed: int, guidance: float, sampler, images: in
   num_images_per_prompt), uint8 [images, H, W, 3]."""
   tokenizer = tok_lib.load_tokenizer(pipe.tokenizer_dir)
   ids = np.repeat(tok_lib.tokenize(tokenizer, [text]), images, axis=0)
-  if uncond is None or len(uncond) != images:
+  if uncond is None or jax.tree.leaves(uncond)[0].shape[0] != images:
     uncond = unlearndiff.empty_prompt(pipe, pipe.text_params, images)
   return unlearndiff.render_ids(pipe, ids, seed, guidance, sampler, pipe.text_params, uncond)
 

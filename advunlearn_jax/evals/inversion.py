@@ -569,7 +569,7 @@ def save_learned(path: str, embeddings: dict[int, Any], cfg: InversionConfig) ->
   arrays = {
     f"step_{b}{suffix}": np.asarray(e, np.float32)
     for b, tree in embeddings.items()
-    for suffix, e in zip(_TOWER_SUFFIX, jax.tree.leaves(tree), strict=False)  # one suffix per tower
+    for suffix, e in zip(_TOWER_SUFFIX[: len(jax.tree.leaves(tree))], jax.tree.leaves(tree), strict=True)
   }
   with open(path, "wb") as f:  # np.savez would add ".npz" to a path without it
     np.savez(f, meta=np.asarray(json.dumps(meta)), **arrays)
@@ -584,6 +584,7 @@ def load_learned(path: str, cfg: InversionConfig, widths: tuple[int, ...]) -> di
       meta = json.loads(str(data["meta"]))
       arrays = {k: np.asarray(data[k]) for k in data.files if k.startswith("step_")}
       saved = (meta["protocol"], meta["placement"], meta["tokens"], tuple(meta["words"]))
+      steps = sorted({int(k.removeprefix("step_").removesuffix(_TOWER_SUFFIX[1])) for k in arrays})
   except (OSError, ValueError, KeyError) as e:
     raise ConfigError(f"evaluation.inversion.learned={path}: not a {LEARNED_NAME} written by evaluate ({e})") from e
   words = cfg.words if cfg.placement == "word" else saved[3]  # prefix placement replaces no word
@@ -593,7 +594,12 @@ def load_learned(path: str, cfg: InversionConfig, widths: tuple[int, ...]) -> di
       f"{saved[2]} token(s) for the words {list(saved[3])}; this config renders protocol={cfg.protocol!r}, "
       f"placement={cfg.placement!r} with {cfg.tokens} for {list(words)}: set evaluation.inversion as they were"
     )
-  steps = sorted({int(k.removeprefix("step_").removesuffix(_TOWER_SUFFIX[1])) for k in arrays})
+  towers = 2 if any(k.endswith(_TOWER_SUFFIX[1]) for k in arrays) else 1
+  if towers != len(widths):
+    raise ConfigError(
+      f"evaluation.inversion.learned={path}: learned for {towers} text tower(s) (SDXL has two, SD one); this "
+      f"model has {len(widths)}"
+    )
   found = {b: tuple(arrays.get(f"step_{b}{suffix}") for suffix in _TOWER_SUFFIX[: len(widths)]) for b in steps}
   shapes = sorted({tuple(None if e is None else e.shape for e in pair) for pair in found.values()}, key=str)
   want = tuple((cfg.tokens, w) for w in widths)

@@ -288,7 +288,8 @@ def attack_prompt(
   vocab = pipe.text_config.vocab_size
   seq_ids = prefix_ids(ids, cfg.k, placeholder=0)
   params = {"text": text_params, "unet": pipe.unet_params}
-  words = side.words(text_params, jnp.asarray(seq_ids))
+  placeholder_ids = jnp.asarray(seq_ids)  # the loss's ids: the EOT stays where the placeholders put it (SDXL)
+  words = side.words(text_params, placeholder_ids)
   x0 = generation.encode_images(pipe, target_image[None])
   alphas = jnp.asarray(pipe.schedule.alphas_cumprod_diffusers(), jnp.float32)
   probs = jnp.full((cfg.k, vocab), 1.0 / vocab, jnp.float32)
@@ -297,7 +298,7 @@ def attack_prompt(
   iterations = 0
   for block_index, t in enumerate(cfg.timesteps):
     block_key = jax.random.fold_in(key, block_index)
-    probs, opt_state, _ = block(probs, opt_state, block_key, params, words, jnp.asarray(seq_ids), x0, t, alphas[t])
+    probs, opt_state, _ = block(probs, opt_state, block_key, params, words, placeholder_ids, x0, t, alphas[t])
     iterations += cfg.iters_per_t
     adv = np.asarray(jnp.argmax(probs, axis=-1), np.int32)
     seq_ids[1 : 1 + cfg.k] = adv

@@ -379,7 +379,7 @@ def build_sdxl(
   sd_lr: float = 1e-3,
   continue_from: str = "",
   stage: int = 1,
-  assets: str = os.path.dirname(config_lib.TINY_MODEL_DIR),
+  assets: str = "",
 ) -> dict:
   """`tiny_sdxl/` on the SD build's VAE (read from `assets`/tiny_sd, or the previous stage's tiny_sdxl): the same
   pool's latents, both towers and the SDXL-layout UNet; the judge stays the SD build's (it judges images)."""
@@ -392,6 +392,7 @@ def build_sdxl(
     vae_config, vae_params = previous.vae_config, previous.vae_params
     init, seed = (previous.text_params, previous.text_params_2, previous.unet_params), seed + 100 * (stage - 1)
   else:
+    assets = assets or os.path.dirname(config_lib.TINY_MODEL_DIR)  # read at use, as convert/diffusers.py reads it
     vae_config, vae_params = sd_convert.load_vae(os.path.join(assets, "tiny_sd", "vae"))
     init = None
   latents = encode_means(vae_config, vae_params, images) * vae_config.scaling_factor
