@@ -2,6 +2,7 @@
 conditioning the step builds against the pipeline's (sdxl_conditioning)."""
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -238,6 +239,19 @@ def test_the_trained_pair_exports_as_a_drop_in(pipe, both, tmp_path):
   assert type(loaded.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
 
 
+def test_tiny_sdxl_config_trains_both_towers_of_the_shipped_model():
+  """configs/tiny_sdxl.py is configs/tiny.py on the shipped SDXL-layout model, both towers trained."""
+  from advunlearn_jax.configs import tiny, tiny_sdxl
+  from advunlearn_jax.training import config_validation
+
+  config, sd = tiny_sdxl.get_config("striped"), tiny.get_config("striped")
+  sections = config_validation.validate(config)
+  assert sections.trained.towers() == ("text_encoder", "text_encoder_2")
+  assert sd_convert.is_sdxl_folder(sd_convert.resolve_pretrained(config.model.pretrained))
+  config.model.pretrained, config.train.method = sd.model.pretrained, sd.train.method
+  assert config.to_dict() == sd.to_dict()  # nothing else differs
+
+
 def test_sdxl_nudity_config_builds():
   """configs/sdxl_nudity.py validates (no SDXL weights here: built, not trained)."""
   from advunlearn_jax.configs import sdxl_nudity
@@ -256,6 +270,7 @@ def test_main_trains_exports_and_resumes_on_an_sdxl_folder(folder, both, tmp_pat
   equal to the run's own export. Its attacked step is the `both` fixture's, compiled once."""
   config = run_config(folder)
   config.samples.every, config.samples.steps, config.samples.retain_prompts = 2, 1, 1
+  config.report.kind, config.report.erased, config.report.images_per_value = "tiny_world", ("triangle",), 1
   workdir = str(tmp_path / "run")
   compiled = STEP._cache_size()
   result = runs.run(config, workdir, devices=ONE_DEVICE, show_progress=False)
@@ -265,6 +280,8 @@ def test_main_trains_exports_and_resumes_on_an_sdxl_folder(folder, both, tmp_pat
   size = generation.image_size(sd_convert.load_sdxl_pipeline(folder))
   assert grid.shape == (2 * size, 2 * size, 3)  # original over current, concept + one retain prompt
   assert np.any(grid[:size] != grid[size:])  # the current towers drew the bottom row
+  report = json.loads(open(os.path.join(workdir, "report", "report.json")).read())  # the tiny report reads SDXL
+  assert [r["value"] for r in report["shape"] if r["erased"]] == ["triangle"] and report["images_per_value"] == 1
   exported = sd_convert.load_sdxl_pipeline(result["pipeline"], with_vae=False)
   config.train.iterations = 3
   resumed = runs.run(config, workdir, devices=ONE_DEVICE, show_progress=False)
