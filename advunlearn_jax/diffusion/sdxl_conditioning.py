@@ -25,13 +25,19 @@ import jax.numpy as jnp
 from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from advunlearn_jax.models.pipeline_record import SDXLPipeline
-from advunlearn_jax.models.unet import AddedCond, SDXLCond
+from advunlearn_jax.models.unet import AddedCond, SDXLCond, UNetConfig
+from advunlearn_jax.models.vae import VAEConfig
 
 
 def image_size(pipe: SDXLPipeline) -> tuple[int, int]:
   """(height, width) the pipeline draws by default: `default_sample_size * vae_scale_factor`."""
-  factor = 2 ** (len(pipe.vae_config.block_out_channels) - 1) if pipe.vae_config is not None else 8
-  side = pipe.unet_config.sample_size * factor
+  return default_size(pipe.unet_config, pipe.vae_config)
+
+
+def default_size(unet_config: UNetConfig, vae_config: VAEConfig | None) -> tuple[int, int]:
+  """`image_size` from the configs alone (8 without a VAE, as diffusers)."""
+  factor = 2 ** (len(vae_config.block_out_channels) - 1) if vae_config is not None else 8
+  side = unet_config.sample_size * factor
   return side, side
 
 

@@ -295,8 +295,8 @@ def caption_condition(text_params: tuple[Any, Any], inputs: tuple[Any, Any, Any]
   encoding of each caption, and its unconditional zeros for a dropped one; the pipeline's default time ids."""
   ids, ids_2, keep = inputs
   context, pooled = sdxl_conditioning.encode_ids(SDXL_TEXT, SDXL_TEXT_2, *text_params, ids, ids_2)
-  side = SDXL_UNET.sample_size * 2 ** (len(VAE.block_out_channels) - 1)
-  time_ids = jnp.broadcast_to(jnp.asarray([side, side, 0, 0, side, side], jnp.float32), (ids.shape[0], _SDXL_IDS))
+  size = sdxl_conditioning.default_size(SDXL_UNET, VAE)  # original and target size; crop (0, 0)
+  time_ids = jnp.broadcast_to(jnp.asarray([*size, 0, 0, *size], jnp.float32), (ids.shape[0], _SDXL_IDS))
   return SDXLCond(context * keep[:, None, None], AddedCond(pooled * keep[:, None], time_ids))
 
 
