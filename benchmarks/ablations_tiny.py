@@ -124,12 +124,12 @@ def by_variant(rows: dict[tuple[str, str], list[dict]], concepts: list[str], nam
   return "\n".join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(description: str, variants: dict[str, Variant]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default=erasure_tiny.OUT, help="runs and their JSON pieces (shared with erasure_tiny)")
   parser.add_argument("--concepts", default="triangle,striped")
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--variants", default=",".join(variants))
   parser.add_argument("--iterations", type=int, default=0, help="0: configs/tiny.py's")
   parser.add_argument("--per_value", type=int, default=12, help="retain-accuracy images per retained value")
   parser.add_argument("--prompts", type=int, default=24, help="evaluation cases (prompt, seed) per concept and run")
@@ -138,9 +138,15 @@ def main():
   parser.add_argument("--refresh_verdicts", action="store_true", help="measure again pieces without per-case verdicts")
   parser.add_argument("--quick", action="store_true", help="a 3-prompt, 10-iteration UnlearnDiffAtk (smoke test)")
   args = parser.parse_args()
-  unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+  unknown = sorted(set(args.variants.split(",")) - set(variants))
   if unknown:
-    parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    parser.error(f"unknown variants {unknown}; known: {list(variants)}")
+  return args
+
+
+def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folder_prefix: str = "") -> None:
+  """Trains and measures each of `args.variants` (run `{folder_prefix}{name}_seed{seed}` under each concept of
+  --out), then writes `{stem}.md`, `{stem}.json` and the CCE curves per concept."""
   log = lambda msg: print(msg, flush=True)
   base = functools.cache(lambda: sd_convert.load_pipeline(config_lib.TINY_MODEL_DIR))
   started = time.perf_counter()
@@ -150,8 +156,8 @@ def main():
   for seed in (int(s) for s in args.seeds.split(",")):
     for concept in concepts:
       for name in names:
-        variant = VARIANTS[name]
-        workdir = os.path.join(args.out, concept, f"{name}_seed{seed}")
+        variant = variants[name]
+        workdir = os.path.join(args.out, concept, f"{folder_prefix}{name}_seed{seed}")
         log(f"== {concept} {name} seed {seed}")
         overrides = [*erasure_tiny.FAITHFUL, *variant.overrides]
         config = erasure_tiny.run_config(concept, variant.method, seed, args.iterations, overrides)
@@ -174,17 +180,17 @@ def main():
   for (concept, name), results in rows.items():
     cols = [erasure_tiny.fmt_rate(results, k, n) for _, k, n in RATE_COLUMNS]
     cols.append(fmt_seconds([r["steady_train_seconds"] for r in results]))
-    lines.append(f"| {concept} | {name} | {VARIANTS[name].ablation} | {' | '.join(cols)} | {len(results)} |")
+    lines.append(f"| {concept} | {name} | {variants[name].ablation} | {' | '.join(cols)} | {len(results)} |")
   table = "\n".join(lines) + "\n\n" + by_variant(rows, concepts, names, budget)
   print(table)
   print(f"this invocation: {time.perf_counter() - started:.0f} s (pieces already in {args.out} were not redone)")
   cost = erasure_tiny.cost_line([r for results in rows.values() for r in results])
   print(cost)
-  with open(os.path.join(args.out, "ablations.md"), "w") as f:
+  with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
     f.write(f"{table}\n\n{cost}\n")
-  with open(os.path.join(args.out, "ablations.json"), "w") as f:
+  with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
     json.dump({f"{c} | {n}": r for (c, n), r in rows.items()}, f, indent=2)
-  for concept in args.concepts.split(","):
+  for concept in concepts:
     curves = {}
     for (c, name), results in rows.items():
       if c == concept:
@@ -192,10 +198,14 @@ def main():
         curves[name] = points.mean(axis=0).tolist()
     budgets.plot(
       curves,
-      os.path.join(args.out, f"cce_asr_vs_budget_{concept}.png"),
+      os.path.join(args.out, f"{stem}_cce_asr_vs_budget_{concept}.png"),
       attacks.ConceptInversion.budget_label,
       title=f"concept inversion against erasures of '{concept}' (mean over seeds)",
     )
+
+
+def main():
+  run(VARIANTS, parse_args(__doc__, VARIANTS), "ablations")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_tiny_tables_measure_every_column_resume_and_share_their_pieces(tmp_path
     assert run["cases"] == 3 and 0 <= run["successes"] <= 3 and run["retain_n"] == 2 * 5
     assert run["train_seconds"] > run["steady_train_seconds"] > 0  # the wall time also compiles
     assert [b for b, _ in run["cce_curve"]] == [0, 5, 10]
-  assert (tmp_path / "cce_asr_vs_budget_triangle.png").is_file()
+  assert (tmp_path / "ablations_cce_asr_vs_budget_triangle.png").is_file()
   table = (tmp_path / "ablations.md").read_text()
   assert "| triangle | esd | no adversarial training |" in table
   assert re.search(r"\| [0-9.]+% \(\d+/3, \d+-\d+%\) \|", table), table  # a rate, its count and its interval
