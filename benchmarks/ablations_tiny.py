@@ -44,6 +44,9 @@ class Variant(NamedTuple):
   overrides: tuple[str, ...]  # section.field=value on configs/tiny.py, as --config.section.field=value
   ablation: str  # which of the paper's questions the row answers
   paper: str  # the paper's finding for it
+  # A second stage: the variant whose trained pipeline (same concept and seed) this one starts from, trained
+  # first if it is not there; its UNet and text encoder are this run's frozen original.
+  after: str = ""
 
 
 PAPER_ESD = (
@@ -144,6 +147,40 @@ def parse_args(description: str, variants: dict[str, Variant]) -> argparse.Names
   return args
 
 
+def variant_config(variants: dict[str, Variant], name: str, concept: str, seed: int, args, folder_prefix: str):
+  """The run's config; a second stage's model is its first stage's pipeline (train_stages trains it)."""
+  variant = variants[name]
+  overrides = [*erasure_tiny.FAITHFUL, *variant.overrides]
+  if variant.after:
+    first = os.path.join(args.out, concept, f"{folder_prefix}{variant.after}_seed{seed}", "pipeline")
+    overrides.append(f"model.pretrained={first}")
+  return erasure_tiny.run_config(concept, variant.method, seed, args.iterations, overrides)
+
+
+def stages(variants: dict[str, Variant], name: str, concept: str, seed: int, args, folder_prefix: str) -> list:
+  """(workdir, config) of the stages before `name`'s run, first first: none unless it is a second stage."""
+  after = variants[name].after
+  if not after:
+    return []
+  workdir = os.path.join(args.out, concept, f"{folder_prefix}{after}_seed{seed}")
+  earlier = stages(variants, after, concept, seed, args, folder_prefix)
+  return [*earlier, (workdir, variant_config(variants, after, concept, seed, args, folder_prefix))]
+
+
+def train_stages(before: list) -> None:
+  """Each earlier stage trained and exported where its pipeline is not there: called only before a later stage
+  trains, so a table read from its JSON pieces trains nothing."""
+  for workdir, config in before:
+    if not os.path.isfile(os.path.join(workdir, "pipeline", "model_index.json")):
+      erasure_tiny.trained_pipeline(workdir, config)
+
+
+def total_timing(timings: list[dict]) -> dict:
+  """A run's training seconds with its earlier stages' (None where one's wall time was not kept)."""
+  add = lambda key: None if any(t[key] is None for t in timings) else sum(t[key] for t in timings)
+  return {"seconds": add("seconds"), "steady_seconds": add("steady_seconds")}
+
+
 def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folder_prefix: str = "") -> None:
   """Trains and measures each of `args.variants` (run `{folder_prefix}{name}_seed{seed}` under each concept of
   --out), then writes `{stem}.md`, `{stem}.json` and the CCE curves per concept."""
@@ -156,15 +193,19 @@ def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folde
   for seed in (int(s) for s in args.seeds.split(",")):
     for concept in concepts:
       for name in names:
-        variant = variants[name]
         workdir = os.path.join(args.out, concept, f"{folder_prefix}{name}_seed{seed}")
         log(f"== {concept} {name} seed {seed}")
-        overrides = [*erasure_tiny.FAITHFUL, *variant.overrides]
-        config = erasure_tiny.run_config(concept, variant.method, seed, args.iterations, overrides)
-        timing = erasure_tiny.train_once(workdir, config)
-        # Loaded (and trained again, where only the pieces are here) only for a missing piece.
-        target = functools.cache(lambda w=workdir, c=config: erasure_tiny.trained_pipeline(w, c))
-        computes = erasure_tiny.attack_measures(base, target, concept, args, log)
+        config = variant_config(variants, name, concept, seed, args, folder_prefix)
+        before = stages(variants, name, concept, seed, args, folder_prefix)
+        if not os.path.isfile(os.path.join(workdir, "train.json")):
+          train_stages(before)
+        timing = total_timing([erasure_tiny.train_once(w, c) for w, c in [*before, (workdir, config)]])
+
+        def target(w=workdir, c=config, b=before):  # loaded (trained again where only pieces are here) if needed
+          train_stages(b)
+          return erasure_tiny.trained_pipeline(w, c)
+
+        computes = erasure_tiny.attack_measures(base, functools.cache(target), concept, args, log)
         row = erasure_tiny.row_pieces(workdir, "", computes, args.refresh_verdicts)
         rows.setdefault((concept, name), []).append(
           {**row, "train_seconds": timing["seconds"], "steady_train_seconds": timing["steady_seconds"]}
@@ -194,8 +235,9 @@ def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folde
     curves = {}
     for (c, name), results in rows.items():
       if c == concept:
-        points = np.array([r["cce_curve"] for r in results])  # [seeds, budgets, 2]
-        curves[name] = points.mean(axis=0).tolist()
+        points = np.array([r["cce_curve"] for r in results if "cce_curve" in r])  # [seeds, budgets, 2]
+        if len(points):  # a row whose CCE was not measured has no curve
+          curves[name] = points.mean(axis=0).tolist()
     budgets.plot(
       curves,
       os.path.join(args.out, f"{stem}_cce_asr_vs_budget_{concept}.png"),

@@ -48,6 +48,35 @@ DEFENCES = {
     "UNet (no cross-attention), retain 16, lr 1e-3, no attack",
     "between esd_retain (retain 4: CCE 4/24, retain 87% on the triangle) and esd_u_lr3e-4: a heavier retain term",
   ),
+  "esd_u_batch15": Variant(
+    "esd",
+    ("train.method=noxattn", "retain.batch=15"),
+    "UNet (no cross-attention), retain 4 over 15 prompts a step, lr 1e-3, no attack",
+    "retain 16 kept the other shapes but no longer erased (75% unattacked), yet CCE added nothing to that: on the "
+    "UNet the erasure's reach, not CCE, decides. Does a steadier retain estimate keep retain 4's erasure and more "
+    "of the other shapes?",
+  ),
+  "esd_u_lr5e-4_400": Variant(
+    "esd",
+    ("train.method=noxattn", "train.lr=5e-4", "train.iterations=400"),
+    "UNet (no cross-attention), retain 4, lr 5e-4 for 400 iterations, no attack",
+    "the same distance travelled in smaller steps: does the retain term keep up better?",
+  ),
+  "esd_u_eta0": Variant(
+    "esd",
+    ("train.method=noxattn", "diffusion.negative_guidance=0.0"),
+    "UNet (no cross-attention), retain 4, lr 1e-3, target e_0 (eta 0) instead of ESD's e_0 - (e_p - e_0)",
+    "STEREO's STE target collapses to e_0 (docs/training.md): is erasing to the unconditional gentler on the other "
+    "values than pushing past it?",
+  ),
+  "esd_u_lr3e-4_then_advunlearn": Variant(
+    "advunlearn",
+    (),
+    "esd_u_lr3e-4's UNet, then AdvUnlearn on the text encoder over it (two stages)",
+    "the UNet erasure that keeps utility holds CCE better than any text encoder, AdvUnlearn's encoder holds "
+    "UnlearnDiffAtk: does each stage cover the other's gap?",
+    after="esd_u_lr3e-4",
+  ),
   "at_u_word_both": Variant(
     "advunlearn",
     ("train.method=noxattn", "attack.type=word_k", "attack.objective=both"),
