@@ -179,6 +179,25 @@ def _memory_lines(stdout, modes, per_chip="", effort=""):
     assert re.search(line, stdout, re.M), stdout
 
 
+def test_a_second_stage_starts_from_its_first_stage_and_adds_its_seconds(tmp_path):
+  """defence_tiny.py's two-stage variants: the second run's model is the first run's exported pipeline (same
+  concept and seed), and its training seconds are both stages'. No training: the configs and timings only."""
+  from benchmarks import ablations_tiny, defence_tiny
+
+  args = type("Args", (), {"out": str(tmp_path), "iterations": 0})()
+  name = "esd_u_lr3e-4_then_advunlearn"
+  first = defence_tiny.DEFENCES[name].after
+  (stage,) = ablations_tiny.stages(defence_tiny.DEFENCES, name, "striped", 1, args, "defence_")
+  assert stage[0] == os.path.join(str(tmp_path), "striped", f"defence_{first}_seed1")
+  assert stage[1].train.method == "noxattn" and stage[1].model.pretrained == "tiny"
+  second = ablations_tiny.variant_config(defence_tiny.DEFENCES, name, "striped", 1, args, "defence_")
+  assert second.model.pretrained == os.path.join(stage[0], "pipeline") and second.seed == 1
+  assert second.train.method == "text_encoder_full" and second.concept.prompts == stage[1].concept.prompts
+  assert ablations_tiny.stages(defence_tiny.DEFENCES, first, "striped", 1, args, "defence_") == []
+  timings = [{"seconds": 10.0, "steady_seconds": 8.0}, {"seconds": None, "steady_seconds": 5.0}]
+  assert ablations_tiny.total_timing(timings) == {"seconds": None, "steady_seconds": 13.0}
+
+
 @pytest.mark.bench
 def test_iteration_benchmark_memory_only_compiles_without_running(tmp_path):
   args = ["--size=small", "--memory_only", "--attack_steps=3", "--retain_batch=2", "--modes=online,bank_renewing"]
