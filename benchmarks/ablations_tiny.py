@@ -176,9 +176,18 @@ def train_stages(before: list) -> None:
 
 
 def total_timing(timings: list[dict]) -> dict:
-  """A run's training seconds with its earlier stages' (None where one's wall time was not kept)."""
-  add = lambda key: None if any(t[key] is None for t in timings) else sum(t[key] for t in timings)
+  """A run's training seconds with its earlier stages' (None where one's was not kept)."""
+  add = lambda key: None if any(t.get(key) is None for t in timings) else sum(t[key] for t in timings)
   return {"seconds": add("seconds"), "steady_seconds": add("steady_seconds")}
+
+
+def kept_timing(workdir: str) -> dict:
+  """An earlier stage's train.json as kept, without training it ({} where it is not there)."""
+  path = os.path.join(workdir, "train.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folder_prefix: str = "") -> None:
@@ -199,10 +208,11 @@ def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folde
         before = stages(variants, name, concept, seed, args, folder_prefix)
         if not os.path.isfile(os.path.join(workdir, "train.json")):
           train_stages(before)
-        timing = total_timing([erasure_tiny.train_once(w, c) for w, c in [*before, (workdir, config)]])
+        timing = total_timing([*(kept_timing(w) for w, _ in before), erasure_tiny.train_once(workdir, config)])
 
         def target(w=workdir, c=config, b=before):  # loaded (trained again where only pieces are here) if needed
-          train_stages(b)
+          if not os.path.isfile(os.path.join(w, "pipeline", "model_index.json")):
+            train_stages(b)  # the exported pipeline holds the earlier stages' weights: they are needed only to train
           return erasure_tiny.trained_pipeline(w, c)
 
         computes = erasure_tiny.attack_measures(base, functools.cache(target), concept, args, log)

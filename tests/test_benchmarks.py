@@ -196,6 +196,13 @@ def test_a_second_stage_starts_from_its_first_stage_and_adds_its_seconds(tmp_pat
   assert ablations_tiny.stages(defence_tiny.DEFENCES, first, "striped", 1, args, "defence_") == []
   timings = [{"seconds": 10.0, "steady_seconds": 8.0}, {"seconds": None, "steady_seconds": 5.0}]
   assert ablations_tiny.total_timing(timings) == {"seconds": None, "steady_seconds": 13.0}
+  # An earlier stage's seconds are read as kept, never trained for: absent, the total is unknown.
+  assert ablations_tiny.kept_timing(stage[0]) == {}
+  assert ablations_tiny.total_timing([{}, timings[0]]) == {"seconds": None, "steady_seconds": None}
+  os.makedirs(stage[0])
+  with open(os.path.join(stage[0], "train.json"), "w") as f:
+    json.dump(timings[0], f)
+  assert ablations_tiny.total_timing([ablations_tiny.kept_timing(stage[0]), timings[0]])["steady_seconds"] == 16.0
 
 
 @pytest.mark.bench
