@@ -1,6 +1,6 @@
 """The search for a defence that holds (issue 49), on the tiny world: every variant tried, in one resumable command.
 
-  python benchmarks/defence_tiny.py --seeds=0 --concepts=triangle --variants=esd_u_retain8
+  python benchmarks/defence_tiny.py --seeds=0 --concepts=triangle --variants=esd_u_retain16
   python benchmarks/defence_tiny.py --seeds=0,1                      # every variant, both concepts
 
 Each variant is configs/tiny.py on the faithful path (online rollouts) with its overrides, trained, measured and
