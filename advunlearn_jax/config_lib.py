@@ -348,6 +348,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.stereo.initializer = ""  # --initializer_token, required (README: person)
   c.stereo.templates = "object"  # --learnable_property (README: object)
   c.stereo.seed = 42  # train.py:40; stereo.py:19-22 reseeds every stage with it
+
+  # A two-stage recipe (training/stages.py): overrides ("section.field=value", as on the command line) of a first
+  # run trained into workdir/first_stage; this config then trains over that run's exported pipeline, and the
+  # report compares the result with model.pretrained. (): one stage.
+  c.first_stage = ()
   return c
 
 
@@ -439,6 +444,17 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
 # refuses, KeyError (in an AttributeError) for a field the config lacks, TypeError for a field inside a value that is
 # not a section, ValueError or IndexError for a key that is no dotted path of fields.
 OVERRIDE_ERRORS = (flags.Error, AttributeError, LookupError, TypeError, ValueError)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  """{"section.field": value} of a nested dict (a config's to_dict() or its JSON)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def override(

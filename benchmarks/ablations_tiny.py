@@ -44,8 +44,8 @@ class Variant(NamedTuple):
   overrides: tuple[str, ...]  # section.field=value on configs/tiny.py, as --config.section.field=value
   ablation: str  # which of the paper's questions the row answers
   paper: str  # the paper's finding for it
-  # A second stage: the variant whose trained pipeline (same concept and seed) this one starts from, trained
-  # first if it is not there; its UNet and text encoder are this run's frozen original.
+  # A two-stage recipe: the variant (same concept and seed) trained first, into this run's workdir/first_stage
+  # (config.first_stage); its exported UNet and text encoder are this run's frozen original.
   after: str = ""
 
 
@@ -147,47 +147,24 @@ def parse_args(description: str, variants: dict[str, Variant]) -> argparse.Names
   return args
 
 
-def variant_config(variants: dict[str, Variant], name: str, concept: str, seed: int, args, folder_prefix: str):
-  """The run's config; a second stage's model is its first stage's pipeline (train_stages trains it)."""
+def variant_config(variants: dict[str, Variant], name: str, concept: str, seed: int, args):
+  """The run's config; a second stage's holds its first stage as config.first_stage (training/stages.py), which
+  main would train too: the first variant's config written as overrides of this one."""
   variant = variants[name]
-  overrides = [*erasure_tiny.FAITHFUL, *variant.overrides]
-  if variant.after:
-    first = os.path.join(args.out, concept, f"{folder_prefix}{variant.after}_seed{seed}", "pipeline")
-    overrides.append(f"model.pretrained={first}")
-  return erasure_tiny.run_config(concept, variant.method, seed, args.iterations, overrides)
+  config = erasure_tiny.run_config(
+    concept, variant.method, seed, args.iterations, [*erasure_tiny.FAITHFUL, *variant.overrides]
+  )
+  if not variant.after:
+    return config
+  first = variant_config(variants, variant.after, concept, seed, args)
+  return config_lib.override(config, [f"first_stage={stage_items(first, config)!r}"])
 
 
-def stages(variants: dict[str, Variant], name: str, concept: str, seed: int, args, folder_prefix: str) -> list:
-  """(workdir, config) of the stages before `name`'s run, first first: none unless it is a second stage."""
-  after = variants[name].after
-  if not after:
-    return []
-  workdir = os.path.join(args.out, concept, f"{folder_prefix}{after}_seed{seed}")
-  earlier = stages(variants, after, concept, seed, args, folder_prefix)
-  return [*earlier, (workdir, variant_config(variants, after, concept, seed, args, folder_prefix))]
-
-
-def train_stages(before: list) -> None:
-  """Each earlier stage trained and exported where its pipeline is not there: called only before a later stage
-  trains, so a table read from its JSON pieces trains nothing."""
-  for workdir, config in before:
-    if not os.path.isfile(os.path.join(workdir, "pipeline", "model_index.json")):
-      erasure_tiny.trained_pipeline(workdir, config)
-
-
-def total_timing(timings: list[dict]) -> dict:
-  """A run's training seconds with its earlier stages' (None where one's was not kept)."""
-  add = lambda key: None if any(t.get(key) is None for t in timings) else sum(t[key] for t in timings)
-  return {"seconds": add("seconds"), "steady_seconds": add("steady_seconds")}
-
-
-def kept_timing(workdir: str) -> dict:
-  """An earlier stage's train.json as kept, without training it ({} where it is not there)."""
-  path = os.path.join(workdir, "train.json")
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+def stage_items(first, second) -> tuple[str, ...]:
+  """The "section.field=value" items that turn config `second` into `first`."""
+  a, b = config_lib.flatten(first.to_dict()), config_lib.flatten(second.to_dict())
+  literal = lambda v: repr(v) if isinstance(v, (tuple, list)) else str(v)  # noqa: E731  as the command line's
+  return tuple(f"{k}={literal(v)}" for k, v in a.items() if v != b.get(k))
 
 
 def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folder_prefix: str = "") -> None:
@@ -204,17 +181,9 @@ def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folde
       for name in names:
         workdir = os.path.join(args.out, concept, f"{folder_prefix}{name}_seed{seed}")
         log(f"== {concept} {name} seed {seed}")
-        config = variant_config(variants, name, concept, seed, args, folder_prefix)
-        before = stages(variants, name, concept, seed, args, folder_prefix)
-        if not os.path.isfile(os.path.join(workdir, "train.json")):
-          train_stages(before)
-        timing = total_timing([*(kept_timing(w) for w, _ in before), erasure_tiny.train_once(workdir, config)])
-
-        def target(w=workdir, c=config, b=before):  # loaded (trained again where only pieces are here) if needed
-          if not os.path.isfile(os.path.join(w, "pipeline", "model_index.json")):
-            train_stages(b)  # the exported pipeline holds the earlier stages' weights: they are needed only to train
-          return erasure_tiny.trained_pipeline(w, c)
-
+        config = variant_config(variants, name, concept, seed, args)
+        timing = erasure_tiny.train_once(workdir, config)
+        target = functools.partial(erasure_tiny.trained_pipeline, workdir, config)  # trained again if only pieces
         computes = erasure_tiny.attack_measures(base, functools.cache(target), concept, args, log)
         row = erasure_tiny.row_pieces(workdir, "", computes, args.refresh_verdicts)
         rows.setdefault((concept, name), []).append(

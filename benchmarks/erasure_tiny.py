@@ -51,7 +51,7 @@ from advunlearn_jax.tiny import judge as judge_lib  # noqa: E402
 from advunlearn_jax.tiny import quality as tiny_quality  # noqa: E402
 from advunlearn_jax.tiny import training as tiny_training  # noqa: E402
 from advunlearn_jax.tiny import world  # noqa: E402
-from advunlearn_jax.training import runs, stereo_runs  # noqa: E402
+from advunlearn_jax.training import runs, stages, stereo_runs  # noqa: E402
 
 
 class Row(NamedTuple):
@@ -256,7 +256,11 @@ def steady_train_seconds(workdir: str, config) -> float:
   """Training seconds without compilation, from the run's metrics.jsonl: per phase (warm-up, then attacking),
   the median seconds per iteration over its logged intervals, less the first (which compiles), times the
   phase's iterations. The wall time depends on what the process had compiled before and on whatever else
-  shared the machine; this figure compares variants."""
+  shared the machine; this figure compares variants. A two-stage recipe's counts both stages."""
+  first = stages.first_stage_config(config)
+  if first is not None:
+    second = config_lib.override(config, ["first_stage=()"])
+    return steady_train_seconds(stages.first_stage_dir(workdir), first) + steady_train_seconds(workdir, second)
   warmup, iterations = config.train.warmup_iters, config.train.iterations
   phases: dict[bool, list[float]] = {False: [], True: []}
   last = 0
@@ -279,8 +283,9 @@ def train_once(workdir: str, config) -> dict:
   stereo = config.stereo.enabled  # its own stages, state and timing (training/stereo_runs.py)
 
   def timed():
-    progress = os.path.join(workdir, "stereo", stereo_runs.STATE) if stereo else os.path.join(workdir, "checkpoints")
-    resumed = os.path.exists(progress)
+    progress = [os.path.join(workdir, "stereo", stereo_runs.STATE) if stereo else os.path.join(workdir, "checkpoints")]
+    progress.append(os.path.join(stages.first_stage_dir(workdir), "checkpoints"))
+    resumed = any(map(os.path.exists, progress))
     t0 = time.perf_counter()
     runs.run(config, workdir, show_progress=False)
     seconds = None if resumed else time.perf_counter() - t0

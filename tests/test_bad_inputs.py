@@ -92,6 +92,11 @@ CASES = [
   # main: the config file, every numeric range, the method's name, the workdir
   ("main", ["--config={tmp}/nope.py"], "--config={tmp}/nope.py: no such config file"),
   ("main", ["--config=configs/tiny.py", "--config.train.keep=0"], "config.train.keep must be >= 1, got 0"),
+  (
+    "main",
+    ["--config=configs/tiny_robust.py", "--config.first_stage=('train.method=noxattn', 'train.lr=0')"],
+    "config.first_stage: config.train.lr must be > 0, got 0",
+  ),
   ("main", ["--config=configs/tiny.py", "--config.train.save_every=0"], "config.train.save_every must be >= 1"),
   ("main", ["--config=configs/tiny.py", "--config.train.log_every=0"], "config.train.log_every must be >= 1"),
   ("main", ["--config=configs/tiny.py", "--config.train.lr=0"], "config.train.lr must be > 0, got 0"),

@@ -179,30 +179,43 @@ def _memory_lines(stdout, modes, per_chip="", effort=""):
     assert re.search(line, stdout, re.M), stdout
 
 
-def test_a_second_stage_starts_from_its_first_stage_and_adds_its_seconds(tmp_path):
-  """defence_tiny.py's two-stage variants: the second run's model is the first run's exported pipeline (same
-  concept and seed), and its training seconds are both stages'. No training: the configs and timings only."""
-  from benchmarks import ablations_tiny, defence_tiny
+def test_a_second_stage_holds_its_first_as_mains_first_stage_and_adds_its_seconds(tmp_path):
+  """defence_tiny.py's two-stage variants are config.first_stage recipes (training/stages.py): the first variant's
+  config (same concept and seed) written as overrides of the second's, and the row's steady seconds both stages'.
+  No training: configs and metrics only."""
+  from advunlearn_jax import config_lib
+  from advunlearn_jax.training import config_validation, stages
+  from benchmarks import ablations_tiny, defence_tiny, erasure_tiny
 
   args = type("Args", (), {"out": str(tmp_path), "iterations": 0})()
   name = "esd_u_lr3e-4_then_advunlearn"
-  first = defence_tiny.DEFENCES[name].after
-  (stage,) = ablations_tiny.stages(defence_tiny.DEFENCES, name, "striped", 1, args, "defence_")
-  assert stage[0] == os.path.join(str(tmp_path), "striped", f"defence_{first}_seed1")
-  assert stage[1].train.method == "noxattn" and stage[1].model.pretrained == "tiny"
-  second = ablations_tiny.variant_config(defence_tiny.DEFENCES, name, "striped", 1, args, "defence_")
-  assert second.model.pretrained == os.path.join(stage[0], "pipeline") and second.seed == 1
-  assert second.train.method == "text_encoder_full" and second.concept.prompts == stage[1].concept.prompts
-  assert ablations_tiny.stages(defence_tiny.DEFENCES, first, "striped", 1, args, "defence_") == []
-  timings = [{"seconds": 10.0, "steady_seconds": 8.0}, {"seconds": None, "steady_seconds": 5.0}]
-  assert ablations_tiny.total_timing(timings) == {"seconds": None, "steady_seconds": 13.0}
-  # An earlier stage's seconds are read as kept, never trained for: absent, the total is unknown.
-  assert ablations_tiny.kept_timing(stage[0]) == {}
-  assert ablations_tiny.total_timing([{}, timings[0]]) == {"seconds": None, "steady_seconds": None}
-  os.makedirs(stage[0])
-  with open(os.path.join(stage[0], "train.json"), "w") as f:
-    json.dump(timings[0], f)
-  assert ablations_tiny.total_timing([ablations_tiny.kept_timing(stage[0]), timings[0]])["steady_seconds"] == 16.0
+  after = defence_tiny.DEFENCES[name].after
+  config = ablations_tiny.variant_config(defence_tiny.DEFENCES, name, "striped", 1, args)
+  first = stages.first_stage_config(config)
+  alone = ablations_tiny.variant_config(defence_tiny.DEFENCES, after, "striped", 1, args)
+  assert config_lib.flatten(first.to_dict()) == config_lib.flatten(alone.to_dict())  # the row `after`, exactly
+  assert config.train.method == "text_encoder_full" and config.seed == 1 and config.model.pretrained == "tiny"
+  assert stages.second_stage_config(config, "w").model.pretrained == os.path.abspath("w/first_stage/pipeline")
+  assert not ablations_tiny.variant_config(defence_tiny.DEFENCES, after, "striped", 1, args).first_stage
+  # configs/tiny_robust.py is this row: both stages train as measured (the tables render no previews or report).
+  from advunlearn_jax.configs import tiny_robust
+
+  shipped = config_lib.override(tiny_robust.get_config("striped"), ["seed=1"])
+  config_validation.validate(shipped)
+  trains = lambda c: {
+    k: v for k, v in config_lib.flatten(c.to_dict()).items() if not k.startswith(("samples.", "report."))
+  }  # noqa: E731
+  assert trains(stages.first_stage_config(shipped)) == trains(first)
+  assert trains(stages.second_stage_config(shipped, "w")) == trains(stages.second_stage_config(config, "w"))
+  # Steady seconds: each stage's median logged seconds per iteration times its iterations, added.
+  workdir = tmp_path / "run"
+  for folder, cfg, per_it in ((workdir / "first_stage", first, 0.5), (workdir, config, 2.0)):
+    folder.mkdir(parents=True, exist_ok=True)
+    its = cfg.train.iterations
+    lines = [json.dumps({"step": i, "it_per_s": 1 / per_it}) for i in range(10, its + 1, 10)]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  seconds = erasure_tiny.steady_train_seconds(str(workdir), config)
+  assert seconds == pytest.approx(0.5 * first.train.iterations + 2.0 * config.train.iterations)
 
 
 @pytest.mark.bench

@@ -276,6 +276,11 @@ def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
       ["retain.dataset=", "retain.prompts=('a photo of a dog',)", "retain.batch=1", "bank.refresh_retain=2"],
       "refresh_retain \\(2\\) exceeds",
     ),
+    (["first_stage=('train.lr=0',)"], "config.first_stage: config.train.lr must be > 0, got 0"),
+    (["first_stage=('train.lrr=1',)"], "config.first_stage: train.lrr: the config has no field 'lrr'"),
+    (["first_stage=('train.lr 1',)"], r"config.first_stage\[0\] = 'train.lr 1' is no section.field=value"),
+    (["first_stage=('model.pretrained=tiny',)"], "model.pretrained belongs to the whole recipe, not a stage"),
+    (["first_stage=('report.kind=tiny_world',)"], "report.kind belongs to the whole recipe"),
   ],
 )
 def test_bad_config_values(pipeline_dir, tmp_path, overrides, message):
@@ -329,6 +334,46 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
     run_exports.export_latest(str(tmp_path), str(tmp_path / "ref"), fmt="reference")
   with pytest.raises(ConfigError, match="cannot be precomputed"):
     run(tiny_config(pipeline_dir, "train.method=xattn", "train.xt_source=bank"), str(tmp_path / "b"))
+
+
+def test_a_two_stage_recipe_trains_its_second_stage_over_the_first(pipeline_dir, tmp_path, monkeypatch):
+  """config.first_stage: the UNet run above (its compiled steps), then the text encoder over its exported pipeline;
+  the recipe's report compares the final pipeline with model.pretrained, and a rerun trains nothing."""
+  from advunlearn_jax.convert import diffusers as sd_convert
+  from advunlearn_jax.evals import report_kinds
+  from advunlearn_jax.training import checkpoint
+
+  reports = []
+  monkeypatch.setattr(
+    report_kinds.TinyWorld, "after_run", lambda c, w, p: reports.append((c.model.pretrained, w, p)) or None
+  )
+  first = "('train.method=xattn', 'train.iterations=3')"
+  config = tiny_config(pipeline_dir, f"first_stage={first}", "report.kind=tiny_world")
+  workdir = str(tmp_path / "robust")
+  summary = run(config, workdir)
+  stage = os.path.join(workdir, "first_stage")
+  assert sorted(os.listdir(os.path.join(stage, "checkpoints"))) == ["2", "3"]  # the first stage's own iterations
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  # Its UNet is the first stage's, bit for bit; its text encoder is the second stage's, trained from the original.
+  _, erased = sd_convert.load_unet(os.path.join(stage, "unet"))
+  _, final_unet = sd_convert.load_unet(os.path.join(summary["pipeline"], "unet"))
+  _, original_unet = sd_convert.load_unet(os.path.join(pipeline_dir, "unet"))
+  jax.tree.map(np.testing.assert_array_equal, final_unet, erased)
+  assert not jax.tree.all(jax.tree.map(np.array_equal, erased, original_unet))
+  _, encoder = clip_convert.load_clip_text(summary["text_encoder"])
+  _, first_encoder = clip_convert.load_clip_text(os.path.join(stage, "pipeline", "text_encoder"))
+  _, original_encoder = clip_convert.load_clip_text(os.path.join(pipeline_dir, "text_encoder"))
+  jax.tree.map(np.testing.assert_array_equal, first_encoder, original_encoder)
+  assert not jax.tree.all(jax.tree.map(np.array_equal, encoder, original_encoder))
+  saved = checkpoint.latest_readable(workdir)[1]["config"]
+  assert saved["model"]["pretrained"] == os.path.join(stage, "pipeline") and saved["first_stage"] == []
+  assert reports == [(pipeline_dir, workdir, summary["pipeline"])]  # once, for the whole recipe
+  # A rerun resumes both finished stages: nothing trains or compiles, nothing is logged again.
+  compiled = wiring.train_step._cache_size()
+  logged = [open(os.path.join(d, "metrics.jsonl")).read() for d in (stage, workdir)]
+  run(config, workdir)
+  assert wiring.train_step._cache_size() == compiled
+  assert [open(os.path.join(d, "metrics.jsonl")).read() for d in (stage, workdir)] == logged
 
 
 @pytest.mark.slow

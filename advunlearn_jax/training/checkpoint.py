@@ -60,16 +60,6 @@ def _nonfinite_reason(tree: Any) -> str:
   return f"not finite: {bad} of {total} tensors hold NaN or infinity" if bad else ""
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _evaluation_fields_trained_on(flat: dict) -> set[str]:
   """The evaluation fields the attack reads in place of its own empty ones: evaluation.inversion.words for word_k
   (wiring.attack_words), evaluation.inversion.images for the inversion objective (train.concept_latents)."""
@@ -85,8 +75,8 @@ def _evaluation_fields_trained_on(flat: dict) -> set[str]:
 def check_compatible(saved_config: dict, config: dict, workdir: str) -> None:
   """Refuses a checkpoint whose config trains something else. A field added to the config since the checkpoint
   was written (absent from it) is no change while it holds its default, which is what older runs did."""
-  saved, now = _flat(saved_config), _flat(config)
-  defaults = _flat(config_dict(config_lib.base_config()))
+  saved, now = config_lib.flatten(saved_config), config_lib.flatten(config)
+  defaults = config_lib.flatten(config_dict(config_lib.base_config()))
   as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731  tuples compare as the JSON lists they become
   added_at_default = lambda k: k not in saved and k in defaults and as_json(now.get(k)) == defaults[k]  # noqa: E731
   trained_on = _evaluation_fields_trained_on(now)

@@ -15,6 +15,7 @@ from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.data import concept_words, tfds_source
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import attacks, caption_images, fid, inversion, report_kinds
+from advunlearn_jax.training import stages
 from advunlearn_jax.unlearn import attack as attack_lib
 from advunlearn_jax.unlearn import prompts, retain, threats, trainable, wiring
 
@@ -59,6 +60,12 @@ def validate(config: ml_collections.ConfigDict) -> wiring.TrainingSections:
   _check_export(config, sections.trained)
   report_kinds.named(config.report.kind)
   _check_utility(config.evaluation)
+  first = stages.first_stage_config(config)
+  if first is not None:  # its model is this config's, so it is checked whole; the second stage differs in the model
+    try:
+      validate(first)
+    except ConfigError as e:
+      raise ConfigError(f"config.first_stage: {e}") from None
   return sections
 
 
