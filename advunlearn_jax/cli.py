@@ -60,6 +60,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except UserError as e:
     message = str(e)
   except config_lib.OVERRIDE_ERRORS as e:
+    raised_in_config_file = "Error whilst parsing config file" in str(e)  # ml_collections quotes the traceback
+    if raised_in_config_file:  # its get_config refused its argument: the exception's own line says why
+      named = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
+      print(f"error: {named}: {str(e).strip().splitlines()[-1].partition(': ')[2]}", file=sys.stderr)
+      sys.exit(EXIT_USER_ERROR)
     overrides = [a[len("--config.") :] for a in argv[1:] if a.startswith("--config.")]
     # The command's config is not at hand when its overrides fail; every config file keeps the base's sections.
     message = config_lib.override_error(e, overrides, "--config.", config_lib.base_config())

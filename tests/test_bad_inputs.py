@@ -92,6 +92,8 @@ CASES = [
   # main: the config file, every numeric range, the method's name, the workdir
   ("main", ["--config={tmp}/nope.py"], "--config={tmp}/nope.py: no such config file"),
   ("main", ["--config=configs/tiny.py", "--config.train.keep=0"], "config.train.keep must be >= 1, got 0"),
+  ("main", ["--config=configs/tiny.py:hexagon"], "tiny.py:hexagon: 'hexagon' is not a tiny-world value; known:"),
+  ("main", ["--config=configs/robust.py:vangogh"], "robust.py:vangogh: the recipe extends one of"),
   (
     "main",
     ["--config=configs/tiny_robust.py", "--config.first_stage=('train.method=noxattn', 'train.lr=0')"],

@@ -163,3 +163,23 @@ def test_typed_sections_have_no_defaults_and_hold_the_base_configs_values():
     "bank": sections.bank,
   }
   assert (t.rollout_buckets, t.rollout_rows_per_call) == (0, -1)  # the two sentinels the wiring resolves
+
+
+@pytest.mark.parametrize("base", ["nudity", "style", "object"])
+def test_the_sd_recipe_is_its_configs_first_stage_and_the_config_itself(base):
+  """configs/robust.py: the SD config as it stands over an ESD first stage (no attack), both stages valid."""
+  import importlib
+
+  from advunlearn_jax.configs import robust
+  from advunlearn_jax.training import config_validation, stages
+
+  recipe = robust.get_config(base)
+  config_validation.validate(recipe)
+  plain = importlib.import_module(f"advunlearn_jax.configs.{base}").get_config()
+  second = config_lib.flatten(stages.second_stage_config(recipe, "w").to_dict())
+  assert {k: v for k, v in second.items() if k != "model.pretrained"} == {
+    k: v for k, v in config_lib.flatten(plain.to_dict()).items() if k not in ("model.pretrained", "report.kind")
+  } | {"report.kind": ""}
+  first = stages.first_stage_config(recipe)
+  assert (first.train.method, first.train.lr, first.retain.weight) == ("noxattn", 3e-6, plain.retain.weight)
+  assert first.train.warmup_iters >= first.train.iterations  # ESD + retain: the attack never runs
