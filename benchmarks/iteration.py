@@ -11,6 +11,7 @@ one (bank_renewing). Prints ratios against the transcription and against online_
   python benchmarks/iteration.py --size=sd14 --memory_only --dtype=bfloat16 --target=v5e-8  # libtpu's, no TPU
   python benchmarks/iteration.py --size=sd21 --memory_only --dtype=bfloat16 --target=v4-32 --method=noxattn
   python benchmarks/iteration.py --size=sdxl --memory_only --dtype=bfloat16 --remat=dots --target=h200  # SDXL base
+  python benchmarks/iteration.py --size=sd14 --flops_only --modes=online --method=noxattn --warmup  # an ESD iteration
 
 With --target, the step is compiled as the trainer would run it on that machine: its mesh (sharding.fsdp_size's
 rule over the target's devices: data parallel for text-encoder methods, FSDP within a host for UNet methods),
@@ -125,6 +126,18 @@ def parse_args(argv=None):
     help="compile the JAX modes and print their memory; run nothing (UNet weights stay abstract)",
   )
   p.add_argument(
+    "--flops_only",
+    action="store_true",
+    help="count one iteration's FLOPs from the step's jaxpr, its online rollout at the rows it needs on average; "
+    "compile and run nothing (UNet weights stay abstract)",
+  )
+  p.add_argument(
+    "--warmup",
+    action="store_true",
+    help="the warm-up step instead of the attacking one: ESD + retain, no attack (an ESD run's every iteration, "
+    "e.g. a two-stage recipe's first stage)",
+  )
+  p.add_argument(
     "--target",
     default="",
     choices=("", *setups.TARGETS),
@@ -154,6 +167,10 @@ def parse_args(argv=None):
   unknown = set(args.modes) - set(MODES)
   if unknown:
     p.error(f"unknown modes {sorted(unknown)}; valid: {list(MODES)}")
+  if args.warmup and "pytorch" in args.modes:
+    p.error("--warmup: the PyTorch transcription times attacking iterations; add --no_torch")
+  if args.flops_only and args.memory_only:
+    p.error("--flops_only and --memory_only: one at a time")
   if args.target and not args.memory_only:
     p.error("--target compiles without running: it needs --memory_only")
   if args.exec_effort and not args.memory_only:
@@ -180,7 +197,8 @@ class Harness:
       self.clip_params = self.sdxl.text_tree
     else:
       self.clip_params = clip_text.init_params(self.clip_cfg, k1)
-    init = jax.eval_shape if args.memory_only else lambda f, *a: jax.jit(f)(*a)  # no 3.4 GB on the host
+    self.abstract = args.memory_only or args.flops_only
+    init = jax.eval_shape if self.abstract else lambda f, *a: jax.jit(f)(*a)  # no 3.4 GB on the host
     x, t, cond = unet_row_inputs(self)
     flat = (cond.context, cond.added) if isinstance(cond, unet_lib.SDXLCond) else (cond,)
     unet = unet_lib.UNet2DConditionModel(self.unet_cfg)
@@ -216,7 +234,7 @@ class Harness:
         tokenizer=tok_lib.load_tokenizer(),
         retain_prompts=self.retain_prompts,
       )
-    if args.memory_only:  # wired around abstract UNet weights: shapes only, no 3.4 GB on the host
+    if self.abstract:  # wired around abstract UNet weights: shapes only, no 3.4 GB on the host
       wired = {}
       self.frozen = jax.eval_shape(lambda u: wired.setdefault("w", wire(u)).frozen, self.unet_params)
       base, self.models = wired["w"].cfg, wired["w"].models
@@ -274,7 +292,7 @@ def time_jax(s: Harness, mode: str, peak: float | None) -> dict:
   batch = lambda i: step_lib.Batch(jnp.arange(args.retain_batch, dtype=jnp.int32), jax.random.key(i))
   print(f"{mode:<18}: compiling ({time.strftime('%H:%M:%S')})", flush=True)  # a timeout shows where it stopped
   t0 = time.perf_counter()
-  compiled = STEP.lower(cfg, s.models, state, s.frozen, batch(0), True).compile()
+  compiled = STEP.lower(cfg, s.models, state, s.frozen, batch(0), not args.warmup).compile()
   compile_s = time.perf_counter() - t0
   memory = compiled_gib(compiled.memory_analysis())
   state, m = compiled(state, s.frozen, batch(0))  # warm-up
@@ -291,7 +309,7 @@ def time_jax(s: Harness, mode: str, peak: float | None) -> dict:
     rollouts.append([float(m[k]) for k in ("rollout_calls", "rollout_computed_rows", "rollout_useful_rows")])
   per_it = float(np.median(times)) if every == 1 else float(np.mean(times))
   calls, computed, useful = np.mean(rollouts, axis=0)
-  rest = loss_cost(args.attack_steps, cfg.concept_batch, args.retain_batch, *s.renewal_cost(cfg))
+  rest = loss_cost(attack_steps(args), cfg.concept_batch, args.retain_batch, *s.renewal_cost(cfg))
   cost = Cost(calls + rest.calls, 2 * computed + rest.computed, 2 * useful + rest.useful)  # CFG: two rows a step
   tflops = step_flops(s, cfg, state, batch(0), 2 * computed) / per_it / 1e12  # CFG: two rows
   stats = jax.devices()[0].memory_stats() or {}
@@ -307,11 +325,45 @@ def time_jax(s: Harness, mode: str, peak: float | None) -> dict:
   return {"s_per_iter": per_it, "sequential_unet_calls": cost.calls, "flop_efficiency": cost.useful / cost.computed}
 
 
+def attack_steps(args) -> int:
+  """The attack steps the timed step takes: none in a warm-up step."""
+  return 0 if args.warmup else args.attack_steps
+
+
+def print_flops(s: Harness, points: int) -> dict:
+  """One iteration's FLOPs per JAX mode, counted from the step's jaxpr on abstract weights: the online rollout
+  at the rows its `points` need on average (t_enc uniform over the DDIM grid, timesteps.draw_timesteps: 25.5
+  CFG steps of two rows each per point), the useful rows alone (the target's batching adds its idle slots)."""
+  batch = jax.eval_shape(lambda: step_lib.Batch(jnp.arange(s.args.retain_batch, dtype=jnp.int32), jax.random.key(0)))
+  row = unet_row_flops(s)
+  results = {}
+  for mode in s.args.modes:
+    if mode == "pytorch":
+      continue
+    cfg = s.step_config(mode)
+    bank = jax.eval_shape(lambda f, cfg=cfg: s.bank(cfg, f), s.frozen) if cfg.xt_source == "bank" else None
+    state = jax.eval_shape(lambda f, b, cfg=cfg: step_lib.init_state(cfg, s.models, f, b), s.frozen, bank)
+    walk = float(np.mean(ddim.num_unet_steps(np.arange(DDIM_STEPS), DDIM_STEPS)))  # UNet steps a point walks
+    rollout_rows = 2 * walk * points if cfg.xt_source.startswith("online") else 0  # CFG: two rows a step
+    total = step_flops(s, cfg, state, batch, rollout_rows)
+    step = "warm-up (no attack)" if s.args.warmup else "attacking"
+    print(
+      f"{mode:<18}: {total / 1e12:8.2f} TFLOP per {step} iteration ({s.args.method}), {rollout_rows:.0f} rollout rows "
+      f"of {row / 1e9:.0f} GFLOP: {rollout_rows * row / total:.0%} of it",
+      flush=True,
+    )
+    results[mode] = {"tflop_per_iter": total / 1e12, "rollout_rows": rollout_rows, "unet_row_gflop": row / 1e9}
+  if s.args.json:
+    with open(s.args.json, "w") as f:
+      json.dump(results, f, indent=1)
+  return results
+
+
 def step_flops(s: Harness, cfg: step_lib.StepConfig, state, batch, rollout_rows: float) -> float:
   """One iteration's FLOPs, counted from the step's jaxpr (benchmarks/flops.py): what runs every iteration; the
   rollout's loops as the UNet rows they computed (`rollout_rows`, counted in the step), each one UNet forward; and
   the bank's renewal (the step's one cond) once every `refresh_every` iterations."""
-  parts = flops.jaxpr_parts(STEP.trace(cfg, s.models, state, s.frozen, batch, True).jaxpr.jaxpr)
+  parts = flops.jaxpr_parts(STEP.trace(cfg, s.models, state, s.frozen, batch, not s.args.warmup).jaxpr.jaxpr)
   if len(parts.branches) > (cfg.xt_source == "bank"):
     raise ValueError(f"the step holds {len(parts.branches)} conds with matmuls; only the bank's renewal was expected")
   renewal = max(parts.branches[0]) / cfg.bank.refresh_every if parts.branches else 0.0
@@ -380,7 +432,7 @@ def main(argv=None):
     f"(weights and wiring: {time.perf_counter() - start:.1f} s)",
     flush=True,
   )
-  rows = args.attack_steps + 1 + args.retain_batch
+  rows = attack_steps(args) + 1 + args.retain_batch
   batching = (
     f"{s.base.rollout_rows_per_call} slots (points walking per UNet call)"
     if s.base.rollout_rows_per_call
@@ -392,6 +444,8 @@ def main(argv=None):
     f"{s.renewal.refresh_every} iterations",
     flush=True,
   )
+  if args.flops_only:
+    return print_flops(s, rows)
   if args.memory_only:
     memory = print_memory(s)
     if args.json:
@@ -467,7 +521,7 @@ def print_memory(s: Harness):
       state = wiring.lay_out_state(state, mesh, abstract=True)
       batch = sharding.abstract(batch, mesh, sharded=False)
     t0 = time.perf_counter()
-    lowered = STEP.lower(cfg, s.models, state, frozen, batch, True)
+    lowered = STEP.lower(cfg, s.models, state, frozen, batch, not s.args.warmup)
     options = dict(setups.DEVICELESS_COMPILER_OPTIONS) if target in setups.GPU_TARGETS else {}
     if s.args.exec_effort:
       options["exec_time_optimization_effort"] = s.args.exec_effort

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -216,6 +217,29 @@ def test_a_second_stage_holds_its_first_as_mains_first_stage_and_adds_its_second
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
   seconds = erasure_tiny.steady_train_seconds(str(workdir), config)
   assert seconds == pytest.approx(0.5 * first.train.iterations + 2.0 * config.train.iterations)
+
+
+def test_iteration_flops_of_a_warm_up_and_an_attacking_step_without_compiling(tmp_path):
+  """--flops_only: the step's jaxpr on abstract weights, the online rollout at the rows its points walk on average
+  (t_enc as timesteps.draw_timesteps draws it); --warmup counts an ESD iteration (no attack points, no search)."""
+  from advunlearn_jax.diffusion import ddim
+  from advunlearn_jax.unlearn import timesteps
+  from benchmarks import iteration
+
+  draws = jax.vmap(lambda k: timesteps.draw_timesteps(k).t_enc)(jax.random.split(jax.random.key(0), 20000))
+  walk = float(np.mean(ddim.num_unet_steps(np.asarray(draws))))
+  assert walk == pytest.approx(25.48, abs=0.15)  # the exact mean over the grid, as print_flops takes it
+  common = ["--size=micro", "--attack_steps=3", "--retain_batch=2", "--no_torch", "--flops_only"]
+  attacking = iteration.main([*common, "--modes=online,bank"])
+  warmup = iteration.main([*common, "--modes=online", "--warmup"])
+  esd = iteration.main([*common, "--modes=online", "--warmup", "--method=noxattn"])
+  assert attacking["online"]["rollout_rows"] == pytest.approx(2 * 25.48 * (3 + 1 + 2))
+  assert warmup["online"]["rollout_rows"] == esd["online"]["rollout_rows"] == pytest.approx(2 * 25.48 * (1 + 2))
+  assert attacking["bank"]["rollout_rows"] == 0 < attacking["bank"]["tflop_per_iter"]
+  # Twice the points (3 attack points beside the defender's 3) and the search: nearly twice the warm-up's FLOPs;
+  # training the UNet adds its weight gradients to the same passes.
+  assert attacking["online"]["tflop_per_iter"] > 1.8 * warmup["online"]["tflop_per_iter"]
+  assert esd["online"]["tflop_per_iter"] > warmup["online"]["tflop_per_iter"]
 
 
 @pytest.mark.bench
