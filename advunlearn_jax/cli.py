@@ -60,10 +60,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except UserError as e:
     message = str(e)
   except config_lib.OVERRIDE_ERRORS as e:
-    raised_in_config_file = "Error whilst parsing config file" in str(e)  # ml_collections quotes the traceback
-    if raised_in_config_file:  # its get_config refused its argument: the exception's own line says why
+    refused = _user_error_in(e)  # a config file's get_config refused its argument (ml_collections quotes the
+    if refused is not None:  # traceback, which a bug in the file keeps: only a UserError is the user's to fix)
       named = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
-      print(f"error: {named}: {str(e).strip().splitlines()[-1].partition(': ')[2]}", file=sys.stderr)
+      print(f"error: {named}: {refused}", file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
     overrides = [a[len("--config.") :] for a in argv[1:] if a.startswith("--config.")]
     # The command's config is not at hand when its overrides fail; every config file keeps the base's sections.
@@ -71,6 +71,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     message = message or f"{e} (--helpfull lists the flags)"
   print(f"error: {message}", file=sys.stderr)
   sys.exit(EXIT_USER_ERROR)
+
+
+def _user_error_in(error: BaseException | None) -> UserError | None:
+  """The first UserError raised on the way to `error` (the deepest of its __context__ chain), if any:
+  ml_collections re-raises a config file's exception as the same type holding the quoted traceback."""
+  found = None
+  while error is not None:
+    found = error if isinstance(error, UserError) else found
+    error = error.__context__
+  return found
 
 
 SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")

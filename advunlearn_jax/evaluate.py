@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from advunlearn_jax import cli, compile_cache
+from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import evaluation
 from advunlearn_jax.evals import report as report_lib
 from advunlearn_jax.training import config_validation, workdir_lock
@@ -42,6 +43,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   config_validation.validate(config)
+  if config.first_stage and _TEXT_ENCODER.value:  # over model.pretrained's UNet: a model the recipe never made
+    raise ConfigError(
+      "--text_encoder with config.first_stage: a two-stage recipe's text encoder goes with its first stage's UNet; "
+      "evaluate its whole --pipeline=WORKDIR/pipeline"
+    )
   cli.check_output_folder(_OUT.value, "out")
   os.makedirs(_OUT.value, exist_ok=True)
   # One evaluation per --out, as one run per workdir: two would write one report from two models' images.

@@ -77,6 +77,14 @@ DEFENCES = {
     "UnlearnDiffAtk: does each stage cover the other's gap?",
     after="esd_u_lr3e-4",
   ),
+  "esd_u_batch15_then_advunlearn_batch15": Variant(
+    "advunlearn",
+    ("retain.batch=15",),
+    "esd_u_batch15's UNet, then AdvUnlearn on the text encoder over it, both with 15 retain prompts a step",
+    "on the style the gentle UNet erasure left 11/24 unattacked and CCE 22/24 after both stages; 15 retain prompts "
+    "a step let the paper's rate erase (2/24 unattacked) at 27/36 retained: do both stages keep that?",
+    after="esd_u_batch15",
+  ),
   "at_u_word_both": Variant(
     "advunlearn",
     ("train.method=noxattn", "attack.type=word_k", "attack.objective=both"),

@@ -94,6 +94,7 @@ CASES = [
   ("main", ["--config=configs/tiny.py", "--config.train.keep=0"], "config.train.keep must be >= 1, got 0"),
   ("main", ["--config=configs/tiny.py:hexagon"], "tiny.py:hexagon: 'hexagon' is not a tiny-world value; known:"),
   ("main", ["--config=configs/robust.py:vangogh"], "robust.py:vangogh: the recipe extends one of"),
+  ("evaluate", ["--config=configs/tiny_robust.py", "--out={tmp}/out", "--text_encoder={tmp}"], "evaluate its whole"),
   (
     "main",
     ["--config=configs/tiny_robust.py", "--config.first_stage=('train.method=noxattn', 'train.lr=0')"],

@@ -281,6 +281,8 @@ def test_workdir_from_another_config_is_refused(pipeline_dir, tmp_path):
     (["first_stage=('train.lr 1',)"], r"config.first_stage\[0\] = 'train.lr 1' is no section.field=value"),
     (["first_stage=('model.pretrained=tiny',)"], "model.pretrained belongs to the whole recipe, not a stage"),
     (["first_stage=('report.kind=tiny_world',)"], "report.kind belongs to the whole recipe"),
+    (["first_stage=('train.method=xattn',)", "stereo.enabled=true"], "STEREO runs its own stages"),
+    (["first_stage=('train.method=xattn',)", "export.reference_checkpoint=true"], "the reference's TextEncoder"),
   ],
 )
 def test_bad_config_values(pipeline_dir, tmp_path, overrides, message):
@@ -338,21 +340,25 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
 
 def test_a_two_stage_recipe_trains_its_second_stage_over_the_first(pipeline_dir, tmp_path, monkeypatch):
   """config.first_stage: the UNet run above (its compiled steps), then the text encoder over its exported pipeline;
-  the recipe's report compares the final pipeline with model.pretrained, and a rerun trains nothing."""
+  the recipe's report compares the final pipeline with model.pretrained. A rerun trains nothing, a moved workdir
+  resumes and exports over its own first stage, and a changed first stage is refused before it trains."""
   from advunlearn_jax.convert import diffusers as sd_convert
   from advunlearn_jax.evals import report_kinds
-  from advunlearn_jax.training import checkpoint
+  from advunlearn_jax.training import checkpoint, hub, run_exports
 
   reports = []
   monkeypatch.setattr(
     report_kinds.TinyWorld, "after_run", lambda c, w, p: reports.append((c.model.pretrained, w, p)) or None
   )
   first = "('train.method=xattn', 'train.iterations=3')"
-  config = tiny_config(pipeline_dir, f"first_stage={first}", "report.kind=tiny_world")
+  config = tiny_config(pipeline_dir, f"first_stage={first}", "report.kind=tiny_world", "export.every=2")
   workdir = str(tmp_path / "robust")
   summary = run(config, workdir)
   stage = os.path.join(workdir, "first_stage")
-  assert sorted(os.listdir(os.path.join(stage, "checkpoints"))) == ["2", "3"]  # the first stage's own iterations
+  # The first stage's own iterations, and no numbered exports: only the recipe's result is exported along the way.
+  assert sorted(os.listdir(os.path.join(stage, "checkpoints"))) == ["2", "3"] and not os.path.exists(
+    os.path.join(stage, "exports")
+  )
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   # Its UNet is the first stage's, bit for bit; its text encoder is the second stage's, trained from the original.
   _, erased = sd_convert.load_unet(os.path.join(stage, "unet"))
@@ -365,15 +371,35 @@ def test_a_two_stage_recipe_trains_its_second_stage_over_the_first(pipeline_dir,
   _, original_encoder = clip_convert.load_clip_text(os.path.join(pipeline_dir, "text_encoder"))
   jax.tree.map(np.testing.assert_array_equal, first_encoder, original_encoder)
   assert not jax.tree.all(jax.tree.map(np.array_equal, encoder, original_encoder))
-  saved = checkpoint.latest_readable(workdir)[1]["config"]
-  assert saved["model"]["pretrained"] == os.path.join(stage, "pipeline") and saved["first_stage"] == []
+  # The second stage's checkpoints hold the whole recipe; its base is found from where the workdir is.
+  saved = checkpoint.latest_meta(workdir)["config"]
+  assert saved["model"]["pretrained"] == pipeline_dir and saved["first_stage"] == list(config.first_stage)
   assert reports == [(pipeline_dir, workdir, summary["pipeline"])]  # once, for the whole recipe
-  # A rerun resumes both finished stages: nothing trains or compiles, nothing is logged again.
+  # A rerun, then one from the moved workdir: both finished stages resume, nothing trains, compiles or is logged.
   compiled = wiring.train_step._cache_size()
   logged = [open(os.path.join(d, "metrics.jsonl")).read() for d in (stage, workdir)]
   run(config, workdir)
+  moved = str(tmp_path / "moved")
+  os.rename(workdir, moved)
+  run(config, moved)
   assert wiring.train_step._cache_size() == compiled
-  assert [open(os.path.join(d, "metrics.jsonl")).read() for d in (stage, workdir)] == logged
+  assert [open(os.path.join(d, "metrics.jsonl")).read() for d in (os.path.join(moved, "first_stage"), moved)] == logged
+  exported = run_exports.export_latest(moved, str(tmp_path / "exported"))
+  _, again = sd_convert.load_unet(os.path.join(exported["pipeline"], "unet"))
+  jax.tree.map(np.testing.assert_array_equal, again, erased)
+  # What would separate the text encoder from its UNet is refused: the reference's .pt, a Hub folder.
+  for export in (
+    lambda: run_exports.export_latest(moved, str(tmp_path / "ref"), fmt="reference"),
+    lambda: hub.write_folder(str(tmp_path / "hub"), moved, license_id="mit"),
+  ):
+    with pytest.raises(ConfigError, match="trained its text encoder over its first stage's UNet"):
+      export()
+  # A changed first stage, once the second has begun over the old one: refused before anything trains.
+  before = sorted(os.listdir(os.path.join(moved, "first_stage", "checkpoints")))
+  changed = tiny_config(pipeline_dir, "first_stage=('train.method=xattn', 'train.iterations=4')")
+  with pytest.raises(ConfigError, match=r"different config \(first_stage: "):
+    run(changed, moved)
+  assert sorted(os.listdir(os.path.join(moved, "first_stage", "checkpoints"))) == before
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ on the tiny world it holds for the shapes and not for the style (docs/results.md
 
 import importlib
 
+from advunlearn_jax.errors import ConfigError
+
 FIRST_STAGE = (
   "train.method=noxattn",
   "train.lr=3e-6",
@@ -30,7 +32,7 @@ BASES = ("nudity", "style", "object")
 
 def get_config(base: str = "style"):
   if base not in BASES:
-    raise ValueError(f"configs/robust.py:{base}: the recipe extends one of {list(BASES)}")
+    raise ConfigError(f"the recipe extends one of {list(BASES)}, not {base!r}")
   c = importlib.import_module(f"advunlearn_jax.configs.{base}").get_config()
   c.first_stage = FIRST_STAGE
   return c

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from advunlearn_jax.errors import ConfigError
+
 SIZE = 32
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -185,7 +187,7 @@ def attribute_of(value: str) -> tuple[str, int]:
   for kind, values in ATTRIBUTE_TYPES.items():
     if value in values:
       return kind, values.index(value)
-  raise ValueError(f"{value!r} is not a tiny-world value; known: {ATTRIBUTE_TYPES}")
+  raise ConfigError(f"{value!r} is not a tiny-world value; known: {ATTRIBUTE_TYPES}")
 
 
 def attribute_prompts(kind: str, value: int, n: int) -> list[str]:

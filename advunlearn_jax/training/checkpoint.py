@@ -184,6 +184,21 @@ def config_dict(config) -> dict:
   return json.loads(config.to_json())
 
 
+def latest_meta(workdir: str) -> dict | None:
+  """The meta (the run's config among it) of `workdir`'s latest checkpoint whose meta reads back, without its
+  state; None when there is none."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    return None
+  mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir))
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # a damaged one: the run's own restore names it and sets it aside
+      continue
+  return None
+
+
 def latest_readable(workdir: str, log=print) -> tuple[int, dict, dict]:
   """(step, meta, trained leaves {path: array} on the host) of a workdir's latest checkpoint that reads back
   whole and finite, for readers that are not the run (export). A damaged or non-finite later one is named and

@@ -111,6 +111,11 @@ def _check_retain(config: ml_collections.ConfigDict) -> None:
 def _check_export(config: ml_collections.ConfigDict, trained: trainable.Trained) -> None:
   if not config.export.reference_checkpoint:
     return
+  if config.first_stage:
+    raise ConfigError(
+      "config.export.reference_checkpoint: a two-stage run (config.first_stage) trains its text encoder over its "
+      "first stage's UNet; the reference's TextEncoder-*.pt would hold the encoder without it"
+    )
   if trained.tower != "text_encoder":
     raise ConfigError(
       f"config.export.reference_checkpoint: train.method={config.train.method!r} trains the UNet; the reference's "

@@ -59,6 +59,10 @@ def write_folder(
         f"{workdir}: --hub_dir: the run trained SDXL's text towers; the Hub card is written for SD pipelines. "
         "Export with --out (both towers and a StableDiffusionXLPipeline folder)"
       )
+    if run.config.first_stage:  # the card says the rest of the pipeline is the base model's
+      raise ConfigError(
+        f"{workdir}: --hub_dir: {run_exports.TWO_STAGES_NEED_THEIR_UNET}; export it with --out and share that folder"
+      )
     license_id = licence_of(run.config.model.pretrained, license_id)
     card = model_card(run, license_id, report)
     # A clone's git data stays; the lock moves into the new folder with it.

@@ -28,10 +28,15 @@ from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.models.pipeline_record import Pipeline, SDXLPipeline
-from advunlearn_jax.training import checkpoint, workdir_lock
+from advunlearn_jax.training import checkpoint, stages, workdir_lock
 from advunlearn_jax.unlearn import trainable
 
 FORMATS = ("diffusers", "reference")
+# Why a two-stage run's text encoder is not exported alone (the reference's .pt, a Hub folder of the text encoder).
+TWO_STAGES_NEED_THEIR_UNET = (
+  "a two-stage run (config.first_stage) trained its text encoder over its first stage's UNet, and the two go "
+  "together: its result is the whole pipeline, WORKDIR/pipeline"
+)
 # Written into every folder the export command writes (export_latest, hub.write_folder): what lets a later export
 # replace it. A folder without it is the user's, and an export refuses to write into it unless it is empty.
 MARKER = ".advunlearn_export"
@@ -198,11 +203,12 @@ class Latest(NamedTuple):
 
 def latest(workdir: str, pretrained: str | None = None) -> Latest:
   """The latest checkpoint that reads back whole (damaged ones are named and skipped, as a resumed run does),
-  merged into its base pipeline's tower; `pretrained` overrides the base the run used."""
+  merged into its base pipeline's tower (a two-stage run's: its first stage's, stages.base_root); `pretrained`
+  overrides the base the run used."""
   step, meta, trained_leaves = checkpoint.latest_readable(workdir)
   config = ml_collections.ConfigDict(meta["config"])
   method = trainable.Trained.from_config(config.train)
-  root = sd_convert.resolve_pretrained(pretrained or config.model.pretrained)
+  root = sd_convert.resolve_pretrained(pretrained) if pretrained else stages.base_root(config, workdir)
   pipe = sd_convert.load_either(root, with_vae=False)
   original = method.of(pipe.text_tree, pipe.unet_params)
   params = trainable.merge(trained_leaves, trainable.split(original, method.mask(original))[1])
@@ -239,5 +245,7 @@ def reference_checkpoint(run: Latest, out: str, workdir: str) -> str:
       f"{workdir}: --format=reference: train.method={run.trained.method!r} trains the UNet; the reference's "
       "TextEncoder-*.pt holds a text encoder (--format=diffusers writes OUT/unet and OUT/pipeline)"
     )
+  if run.config.first_stage:
+    raise ConfigError(f"{workdir}: --format=reference: {TWO_STAGES_NEED_THEIR_UNET} (--format=diffusers writes it)")
   name = clip_convert.reference_checkpoint_name(run.trained.method, run.step - 1)
   return clip_convert.export_reference_checkpoint(run.pipe.text_config, run.params, os.path.join(out, name))

@@ -27,41 +27,35 @@ def run(
   {"stopped_at", "workdir", "signal"} and writes no report. The run uses the typed `sections` that
   config_validation.validate(config) built: a caller that checked the config before any work (main, population,
   the notebook) hands them over; without them the whole config is checked here, once either way."""
-  if config.first_stage:  # two runs (training/stages.py), then the recipe's report against model.pretrained
-    kwargs = dict(devices=devices, preemption=preemption, show_progress=show_progress)
-    if sections is None:
-      config_validation.validate(config)  # both stages, before the first trains
-    distributed.announce(f"first stage ({', '.join(config.first_stage)}) in {stages.first_stage_dir(workdir)}")
-    first = run(stages.first_stage_config(config), stages.first_stage_dir(workdir), **kwargs)
-    if "stopped_at" in first:
-      return first
-    distributed.sync("first_stage_exported")  # process 0 exported it; every process loads it next
-    distributed.announce(f"second stage over {stages.first_stage_dir(workdir)}/pipeline")
-    result = run(stages.second_stage_config(config, workdir), workdir, **kwargs)
-    if "stopped_at" in result or not distributed.is_primary():
-      return result
-    return _with_report(config, workdir, result)
+  if sections is None:
+    sections = config_validation.validate(config)
   if config.stereo.enabled:  # STEREO's own two stages (training/stereo_runs.py), then the same report
     train.check_sdxl_run(config, sd_convert.resolve_pretrained(config.model.pretrained))
     from advunlearn_jax.training import stereo_runs
 
     return _with_report(config, workdir, stereo_runs.run(config, workdir, show_progress=show_progress))
-  if sections is None:
-    sections = config_validation.validate(config)
-  primary = distributed.is_primary()
-  export = run_exports.RunExports(config, workdir, enabled=primary)
-  result = train.run(
-    config,
-    workdir,
-    sections=sections,
-    devices=devices,
-    preemption=preemption,
-    show_progress=show_progress,
-    export=export,
-  )
-  if "stopped_at" in result or not primary:
+  kwargs = dict(devices=devices, preemption=preemption, show_progress=show_progress)
+  if config.first_stage:  # two runs (training/stages.py), then the recipe's report against model.pretrained
+    second = stages.second_stage_config(config)
+    if not stages.second_stage_begun(second, workdir):
+      first_dir = stages.first_stage_dir(workdir)
+      distributed.announce(f"first stage ({', '.join(config.first_stage)}) in {first_dir}")
+      first = run(stages.first_stage_config(config), first_dir, **kwargs)
+      if "stopped_at" in first:
+        return first
+      distributed.sync("first_stage_exported")  # process 0 exported it; every process loads it next
+    distributed.announce(f"second stage over {stages.base_root(config, workdir)}")
+    result = _trained(second, workdir, sections, **kwargs)
+  else:
+    result = _trained(config, workdir, sections, **kwargs)
+  if "stopped_at" in result or not distributed.is_primary():
     return result
   return _with_report(config, workdir, result)
+
+
+def _trained(config: ml_collections.ConfigDict, workdir: str, sections: wiring.TrainingSections, **kwargs) -> dict:
+  export = run_exports.RunExports(config, workdir, enabled=distributed.is_primary())
+  return train.run(config, workdir, sections=sections, export=export, **kwargs)
 
 
 def _with_report(config: ml_collections.ConfigDict, workdir: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from advunlearn_jax.data import tokenizer as tok_lib
 from advunlearn_jax.diffusion import generation
 from advunlearn_jax.errors import ConfigError, TrainingDiverged
 from advunlearn_jax.models.pipeline_record import Pipeline, SDXLPipeline
-from advunlearn_jax.training import checkpoint, distributed, loss_plot, metrics_writer, preview, workdir_lock
+from advunlearn_jax.training import checkpoint, distributed, loss_plot, metrics_writer, preview, stages, workdir_lock
 from advunlearn_jax.training.run_exports import Snapshot
 from advunlearn_jax.unlearn import bank as bank_lib
 from advunlearn_jax.unlearn import retain, threats, wiring
@@ -124,7 +124,7 @@ def run(
   os.makedirs(workdir, exist_ok=True)
   # One run per workdir (process 0 of a multi-host run holds it for all): a second one refuses before any work.
   with workdir_lock.WorkdirLock(workdir, enabled=distributed.is_primary()):
-    setup = set_up(config, sections, devices)
+    setup = set_up(config, sections, devices, root=stages.base_root(config, workdir))
     mngr = checkpoint.manager(workdir, config.train.keep)
     try:
       progress = restore_or_start(config, setup, mngr, workdir)
@@ -137,9 +137,15 @@ def run(
     return finish(config, setup, workdir, progress.state, start, export)
 
 
-def set_up(config: ml_collections.ConfigDict, sections: wiring.TrainingSections, devices: list | None = None) -> Setup:
+def set_up(
+  config: ml_collections.ConfigDict,
+  sections: wiring.TrainingSections,
+  devices: list | None = None,
+  root: str | None = None,
+) -> Setup:
+  """`root`: the folder the weights come from (stages.base_root); default model.pretrained's."""
   retain_prompts = retain.from_config(config)
-  root = sd_convert.resolve_pretrained(config.model.pretrained)
+  root = root or sd_convert.resolve_pretrained(config.model.pretrained)
   check_sdxl_run(config, root)  # before any weights are read
   with_previews = config.samples.every > 0 and os.path.isdir(os.path.join(root, "vae"))
   members = threats.member_configs(config)
