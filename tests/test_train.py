@@ -338,6 +338,7 @@ def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
     run(tiny_config(pipeline_dir, "train.method=xattn", "train.xt_source=bank"), str(tmp_path / "b"))
 
 
+@pytest.mark.slow  # beside the UNet run above: its first stage loads that run's compiled steps from the suite's cache
 def test_a_two_stage_recipe_trains_its_second_stage_over_the_first(pipeline_dir, tmp_path, monkeypatch):
   """config.first_stage: the UNet run above (its compiled steps), then the text encoder over its exported pipeline;
   the recipe's report compares the final pipeline with model.pretrained. A rerun trains nothing, a moved workdir
