@@ -8,7 +8,8 @@ with one change, on the faithful path (online rollouts): `esd` is the paper's ES
 cross-attention, no attack, no retain term); `advunlearn` is AdvUnlearn on the text encoder; `esd_text_retain` is
 the same text-encoder run as AdvUnlearn without its attack (warm-up covers every iteration), the controlled
 comparison this table used to make; `bank` AdvUnlearn on the renewing trajectory bank; `stereo` STEREO as its
-authors run it (configs/tiny_stereo.py, docs/training.md). Every model is attacked on the same cases (the
+authors run it (configs/tiny_stereo.py, docs/training.md); `robust` issue 49's two-stage recipe as shipped
+(configs/tiny_robust.py: ESD on the UNet, then AdvUnlearn over it). Every model is attacked on the same cases (the
 concept's evaluation prompts, each at as many seeds as --prompts needs) by UnlearnDiffAtk and by the published
 concept inversion (CCE) checkpointed at --inversion_budgets steps; retain accuracy is the judge's recognition of
 the other values of the concept's attribute. Then the plug-and-play check: the tiny UNet is fine-tuned further with its
@@ -43,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import configs.tiny as tiny_config  # noqa: E402
+import configs.tiny_robust as tiny_robust_config  # noqa: E402
 import configs.tiny_stereo as tiny_stereo_config  # noqa: E402
 from advunlearn_jax import config_lib, rates  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
@@ -67,6 +69,8 @@ METHODS = {
   "esd_text_retain": Row("esd", FAITHFUL),
   "bank": Row("advunlearn", ("train.xt_source=bank",)),
   "stereo": Row("stereo", (), tiny_stereo_config),
+  # Issue 49's recipe as shipped: two stages (config.first_stage), --iterations shortening the second alone.
+  "robust": Row("advunlearn", (), tiny_robust_config),
 }
 TEXT_ROWS = ("advunlearn", "esd_text_retain", "bank")  # what can be plugged into another UNet
 OUT = os.path.join(ROOT, "benchmarks", "results", "tiny_tables")  # shared with ablations_tiny.py
