@@ -232,14 +232,11 @@ def test_iteration_flops_of_a_warm_up_and_an_attacking_step_without_compiling(tm
   assert walk == pytest.approx(25.48, abs=0.15)  # the exact mean over the grid, as print_flops takes it
   common = ["--size=micro", "--attack_steps=3", "--retain_batch=2", "--no_torch", "--flops_only"]
   attacking = iteration.main([*common, "--modes=online"])
-  warmup = iteration.main([*common, "--modes=online", "--warmup"])
   esd = iteration.main([*common, "--modes=online", "--warmup", "--method=noxattn"])
   assert attacking["online"]["rollout_rows"] == pytest.approx(2 * 25.48 * (3 + 1 + 2))
-  assert warmup["online"]["rollout_rows"] == esd["online"]["rollout_rows"] == pytest.approx(2 * 25.48 * (1 + 2))
-  # Twice the points (3 attack points beside the defender's 3) and the search: nearly twice the warm-up's FLOPs;
-  # training the UNet adds its weight gradients to the same passes.
-  assert attacking["online"]["tflop_per_iter"] > 1.8 * warmup["online"]["tflop_per_iter"]
-  assert esd["online"]["tflop_per_iter"] > warmup["online"]["tflop_per_iter"]
+  assert esd["online"]["rollout_rows"] == pytest.approx(2 * 25.48 * (1 + 2))  # no attack points
+  # Twice the points and the search, against the UNet's weight gradients: the attacking step costs more.
+  assert attacking["online"]["tflop_per_iter"] > 1.5 * esd["online"]["tflop_per_iter"]
 
 
 @pytest.mark.bench

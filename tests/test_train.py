@@ -315,34 +315,12 @@ def test_bad_retain_csv_and_concepts(pipeline_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_unet_method_trains_only_its_layers(pipeline_dir, tmp_path):
-  """ESD-x style baseline: cross-attention of the UNet trained online, the text encoder untouched."""
-  from advunlearn_jax.convert import diffusers as sd_convert
-
-  summary = run(tiny_config(pipeline_dir, "train.method=xattn", "train.iterations=3"), str(tmp_path))
-  _, trained = sd_convert.load_unet(summary["unet"])
-  _, original = sd_convert.load_unet(os.path.join(pipeline_dir, "unet"))
-  flat_t, flat_o = (dict(jax.tree_util.tree_leaves_with_path(p)) for p in (trained, original))
-  changed = {jax.tree_util.keystr(k) for k in flat_t if np.any(flat_t[k] != flat_o[k])}
-  assert changed and all("attn2" in name for name in changed)
-  # `export` of a UNet run writes what the run's own export wrote; the reference's .pt holds text encoders only.
-  from advunlearn_jax.training import run_exports
-
-  exported = run_exports.export_latest(str(tmp_path), str(tmp_path / "exported"))
-  _, again = sd_convert.load_unet(exported["unet"])
-  assert jax.tree.all(jax.tree.map(np.array_equal, again, trained))
-  assert os.path.isfile(os.path.join(exported["pipeline"], "unet", "config.json"))
-  with pytest.raises(ConfigError, match="trains the UNet; the reference's"):
-    run_exports.export_latest(str(tmp_path), str(tmp_path / "ref"), fmt="reference")
-  with pytest.raises(ConfigError, match="cannot be precomputed"):
-    run(tiny_config(pipeline_dir, "train.method=xattn", "train.xt_source=bank"), str(tmp_path / "b"))
-
-
-@pytest.mark.slow  # beside the UNet run above: its first stage loads that run's compiled steps from the suite's cache
-def test_a_two_stage_recipe_trains_its_second_stage_over_the_first(pipeline_dir, tmp_path, monkeypatch):
-  """config.first_stage: the UNet run above (its compiled steps), then the text encoder over its exported pipeline;
-  the recipe's report compares the final pipeline with model.pretrained. A rerun trains nothing, a moved workdir
-  resumes and exports over its own first stage, and a changed first stage is refused before it trains."""
+def test_a_unet_run_trains_only_its_layers_and_a_second_stage_trains_over_it(pipeline_dir, tmp_path, monkeypatch):
+  """The first stage: an ESD-x style baseline, the UNet's cross-attention trained online, the text encoder
+  untouched, exported as a UNet run is. Then config.first_stage's second stage, the text encoder over that
+  exported pipeline; the recipe's report compares the final pipeline with model.pretrained. A rerun trains
+  nothing, a moved workdir resumes and exports over its own first stage, and a changed first stage is refused
+  before it trains."""
   from advunlearn_jax.convert import diffusers as sd_convert
   from advunlearn_jax.evals import report_kinds
   from advunlearn_jax.training import checkpoint, hub, run_exports
@@ -366,7 +344,18 @@ def test_a_two_stage_recipe_trains_its_second_stage_over_the_first(pipeline_dir,
   _, final_unet = sd_convert.load_unet(os.path.join(summary["pipeline"], "unet"))
   _, original_unet = sd_convert.load_unet(os.path.join(pipeline_dir, "unet"))
   jax.tree.map(np.testing.assert_array_equal, final_unet, erased)
-  assert not jax.tree.all(jax.tree.map(np.array_equal, erased, original_unet))
+  flat_t, flat_o = (dict(jax.tree_util.tree_leaves_with_path(p)) for p in (erased, original_unet))
+  changed = {jax.tree_util.keystr(k) for k in flat_t if np.any(flat_t[k] != flat_o[k])}
+  assert changed and all("attn2" in name for name in changed)  # the first stage trained only its layers
+  # `export` of the UNet run writes what the run's own export wrote; the reference's .pt holds text encoders only.
+  exported = run_exports.export_latest(stage, str(tmp_path / "first_exported"))
+  _, again = sd_convert.load_unet(exported["unet"])
+  jax.tree.map(np.testing.assert_array_equal, again, erased)
+  assert os.path.isfile(os.path.join(exported["pipeline"], "unet", "config.json"))
+  with pytest.raises(ConfigError, match="trains the UNet; the reference's"):
+    run_exports.export_latest(stage, str(tmp_path / "first_ref"), fmt="reference")
+  with pytest.raises(ConfigError, match="cannot be precomputed"):
+    run(tiny_config(pipeline_dir, "train.method=xattn", "train.xt_source=bank"), str(tmp_path / "b"))
   _, encoder = clip_convert.load_clip_text(summary["text_encoder"])
   _, first_encoder = clip_convert.load_clip_text(os.path.join(stage, "pipeline", "text_encoder"))
   _, original_encoder = clip_convert.load_clip_text(os.path.join(pipeline_dir, "text_encoder"))
