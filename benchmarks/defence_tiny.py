@@ -82,8 +82,24 @@ DEFENCES = {
     ("retain.batch=15",),
     "esd_u_batch15's UNet, then AdvUnlearn on the text encoder over it, both with 15 retain prompts a step",
     "on the style the gentle UNet erasure left 11/24 unattacked and CCE 22/24 after both stages; 15 retain prompts "
-    "a step let the paper's rate erase (2/24 unattacked) at 27/36 retained: do both stages keep that?",
+    "a step let the paper's rate erase (2/24 unattacked) at 27/36 retained: do both stages keep that? (striped: "
+    "CCE 12/24, retain 24/36)",
     after="esd_u_batch15",
+  ),
+  "esd_u_batch15_then_advunlearn_retain8": Variant(
+    "advunlearn",
+    ("retain.batch=15", "retain.weight=8.0"),
+    "esd_u_batch15's UNet, then AdvUnlearn over it with 15 retain prompts a step at twice the weight",
+    "with 15 retain prompts in both stages the style kept 24/36 (the text-encoder stage took 3) and CCE broke "
+    "12/24: does a heavier retain term in the second stage give the textures back without giving CCE more?",
+    after="esd_u_batch15",
+  ),
+  "at_u_batch15": Variant(
+    "advunlearn",
+    ("train.method=noxattn", "retain.batch=15"),
+    "UNet (no cross-attention), AdvUnlearn's prefix attack, retain 4 over 15 prompts a step",
+    "AdvUnlearn on the UNet held the style's CCE to 4/24 but kept 22/36 of the textures; 15 retain prompts a step "
+    "took ESD on the UNet from 23/36 to 27/36: do they do the same for the adversarially trained UNet?",
   ),
   "at_u_word_both": Variant(
     "advunlearn",
