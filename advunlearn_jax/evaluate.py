@@ -43,10 +43,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   config_validation.validate(config)
-  if config.first_stage and _TEXT_ENCODER.value:  # over model.pretrained's UNet: a model the recipe never made
-    raise ConfigError(
+  if config.first_stage and _TEXT_ENCODER.value and not _PIPELINE.value:  # over model.pretrained's UNet: a model
+    raise ConfigError(  # the recipe never made
       "--text_encoder with config.first_stage: a two-stage recipe's text encoder goes with its first stage's UNet; "
-      "evaluate its whole --pipeline=WORKDIR/pipeline"
+      "evaluate its whole --pipeline=WORKDIR/pipeline, or a numbered export's text encoder with "
+      "--pipeline=WORKDIR/first_stage/pipeline"
     )
   cli.check_output_folder(_OUT.value, "out")
   os.makedirs(_OUT.value, exist_ok=True)

@@ -392,6 +392,27 @@ def test_a_unet_run_trains_only_its_layers_and_a_second_stage_trains_over_it(pip
   assert sorted(os.listdir(os.path.join(moved, "first_stage", "checkpoints"))) == before
 
 
+def test_a_begun_second_stage_refuses_a_first_stage_asked_for_other_iterations(pipeline_dir, tmp_path, monkeypatch):
+  """train.iterations is resumable, so a first stage that sets none of its own follows the recipe's; once the
+  second stage has trained over it, asking the first for more is refused (its checkpoints' metas stand in)."""
+  from advunlearn_jax.training import checkpoint, stages
+
+  config = tiny_config(pipeline_dir, "first_stage=('train.method=xattn',)")
+  workdir = str(tmp_path / "w")
+  os.makedirs(os.path.join(stages.first_stage_dir(workdir), "pipeline"))
+  open(os.path.join(stages.first_stage_dir(workdir), "pipeline", "model_index.json"), "w").close()
+  metas = {
+    workdir: {"config": checkpoint.config_dict(stages.second_stage_config(config))},
+    stages.first_stage_dir(workdir): {"config": checkpoint.config_dict(stages.first_stage_config(config))},
+  }
+  monkeypatch.setattr(checkpoint, "latest_meta", metas.get)
+  assert stages.second_stage_begun(stages.second_stage_config(config), workdir)
+  longer = stages.second_stage_config(config_lib.override(config, ["train.iterations=6"]))
+  with pytest.raises(ConfigError, match="trained 4 iterations and the recipe now asks 6"):
+    stages.second_stage_begun(longer, workdir)
+  assert not stages.second_stage_begun(stages.second_stage_config(config), str(tmp_path / "fresh"))
+
+
 @pytest.mark.slow
 def test_renewing_bank_run_resumes_with_its_bank(pipeline_dir, tmp_path):
   """The bank (renewed every iteration here) is part of the checkpoint: a resumed run goes on with the same

@@ -191,12 +191,15 @@ def latest_meta(workdir: str) -> dict | None:
   if not os.path.isdir(ckpt_dir):
     return None
   mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir))
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception:  # a damaged one: the run's own restore names it and sets it aside
-      continue
-  return None
+  try:
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception:  # a damaged one: the run's own restore names it and sets it aside
+        continue
+    return None
+  finally:
+    mngr.close()
 
 
 def latest_readable(workdir: str, log=print) -> tuple[int, dict, dict]:

@@ -19,7 +19,7 @@ from advunlearn_jax.convert import weights_io
 from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.evals import report as report_lib
 from advunlearn_jax.models.pipeline_record import SDXLPipeline
-from advunlearn_jax.training import run_exports, workdir_lock
+from advunlearn_jax.training import checkpoint, run_exports, workdir_lock
 
 # The licences of well-known bases, which a derived component inherits; any other base needs --license.
 BASE_LICENSES = {
@@ -52,16 +52,17 @@ def write_folder(
   `hub_dir`, replacing it whole but for a clone's git data; `hub_dir` must be new, empty (a fresh clone) or a
   previous export (run_exports.check_target). `report_path`: an evaluate report.json whose numbers the card carries."""
   report = _read_report(report_path) if report_path else None
+  saved = checkpoint.latest_meta(workdir)
+  if saved is not None and saved["config"].get("first_stage"):  # the card says the rest is the base model's
+    raise ConfigError(
+      f"{workdir}: --hub_dir: {run_exports.TWO_STAGES_NEED_THEIR_UNET}; export it with --out and share that folder"
+    )
   with run_exports.claimed(hub_dir, "hub_dir", workdir):  # a workdir or the user's own folder is refused
     run = run_exports.latest(workdir, pretrained)
     if isinstance(run.pipe, SDXLPipeline):  # the card's loading code and licence table are SD 1.x/2.x's
       raise ConfigError(
         f"{workdir}: --hub_dir: the run trained SDXL's text towers; the Hub card is written for SD pipelines. "
         "Export with --out (both towers and a StableDiffusionXLPipeline folder)"
-      )
-    if run.config.first_stage:  # the card says the rest of the pipeline is the base model's
-      raise ConfigError(
-        f"{workdir}: --hub_dir: {run_exports.TWO_STAGES_NEED_THEIR_UNET}; export it with --out and share that folder"
       )
     license_id = licence_of(run.config.model.pretrained, license_id)
     card = model_card(run, license_id, report)

@@ -77,6 +77,16 @@ def second_stage_begun(config: ml_collections.ConfigDict, workdir: str) -> bool:
   if saved is None:
     return False
   checkpoint.check_compatible(saved["config"], checkpoint.config_dict(config), workdir)
+  # train.iterations is resumable, so the check above lets it differ: a first stage that set none of its own
+  # would be asked for more than it trained, and the second has trained over the shorter one.
+  first = checkpoint.latest_meta(first_stage_dir(workdir))
+  asked = first_stage_config(config).train.iterations
+  if first is not None and first["config"]["train"]["iterations"] != asked:
+    raise ConfigError(
+      f"config.first_stage: its run in {first_stage_dir(workdir)} trained {first['config']['train']['iterations']} "
+      f"iterations and the recipe now asks {asked}, but the second stage has begun over it; set train.iterations "
+      "in config.first_stage as it was, or start a new --workdir"
+    )
   pipeline = base_root(config, workdir)
   if not os.path.isfile(os.path.join(pipeline, "model_index.json")):
     raise ConfigError(
