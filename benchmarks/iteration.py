@@ -330,20 +330,29 @@ def attack_steps(args) -> int:
   return 0 if args.warmup else args.attack_steps
 
 
-def print_flops(s: Harness, points: int) -> dict:
-  """One iteration's FLOPs per JAX mode, counted from the step's jaxpr on abstract weights: the online rollout
-  at the rows its `points` need on average (t_enc uniform over the DDIM grid, timesteps.draw_timesteps: 25.5
-  CFG steps of two rows each per point), the useful rows alone (the target's batching adds its idle slots)."""
-  batch = jax.eval_shape(lambda: step_lib.Batch(jnp.arange(s.args.retain_batch, dtype=jnp.int32), jax.random.key(0)))
-  row = unet_row_flops(s)
-  results = {}
+def abstract_batch(s: Harness):
+  return jax.eval_shape(lambda: step_lib.Batch(jnp.arange(s.args.retain_batch, dtype=jnp.int32), jax.random.key(0)))
+
+
+def abstract_states(s: Harness):
+  """(mode, its StepConfig, its training state's shapes) for each JAX mode of --modes: nothing allocated."""
   for mode in s.args.modes:
     if mode == "pytorch":
       continue
     cfg = s.step_config(mode)
     bank = jax.eval_shape(lambda f, cfg=cfg: s.bank(cfg, f), s.frozen) if cfg.xt_source == "bank" else None
-    state = jax.eval_shape(lambda f, b, cfg=cfg: step_lib.init_state(cfg, s.models, f, b), s.frozen, bank)
-    walk = float(np.mean(ddim.num_unet_steps(np.arange(DDIM_STEPS), DDIM_STEPS)))  # UNet steps a point walks
+    yield mode, cfg, jax.eval_shape(lambda f, b, cfg=cfg: step_lib.init_state(cfg, s.models, f, b), s.frozen, bank)
+
+
+def print_flops(s: Harness, points: int) -> dict:
+  """One iteration's FLOPs per JAX mode, counted from the step's jaxpr on abstract weights: the online rollout
+  at the rows its `points` need on average (t_enc uniform over the DDIM grid, timesteps.draw_timesteps: 25.5
+  CFG steps of two rows each per point), the useful rows alone (the target's batching adds its idle slots)."""
+  batch = abstract_batch(s)
+  row = unet_row_flops(s)
+  walk = float(np.mean(ddim.num_unet_steps(np.arange(DDIM_STEPS), DDIM_STEPS)))  # UNet steps a point walks
+  results = {}
+  for mode, cfg, state in abstract_states(s):
     rollout_rows = 2 * walk * points if cfg.xt_source.startswith("online") else 0  # CFG: two rows a step
     total = step_flops(s, cfg, state, batch, rollout_rows)
     step = "warm-up (no attack)" if s.args.warmup else "attacking"
@@ -501,7 +510,7 @@ def print_memory(s: Harness):
   """Compiles each JAX mode's step on abstract inputs and prints XLA's memory analysis of it, per device: laid
   out on the harness' mesh as train.run lays it out (wiring.lay_out_frozen, wiring.lay_out_state) when it has
   one, else on the default backend's device."""
-  batch = jax.eval_shape(lambda: step_lib.Batch(jnp.arange(s.args.retain_batch, dtype=jnp.int32), jax.random.key(0)))
+  batch = abstract_batch(s)
   mesh, target = s.mesh, s.args.target
   results = {}
   if mesh is not None:
@@ -509,12 +518,7 @@ def print_memory(s: Harness):
     hosts = len({d.process_index for d in mesh.devices.flat})
     where = f"{kind}, {mesh.size} devices on {hosts} host(s)"
     print(f"compiling for {target} ({where}), mesh {dict(mesh.shape)}, no device needed", flush=True)
-  for mode in s.args.modes:
-    if mode == "pytorch":
-      continue
-    cfg = s.step_config(mode)
-    bank = jax.eval_shape(lambda f, cfg=cfg: s.bank(cfg, f), s.frozen) if cfg.xt_source == "bank" else None
-    state = jax.eval_shape(lambda f, b, cfg=cfg: step_lib.init_state(cfg, s.models, f, b), s.frozen, bank)
+  for mode, cfg, state in abstract_states(s):
     frozen = s.frozen
     if mesh is not None:  # train.run's layout; the loop replicates the batch
       frozen = wiring.lay_out_frozen(frozen, mesh, abstract=True)
