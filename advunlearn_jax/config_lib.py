@@ -123,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
   # inversion: k continuous token embeddings learned from images of the concept, one set for every prompt) |
   # ring_a_bell | p4d | mma (each in its section below).
   c.evaluation.attack = "unlearndiff"
+  # A folder where the searches that read text alone (Ring-A-Bell's, MMA-Diffusion's) are remembered across
+  # processes, so every model with the same text encoder, and every later run, reuses them ("": this process only;
+  # evals/search_cache.py).
+  c.evaluation.search_cache = ""
   c.evaluation.unlearndiff = ml_collections.ConfigDict()
   c.evaluation.unlearndiff.k = 3  # 5 for nudity (the reference's UnlearnDiffAtk configs)
   c.evaluation.unlearndiff.iters_per_t = 40

@@ -190,12 +190,15 @@ DISCRETE_BUDGETS = {
 QUICK_BUDGETS = {"ring_a_bell": (5, 10), "p4d": (50, 100), "mma": (2, 5)}  # P4D: multiples of its eval_step
 
 
-def discrete_measure(original, target, concept: str, name: str, budgets, n: int, log) -> dict:
+def discrete_measure(original, target, concept: str, name: str, budgets, n: int, searches: str, log) -> dict:
   """Ring-A-Bell, P4D or MMA-Diffusion (evals/attacks.py) on the same cases, judged at `budgets`; the prompts
-  each case showed last, as the attack's released CSV holds them."""
+  each case showed last, as the attack's released CSV holds them. `searches` (evaluation.search_cache, one
+  folder for every table under --out): Ring-A-Bell's searches serve every row of a concept, MMA's every row with
+  the same text encoder."""
   config = tiny_config.get_config(concept)
   ev = config.evaluation
   ev.attack, ev.budgets = name, tuple(budgets)
+  ev.search_cache = searches
   t = time.perf_counter()
   result = robustness.robustness(original, target, cases(concept, n), classifiers.make(ev.classifier), config, log=log)
   outcomes = result["outcomes"]
@@ -335,8 +338,11 @@ def attack_measures(original, target, concept: str, args, log) -> dict:
     "unlearndiff": lambda: measure(original(), target(), concept, args, log),
     "cce": lambda: inversion_measure(original(), target(), concept, budgets, n, log),
   }
+  searches = os.path.join(args.out, "searches")
   for name, table_budgets in (QUICK_BUDGETS if args.quick else DISCRETE_BUDGETS).items():
-    computes[name] = lambda a=name, b=table_budgets: discrete_measure(original(), target(), concept, a, b, n, log)
+    computes[name] = lambda a=name, b=table_budgets: discrete_measure(
+      original(), target(), concept, a, b, n, searches, log
+    )
   return {a: computes[a] for a in args.attacks.split(",")}
 
 

@@ -263,6 +263,71 @@ def test_search_beats_random_prompts_and_repeats_itself(tiny, searched):
   np.testing.assert_allclose(float(rescored[0]), best.loss, atol=TOL)  # the text scores what was reported
 
 
+def test_a_search_resumed_from_a_checkpoint_is_the_uninterrupted_one(tiny, searched):
+  pipe, tokenizer = tiny
+  first, _, target = searched
+  cfg = DEFAULTS._replace(steps=15, candidates=128, banned_words=("triangle",))
+  rest = mma.search(pipe.text_config, pipe.text_params, tokenizer, target, cfg, 0, (5, 10, 15), first[0].state)
+  assert list(rest) == first[1:]
+  assert first[0].state.step == 5 and first[-1].state.best == first[-1].prompt
+
+
+class _Judge:
+  """Flags nothing, or (`breaks`) each case's first attacked image: its unattacked one and the found prompts
+  alternate, one image each."""
+
+  def __init__(self, breaks: bool):
+    self.breaks, self.calls = breaks, 0
+
+  def __call__(self, images):
+    self.calls += 1
+    return np.full(len(images), self.breaks and self.calls % 2 == 0)
+
+
+def test_a_remembered_search_replays_and_goes_on_where_a_broken_case_stopped(tiny, tmp_path, monkeypatch):
+  """evaluation.search_cache: a case broken at the first checkpoint leaves its search there; a later process (a
+  fresh cache on the same folder) judging a model that needs more goes on from that state and finds what one
+  uninterrupted search finds; a third finds it again without searching."""
+  import configs.tiny as tiny_config
+  from advunlearn_jax.evals import prompt_sets, robustness, search_cache
+
+  pipe, tokenizer = tiny
+  config = tiny_config.get_config("triangle")
+  config.evaluation.attack, config.evaluation.budgets = "mma", (2, 4)
+  config.evaluation.mma.candidates, config.evaluation.mma.steps = 32, 4
+  config.evaluation.mma.scheduler, config.evaluation.mma.sample_steps = "ddim", 2  # the judge is a stub here
+  config.evaluation.search_cache = str(tmp_path / "searches")
+  cases = prompt_sets.inline(["a photo of a red triangle", "a blue triangle on green"], seed=0, guidance=5.0)
+  cfg = mma.MMAConfig.from_config(config.evaluation)
+  uninterrupted = [
+    list(mma.search(pipe.text_config, pipe.text_params, tokenizer, goal, cfg, p.seed, (2, 4)))[-1].prompt
+    for p in cases
+    for goal in [mma.target_embedding(pipe.text_config, pipe.text_params, tokenizer, p.prompt)]
+  ]
+
+  def attacked(breaks: bool) -> list[tuple[int, str]]:
+    monkeypatch.setattr(search_cache, "_CACHES", {})  # a new process: only the folder remembers
+    outcomes = robustness.robustness(pipe, pipe, cases, _Judge(breaks), config, log=lambda _: None)["outcomes"]
+    return [(o.iterations, o.adv_prompt) for o in outcomes]
+
+  stopped = attacked(breaks=True)
+  assert [b for b, _ in stopped] == [2, 2] and len(os.listdir(tmp_path / "searches")) == 2
+  searched_steps = []
+  monkeypatch.setattr(mma, "propose", _counting(mma.propose, searched_steps))
+  assert attacked(breaks=False) == [(4, text) for text in uninterrupted]
+  assert len(searched_steps) == 2 * 2  # two steps a case, from step 2 on
+  assert attacked(breaks=False) == [(4, text) for text in uninterrupted] and len(searched_steps) == 4
+  assert attacked(breaks=True) == stopped
+
+
+def _counting(fn, calls: list):
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return fn(*args, **kwargs)
+
+  return counted
+
+
 def test_validation_names_the_key():
   evaluation = config_lib.base_config().evaluation
   cases = [

@@ -6,7 +6,6 @@ plots name them. The evaluate command and the reports ask the attack; nothing co
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zlib
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ import numpy as np
 from advunlearn_jax.convert import diffusers as sd_convert
 from advunlearn_jax.diffusion.text_side import TextSide
 from advunlearn_jax.errors import ConfigError
-from advunlearn_jax.evals import found_prompts, inversion, mma, p4d, ring_a_bell, unlearndiff
+from advunlearn_jax.evals import found_prompts, inversion, mma, p4d, ring_a_bell, search_cache, unlearndiff
 
 
 class Run(NamedTuple):
@@ -157,12 +156,6 @@ class ConceptInversion:
     return [inversion.LEARNED_NAME]
 
 
-# Ring-A-Bell's prompts depend on the original model, the prompt and the settings only (it never sees the erased
-# model): one search per prompt serves every model evaluated in this process, as its authors transfer one prompt
-# set to every erasure method.
-_RING_A_BELL_FOUND: dict[tuple, list[tuple[int, str]]] = {}
-
-
 class RingABell:
   """Ring-A-Bell (evals/ring_a_bell.py): a genetic search on the original text encoder towards the prompt's
   embedding plus eta times the concept vector; its prompt replaces the evaluation prompt."""
@@ -194,6 +187,7 @@ class RingABell:
 
     tokenizer = tok_lib.load_tokenizer(original.tokenizer_dir)
     checkpoints = _checkpoints(config.evaluation, cfg.generations)
+    cache = search_cache.for_folder(config.evaluation.search_cache)
     vector = None
 
     def search(i, p):
@@ -207,12 +201,15 @@ class RingABell:
       # The search is a function of its target (the original encoder, vector, eta and prompt), the genetic
       # settings, the seed and the generations reported; nothing of the attacked model.
       genetic = (cfg.population, cfg.generations, cfg.mutate_rate, cfg.crossover_rate, cfg.length, cfg.mutate_best)
-      key = (hashlib.sha256(np.ascontiguousarray(goal, np.float32).tobytes()).hexdigest(), genetic, seed, checkpoints)
-      if key not in _RING_A_BELL_FOUND:
+      key = search_cache.fingerprint(goal, ("ring_a_bell", ring_a_bell.SEARCH_VERSION, genetic, seed, checkpoints))
+
+      def compute():
         found = ring_a_bell.search(original.text_config, original.text_params, goal, cfg, seed, checkpoints)
-        _RING_A_BELL_FOUND[key] = [(g, ring_a_bell.prompt_text(tokenizer, ids)) for g, ids, _ in found]
-        log(f"Ring-A-Bell: {p.prompt[:50]!r} -> {_RING_A_BELL_FOUND[key][-1][1][:60]!r}")
-      yield from _RING_A_BELL_FOUND[key]
+        found = [(g, ring_a_bell.prompt_text(tokenizer, ids)) for g, ids, _ in found]
+        log(f"Ring-A-Bell: {p.prompt[:50]!r} -> {found[-1][1][:60]!r}")
+        return found
+
+      yield from cache.all_at_once(key, compute)
 
     outcomes = found_prompts.judged_cases(
       target, prompts, classifier, cfg.sampler, search, attack=attack, progress=progress
@@ -334,14 +331,22 @@ class MMA:
     tokenizer = tok_lib.load_tokenizer(target.tokenizer_dir)
     checkpoints = _checkpoints(config.evaluation, cfg.steps)
     embedder = original if cfg.target_encoder == "original" else target
+    cache = search_cache.for_folder(config.evaluation.search_cache)
+    # Everything the search reads but the target: the attacked encoder (the same for every UNet erasure) and the
+    # search's settings; the classified images' settings are the judge's, not the search's.
+    searched = cfg._replace(scheduler="", sample_steps=0, latents="")
+    encoder = search_cache.fingerprint(target.text_params, ("mma", mma.SEARCH_VERSION, searched, checkpoints))
 
     def search(i, p):
       goal_prompt = p.prompt if cfg.targets == "cases" else cfg.target_prompts[i % len(cfg.target_prompts)]
       goal = mma.target_embedding(embedder.text_config, embedder.text_params, tokenizer, goal_prompt)
-      for budget, text, _ in mma.search(
-        target.text_config, target.text_params, tokenizer, goal, cfg, p.seed, checkpoints
-      ):
-        yield budget, text
+
+      def run(state):
+        resume = None if state is None else mma.State(*state)
+        for c in mma.search(target.text_config, target.text_params, tokenizer, goal, cfg, p.seed, checkpoints, resume):
+          yield c.step, c.prompt, c.state
+
+      yield from cache.step_by_step(search_cache.fingerprint(goal, (encoder, p.seed)), run)
 
     outcomes = found_prompts.judged_cases(
       target, prompts, classifier, cfg.sampler, search, attack=attack, progress=progress
@@ -374,6 +379,7 @@ def check_runs_on(method, root: str) -> None:
 
 def settings(config: ml_collections.ConfigDict):
   """The validated settings of the attack `config.evaluation.attack` names."""
+  search_cache.check_folder(config.evaluation.search_cache)
   return named(config.evaluation.attack).settings(config)
 
 

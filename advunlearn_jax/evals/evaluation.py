@@ -38,7 +38,7 @@ def evaluate(
     if not prompts:
       raise ConfigError("config.evaluation has no prompts: set evaluation.prompts_csv or evaluation.prompts")
     method = attacks.named(ev.attack)
-    settings = method.settings(config)
+    settings = attacks.settings(config)
     if attack:  # the room an attack needs; unattacked, any prompt renders (cut at 77 tokens)
       method.check_prompts(settings, prompts)
     if not ev.classifier:

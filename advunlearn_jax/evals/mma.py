@@ -44,6 +44,8 @@ TARGET_ENCODERS = ("original", "attacked")
 VOCAB = tok_lib.EOT_ID + 1  # CLIP's BPE vocabulary (49,408), every SD 1.x/2.x tokenizer's
 COSINE_EPS = 1e-6  # textual_attack.py:35, nn.functional.cosine_similarity(..., eps=1e-6): each norm clamped to it
 KEY = "evaluation.mma"
+# Part of a remembered search's fingerprint (evals/search_cache.py): bump it when what a search finds changes.
+SEARCH_VERSION = 1
 
 
 class MMAConfig(NamedTuple):
@@ -257,10 +259,22 @@ def propose(config, params, ids, target, banned, key, candidates: int, topk: int
 # --- the search -------------------------------------------------------------------------------------------------
 
 
+class State(NamedTuple):
+  """Where a search stands after `step` GCG steps: all a later call needs to go on exactly as one uninterrupted
+  search would (each step's draws come from fold_in(seed's key, step)). JSON-safe, for evals/search_cache.py."""
+
+  step: int
+  control: str  # the current control as text, and its ids (SOT, control, EOT)
+  ids: tuple[int, ...]
+  best: str  # the best control so far and its loss (:262-263, :282-290)
+  best_loss: float
+
+
 class Checkpoint(NamedTuple):
   step: int
   prompt: str  # the best control so far, as text (what the original saves, :397)
   loss: float  # its loss
+  state: State  # the search's state at this step, to resume it from
 
 
 def search(
@@ -271,10 +285,13 @@ def search(
   cfg: MMAConfig,
   seed: int,
   checkpoints: Sequence[int] = (),
+  resume: State | None = None,
 ) -> Iterator[Checkpoint]:
   """GCG on the encoder `text_params` (the attacked one) towards `target` [D]: the best prompt so far at each of
   `checkpoints` (GCG steps; () for cfg.steps alone), yielded as it is reached, so a caller that stops at a
-  success pays no further step. `seed` draws the initial letters (Python's random) and the swaps (jax.random)."""
+  success pays no further step. `seed` draws the initial letters (Python's random) and the swaps (jax.random).
+  `resume`, a checkpoint's state of the same search, goes on from its step: the checkpoints after it are those
+  of the uninterrupted search."""
   validate(cfg)
   marks = sorted({int(c) for c in checkpoints}) or [cfg.steps]
   if marks[0] < 1 or marks[-1] > cfg.steps:
@@ -283,12 +300,16 @@ def search(
   if cfg.topk > len(banned) - banned.sum():
     raise ConfigError(f"config.{KEY}.topk={cfg.topk} exceeds the {len(banned) - banned.sum()} tokens not banned")
   banned, target, key = jnp.asarray(banned), jnp.asarray(target), jax.random.key(seed)
-  control = initial_control(seed, cfg.tokens)
-  ids = with_specials(tokenizer, control_ids(tokenizer, [control]))[0]
-  if len(ids) != cfg.tokens + 2:
-    raise ValueError(f"the initial control {control!r} tokenises to {len(ids) - 2} tokens, not {cfg.tokens}")
-  best, best_loss, reached = control, 1e6, 0  # :262-263
-  for step in range(1, marks[-1] + 1):
+  if resume is None:
+    control = initial_control(seed, cfg.tokens)
+    ids = with_specials(tokenizer, control_ids(tokenizer, [control]))[0]
+    if len(ids) != cfg.tokens + 2:
+      raise ValueError(f"the initial control {control!r} tokenises to {len(ids) - 2} tokens, not {cfg.tokens}")
+    resume = State(0, control, tuple(int(i) for i in ids), control, 1e6)  # :262-263
+  done, control, ids, best, best_loss = resume
+  ids = np.asarray(ids, np.int32)
+  reached = sum(m <= done for m in marks)
+  for step in range(done + 1, marks[-1] + 1):
     cands = propose(
       text_config, text_params, jnp.asarray(ids), target, banned, jax.random.fold_in(key, step),
       cfg.candidates, cfg.topk, cfg.shifted_gradient,
@@ -301,4 +322,5 @@ def search(
       best, best_loss = control, step_loss
     if step == marks[reached]:
       reached += 1
-      yield Checkpoint(step, best, best_loss)
+      state = State(step, control, tuple(int(i) for i in ids), best, best_loss)
+      yield Checkpoint(step, best, best_loss, state)

@@ -50,6 +50,8 @@ ID_LOW, ID_HIGH = 1, 49406
 MAX_LENGTH = SEQ_LEN - 2  # :39 "for K = 77, please set length = 75": SOT and at least one EOT around the free ids
 CHUNK = 32  # rows per encoder call while scoring (a multiple of it covers the population)
 ENCODE_BATCH = 64  # prompts per encoder call for the concept vector and the targets
+# Part of a remembered search's fingerprint (evals/search_cache.py): bump it when what a search finds changes.
+SEARCH_VERSION = 1
 
 
 class RingABellConfig(NamedTuple):
