@@ -1,5 +1,7 @@
 """evals/search_cache.py: what identifies a remembered search, and replaying, resuming and finishing one."""
 
+import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -71,3 +73,40 @@ def test_a_folder_that_cannot_hold_searches_is_refused(tmp_path):
     search_cache.check_folder(str(tmp_path / "file"))
   search_cache.check_folder(str(tmp_path / "new" / "folder"))  # made on the first search
   search_cache.check_folder("")
+
+
+def test_an_entry_is_never_replaced_by_less_and_an_unreadable_one_is_searched_again(tmp_path):
+  """Two processes on one folder: one goes on from where the other's search stands, the one behind cannot write
+  over what the other got to, and a file left unreadable counts as no search."""
+  log = []
+  ahead, behind = search_cache.SearchCache(str(tmp_path)), search_cache.SearchCache(str(tmp_path))
+  found = behind.step_by_step("k", _search(log))
+  assert next(found) == (1, "prompt 1")  # `behind` searches to checkpoint 1 ...
+  assert list(ahead.step_by_step("k", _search(log)))[-1] == (3, "prompt 3")  # ... `ahead` goes on and finishes
+  assert log == [None, 1]
+  assert next(found) == (2, "prompt 2")  # `behind`'s own search goes on, and writes less than the folder holds
+  assert json.load(open(tmp_path / "k.json")) == {"found": [[1, "prompt 1"], [2, "prompt 2"], [3, "prompt 3"]],
+                                                  "state": 3, "done": True}  # fmt: skip
+  found.close()
+  (tmp_path / "k.json").write_text('{"found": [[1, "pro')
+  assert list(search_cache.SearchCache(str(tmp_path)).step_by_step("k", _search(log)))[-1] == (3, "prompt 3")
+  assert log == [None, 1, None] and json.load(open(tmp_path / "k.json"))["done"] is True
+
+
+def test_an_encoder_is_its_weights_its_config_and_its_tokenizer():
+  from advunlearn_jax import config_lib
+  from advunlearn_jax.data import tokenizer as tok_lib
+  from advunlearn_jax.models import clip_text
+
+  config = clip_text.CLIPTextConfig(
+    vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1
+  )
+  params = {"w": np.ones((8, 4), np.float32)}
+  tokenizer = tok_lib.load_tokenizer(f"{config_lib.TINY_MODEL_DIR}/tokenizer")
+  key = search_cache.encoder_fingerprint(config, params, tokenizer)
+  assert key == search_cache.encoder_fingerprint(config, {"w": np.ones((8, 4), np.float32)}, tokenizer)
+  other = copy.deepcopy(tokenizer)  # load_tokenizer's is shared
+  other.add_tokens(["<concept>"])
+  assert search_cache.encoder_fingerprint(config, params, other) != key
+  eps = dataclasses.replace(config, layer_norm_eps=1e-6)  # nothing of it in the weights
+  assert search_cache.encoder_fingerprint(eps, params, tokenizer) != key

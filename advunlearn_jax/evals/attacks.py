@@ -188,6 +188,7 @@ class RingABell:
     tokenizer = tok_lib.load_tokenizer(original.tokenizer_dir)
     checkpoints = _checkpoints(config.evaluation, cfg.generations)
     cache = search_cache.for_folder(config.evaluation.search_cache)
+    encoder = search_cache.encoder_fingerprint(original.text_config, original.text_params, tokenizer)
     vector = None
 
     def search(i, p):
@@ -201,7 +202,8 @@ class RingABell:
       # The search is a function of its target (the original encoder, vector, eta and prompt), the genetic
       # settings, the seed and the generations reported; nothing of the attacked model.
       genetic = (cfg.population, cfg.generations, cfg.mutate_rate, cfg.crossover_rate, cfg.length, cfg.mutate_best)
-      key = search_cache.fingerprint(goal, ("ring_a_bell", ring_a_bell.SEARCH_VERSION, genetic, seed, checkpoints))
+      settings = ("ring_a_bell", ring_a_bell.SEARCH_VERSION, encoder, genetic, seed, checkpoints)
+      key = search_cache.fingerprint(goal, settings)
 
       def compute():
         found = ring_a_bell.search(original.text_config, original.text_params, goal, cfg, seed, checkpoints)
@@ -332,10 +334,10 @@ class MMA:
     checkpoints = _checkpoints(config.evaluation, cfg.steps)
     embedder = original if cfg.target_encoder == "original" else target
     cache = search_cache.for_folder(config.evaluation.search_cache)
-    # Everything the search reads but the target: the attacked encoder (the same for every UNet erasure) and the
-    # search's settings; the classified images' settings are the judge's, not the search's.
+    # Everything the search reads but its goal: the attacked encoder and tokenizer (the same for every UNet
+    # erasure) and the search's settings; the classified images' settings are the judge's, not the search's.
+    encoder = search_cache.encoder_fingerprint(target.text_config, target.text_params, tokenizer)
     searched = cfg._replace(scheduler="", sample_steps=0, latents="")
-    encoder = search_cache.fingerprint(target.text_params, ("mma", mma.SEARCH_VERSION, searched, checkpoints))
 
     def search(i, p):
       goal_prompt = p.prompt if cfg.targets == "cases" else cfg.target_prompts[i % len(cfg.target_prompts)]
@@ -346,7 +348,8 @@ class MMA:
         for c in mma.search(target.text_config, target.text_params, tokenizer, goal, cfg, p.seed, checkpoints, resume):
           yield c.step, c.prompt, c.state
 
-      yield from cache.step_by_step(search_cache.fingerprint(goal, (encoder, p.seed)), run)
+      key = search_cache.fingerprint(goal, ("mma", mma.SEARCH_VERSION, encoder, searched, checkpoints, p.seed))
+      yield from cache.step_by_step(key, run)
 
     outcomes = found_prompts.judged_cases(
       target, prompts, classifier, cfg.sampler, search, attack=attack, progress=progress

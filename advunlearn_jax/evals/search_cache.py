@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,8 +31,9 @@ Found = list[tuple[int, str]]  # (budget, prompt text) at each checkpoint reache
 
 
 def fingerprint(arrays: Any, settings: Any) -> str:
-  """sha256 of a pytree of arrays (each leaf's path, dtype, shape and bytes) and of `settings`' repr."""
-  h = hashlib.sha256(repr(settings).encode())
+  """sha256 of a pytree of arrays (each leaf's path, dtype, shape and bytes), of `settings`' repr and of the
+  backend and JAX version that compute the search (another may round differently, and so find otherwise)."""
+  h = hashlib.sha256(repr((settings, jax.default_backend(), jax.__version__)).encode())
   for path, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]:
     a = np.ascontiguousarray(jax.device_get(leaf))
     h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
@@ -39,10 +41,25 @@ def fingerprint(arrays: Any, settings: Any) -> str:
   return h.hexdigest()
 
 
+def encoder_fingerprint(text_config: Any, text_params: Any, tokenizer) -> str:
+  """What a text encoder and its tokenizer compute: the weights, the config (heads, activation, EOT id: nothing
+  the weights hold) and the whole tokenizer (vocabulary, merges, special tokens)."""
+  return fingerprint(text_params, (repr(text_config), tokenizer.backend_tokenizer.to_str()))
+
+
+def _longer(a: dict | None, b: dict) -> dict:
+  """Of two entries of one deterministic search, the one that got further (each holds the other's start)."""
+  if a is None:
+    return b
+  return a if (a["done"], len(a["found"])) > (b["done"], len(b["found"])) else b
+
+
 class SearchCache:
   """Searches by fingerprint: {"found": [[budget, text], ...], "state": the search's state after the last one,
   "done": whether it ran to its last checkpoint}. `folder` ("" for this process only) keeps each as
-  FINGERPRINT.json, written whole (a stopped process never leaves half a file)."""
+  FINGERPRINT.json. Processes may share a folder: each write goes through its own temporary file and replaces
+  the entry whole, never with less than the folder holds (a search is deterministic, so the entry that got
+  further holds the other)."""
 
   def __init__(self, folder: str = ""):
     self.folder = folder
@@ -51,20 +68,30 @@ class SearchCache:
   def _path(self, key: str) -> str:
     return os.path.join(self.folder, f"{key}.json")
 
-  def get(self, key: str) -> dict | None:
-    if key not in self._entries and self.folder and os.path.isfile(self._path(key)):
+  def _read(self, key: str) -> dict | None:
+    try:
       with open(self._path(key)) as f:
-        self._entries[key] = json.load(f)
+        return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):  # none, or left unreadable by something else: search again
+      return None
+
+  def get(self, key: str) -> dict | None:
+    """The entry, as far as this process or (with a folder) any other got."""
+    if self.folder:
+      on_disk = self._read(key)
+      if on_disk is not None:
+        self._entries[key] = _longer(self._entries.get(key), on_disk)
     return self._entries.get(key)
 
   def put(self, key: str, entry: dict) -> None:
-    self._entries[key] = entry
     if self.folder:
       os.makedirs(self.folder, exist_ok=True)
-      tmp = f"{self._path(key)}.tmp"
-      with open(tmp, "w") as f:
+      entry = _longer(self._read(key), entry)
+      fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key[:16]}", suffix=".tmp")
+      with os.fdopen(fd, "w") as f:
         json.dump(entry, f)
       os.replace(tmp, self._path(key))
+    self._entries[key] = entry
 
   def all_at_once(self, key: str, compute: Callable[[], Found]) -> Iterator[tuple[int, str]]:
     """A search that runs to its last checkpoint in one call (Ring-A-Bell's): computed once, then replayed."""
@@ -78,9 +105,14 @@ class SearchCache:
   def step_by_step(self, key: str, run: Callable[[Any], Iterator[tuple[int, str, Any]]]) -> Iterator[tuple[int, str]]:
     """A search that yields (budget, text, state) at each checkpoint as it reaches it (MMA's): `run(state)` goes
     on from a remembered state (None: from the start). What was found is replayed first; the search continues
-    only if the caller asks for more, and each new checkpoint is remembered before it is handed on."""
+    only if the caller asks for more, from as far as any process has got by then, and each new checkpoint is
+    remembered before it is handed on."""
     entry = self.get(key) or {"found": [], "state": None, "done": False}
     for budget, text in list(entry["found"]):
+      yield int(budget), text
+    replayed = len(entry["found"])
+    entry = self.get(key) or entry  # another process may have gone further meanwhile
+    for budget, text in entry["found"][replayed:]:
       yield int(budget), text
     if entry["done"]:
       return
