@@ -54,14 +54,14 @@ def saved_pipeline(tmp_path_factory):
   return pipe, str(folder)
 
 
-def _torch_images(pipe, latents, scheduler="lms"):
+def _torch_images(pipe, latents, scheduler="lms", guidance=7.5):
   if scheduler == "lms":
     pipe.scheduler = diffusers.LMSDiscreteScheduler.from_config(pipe.scheduler.config)
   else:
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
   with torch.no_grad():
     out = pipe(
-      PROMPTS, latents=torch.from_numpy(latents), num_inference_steps=STEPS, guidance_scale=7.5, output_type="np"
+      PROMPTS, latents=torch.from_numpy(latents), num_inference_steps=STEPS, guidance_scale=guidance, output_type="np"
     ).images
   return (out * 255).round().astype(np.uint8)
 
@@ -111,6 +111,26 @@ def test_swapped_text_encoder_drives_both_branches(saved_pipeline, tmp_path):
   assert np.abs(images.astype(int) - ref.astype(int)).max() <= 2
   baseline = _torch_images(_torch_pipeline(), latents, "ddim")
   assert np.abs(baseline.astype(int) - ref.astype(int)).max() > 2  # the swap really changes the images
+
+
+def test_every_guidance_scale_renders_as_diffusers_from_one_compiled_step(saved_pipeline):
+  """A prompt set with a scale per prompt (UnlearnDiffAtk's and I2P's CSVs: twelve scales in nudity.csv) compiles
+  the sampler's step once, and each scale renders as diffusers renders it."""
+  from advunlearn_jax.diffusion import sampling
+
+  pipe, folder = saved_pipeline
+  ours = sd_convert.load_pipeline(folder)
+  latents = np.random.default_rng(2).normal(size=(2, 4, 16, 16)).astype(np.float32)
+  compiled = None
+  for guidance in (3.0, 12.0):
+    images = generation.generate(
+      ours, PROMPTS, jnp.asarray(latents.transpose(0, 2, 3, 1)), scheduler="ddim", steps=STEPS, guidance=guidance
+    )
+    ref = _torch_images(pipe, latents, "ddim", guidance)
+    assert np.abs(images.astype(int) - ref.astype(int)).max() <= 2, guidance
+    sizes = {key: fn._cache_size() for key, fn in sampling._STEP_CACHE.items()}
+    assert compiled is None or sizes == compiled  # the second scale compiled nothing
+    compiled = sizes
 
 
 def test_write_pipeline_round_trips_through_diffusers(saved_pipeline, tmp_path):

@@ -78,20 +78,22 @@ def denoise_latents(
   progress: bool = False,
 ) -> jax.Array:
   tables = sampling.make_tables(scheduler, pipe.schedule, steps)
-  args = {"unet": pipe.unet_params, "cond": cond, "uncond": uncond}
-  return sampling.sample(tables, latents, _denoiser(pipe.unet_config, float(guidance)), args, progress=progress)
+  args = {"unet": pipe.unet_params, "cond": cond, "uncond": uncond, "guidance": jnp.float32(guidance)}
+  guided = float(guidance) > 1.0  # diffusers skips the unconditional branch at 1 and below
+  return sampling.sample(tables, latents, _denoiser(pipe.unet_config, guided), args, progress=progress)
 
 
 @functools.cache
-def _denoiser(unet_config, guidance: float):
-  """The same function object per (UNet config, guidance), so the sampler's compiled step is reused."""
+def _denoiser(unet_config, guided: bool):
+  """The same function object per (UNet config, CFG or not), so the sampler's compiled step is reused: the scale
+  is an argument, so a prompt set with a guidance per prompt (I2P's, UnlearnDiffAtk's CSVs) compiles once."""
   unet = UNet2DConditionModel(unet_config)
 
   def denoise(args, x, t):
     unet_fn = lambda xx, tt, cc: apply_conditioned(unet, args["unet"], xx, tt, cc)
-    if guidance <= 1.0:  # diffusers skips the unconditional branch then
+    if not guided:
       return unet_fn(x, jnp.broadcast_to(t, (x.shape[0],)), args["cond"])
-    return sampling.cfg_eps(unet_fn, x, t, args["cond"], args["uncond"], guidance)
+    return sampling.cfg_eps(unet_fn, x, t, args["cond"], args["uncond"], args["guidance"])
 
   return denoise
 
