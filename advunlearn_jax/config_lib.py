@@ -279,6 +279,7 @@ def base_config() -> ml_collections.ConfigDict:
   # img_retain_eval.py calls T2IBenchmark, which centre-crops and resizes with PIL bicubic) | pytorch_fid
   # (bilinear resize of the whole image). evals/fid.py.
   c.evaluation.fid_preprocess = "t2ibenchmark"
+  c.evaluation.fid_batch = 50  # Inception images per call, padded to it (one compilation): pytorch-fid's --batch-size
   c.evaluation.utility_scheduler = "lms"  # the reference: LMS, 100 steps, guidance 7.5
   c.evaluation.utility_steps = 100
   c.evaluation.utility_guidance = 7.5
@@ -419,6 +420,7 @@ NUMERIC_RANGES = (
   ("evaluation.utility_steps", 1, True),
   ("evaluation.utility_guidance", 0, True),
   ("evaluation.utility_batch", 1, True),
+  ("evaluation.fid_batch", 1, True),
 )
 
 

@@ -210,6 +210,7 @@ def test_utility_only_command_with_tfds_and_inception_fid(tfds_dir, tmp_path):
     "inception_weights": weights,
     "utility_steps": str(STEPS),
     "utility_batch": "1",
+    "fid_batch": "4",  # 4 generated and 12 real images: 4 calls, not 4 of 50 padded rows
   }
   command = [
     sys.executable,

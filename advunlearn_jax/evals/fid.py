@@ -158,9 +158,11 @@ def check_preprocess(preprocess: str) -> None:
     raise ConfigError(f"config.evaluation.fid_preprocess is {preprocess!r}; expected one of {list(PREPROCESSING)}")
 
 
-def feature_extractor(kind: str, inception_weights: str, clip_scorer=None, log=print, preprocess="t2ibenchmark"):
+def feature_extractor(
+  kind: str, inception_weights: str, clip_scorer=None, log=print, preprocess="t2ibenchmark", batch_size: int = 50
+):
   """The features `evaluation.fid` asks for: `kind` in FEATURES, weights as `evaluation.inception_weights`,
-  Inception inputs made as `evaluation.fid_preprocess`."""
+  Inception inputs made as `evaluation.fid_preprocess`, `evaluation.fid_batch` at a time."""
   from advunlearn_jax.convert import inception as convert
 
   if kind not in FEATURES:
@@ -178,7 +180,7 @@ def feature_extractor(kind: str, inception_weights: str, clip_scorer=None, log=p
     log(f"fetching pytorch-fid's Inception weights into {convert.cached_path()}")
     weights = convert.download_and_convert()
   if weights and kind != "clip":
-    return InceptionFeatures(weights, preprocess)
+    return InceptionFeatures(weights, preprocess, batch_size)
   if clip_scorer is None:
     raise ConfigError(
       "config.evaluation.real_images: FID needs pytorch-fid's Inception weights (evaluation.inception_weights, "

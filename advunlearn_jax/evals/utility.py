@@ -42,7 +42,7 @@ def measure(config: ml_collections.ConfigDict, original_dir: str, target, out_di
       real_images = fid.open_images(ev.real_images, "evaluation.real_images", ev.max_real_images)
       if len(real_images) < 2:
         raise ConfigError(f"config.evaluation.real_images={ev.real_images!r}: FID needs at least 2 images")
-      features = fid.feature_extractor(ev.fid, ev.inception_weights, scorer, log, ev.fid_preprocess)
+      features = fid.feature_extractor(ev.fid, ev.inception_weights, scorer, log, ev.fid_preprocess, ev.fid_batch)
     hw = generation.image_size(target)
     store = caption_images.ImageStore(
       os.path.join(out_dir, "utility_images"),
