@@ -284,7 +284,7 @@ def test_renewing_bank_replaces_its_oldest_trajectories():
   bank_cfg = dataclasses.replace(
     DEFAULTS.bank, concept_trajectories=3, refresh_trajectories=1, refresh_retain=2, refresh_every=2
   )
-  cfg = _replace(cfg, xt_source="bank", bank=bank_cfg, attack=DEFAULTS.attack._replace(steps=1))
+  cfg = _replace(cfg, xt_source="bank", bank=bank_cfg)
   bank = _bank(models, frozen, trajectories=3)
   state = step_lib.init_state(cfg, models, frozen, bank)
   fingerprint = lambda latents: {float(v) for v in np.asarray(latents[..., 0, 0, 0, 0]).ravel()}  # first step
@@ -292,7 +292,7 @@ def test_renewing_bank_replaces_its_oldest_trajectories():
   iterations = 6
   for i in range(iterations):
     before = jax.device_get(state.bank)  # the step donates the state, bank included
-    state, _ = STEP(cfg, models, state, frozen, _batch(10 + i), True)
+    state, _ = STEP(cfg, models, state, frozen, _batch(10 + i), False)  # renewal does not wait for the attack
     changed = np.flatnonzero(np.any(np.asarray(state.bank.concept != before.concept), axis=(0, 2, 3, 4, 5)))
     retain_changed = np.flatnonzero(np.any(np.asarray(state.bank.retain != before.retain), axis=(1, 2, 3, 4, 5)))
     if i % 2:  # renews every 2 iterations

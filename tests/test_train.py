@@ -329,7 +329,7 @@ def test_a_unet_run_trains_only_its_layers_and_a_second_stage_trains_over_it(pip
   monkeypatch.setattr(
     report_kinds.TinyWorld, "after_run", lambda c, w, p: reports.append((c.model.pretrained, w, p)) or None
   )
-  first = "('train.method=xattn', 'train.iterations=3')"
+  first = "('train.method=xattn', 'train.iterations=3', 'train.warmup_iters=3')"  # ESD-x: no attack, one step
   config = tiny_config(pipeline_dir, f"first_stage={first}", "report.kind=tiny_world", "export.every=2")
   workdir = str(tmp_path / "robust")
   summary = run(config, workdir)
