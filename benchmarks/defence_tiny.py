@@ -56,6 +56,20 @@ DEFENCES = {
     "UNet the erasure's reach, not CCE, decides. Does a steadier retain estimate keep retain 4's erasure and more "
     "of the other shapes?",
   ),
+  "esd_u_batch15_400": Variant(
+    "esd",
+    ("train.method=noxattn", "retain.batch=15", "train.iterations=400"),
+    "UNet (no cross-attention), retain 4 over 15 prompts a step, lr 1e-3 for 400 iterations, no attack",
+    "on the style CCE still broke 12/24 over esd_u_batch15's UNet: does twice the erasure, the retain estimate "
+    "as steady, reach what CCE finds?",
+  ),
+  "esd_full_batch15": Variant(
+    "esd",
+    ("train.method=full", "retain.batch=15"),
+    "the whole UNet, cross-attention included, retain 4 over 15 prompts a step, lr 1e-3, no attack",
+    "ESD erases styles in cross-attention (ESD-x) and the rest outside it (ESD-u, the noxattn rows here): does "
+    "training both erase a texture where CCE cannot reach it?",
+  ),
   "esd_u_lr5e-4_400": Variant(
     "esd",
     ("train.method=noxattn", "train.lr=5e-4", "train.iterations=400"),
