@@ -223,8 +223,12 @@ def row_pieces(folder: str, prefix: str, computes: dict, refresh: bool = False) 
   (`inversion.json`: the token in front of the prompt, 250 steps), kept for the comparison and never computed
   again. With `refresh`, pieces measured before each case's verdict was kept are measured again, last, for the
   "any attack" column."""
-  paths = {a: os.path.join(folder, f"{prefix}{PIECE_FILES[a]}.json") for a in computes}
+  paths = {a: os.path.join(folder, f"{prefix}{PIECE_FILES[a]}.json") for a in ALL_ATTACKS}
   row = {}
+  for attack in ALL_ATTACKS:  # the pieces measured before, whichever columns this command measures
+    if attack not in computes and os.path.isfile(paths[attack]):
+      with open(paths[attack]) as f:
+        row.update(json.load(f))
   for attack, compute in computes.items():
     row.update(cached_json(paths[attack], compute))
   for attack, compute in computes.items():
@@ -378,7 +382,7 @@ def fmt(values: list[float]) -> str:
 def pooled(results: list[dict], k: str, n: str) -> rates.Rate | None:
   """The count pooled over seeds with its 95% Wilson interval (cases of different seeds taken as independent
   draws); None where a run lacks the column."""
-  if any(k not in r for r in results):
+  if any(k not in r or n not in r for r in results):
     return None
   return rates.rate(sum(r[k] for r in results), sum(r[n] for r in results))
 

@@ -180,6 +180,30 @@ def _memory_lines(stdout, modes, per_chip="", effort=""):
     assert re.search(line, stdout, re.M), stdout
 
 
+def test_a_row_holds_every_piece_whichever_columns_a_call_measures(tmp_path):
+  """A call that measures one attack (the tables' columns are filled over sessions, one attack at a time) reads
+  the row's other pieces too: its table shows them and their rates, and it computes only the missing piece."""
+  from benchmarks import erasure_tiny
+
+  pieces = {
+    "measure": {"successes": 2, "cases": 3, "broken": [True, True, False]},
+    "cce": {"cce_successes": 3, "cce_broken": [True] * 3},
+    "p4d": {"p4d_successes": 0, "p4d_broken": [False] * 3},
+  }
+  for name, piece in pieces.items():
+    (tmp_path / f"{name}.json").write_text(json.dumps(piece))
+  measured = []
+  mma = lambda: measured.append("mma") or {"mma_successes": 1, "mma_broken": [False, False, True]}  # noqa: E731
+  row = erasure_tiny.row_pieces(str(tmp_path), "", {"mma": mma})
+  assert measured == ["mma"] and row["cases"] == 3 and row["cce_successes"] == 3 and row["mma_successes"] == 1
+  assert "any_successes" not in row  # Ring-A-Bell not measured yet
+  (tmp_path / "ring_a_bell.json").write_text(json.dumps({"ring_a_bell_successes": 0, "ring_a_bell_broken": [0] * 3}))
+  row = erasure_tiny.row_pieces(str(tmp_path), "", {"mma": mma})
+  assert measured == ["mma"] and row["any_successes"] == 3
+  assert erasure_tiny.fmt_count([row], "mma_successes", "cases") == "1/3 (6-79%)"
+  assert erasure_tiny.fmt_count([{"mma_successes": 1}], "mma_successes", "cases") == "-"  # no case count: no rate
+
+
 def test_a_second_stage_holds_its_first_as_mains_first_stage_and_adds_its_seconds(tmp_path):
   """defence_tiny.py's two-stage variants are config.first_stage recipes (training/stages.py): the first variant's
   config (same concept and seed) written as overrides of the second's, and the row's steady seconds both stages'.
