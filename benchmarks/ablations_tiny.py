@@ -140,6 +140,7 @@ def parse_args(description: str, variants: dict[str, Variant]) -> argparse.Names
   parser.add_argument("--attacks", default=",".join(erasure_tiny.ALL_ATTACKS), help="the columns measured")
   parser.add_argument("--refresh_verdicts", action="store_true", help="measure again pieces without per-case verdicts")
   parser.add_argument("--quick", action="store_true", help="a 3-prompt, 10-iteration UnlearnDiffAtk (smoke test)")
+  parser.add_argument("--from_pieces", action="store_true", help="table the pieces there are, computing none")
   args = parser.parse_args()
   unknown = sorted(set(args.variants.split(",")) - set(variants))
   if unknown:
@@ -182,6 +183,8 @@ def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folde
         workdir = os.path.join(args.out, concept, f"{folder_prefix}{name}_seed{seed}")
         log(f"== {concept} {name} seed {seed}")
         config = variant_config(variants, name, concept, seed, args)
+        if args.from_pieces and not os.path.isfile(os.path.join(workdir, "train.json")):
+          continue
         timing = erasure_tiny.train_once(workdir, config)
         target = functools.partial(erasure_tiny.trained_pipeline, workdir, config)  # trained again if only pieces
         computes = erasure_tiny.attack_measures(base, functools.cache(target), concept, args, log)

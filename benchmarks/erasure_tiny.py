@@ -335,7 +335,10 @@ def cost_line(runs: list[dict]) -> str:
 
 
 def attack_measures(original, target, concept: str, args, log) -> dict:
-  """attack -> the function that measures it on `target()` (loaded only if called), for `args.attacks`."""
+  """attack -> the function that measures it on `target()` (loaded only if called), for `args.attacks`; none with
+  --from_pieces."""
+  if args.from_pieces:
+    return {}
   n = 3 if args.quick else args.prompts
   budgets = [int(b) for b in args.inversion_budgets.split(",")]
   computes = {
@@ -448,6 +451,7 @@ def main():
     "--refresh_verdicts", action="store_true", help="measure again the pieces that kept no per-case verdicts"
   )
   parser.add_argument("--quick", action="store_true", help="3 cases, a 10-iteration attack (smoke test)")
+  parser.add_argument("--from_pieces", action="store_true", help="table the pieces there are, computing none")
   args = parser.parse_args()
   unknown = sorted(set(args.methods.split(",")) - set(METHODS))
   if unknown:
@@ -468,6 +472,8 @@ def main():
 
   def add(concept, model, folder, original, target, prefix=""):
     row = row_pieces(folder, prefix, attack_measures(original, target, concept, args, log), args.refresh_verdicts)
+    if not row:  # --from_pieces, and nothing measured here yet
+      return
     if not prefix and os.path.isfile(os.path.join(folder, "train.json")):
       with open(os.path.join(folder, "train.json")) as f:
         timing = json.load(f)

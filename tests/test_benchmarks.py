@@ -204,6 +204,31 @@ def test_a_row_holds_every_piece_whichever_columns_a_call_measures(tmp_path):
   assert erasure_tiny.fmt_count([{"mma_successes": 1}], "mma_successes", "cases") == "-"  # no case count: no rate
 
 
+def test_tables_from_the_pieces_train_and_measure_nothing(tmp_path):
+  """--from_pieces tables what the committed pieces hold (the tables are filled over sessions, a column at a time):
+  no run is trained, no attack measured, a row with no pieces is left out. The pieces are the repository's own."""
+  import shutil
+
+  pieces = os.path.join(ROOT, "benchmarks", "results", "tiny_tables", "triangle")
+  for row in ("base", "esd_seed0", "defence_esd_u_lr3e-4_seed0"):
+    os.makedirs(tmp_path / "triangle" / row)
+    for name in os.listdir(os.path.join(pieces, row)):
+      if name.endswith(".json"):
+        shutil.copy(os.path.join(pieces, row, name), tmp_path / "triangle" / row)
+  files = lambda: sorted(tmp_path.glob("triangle/**/*"))  # noqa: E731
+  before = files()
+  common = (f"--out={tmp_path}", "--concepts=triangle", "--seeds=0", "--from_pieces")
+  _benchmark("erasure_tiny.py", *common, "--methods=esd,advunlearn", "--plug_and_play=")
+  _benchmark("defence_tiny.py", *common, "--variants=esd_u_lr3e-4,esd_u_retain16")
+  assert files() == before  # nothing trained or measured: no run folder, no new piece
+  lines = (tmp_path / "erasure.md").read_text().splitlines()[2:]
+  erasure = {line.split(" | ")[1]: line for line in lines if "|" in line}
+  assert list(erasure) == ["base", "esd"]  # advunlearn_seed0 has no pieces here
+  assert "(1/24, 1-20%)" in erasure["esd"]  # Ring-A-Bell's one case (ring_a_bell.json)
+  defence = (tmp_path / "defence.md").read_text()
+  assert "| triangle | esd_u_lr3e-4 |" in defence and "| triangle | esd_u_retain16 |" not in defence
+
+
 def test_a_second_stage_holds_its_first_as_mains_first_stage_and_adds_its_seconds(tmp_path):
   """defence_tiny.py's two-stage variants are config.first_stage recipes (training/stages.py): the first variant's
   config (same concept and seed) written as overrides of the second's, and the row's steady seconds both stages'.

@@ -59,7 +59,7 @@ class MMAConfig(NamedTuple):
   target_prompts: tuple[str, ...]
   target_encoder: str  # whose text encoder embeds the target: original | attacked (the authors', :378-385)
   banned_words: tuple[str, ...]  # no substitution's BPE string may contain one (:328-353)
-  # reference quirk: attacks_48.md 3.1 (textual_attack.py:83 vs :141-155): the one-hot's rows are the first
+  # reference quirk (textual_attack.py:83 vs :141-155; docs/evaluation.md, MMA): the one-hot's rows are the first
   # `tokens` positions, [SOT, c1 .. c19], while the swaps index the control [c1 .. c20], so control token p+1's
   # replacement is drawn from position p's gradient (c1's from the SOT's). False: each from its own position's.
   shifted_gradient: bool
@@ -250,7 +250,7 @@ def propose(config, params, ids, target, banned, key, candidates: int, topk: int
   top = jax.lax.top_k(jnp.where(banned, -jnp.inf, -grad), topk)[1]
   n = grad.shape[0]
   pos = jnp.arange(candidates) * n // candidates
-  # reference quirk: attacks_48.md 3.1: with `shifted`, row p of `top` is position p's (SOT for p = 0) and
+  # reference quirk (textual_attack.py:141-155): with `shifted`, row p of `top` is position p's (SOT for p = 0) and
   # it replaces control token p + 1 (index p of ids[1:-1]), as sample_control indexes the tokenised control.
   new = top[pos, jax.random.randint(key, (candidates,), 0, topk)]
   return jnp.tile(ids[1:-1], (candidates, 1)).at[jnp.arange(candidates), pos].set(new)
