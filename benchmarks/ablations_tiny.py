@@ -121,7 +121,7 @@ def by_variant(rows: dict[tuple[str, str], list[dict]], concepts: list[str], nam
   columns = [(title, k, n) for title, (_, k, n) in zip(titles, RATE_COLUMNS[1:], strict=True)]
   head = " | ".join(f"{c}: {t}" if i == 0 else t for c in concepts for i, (t, _, _) in enumerate(columns))
   lines = [f"| variant | {head} |", "|---" * (1 + len(concepts) * len(columns)) + "|"]
-  for name in names:
+  for name in (n for n in names if any((c, n) in rows for c in concepts)):  # --from_pieces leaves rows out
     cells = [erasure_tiny.fmt_count(rows.get((c, name), [{}]), k, n) for c in concepts for _, k, n in columns]
     lines.append(f"| `{name}` | {' | '.join(cells)} |")
   return "\n".join(lines)

@@ -382,30 +382,41 @@ def fmt(values: list[float]) -> str:
   return f"{np.mean(values):.1%} +- {np.std(values):.1%}"
 
 
+def measured(results: list[dict], k: str, n: str) -> list[dict]:
+  """The runs (seeds) that hold column `k` with its case count: a column fills over sessions, seed by seed."""
+  return [r for r in results if k in r and n in r]
+
+
 def pooled(results: list[dict], k: str, n: str) -> rates.Rate | None:
-  """The count pooled over seeds with its 95% Wilson interval (cases of different seeds taken as independent
-  draws); None where a run lacks the column."""
-  if any(k not in r or n not in r for r in results):
-    return None
-  return rates.rate(sum(r[k] for r in results), sum(r[n] for r in results))
+  """The count pooled over the seeds that measured it, with its 95% Wilson interval (cases of different seeds taken
+  as independent draws); None where no run holds the column."""
+  runs = measured(results, k, n)
+  return rates.rate(sum(r[k] for r in runs), sum(r[n] for r in runs)) if runs else None
 
 
 def _span(rate: rates.Rate) -> str:
   return f"{100 * rate.lo:.0f}-{100 * rate.hi:.0f}%"
 
 
+def _partial(results: list[dict], k: str, n: str) -> str:
+  m = len(measured(results, k, n))
+  return "" if m == len(results) else f"; {m} of {len(results)} seeds"
+
+
 def fmt_count(results: list[dict], k: str, n: str) -> str:
-  """The cell "k/n (lo-hi%)": the count pooled over seeds and its interval."""
+  """The cell "k/n (lo-hi%)": the count pooled over seeds and its interval, and how many seeds it holds where the
+  column is not yet measured on every one."""
   rate = pooled(results, k, n)
-  return "-" if rate is None else f"{rate.k}/{rate.n} ({_span(rate)})"
+  return "-" if rate is None else f"{rate.k}/{rate.n} ({_span(rate)}{_partial(results, k, n)})"
 
 
 def fmt_rate(results: list[dict], k: str, n: str) -> str:
-  """Mean +- std over seeds, then the pooled count and its interval."""
+  """Mean +- std over the seeds that measured it, then the pooled count and its interval."""
   rate = pooled(results, k, n)
   if rate is None:
     return "-"
-  return f"{fmt([r[k] / r[n] for r in results])} ({rate.k}/{rate.n}, {_span(rate)})"
+  runs = measured(results, k, n)
+  return f"{fmt([r[k] / r[n] for r in runs])} ({rate.k}/{rate.n}, {_span(rate)}{_partial(results, k, n)})"
 
 
 COLUMNS = (  # (title, count key, case-count key); "{budget}" is the CCE column's last checkpoint

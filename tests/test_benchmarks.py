@@ -202,6 +202,8 @@ def test_a_row_holds_every_piece_whichever_columns_a_call_measures(tmp_path):
   assert measured == ["mma"] and row["any_successes"] == 3
   assert erasure_tiny.fmt_count([row], "mma_successes", "cases") == "1/3 (6-79%)"
   assert erasure_tiny.fmt_count([{"mma_successes": 1}], "mma_successes", "cases") == "-"  # no case count: no rate
+  # A column measured on one seed of two shows that seed's count and says so.
+  assert erasure_tiny.fmt_rate([row, {"cases": 3}], "mma_successes", "cases") == "33.3% (1/3, 6-79%; 1 of 2 seeds)"
 
 
 def test_tables_from_the_pieces_train_and_measure_nothing(tmp_path):
@@ -226,7 +228,7 @@ def test_tables_from_the_pieces_train_and_measure_nothing(tmp_path):
   assert list(erasure) == ["base", "esd"]  # advunlearn_seed0 has no pieces here
   assert "(1/24, 1-20%)" in erasure["esd"]  # Ring-A-Bell's one case (ring_a_bell.json)
   defence = (tmp_path / "defence.md").read_text()
-  assert "| triangle | esd_u_lr3e-4 |" in defence and "| triangle | esd_u_retain16 |" not in defence
+  assert "| triangle | esd_u_lr3e-4 |" in defence and "esd_u_retain16" not in defence  # in neither table
 
 
 def test_a_second_stage_holds_its_first_as_mains_first_stage_and_adds_its_seconds(tmp_path):
