@@ -213,6 +213,7 @@ def discrete_measure(original, target, concept: str, name: str, budgets, n: int,
 
 ALL_ATTACKS = ("unlearndiff", "cce", *DISCRETE_BUDGETS)
 BROKEN_KEYS = {"unlearndiff": "broken", **{a: f"{a}_broken" for a in ALL_ATTACKS[1:]}}
+COUNT_KEYS = {"unlearndiff": "successes", **{a: f"{a}_successes" for a in ALL_ATTACKS[1:]}}
 PIECE_FILES = {"unlearndiff": "measure", "cce": "cce", **{a: a for a in DISCRETE_BUDGETS}}
 
 
@@ -222,7 +223,7 @@ def row_pieces(folder: str, prefix: str, computes: dict, refresh: bool = False) 
   published (`cce.json`), Ring-A-Bell, P4D and MMA-Diffusion; where it was measured, the earlier CCE column
   (`inversion.json`: the token in front of the prompt, 250 steps), kept for the comparison and never computed
   again. With `refresh`, pieces measured before each case's verdict was kept are measured again, last, for the
-  "any attack" column."""
+  "any attack" column, unless their count alone gives the verdicts (none broken, or all)."""
   paths = {a: os.path.join(folder, f"{prefix}{PIECE_FILES[a]}.json") for a in ALL_ATTACKS}
   row = {}
   for attack in ALL_ATTACKS:  # the pieces measured before, whichever columns this command measures
@@ -232,18 +233,30 @@ def row_pieces(folder: str, prefix: str, computes: dict, refresh: bool = False) 
   for attack, compute in computes.items():
     row.update(cached_json(paths[attack], compute))
   for attack, compute in computes.items():
-    if refresh and BROKEN_KEYS[attack] not in row:
+    if refresh and verdicts(row, attack) is None:
       row.update(write_json(paths[attack], compute()))  # the old piece stays until the new one is whole
   earlier = os.path.join(folder, f"{prefix}inversion.json")
   if os.path.isfile(earlier):
     with open(earlier) as f:
       row.update(json.load(f))
-  broken = [row.get(BROKEN_KEYS[a]) for a in ALL_ATTACKS]
-  if all(b is not None for b in broken):
-    if len({len(b) for b in broken}) != 1:  # every attack measures the same cases, in order
-      raise ValueError(f"{folder}: per-case verdicts of different lengths {[len(b) for b in broken]}")
+  broken = [verdicts(row, a) for a in ALL_ATTACKS]
+  lengths = {len(b) for b in broken if b is not None} | ({row["cases"]} if "cases" in row else set())
+  if len(lengths) > 1:  # every attack measures the same cases, in order
+    raise ValueError(f"{folder}: per-case verdicts of different lengths {[b and len(b) for b in broken]}")
+  if any(b is not None and all(b) for b in broken):  # one attack broke every case: the others cannot add one
+    row["any_successes"] = lengths.pop()
+  elif all(b is not None for b in broken):
     row["any_successes"] = int(np.any(np.array(broken, bool), axis=0).sum())
   return row
+
+
+def verdicts(row: dict, attack: str) -> list[bool] | None:
+  """The attack's per-case verdicts: as kept, or, in a piece measured before they were kept, what its count
+  alone says (none broken, or all); None where neither is known."""
+  if BROKEN_KEYS[attack] in row:
+    return [bool(b) for b in row[BROKEN_KEYS[attack]]]
+  count, cases = row.get(COUNT_KEYS[attack]), row.get("cases")
+  return [count == cases] * cases if count is not None and cases and count in (0, cases) else None
 
 
 def cached_json(path: str, compute) -> dict:

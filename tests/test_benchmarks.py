@@ -187,7 +187,7 @@ def test_a_row_holds_every_piece_whichever_columns_a_call_measures(tmp_path):
 
   pieces = {
     "measure": {"successes": 2, "cases": 3, "broken": [True, True, False]},
-    "cce": {"cce_successes": 3, "cce_broken": [True] * 3},
+    "cce": {"cce_successes": 2, "cce_broken": [True, True, False]},
     "p4d": {"p4d_successes": 0, "p4d_broken": [False] * 3},
   }
   for name, piece in pieces.items():
@@ -195,13 +195,25 @@ def test_a_row_holds_every_piece_whichever_columns_a_call_measures(tmp_path):
   measured = []
   mma = lambda: measured.append("mma") or {"mma_successes": 1, "mma_broken": [False, False, True]}  # noqa: E731
   row = erasure_tiny.row_pieces(str(tmp_path), "", {"mma": mma})
-  assert measured == ["mma"] and row["cases"] == 3 and row["cce_successes"] == 3 and row["mma_successes"] == 1
+  assert measured == ["mma"] and row["cases"] == 3 and row["cce_successes"] == 2 and row["mma_successes"] == 1
   assert "any_successes" not in row  # Ring-A-Bell not measured yet
   (tmp_path / "ring_a_bell.json").write_text(json.dumps({"ring_a_bell_successes": 0, "ring_a_bell_broken": [0] * 3}))
   row = erasure_tiny.row_pieces(str(tmp_path), "", {"mma": mma})
-  assert measured == ["mma"] and row["any_successes"] == 3
+  assert measured == ["mma"] and row["any_successes"] == 3  # MMA's one case is the one the others left
   assert erasure_tiny.fmt_count([row], "mma_successes", "cases") == "1/3 (6-79%)"
   assert erasure_tiny.fmt_count([{"mma_successes": 1}], "mma_successes", "cases") == "-"  # no case count: no rate
+  # Pieces measured before per-case verdicts were kept: a count of none or all is a verdict; any other is not.
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "measure.json").write_text(json.dumps({"successes": 0, "cases": 3}))
+  (old / "cce.json").write_text(json.dumps({"cce_successes": 2}))
+  assert "any_successes" not in erasure_tiny.row_pieces(str(old), "", {})
+  (old / "cce.json").write_text(json.dumps({"cce_successes": 3}))  # CCE broke every case: no attack adds one
+  assert erasure_tiny.row_pieces(str(old), "", {})["any_successes"] == 3
+  (old / "cce.json").write_text(json.dumps({"cce_successes": 1, "cce_broken": [False, True, False]}))
+  for name in ("ring_a_bell", "p4d", "mma"):
+    (old / f"{name}.json").write_text(json.dumps({f"{name}_successes": 0, f"{name}_broken": [False] * 3}))
+  assert erasure_tiny.row_pieces(str(old), "", {})["any_successes"] == 1  # UnlearnDiffAtk's 0: none broken
   # A column measured on one seed of two shows that seed's count and says so.
   assert erasure_tiny.fmt_rate([row, {"cases": 3}], "mma_successes", "cases") == "33.3% (1/3, 6-79%; 1 of 2 seeds)"
 
