@@ -50,6 +50,26 @@ def test_reo_target_by_hand():
   np.testing.assert_allclose(got, -7.0, atol=1e-6)
 
 
+def test_ste_inversion_is_their_textual_inversion():
+  """Each STE round's attack as stereo.py:110-261 runs it (train.py's defaults for the numbers): one token, batch 1,
+  torch AdamW defaults, lr x batch, flips 0.5, noise at t in [0, 999) (:219), where CCE's covers all 1000."""
+  config = config_lib.base_config()
+  config.stereo.initializer = "shape"
+  cfg = stereo_runs.inversion_config(config)
+  got = {k: getattr(cfg, k) for k in ("tokens", "batch", "accumulation", "scale_lr", "weight_decay", "beta1")}
+  got.update({k: getattr(cfg, k) for k in ("beta2", "eps", "flip_p", "steps", "lr", "templates", "placement")})
+  assert got == {
+    "tokens": 1, "batch": 1, "accumulation": 1, "scale_lr": True, "weight_decay": 1e-2, "beta1": 0.9,
+    "beta2": 0.999, "eps": 1e-8, "flip_p": 0.5, "steps": 3000, "lr": 5e-3, "templates": "object", "placement": "word",
+  }  # fmt: skip
+  pipe = types.SimpleNamespace(schedule=tiny_models.SCHEDULE)
+  assert inversion.training_alphas(pipe, cfg).shape == (999,)
+  cce = inversion.InversionConfig.from_config(config_lib.override(config, ["evaluation.inversion.cce.initializer=x"]))
+  np.testing.assert_array_equal(
+    inversion.training_alphas(pipe, cce), tiny_models.SCHEDULE.alphas_cumprod_diffusers().astype(np.float32)
+  )
+
+
 def test_rollout_grid_and_loss_t():
   """The leading grid and t = 1000 - 20 i (stereo.py:72-73), and the rollout's trip count."""
   np.testing.assert_array_equal(stereo.leading_timesteps(50)[:3], [981, 961, 941])

@@ -139,6 +139,9 @@ class InversionConfig(NamedTuple):
   beta2: float
   eps: float
   flip_p: float
+  # training noise at t in [0, train_timesteps); 0: every step of the schedule (CCE's randint(0,
+  # num_train_timesteps) in esd/concept_inversion.py:951-980); STEREO draws randint(0, 999) (stereo.py:219)
+  train_timesteps: int
   # the classified images, and the checkpoints at which they are rendered
   budgets: tuple[int, ...]
   scheduler: str
@@ -174,6 +177,7 @@ class InversionConfig(NamedTuple):
       sample_steps=section.sample_steps,
       latents=evaluation.latents,
       learned=section.learned,
+      train_timesteps=0,
     )
     if section.protocol not in PROTOCOLS:
       raise ConfigError(
@@ -500,6 +504,12 @@ def _row(x: jax.Array, i: int) -> jax.Array:
   return x[i : i + 1]
 
 
+def training_alphas(pipe: Pipeline | SDXLPipeline, cfg: InversionConfig) -> jax.Array:
+  """The cumulative alphas of the timesteps the denoising loss draws from (uniformly, over all of them)."""
+  alphas = jnp.asarray(pipe.schedule.alphas_cumprod_diffusers(), jnp.float32)
+  return alphas[: cfg.train_timesteps] if cfg.train_timesteps else alphas
+
+
 def trainer(
   pipe: Pipeline | SDXLPipeline, tokenizer, placed: Placed | None, images: np.ndarray, cfg: InversionConfig, seed: int
 ):
@@ -510,7 +520,7 @@ def trainer(
   text_params = side.params(pipe)
   tables = side.tables(text_params)
   params = {"text": text_params, "unet": pipe.unet_params}
-  alphas = jnp.asarray(pipe.schedule.alphas_cumprod_diffusers(), jnp.float32)
+  alphas = training_alphas(pipe, cfg)
   init_key, key = jax.random.split(jax.random.key(seed))
   if cfg.protocol == "prefix":
     x0 = _encode_in_chunks(lambda x: generation.encode_means(pipe.vae_config, pipe.vae_params, x), images)

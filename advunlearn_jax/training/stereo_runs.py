@@ -110,13 +110,14 @@ def validate(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def inversion_config(config: ml_collections.ConfigDict) -> inversion.InversionConfig:
   """The round's textual inversion as stereo.py:110-261 runs it: one token, batch 1, no accumulation, AdamW
-  (torch defaults: wd 1e-2) at ti_lr (scale_lr x 1), constant; flips 0.5 (dataset.py flip_p)."""
+  (torch defaults: wd 1e-2) at ti_lr (scale_lr x 1), constant; flips 0.5 (dataset.py flip_p); noise at
+  t in [0, 999) (:219), one step short of CCE's range."""
   s = config.stereo
   return inversion.InversionConfig(
     protocol="cce", placement="word", words=tuple(config.concept.prompts), steps=s.ti_steps, lr=s.ti_lr, batch=1,
     max_images=s.max_images, tokens=1, initializer=s.initializer, templates=s.templates, accumulation=1,
     scale_lr=True, weight_decay=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, flip_p=0.5, budgets=(), scheduler="ddim",
-    sample_steps=50, latents="jax", learned="",
+    sample_steps=50, latents="jax", learned="", train_timesteps=999,
   )  # fmt: skip
 
 
