@@ -302,6 +302,34 @@ def test_iteration_flops_of_a_warm_up_and_an_attacking_step_without_compiling(tm
   assert attacking["online"]["tflop_per_iter"] > 1.5 * esd["online"]["tflop_per_iter"]
 
 
+def test_the_shipped_defence_costs_what_advunlearn_costs_within_a_quarter():
+  """configs/tiny_robust.py's time budget class, counted (no timing): both stages' FLOPs over all their iterations
+  (the first stage's ESD iterations on the UNet, then tiny.py's AdvUnlearn) against tiny.py's AdvUnlearn alone, each
+  iteration counted from its step's jaxpr at the configs' attack steps and retain batch (micro model, online x_t).
+  Counted: 1.20x (the first stage's 200 ESD iterations cost about a warm-up iteration each). Measured on the tiny
+  world (docs/results.md, 2 cores, steady seconds): 594 s against 541, 1.10x."""
+  from advunlearn_jax import config_lib
+  from advunlearn_jax.configs import tiny, tiny_robust
+  from benchmarks import iteration
+
+  advunlearn, robust = tiny.get_config("triangle"), tiny_robust.get_config("triangle")
+  first = config_lib.override(robust, list(robust.first_stage))
+  assert first.train.method == "noxattn" and first.train.warmup_iters == first.train.iterations  # ESD, no attack
+  steps = [f"--attack_steps={advunlearn.attack.steps}", f"--retain_batch={advunlearn.retain.batch}"]
+  common = ["--size=micro", "--no_torch", "--flops_only", "--modes=online", *steps]
+  per_iteration = {
+    name: iteration.main([*common, *flags])["online"]["tflop_per_iter"]
+    for name, flags in {"attacking": [], "warm_up": ["--warmup"], "esd": ["--warmup", "--method=noxattn"]}.items()
+  }
+  train = advunlearn.train
+  alone = (
+    train.warmup_iters * per_iteration["warm_up"] + (train.iterations - train.warmup_iters) * per_iteration["attacking"]
+  )
+  both = first.train.iterations * per_iteration["esd"] + alone
+  assert robust.train.iterations == train.iterations and robust.train.warmup_iters == train.warmup_iters
+  assert 1.0 < both / alone < 1.25, both / alone
+
+
 @pytest.mark.bench
 def test_iteration_benchmark_memory_only_compiles_without_running(tmp_path):
   args = ["--size=small", "--memory_only", "--attack_steps=3", "--retain_batch=2", "--modes=online,bank_renewing"]
