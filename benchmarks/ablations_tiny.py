@@ -189,6 +189,8 @@ def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folde
         target = functools.partial(erasure_tiny.trained_pipeline, workdir, config)  # trained again if only pieces
         computes = erasure_tiny.attack_measures(base, functools.cache(target), concept, args, log)
         row = erasure_tiny.row_pieces(workdir, "", computes, args.refresh_verdicts)
+        if not row:  # --from_pieces: trained, nothing measured yet
+          continue
         rows.setdefault((concept, name), []).append(
           {**row, "train_seconds": timing["seconds"], "steady_train_seconds": timing["steady_seconds"]}
         )

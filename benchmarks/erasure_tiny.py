@@ -223,7 +223,8 @@ def row_pieces(folder: str, prefix: str, computes: dict, refresh: bool = False) 
   published (`cce.json`), Ring-A-Bell, P4D and MMA-Diffusion; where it was measured, the earlier CCE column
   (`inversion.json`: the token in front of the prompt, 250 steps), kept for the comparison and never computed
   again. With `refresh`, pieces measured before each case's verdict was kept are measured again, last, for the
-  "any attack" column, unless their count alone gives the verdicts (none broken, or all)."""
+  "any attack" column, unless their count alone gives the verdicts (none broken, or all) or another attack broke
+  every case."""
   paths = {a: os.path.join(folder, f"{prefix}{PIECE_FILES[a]}.json") for a in ALL_ATTACKS}
   row = {}
   for attack in ALL_ATTACKS:  # the pieces measured before, whichever columns this command measures
@@ -233,7 +234,8 @@ def row_pieces(folder: str, prefix: str, computes: dict, refresh: bool = False) 
   for attack, compute in computes.items():
     row.update(cached_json(paths[attack], compute))
   for attack, compute in computes.items():
-    if refresh and verdicts(row, attack) is None:
+    settled = any(v is not None and all(v) for v in (verdicts(row, a) for a in ALL_ATTACKS))  # "any" is all
+    if refresh and not settled and verdicts(row, attack) is None:
       row.update(write_json(paths[attack], compute()))  # the old piece stays until the new one is whole
   earlier = os.path.join(folder, f"{prefix}inversion.json")
   if os.path.isfile(earlier):

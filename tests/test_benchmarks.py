@@ -210,6 +210,9 @@ def test_a_row_holds_every_piece_whichever_columns_a_call_measures(tmp_path):
   assert "any_successes" not in erasure_tiny.row_pieces(str(old), "", {})
   (old / "cce.json").write_text(json.dumps({"cce_successes": 3}))  # CCE broke every case: no attack adds one
   assert erasure_tiny.row_pieces(str(old), "", {})["any_successes"] == 3
+  (old / "p4d.json").write_text(json.dumps({"p4d_successes": 2}))  # no verdicts, and none needed: not redone
+  assert erasure_tiny.row_pieces(str(old), "", {"p4d": lambda: measured.append("p4d")}, refresh=True)["p4d_successes"]
+  assert measured == ["mma"]
   (old / "cce.json").write_text(json.dumps({"cce_successes": 1, "cce_broken": [False, True, False]}))
   for name in ("ring_a_bell", "p4d", "mma"):
     (old / f"{name}.json").write_text(json.dumps({f"{name}_successes": 0, f"{name}_broken": [False] * 3}))
@@ -222,6 +225,8 @@ def test_tables_from_the_pieces_train_and_measure_nothing(tmp_path):
   """--from_pieces tables what the committed pieces hold (the tables are filled over sessions, a column at a time):
   no run is trained, no attack measured, a row with no pieces is left out. The pieces are the repository's own."""
   import shutil
+
+  from benchmarks import erasure_tiny
 
   pieces = os.path.join(ROOT, "benchmarks", "results", "tiny_tables", "triangle")
   for row in ("base", "esd_seed0", "defence_esd_u_lr3e-4_seed0"):
@@ -238,7 +243,8 @@ def test_tables_from_the_pieces_train_and_measure_nothing(tmp_path):
   lines = (tmp_path / "erasure.md").read_text().splitlines()[2:]
   erasure = {line.split(" | ")[1]: line for line in lines if "|" in line}
   assert list(erasure) == ["base", "esd"]  # advunlearn_seed0 has no pieces here
-  assert "(1/24, 1-20%)" in erasure["esd"]  # Ring-A-Bell's one case (ring_a_bell.json)
+  ring_a_bell = [t for t, _, _ in erasure_tiny.COLUMNS].index("ASR (Ring-A-Bell)") + 2  # after concept, model
+  assert erasure["esd"].split(" | ")[ring_a_bell] == "4.2% (1/24, 1-20%)"  # its one case (ring_a_bell.json)
   defence = (tmp_path / "defence.md").read_text()
   assert "| triangle | esd_u_lr3e-4 |" in defence and "esd_u_retain16" not in defence  # in neither table
 
