@@ -131,7 +131,7 @@ def test_typed_sections_have_no_defaults_and_hold_the_base_configs_values():
     expected = {**dict(section.cce), **own, "protocol": protocol, "placement": section.placement}
     expected.update(words=tuple(section.words or config.concept.prompts), budgets=tuple(config.evaluation.budgets))
     expected.update(scheduler=section.scheduler, sample_steps=section.sample_steps, latents=config.evaluation.latents)
-    expected.update(learned=section.learned)
+    expected.update(learned=section.learned, train_timesteps=0)  # the whole schedule: no key; STEREO's rounds set 999
     assert _fields(inv) == {name: expected[name] for name in inv._fields}, protocol
 
   # issue 48's attacks: their sections field for field (P4D's also carries the shared budgets)
