@@ -26,7 +26,7 @@ def test_tiny_default_run_end_to_end(tmp_path):
   proc = _main(
     "--config=configs/tiny.py",
     "--config.train.iterations=4",
-    "--config.train.warmup_iters=2",
+    "--config.train.warmup_iters=0",  # one compiled step, the quickstart notebook's (test_train.py has warm-up's)
     "--config.train.save_every=2",
     "--config.train.log_every=1",
     "--config.attack.steps=2",
