@@ -74,6 +74,7 @@ METHODS = {
 }
 TEXT_ROWS = ("advunlearn", "esd_text_retain", "bank")  # what can be plugged into another UNet
 OUT = os.path.join(ROOT, "benchmarks", "results", "tiny_tables")  # shared with ablations_tiny.py
+RETAIN_SEED = 1000  # the retain-accuracy images' noise, every row's the same
 
 
 def cases(concept: str, n: int) -> list:
@@ -108,14 +109,21 @@ def run_config(concept: str, method: str, seed: int, iterations: int, overrides:
   return config
 
 
+def judged_values(pipe, concept: str, values: list[int], per_value: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(prompted value, the judge's verdict) for `per_value` images of each of `values` of the concept's attribute,
+  on their own prompts, rendered in one batch from `seed`."""
+  kind, _ = world.attribute_of(concept)
+  prompts = [p for v in values for p in world.attribute_prompts(kind, v, per_value)]
+  images = tiny_quality.generate(pipe, prompts, seed)
+  return np.repeat(values, per_value), judge_lib.predict(*judge_lib.load(tiny_quality.JUDGE_DIR), images)[kind]
+
+
 def retain_accuracy(pipe, concept: str, per_value: int, seed: int) -> float:
   """The judge's recognition of the other values of the concept's attribute on their own prompts."""
   kind, index = world.attribute_of(concept)
   others = [v for v in range(len(world.ATTRIBUTE_TYPES[kind])) if v != index]
-  prompts = [p for v in others for p in world.attribute_prompts(kind, v, per_value)]
-  labels = np.repeat(others, per_value)
-  images = tiny_quality.generate(pipe, prompts, seed)
-  return float(np.mean(judge_lib.predict(*judge_lib.load(tiny_quality.JUDGE_DIR), images)[kind] == labels))
+  labels, verdicts = judged_values(pipe, concept, others, per_value, seed)
+  return float(np.mean(verdicts == labels))
 
 
 def measure(original, target, concept: str, args, log) -> dict:
@@ -132,7 +140,7 @@ def measure(original, target, concept: str, args, log) -> dict:
   s = result["summary"]
   per_value = args.per_value
   kind, _ = world.attribute_of(concept)
-  retained = retain_accuracy(target, concept, per_value, seed=1000)
+  retained = retain_accuracy(target, concept, per_value, seed=RETAIN_SEED)
   n_retain = per_value * (len(world.ATTRIBUTE_TYPES[kind]) - 1)
   return {
     "pre_asr": s["pre_asr"],

@@ -409,3 +409,20 @@ def test_bench_tier_is_left_out_of_the_readme_commands():
   assert len(bench) == 6 and all(name.startswith("test_") for name in bench)
   assert not bench & (fast | slow)
   assert "test_iteration_benchmark_compiles_for_an_h200_without_one" in slow
+
+
+@pytest.mark.bench
+def test_confusion_splits_the_committed_retain_count_by_value(tmp_path, capsys):
+  """confusion_tiny.py's retained rows are retain accuracy's images: on the shipped model their diagonal is the
+  striped table row's committed retain count, and every value's row holds --per_value verdicts."""
+  from benchmarks import confusion_tiny, erasure_tiny
+
+  os.makedirs(tmp_path / "striped")
+  counts = confusion_tiny.main(["--concept=striped", "--runs=base", f"--out={tmp_path}"])["base"]
+  assert capsys.readouterr().out == (tmp_path / "confusion_striped.md").read_text().split("\n\n", 1)[1]
+  assert counts.sum(axis=1).tolist() == [12, 12, 12, 12]
+  committed = json.load(open(os.path.join(erasure_tiny.OUT, "striped", "base", "measure.json")))
+  retained = [v for v in range(4) if v != 1]  # striped is the style's value 1
+  assert sum(counts[v, v] for v in retained) == committed["retain_k"] == 32
+  refused = _run("confusion_tiny.py", "--concept=striped", "--runs=no_such_run", f"--out={tmp_path}")
+  assert refused.returncode == 2 and "holds no exported pipeline" in refused.stderr
