@@ -110,3 +110,7 @@ def test_an_encoder_is_its_weights_its_config_and_its_tokenizer():
   assert search_cache.encoder_fingerprint(config, params, other) != key
   eps = dataclasses.replace(config, layer_norm_eps=1e-6)  # nothing of it in the weights
   assert search_cache.encoder_fingerprint(eps, params, tokenizer) != key
+  # A padded call in between (any other measurement in the process) is not a different tokenizer.
+  fresh = copy.deepcopy(tokenizer)
+  fresh(["a photo of a triangle"], padding="max_length", max_length=77, truncation=True)
+  assert search_cache.encoder_fingerprint(config, params, fresh) == key

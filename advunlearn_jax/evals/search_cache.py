@@ -44,7 +44,18 @@ def fingerprint(arrays: Any, settings: Any) -> str:
 def encoder_fingerprint(text_config: Any, text_params: Any, tokenizer) -> str:
   """What a text encoder and its tokenizer compute: the weights, the config (heads, activation, EOT id: nothing
   the weights hold) and the whole tokenizer (vocabulary, merges, special tokens)."""
-  return fingerprint(text_params, (repr(text_config), tokenizer.backend_tokenizer.to_str()))
+  return fingerprint(text_params, (repr(text_config), _tokenizer_spec(tokenizer)))
+
+
+def _tokenizer_spec(tokenizer) -> str:
+  """The fast tokenizer's serialisation without its truncation and padding: transformers writes the last call's
+  settings there (a padded call leaves `Fixed: 77` behind), so the same tokenizer serialised differently after
+  another measurement in the same process, and a search already on disk (hours of Ring-A-Bell) was computed
+  again. Every caller here passes its own padding and truncation."""
+  spec = json.loads(tokenizer.backend_tokenizer.to_str())
+  spec.pop("truncation", None)
+  spec.pop("padding", None)
+  return json.dumps(spec, sort_keys=True)
 
 
 def _longer(a: dict | None, b: dict) -> dict:
