@@ -1,6 +1,6 @@
 """What an erasure does to each value of the concept's attribute: the judge's verdicts on every value's prompts.
 
-  python benchmarks/confusion_tiny.py --concept=striped --runs=base,robust_seed0,defence_esd_full_batch15_seed0
+  python benchmarks/confusion_tiny.py --concept=striped --runs=base,robust_seed0,defence_esd_full_batch15_seed0 --write
 
 Retain accuracy (erasure_tiny.py) is one number over the other values. This splits it: for each kept run under
 --out/<concept>/ (its exported `pipeline`; `base` is the shipped model), --per_value images of every value of the
@@ -8,7 +8,8 @@ concept's attribute, each on its own prompts, and what the judge sees in them. T
 rendered exactly as retain accuracy renders them (same prompts, same batch, same seed), so their diagonal is the
 table's retain count; the concept's own row (its prompts, unattacked) shows where the erasure sends it. It shows
 which values an erasure costs, and whether a value's prompts now render the erased one (a leak that retain
-accuracy counts only as a miss). Writes confusion_<concept>.md beside the tables.
+accuracy counts only as a miss). Prints the table; --write puts it in confusion_<concept>.md under --out (the
+committed one holds every run of the command in docs/results.md, "Where the textures go").
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main(argv=None):
   parser.add_argument("--runs", default="base", help="comma-separated run folders under --out/<concept>/, or base")
   parser.add_argument("--out", default=erasure_tiny.OUT)
   parser.add_argument("--per_value", type=int, default=12, help="images per value (erasure_tiny.py's default)")
+  parser.add_argument("--write", action="store_true", help="write the table to --out/confusion_<concept>.md")
   args = parser.parse_args(argv)
   results = {}
   for run in args.runs.split(","):
@@ -70,8 +72,9 @@ def main(argv=None):
     erasure_tiny.release_compiled()
   text = table(args.concept, results)
   print(text, end="")
-  with open(os.path.join(args.out, f"confusion_{args.concept}.md"), "w") as f:
-    f.write(f"Judge's verdicts, {args.per_value} images per value (`benchmarks/confusion_tiny.py`)\n\n{text}")
+  if args.write:
+    with open(os.path.join(args.out, f"confusion_{args.concept}.md"), "w") as f:
+      f.write(f"Judge's verdicts, {args.per_value} images per value (`benchmarks/confusion_tiny.py`)\n\n{text}")
   return results
 
 

@@ -52,6 +52,7 @@ def pytest_addoption(parser):
   )
 
 
+@pytest.hookimpl(trylast=True)  # after -m, -k and --deselect: a file is weighed by the tests that will run
 def pytest_collection_modifyitems(config, items):
   """The `bench` tier runs only when asked for by name (-m bench): the README's two commands leave it out. The
   rest run heaviest file first (tests/scheduling.py)."""
@@ -67,7 +68,9 @@ _measured_seconds: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
-  _measured_seconds[report.nodeid] = _measured_seconds.get(report.nodeid, 0.0) + report.duration
+  # A skipped test's seconds say nothing of its cost where it runs; a crashed worker's report ("???") has none.
+  if report.when in ("setup", "call", "teardown") and not report.skipped:
+    _measured_seconds[report.nodeid] = _measured_seconds.get(report.nodeid, 0.0) + report.duration
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -18,7 +18,7 @@ UNRECORDED_SECONDS = 10.0
 
 
 def load(path: str = SECONDS_FILE) -> dict[str, float]:
-  """The recorded seconds per node id; empty when nothing is recorded (the order is then xdist's own)."""
+  """The recorded seconds per node id; empty when nothing is recorded (files then go in collection order)."""
   try:
     with open(path) as f:
       return json.load(f)
@@ -28,8 +28,8 @@ def load(path: str = SECONDS_FILE) -> dict[str, float]:
 
 def heaviest_files_first(items: list, seconds: dict[str, float]) -> None:
   """Sorts `items` (pytest items, in place) by their file's total recorded seconds, heaviest first; a file's own
-  tests keep their order, so its module fixtures are built once as before. Only the collected tests count: a
-  removed test's recorded seconds weigh nothing."""
+  tests keep their order, so its module fixtures are built once as before. Only the selected tests count (the
+  hook runs after -m and -k): a removed or deselected test's seconds weigh nothing."""
   if not seconds:
     return
   per_file = defaultdict(float)

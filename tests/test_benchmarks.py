@@ -406,7 +406,7 @@ def test_bench_tier_is_left_out_of_the_readme_commands():
     return {line.split("::")[1] for line in out.splitlines() if "::" in line}
 
   fast, slow, bench = collected("not slow"), collected("slow"), collected("bench")
-  assert len(bench) == 6 and all(name.startswith("test_") for name in bench)
+  assert len(bench) == 7 and all(name.startswith("test_") for name in bench)
   assert not bench & (fast | slow)
   assert "test_iteration_benchmark_compiles_for_an_h200_without_one" in slow
 
@@ -418,7 +418,7 @@ def test_confusion_splits_the_committed_retain_count_by_value(tmp_path, capsys):
   from benchmarks import confusion_tiny, erasure_tiny
 
   os.makedirs(tmp_path / "striped")
-  counts = confusion_tiny.main(["--concept=striped", "--runs=base", f"--out={tmp_path}"])["base"]
+  counts = confusion_tiny.main(["--concept=striped", "--runs=base", f"--out={tmp_path}", "--write"])["base"]
   assert capsys.readouterr().out == (tmp_path / "confusion_striped.md").read_text().split("\n\n", 1)[1]
   assert counts.sum(axis=1).tolist() == [12, 12, 12, 12]
   committed = json.load(open(os.path.join(erasure_tiny.OUT, "striped", "base", "measure.json")))

@@ -19,7 +19,7 @@ def test_the_heaviest_file_goes_first_and_each_file_keeps_its_own_order():
   # b 100 s; c 8 s recorded plus z unrecorded (counted as UNRECORDED_SECONDS, 10); a 3 s.
   assert [i.nodeid for i in items] == ["b.py::slow", "c.py::x", "c.py::y", "c.py::z", "a.py::one", "a.py::two"]
   untouched = [_item(i) for i in ids]
-  scheduling.heaviest_files_first(untouched, {})  # nothing recorded: xdist's own order
+  scheduling.heaviest_files_first(untouched, {})  # nothing recorded: collection order
   assert [i.nodeid for i in untouched] == ids
 
 
