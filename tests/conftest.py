@@ -22,8 +22,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from tests import scheduling  # noqa: E402
-
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
@@ -44,41 +42,14 @@ def pytest_xdist_auto_num_workers(config):
   return max(1, min(cores, psutil.virtual_memory().available // WORKER_BYTES))
 
 
-def pytest_addoption(parser):
-  parser.addoption(
-    "--record-test-seconds",
-    action="store_true",
-    help=f"write each test's seconds (setup, call, teardown) into {os.path.relpath(scheduling.SECONDS_FILE)}",
-  )
-
-
-@pytest.hookimpl(trylast=True)  # after -m, -k and --deselect: a file is weighed by the tests that will run
 def pytest_collection_modifyitems(config, items):
-  """The `bench` tier runs only when asked for by name (-m bench): the README's two commands leave it out. The
-  rest run heaviest file first (tests/scheduling.py)."""
-  if "bench" not in (config.option.markexpr or ""):
-    benches = [item for item in items if item.get_closest_marker("bench")]
-    if benches:
-      config.hook.pytest_deselected(items=benches)
-      items[:] = [item for item in items if not item.get_closest_marker("bench")]
-  scheduling.heaviest_files_first(items, scheduling.load())
-
-
-_measured_seconds: dict[str, float] = {}
-
-
-def pytest_runtest_logreport(report):
-  # A skipped test's seconds say nothing of its cost where it runs; a crashed worker's report ("???") has none.
-  if report.when in ("setup", "call", "teardown") and not report.skipped:
-    _measured_seconds[report.nodeid] = _measured_seconds.get(report.nodeid, 0.0) + report.duration
-
-
-def pytest_sessionfinish(session, exitstatus):
-  """With --record-test-seconds, the controller (xdist's workers report to it) records what ran, passed or not:
-  a failing test's seconds still say where the time goes."""
-  if session.config.getoption("record_test_seconds") and not hasattr(session.config, "workerinput"):
-    if _measured_seconds:
-      scheduling.merge(scheduling.SECONDS_FILE, _measured_seconds)
+  """The `bench` tier runs only when asked for by name (-m bench): the README's two commands leave it out."""
+  if "bench" in (config.option.markexpr or ""):
+    return
+  benches = [item for item in items if item.get_closest_marker("bench")]
+  if benches:
+    config.hook.pytest_deselected(items=benches)
+    items[:] = [item for item in items if not item.get_closest_marker("bench")]
 
 
 @pytest.fixture(scope="session", autouse=True)
