@@ -33,9 +33,8 @@ def confusion(pipe, concept: str, per_value: int, seed: int = erasure_tiny.RETAI
   """counts[prompted value, judged value] over the concept's attribute; the retained rows as retain accuracy's."""
   kind, index = world.attribute_of(concept)
   n = len(world.ATTRIBUTE_TYPES[kind])
-  others = [v for v in range(n) if v != index]
   counts = np.zeros((n, n), int)
-  for values in (others, [index]):
+  for values in (erasure_tiny.retained_values(concept), [index]):  # two batches: the first is retain accuracy's
     labels, verdicts = erasure_tiny.judged_values(pipe, concept, values, per_value, seed)
     np.add.at(counts, (labels, verdicts), 1)
   return counts
@@ -57,7 +56,8 @@ def table(concept: str, results: dict[str, np.ndarray]) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--concept", default="striped")
+  values = [v for kind in world.ATTRIBUTE_TYPES.values() for v in kind]
+  parser.add_argument("--concept", default="striped", choices=values, help="a tiny-world value")
   parser.add_argument("--runs", default="base", help="comma-separated run folders under --out/<concept>/, or base")
   parser.add_argument("--out", default=erasure_tiny.OUT)
   parser.add_argument("--per_value", type=int, default=12, help="images per value (erasure_tiny.py's default)")

@@ -118,11 +118,15 @@ def judged_values(pipe, concept: str, values: list[int], per_value: int, seed: i
   return np.repeat(values, per_value), judge_lib.predict(*judge_lib.load(tiny_quality.JUDGE_DIR), images)[kind]
 
 
+def retained_values(concept: str) -> list[int]:
+  """The other values of the concept's attribute, the ones retain accuracy reads."""
+  kind, index = world.attribute_of(concept)
+  return [v for v in range(len(world.ATTRIBUTE_TYPES[kind])) if v != index]
+
+
 def retain_accuracy(pipe, concept: str, per_value: int, seed: int) -> float:
   """The judge's recognition of the other values of the concept's attribute on their own prompts."""
-  kind, index = world.attribute_of(concept)
-  others = [v for v in range(len(world.ATTRIBUTE_TYPES[kind])) if v != index]
-  labels, verdicts = judged_values(pipe, concept, others, per_value, seed)
+  labels, verdicts = judged_values(pipe, concept, retained_values(concept), per_value, seed)
   return float(np.mean(verdicts == labels))
 
 
@@ -139,9 +143,8 @@ def measure(original, target, concept: str, args, log) -> dict:
   )
   s = result["summary"]
   per_value = args.per_value
-  kind, _ = world.attribute_of(concept)
   retained = retain_accuracy(target, concept, per_value, seed=RETAIN_SEED)
-  n_retain = per_value * (len(world.ATTRIBUTE_TYPES[kind]) - 1)
+  n_retain = per_value * len(retained_values(concept))
   return {
     "pre_asr": s["pre_asr"],
     "asr": s["asr"],

@@ -422,7 +422,9 @@ def test_confusion_splits_the_committed_retain_count_by_value(tmp_path, capsys):
   assert capsys.readouterr().out == (tmp_path / "confusion_striped.md").read_text().split("\n\n", 1)[1]
   assert counts.sum(axis=1).tolist() == [12, 12, 12, 12]
   committed = json.load(open(os.path.join(erasure_tiny.OUT, "striped", "base", "measure.json")))
-  retained = [v for v in range(4) if v != 1]  # striped is the style's value 1
-  assert sum(counts[v, v] for v in retained) == committed["retain_k"] == 32
+  assert erasure_tiny.retained_values("striped") == [0, 2, 3]  # plain, dotted, checkered: striped is value 1
+  assert sum(counts[v, v] for v in (0, 2, 3)) == committed["retain_k"] == 32
   refused = _run("confusion_tiny.py", "--concept=striped", "--runs=no_such_run", f"--out={tmp_path}")
   assert refused.returncode == 2 and "holds no exported pipeline" in refused.stderr
+  unknown = _run("confusion_tiny.py", "--concept=zigzag", f"--out={tmp_path}")
+  assert unknown.returncode == 2 and "invalid choice: 'zigzag'" in unknown.stderr
