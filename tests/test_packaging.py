@@ -104,7 +104,7 @@ def test_installed_package_runs_the_readme_command_outside_the_checkout(tmp_path
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   # test_main.py's run settings (its first two iterations), so the compiled steps load from the shared cache.
-  overrides = ["train.iterations=2", "train.warmup_iters=2", "train.save_every=2", "attack.steps=2"]
+  overrides = ["train.iterations=2", "train.warmup_iters=0", "train.save_every=2", "attack.steps=2"]
   overrides += ["bank.concept_trajectories=2", "samples.every=0", "report.kind="]  # an empty value: written as nothing
   command = [python, "-m", "advunlearn_jax.main", "--config=configs/tiny.py", "--workdir=run"]
   out = subprocess.run(
