@@ -359,6 +359,51 @@ def test_a_short_search_lowers_the_loss_and_repeats_itself(tiny, attacked, targe
     assert all(t in shown for t in text)
 
 
+class _JudgeAt:
+  """A judge that flags its `at`-th call (1-based; 0: none). Per case the attack calls it on the unattacked image,
+  on the original's image that becomes the target, then on each checkpoint's found prompt."""
+
+  def __init__(self, at: int):
+    self.at, self.calls = at, 0
+
+  def __call__(self, images):
+    self.calls += 1
+    return np.full(len(images), self.calls == self.at)
+
+
+def test_a_remembered_search_replays_and_a_stopped_one_goes_on_as_the_uninterrupted_one(
+  tiny, attacked, target_image, selection, tmp_path, monkeypatch
+):
+  """evaluation.search_cache: a case broken at the first checkpoint leaves its search there; a later process
+  judging a model that needs more finds what one uninterrupted search finds; the next replays it without a step."""
+  from advunlearn_jax.evals import robustness, search_cache
+
+  config = _config("evaluation.p4d.variants=('n',)", "evaluation.attack=p4d", "evaluation.budgets=(20, 40)")
+  config.evaluation.search_cache = str(tmp_path / "searches")
+  cfg = p4d.P4DConfig.from_config(config.evaluation)
+  render, similarity = selection
+  uninterrupted = list(p4d.search(tiny, attacked, PROMPT, target_image, cfg, "n", SEED, render, similarity, (20, 40)))
+  case = prompt_sets.inline([PROMPT], seed=SEED, guidance=5.0)
+
+  def attacked_at(judge_call: int) -> list[tuple[int, str]]:
+    monkeypatch.setattr(search_cache, "_CACHES", {})  # a new process: only the folder remembers
+    outcomes = robustness.robustness(tiny, attacked, case, _JudgeAt(judge_call), config, log=lambda _: None)
+    return [(o.iterations, o.adv_prompt) for o in outcomes["outcomes"]]
+
+  stopped = attacked_at(3)  # broken at the first checkpoint
+  assert stopped == [(20, uninterrupted[0].prompt)] and len(os.listdir(tmp_path / "searches")) == 1
+  blocks = []
+  advance = p4d.advance
+  monkeypatch.setattr(p4d, "advance", lambda *a: blocks.append(1) or advance(*a))
+  assert attacked_at(0) == [(40, uninterrupted[1].prompt)]
+  assert attacked_at(0) == [(40, uninterrupted[1].prompt)] and len(blocks) == 3  # once: steps 0-10, 10-20, 20-30
+  assert attacked_at(3) == stopped and len(blocks) == 3
+  # Another attacked model is another search, not a replay of this one's.
+  assert search_cache.pipeline_fingerprint(tiny, tok_lib.load_tokenizer(tiny.tokenizer_dir)) != (
+    search_cache.pipeline_fingerprint(attacked, tok_lib.load_tokenizer(attacked.tokenizer_dir))
+  )
+
+
 def test_judge_selector_is_the_cosine_of_the_judges_fc_features(target_image):
   import jax.numpy as jnp
 

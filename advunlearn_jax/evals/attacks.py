@@ -260,12 +260,20 @@ class P4D:
 
   @staticmethod
   def run(original, target, prompts, classifier, cfg, config, attack: bool, progress: Callable, log=print) -> Run:
+    from advunlearn_jax.data import tokenizer as tok_lib
     from advunlearn_jax.diffusion import generation
 
     ev = config.evaluation
     checkpoints = _checkpoints(ev, cfg.iters)
     similarity = p4d.make_selector(cfg.selector)
     shown_targets = {}
+    cache = search_cache.for_folder(ev.search_cache)
+    # Everything a case's search reads but the case: both whole pipelines (the original's VAE, encoder and UNet
+    # set the goal; the attacked encoder and UNet are optimised through and render the candidates), the settings.
+    models = tuple(
+      search_cache.pipeline_fingerprint(m, tok_lib.load_tokenizer(m.tokenizer_dir)) for m in (original, target)
+    )
+    searched = cfg._replace(budgets=())
 
     def target_image(p) -> np.ndarray:
       """run_p4dn.py:194-217: the original's images of the prompt, the most concept-like of them."""
@@ -282,13 +290,24 @@ class P4D:
     def search(i, p):
       image = shown_targets[i] = target_image(p)
       render = p4d.renderer(target, p.seed, p.guidance, cfg.sampler)
-      runs = [
-        p4d.search(original, target, p.prompt, image, cfg, v, p.seed, render, similarity, checkpoints)
-        for v in cfg.variants
-      ]
-      for per_checkpoint in zip(*runs):  # every variant to the same budget before the next: the union's curve
-        for budget, text, _ in per_checkpoint:
-          yield budget, text
+
+      def run(handed_on):
+        """The variants from their start; `handed_on` (the state remembered: how many checkpoints were handed on)
+        skipped. PEZ's embeddings and Adam moments per variant are not worth a file: a search stopped midway runs
+        again, deterministic, and goes on where it stopped."""
+        runs = [
+          p4d.search(original, target, p.prompt, image, cfg, v, p.seed, render, similarity, checkpoints)
+          for v in cfg.variants
+        ]
+        count = 0
+        for per_checkpoint in zip(*runs):  # every variant to the same budget before the next: the union's curve
+          for budget, text, _ in per_checkpoint:
+            count += 1
+            if count > (handed_on or 0):
+              yield budget, text, count
+
+      settings = ("p4d", p4d.SEARCH_VERSION, models, searched, checkpoints, p.prompt, p.seed, p.guidance)
+      yield from cache.step_by_step(search_cache.fingerprint(image, settings), run)
 
     outcomes = found_prompts.judged_cases(
       target, prompts, classifier, cfg.sampler, search, attack=attack, progress=progress, images=cfg.images

@@ -51,6 +51,8 @@ from advunlearn_jax.models.unet import UNet2DConditionModel
 
 VARIANTS = ("n", "k")
 MAX_LENGTH = tok_lib.MAX_LENGTH
+# Part of a remembered search's fingerprint (evals/search_cache.py): bump it when what a search finds changes.
+SEARCH_VERSION = 1
 # optimize_n.py:38 and optimize_k.py:32: the training sequence is padded with id 0 ("!"), not the tokenizer's pad.
 REFERENCE_PAD_ID = 0
 # optimize_n.py:129: torch.optim.AdamW(lr=args.lr, weight_decay=args.weight_decay), torch's other defaults.

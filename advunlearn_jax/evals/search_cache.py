@@ -1,11 +1,13 @@
-"""Discrete searches that read text alone, remembered by everything they read.
+"""Discrete searches, remembered by everything they read.
 
 Ring-A-Bell searches the original model's text encoder and MMA-Diffusion the attacked one; neither looks at a
 UNet or an image. So one search serves every model with the same text encoder (Ring-A-Bell: every model of a
 concept; MMA: every UNet erasure and the base model, and an encoder plugged into another UNet), as the authors
-transfer one prompt set to every erasure method. A search is remembered by a fingerprint of its inputs, in this
-process and, where `evaluation.search_cache` names a folder, across processes (one JSON file a search): a table
-that measures many models over several sessions pays for each search once.
+transfer one prompt set to every erasure method. P4D reads both whole pipelines and renders on the attacked one:
+its searches serve only the model they ran on, so a table run stopped midway goes on from its last case. A search
+is remembered by a fingerprint of its inputs, in this process and, where `evaluation.search_cache` names a folder,
+across processes (one JSON file a search): a table that measures many models over several sessions pays for
+each search once.
 
 A search that stopped early (its case broke at a checkpoint) is remembered with its state there, so a model that
 needs more of it continues from that checkpoint instead of starting again; the continued search is the
@@ -45,6 +47,14 @@ def encoder_fingerprint(text_config: Any, text_params: Any, tokenizer) -> str:
   """What a text encoder and its tokenizer compute: the weights, the config (heads, activation, EOT id: nothing
   the weights hold) and the whole tokenizer (vocabulary, merges, special tokens)."""
   return fingerprint(text_params, (repr(text_config), _tokenizer_spec(tokenizer)))
+
+
+def pipeline_fingerprint(pipe, tokenizer) -> str:
+  """What a whole SD pipeline computes: its three models' weights and configs, its noise schedule and its
+  tokenizer (a search that renders images or denoises, as P4D's, reads all of them)."""
+  weights = {"text": pipe.text_params, "unet": pipe.unet_params, "vae": pipe.vae_params}
+  configs = (repr(pipe.text_config), repr(pipe.unet_config), repr(pipe.vae_config), repr(pipe.schedule))
+  return fingerprint(weights, (configs, _tokenizer_spec(tokenizer)))
 
 
 def _tokenizer_spec(tokenizer) -> str:
