@@ -36,6 +36,7 @@ sys.path.insert(0, ROOT)
 from advunlearn_jax import config_lib  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import attacks, budgets  # noqa: E402
+from advunlearn_jax.tiny import prompts as tiny_prompts  # noqa: E402
 from benchmarks import erasure_tiny  # noqa: E402
 
 
@@ -47,6 +48,9 @@ class Variant(NamedTuple):
   # A two-stage recipe: the variant (same concept and seed) trained first, into this run's workdir/first_stage
   # (config.first_stage); its exported UNet and text encoder are this run's frozen original.
   after: str = ""
+  # Retain prompts restricted to these other values of the erased attribute (tiny/prompts.retain_prompts); a value
+  # of another attribute than the run's concept is refused.
+  retain_values: tuple[str, ...] = ()
 
 
 PAPER_ESD = (
@@ -152,9 +156,10 @@ def variant_config(variants: dict[str, Variant], name: str, concept: str, seed: 
   """The run's config; a second stage's holds its first stage as config.first_stage (training/stages.py), which
   main would train too: the first variant's config written as overrides of this one."""
   variant = variants[name]
-  config = erasure_tiny.run_config(
-    concept, variant.method, seed, args.iterations, [*erasure_tiny.FAITHFUL, *variant.overrides]
-  )
+  overrides = [*erasure_tiny.FAITHFUL, *variant.overrides]
+  if variant.retain_values:
+    overrides.append(f"retain.prompts={tiny_prompts.retain_prompts(concept, variant.retain_values)!r}")
+  config = erasure_tiny.run_config(concept, variant.method, seed, args.iterations, overrides)
   if not variant.after:
     return config
   first = variant_config(variants, variant.after, concept, seed, args)

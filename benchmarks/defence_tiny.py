@@ -70,6 +70,14 @@ DEFENCES = {
     "ESD erases styles in cross-attention (ESD-x) and the rest outside it (ESD-u, the noxattn rows here): does "
     "training both erase a texture where CCE cannot reach it?",
   ),
+  "esd_full_batch15_textures": Variant(
+    "esd",
+    ("train.method=full", "retain.batch=15"),
+    "esd_full_batch15 with its retain prompts all dotted or checkered (the style's; no plain shapes)",
+    "esd_full_batch15 held the style's CCE to 2/24 and kept 6/12 dotted, 3/12 checkered, 11/12 plain: does a "
+    "retain term spent on the damaged textures alone give them back without giving CCE more?",
+    retain_values=("dotted", "checkered"),
+  ),
   "esd_u_lr5e-4_400": Variant(
     "esd",
     ("train.method=noxattn", "train.lr=5e-4", "train.iterations=400"),

@@ -104,6 +104,15 @@ def test_tiny_config_and_report_vocabulary():
   assert all("striped" in p for p in striped.concept.prompts)
   assert not any("striped" in p for p in striped.retain.prompts)
   assert not set(striped.evaluation.prompts) & set(striped.concept.prompts)
+  # A retain set spent on some of the other values (defence_tiny.py's texture variant): those values' prompts only.
+  from advunlearn_jax.tiny import prompts
+
+  textures = prompts.retain_prompts("striped", ("dotted", "checkered"))
+  assert len(textures) == 6 * 6 * 2 and set(textures) < set(striped.retain.prompts)
+  assert all(("dotted" in p) != ("checkered" in p) for p in textures)
+  for values in (("triangle",), ("striped",)):  # another attribute's value; the erased one itself
+    with pytest.raises(ValueError, match=r"not other styles than 'striped'; known: \['plain', 'dotted'"):
+      prompts.retain_prompts("striped", values)
   assert report.erased_attributes(["a photo of a triangle"]) == [("shape", 2)]
   assert report.erased_attributes(["a photo of a striped shape"]) == [("style", 1)]
   with pytest.raises(Exception, match="names no tiny-world attribute"):

@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import itertools
 
+from advunlearn_jax.errors import ConfigError
 from advunlearn_jax.tiny import world
 
 EVAL_PROMPTS = 12  # UnlearnDiffAtk prompts per erased value: world.attribute_prompts(kind, value, 12)
 
 
-def retain_prompts(concept: str) -> tuple[str, ...]:
+def retain_prompts(concept: str, values: tuple[str, ...] = ()) -> tuple[str, ...]:
   """Every full prompt (shape, colour, style) that does not name the concept: the retain set sees the same
-  phrasing as the prompts the report and the attack use."""
+  phrasing as the prompts the report and the attack use. `values`: only the prompts naming one of these other
+  values of the concept's attribute (a texture's erasure blurs dots and checks and leaves plain shapes plain:
+  benchmarks/results/tiny_tables/confusion_striped.md); empty, all of them."""
   kind, index = world.attribute_of(concept)
+  others = [v for v in world.ATTRIBUTE_TYPES[kind] if v != concept]
+  unknown = [v for v in values if v not in others]
+  if unknown:
+    raise ConfigError(f"retain values {unknown} are not other {kind}s than {concept!r}; known: {others}")
+  kept = {world.ATTRIBUTE_TYPES[kind].index(v) for v in values or others}
   combos = itertools.product(*(range(len(v)) for v in world.ATTRIBUTE_TYPES.values()))
   kinds = list(world.ATTRIBUTE_TYPES)
   return tuple(
-    world.canonical_prompt(**dict(zip(kinds, combo))) for combo in combos if combo[kinds.index(kind)] != index
+    world.canonical_prompt(**dict(zip(kinds, combo))) for combo in combos if combo[kinds.index(kind)] in kept
   )
 
 
