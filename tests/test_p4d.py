@@ -375,33 +375,41 @@ def test_a_remembered_search_replays_and_a_stopped_one_goes_on_as_the_uninterrup
   tiny, attacked, target_image, selection, tmp_path, monkeypatch
 ):
   """evaluation.search_cache: a case broken at the first checkpoint leaves its search there; a later process
-  judging a model that needs more finds what one uninterrupted search finds; the next replays it without a step."""
+  judging a model that needs more finds what one uninterrupted search finds (both variants, interleaved by
+  budget); the next replays it without a step; another attacked model searches for itself."""
+  import json
+
   from advunlearn_jax.evals import robustness, search_cache
 
-  config = _config("evaluation.p4d.variants=('n',)", "evaluation.attack=p4d", "evaluation.budgets=(20, 40)")
+  config = _config("evaluation.attack=p4d", "evaluation.budgets=(20, 40)")
   config.evaluation.search_cache = str(tmp_path / "searches")
   cfg = p4d.P4DConfig.from_config(config.evaluation)
+  assert cfg.variants == ("n", "k")
   render, similarity = selection
-  uninterrupted = list(p4d.search(tiny, attacked, PROMPT, target_image, cfg, "n", SEED, render, similarity, (20, 40)))
+  n, k = (list(p4d.search(tiny, attacked, PROMPT, target_image, cfg, v, SEED, render, similarity)) for v in "nk")
+  uninterrupted = [[c.step, c.prompt] for pair in zip(n, k) for c in pair]  # P4D-UNION's order: budget, variant
   case = prompt_sets.inline([PROMPT], seed=SEED, guidance=5.0)
 
-  def attacked_at(judge_call: int) -> list[tuple[int, str]]:
+  def attacked_at(judge_call: int, model=attacked) -> list[tuple[int, str]]:
     monkeypatch.setattr(search_cache, "_CACHES", {})  # a new process: only the folder remembers
-    outcomes = robustness.robustness(tiny, attacked, case, _JudgeAt(judge_call), config, log=lambda _: None)
+    outcomes = robustness.robustness(tiny, model, case, _JudgeAt(judge_call), config, log=lambda _: None)
     return [(o.iterations, o.adv_prompt) for o in outcomes["outcomes"]]
 
-  stopped = attacked_at(3)  # broken at the first checkpoint
-  assert stopped == [(20, uninterrupted[0].prompt)] and len(os.listdir(tmp_path / "searches")) == 1
+  def remembered() -> list[dict]:
+    return [json.loads(f.read_text()) for f in sorted((tmp_path / "searches").iterdir())]
+
+  stopped = attacked_at(3)  # broken at the first checkpoint handed on: P4D-N's at 20 steps
+  assert stopped == [tuple(uninterrupted[0])]
+  assert [(e["found"], e["done"]) for e in remembered()] == [(uninterrupted[:1], False)]
   blocks = []
   advance = p4d.advance
   monkeypatch.setattr(p4d, "advance", lambda *a: blocks.append(1) or advance(*a))
-  assert attacked_at(0) == [(40, uninterrupted[1].prompt)]
-  assert attacked_at(0) == [(40, uninterrupted[1].prompt)] and len(blocks) == 3  # once: steps 0-10, 10-20, 20-30
-  assert attacked_at(3) == stopped and len(blocks) == 3
-  # Another attacked model is another search, not a replay of this one's.
-  assert search_cache.pipeline_fingerprint(tiny, tok_lib.load_tokenizer(tiny.tokenizer_dir)) != (
-    search_cache.pipeline_fingerprint(attacked, tok_lib.load_tokenizer(attacked.tokenizer_dir))
-  )
+  assert attacked_at(0) == [tuple(uninterrupted[-1])]
+  assert [(e["found"], e["done"]) for e in remembered()] == [(uninterrupted, True)]  # each checkpoint once
+  assert attacked_at(0) == [tuple(uninterrupted[-1])] and len(blocks) == 6  # once: 3 blocks of 10 steps a variant
+  assert attacked_at(3) == stopped and len(blocks) == 6
+  attacked_at(3, model=tiny)  # the same case on another attacked model: a search of its own
+  assert len(remembered()) == 2 and len(blocks) == 6 + 2 * 2
 
 
 def test_judge_selector_is_the_cosine_of_the_judges_fc_features(target_image):

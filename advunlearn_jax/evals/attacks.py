@@ -295,6 +295,8 @@ class P4D:
         """The variants from their start; `handed_on` (the state remembered: how many checkpoints were handed on)
         skipped. PEZ's embeddings and Adam moments per variant are not worth a file: a search stopped midway runs
         again, deterministic, and goes on where it stopped."""
+        if (handed_on or 0) >= len(checkpoints) * len(cfg.variants):  # all handed on: nothing left to run for
+          return
         runs = [
           p4d.search(original, target, p.prompt, image, cfg, v, p.seed, render, similarity, checkpoints)
           for v in cfg.variants
@@ -306,7 +308,10 @@ class P4D:
             if count > (handed_on or 0):
               yield budget, text, count
 
-      settings = ("p4d", p4d.SEARCH_VERSION, models, searched, checkpoints, p.prompt, p.seed, p.guidance)
+      # The selector's weights (the judge's, a CLIP folder's) enter through what they compute: the similarity of
+      # the target to its mirror image.
+      selects = similarity(image, image[:, ::-1])
+      settings = ("p4d", p4d.SEARCH_VERSION, models, searched, checkpoints, p.prompt, p.seed, p.guidance, selects)
       yield from cache.step_by_step(search_cache.fingerprint(image, settings), run)
 
     outcomes = found_prompts.judged_cases(
