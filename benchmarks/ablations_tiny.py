@@ -37,6 +37,7 @@ from advunlearn_jax import config_lib  # noqa: E402
 from advunlearn_jax.convert import diffusers as sd_convert  # noqa: E402
 from advunlearn_jax.evals import attacks, budgets  # noqa: E402
 from advunlearn_jax.tiny import prompts as tiny_prompts  # noqa: E402
+from advunlearn_jax.tiny import world  # noqa: E402
 from benchmarks import erasure_tiny  # noqa: E402
 
 
@@ -48,8 +49,8 @@ class Variant(NamedTuple):
   # A two-stage recipe: the variant (same concept and seed) trained first, into this run's workdir/first_stage
   # (config.first_stage); its exported UNet and text encoder are this run's frozen original.
   after: str = ""
-  # Retain prompts restricted to these other values of the erased attribute (tiny/prompts.retain_prompts); a value
-  # of another attribute than the run's concept is refused.
+  # Retain prompts restricted to these other values of the erased attribute (tiny/prompts.retain_prompts); `run`
+  # skips a concept of another attribute (`applies`).
   retain_values: tuple[str, ...] = ()
 
 
@@ -152,6 +153,13 @@ def parse_args(description: str, variants: dict[str, Variant]) -> argparse.Names
   return args
 
 
+def applies(variant: Variant, concept: str) -> bool:
+  """Whether `variant` can run on `concept`: its retain values, if any, are other values of the concept's attribute
+  (a texture-only retain set has no meaning for a shape)."""
+  kind = world.attribute_of(concept)[0]
+  return all(v in world.ATTRIBUTE_TYPES[kind] and v != concept for v in variant.retain_values)
+
+
 def variant_config(variants: dict[str, Variant], name: str, concept: str, seed: int, args):
   """The run's config; a second stage's holds its first stage as config.first_stage (training/stages.py), which
   main would train too: the first variant's config written as overrides of this one."""
@@ -186,6 +194,9 @@ def run(variants: dict[str, Variant], args: argparse.Namespace, stem: str, folde
     for concept in concepts:
       for name in names:
         workdir = os.path.join(args.out, concept, f"{folder_prefix}{name}_seed{seed}")
+        if not applies(variants[name], concept):
+          log(f"== {concept} {name} seed {seed}: skipped, retain values {variants[name].retain_values} not {concept}'s")
+          continue
         log(f"== {concept} {name} seed {seed}")
         config = variant_config(variants, name, concept, seed, args)
         if args.from_pieces and not os.path.isfile(os.path.join(workdir, "train.json")):
