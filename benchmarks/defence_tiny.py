@@ -78,6 +78,14 @@ DEFENCES = {
     "retain term spent on the damaged textures alone give them back without giving CCE more?",
     retain_values=("dotted", "checkered"),
   ),
+  "esd_x_batch15": Variant(
+    "esd",
+    ("train.method=xattn", "retain.batch=15"),
+    "cross-attention only (ESD-x), retain 4 over 15 prompts a step, lr 1e-3, no attack",
+    "the ESD paper erases artistic styles in cross-attention (ESD-x); every erasure of the texture outside it "
+    "blurred dots and checks: does cross-attention alone erase stripes and keep the textures, and does CCE reach "
+    "past it?",
+  ),
   "esd_u_lr5e-4_400": Variant(
     "esd",
     ("train.method=noxattn", "train.lr=5e-4", "train.iterations=400"),
