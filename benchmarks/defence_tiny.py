@@ -86,6 +86,19 @@ DEFENCES = {
     "blurred dots and checks: does cross-attention alone erase stripes and keep the textures, and does CCE reach "
     "past it?",
   ),
+  "esd_x_batch15_400": Variant(
+    "esd",
+    ("train.method=xattn", "retain.batch=15", "train.iterations=400"),
+    "ESD-x as esd_x_batch15, for 400 iterations instead of 200",
+    "ESD-x kept 30/36 of the textures (AdvUnlearn 28/36) and let CCE break 8/24: does twice the erasure spend the "
+    "two spare textures on holding CCE?",
+  ),
+  "esd_x_batch15_eta2": Variant(
+    "esd",
+    ("train.method=xattn", "retain.batch=15", "diffusion.negative_guidance=2.0"),
+    "ESD-x as esd_x_batch15, with the ESD target pushed twice as far (negative guidance 2)",
+    "ESD-x kept 30/36 of the textures and let CCE break 8/24: does a target further from the stripes hold CCE?",
+  ),
   "esd_u_lr5e-4_400": Variant(
     "esd",
     ("train.method=noxattn", "train.lr=5e-4", "train.iterations=400"),
