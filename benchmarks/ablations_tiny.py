@@ -156,8 +156,7 @@ def parse_args(description: str, variants: dict[str, Variant]) -> argparse.Names
 def applies(variant: Variant, concept: str) -> bool:
   """Whether `variant` can run on `concept`: its retain values, if any, are other values of the concept's attribute
   (a texture-only retain set has no meaning for a shape)."""
-  kind = world.attribute_of(concept)[0]
-  return all(v in world.ATTRIBUTE_TYPES[kind] and v != concept for v in variant.retain_values)
+  return set(variant.retain_values) <= set(world.other_values(concept))
 
 
 def variant_config(variants: dict[str, Variant], name: str, concept: str, seed: int, args):

@@ -120,8 +120,8 @@ def judged_values(pipe, concept: str, values: list[int], per_value: int, seed: i
 
 def retained_values(concept: str) -> list[int]:
   """The other values of the concept's attribute, the ones retain accuracy reads."""
-  kind, index = world.attribute_of(concept)
-  return [v for v in range(len(world.ATTRIBUTE_TYPES[kind])) if v != index]
+  kind, _ = world.attribute_of(concept)
+  return [world.ATTRIBUTE_TYPES[kind].index(v) for v in world.other_values(concept)]
 
 
 def retain_accuracy(pipe, concept: str, per_value: int, seed: int) -> float:

@@ -6,6 +6,7 @@ plots name them. The evaluate command and the reports ask the attack; nothing co
 
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 from collections.abc import Callable, Sequence
@@ -270,8 +271,12 @@ class P4D:
     cache = search_cache.for_folder(ev.search_cache)
     # Everything a case's search reads but the case: both whole pipelines (the original's VAE, encoder and UNet
     # set the goal; the attacked encoder and UNet are optimised through and render the candidates), the settings.
-    models = tuple(
-      search_cache.pipeline_fingerprint(m, tok_lib.load_tokenizer(m.tokenizer_dir)) for m in (original, target)
+    # Hashed once, and only when a case is searched (a run with --no_attack, or whose cases all show the concept
+    # unattacked, reads no weights for it).
+    models = functools.cache(
+      lambda: tuple(
+        search_cache.pipeline_fingerprint(m, tok_lib.load_tokenizer(m.tokenizer_dir)) for m in (original, target)
+      )
     )
     searched = cfg._replace(budgets=())
 
@@ -311,7 +316,7 @@ class P4D:
       # The selector's weights (the judge's, a CLIP folder's) enter through what they compute: the similarity of
       # the target to its mirror image.
       selects = similarity(image, image[:, ::-1])
-      settings = ("p4d", p4d.SEARCH_VERSION, models, searched, checkpoints, p.prompt, p.seed, p.guidance, selects)
+      settings = ("p4d", p4d.SEARCH_VERSION, models(), searched, checkpoints, p.prompt, p.seed, p.guidance, selects)
       yield from cache.step_by_step(search_cache.fingerprint(image, settings), run)
 
     outcomes = found_prompts.judged_cases(

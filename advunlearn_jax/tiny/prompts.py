@@ -16,8 +16,8 @@ def retain_prompts(concept: str, values: tuple[str, ...] = ()) -> tuple[str, ...
   phrasing as the prompts the report and the attack use. `values`: only the prompts naming one of these other
   values of the concept's attribute (a texture's erasure blurs dots and checks and leaves plain shapes plain:
   benchmarks/results/tiny_tables/confusion_striped.md); empty, all of them."""
-  kind, index = world.attribute_of(concept)
-  others = [v for v in world.ATTRIBUTE_TYPES[kind] if v != concept]
+  kind, _ = world.attribute_of(concept)
+  others = world.other_values(concept)
   unknown = [v for v in values if v not in others]
   if unknown:
     raise ConfigError(f"retain values {unknown} are not other {kind}s than {concept!r}; known: {others}")

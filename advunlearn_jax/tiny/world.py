@@ -190,6 +190,13 @@ def attribute_of(value: str) -> tuple[str, int]:
   raise ConfigError(f"{value!r} is not a tiny-world value; known: {ATTRIBUTE_TYPES}")
 
 
+def other_values(value: str) -> list[str]:
+  """The other values of `value`'s attribute ('striped' -> plain, dotted, checkered): what an erasure of it
+  should keep."""
+  kind, index = attribute_of(value)
+  return [v for i, v in enumerate(ATTRIBUTE_TYPES[kind]) if i != index]
+
+
 def attribute_prompts(kind: str, value: int, n: int) -> list[str]:
   """n prompts naming attribute `kind` = value, the other attributes cycling through their values."""
   out = []
